@@ -1,0 +1,402 @@
+"""Read TensorFlow V2 checkpoints (tensor bundles) without TensorFlow.
+
+The whole ``.index`` is parsed and checked when the reader opens: every entry's
+shard, offset and size must lie inside its data file and agree with its dtype
+and shape, and every partitioned tensor's slices must tile it exactly.  Values
+are read on demand from memory-mapped data shards.
+
+Memory: numeric tensors of a little-endian bundle come back as **read-only
+views of the memory map** (no copy).  A view keeps its mapping alive by itself
+(NumPy holds a reference to the mmap), so it stays valid after :meth:`close`;
+closing only drops the reader's own references.  The one hazard of any
+memory-mapped reader remains: if another program truncates or rewrites a data
+file in place while a view is alive, touching the view may crash the process
+(SIGBUS).  TensorFlow and ckptbridge both replace checkpoints by renaming, which
+leaves the mapped file intact.  Pass ``copy=True`` to :meth:`BundleReader.read`
+for a private, writable array.  Strings, big-endian bundles and partitioned
+tensors are always copied.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from .._source import OBJECT_GRAPH, OBJECT_GRAPH_KEY, Source
+from .._spec import STRING, TensorSpec, numpy_dtype
+from ..errors import CkptBridgeError, CorruptError, FormatError, NotFoundError
+from ._entries import BIG, DTYPE_BY_ENUM, HEADER_KEY, LITTLE, TENSOR_BUNDLE_VERSION, Entry, dtype_enum_name, parse_entry, parse_header, slice_key
+from ._table import FOOTER_SIZE, SnappyBlock, has_magic, read_table
+from ._wire import _Bad, crc, unmask
+
+ENGINE_NAME = "native"
+MAX_SHARDS = 1 << 20
+MAX_RANK = 254          # TensorShape's limit
+
+
+def index_path(prefix: str) -> str:
+    return prefix + ".index"
+
+
+def data_path(prefix: str, shard: int, num_shards: int) -> str:
+    return f"{prefix}.data-{shard:05d}-of-{num_shards:05d}"
+
+
+def is_bundle(prefix: str) -> bool:
+    """Whether ``prefix.index`` exists and ends with the table magic number (cheap; reads 8 bytes)."""
+    path = index_path(prefix)
+    try:
+        if not os.path.isfile(path) or os.path.getsize(path) < FOOTER_SIZE:
+            return False
+        with open(path, "rb") as f:
+            f.seek(-8, os.SEEK_END)
+            return has_magic(f.read(8))
+    except OSError:
+        return False
+
+
+def _key_name(key: bytes) -> str:
+    return key.decode("utf-8", "surrogateescape")
+
+
+class BundleReader(Source):
+    """A lazy :class:`Source` over the V2 checkpoint at ``prefix`` (the path without ``.index``).
+
+    ``verify`` checks each tensor's crc32c when it is read, as TensorFlow does.
+    """
+
+    kind = "checkpoint"
+    engine = ENGINE_NAME
+
+    def __init__(self, prefix: str, *, verify: bool = True) -> None:
+        self.path = self.prefix = os.fspath(prefix)
+        self.verify = verify
+        self._index_file = index_path(self.prefix)
+        self._maps: dict[int, Any] = {}
+        self._verified: set[bytes] = set()
+        self._closed = False
+        data = self._read_index()
+        self._parse(data)
+
+    # --- opening ------------------------------------------------------------
+
+    def _corrupt(self, what: str, file: str | None = None, tensor: str | None = None) -> CorruptError:
+        where = file or self._index_file
+        about = f" (tensor {tensor!r})" if tensor is not None else ""
+        return CorruptError(f"{where}{about}: {what}; the checkpoint is damaged; restore it from a good copy or re-save it")
+
+    def _read_index(self) -> bytes:
+        try:
+            with open(self._index_file, "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            raise NotFoundError(f"no checkpoint at {self.prefix}: {self._index_file} does not exist") from None
+        except IsADirectoryError:
+            raise FormatError(f"{self._index_file} is a directory, not a checkpoint index") from None
+        except OSError as e:
+            raise CkptBridgeError(f"cannot read {self._index_file}: {e.strerror or e}") from None
+
+    def _parse(self, data: bytes) -> None:
+        if len(data) >= 8 and not has_magic(data):
+            raise FormatError(f"{self._index_file} is not a TensorFlow V2 checkpoint index (no table magic number at its end)")
+        entries: dict[bytes, Entry] = {}
+        header = None
+        key = b""
+        try:
+            for key, value in read_table(data):
+                if header is None:
+                    if key != HEADER_KEY:
+                        raise self._corrupt("the first entry is not the bundle header")
+                    header = parse_header(value)
+                    continue
+                entries[key] = parse_entry(value)
+        except SnappyBlock:
+            raise FormatError(f"{self._index_file} has snappy-compressed table blocks, which the native engine does not read; "
+                              "use the TensorFlow engine for this checkpoint") from None
+        except _Bad as e:
+            tensor = _key_name(key) if key else None
+            raise self._corrupt(str(e), tensor=tensor) from None
+        if header is None:
+            raise self._corrupt("the index holds no header entry")
+        if header.min_consumer > TENSOR_BUNDLE_VERSION or TENSOR_BUNDLE_VERSION in header.bad_consumers:
+            raise FormatError(f"{self._index_file} needs a newer tensor-bundle reader (min_consumer {header.min_consumer}); "
+                              "use the TensorFlow engine")
+        if header.endianness not in (LITTLE, BIG):
+            raise self._corrupt(f"unknown endianness {header.endianness} in the header")
+        if not 1 <= header.num_shards <= MAX_SHARDS:
+            raise self._corrupt(f"the header claims {header.num_shards} data shards")
+        self._header = header
+        self._big = header.endianness == BIG
+        self._entries = entries
+        self._check_shards()
+        self._check_entries()
+
+    def _check_shards(self) -> None:
+        used = sorted({e.shard_id for e in self._entries.values() if not e.slices})
+        self._shard_sizes: dict[int, int] = {}
+        for shard in used:
+            if not 0 <= shard < self._header.num_shards:
+                names = [_key_name(k) for k, e in self._entries.items() if e.shard_id == shard and not e.slices][:1]
+                raise self._corrupt(f"an entry names data shard {shard} but the header says there are {self._header.num_shards}",
+                                    tensor=names[0] if names else None)
+            path = data_path(self.prefix, shard, self._header.num_shards)
+            try:
+                self._shard_sizes[shard] = os.stat(path).st_size
+            except FileNotFoundError:
+                raise CorruptError(f"data file {path} of checkpoint {self.prefix} is missing; "
+                                   "the checkpoint is incomplete; copy all its .data-* files along with the .index") from None
+            except OSError as e:
+                raise CkptBridgeError(f"cannot read {path}: {e.strerror or e}") from None
+
+    def _check_stored(self, key: bytes, e: Entry, name: str) -> None:
+        """A stored (non-partitioned) entry: its bytes lie inside its shard and fit its dtype and shape."""
+        self._check_shape(e.shape, name)
+        count = math.prod(e.shape)
+        path = data_path(self.prefix, e.shard_id, self._header.num_shards)
+        if e.offset < 0 or e.size < 0 or e.offset + e.size > self._shard_sizes[e.shard_id]:
+            raise self._corrupt(f"its bytes [{e.offset}, {e.offset + e.size}) lie outside {path} "
+                                f"({self._shard_sizes[e.shard_id]} bytes)", tensor=name)
+        dtype = DTYPE_BY_ENUM[e.dtype]
+        if dtype == STRING:
+            if e.size and e.size < count + 4:
+                raise self._corrupt(f"{e.size} bytes cannot hold {count} strings", tensor=name)
+        elif e.size != count * numpy_dtype(dtype).itemsize:
+            raise self._corrupt(f"{e.size} stored bytes do not match its {dtype}{list(e.shape)} shape", tensor=name)
+
+    def _check_shape(self, shape: tuple[int, ...], name: str) -> None:
+        if len(shape) > MAX_RANK or any(d < 0 for d in shape):
+            raise self._corrupt(f"invalid shape {list(shape)}", tensor=name)
+
+    def _check_entries(self) -> None:
+        specs: dict[str, TensorSpec] = {}
+        unsupported: dict[str, str] = {}
+        claimed: set[bytes] = set()
+        self._slices: dict[str, list[tuple[tuple[int, ...], tuple[int, ...], bytes]]] = {}
+        self._keys: dict[str, bytes] = {}
+        for key, e in self._entries.items():
+            name = _key_name(key)
+            if e.dtype not in DTYPE_BY_ENUM:
+                if not key.startswith(b"\x00"):
+                    unsupported[name] = dtype_enum_name(e.dtype)
+                continue
+            if not e.slices:
+                continue
+            self._check_shape(e.shape, name)
+            parts = []
+            total = 0
+            for starts, lengths in e.slices:
+                if len(starts) != len(e.shape):
+                    raise self._corrupt(f"a slice of rank {len(starts)} does not match the rank-{len(e.shape)} tensor", tensor=name)
+                skey = slice_key(key, starts, lengths)
+                full_starts = tuple(0 if n < 0 else s for s, n in zip(starts, lengths))
+                full_lengths = tuple(d if n < 0 else n for n, d in zip(lengths, e.shape))
+                if any(s < 0 or s + n > d for s, n, d in zip(full_starts, full_lengths, e.shape)):
+                    raise self._corrupt(f"slice {list(zip(full_starts, full_lengths))} lies outside shape {list(e.shape)}", tensor=name)
+                part = self._entries.get(skey)
+                if part is None or part.slices or part.dtype != e.dtype or part.shape != full_lengths:
+                    raise self._corrupt(f"the data of slice {list(zip(full_starts, full_lengths))} is missing or inconsistent",
+                                        tensor=name)
+                claimed.add(skey)
+                parts.append((full_starts, full_lengths, skey))
+                total += math.prod(full_lengths)
+            if total != math.prod(e.shape) or _overlap(parts):
+                raise self._corrupt("its slices do not tile the full tensor exactly", tensor=name)
+            self._slices[name] = parts
+        self._orphans = 0
+        object_graph = None
+        for key, e in self._entries.items():
+            name = _key_name(key)
+            if e.dtype not in DTYPE_BY_ENUM:
+                continue
+            if not e.slices:
+                self._check_stored(key, e, name)
+            if key in claimed:
+                continue
+            if key.startswith(b"\x00"):
+                self._orphans += 1
+                continue
+            if name == OBJECT_GRAPH_KEY:
+                object_graph = key
+                continue
+            specs[name] = TensorSpec(name, DTYPE_BY_ENUM[e.dtype], tuple(e.shape))
+            self._keys[name] = key
+        self._object_graph_key = object_graph
+        self._specs = dict(sorted(specs.items(), key=lambda kv: kv[1].name.encode("utf-8", "surrogateescape")))
+        self._unsupported = unsupported
+
+    # --- Source -------------------------------------------------------------
+
+    def specs(self) -> Mapping[str, TensorSpec]:
+        return self._specs
+
+    def metadata(self) -> dict[str, Any]:
+        meta: dict[str, Any] = {
+            "format": "tensorflow-v2-checkpoint",
+            "engine": ENGINE_NAME,
+            "num_shards": self._header.num_shards,
+            "endianness": "big" if self._big else "little",
+            "bundle_version": self._header.producer,
+        }
+        if self._unsupported:
+            meta["unsupported"] = dict(self._unsupported)
+        if self._orphans:
+            meta["orphan_slices"] = self._orphans
+        return meta
+
+    def extras(self) -> dict[str, bytes]:
+        if self._object_graph_key is None:
+            return {}
+        e = self._entries[self._object_graph_key]
+        if e.dtype != 7 or e.shape != ():
+            raise self._corrupt("the object graph entry is not a scalar string", tensor=OBJECT_GRAPH_KEY)
+        return {OBJECT_GRAPH: bytes(self._read_stored(self._object_graph_key, e, OBJECT_GRAPH_KEY, copy=True)[()])}
+
+    def checksum(self, name: str) -> int | None:
+        """The crc32c TensorFlow stored for ``name`` (unmasked); None for partitioned tensors."""
+        self.spec(name)
+        e = self._entries[self._keys[name]]
+        return None if e.slices else unmask(e.crc32c)
+
+    def read(self, name: str, *, copy: bool = False) -> np.ndarray:
+        """The tensor in the exchange form; see the module docstring about views vs copies."""
+        if self._closed:
+            raise CkptBridgeError(f"checkpoint reader for {self.prefix} is closed")
+        if name not in self._specs:
+            if name in self._unsupported:
+                raise FormatError(f"tensor {name!r} in {self.prefix} has dtype {self._unsupported[name]}, "
+                                  "which ckptbridge does not carry; exclude it")
+            raise NotFoundError(f"no tensor named {name!r} in {self.prefix}")
+        key = self._keys[name]
+        e = self._entries[key]
+        if not e.slices:
+            return self._read_stored(key, e, name, copy=copy)
+        dtype = numpy_dtype(DTYPE_BY_ENUM[e.dtype])
+        out = np.empty(e.shape, dtype=dtype)
+        for starts, lengths, skey in self._slices[name]:
+            part = self._read_stored(skey, self._entries[skey], name, copy=False)
+            out[tuple(slice(s, s + n) for s, n in zip(starts, lengths))] = part
+        return out
+
+    def close(self) -> None:
+        # Views handed out keep their mmap alive; we only drop our references.
+        self._maps.clear()
+        self._closed = True
+
+    # --- values -------------------------------------------------------------
+
+    def _buffer(self, shard: int) -> Any:
+        buf = self._maps.get(shard)
+        if buf is None:
+            path = data_path(self.prefix, shard, self._header.num_shards)
+            try:
+                with open(path, "rb") as f:
+                    size = os.fstat(f.fileno()).st_size
+                    if size != self._shard_sizes[shard]:
+                        raise CorruptError(f"data file {path} changed size while the checkpoint was open")
+                    buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+            except OSError as e:
+                raise CkptBridgeError(f"cannot read {path}: {e.strerror or e}") from None
+            self._maps[shard] = buf
+        return buf
+
+    def _read_stored(self, key: bytes, e: Entry, name: str, *, copy: bool) -> np.ndarray:
+        buf = self._buffer(e.shard_id)
+        region = memoryview(buf)[e.offset:e.offset + e.size]
+        dtype_name = DTYPE_BY_ENUM[e.dtype]
+        if dtype_name == STRING:
+            return self._read_strings(key, e, name, region)
+        if self.verify and key not in self._verified:
+            self._check_crc(key, e, name, crc(region))
+        dtype = numpy_dtype(dtype_name)
+        arr = np.frombuffer(region, dtype=np.uint8).view(dtype).reshape(e.shape)
+        if self._big and dtype.itemsize > 1:
+            unit = dtype.itemsize // 2 if dtype.kind == "c" else dtype.itemsize
+            return arr.view(f"u{unit}").byteswap().view(dtype)
+        return arr.copy() if copy else arr
+
+    def _check_crc(self, key: bytes, e: Entry, name: str, actual: int) -> None:
+        if actual != unmask(e.crc32c):
+            path = data_path(self.prefix, e.shard_id, self._header.num_shards)
+            raise self._corrupt(f"checksum mismatch in {path} (stored crc32c {unmask(e.crc32c):08x}, "
+                                f"computed {actual:08x} over bytes [{e.offset}, {e.offset + e.size}))", file=path, tensor=name)
+        self._verified.add(key)
+
+    def _read_strings(self, key: bytes, e: Entry, name: str, region: memoryview) -> np.ndarray:
+        count = math.prod(e.shape)
+        out = np.empty(e.shape, dtype=object)
+        path = data_path(self.prefix, e.shard_id, self._header.num_shards)
+        if e.size == 0:
+            if count:
+                raise self._corrupt("string tensor has no stored bytes", file=path, tensor=name)
+            if self.verify:
+                self._check_crc(key, e, name, 0)
+            return out
+        raw = np.frombuffer(region, dtype=np.uint8)
+        try:
+            lengths, used = _decode_varints(raw, count)
+        except _Bad as err:
+            raise self._corrupt(f"bad string lengths: {err}", file=path, tensor=name) from None
+        order = ">" if self._big else "<"
+        if used + 4 > e.size or int(lengths.sum(dtype=object)) > e.size - used - 4:
+            raise self._corrupt("string lengths run past the tensor's stored bytes", file=path, tensor=name)
+        if self.verify:
+            if count and int(lengths.max()) > 0xFFFFFFFF:
+                c = 0
+                for n in lengths.tolist():
+                    c = crc(int(n).to_bytes(4 if n <= 0xFFFFFFFF else 8, "big" if self._big else "little"), c)
+            else:
+                c = crc(lengths.astype(order + "u4").tobytes())
+            stored_len_crc = int.from_bytes(region[used:used + 4], "big" if self._big else "little")
+            if unmask(stored_len_crc) != c:
+                raise self._corrupt("the checksum of its string lengths does not match", file=path, tensor=name)
+        pos = used + 4
+        flat = out.reshape(-1)
+        for i, n in enumerate(lengths.tolist()):
+            flat[i] = bytes(region[pos:pos + n])
+            pos += n
+        if self.verify:
+            # The entry crc continues over the stored length checksum and the string bytes.
+            self._check_crc(key, e, name, crc(region[used:pos], c))
+        return out
+
+
+def _decode_varints(raw: np.ndarray, count: int) -> tuple[np.ndarray, int]:
+    """Decode ``count`` little-endian base-128 varints from the start of ``raw``, vectorised."""
+    if count == 0:
+        return np.zeros(0, dtype=np.uint64), 0
+    window = raw[:min(len(raw), 10 * count)]
+    ends = np.flatnonzero(window < 0x80)[:count]
+    if len(ends) < count:
+        raise _Bad("truncated varint")
+    starts = np.empty(count, dtype=np.int64)
+    starts[0] = 0
+    starts[1:] = ends[:-1] + 1
+    widths = ends - starts + 1
+    if int(widths.max()) > 10:
+        raise _Bad("overlong varint")
+    values = np.zeros(count, dtype=np.uint64)
+    for k in range(int(widths.max())):
+        has = widths > k
+        byte = window[starts[has] + k].astype(np.uint64)
+        if k == 9 and bool((byte > 1).any()):
+            raise _Bad("varint out of 64-bit range")
+        values[has] |= (byte & np.uint64(0x7F)) << np.uint64(7 * k)
+    return values, int(ends[-1]) + 1
+
+
+def _overlap(parts: list[tuple[tuple[int, ...], tuple[int, ...], bytes]]) -> bool:
+    if len(parts) < 2:
+        return False
+    starts = np.array([p[0] for p in parts], dtype=object)
+    ends = np.array([[s + n for s, n in zip(p[0], p[1])] for p in parts], dtype=object)
+    for i in range(len(parts) - 1):
+        lo = np.maximum(starts[i], starts[i + 1:])
+        hi = np.minimum(ends[i], ends[i + 1:])
+        if bool((lo < hi).all(axis=1).any()):
+            return True
+    return False

@@ -1,0 +1,270 @@
+"""Write TensorFlow V2 checkpoints (tensor bundles) without TensorFlow.
+
+Each tensor's bytes are streamed straight into the current data shard while
+their crc32c is computed; only the small index entries stay in memory until
+:meth:`BundleWriter.commit` writes the ``.index`` in sorted key order.  Like
+TensorFlow's own writer, tensors are packed back to back with no alignment
+padding (TensorFlow's ``data_alignment`` option defaults to 1).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from .._source import OBJECT_GRAPH, OBJECT_GRAPH_KEY, Sink
+from .._spec import STRING, dtype_name, numpy_dtype
+from ..errors import CkptBridgeError, FormatError, MismatchError
+from ._entries import ENUM_BY_DTYPE, encode_entry, encode_header
+from ._table import BLOCK_SIZE, TableBuilder
+from ._wire import crc, mask, put_varint
+from .reader import data_path, index_path
+
+CHUNK_BYTES = 16 << 20
+_PART_SUFFIX = ".ckptbridge-part"
+
+
+class BundleWriter(Sink):
+    """A :class:`Sink` writing a V2 checkpoint at exactly ``prefix``.
+
+    The caller owns atomic publication (see ``_atomic.AtomicCheckpoint``):
+    :meth:`commit` only finishes the files, :meth:`abort` removes them.
+    With ``max_shard_bytes`` a new data shard starts whenever the next tensor
+    would push the current one past that size (a tensor never spans shards,
+    so a single larger tensor gets a shard of its own).
+    """
+
+    engine = "native"
+
+    def __init__(self, prefix: str, *, max_shard_bytes: int | None = None, _block_size: int = BLOCK_SIZE) -> None:
+        self.path = self.prefix = os.fspath(prefix)
+        if max_shard_bytes is not None and max_shard_bytes <= 0:
+            raise FormatError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+        self.max_shard_bytes = max_shard_bytes
+        self._block_size = _block_size
+        self._entries: dict[bytes, bytes] = {}
+        self._parts: list[str] = []           # temporary shard files, in shard order
+        self._final: list[str] = []           # files placed under their final names
+        self._file: BinaryIO | None = None
+        self._size = 0
+        self._state = "open"
+        self._new_shard()
+
+    # --- shards ---------------------------------------------------------------
+
+    def _new_shard(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        part = f"{self.prefix}.data-{len(self._parts):05d}{_PART_SUFFIX}"
+        try:
+            self._file = open(part, "wb")
+        except OSError as e:
+            raise CkptBridgeError(f"cannot write {part}: {e.strerror or e}") from None
+        self._parts.append(part)
+        self._size = 0
+
+    def _make_room(self, nbytes: int) -> None:
+        if self.max_shard_bytes is not None and self._size > 0 and self._size + nbytes > self.max_shard_bytes:
+            self._new_shard()
+
+    # --- Sink -----------------------------------------------------------------
+
+    def _key(self, name: str) -> bytes:
+        if self._state != "open":
+            raise CkptBridgeError(f"checkpoint writer for {self.prefix} is already {self._state}")
+        if not isinstance(name, str) or not name:
+            raise FormatError(f"tensor names must be non-empty strings, got {name!r}")
+        key = name.encode("utf-8", "surrogateescape")
+        if key.startswith(b"\x00"):
+            raise FormatError(f"tensor name {name!r} starts with a NUL byte, which TensorFlow reserves for slice keys")
+        if key in self._entries:
+            raise MismatchError(f"tensor {name!r} was written twice to {self.prefix}; names must be unique")
+        return key
+
+    def write(self, name: str, array: np.ndarray) -> None:
+        """Write one tensor (exchange form); its bytes go straight to disk."""
+        if name == OBJECT_GRAPH_KEY:
+            raise FormatError(f"{OBJECT_GRAPH_KEY} is the TF2 object graph; pass it with write_extra({OBJECT_GRAPH!r}, payload)")
+        key = self._key(name)
+        arr = np.asarray(array)
+        try:
+            dtype = dtype_name(arr.dtype)
+        except FormatError as e:
+            raise FormatError(f"tensor {name!r}: {e}") from None
+        if dtype == STRING:
+            self._write_strings(key, name, arr)
+            return
+        if arr.dtype.byteorder == ">" or (arr.dtype.byteorder == "=" and not _LITTLE):
+            arr = arr.astype(arr.dtype.newbyteorder("<"))
+        self._write_numeric(key, name, dtype, arr.shape, _array_chunks(arr))
+
+    def write_chunks(self, name: str, dtype: str, shape: tuple[int, ...], chunks: Iterable[Any]) -> None:
+        """Write one numeric tensor from consecutive pieces of its C-order bytes.
+
+        ``chunks`` yields bytes-like objects or arrays (arrays are taken in C
+        order, little-endian).  Their total size must equal the tensor's; if it
+        does not, nothing of the tensor is kept and MismatchError is raised.
+        """
+        key = self._key(name)
+        if dtype == STRING or dtype not in ENUM_BY_DTYPE:
+            raise FormatError(f"tensor {name!r}: write_chunks takes a numeric dtype, got {dtype!r}")
+        shape = tuple(int(d) for d in shape)
+        if any(d < 0 for d in shape):
+            raise FormatError(f"tensor {name!r}: invalid shape {list(shape)}")
+
+        def pieces() -> Iterable[memoryview]:
+            for chunk in chunks:
+                if isinstance(chunk, np.ndarray):
+                    if chunk.dtype.byteorder == ">":
+                        chunk = chunk.astype(chunk.dtype.newbyteorder("<"))
+                    yield from _array_chunks(chunk)
+                else:
+                    yield memoryview(chunk).cast("B")
+
+        self._write_numeric(key, name, dtype, shape, pieces())
+
+    def _write_numeric(self, key: bytes, name: str, dtype: str, shape: tuple[int, ...], pieces: Iterable[memoryview]) -> None:
+        expected = math.prod(shape) * numpy_dtype(dtype).itemsize
+        self._make_room(expected)
+        f = self._file
+        assert f is not None
+        start = self._size
+        c = 0
+        written = 0
+        try:
+            for piece in pieces:
+                if written + len(piece) > expected:
+                    raise MismatchError(f"tensor {name!r}: got more than the {expected} bytes of {dtype}{list(shape)}")
+                f.write(piece)
+                c = crc(piece, c)
+                written += len(piece)
+            if written != expected:
+                raise MismatchError(f"tensor {name!r}: got {written} bytes, expected {expected} for {dtype}{list(shape)}")
+        except BaseException:
+            f.seek(start)
+            f.truncate()
+            raise
+        self._size += written
+        self._entries[key] = encode_entry(ENUM_BY_DTYPE[dtype], shape, len(self._parts) - 1, start, written, mask(c))
+
+    def _write_strings(self, key: bytes, name: str, arr: np.ndarray) -> None:
+        flat = arr.reshape(-1)
+        values = []
+        for v in flat:
+            if isinstance(v, (bytes, np.bytes_)):
+                values.append(bytes(v))
+            else:
+                raise FormatError(f"tensor {name!r}: string tensors hold bytes, found {type(v).__name__}; encode text first")
+        lengths = b"".join(put_varint(len(v)) for v in values)
+        c = crc(np.array([len(v) for v in values], dtype="<u4").tobytes()) if all(len(v) <= 0xFFFFFFFF for v in values) \
+            else _crc_lengths_wide(values)
+        length_crc = mask(c).to_bytes(4, "little")
+        c = crc(length_crc, c)
+        size = len(lengths) + 4 + sum(len(v) for v in values)
+        self._make_room(size)
+        f = self._file
+        assert f is not None
+        start = self._size
+        f.write(lengths)
+        f.write(length_crc)
+        for v in values:
+            f.write(v)
+            c = crc(v, c)
+        self._size += size
+        self._entries[key] = encode_entry(ENUM_BY_DTYPE[STRING], arr.shape, len(self._parts) - 1, start, size, mask(c))
+
+    def write_extra(self, key: str, payload: bytes) -> None:
+        """Store the TF2 object graph (``"object_graph"``) so tf.train.Checkpoint can restore; other keys are dropped."""
+        if key not in (OBJECT_GRAPH, OBJECT_GRAPH_KEY):
+            return
+        k = OBJECT_GRAPH_KEY.encode()
+        if k in self._entries:
+            raise MismatchError(f"the object graph was written twice to {self.prefix}")
+        self._key(OBJECT_GRAPH_KEY)
+        arr = np.empty((), dtype=object)
+        arr[()] = bytes(payload)
+        self._write_strings(k, OBJECT_GRAPH_KEY, arr)
+
+    def commit(self, metadata: dict[str, Any] | None = None) -> None:
+        """Close the shards, give them their final names and write the ``.index`` last.
+
+        ``metadata`` is not stored: the bundle format has no place for it that
+        TensorFlow would ignore.
+        """
+        if self._state == "committed":
+            return
+        if self._state != "open":
+            raise CkptBridgeError(f"checkpoint writer for {self.prefix} was aborted")
+        try:
+            assert self._file is not None
+            self._file.close()
+            self._file = None
+            n = len(self._parts)
+            for i, part in enumerate(self._parts):
+                final = data_path(self.prefix, i, n)
+                os.replace(part, final)
+                self._final.append(final)
+            table = TableBuilder(block_size=self._block_size)
+            table.add(b"", encode_header(n))
+            for key in sorted(self._entries):
+                table.add(key, self._entries[key])
+            tmp = index_path(self.prefix) + _PART_SUFFIX
+            with open(tmp, "wb") as f:
+                f.write(table.finish())
+            self._final.append(tmp)
+            os.replace(tmp, index_path(self.prefix))
+            self._final[-1] = index_path(self.prefix)
+        except OSError as e:
+            self.abort()
+            raise CkptBridgeError(f"cannot write checkpoint {self.prefix}: {e.strerror or e}") from None
+        self._entries.clear()
+        self._state = "committed"
+
+    def abort(self) -> None:
+        if self._state != "open":
+            return
+        self._state = "aborted"
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        for path in self._parts + self._final:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                pass
+
+
+_LITTLE = np.little_endian
+
+
+def _crc_lengths_wide(values: list[bytes]) -> int:
+    c = 0
+    for v in values:
+        n = len(v)
+        c = crc(n.to_bytes(4 if n <= 0xFFFFFFFF else 8, "little"), c)
+    return c
+
+
+def _array_chunks(arr: np.ndarray) -> Iterable[memoryview]:
+    """The array's C-order bytes in pieces of about CHUNK_BYTES, copying at most one piece at a time."""
+    if arr.size == 0:
+        return
+    if arr.ndim == 0:
+        arr = arr.reshape(1)
+    if arr.flags.c_contiguous:
+        raw = memoryview(arr.reshape(-1).view(np.uint8))
+        for i in range(0, len(raw), CHUNK_BYTES):
+            yield raw[i:i + CHUNK_BYTES]
+        return
+    # Non-contiguous: walk the leading axis in row blocks and copy each block.
+    row_bytes = max(1, arr[0].nbytes)
+    step = max(1, CHUNK_BYTES // row_bytes)
+    for i in range(0, arr.shape[0], step):
+        block = np.ascontiguousarray(arr[i:i + step])
+        yield from _array_chunks(block)
