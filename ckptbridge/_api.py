@@ -1,0 +1,158 @@
+"""The public verbs.  They raise; they never print or exit."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from ._resolve import open_archive_sink, open_checkpoint_sink, open_source, require_archive_kind
+from ._source import Source
+from ._spec import TensorSpec
+from .convert import DiffReport, Report, VerifyReport, diff_sources, require_some, transfer, verify_source
+from .errors import CkptBridgeError
+from .names import make_plan
+
+DEFAULT_MAX_TENSOR_GB = 64.0
+
+
+class Reader(Mapping[str, np.ndarray]):
+    """A lazy, read-only mapping name -> array over a checkpoint or an archive.
+
+    Nothing is read until a tensor is indexed; ``specs`` gives names, shapes and
+    dtypes without reading values.  Close it (or use ``with``) to release files.
+    """
+
+    def __init__(self, source: Source) -> None:
+        self._source = source
+
+    @property
+    def specs(self) -> Mapping[str, TensorSpec]:
+        return self._source.specs()
+
+    @property
+    def path(self) -> str:
+        return self._source.path
+
+    @property
+    def kind(self) -> str:
+        return self._source.kind
+
+    def metadata(self) -> dict[str, Any]:
+        """The archive's provenance and per-tensor records (empty for checkpoints)."""
+        return self._source.metadata()
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._source.specs():
+            raise KeyError(name)
+        return self._source.read(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._source.specs())
+
+    def __len__(self) -> int:
+        return len(self._source.specs())
+
+    def close(self) -> None:
+        self._source.close()
+
+    def __enter__(self) -> "Reader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read(path: str, *, engine: str = "auto", verify: bool = True) -> Reader:
+    """Open a checkpoint (prefix, file, or directory) or an archive for lazy reading.
+
+    Arrays come with their true dtypes: bfloat16 as ``ml_dtypes.bfloat16``,
+    strings as object arrays of ``bytes``, 0-d tensors as 0-d arrays.
+    """
+    return Reader(open_source(path, engine=engine, verify=verify))
+
+
+def _max_bytes(max_tensor_gb: float | None) -> int | None:
+    return None if max_tensor_gb is None else int(max_tensor_gb * (1 << 30))
+
+
+def export(
+    checkpoint: str,
+    output: str,
+    *,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    weights_only: bool = False,
+    use_ema: bool = False,
+    compress: bool = False,
+    force: bool = False,
+    engine: str = "auto",
+    progress: bool | None = False,
+) -> Report:
+    """Write every (selected) tensor of a checkpoint to ``.npz`` or HDF5, exactly.
+
+    The output's suffix picks the format.  It is written beside ``output`` under
+    a temporary name, read back and compared, then renamed into place.
+    """
+    require_archive_kind(output)
+    with open_source(checkpoint, engine=engine) as src:
+        plan = make_plan(list(src.specs()), include=include, exclude=exclude, weights_only=weights_only, use_ema=use_ema)
+        require_some(plan, checkpoint)
+        sink = open_archive_sink(output, compress=compress, force=force, source=src.path)
+        return transfer(src, sink, plan, progress=progress, desc="export", metadata={"engine": type(src).__module__.split(".")[1]})
+
+
+def rebuild(
+    archive: str,
+    output_prefix: str,
+    *,
+    model: str | None = None,
+    num_classes: int | None = None,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    use_ema: bool = False,
+    allow_missing: bool = False,
+    strict: bool = False,
+    chunk_mb: float = 64,
+    max_shard_mb: float | None = None,
+    engine: str = "auto",
+    force: bool = False,
+    max_tensor_gb: float | None = DEFAULT_MAX_TENSOR_GB,
+    progress: bool | None = False,
+) -> Report:
+    """Turn an archive (or any source) back into a TensorFlow checkpoint.
+
+    With ``model`` (a tf-slim net name or ``package.module:function``) the slim
+    graph is built, its variables are matched by name and filled in chunks
+    through placeholders, and a ``Saver`` writes ``.index``/``.data``/``.meta``.
+    Without it, the checkpoint holds exactly the archive's tensors.
+    """
+    max_shard = None if max_shard_mb is None else int(max_shard_mb * (1 << 20))
+    if max_shard is not None and max_shard <= 0:
+        raise CkptBridgeError(f"--max-shard-mb must be positive, got {max_shard_mb}")
+    with open_source(archive, max_tensor_bytes=_max_bytes(max_tensor_gb)) as src:
+        if model is not None:
+            from .tf.slim import rebuild_with_graph
+
+            return rebuild_with_graph(
+                src, output_prefix, model=model, num_classes=num_classes, include=include, exclude=exclude,
+                use_ema=use_ema, allow_missing=allow_missing, strict=strict, chunk_bytes=int(chunk_mb * (1 << 20)),
+                engine=engine, force=force, progress=progress,
+            )
+        plan = make_plan(list(src.specs()), include=include, exclude=exclude, use_ema=use_ema)
+        require_some(plan, archive)
+        sink = open_checkpoint_sink(output_prefix, engine=engine, force=force, max_shard_bytes=max_shard)
+        return transfer(src, sink, plan, progress=progress, desc="import")
+
+
+def diff(a: str, b: str, *, atol: float = 0.0, rtol: float = 0.0, engine: str = "auto", progress: bool | None = False) -> DiffReport:
+    """Compare two checkpoints or archives name by name; exact unless atol/rtol."""
+    with open_source(a, engine=engine) as sa, open_source(b, engine=engine) as sb:
+        return diff_sources(sa, sb, atol=atol, rtol=rtol, progress=progress)
+
+
+def verify(path: str, *, engine: str = "auto", progress: bool | None = False) -> VerifyReport:
+    """Check every tensor's checksum (archive crc32c records, or the checkpoint's crc32c)."""
+    with open_source(path, engine=engine, verify=True) as src:
+        return verify_source(src, progress=progress)

@@ -1,0 +1,180 @@
+"""From a path the user typed to a source or sink: the one format registry.
+
+Archives are chosen by suffix, and an unknown suffix is an error that lists the
+accepted ones; anything without an archive suffix is a checkpoint, resolved
+to its prefix (a directory's latest complete checkpoint, ``.index``/``.data``/
+``.meta`` files, or a V1 single file).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+from typing import Any
+
+from ._source import Sink, Source
+from .errors import FormatError, MissingDependencyError, NotFoundError
+
+ARCHIVE_SUFFIXES = {".npz": "npz", ".h5": "hdf5", ".hdf5": "hdf5", ".safetensors": "safetensors"}
+ENGINES = ("auto", "native", "tf")
+_DATA_RE = re.compile(r"\.data-\d{5}-of-(\d{5})$")
+
+
+def archive_kind(path: str) -> str | None:
+    """"npz", "hdf5" or "safetensors" by suffix; None for anything else."""
+    return ARCHIVE_SUFFIXES.get(os.path.splitext(path)[1].lower())
+
+
+def require_archive_kind(path: str) -> str:
+    kind = archive_kind(path)
+    if kind is None:
+        accepted = ", ".join(sorted(ARCHIVE_SUFFIXES))
+        raise FormatError(f"cannot tell the archive format of {path}: its suffix must be one of {accepted}")
+    return kind
+
+
+def _complete_v2(prefix: str) -> bool:
+    """True when the prefix has an index and every data shard it implies."""
+    if not os.path.isfile(prefix + ".index"):
+        return False
+    shards = glob.glob(glob.escape(prefix) + ".data-?????-of-?????")
+    if not shards:
+        return False
+    m = _DATA_RE.search(shards[0])
+    return m is not None and len(shards) == int(m.group(1))
+
+
+def _state_prefix(directory: str) -> str | None:
+    state = os.path.join(directory, "checkpoint")
+    try:
+        with open(state, encoding="utf-8", errors="replace") as f:
+            text = f.read(1 << 20)
+    except OSError:
+        return None
+    m = re.search(r'^model_checkpoint_path:\s*"((?:[^"\\]|\\.)*)"', text, re.M)
+    if not m:
+        return None
+    p = m.group(1).encode().decode("unicode_escape")
+    return p if os.path.isabs(p) else os.path.join(directory, p)
+
+
+def latest_in_directory(directory: str) -> str:
+    """The latest complete checkpoint in a directory.
+
+    The ``checkpoint`` state file is trusted only when the prefix it names is
+    whole (a training job may be writing the next one); otherwise the newest
+    complete prefix by modification time wins.
+    """
+    named = _state_prefix(directory)
+    if named and (_complete_v2(named) or os.path.isfile(named)):
+        return named
+    candidates = []
+    for index in glob.glob(os.path.join(glob.escape(directory), "*.index")):
+        prefix = index[: -len(".index")]
+        if _complete_v2(prefix):
+            candidates.append((os.path.getmtime(index), prefix))
+    if candidates:
+        return max(candidates)[1]
+    for pattern in ("*.ckpt", "*.ckpt-*"):
+        files = [p for p in glob.glob(os.path.join(glob.escape(directory), pattern)) if os.path.isfile(p) and not os.path.splitext(p)[1] in (".meta", ".index")]
+        if files:
+            return max(files, key=os.path.getmtime)
+    raise NotFoundError(f"no checkpoint found in directory {directory} (no 'checkpoint' file and no *.index); pass the checkpoint prefix instead")
+
+
+def resolve_checkpoint(path: str) -> tuple[str, str]:
+    """(prefix, version) for a checkpoint path: version is "v2" or "v1"."""
+    if os.path.isdir(path):
+        path = latest_in_directory(path)
+    for suffix in (".index", ".meta"):
+        if path.endswith(suffix) and os.path.isfile(path):
+            path = path[: -len(suffix)]
+    m = _DATA_RE.search(path)
+    if m:
+        path = path[: m.start()]
+    if os.path.isfile(path + ".index"):
+        return path, "v2"
+    if os.path.isfile(path):
+        return path, "v1"
+    if glob.glob(glob.escape(path) + "-?????-of-?????"):
+        return path, "v1"  # a sharded V1 checkpoint
+    raise NotFoundError(f"no checkpoint at {path} (looked for {os.path.basename(path)}.index and a V1 file); check the path")
+
+
+def open_source(path: str, *, engine: str = "auto", verify: bool = True, max_tensor_bytes: int | None = None) -> Source:
+    """A lazy source for a checkpoint or an archive."""
+    if engine not in ENGINES:
+        raise FormatError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    kind = archive_kind(path)
+    if kind is not None:
+        if not os.path.exists(path):
+            raise NotFoundError(f"no such file: {path}")
+        if kind == "npz":
+            from .formats.npz import NpzSource
+
+            return NpzSource(path, verify=verify, max_tensor_bytes=max_tensor_bytes)
+        if kind == "hdf5":
+            from .formats.hdf5 import Hdf5Source
+
+            return Hdf5Source(path, verify=verify, max_tensor_bytes=max_tensor_bytes)
+        from .formats.safetensors import SafetensorsSource  # type: ignore[import-not-found]
+
+        return SafetensorsSource(path, verify=verify, max_tensor_bytes=max_tensor_bytes)
+    if not os.path.exists(path) and not glob.glob(glob.escape(path) + ".*") and not glob.glob(glob.escape(path) + "-?????-of-?????"):
+        raise NotFoundError(f"no such file or checkpoint: {path}")
+    prefix, version = resolve_checkpoint(path)
+    if engine != "tf" and version == "v2":
+        try:
+            from .bundle import BundleReader
+        except ImportError:
+            BundleReader = None  # type: ignore[assignment,misc]
+        if BundleReader is not None:
+            return BundleReader(prefix, verify=verify)
+        if engine == "native":
+            raise MissingDependencyError("the native engine is not available in this build")
+    if engine == "native":
+        raise FormatError(f"{prefix} is a V1 checkpoint, which the native engine does not read; use --engine tf (needs pip install 'ckptbridge[tf]')")
+    try:
+        from .tf.engine import TfCheckpointSource
+    except MissingDependencyError:
+        raise
+    try:
+        return TfCheckpointSource(prefix)
+    except MissingDependencyError as e:
+        what = "a V1 checkpoint" if version == "v1" else "this checkpoint with --engine tf"
+        raise MissingDependencyError(f"reading {what} ({prefix}) needs TensorFlow; install it with: pip install 'ckptbridge[tf]'") from e
+
+
+def open_archive_sink(path: str, *, compress: bool = False, force: bool = False, source: str | None = None) -> Sink:
+    kind = require_archive_kind(path)
+    if kind == "npz":
+        from .formats.npz import NpzSink
+
+        return NpzSink(path, compress=compress, force=force, source=source)
+    if kind == "hdf5":
+        from .formats.hdf5 import Hdf5Sink
+
+        return Hdf5Sink(path, compress=compress, force=force, source=source)
+    from .formats.safetensors import SafetensorsSink  # type: ignore[import-not-found]
+
+    return SafetensorsSink(path, force=force, source=source)
+
+
+def open_checkpoint_sink(prefix: str, *, engine: str = "auto", force: bool = False, max_shard_bytes: int | None = None, **kw: Any) -> Sink:
+    """A graph-free checkpoint writer: native where available, else TensorFlow."""
+    if engine not in ENGINES:
+        raise FormatError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    if archive_kind(prefix) is not None:
+        raise FormatError(f"output {prefix} looks like an archive; import writes a checkpoint prefix such as out/model.ckpt")
+    if engine in ("auto", "native"):
+        try:
+            from .bundle.sink import NativeCheckpointSink
+        except ImportError:
+            if engine == "native":
+                raise MissingDependencyError("the native engine is not available in this build") from None
+        else:
+            return NativeCheckpointSink(prefix, force=force, max_shard_bytes=max_shard_bytes, **kw)
+    from .tf.engine import TfCheckpointSink
+
+    return TfCheckpointSink(prefix, force=force, max_shard_bytes=max_shard_bytes, **kw)

@@ -1,0 +1,117 @@
+"""The two roles every format plays: a lazy tensor source and a streaming tensor sink.
+
+A :class:`Source` lists tensor specs without reading values and reads one
+tensor on demand.  A :class:`Sink` takes tensors one at a time and writes
+its output to a temporary location; :meth:`Sink.commit` makes it appear at the
+destination in one step, :meth:`Sink.abort` leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator, Mapping
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+
+from ._spec import TensorSpec
+from .errors import NotFoundError
+
+# Entries that carry checkpoint structure rather than weights.  A source
+# exposes them through extras(), never as tensors; a sink that can store them
+# takes them through write_extra().
+OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
+OBJECT_GRAPH = "object_graph"
+
+
+class Source(abc.ABC):
+    """A read-only, lazy view of named tensors."""
+
+    path: str
+    #: Short name of the format, for messages and ``ls``: "checkpoint", "npz", "hdf5"...
+    kind: str = "?"
+
+    @abc.abstractmethod
+    def specs(self) -> Mapping[str, TensorSpec]:
+        """Name -> spec of every tensor, in sorted name order.  Reads no values."""
+
+    @abc.abstractmethod
+    def read(self, name: str) -> np.ndarray:
+        """The tensor's values in the exchange form (see ``_spec``)."""
+
+    def metadata(self) -> dict[str, Any]:
+        """What the source records about itself (provenance, checksums); may be empty."""
+        return {}
+
+    def extras(self) -> dict[str, bytes]:
+        """Non-tensor payloads worth carrying along (the TF2 object graph)."""
+        return {}
+
+    def checksum(self, name: str) -> int | None:
+        """The stored crc32c of a tensor's bytes, if the format records one."""
+        return None
+
+    def spec(self, name: str) -> TensorSpec:
+        try:
+            return self.specs()[name]
+        except KeyError:
+            raise NotFoundError(f"no tensor named {name!r} in {self.path}") from None
+
+    def close(self) -> None:
+        """Release files; safe to call twice."""
+
+    def __enter__(self) -> "Source":
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+
+class Sink(abc.ABC):
+    """Takes named tensors one at a time; commit() publishes atomically."""
+
+    path: str
+
+    def begin(self, specs: "list[TensorSpec]") -> None:
+        """Told every spec before the first write; formats that lay out names up front use it."""
+
+    @abc.abstractmethod
+    def write(self, name: str, array: np.ndarray) -> None:
+        """Write one tensor (exchange form).  Names are unique."""
+
+    def write_extra(self, key: str, payload: bytes) -> None:
+        """Store a non-tensor payload if the format can; by default it is dropped."""
+
+    def finish(self, metadata: dict[str, Any] | None = None) -> None:
+        """Complete the output at its temporary location (see :attr:`readback_path`)."""
+        raise NotImplementedError
+
+    def publish(self) -> None:
+        """Move the finished output into place, atomically."""
+
+    @property
+    def readback_path(self) -> str:
+        """Where the finished, not yet published, output can be opened to check it."""
+        raise NotImplementedError
+
+    def commit(self, metadata: dict[str, Any] | None = None) -> None:
+        """Finish and move the output into place."""
+        self.finish(metadata)
+        self.publish()
+
+    @abc.abstractmethod
+    def abort(self) -> None:
+        """Remove everything written so far; safe to call after commit or twice."""
+
+    def __enter__(self) -> "Sink":
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        if et is not None:
+            self.abort()
+
+
+def iter_tensors(source: Source, names: Iterator[str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    for name in names if names is not None else source.specs():
+        yield name, source.read(name)

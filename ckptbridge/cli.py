@@ -1,0 +1,234 @@
+"""The command line.  The only place that prints or exits."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+from . import _api
+from .errors import CkptBridgeError
+
+PROG = "ckptbridge"
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised as an exception so every open output is discarded on the way out."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise _Terminated()
+
+
+def _err(msg: str) -> None:
+    print(f"{PROG}: error: {' '.join(msg.split())}", file=sys.stderr)
+
+
+def _say(args: argparse.Namespace, msg: str) -> None:
+    if not args.quiet:
+        print(msg, file=sys.stderr)
+
+
+def _progress(args: argparse.Namespace) -> bool | None:
+    return False if args.quiet else None  # None: only when stderr is a terminal
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def _report_plan(args: argparse.Namespace, report: Any) -> None:
+    for name, why in report.dropped.items():
+        _say(args, f"dropped {name}: {why}")
+    for name, src in report.ema_swaps.items():
+        _say(args, f"ema: {name} <- {src}")
+    for name in getattr(report, "missing", []):
+        _say(args, f"missing from archive, left at its initializer: {name}")
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    with _api.read(args.path, engine=args.engine) as r:
+        specs = list(r.specs.values())
+        if args.json:
+            doc = {
+                "path": r.path,
+                "kind": r.kind,
+                "tensors": [{"name": s.name, "dtype": s.dtype, "shape": list(s.shape), "bytes": s.nbytes} for s in specs],
+                "total_tensors": len(specs),
+                "total_bytes": sum(s.nbytes for s in specs),
+            }
+            print(json.dumps(doc, indent=2))
+            return 0
+        width = max((len(s.name) for s in specs), default=4)
+        for s in specs:
+            size = "-" if s.dtype == "string" else str(s.nbytes)
+            print(f"{s.name:<{width}}  {s.dtype:<10} {str(list(s.shape)):<22} {size:>12}")
+        print(f"{len(specs)} tensors, {sum(s.nbytes for s in specs)} bytes ({_human(sum(s.nbytes for s in specs))})")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    report = _api.export(
+        args.checkpoint, args.output, include=args.include, exclude=args.exclude, weights_only=args.weights_only,
+        use_ema=args.use_ema, compress=args.compress, force=args.force, engine=args.engine, progress=_progress(args),
+    )
+    _report_plan(args, report)
+    _say(args, f"wrote {len(report.written)} tensors ({_human(report.nbytes)}) to {report.output}")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    report = _api.rebuild(
+        args.archive, args.output_prefix, model=args.model, num_classes=args.num_classes, include=args.include,
+        exclude=args.exclude, use_ema=args.use_ema, allow_missing=args.allow_missing, strict=args.strict,
+        chunk_mb=args.chunk_mb, max_shard_mb=args.max_shard_mb, engine=args.engine, force=args.force,
+        max_tensor_gb=args.max_tensor_gb, progress=_progress(args),
+    )
+    _report_plan(args, report)
+    _say(args, f"wrote {len(report.written)} tensors ({_human(report.nbytes)}) to checkpoint {report.output}")
+    return 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    d = _api.diff(args.a, args.b, atol=args.atol, rtol=args.rtol, engine=args.engine, progress=_progress(args))
+    for n in d.only_a:
+        print(f"only in A: {n}")
+    for n in d.only_b:
+        print(f"only in B: {n}")
+    for n, (sa, sb) in d.spec_diffs.items():
+        print(f"differs: {n}: {sa.describe()} vs {sb.describe()}")
+    for n, (count, mx) in d.value_diffs.items():
+        extra = "" if mx is None else f", max abs diff {mx:.6g}"
+        print(f"values differ: {n}: {count} elements{extra}")
+    if d.identical:
+        print(f"identical: {d.compared} tensors")
+        return 0
+    print(f"different: {len(d.only_a)} only in A, {len(d.only_b)} only in B, {len(d.spec_diffs)} shape/dtype, {len(d.value_diffs)} values ({d.compared} compared)")
+    return 1
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    v = _api.verify(args.path, engine=args.engine, progress=_progress(args))
+    if not v.ok:
+        print(f"BAD: {v.bad}: {v.message}")
+        return 1
+    note = "" if v.has_checksums else " (plain archive: no checksums recorded, only readability checked)"
+    print(f"ok: {v.checked} tensors{note}")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = argparse.ArgumentParser(prog=PROG, description="Convert TensorFlow (TF-Slim) checkpoints to .npz / HDF5 archives and back, exactly.")
+    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--engine", choices=("auto", "native", "tf"), default="auto", help="checkpoint engine: native (no TensorFlow) where it can, else TensorFlow (default: auto)")
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no report")
+    common.add_argument("--debug", action="store_true", help="show a traceback on errors")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("ls", parents=[common], help="list the tensors of a checkpoint or archive")
+    s.add_argument("path")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=cmd_ls)
+
+    filt = argparse.ArgumentParser(add_help=False)
+    filt.add_argument("--include", action="append", default=[], metavar="REGEX", help="keep only names matching (repeatable)")
+    filt.add_argument("--exclude", action="append", default=[], metavar="REGEX", help="drop names matching (repeatable)")
+    filt.add_argument("--use-ema", action="store_true", help="give X the value of X/ExponentialMovingAverage")
+    filt.add_argument("--force", action="store_true", help="overwrite an existing output")
+
+    s = sub.add_parser("export", parents=[common, filt], help="checkpoint -> .npz / .h5")
+    s.add_argument("checkpoint", help="prefix, .index/.data file, directory, or V1 .ckpt file")
+    s.add_argument("output", help="output archive: .npz, .h5 or .hdf5")
+    s.add_argument("--weights-only", action="store_true", help="drop optimizer slots, global_step and save_counter")
+    s.add_argument("--compress", action="store_true", help="deflate (.npz) / gzip (HDF5)")
+    s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("import", parents=[common, filt], help="archive -> checkpoint (through a tf-slim graph, or graph-free)")
+    s.add_argument("archive")
+    s.add_argument("output_prefix", help="checkpoint prefix to write, e.g. out/model.ckpt")
+    s.add_argument("--model", help="tf-slim net (vgg_16, resnet_v1_50, inception_v3, ...) or package.module:function")
+    s.add_argument("--num-classes", type=int, default=None, help="classes of the net's logits (default: the net's own)")
+    s.add_argument("--allow-missing", action="store_true", help="leave graph variables absent from the archive at their initializer")
+    s.add_argument("--strict", action="store_true", help="archive entries the graph lacks are an error")
+    s.add_argument("--chunk-mb", type=float, default=64, help="feed tensors larger than this in slices (default 64)")
+    s.add_argument("--max-shard-mb", type=float, default=None, help="split the checkpoint into .data shards of at most this size")
+    s.add_argument("--max-tensor-gb", type=float, default=_api.DEFAULT_MAX_TENSOR_GB, help="refuse archive tensors claiming more than this (default 64)")
+    s.set_defaults(func=cmd_import)
+
+    s = sub.add_parser("diff", parents=[common], help="compare two checkpoints or archives (exit 0 same, 1 different)")
+    s.add_argument("a")
+    s.add_argument("b")
+    s.add_argument("--atol", type=float, default=0.0)
+    s.add_argument("--rtol", type=float, default=0.0)
+    s.set_defaults(func=cmd_diff)
+
+    s = sub.add_parser("verify", parents=[common], help="check every tensor's checksum (exit 0 good, 1 bad)")
+    s.add_argument("path")
+    s.set_defaults(func=cmd_verify)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    old = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
+    try:
+        return int(args.func(args))
+    except CkptBridgeError as e:
+        if args.debug:
+            traceback.print_exc()
+        _err(str(e))
+        return 2
+    except KeyboardInterrupt:
+        _err("interrupted; nothing was written")
+        return 130
+    except _Terminated:
+        _err("terminated; nothing was written")
+        return 143
+    except OSError as e:
+        if args.debug:
+            traceback.print_exc()
+        _err(_os_message(e))
+        return 2
+    except MemoryError:
+        _err("out of memory; nothing was written. Close other programs or use a machine with more memory")
+        return 2
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
+
+
+def _os_message(e: OSError) -> str:
+    import errno
+
+    where = f" ({e.filename})" if e.filename else ""
+    if e.errno == errno.ENOSPC:
+        return f"no space left on device{where}; nothing was written. Free some space or choose another output location"
+    if e.errno == errno.EACCES or e.errno == errno.EPERM:
+        return f"permission denied{where}; check the file's permissions or choose another location"
+    if e.errno == errno.EFBIG:
+        return f"file too large for this filesystem or limit{where}; nothing was written"
+    return f"{e.strerror or e}{where}; nothing was written"
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""The pipe: source -> name plan -> sink, with one progress bar, a read-back check
+of everything written, and an atomic publish.  Also diff and verify, which
+walk two sources or one."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ._source import Sink, Source
+from ._spec import STRING, TensorSpec, array_nbytes, dtype_name
+from .errors import CkptBridgeError, CorruptError
+from .formats import meta
+from .names import Plan
+from .progress import bar
+
+
+@dataclasses.dataclass
+class Report:
+    """What a conversion did: every name written, dropped or swapped."""
+
+    output: str
+    written: list[str]
+    dropped: dict[str, str]
+    ema_swaps: dict[str, str]
+    nbytes: int
+    #: graph variables the archive did not have (left at their initializer; rebuild only)
+    missing: list[str] = dataclasses.field(default_factory=list)
+
+
+def exchange_checksum(arr: np.ndarray) -> int:
+    """crc32c of a tensor's canonical bytes (strings: their length-prefixed blob)."""
+    dtype = dtype_name(arr.dtype)
+    stored, _ = meta.encode(arr, dtype)
+    return meta.checksum(stored)
+
+
+def transfer(
+    source: Source,
+    sink: Sink,
+    plan: Plan,
+    *,
+    progress: bool | None = False,
+    desc: str = "converting",
+    verify: bool = True,
+    metadata: dict[str, Any] | None = None,
+    carry_extras: bool = True,
+) -> Report:
+    """Stream every planned tensor from ``source`` into ``sink``; read back; publish."""
+    specs = source.specs()
+    out_specs = [dataclasses.replace(specs[src], name=dst) for dst, src in plan.mapping.items()]
+    total = sum(s.nbytes for s in out_specs)
+    crcs: dict[str, int] = {}
+    nbytes = 0
+    pbar = bar(total, desc, progress)
+    try:
+        sink.begin(out_specs)
+        for dst, src in plan.mapping.items():
+            arr = source.read(src)
+            if verify:
+                crcs[dst] = exchange_checksum(arr)
+            sink.write(dst, arr)
+            n = array_nbytes(arr)
+            nbytes += n
+            del arr
+            pbar.update(n if specs[src].dtype != STRING else 0)
+        if carry_extras:
+            for key, payload in source.extras().items():
+                sink.write_extra(key, payload)
+        doc = dict(metadata or {})
+        if plan.dropped:
+            doc["dropped"] = plan.dropped
+        if plan.ema_swaps:
+            doc["ema_swaps"] = plan.ema_swaps
+        sink.finish(doc)
+        if verify:
+            readback(sink, crcs)
+        sink.publish()
+    except BaseException:
+        sink.abort()
+        raise
+    finally:
+        pbar.close()
+    return Report(sink.path, list(plan.mapping), dict(plan.dropped), dict(plan.ema_swaps), nbytes)
+
+
+def readback(sink: Sink, crcs: dict[str, int]) -> None:
+    """Re-open what ``sink`` wrote and compare every tensor to what was sent."""
+    src = sink.open_readback()  # type: ignore[attr-defined]
+    try:
+        got = set(src.specs())
+        if got != set(crcs):
+            lost = sorted(set(crcs) - got)
+            extra = sorted(got - set(crcs))
+            raise CorruptError(f"read-back of {sink.path} does not match what was written (missing {lost[:5]}, unexpected {extra[:5]}); output discarded")
+        for name, crc in crcs.items():
+            if exchange_checksum(src.read(name)) != crc:
+                raise CorruptError(f"read-back of {sink.path}: tensor {name!r} differs from what was written; output discarded (is the disk failing?)")
+    finally:
+        src.close()
+
+
+@dataclasses.dataclass
+class DiffReport:
+    """How two sets of tensors differ."""
+
+    only_a: list[str]
+    only_b: list[str]
+    #: name -> (spec in a, spec in b) where shape or dtype differ
+    spec_diffs: dict[str, tuple[TensorSpec, TensorSpec]]
+    #: name -> (number of differing elements, max abs difference or None for strings/bools)
+    value_diffs: dict[str, tuple[int, float | None]]
+    compared: int
+
+    @property
+    def identical(self) -> bool:
+        return not (self.only_a or self.only_b or self.spec_diffs or self.value_diffs)
+
+
+def diff_sources(a: Source, b: Source, *, atol: float = 0.0, rtol: float = 0.0, progress: bool | None = False) -> DiffReport:
+    sa, sb = a.specs(), b.specs()
+    only_a = sorted(set(sa) - set(sb))
+    only_b = sorted(set(sb) - set(sa))
+    common = sorted(set(sa) & set(sb))
+    spec_diffs = {}
+    value_diffs: dict[str, tuple[int, float | None]] = {}
+    pbar = bar(sum(sa[n].nbytes for n in common), "comparing", progress)
+    try:
+        for name in common:
+            if sa[name].dtype != sb[name].dtype or sa[name].shape != sb[name].shape:
+                spec_diffs[name] = (sa[name], sb[name])
+                continue
+            d = _value_diff(a.read(name), b.read(name), atol, rtol)
+            if d is not None:
+                value_diffs[name] = d
+            pbar.update(sa[name].nbytes)
+    finally:
+        pbar.close()
+    return DiffReport(only_a, only_b, spec_diffs, value_diffs, len(common))
+
+
+def _value_diff(x: np.ndarray, y: np.ndarray, atol: float, rtol: float) -> tuple[int, float | None] | None:
+    if x.dtype == np.dtype(object):
+        n = int(sum(1 for p, q in zip(x.reshape(-1), y.reshape(-1)) if bytes(p) != bytes(q)))
+        return (n, None) if n else None
+    if x.tobytes() == y.tobytes():
+        return None
+    if x.dtype == np.bool_:
+        n = int(np.count_nonzero(x != y))
+        return (n, None) if n else None
+    xf = x.astype(np.complex128 if x.dtype.kind == "c" else np.float64)
+    yf = y.astype(xf.dtype)
+    absdiff = np.abs(xf - yf)
+    both_nan = np.isnan(xf) & np.isnan(yf) if x.dtype.kind in "fc" else np.zeros(x.shape, bool)
+    if atol == 0 and rtol == 0:
+        # Exact mode: bit patterns decide (so -0.0 vs 0.0 and NaN payloads count).
+        bad = x.reshape(-1).view(np.uint8).reshape(x.size, -1) != y.reshape(-1).view(np.uint8).reshape(y.size, -1)
+        bad = bad.any(axis=1).reshape(x.shape)
+    else:
+        with np.errstate(invalid="ignore"):
+            bad = ~((absdiff <= atol + rtol * np.abs(yf)) | both_nan)
+    n = int(np.count_nonzero(bad))
+    if n == 0:
+        return None
+    with np.errstate(invalid="ignore"):
+        finite = absdiff[bad & ~np.isnan(absdiff)]
+    return n, float(finite.max()) if finite.size else float("nan")
+
+
+@dataclasses.dataclass
+class VerifyReport:
+    """The outcome of checking every tensor's checksum."""
+
+    path: str
+    checked: int
+    ok: bool
+    bad: str | None = None
+    message: str | None = None
+    has_checksums: bool = True
+
+
+def verify_source(source: Source, *, progress: bool | None = False) -> VerifyReport:
+    """Read every tensor (sources check their checksums as they read)."""
+    specs = source.specs()
+    pbar = bar(sum(s.nbytes for s in specs.values()), "verifying", progress)
+    checked = 0
+    try:
+        for name, spec in specs.items():
+            try:
+                source.read(name)
+            except CorruptError as e:
+                return VerifyReport(source.path, checked, False, name, str(e))
+            checked += 1
+            pbar.update(spec.nbytes)
+    finally:
+        pbar.close()
+    has = source.kind == "checkpoint" or bool(source.metadata().get("tensors"))
+    return VerifyReport(source.path, checked, True, has_checksums=has)
+
+
+def require_some(plan: Plan, path: str) -> None:
+    if not plan.mapping:
+        raise CkptBridgeError(f"nothing to write: every tensor of {path} was filtered out; check --include/--exclude")
+
+
+def names_of(specs: Sequence[TensorSpec]) -> list[str]:
+    return [s.name for s in specs]

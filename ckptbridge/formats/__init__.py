@@ -1,0 +1,1 @@
+"""Archive formats, one registry keyed by suffix."""

@@ -1,0 +1,295 @@
+"""HDF5 (``.h5``, ``.hdf5``): one dataset per tensor at its checkpoint path.
+
+``f["vgg_16/conv1/conv1_1/weights"]`` works in plain h5py.  HDF5 cannot hold
+a dataset and a group at one path, so when a name is also the prefix of
+another (``w`` and ``w/ExponentialMovingAverage``) the shorter one is stored at
+``w/__value__``; names that are not valid HDF5 paths go under
+``/.ckptbridge/escaped/``.  Every dataset carries its true name and dtype as
+attributes, and readers go by those, never by the path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from .._atomic import AtomicFile
+from .._source import OBJECT_GRAPH, Sink, Source
+from .._spec import TensorSpec, as_exchange_array, dtype_name
+from ..errors import CkptBridgeError, CorruptError, FormatError, MismatchError, UnsafeArchiveError
+from . import meta
+
+META_GROUP = ".ckptbridge"
+META_DATASET = META_GROUP + "/metadata"
+OBJECT_GRAPH_DATASET = META_GROUP + "/object_graph"
+ESCAPED_GROUP = META_GROUP + "/escaped"
+SELF = "__value__"
+ATTR_NAME = "ckptbridge_name"
+ATTR_DTYPE = "ckptbridge_dtype"
+
+
+def _natural_path(name: str) -> str | None:
+    parts = name.split("/")
+    if any(p in ("", ".", "..") for p in parts) or parts[0] == META_GROUP or "\x00" in name:
+        return None
+    return name
+
+
+class Hdf5Sink(Sink):
+    """Writes one dataset per tensor into a temporary HDF5 file; commit renames it."""
+
+    def __init__(self, path: str, *, compress: bool = False, force: bool = False, source: str | None = None) -> None:
+        import h5py
+
+        self.path = path
+        self._out = AtomicFile(path, force=force)
+        self._f = h5py.File(self._out.tmp, "w")
+        self._compress = compress
+        self._records: dict[str, dict[str, Any]] = {}
+        self._paths: dict[str, str] = {}
+        self._source = source
+        self._escaped = 0
+
+    def begin(self, specs: list[TensorSpec]) -> None:
+        names = {s.name for s in specs}
+        prefixes = set()
+        for n in names:
+            parts = n.split("/")
+            for i in range(1, len(parts)):
+                prefixes.add("/".join(parts[:i]))
+        for n in sorted(names):
+            p = _natural_path(n)
+            if p is not None and n in prefixes:
+                p = n + "/" + SELF
+            self._paths[n] = p if p is not None else ""
+
+    def _place(self, name: str) -> str:
+        p = self._paths.get(name)
+        if p is None:
+            p = _natural_path(name) or ""
+        if p:
+            # A path already taken by a group or dataset (or below a dataset) falls back to the escape area.
+            parts = p.split("/")
+            clash = p in self._f
+            for i in range(1, len(parts)):
+                head = "/".join(parts[:i])
+                if head in self._f and not isinstance(self._f[head], self._group_type):
+                    clash = True
+                    break
+            if not clash:
+                return p
+        self._escaped += 1
+        return f"{ESCAPED_GROUP}/{self._escaped}"
+
+    @property
+    def _group_type(self) -> type:
+        import h5py
+
+        return h5py.Group
+
+    def write(self, name: str, array: np.ndarray) -> None:
+        if name in self._records:
+            raise MismatchError(f"tensor {name!r} written twice to {self.path}")
+        if not name:
+            raise FormatError(f"an empty tensor name cannot be stored in {self.path}")
+        array = as_exchange_array(array)
+        dtype = dtype_name(array.dtype)
+        stored, enc = meta.encode(array, dtype)
+        stored = np.require(stored, requirements="C")
+        path = self._place(name)
+        kwargs: dict[str, Any] = {}
+        if self._compress and stored.size > 0 and stored.ndim > 0:
+            kwargs = {"compression": "gzip", "compression_opts": 4, "shuffle": True, "chunks": True}
+        ds = self._f.create_dataset(path, data=stored, **kwargs)
+        ds.attrs[ATTR_NAME] = name
+        ds.attrs[ATTR_DTYPE] = dtype
+        crc = meta.checksum(stored)
+        self._records[name] = meta.tensor_record(dtype, tuple(array.shape), enc, crc, path=path)
+
+    def write_extra(self, key: str, payload: bytes) -> None:
+        if key == OBJECT_GRAPH:
+            self._f.create_dataset(OBJECT_GRAPH_DATASET, data=np.frombuffer(payload, dtype=np.uint8))
+
+    @property
+    def readback_path(self) -> str:
+        return self._out.tmp
+
+    def publish(self) -> None:
+        self._out.commit()
+
+    def open_readback(self) -> Source:
+        return Hdf5Source(self._out.tmp)
+
+    def finish(self, metadata: dict[str, Any] | None = None) -> None:
+        doc = meta.provenance(self._source, metadata)
+        doc["tensors"] = self._records
+        self._f.create_dataset(META_DATASET, data=np.frombuffer(meta.dumps(doc), dtype=np.uint8))
+        self._f.close()
+
+    def abort(self) -> None:
+        try:
+            self._f.close()
+        except Exception:
+            pass
+        self._out.abort()
+
+
+class Hdf5Source(Source):
+    """A lazy view of an HDF5 file: datasets are listed up front, read on demand."""
+
+    kind = "hdf5"
+
+    def __init__(self, path: str, *, verify: bool = True, max_tensor_bytes: int | None = None, allow_internal_links: bool = True) -> None:
+        import h5py
+
+        self.path = path
+        self._verify = verify
+        try:
+            self._f = h5py.File(path, "r")
+        except (OSError, ValueError) as e:
+            raise CorruptError(f"{path} is not a readable HDF5 file ({e}); check that the file is complete") from None
+        try:
+            self._load(max_tensor_bytes, allow_internal_links)
+        except CkptBridgeError:
+            self.close()
+            raise
+        except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
+            self.close()
+            raise CorruptError(f"{path}: damaged HDF5 file ({e}); check that the file is complete") from None
+
+    def _load(self, max_tensor_bytes: int | None, allow_internal_links: bool) -> None:
+        import h5py
+
+        path = self.path
+        f = self._f
+        self._meta: dict[str, Any] = {}
+        self._extras: dict[str, bytes] = {}
+        if META_DATASET in f:
+            self._meta = meta.loads(np.asarray(f[META_DATASET][()]).tobytes(), path)
+        if OBJECT_GRAPH_DATASET in f:
+            self._extras[OBJECT_GRAPH] = np.asarray(f[OBJECT_GRAPH_DATASET][()]).tobytes()
+        import os
+
+        fsize = os.path.getsize(path)
+        datasets: dict[str, str] = {}
+
+        def visit(group: Any, prefix: str) -> None:
+            for key in group:
+                link = group.get(key, getlink=True)
+                full = f"{prefix}/{key}" if prefix else key
+                if isinstance(link, h5py.ExternalLink):
+                    raise UnsafeArchiveError(f"{path}: {full!r} is an external link to {link.filename}:{link.path}; ckptbridge reads only data stored inside the archive")
+                if isinstance(link, h5py.SoftLink):
+                    if not allow_internal_links:
+                        raise UnsafeArchiveError(f"{path}: {full!r} is a soft link to {link.path}; links are not allowed")
+                    continue  # the target is listed under its own path
+                obj = group[key]
+                if isinstance(obj, h5py.Group):
+                    if full == META_GROUP:
+                        if ESCAPED_GROUP.split("/")[1] in obj:
+                            visit(obj[ESCAPED_GROUP.split("/")[1]], ESCAPED_GROUP)
+                        continue
+                    visit(obj, full)
+                elif isinstance(obj, h5py.Dataset):
+                    self._check_dataset(obj, full, fsize, max_tensor_bytes)
+                    name = obj.attrs.get(ATTR_NAME)
+                    if isinstance(name, bytes):
+                        name = name.decode("utf-8", "surrogateescape")
+                    name = str(name) if name is not None else full
+                    if name in datasets:
+                        raise CorruptError(f"{path}: two datasets ({datasets[name]!r}, {full!r}) both claim tensor name {name!r}; refusing an ambiguous archive")
+                    datasets[name] = full
+
+        visit(f, "")
+        records = self._meta.get("tensors", {})
+        if self._meta:
+            missing = sorted(set(records) - set(datasets))
+            if missing:
+                raise CorruptError(f"{path}: metadata lists tensors that are not in the archive: {', '.join(missing[:5])}; the archive is incomplete")
+        specs = {}
+        for name in sorted(datasets):
+            ds = f[datasets[name]]
+            rec = records.get(name)
+            if rec is not None:
+                specs[name] = TensorSpec(name, str(rec["dtype"]), tuple(int(x) for x in rec["shape"]))
+            else:
+                specs[name] = TensorSpec(name, _plain_dtype(ds, path, datasets[name]), tuple(int(x) for x in ds.shape))
+        self._datasets = datasets
+        self._specs = specs
+
+    def _check_dataset(self, ds: Any, full: str, fsize: int, max_tensor_bytes: int | None) -> None:
+        path = self.path
+        dcpl = ds.id.get_create_plist()
+        if dcpl.get_external_count() > 0:
+            target = dcpl.get_external(0)[0]
+            target = target.decode("utf-8", "replace") if isinstance(target, bytes) else target
+            raise UnsafeArchiveError(f"{path}: dataset {full!r} stores its data in external file {target!r}; ckptbridge reads only data stored inside the archive")
+        if ds.shape is None:
+            raise FormatError(f"{path}: dataset {full!r} has no shape (an empty dataspace); not a tensor")
+        itemsize = ds.dtype.itemsize if ds.dtype.kind != "O" else 0
+        need = int(np.prod(ds.shape, dtype=object)) * itemsize if ds.shape else itemsize
+        if max_tensor_bytes is not None and need > max_tensor_bytes:
+            raise UnsafeArchiveError(f"{path}: dataset {full!r} claims {need} bytes, over the limit of {max_tensor_bytes}; raise --max-tensor-gb if it is genuine")
+        if ds.compression is None and ds.chunks is None and need > fsize:
+            raise CorruptError(f"{path}: dataset {full!r} claims {need} bytes but the file has {fsize}; the archive is damaged or crafted")
+
+    def specs(self) -> Mapping[str, TensorSpec]:
+        return self._specs
+
+    def metadata(self) -> dict[str, Any]:
+        return self._meta
+
+    def extras(self) -> dict[str, bytes]:
+        return dict(self._extras)
+
+    def checksum(self, name: str) -> int | None:
+        rec = self._meta.get("tensors", {}).get(name)
+        return None if rec is None else int(rec["crc32c"])
+
+    def read(self, name: str) -> np.ndarray:
+        spec = self.spec(name)
+        where = f"{self.path}: tensor {name!r}"
+        ds = self._f[self._datasets[name]]
+        try:
+            raw = ds[()]
+        except (OSError, ValueError, RuntimeError) as e:
+            raise CorruptError(f"{where}: cannot read ({e}); the archive is damaged") from None
+        raw = np.asarray(raw) if not isinstance(raw, np.ndarray) else raw
+        rec = self._meta.get("tensors", {}).get(name)
+        if rec is None:
+            return _plain_array(raw, ds)
+        if self._verify and meta.checksum(raw) != int(rec["crc32c"]):
+            raise CorruptError(f"{where}: checksum mismatch (crc32c), the stored bytes are damaged; restore the archive from a good copy")
+        return meta.decode(raw, spec.dtype, spec.shape, rec.get("encoding", meta.ENC_RAW), where)
+
+    def close(self) -> None:
+        f = getattr(self, "_f", None)
+        if f is not None:
+            try:
+                f.close()
+            finally:
+                self._f = None  # type: ignore[assignment]
+
+
+def _plain_dtype(ds: Any, path: str, full: str) -> str:
+    import h5py
+
+    if h5py.check_string_dtype(ds.dtype) is not None or ds.dtype.kind in "SO":
+        return "string"
+    try:
+        return dtype_name(ds.dtype)
+    except FormatError:
+        raise FormatError(f"{path}: dataset {full!r} has dtype {ds.dtype}, which is not a tensor dtype ckptbridge carries") from None
+
+
+def _plain_array(raw: np.ndarray, ds: Any) -> np.ndarray:
+    """A dataset written by plain h5py, in exchange form (variable-length strings as bytes)."""
+    if raw.dtype.kind == "O" or raw.dtype.kind == "S":
+        out = np.empty(raw.shape, dtype=object)
+        flat = out.reshape(-1)
+        for i, v in enumerate(raw.reshape(-1)):
+            flat[i] = v.encode("utf-8") if isinstance(v, str) else bytes(v)
+        return out
+    return as_exchange_array(raw)

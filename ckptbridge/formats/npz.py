@@ -1,0 +1,289 @@
+"""``.npz``: a zip of ``.npy`` members, one per tensor, keyed by checkpoint name.
+
+Written member by member straight into the zip (never the whole model in
+memory); read lazily, memory-mapping members that are stored uncompressed.
+Pickle is never used in either direction.
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+import os
+import struct
+import zipfile
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from .._atomic import AtomicFile
+from .._source import OBJECT_GRAPH, Sink, Source
+from .._spec import TensorSpec, as_exchange_array, dtype_name
+from ..errors import CkptBridgeError, CorruptError, FormatError, MismatchError, UnsafeArchiveError
+from . import meta
+
+META_MEMBER = "__ckptbridge__.npy"
+OBJECT_GRAPH_MEMBER = "__ckptbridge_object_graph__.npy"
+RESERVED = {META_MEMBER[:-4], OBJECT_GRAPH_MEMBER[:-4]}
+
+# Deflate cannot expand data by more than about 1032:1; a member claiming more is lying.
+_MAX_DEFLATE_RATIO = 1100
+_LOCAL_HEADER = struct.Struct("<4s5H3L2H")
+
+
+def check_name(name: str, path: str) -> None:
+    """Refuse names that cannot be stored, or would be unsafe to hand to an unzip tool."""
+    if not name or "\x00" in name:
+        raise FormatError(f"tensor name {name!r} cannot be stored in {path}: names must be non-empty and contain no NUL")
+    if name in RESERVED:
+        raise FormatError(f"tensor name {name!r} is reserved by ckptbridge's .npz format; rename it (--rename)")
+
+
+class NpzSink(Sink):
+    """Writes an ``.npz`` member by member into a temporary file; commit renames it."""
+
+    def __init__(self, path: str, *, compress: bool = False, force: bool = False, source: str | None = None) -> None:
+        self.path = path
+        self._out = AtomicFile(path, force=force)
+        self._zip = zipfile.ZipFile(self._out.tmp, "w", compression=zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED, allowZip64=True)
+        self._records: dict[str, dict[str, Any]] = {}
+        self._source = source
+
+    def write(self, name: str, array: np.ndarray) -> None:
+        check_name(name, self.path)
+        if name in self._records:
+            raise MismatchError(f"tensor {name!r} written twice to {self.path}")
+        array = as_exchange_array(array)
+        dtype = dtype_name(array.dtype)
+        stored, enc = meta.encode(array, dtype)
+        stored = np.require(stored, requirements="C")
+        self._write_member(name + ".npy", stored)
+        self._records[name] = meta.tensor_record(dtype, tuple(array.shape), enc, meta.checksum(stored))
+
+    def write_extra(self, key: str, payload: bytes) -> None:
+        if key == OBJECT_GRAPH:
+            self._write_member(OBJECT_GRAPH_MEMBER, np.frombuffer(payload, dtype=np.uint8))
+
+    def _write_member(self, member: str, arr: np.ndarray) -> None:
+        with self._zip.open(member, "w", force_zip64=True) as f:
+            np.lib.format.write_array(f, arr, allow_pickle=False)
+
+    @property
+    def readback_path(self) -> str:
+        return self._out.tmp
+
+    def publish(self) -> None:
+        self._out.commit()
+
+    def open_readback(self) -> Source:
+        return NpzSource(self._out.tmp)
+
+    def finish(self, metadata: dict[str, Any] | None = None) -> None:
+        doc = meta.provenance(self._source, metadata)
+        doc["tensors"] = self._records
+        self._write_member(META_MEMBER, np.frombuffer(meta.dumps(doc), dtype=np.uint8))
+        self._zip.close()
+
+    def abort(self) -> None:
+        try:
+            self._zip.close()
+        except Exception:
+            pass
+        self._out.abort()
+
+
+class _Member:
+    __slots__ = ("info", "dtype", "shape", "fortran", "data_offset")
+
+    def __init__(self, info: zipfile.ZipInfo, dtype: np.dtype, shape: tuple[int, ...], fortran: bool, data_offset: int | None) -> None:
+        self.info, self.dtype, self.shape, self.fortran, self.data_offset = info, dtype, shape, fortran, data_offset
+
+
+def _parse_npy_header(f: Any, where: str) -> tuple[np.dtype, tuple[int, ...], bool, int]:
+    """dtype, shape, fortran order and header length of an ``.npy`` stream; no pickle, no eval."""
+    magic = f.read(8)
+    if len(magic) != 8 or magic[:6] != b"\x93NUMPY":
+        raise CorruptError(f"{where}: not an .npy member (bad magic); the archive is damaged")
+    major = magic[6]
+    if major == 1:
+        (hlen,) = struct.unpack("<H", f.read(2))
+        pre = 10
+    elif major in (2, 3):
+        (hlen,) = struct.unpack("<I", f.read(4))
+        pre = 12
+    else:
+        raise CorruptError(f"{where}: unsupported .npy version {major}; the archive is damaged")
+    if hlen > 1 << 20:
+        raise CorruptError(f"{where}: .npy header claims {hlen} bytes; the archive is damaged")
+    raw = f.read(hlen)
+    if len(raw) != hlen:
+        raise CorruptError(f"{where}: .npy header is truncated; the archive is damaged")
+    try:
+        d = ast.literal_eval(raw.decode("latin1"))
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        raise CorruptError(f"{where}: .npy header is not readable; the archive is damaged") from None
+    if not isinstance(d, dict) or set(d) != {"descr", "fortran_order", "shape"}:
+        raise CorruptError(f"{where}: .npy header has unexpected keys; the archive is damaged")
+    shape = d["shape"]
+    if not isinstance(shape, tuple) or not all(isinstance(x, int) and x >= 0 for x in shape):
+        raise CorruptError(f"{where}: .npy header has an invalid shape {shape!r}; the archive is damaged")
+    try:
+        dtype = np.lib.format.descr_to_dtype(d["descr"])
+    except Exception:
+        raise CorruptError(f"{where}: .npy header has an invalid dtype {d['descr']!r}; the archive is damaged") from None
+    if dtype.hasobject:
+        raise UnsafeArchiveError(f"{where}: member holds pickled Python objects; ckptbridge never unpickles archives. Re-save it with numeric arrays (np.savez without object arrays)")
+    if dtype.fields is not None or dtype.subdtype is not None:
+        raise FormatError(f"{where}: structured dtype {dtype} is not a tensor; ckptbridge reads plain numeric arrays")
+    return dtype, shape, bool(d["fortran_order"]), pre + hlen
+
+
+class NpzSource(Source):
+    """A lazy view of an ``.npz``: headers are read up front, values on demand."""
+
+    kind = "npz"
+
+    def __init__(self, path: str, *, verify: bool = True, max_tensor_bytes: int | None = None) -> None:
+        self.path = path
+        self._verify = verify
+        try:
+            self._file = open(path, "rb")
+        except IsADirectoryError:
+            raise FormatError(f"{path} is a directory, not an .npz archive") from None
+        try:
+            self._zip = zipfile.ZipFile(self._file)
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+            self._file.close()
+            raise CorruptError(f"{path} is not a readable .npz archive ({e}); check that the file is complete") from None
+        try:
+            self._load(max_tensor_bytes)
+        except CkptBridgeError:
+            self.close()
+            raise
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError, struct.error, NotImplementedError, RuntimeError) as e:
+            self.close()
+            raise CorruptError(f"{path}: damaged .npz archive ({e}); check that the file is complete") from None
+
+    def _load(self, max_tensor_bytes: int | None) -> None:
+        path = self.path
+        self._meta: dict[str, Any] = {}
+        self._extras: dict[str, bytes] = {}
+        seen: set[str] = set()
+        members: dict[str, _Member] = {}
+        fsize = os.fstat(self._file.fileno()).st_size
+        for info in self._zip.infolist():
+            if info.filename in seen:
+                raise CorruptError(f"{path}: member {info.filename!r} appears twice; refusing an ambiguous archive")
+            seen.add(info.filename)
+            if info.is_dir():
+                continue
+            if not info.filename.endswith(".npy"):
+                raise FormatError(f"{path}: member {info.filename!r} is not an .npy array; this is not an .npz that ckptbridge reads")
+            if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+                raise FormatError(f"{path}: member {info.filename!r} uses an unsupported compression; re-save with np.savez or np.savez_compressed")
+            if info.header_offset + info.compress_size > fsize:
+                raise CorruptError(f"{path}: member {info.filename!r} extends past the end of the file; the archive is truncated")
+            if info.compress_type == zipfile.ZIP_DEFLATED and info.file_size > _MAX_DEFLATE_RATIO * max(info.compress_size, 1) + 4096:
+                raise UnsafeArchiveError(f"{path}: member {info.filename!r} claims {info.file_size} bytes from {info.compress_size} compressed; refusing an impossible compression ratio")
+            if info.compress_type == zipfile.ZIP_STORED and info.file_size != info.compress_size:
+                raise CorruptError(f"{path}: member {info.filename!r} has inconsistent sizes; the archive is damaged")
+            name = info.filename[:-4]
+            where = f"{path}: member {name!r}"
+            with self._zip.open(info) as f:
+                dtype, shape, fortran, hlen = _parse_npy_header(f, where)
+            count = int(np.prod(shape, dtype=object)) if shape else 1
+            need = count * dtype.itemsize
+            if hlen + need != info.file_size:
+                raise CorruptError(f"{where}: header claims {list(shape)} {dtype} ({need} bytes) but the member holds {info.file_size - hlen}; the archive is damaged or crafted")
+            if max_tensor_bytes is not None and need > max_tensor_bytes:
+                raise UnsafeArchiveError(f"{where}: tensor of {need} bytes exceeds the limit of {max_tensor_bytes} bytes; raise --max-tensor-gb if it is genuine")
+            offset = None
+            if info.compress_type == zipfile.ZIP_STORED:
+                self._file.seek(info.header_offset)
+                lh = _LOCAL_HEADER.unpack(self._file.read(_LOCAL_HEADER.size))
+                if lh[0] != b"PK\x03\x04":
+                    raise CorruptError(f"{where}: bad local header; the archive is damaged")
+                offset = info.header_offset + _LOCAL_HEADER.size + lh[9] + lh[10] + hlen
+                if offset + need > fsize:
+                    raise CorruptError(f"{where}: data extends past the end of the file; the archive is truncated")
+            members[name] = _Member(info, dtype, shape, fortran, offset)
+        if META_MEMBER[:-4] in members:
+            raw = self._read_raw(members.pop(META_MEMBER[:-4]))
+            self._meta = meta.loads(raw.tobytes(), path)
+        if OBJECT_GRAPH_MEMBER[:-4] in members:
+            self._extras[OBJECT_GRAPH] = self._read_raw(members.pop(OBJECT_GRAPH_MEMBER[:-4])).tobytes()
+        self._members = members
+        records = self._meta.get("tensors", {})
+        if self._meta:
+            missing = sorted(set(records) - set(members))
+            if missing:
+                raise CorruptError(f"{path}: metadata lists tensors that are not in the archive: {', '.join(missing[:5])}; the archive is incomplete")
+        specs = {}
+        for name in sorted(members):
+            m = members[name]
+            rec = records.get(name)
+            if rec is not None:
+                specs[name] = TensorSpec(name, str(rec["dtype"]), tuple(int(x) for x in rec["shape"]))
+            else:
+                specs[name] = TensorSpec(name, dtype_name(m.dtype), tuple(m.shape))
+        self._specs = specs
+
+    def _read_raw(self, m: _Member) -> np.ndarray:
+        where = f"{self.path}: member {m.info.filename[:-4]!r}"
+        count = int(np.prod(m.shape)) if m.shape else 1
+        if m.data_offset is not None:
+            if count == 0:
+                arr = np.empty(m.shape, dtype=m.dtype)
+            else:
+                arr = np.memmap(self._file, dtype=m.dtype, mode="r", offset=m.data_offset, shape=m.shape or (1,), order="F" if m.fortran else "C")
+                if not m.shape:
+                    arr = arr.reshape(())
+        else:
+            arr = np.empty(m.shape, dtype=m.dtype, order="F" if m.fortran else "C")
+            with self._zip.open(m.info) as f:
+                f.seek(0)
+                _parse_npy_header(f, where)
+                buf = memoryview(arr.reshape(-1, order="A").view(np.uint8)) if arr.size else memoryview(b"")
+                got = f.readinto(buf) if arr.nbytes else 0
+                if got != arr.nbytes:
+                    raise CorruptError(f"{where}: member is truncated; the archive is damaged")
+        return arr
+
+    def specs(self) -> Mapping[str, TensorSpec]:
+        return self._specs
+
+    def metadata(self) -> dict[str, Any]:
+        return self._meta
+
+    def extras(self) -> dict[str, bytes]:
+        return dict(self._extras)
+
+    def checksum(self, name: str) -> int | None:
+        rec = self._meta.get("tensors", {}).get(name)
+        return None if rec is None else int(rec["crc32c"])
+
+    def read(self, name: str) -> np.ndarray:
+        spec = self.spec(name)
+        m = self._members[name]
+        where = f"{self.path}: tensor {name!r}"
+        try:
+            raw = self._read_raw(m)
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError, struct.error) as e:
+            raise CorruptError(f"{where}: cannot read ({e}); the archive is damaged") from None
+        rec = self._meta.get("tensors", {}).get(name)
+        if rec is None:
+            return as_exchange_array(np.require(raw, requirements="C"))
+        if self._verify and meta.checksum(raw) != int(rec["crc32c"]):
+            raise CorruptError(f"{where}: checksum mismatch (crc32c), the stored bytes are damaged; restore the archive from a good copy")
+        return meta.decode(np.require(raw, requirements="C"), spec.dtype, spec.shape, rec.get("encoding", meta.ENC_RAW), where)
+
+    def close(self) -> None:
+        z = getattr(self, "_zip", None)
+        if z is not None:
+            z.close()
+            self._zip = None  # type: ignore[assignment]
+        f = getattr(self, "_file", None)
+        if f is not None:
+            f.close()
+            self._file = None  # type: ignore[assignment]

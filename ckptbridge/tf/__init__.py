@@ -1,0 +1,1 @@
+"""Everything that needs TensorFlow.  Nothing here is imported by ``import ckptbridge``."""

@@ -1,0 +1,155 @@
+"""Reading and writing checkpoints through TensorFlow itself.
+
+Reading uses ``tf.train.load_checkpoint`` (V1 and V2, sharded, partitioned);
+writing, graph-free, uses ``SaveV2`` on batches of tensors that are merged with
+``MergeV2Checkpoints``, so memory stays bounded by one batch.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from .._atomic import AtomicCheckpoint
+from .._source import OBJECT_GRAPH, OBJECT_GRAPH_KEY, Sink, Source
+from .._spec import STRING, TensorSpec, array_nbytes, as_exchange_array, dtype_name
+from ..errors import CorruptError, FormatError, MismatchError, NotFoundError
+from .compat import import_tensorflow
+
+DEFAULT_BATCH_BYTES = 512 << 20
+
+
+def tf_dtype_name(dt: Any) -> str:
+    tf = import_tensorflow()
+    if dt == tf.string:
+        return STRING
+    if dt == tf.bfloat16:
+        return "bfloat16"
+    return dtype_name(np.dtype(dt.as_numpy_dtype))
+
+
+def _tf_error(e: Exception, path: str) -> Exception:
+    tf = import_tensorflow()
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if isinstance(e, tf.errors.NotFoundError):
+        return NotFoundError(f"{path}: TensorFlow cannot find the checkpoint ({msg}); check the path")
+    return CorruptError(f"{path}: TensorFlow cannot read the checkpoint ({msg}); the checkpoint is damaged or incomplete")
+
+
+class TfCheckpointSource(Source):
+    """A checkpoint read through ``tf.train.load_checkpoint``."""
+
+    kind = "checkpoint"
+
+    def __init__(self, prefix: str) -> None:
+        tf = import_tensorflow()
+        self.path = prefix
+        try:
+            self._reader = tf.train.load_checkpoint(prefix)
+            shapes = self._reader.get_variable_to_shape_map()
+            dtypes = self._reader.get_variable_to_dtype_map()
+        except (tf.errors.OpError, ValueError) as e:
+            raise _tf_error(e, prefix) from None
+        self._specs = {
+            n: TensorSpec(n, tf_dtype_name(dtypes[n]), tuple(int(x) for x in shapes[n]))
+            for n in sorted(shapes)
+            if n != OBJECT_GRAPH_KEY
+        }
+        self._has_graph = OBJECT_GRAPH_KEY in shapes
+
+    def specs(self) -> Mapping[str, TensorSpec]:
+        return self._specs
+
+    def extras(self) -> dict[str, bytes]:
+        if not self._has_graph:
+            return {}
+        return {OBJECT_GRAPH: bytes(self._reader.get_tensor(OBJECT_GRAPH_KEY))}
+
+    def read(self, name: str) -> np.ndarray:
+        spec = self.spec(name)
+        tf = import_tensorflow()
+        try:
+            value = self._reader.get_tensor(name)
+        except (tf.errors.OpError, ValueError) as e:
+            raise _tf_error(e, f"{self.path}: tensor {name!r}") from None
+        if isinstance(value, bytes):  # 0-d string
+            out = np.empty((), dtype=object)
+            out[()] = value
+            return out
+        arr = as_exchange_array(value)
+        if tuple(arr.shape) != spec.shape:
+            raise CorruptError(f"{self.path}: tensor {name!r} reads as {list(arr.shape)}, index says {list(spec.shape)}")
+        return arr
+
+    def close(self) -> None:
+        self._reader = None
+
+
+class TfCheckpointSink(Sink):
+    """Writes exactly the given tensors as a V2 checkpoint with TensorFlow's own ops."""
+
+    def __init__(self, prefix: str, *, force: bool = False, max_shard_bytes: int | None = None, update_state: bool = True) -> None:
+        self.path = prefix
+        self._tf = import_tensorflow()
+        self._out = AtomicCheckpoint(prefix, force=force, update_state=update_state)
+        self._parts: list[str] = []
+        self._batch: list[tuple[str, np.ndarray]] = []
+        self._batch_bytes = 0
+        self._limit = max_shard_bytes or DEFAULT_BATCH_BYTES
+        self._names: set[str] = set()
+
+    def write(self, name: str, array: np.ndarray) -> None:
+        if name in self._names:
+            raise MismatchError(f"tensor {name!r} written twice to {self.path}")
+        if not name:
+            raise FormatError(f"an empty tensor name cannot be stored in checkpoint {self.path}")
+        self._names.add(name)
+        array = as_exchange_array(array)
+        size = array_nbytes(array)
+        if self._batch and self._batch_bytes + size > self._limit:
+            self._flush()
+        self._batch.append((name, array))
+        self._batch_bytes += size
+
+    def write_extra(self, key: str, payload: bytes) -> None:
+        if key == OBJECT_GRAPH:
+            value = np.empty((), dtype=object)
+            value[()] = payload
+            self._batch.append((OBJECT_GRAPH_KEY, value))
+
+    def _flush(self) -> None:
+        if not self._batch:
+            return
+        tf = self._tf
+        part = os.path.join(self._out.tmpdir, "parts", f"part-{len(self._parts):05d}")
+        names = [n for n, _ in self._batch]
+        tensors = [tf.convert_to_tensor(a) for _, a in self._batch]
+        with tf.device("/cpu:0"):
+            tf.raw_ops.SaveV2(prefix=part, tensor_names=names, shape_and_slices=[""] * len(names), tensors=tensors)
+        self._parts.append(part)
+        self._batch.clear()
+        self._batch_bytes = 0
+
+    @property
+    def readback_path(self) -> str:
+        return self._out.tmp_prefix
+
+    def finish(self, metadata: dict[str, Any] | None = None) -> None:
+        tf = self._tf
+        self._flush()
+        if not self._parts:
+            raise FormatError(f"no tensors to write to {self.path}; check --include/--exclude")
+        tf.raw_ops.MergeV2Checkpoints(checkpoint_prefixes=self._parts, destination_prefix=self._out.tmp_prefix, delete_old_dirs=True)
+
+    def publish(self) -> None:
+        self._out.commit()
+
+    def open_readback(self) -> Source:
+        return TfCheckpointSource(self._out.tmp_prefix)
+
+    def abort(self) -> None:
+        self._batch.clear()
+        self._out.abort()
