@@ -37,6 +37,7 @@ from ._wire import _Bad, crc, unmask
 ENGINE_NAME = "native"
 MAX_SHARDS = 1 << 20
 MAX_RANK = 254          # TensorShape's limit
+MAX_KNOWN_ENUM = 40     # DataType enums up to here are real (quantized, resource, variant, float8, int4...), just not carried
 
 
 def index_path(prefix: str) -> str:
@@ -102,8 +103,8 @@ class BundleReader(Source):
             raise CkptBridgeError(f"cannot read {self._index_file}: {e.strerror or e}") from None
 
     def _parse(self, data: bytes) -> None:
-        if len(data) >= 8 and not has_magic(data):
-            raise FormatError(f"{self._index_file} is not a TensorFlow V2 checkpoint index (no table magic number at its end)")
+        if not has_magic(data):
+            raise self._corrupt("it does not end with the table magic number (truncated, or not a TensorFlow V2 checkpoint index)")
         entries: dict[bytes, Entry] = {}
         header = None
         key = b""
@@ -169,7 +170,8 @@ class BundleReader(Source):
             raise self._corrupt(f"{e.size} stored bytes do not match its {dtype}{list(e.shape)} shape", tensor=name)
 
     def _check_shape(self, shape: tuple[int, ...], name: str) -> None:
-        if len(shape) > MAX_RANK or any(d < 0 for d in shape):
+        # Even a zero-size shape must be one NumPy can represent.
+        if len(shape) > MAX_RANK or any(d < 0 for d in shape) or math.prod(d for d in shape if d) >= 1 << 58:
             raise self._corrupt(f"invalid shape {list(shape)}", tensor=name)
 
     def _check_entries(self) -> None:
@@ -181,6 +183,8 @@ class BundleReader(Source):
         for key, e in self._entries.items():
             name = _key_name(key)
             if e.dtype not in DTYPE_BY_ENUM:
+                if not 0 < e.dtype <= MAX_KNOWN_ENUM:
+                    raise self._corrupt(f"unknown dtype enum {e.dtype}", tensor=name)
                 if not key.startswith(b"\x00"):
                     unsupported[name] = dtype_enum_name(e.dtype)
                 continue
