@@ -554,33 +554,54 @@ def _read_everything(prefix: str) -> None:
         r.metadata()
 
 
-@pytest.fixture(scope="module")
-def mutation_source(tmp_path_factory):
-    """A checkpoint with partitioned, string, TF2-object-graph and sharded entries to mutate."""
-    d = tmp_path_factory.mktemp("mut")
-    prefix = str(d / "m")
-    w = BundleWriter(prefix, max_shard_bytes=64, _block_size=96)
-    w.write("a", np.arange(8, dtype=np.float32))
-    w.write("a/ExponentialMovingAverage", np.arange(8, dtype=np.float32))
-    w.write("s", np.array([b"", b"\x00", b"\xff\xfe"], dtype=object))
-    w.write("z", np.zeros((0, 2), np.int8))
-    w.write("c", np.array(1 + 1j, np.complex128))
-    w.write_extra(OBJECT_GRAPH, b"graph")
-    w.commit()
-    files = {p: open(os.path.join(d, p), "rb").read() for p in os.listdir(d)}
+@pytest.fixture(scope="module", params=["native", "tf"])
+def mutation_source(request, tmp_path_factory):
+    """The files of a real checkpoint to mutate: partitioned, strings, object graph, several shards."""
+    if request.param == "tf":
+        prefix, _ = request.getfixturevalue("saver_partitioned_ckpt")
+    else:
+        prefix = str(tmp_path_factory.mktemp("mut") / "m")
+        w = BundleWriter(prefix, max_shard_bytes=64, _block_size=96)
+        w.write("a", np.arange(8, dtype=np.float32))
+        w.write("a/ExponentialMovingAverage", np.arange(8, dtype=np.float32))
+        w.write("s", np.array([b"", b"\x00", b"\xff\xfe"], dtype=object))
+        w.write("z", np.zeros((0, 2), np.int8))
+        w.write("c", np.array(1 + 1j, np.complex128))
+        w.write_extra(OBJECT_GRAPH, b"graph")
+        w.commit()
+    d, base = os.path.split(prefix)
+    files = {p[len(base):]: open(os.path.join(d, p), "rb").read() for p in os.listdir(d) if p.startswith(base + ".")}
+    _read_everything(prefix)
     return files
 
 
-@settings(max_examples=60, deadline=5000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def _blocks(blob: bytes) -> list[tuple[int, int]]:
+    """(offset, size) of the index block and every data block of a table."""
+    from ckptbridge.bundle import _table
+    footer = len(blob) - _table.FOOTER_SIZE
+    _, _, pos = _table._handle(blob, footer, footer + 40)
+    off, size, _ = _table._handle(blob, pos, footer + 40)
+    out = [(off, size)]
+    for _, h in _table._block_entries(blob[off:off + size], "index"):
+        o, n, _ = _table._handle(h, 0, len(h))
+        out.append((o, n))
+    return out
+
+
+@settings(max_examples=80, deadline=5000, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_random_index_mutations_raise_only_ckptbridge_errors(mutation_source, data):
+    """Bit rot anywhere, and also mutations inside blocks with their crcs recomputed (to reach the parsers)."""
+    from ckptbridge.bundle._wire import crc, mask
     with tempfile.TemporaryDirectory() as d:
-        for name, blob in mutation_source.items():
-            if name.endswith(".index"):
+        for suffix, blob in mutation_source.items():
+            if suffix == ".index":
                 blob = bytearray(blob)
+                fix = data.draw(st.booleans())
+                off, size = data.draw(st.sampled_from(_blocks(bytes(blob)))) if fix else (0, len(blob))
                 for _ in range(data.draw(st.integers(1, 4))):
-                    kind = data.draw(st.sampled_from(["flip", "set", "cut", "insert"]))
-                    pos = data.draw(st.integers(0, max(0, len(blob) - 1)))
+                    kind = data.draw(st.sampled_from(["flip", "set", "cut", "insert"] if not fix else ["flip", "set"]))
+                    pos = off + data.draw(st.integers(0, max(0, size - 1)))
                     if kind == "flip" and blob:
                         blob[pos] ^= 1 << data.draw(st.integers(0, 7))
                     elif kind == "set" and blob:
@@ -589,7 +610,9 @@ def test_random_index_mutations_raise_only_ckptbridge_errors(mutation_source, da
                         del blob[pos:pos + data.draw(st.integers(1, 8))]
                     else:
                         blob[pos:pos] = data.draw(st.binary(min_size=1, max_size=4))
-            with open(os.path.join(d, name), "wb") as f:
+                if fix:
+                    blob[off + size + 1:off + size + 5] = mask(crc(bytes([blob[off + size]]), crc(bytes(blob[off:off + size])))).to_bytes(4, "little")
+            with open(os.path.join(d, "m" + suffix), "wb") as f:
                 f.write(bytes(blob))
         try:
             _read_everything(os.path.join(d, "m"))

@@ -326,7 +326,7 @@ class BundleReader(Source):
     def _check_crc(self, key: bytes, e: Entry, name: str, actual: int) -> None:
         if actual != unmask(e.crc32c):
             path = data_path(self.prefix, e.shard_id, self._header.num_shards)
-            raise self._corrupt(f"checksum mismatch in {path} (stored crc32c {unmask(e.crc32c):08x}, "
+            raise self._corrupt(f"checksum mismatch (stored crc32c {unmask(e.crc32c):08x}, "
                                 f"computed {actual:08x} over bytes [{e.offset}, {e.offset + e.size}))", file=path, tensor=name)
         self._verified.add(key)
 
