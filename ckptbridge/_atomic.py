@@ -105,7 +105,24 @@ class AtomicCheckpoint:
             raise OutputExistsError(f"output checkpoint {prefix} already exists ({os.path.basename(existing[0])}); pass --force to overwrite it")
         if os.path.isdir(prefix):
             raise OutputExistsError(f"output prefix {prefix} is a directory; name a checkpoint prefix such as {os.path.join(prefix, 'model.ckpt')}")
-        parent = _check_parent(prefix)
+        # A checkpoint lives in a directory of its own, as with Saver.save: create it
+        # (and remove it again if nothing is published).
+        self._created: list[str] = []
+        d = os.path.dirname(os.path.abspath(prefix))
+        while not os.path.exists(d):
+            self._created.append(d)
+            d = os.path.dirname(d)
+        for d in reversed(self._created):
+            try:
+                os.mkdir(d)
+            except OSError as e:
+                self._remove_created()
+                raise CkptBridgeError(f"cannot create output directory {d} ({e.strerror}); choose another output location") from None
+        try:
+            parent = _check_parent(prefix)
+        except BaseException:
+            self._remove_created()
+            raise
         self.tmpdir = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(prefix)}.", suffix=TMP_SUFFIX)
         self.tmp_prefix = os.path.join(self.tmpdir, os.path.basename(prefix))
         self._done = False
@@ -141,6 +158,14 @@ class AtomicCheckpoint:
             return
         self._done = True
         shutil.rmtree(self.tmpdir, ignore_errors=True)
+        self._remove_created()
+
+    def _remove_created(self) -> None:
+        for d in self._created:
+            try:
+                os.rmdir(d)
+            except OSError:
+                break
 
 
 def write_checkpoint_state(directory: str, basename: str) -> None:

@@ -50,8 +50,8 @@ def _quiet_stderr() -> Iterator[None]:
 
 def import_tensorflow() -> ModuleType:
     """Import TensorFlow quietly, or raise MissingDependencyError naming the extra."""
-    if "tensorflow" not in sys.modules:
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if "tensorflow" not in sys.modules and not os.environ.get("CKPTBRIDGE_TF_LOGS"):
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
         os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     try:
         with _quiet_stderr():

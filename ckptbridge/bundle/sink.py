@@ -1,0 +1,53 @@
+"""A graph-free checkpoint sink on the native writer, published atomically."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .._atomic import AtomicCheckpoint
+from .._source import Sink, Source
+from .reader import BundleReader
+from .writer import BundleWriter
+
+
+class NativeCheckpointSink(Sink):
+    """Streams tensors into a V2 checkpoint in a temporary directory; publish moves it into place."""
+
+    def __init__(self, prefix: str, *, force: bool = False, max_shard_bytes: int | None = None, update_state: bool = True) -> None:
+        self.path = prefix
+        self._out = AtomicCheckpoint(prefix, force=force, update_state=update_state)
+        try:
+            self._writer = BundleWriter(self._out.tmp_prefix, max_shard_bytes=max_shard_bytes)
+        except BaseException:
+            self._out.abort()
+            raise
+
+    def write(self, name: str, array: np.ndarray) -> None:
+        self._writer.write(name, array)
+
+    def write_chunks(self, name: str, dtype: str, shape: tuple[int, ...], chunks: Any) -> None:
+        self._writer.write_chunks(name, dtype, shape, chunks)
+
+    def write_extra(self, key: str, payload: bytes) -> None:
+        self._writer.write_extra(key, payload)
+
+    @property
+    def readback_path(self) -> str:
+        return self._out.tmp_prefix
+
+    def finish(self, metadata: dict[str, Any] | None = None) -> None:
+        self._writer.commit(metadata)
+
+    def publish(self) -> None:
+        self._out.commit()
+
+    def open_readback(self) -> Source:
+        return BundleReader(self._out.tmp_prefix, verify=True)
+
+    def abort(self) -> None:
+        try:
+            self._writer.abort()
+        finally:
+            self._out.abort()

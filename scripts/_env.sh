@@ -1,0 +1,43 @@
+# Shared by scripts/demo and scripts/test: make (or reuse) a virtual environment
+# with ckptbridge installed from this checkout.  Sourced, not run.
+#   make_venv DIR with-tf|no-tf
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+find_python() {
+    for p in "${PYTHON:-}" python3.11 python3; do
+        if [ -n "$p" ] && command -v "$p" >/dev/null 2>&1; then
+            if "$p" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else 1)' 2>/dev/null; then
+                echo "$p"; return 0
+            fi
+        fi
+    done
+    echo "scripts: error: need Python 3.10 or newer (3.11 recommended); set PYTHON=/path/to/python" >&2
+    return 1
+}
+
+make_venv() {
+    local dir=$1 flavour=$2
+    local stamp="$dir/.ckptbridge-stamp"
+    local want
+    want=$(cat "$ROOT/pyproject.toml" "$ROOT"/requirements/*.txt | sha256sum | cut -d' ' -f1)-$flavour
+    if [ -x "$dir/bin/python" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
+        return 0
+    fi
+    local py
+    py=$(find_python)
+    echo "setting up $dir ($flavour) with $py ..." >&2
+    rm -rf "$dir"
+    "$py" -m venv "$dir"
+    "$dir/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
+    "$dir/bin/python" -m pip install --quiet --disable-pip-version-check -e "$ROOT[test]"
+    if [ "$flavour" = with-tf ]; then
+        "$dir/bin/python" -m pip install --quiet --disable-pip-version-check -r "$ROOT/requirements/tf.txt"
+        "$dir/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps -r "$ROOT/requirements/tf-keras.txt"
+        if [ -f "$ROOT/requirements/test-extra.txt" ]; then
+            "$dir/bin/python" -m pip install --quiet --disable-pip-version-check -r "$ROOT/requirements/test-extra.txt"
+        fi
+    fi
+    echo "$want" > "$stamp"
+}
