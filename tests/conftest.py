@@ -1,0 +1,103 @@
+"""Shared fixtures: real checkpoints written by TensorFlow, built once per session and only on demand.
+
+TensorFlow is the oracle: tests export these checkpoints and compare what
+ckptbridge reads back with ``tf.train.load_checkpoint``.  Nothing here imports
+TensorFlow until a fixture that needs it is requested, so a venv without
+TensorFlow still runs every other test.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from types import ModuleType
+from typing import Any, Callable
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+
+@pytest.fixture(scope="session")
+def ckpts() -> ModuleType:
+    """The checkpoint builders (tests/tf_checkpoints.py); skips without TensorFlow, tf-slim or tf-keras."""
+    pytest.importorskip("tensorflow")
+    pytest.importorskip("tf_slim")
+    pytest.importorskip("tf_keras")
+    import tf_checkpoints
+
+    return tf_checkpoints
+
+
+@pytest.fixture(scope="session")
+def assert_same_as_tf(ckpts: ModuleType) -> Callable[..., int]:
+    """``assert_same_as_tf(reader_or_mapping, prefix)``: bit-exact against TensorFlow's reader."""
+    return ckpts.assert_same_as_tf
+
+
+def _build(factory: Any, name: str, builder: Callable[[str], Any]) -> Any:
+    return builder(str(factory.mktemp(name)))
+
+
+@pytest.fixture(scope="session")
+def vgg16_ckpt(ckpts: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """tf-slim vgg_16, num_classes=10, weights only, V2 (about 510 MB: fc6 alone is 411 MB)."""
+    return _build(tmp_path_factory, "vgg16", ckpts.build_vgg16_plain)
+
+
+@pytest.fixture(scope="session")
+def resnet_ckpts(ckpts: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """resnet_v1_50 after a Momentum step with EMA: {"v2", "v1", "v2_dir", "v1_dir"}."""
+    return _build(tmp_path_factory, "resnet", lambda d: ckpts.build_trained(d, "resnet_v1_50", 64))
+
+
+@pytest.fixture(scope="session")
+def inception_ckpts(ckpts: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """inception_v3 after a Momentum step with EMA: {"v2", "v1", "v2_dir", "v1_dir"}."""
+    return _build(tmp_path_factory, "inception", lambda d: ckpts.build_trained(d, "inception_v3", 139))
+
+
+@pytest.fixture(scope="session")
+def resnet_v2(resnet_ckpts: dict[str, str]) -> str:
+    return resnet_ckpts["v2"]
+
+
+@pytest.fixture(scope="session")
+def resnet_v1(resnet_ckpts: dict[str, str]) -> str:
+    return resnet_ckpts["v1"]
+
+
+@pytest.fixture(scope="session")
+def inception_v2(inception_ckpts: dict[str, str]) -> str:
+    return inception_ckpts["v2"]
+
+
+@pytest.fixture(scope="session")
+def inception_v1(inception_ckpts: dict[str, str]) -> str:
+    return inception_ckpts["v1"]
+
+
+@pytest.fixture(scope="session")
+def sharded_ckpt(ckpts: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Saver(sharded=True) over variables on three CPU devices: .data-0000{0,1,2}-of-00003."""
+    return _build(tmp_path_factory, "sharded", ckpts.build_sharded)
+
+
+@pytest.fixture(scope="session")
+def partitioned_ckpt(ckpts: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A fixed_size_partitioner(3) variable "embedding" [11, 5] saved as slices."""
+    return _build(tmp_path_factory, "partitioned", ckpts.build_partitioned)
+
+
+@pytest.fixture(scope="session")
+def dtypes_ckpt(ckpts: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Every dtype, 0-d scalars, zero-size tensors, "w" beside "w/ExponentialMovingAverage"."""
+    return _build(tmp_path_factory, "dtypes", ckpts.build_dtypes)
+
+
+@pytest.fixture(scope="session")
+def tf2_ckpt(ckpts: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A TF2 tf.train.Checkpoint of a tf.Module and a tf-keras Adam with slots."""
+    return _build(tmp_path_factory, "tf2", ckpts.build_tf2)
