@@ -160,49 +160,66 @@ class Hdf5Source(Source):
             raise CorruptError(f"{path}: damaged HDF5 file ({e}); check that the file is complete") from None
 
     def _load(self, max_tensor_bytes: int | None, allow_internal_links: bool) -> None:
+        import os
+
         import h5py
 
         path = self.path
         f = self._f
         self._meta: dict[str, Any] = {}
         self._extras: dict[str, bytes] = {}
-        if META_DATASET in f:
-            self._meta = meta.loads(np.asarray(f[META_DATASET][()]).tobytes(), path)
-        if OBJECT_GRAPH_DATASET in f:
-            self._extras[OBJECT_GRAPH] = np.asarray(f[OBJECT_GRAPH_DATASET][()]).tobytes()
-        import os
-
         fsize = os.path.getsize(path)
         datasets: dict[str, str] = {}
+        own: dict[str, Any] = {}  # ckptbridge's metadata / object graph datasets, checked like tensors
+        seen: dict[int, str] = {}  # object address -> the one path it may be reached by
+        soft: list[tuple[str, str, Any]] = []
 
         def visit(group: Any, prefix: str) -> None:
             for key in group:
-                link = group.get(key, getlink=True)
                 full = f"{prefix}/{key}" if prefix else key
+                link = group.get(key, getlink=True)
                 if isinstance(link, h5py.ExternalLink):
                     raise UnsafeArchiveError(f"{path}: {full!r} is an external link to {link.filename}:{link.path}; ckptbridge reads only data stored inside the archive")
                 if isinstance(link, h5py.SoftLink):
                     if not allow_internal_links:
                         raise UnsafeArchiveError(f"{path}: {full!r} is a soft link to {link.path}; links are not allowed")
-                    continue  # the target is listed under its own path
-                obj = group[key]
+                    soft.append((full, link.path, group))
+                    continue  # the target is listed (and checked) under its own path
+                if not isinstance(link, h5py.HardLink):
+                    raise UnsafeArchiveError(f"{path}: {full!r} is a user-defined HDF5 link; ckptbridge reads only data stored inside the archive")
+                if prefix == META_GROUP and full not in (ESCAPED_GROUP, META_DATASET, OBJECT_GRAPH_DATASET):
+                    continue  # not ours to read
+                try:
+                    obj = group[key]
+                except (OSError, ValueError, KeyError, RuntimeError) as e:
+                    raise CorruptError(f"{path}: cannot open {full!r} ({e}); the archive is damaged or crafted") from None
+                addr = h5py.h5o.get_info(obj.id).addr
+                if addr in seen:
+                    raise UnsafeArchiveError(f"{path}: {full!r} is a second name (hard link) for {seen[addr]!r}; refusing an archive that shows one object under two names")
+                seen[addr] = full
                 if isinstance(obj, h5py.Group):
-                    if full == META_GROUP:
-                        if ESCAPED_GROUP.split("/")[1] in obj:
-                            visit(obj[ESCAPED_GROUP.split("/")[1]], ESCAPED_GROUP)
-                        continue
                     visit(obj, full)
                 elif isinstance(obj, h5py.Dataset):
                     self._check_dataset(obj, full, fsize, max_tensor_bytes)
-                    name = obj.attrs.get(ATTR_NAME)
-                    if isinstance(name, bytes):
-                        name = name.decode("utf-8", "surrogateescape")
-                    name = str(name) if name is not None else full
+                    if full in (META_DATASET, OBJECT_GRAPH_DATASET):
+                        own[full] = obj
+                        continue
+                    name = _tensor_name(obj, full, path)
                     if name in datasets:
                         raise CorruptError(f"{path}: two datasets ({datasets[name]!r}, {full!r}) both claim tensor name {name!r}; refusing an ambiguous archive")
                     datasets[name] = full
 
         visit(f, "")
+        for full, target, group in soft:
+            _resolve_soft(f, group, target, full, path)
+        for key, obj in own.items():
+            if obj.dtype != np.uint8 or obj.ndim != 1:
+                raise CorruptError(f"{path}: {key!r} is {obj.dtype}{list(obj.shape)}, expected a 1-d uint8 blob; the archive is damaged")
+            raw = np.asarray(obj[()]).tobytes()
+            if key == META_DATASET:
+                self._meta = meta.loads(raw, path)
+            else:
+                self._extras[OBJECT_GRAPH] = raw
         records = self._meta.get("tensors", {})
         if self._meta:
             missing = sorted(set(records) - set(datasets))
@@ -213,27 +230,48 @@ class Hdf5Source(Source):
             ds = f[datasets[name]]
             rec = records.get(name)
             if rec is not None:
-                specs[name] = TensorSpec(name, str(rec["dtype"]), tuple(int(x) for x in rec["shape"]))
+                dtype, shape = meta.record_spec(name, rec, ds.dtype, tuple(int(x) for x in ds.shape), f"{path}: tensor {name!r}")
+                specs[name] = TensorSpec(name, dtype, shape)
             else:
                 specs[name] = TensorSpec(name, _plain_dtype(ds, path, datasets[name]), tuple(int(x) for x in ds.shape))
         self._datasets = datasets
         self._specs = specs
 
     def _check_dataset(self, ds: Any, full: str, fsize: int, max_tensor_bytes: int | None) -> None:
+        """Refuse, before any value is read, a dataset whose bytes live outside the
+        archive or that would expand far beyond the bytes stored for it."""
+        import h5py
+
         path = self.path
         dcpl = ds.id.get_create_plist()
+        layout = dcpl.get_layout()
+        if layout == h5py.h5d.VIRTUAL:
+            n = dcpl.get_virtual_count()
+            srcs = [f"{_text(dcpl.get_virtual_filename(i))}:{_text(dcpl.get_virtual_dsetname(i))}" for i in range(min(n, 3))]
+            more = f" and {n - 3} more" if n > 3 else ""
+            raise UnsafeArchiveError(f"{path}: dataset {full!r} is a virtual dataset mapping {', '.join(srcs)}{more}; ckptbridge reads only data stored inside the archive")
         if dcpl.get_external_count() > 0:
-            target = dcpl.get_external(0)[0]
-            target = target.decode("utf-8", "replace") if isinstance(target, bytes) else target
+            target = _text(dcpl.get_external(0)[0])
             raise UnsafeArchiveError(f"{path}: dataset {full!r} stores its data in external file {target!r}; ckptbridge reads only data stored inside the archive")
+        for i in range(dcpl.get_nfilters()):
+            code, _flags, _opts, fname = dcpl.get_filter(i)
+            if code not in _FILTERS:
+                raise UnsafeArchiveError(f"{path}: dataset {full!r} uses HDF5 filter {_text(fname)!r} (id {code}), which ckptbridge does not read from archives; re-save it with gzip, lzf or no compression")
         if ds.shape is None:
             raise FormatError(f"{path}: dataset {full!r} has no shape (an empty dataspace); not a tensor")
-        itemsize = ds.dtype.itemsize if ds.dtype.kind != "O" else 0
-        need = int(np.prod(ds.shape, dtype=object)) * itemsize if ds.shape else itemsize
+        meta.check_shape(list(ds.shape), f"{path}: dataset {full!r}")
+        need = int(np.prod(ds.shape, dtype=object)) * ds.dtype.itemsize if ds.shape else ds.dtype.itemsize
         if max_tensor_bytes is not None and need > max_tensor_bytes:
             raise UnsafeArchiveError(f"{path}: dataset {full!r} claims {need} bytes, over the limit of {max_tensor_bytes}; raise --max-tensor-gb if it is genuine")
-        if ds.compression is None and ds.chunks is None and need > fsize:
-            raise CorruptError(f"{path}: dataset {full!r} claims {need} bytes but the file has {fsize}; the archive is damaged or crafted")
+        stored = ds.id.get_storage_size()
+        offset = ds.id.get_offset() if layout == h5py.h5d.CONTIGUOUS else None
+        if offset is not None:
+            if stored != need or offset + stored > fsize:
+                raise CorruptError(f"{path}: dataset {full!r} claims {need} bytes at offset {offset} ({stored} stored) but the file has {fsize}; the archive is damaged or crafted")
+        elif layout != h5py.h5d.COMPACT and need > _MAX_EXPANSION * stored + _EXPANSION_SLACK:
+            # Unwritten storage reads as the fill value and gzip cannot expand more
+            # than ~1032:1, so a small file claiming a huge dataset is a memory bomb.
+            raise UnsafeArchiveError(f"{path}: dataset {full!r} claims {need} bytes but only {stored} are stored in the file (unwritten chunks or an impossible compression ratio); refusing what looks like a memory bomb")
 
     def specs(self) -> Mapping[str, TensorSpec]:
         return self._specs
@@ -273,11 +311,72 @@ class Hdf5Source(Source):
                 self._f = None  # type: ignore[assignment]
 
 
+# Filters every HDF5 build (or h5py itself, for lzf) provides, and whose expansion
+# is bounded; anything else (plugins, codecs we do not know) is refused.
+_FILTERS = {1: "gzip", 2: "shuffle", 3: "fletcher32", 4: "szip", 5: "nbit", 6: "scaleoffset", 32000: "lzf"}
+# A dataset may claim at most this many times the bytes stored for it, plus a
+# little: deflate's own limit is about 1032:1.
+_MAX_EXPANSION = 1100
+_EXPANSION_SLACK = 16 << 20
+# HDF5 follows at most 16 soft links in a row; so do we.
+_MAX_SOFT_HOPS = 16
+
+
+def _text(v: Any) -> str:
+    return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+
+
+def _tensor_name(obj: Any, full: str, path: str) -> str:
+    """The tensor name a dataset carries (its ckptbridge_name attribute, else its path)."""
+    import h5py
+
+    if ATTR_NAME not in obj.attrs:
+        name: Any = full
+    else:
+        aid = h5py.h5a.open(obj.id, ATTR_NAME.encode())
+        if aid.shape != () or aid.dtype.kind not in "OSU":
+            raise CorruptError(f"{path}: dataset {full!r} has a {ATTR_NAME} attribute that is not one string; the archive is damaged")
+        name = obj.attrs[ATTR_NAME]
+        if isinstance(name, bytes):
+            name = name.decode("utf-8", "surrogateescape")
+        name = str(name)
+    meta.check_tensor_name(name, f"{path}: dataset {full!r}")
+    return name
+
+
+def _resolve_soft(f: Any, group: Any, target: str, full: str, path: str) -> None:
+    """Check that a soft link resolves inside the file, without following any
+    external link on the way; refuse it otherwise."""
+    import h5py
+
+    hops = 0
+    parts = [p for p in target.split("/") if p not in ("", ".")]
+    node = f if target.startswith("/") else group
+    while parts:
+        key = parts.pop(0)
+        link = node.get(key, getlink=True) if isinstance(node, h5py.Group) else None
+        if link is None:
+            raise UnsafeArchiveError(f"{path}: {full!r} is a soft link to {target!r}, which does not exist in the file (dangling); refusing the archive")
+        if isinstance(link, h5py.SoftLink):
+            hops += 1
+            if hops > _MAX_SOFT_HOPS:
+                raise UnsafeArchiveError(f"{path}: {full!r} is a soft link to {target!r} that goes through more than {_MAX_SOFT_HOPS} links (a loop?); refusing the archive")
+            parts = [p for p in link.path.split("/") if p not in ("", ".")] + parts
+            if link.path.startswith("/"):
+                node = f
+            continue
+        if not isinstance(link, h5py.HardLink):
+            raise UnsafeArchiveError(f"{path}: {full!r} is a soft link to {target!r}, which leads out of the file; ckptbridge reads only data stored inside the archive")
+        node = node[key]
+
+
 def _plain_dtype(ds: Any, path: str, full: str) -> str:
     import h5py
 
-    if h5py.check_string_dtype(ds.dtype) is not None or ds.dtype.kind in "SO":
+    if h5py.check_string_dtype(ds.dtype) is not None or ds.dtype.kind == "S":
         return "string"
+    if ds.dtype.kind == "O":
+        raise FormatError(f"{path}: dataset {full!r} holds HDF5 references or variable-length sequences, not a tensor")
     try:
         return dtype_name(ds.dtype)
     except FormatError:

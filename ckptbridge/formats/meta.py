@@ -134,3 +134,72 @@ def loads(raw: bytes, where: str) -> dict[str, Any]:
     if int(doc.get("format_version", 0)) > FORMAT_VERSION:
         raise CorruptError(f"{where}: archive format version {doc.get('format_version')} is newer than this ckptbridge reads ({FORMAT_VERSION}); upgrade ckptbridge")
     return doc
+
+
+# --- load-time checks shared by the archive readers (untrusted input) -------------
+
+#: More dimensions than any tensor has; NumPy itself stops at 64.
+MAX_NDIM = 64
+
+
+def check_tensor_name(name: str, where: str) -> None:
+    """Refuse a tensor name read from an archive that no checkpoint should carry.
+
+    Names are data: they become checkpoint keys and are printed by ``ls``, never
+    joined into a filesystem path.  Empty names (a V2 index's header key), NUL
+    and other control characters (which rewrite a terminal when printed) and
+    bytes that are not UTF-8 are refused; ``..``, a leading ``/`` and empty
+    segments are kept verbatim, since a checkpoint key is just a string.
+    """
+    if not name:
+        raise CorruptError(f"{where}: a tensor has an empty name; refusing the archive (an empty key is a checkpoint's header)")
+    bad = next((c for c in name if ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0), None)
+    if bad is not None:
+        raise CorruptError(f"{where}: tensor name {name!r} contains the control character {bad!r}; refusing the archive (rename the tensor where it was made)")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise CorruptError(f"{where}: tensor name {name!r} is not valid UTF-8; refusing the archive") from None
+
+
+def check_shape(shape: Any, where: str) -> tuple[int, ...]:
+    """A shape read from an archive as a tuple of non-negative ints, or CorruptError."""
+    if not isinstance(shape, (list, tuple)) or len(shape) > MAX_NDIM or not all(type(x) is int and x >= 0 for x in shape):
+        text = repr(shape)
+        raise CorruptError(f"{where}: invalid shape {text[:80] + ('...' if len(text) > 80 else '')}; the archive is damaged")
+    return tuple(shape)
+
+
+def record_spec(name: str, rec: Any, stored_dtype: np.dtype, stored_shape: tuple[int, ...], where: str) -> tuple[str, tuple[int, ...]]:
+    """(dtype, shape) that a metadata record claims, checked against what is stored.
+
+    The record is untrusted like the rest of the archive: a record that does not
+    describe the stored array is refused when the archive is opened, so ``ls``
+    never shows sizes the bytes do not back and ``read`` never decodes garbage.
+    """
+    if not isinstance(rec, dict) or not isinstance(rec.get("dtype"), str):
+        raise CorruptError(f"{where}: metadata record is malformed; the archive is damaged")
+    dtype = rec["dtype"]
+    shape = check_shape(rec.get("shape"), where)
+    enc = rec.get("encoding", ENC_RAW)
+    crc = rec.get("crc32c")
+    if type(crc) is not int or not 0 <= crc < 1 << 32:
+        raise CorruptError(f"{where}: metadata record has an invalid crc32c; the archive is damaged")
+    if enc == ENC_STRINGS:
+        n = 1
+        for d in shape:
+            n *= d
+        ok = dtype == STRING and stored_dtype == np.uint8 and len(stored_shape) == 1 and stored_shape[0] >= 8 * n
+    elif enc == ENC_BF16:
+        ok = dtype == BFLOAT16 and stored_dtype == np.uint16 and tuple(stored_shape) == shape
+    elif enc == ENC_RAW:
+        try:
+            want = numpy_dtype(dtype)
+        except Exception:
+            want = None
+        ok = want is not None and dtype not in (STRING, BFLOAT16) and want == stored_dtype.newbyteorder("=") and tuple(stored_shape) == shape
+    else:
+        raise CorruptError(f"{where}: unknown encoding {str(enc)[:40]!r}; written by a newer ckptbridge? upgrade ckptbridge")
+    if not ok:
+        raise CorruptError(f"{where}: metadata says {dtype}{list(shape)} ({enc}) but the stored array is {stored_dtype}{list(stored_shape)}; the archive is damaged or crafted")
+    return dtype, shape

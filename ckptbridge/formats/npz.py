@@ -126,17 +126,20 @@ def _parse_npy_header(f: Any, where: str) -> tuple[np.dtype, tuple[int, ...], bo
     if not isinstance(d, dict) or set(d) != {"descr", "fortran_order", "shape"}:
         raise CorruptError(f"{where}: .npy header has unexpected keys; the archive is damaged")
     shape = d["shape"]
-    if not isinstance(shape, tuple) or not all(isinstance(x, int) and x >= 0 for x in shape):
-        raise CorruptError(f"{where}: .npy header has an invalid shape {shape!r}; the archive is damaged")
+    if not isinstance(shape, tuple):
+        raise CorruptError(f"{where}: .npy header has an invalid shape; the archive is damaged")
+    shape = meta.check_shape(shape, f"{where}: .npy header")
+    if not isinstance(d["fortran_order"], bool):
+        raise CorruptError(f"{where}: .npy header has an invalid fortran_order; the archive is damaged")
     try:
         dtype = np.lib.format.descr_to_dtype(d["descr"])
     except Exception:
-        raise CorruptError(f"{where}: .npy header has an invalid dtype {d['descr']!r}; the archive is damaged") from None
+        raise CorruptError(f"{where}: .npy header has an invalid dtype {str(d['descr'])[:80]!r}; the archive is damaged") from None
     if dtype.hasobject:
         raise UnsafeArchiveError(f"{where}: member holds pickled Python objects; ckptbridge never unpickles archives. Re-save it with numeric arrays (np.savez without object arrays)")
     if dtype.fields is not None or dtype.subdtype is not None:
         raise FormatError(f"{where}: structured dtype {dtype} is not a tensor; ckptbridge reads plain numeric arrays")
-    return dtype, shape, bool(d["fortran_order"]), pre + hlen
+    return dtype, shape, d["fortran_order"], pre + hlen
 
 
 class NpzSource(Source):
@@ -172,6 +175,7 @@ class NpzSource(Source):
         seen: set[str] = set()
         members: dict[str, _Member] = {}
         fsize = os.fstat(self._file.fileno()).st_size
+        spans: list[tuple[int, int, str]] = []
         for info in self._zip.infolist():
             if info.filename in seen:
                 raise CorruptError(f"{path}: member {info.filename!r} appears twice; refusing an ambiguous archive")
@@ -190,6 +194,16 @@ class NpzSource(Source):
                 raise CorruptError(f"{path}: member {info.filename!r} has inconsistent sizes; the archive is damaged")
             name = info.filename[:-4]
             where = f"{path}: member {name!r}"
+            if info.filename not in (META_MEMBER, OBJECT_GRAPH_MEMBER):
+                meta.check_tensor_name(name, path)
+            self._file.seek(info.header_offset)
+            lh = _LOCAL_HEADER.unpack(self._file.read(_LOCAL_HEADER.size))
+            if lh[0] != b"PK\x03\x04":
+                raise CorruptError(f"{where}: bad local header; the archive is damaged")
+            start = info.header_offset + _LOCAL_HEADER.size + lh[9] + lh[10]
+            if start + info.compress_size > fsize:
+                raise CorruptError(f"{where}: data extends past the end of the file; the archive is truncated")
+            spans.append((info.header_offset, start + info.compress_size, info.filename))
             with self._zip.open(info) as f:
                 dtype, shape, fortran, hlen = _parse_npy_header(f, where)
             count = int(np.prod(shape, dtype=object)) if shape else 1
@@ -198,16 +212,14 @@ class NpzSource(Source):
                 raise CorruptError(f"{where}: header claims {list(shape)} {dtype} ({need} bytes) but the member holds {info.file_size - hlen}; the archive is damaged or crafted")
             if max_tensor_bytes is not None and need > max_tensor_bytes:
                 raise UnsafeArchiveError(f"{where}: tensor of {need} bytes exceeds the limit of {max_tensor_bytes} bytes; raise --max-tensor-gb if it is genuine")
-            offset = None
-            if info.compress_type == zipfile.ZIP_STORED:
-                self._file.seek(info.header_offset)
-                lh = _LOCAL_HEADER.unpack(self._file.read(_LOCAL_HEADER.size))
-                if lh[0] != b"PK\x03\x04":
-                    raise CorruptError(f"{where}: bad local header; the archive is damaged")
-                offset = info.header_offset + _LOCAL_HEADER.size + lh[9] + lh[10] + hlen
-                if offset + need > fsize:
-                    raise CorruptError(f"{where}: data extends past the end of the file; the archive is truncated")
+            offset = start + hlen if info.compress_type == zipfile.ZIP_STORED else None
             members[name] = _Member(info, dtype, shape, fortran, offset)
+        # Members whose bytes overlap (one compressed stream named many times) are a
+        # zip bomb's trick; a zip written by NumPy or ckptbridge never does it.
+        spans.sort()
+        for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+            if begin < end:
+                raise UnsafeArchiveError(f"{path}: members {first!r} and {second!r} share bytes in the file; refusing an overlapping (crafted) archive")
         if META_MEMBER[:-4] in members:
             raw = self._read_raw(members.pop(META_MEMBER[:-4]))
             self._meta = meta.loads(raw.tobytes(), path)
@@ -224,9 +236,13 @@ class NpzSource(Source):
             m = members[name]
             rec = records.get(name)
             if rec is not None:
-                specs[name] = TensorSpec(name, str(rec["dtype"]), tuple(int(x) for x in rec["shape"]))
+                dtype, shape = meta.record_spec(name, rec, m.dtype, m.shape, f"{path}: tensor {name!r}")
+                specs[name] = TensorSpec(name, dtype, shape)
             else:
-                specs[name] = TensorSpec(name, dtype_name(m.dtype), tuple(m.shape))
+                try:
+                    specs[name] = TensorSpec(name, dtype_name(m.dtype), tuple(m.shape))
+                except FormatError as e:
+                    raise FormatError(f"{path}: member {name!r}: {e}") from None
         self._specs = specs
 
     def _read_raw(self, m: _Member) -> np.ndarray:
