@@ -64,13 +64,15 @@ class Reader(Mapping[str, np.ndarray]):
         self.close()
 
 
-def read(path: str, *, engine: str = "auto", verify: bool = True) -> Reader:
+def read(path: str, *, engine: str = "auto", verify: bool = True, max_tensor_gb: float | None = DEFAULT_MAX_TENSOR_GB) -> Reader:
     """Open a checkpoint (prefix, file, or directory) or an archive for lazy reading.
 
     Arrays come with their true dtypes: bfloat16 as ``ml_dtypes.bfloat16``,
-    strings as object arrays of ``bytes``, 0-d tensors as 0-d arrays.
+    strings as object arrays of ``bytes``, 0-d tensors as 0-d arrays.  An
+    archive tensor claiming more than ``max_tensor_gb`` is refused when the
+    archive is opened (None: no limit).
     """
-    return Reader(open_source(path, engine=engine, verify=verify))
+    return Reader(open_source(path, engine=engine, verify=verify, max_tensor_bytes=_max_bytes(max_tensor_gb)))
 
 
 def _max_bytes(max_tensor_gb: float | None) -> int | None:
@@ -146,13 +148,17 @@ def rebuild(
         return transfer(src, sink, plan, progress=progress, desc="import")
 
 
-def diff(a: str, b: str, *, atol: float = 0.0, rtol: float = 0.0, engine: str = "auto", progress: bool | None = False) -> DiffReport:
+def diff(
+    a: str, b: str, *, atol: float = 0.0, rtol: float = 0.0, engine: str = "auto", progress: bool | None = False,
+    max_tensor_gb: float | None = DEFAULT_MAX_TENSOR_GB,
+) -> DiffReport:
     """Compare two checkpoints or archives name by name; exact unless atol/rtol."""
-    with open_source(a, engine=engine) as sa, open_source(b, engine=engine) as sb:
+    limit = _max_bytes(max_tensor_gb)
+    with open_source(a, engine=engine, max_tensor_bytes=limit) as sa, open_source(b, engine=engine, max_tensor_bytes=limit) as sb:
         return diff_sources(sa, sb, atol=atol, rtol=rtol, progress=progress)
 
 
-def verify(path: str, *, engine: str = "auto", progress: bool | None = False) -> VerifyReport:
+def verify(path: str, *, engine: str = "auto", progress: bool | None = False, max_tensor_gb: float | None = DEFAULT_MAX_TENSOR_GB) -> VerifyReport:
     """Check every tensor's checksum (archive crc32c records, or the checkpoint's crc32c)."""
-    with open_source(path, engine=engine, verify=True) as src:
+    with open_source(path, engine=engine, verify=True, max_tensor_bytes=_max_bytes(max_tensor_gb)) as src:
         return verify_source(src, progress=progress)

@@ -57,7 +57,7 @@ def _report_plan(args: argparse.Namespace, report: Any) -> None:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    with _api.read(args.path, engine=args.engine) as r:
+    with _api.read(args.path, engine=args.engine, max_tensor_gb=args.max_tensor_gb) as r:
         specs = list(r.specs.values())
         if args.json:
             doc = {
@@ -100,7 +100,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    d = _api.diff(args.a, args.b, atol=args.atol, rtol=args.rtol, engine=args.engine, progress=_progress(args))
+    d = _api.diff(args.a, args.b, atol=args.atol, rtol=args.rtol, engine=args.engine, progress=_progress(args), max_tensor_gb=args.max_tensor_gb)
     for n in d.only_a:
         print(f"only in A: {n}")
     for n in d.only_b:
@@ -118,7 +118,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    v = _api.verify(args.path, engine=args.engine, progress=_progress(args))
+    v = _api.verify(args.path, engine=args.engine, progress=_progress(args), max_tensor_gb=args.max_tensor_gb)
     if not v.ok:
         print(f"BAD: {v.bad}: {v.message}")
         return 1
@@ -141,6 +141,7 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("ls", parents=[common], help="list the tensors of a checkpoint or archive")
     s.add_argument("path")
     s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument("--max-tensor-gb", type=float, default=_api.DEFAULT_MAX_TENSOR_GB, help="refuse archive tensors claiming more than this (default 64)")
     s.set_defaults(func=cmd_ls)
 
     filt = argparse.ArgumentParser(add_help=False)
@@ -173,10 +174,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("b")
     s.add_argument("--atol", type=float, default=0.0)
     s.add_argument("--rtol", type=float, default=0.0)
+    s.add_argument("--max-tensor-gb", type=float, default=_api.DEFAULT_MAX_TENSOR_GB, help="refuse archive tensors claiming more than this (default 64)")
     s.set_defaults(func=cmd_diff)
 
     s = sub.add_parser("verify", parents=[common], help="check every tensor's checksum (exit 0 good, 1 bad)")
     s.add_argument("path")
+    s.add_argument("--max-tensor-gb", type=float, default=_api.DEFAULT_MAX_TENSOR_GB, help="refuse archive tensors claiming more than this (default 64)")
     s.set_defaults(func=cmd_verify)
     return p
 
