@@ -11,12 +11,15 @@ from __future__ import annotations
 import abc
 from collections.abc import Iterator, Mapping
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ._spec import TensorSpec
 from .errors import NotFoundError
+
+if TYPE_CHECKING:
+    from ._chunks import BlockStream
 
 # Entries that carry checkpoint structure rather than weights.  A source
 # exposes them through extras(), never as tensors; a sink that can store them
@@ -39,6 +42,11 @@ class Source(abc.ABC):
     @abc.abstractmethod
     def read(self, name: str) -> np.ndarray:
         """The tensor's values in the exchange form (see ``_spec``)."""
+
+    def read_blocks(self, name: str, chunk_bytes: int) -> "BlockStream | None":
+        """The tensor in C-order blocks of at most ``chunk_bytes`` (see ``_chunks``),
+        or None where this source cannot stream it (then :meth:`read` it whole)."""
+        return None
 
     def metadata(self) -> dict[str, Any]:
         """What the source records about itself (provenance, checksums); may be empty."""
@@ -72,6 +80,8 @@ class Sink(abc.ABC):
     """Takes named tensors one at a time; commit() publishes atomically."""
 
     path: str
+    #: Whether :meth:`write_blocks` takes a numeric tensor block by block.
+    streams: bool = False
 
     def begin(self, specs: "list[TensorSpec]") -> None:
         """Told every spec before the first write; formats that lay out names up front use it."""
@@ -79,6 +89,14 @@ class Sink(abc.ABC):
     @abc.abstractmethod
     def write(self, name: str, array: np.ndarray) -> None:
         """Write one tensor (exchange form).  Names are unique."""
+
+    def write_blocks(self, name: str, stream: "BlockStream") -> None:
+        """Write one numeric tensor from a :class:`BlockStream`, block by block.
+
+        Only called when :attr:`streams` is true.  Records ``stream.crc`` (set
+        once the stream is drained) as the tensor's checksum where the format keeps one.
+        """
+        raise NotImplementedError
 
     def write_extra(self, key: str, payload: bytes) -> None:
         """Store a non-tensor payload if the format can; by default it is dropped."""

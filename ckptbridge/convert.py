@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from ._chunks import CHUNK_BYTES
 from ._source import Sink, Source
 from ._spec import STRING, TensorSpec, array_nbytes, dtype_name
 from .errors import CkptBridgeError, CorruptError
@@ -29,6 +30,12 @@ class Report:
     nbytes: int
     #: graph variables the archive did not have (left at their initializer; rebuild only)
     missing: list[str] = dataclasses.field(default_factory=list)
+    #: old name -> new name for every tensor renamed (--rename, --rename-file, --original-names)
+    renamed: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: output name -> the layout change made to it, or why a kernel-like tensor was left alone (--layout)
+    layout: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: True when nothing was written (--dry-run)
+    dry_run: bool = False
 
 
 def exchange_checksum(arr: np.ndarray) -> int:
@@ -48,6 +55,7 @@ def transfer(
     verify: bool = True,
     metadata: dict[str, Any] | None = None,
     carry_extras: bool = True,
+    chunk_bytes: int = CHUNK_BYTES,
 ) -> Report:
     """Stream every planned tensor from ``source`` into ``sink``; read back; publish."""
     specs = source.specs()
@@ -59,13 +67,22 @@ def transfer(
     try:
         sink.begin(out_specs)
         for dst, src in plan.mapping.items():
-            arr = source.read(src)
-            if verify:
-                crcs[dst] = exchange_checksum(arr)
-            sink.write(dst, arr)
-            n = array_nbytes(arr)
+            # Numeric tensors stream block by block where both ends can (any size in
+            # CHUNK_BYTES of memory, one crc32c pass); the rest are read whole.
+            stream = source.read_blocks(src, chunk_bytes) if sink.streams else None
+            if stream is not None:
+                sink.write_blocks(dst, stream)
+                assert stream.crc is not None
+                crcs[dst] = stream.crc
+                n = specs[src].nbytes
+            else:
+                arr = source.read(src)
+                if verify:
+                    crcs[dst] = exchange_checksum(arr)
+                sink.write(dst, arr)
+                n = array_nbytes(arr)
+                del arr
             nbytes += n
-            del arr
             pbar.update(n if specs[src].dtype != STRING else 0)
         if carry_extras:
             for key, payload in source.extras().items():
@@ -77,7 +94,7 @@ def transfer(
             doc["ema_swaps"] = plan.ema_swaps
         sink.finish(doc)
         if verify:
-            readback(sink, crcs)
+            readback(sink, crcs, chunk_bytes)
         sink.publish()
     except BaseException:
         sink.abort()
@@ -87,7 +104,7 @@ def transfer(
     return Report(sink.path, list(plan.mapping), dict(plan.dropped), dict(plan.ema_swaps), nbytes)
 
 
-def readback(sink: Sink, crcs: dict[str, int]) -> None:
+def readback(sink: Sink, crcs: dict[str, int], chunk_bytes: int = CHUNK_BYTES) -> None:
     """Re-open what ``sink`` wrote and compare every tensor to what was sent."""
     src = sink.open_readback()  # type: ignore[attr-defined]
     try:
@@ -97,7 +114,12 @@ def readback(sink: Sink, crcs: dict[str, int]) -> None:
             extra = sorted(got - set(crcs))
             raise CorruptError(f"read-back of {sink.path} does not match what was written (missing {lost[:5]}, unexpected {extra[:5]}); output discarded")
         for name, crc in crcs.items():
-            if exchange_checksum(src.read(name)) != crc:
+            try:
+                stream = src.read_blocks(name, chunk_bytes)
+                actual = stream.drain() if stream is not None else exchange_checksum(src.read(name))
+            except CorruptError:
+                actual = None
+            if actual != crc:
                 raise CorruptError(f"read-back of {sink.path}: tensor {name!r} differs from what was written; output discarded (is the disk failing?)")
     finally:
         src.close()

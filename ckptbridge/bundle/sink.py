@@ -15,6 +15,8 @@ from .writer import BundleWriter
 class NativeCheckpointSink(Sink):
     """Streams tensors into a V2 checkpoint in a temporary directory; publish moves it into place."""
 
+    streams = True
+
     def __init__(self, prefix: str, *, force: bool = False, max_shard_bytes: int | None = None, update_state: bool = True) -> None:
         self.path = prefix
         self._out = AtomicCheckpoint(prefix, force=force, update_state=update_state)
@@ -29,6 +31,9 @@ class NativeCheckpointSink(Sink):
 
     def write_chunks(self, name: str, dtype: str, shape: tuple[int, ...], chunks: Any) -> None:
         self._writer.write_chunks(name, dtype, shape, chunks)
+
+    def write_blocks(self, name: str, stream: Any) -> None:
+        self._writer.write_blocks(name, stream)
 
     def write_extra(self, key: str, payload: bytes) -> None:
         self._writer.write_extra(key, payload)

@@ -39,6 +39,7 @@ class BundleWriter(Sink):
     """
 
     engine = "native"
+    streams = True
 
     def __init__(self, prefix: str, *, max_shard_bytes: int | None = None, _block_size: int = BLOCK_SIZE) -> None:
         self.path = self.prefix = os.fspath(prefix)
@@ -126,6 +127,10 @@ class BundleWriter(Sink):
                     yield memoryview(chunk).cast("B")
 
         self._write_numeric(key, name, dtype, shape, pieces())
+
+    def write_blocks(self, name: str, stream: Any) -> None:
+        """Write one numeric tensor from a ``_chunks.BlockStream``, block by block."""
+        self.write_chunks(name, stream.spec.dtype, stream.spec.shape, (arr for _, arr in stream))
 
     def _write_numeric(self, key: bytes, name: str, dtype: str, shape: tuple[int, ...], pieces: Iterable[memoryview]) -> None:
         expected = math.prod(shape) * numpy_dtype(dtype).itemsize

@@ -15,9 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from .._atomic import AtomicFile
+from .._atomic import AtomicFile, checks_writes
+from .._chunks import BlockStream, block_shape, c_blocks
 from .._source import OBJECT_GRAPH, Sink, Source
-from .._spec import TensorSpec, as_exchange_array, dtype_name
+from .._spec import BFLOAT16, STRING, TensorSpec, as_exchange_array, dtype_name, numpy_dtype
 from ..errors import CkptBridgeError, CorruptError, FormatError, MismatchError, UnsafeArchiveError
 from . import meta
 
@@ -40,12 +41,15 @@ def _natural_path(name: str) -> str | None:
 class Hdf5Sink(Sink):
     """Writes one dataset per tensor into a temporary HDF5 file; commit renames it."""
 
+    streams = True
+
     def __init__(self, path: str, *, compress: bool = False, force: bool = False, source: str | None = None) -> None:
         import h5py
 
         self.path = path
         self._out = AtomicFile(path, force=force)
-        self._f = h5py.File(self._out.tmp, "w")
+        # Through a guarded file object: HDF5 crashes on close after a failed write (see _atomic.GuardedFile).
+        self._f = h5py.File(self._out.open_guarded(), "w")
         self._compress = compress
         self._records: dict[str, dict[str, Any]] = {}
         self._paths: dict[str, str] = {}
@@ -89,6 +93,7 @@ class Hdf5Sink(Sink):
 
         return h5py.Group
 
+    @checks_writes
     def write(self, name: str, array: np.ndarray) -> None:
         if name in self._records:
             raise MismatchError(f"tensor {name!r} written twice to {self.path}")
@@ -108,6 +113,33 @@ class Hdf5Sink(Sink):
         crc = meta.checksum(stored)
         self._records[name] = meta.tensor_record(dtype, tuple(array.shape), enc, crc, path=path)
 
+    @checks_writes
+    def write_blocks(self, name: str, stream: BlockStream) -> None:
+        """Stream a numeric tensor into its dataset hyperslab by hyperslab (never whole in memory)."""
+        if name in self._records:
+            raise MismatchError(f"tensor {name!r} written twice to {self.path}")
+        if not name:
+            raise FormatError(f"an empty tensor name cannot be stored in {self.path}")
+        spec = stream.spec
+        bf16 = spec.dtype == BFLOAT16
+        stored = np.dtype(np.uint16) if bf16 else numpy_dtype(spec.dtype)
+        path = self._place(name)
+        kwargs: dict[str, Any] = {}
+        if self._compress and spec.size > 0 and spec.shape:
+            kwargs = {"compression": "gzip", "compression_opts": 4, "shuffle": True, "chunks": True}
+        ds = self._f.create_dataset(path, shape=spec.shape, dtype=stored, **kwargs)
+        for sel, arr in stream:
+            block = arr.view(stored).reshape(block_shape(spec.shape, sel))
+            if sel:
+                ds.write_direct(block, dest_sel=sel)
+            else:
+                ds[()] = block
+        ds.attrs[ATTR_NAME] = name
+        ds.attrs[ATTR_DTYPE] = spec.dtype
+        assert stream.crc is not None
+        self._records[name] = meta.tensor_record(spec.dtype, tuple(spec.shape), meta.ENC_BF16 if bf16 else meta.ENC_RAW, stream.crc, path=path)
+
+    @checks_writes
     def write_extra(self, key: str, payload: bytes) -> None:
         if key == OBJECT_GRAPH:
             self._f.create_dataset(OBJECT_GRAPH_DATASET, data=np.frombuffer(payload, dtype=np.uint8))
@@ -122,6 +154,7 @@ class Hdf5Sink(Sink):
     def open_readback(self) -> Source:
         return Hdf5Source(self._out.tmp)
 
+    @checks_writes
     def finish(self, metadata: dict[str, Any] | None = None) -> None:
         doc = meta.provenance(self._source, metadata)
         doc["tensors"] = self._records
@@ -256,7 +289,8 @@ class Hdf5Source(Source):
         for i in range(dcpl.get_nfilters()):
             code, _flags, _opts, fname = dcpl.get_filter(i)
             if code not in _FILTERS:
-                raise UnsafeArchiveError(f"{path}: dataset {full!r} uses HDF5 filter {_text(fname)!r} (id {code}), which ckptbridge does not read from archives; re-save it with gzip, lzf or no compression")
+                what = f"HDF5 filter {_text(fname)!r}" if _text(fname) else "an unknown HDF5 filter"
+                raise UnsafeArchiveError(f"{path}: dataset {full!r} uses {what} (id {code}), which ckptbridge does not read from archives; re-save it with gzip, lzf or no compression")
         if ds.shape is None:
             raise FormatError(f"{path}: dataset {full!r} has no shape (an empty dataspace); not a tensor")
         meta.check_shape(list(ds.shape), f"{path}: dataset {full!r}")
@@ -285,6 +319,50 @@ class Hdf5Source(Source):
     def checksum(self, name: str) -> int | None:
         rec = self._meta.get("tensors", {}).get(name)
         return None if rec is None else int(rec["crc32c"])
+
+    def read_blocks(self, name: str, chunk_bytes: int) -> BlockStream | None:
+        """Stream a numeric dataset hyperslab by hyperslab into one reusable buffer; its
+        crc32c record is checked at the end.  None where :meth:`read` must do it."""
+        spec = self._specs.get(name)
+        if spec is None or spec.dtype == STRING or self._f is None:
+            return None
+        ds = self._f[self._datasets[name]]
+        if ds.shape is None or tuple(ds.shape) != spec.shape:
+            return None
+        want = numpy_dtype(spec.dtype)
+        stored = want
+        rec = self._meta.get("tensors", {}).get(name)
+        if rec is not None:
+            enc = rec.get("encoding", meta.ENC_RAW)
+            if enc not in (meta.ENC_RAW, meta.ENC_BF16):
+                return None
+            stored = np.dtype(np.uint16) if enc == meta.ENC_BF16 else want
+        if ds.dtype != stored:
+            return None
+        where = f"{self.path}: tensor {name!r}"
+
+        def blocks() -> Any:
+            total = spec.size
+            buf = np.empty(min(total, max(1, chunk_bytes // stored.itemsize)), dtype=stored)
+            for _, n, sel in c_blocks(spec.shape, stored.itemsize, chunk_bytes):
+                out = buf[:n].reshape(block_shape(spec.shape, sel))
+                try:
+                    if sel:
+                        ds.read_direct(out, source_sel=sel)
+                    else:
+                        out[()] = ds[()]
+                except (OSError, ValueError, RuntimeError) as e:
+                    raise CorruptError(f"{where}: cannot read ({e}); the archive is damaged") from None
+                yield sel, buf[:n].view(want)
+
+        check = None
+        if rec is not None and self._verify:
+            stored_crc = int(rec["crc32c"])
+
+            def check(c: int) -> None:
+                if c != stored_crc:
+                    raise CorruptError(f"{where}: checksum mismatch (crc32c), the stored bytes are damaged; restore the archive from a good copy")
+        return BlockStream(spec, blocks(), check)
 
     def read(self, name: str) -> np.ndarray:
         spec = self.spec(name)

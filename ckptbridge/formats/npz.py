@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 
 from .._atomic import AtomicFile
+from .._chunks import BlockStream, pread_blocks
 from .._source import OBJECT_GRAPH, Sink, Source
-from .._spec import TensorSpec, as_exchange_array, dtype_name
+from .._spec import BFLOAT16, STRING, TensorSpec, as_exchange_array, dtype_name, numpy_dtype
 from ..errors import CkptBridgeError, CorruptError, FormatError, MismatchError, UnsafeArchiveError
 from . import meta
 
@@ -43,6 +44,8 @@ def check_name(name: str, path: str) -> None:
 class NpzSink(Sink):
     """Writes an ``.npz`` member by member into a temporary file; commit renames it."""
 
+    streams = True
+
     def __init__(self, path: str, *, compress: bool = False, force: bool = False, source: str | None = None) -> None:
         self.path = path
         self._out = AtomicFile(path, force=force)
@@ -60,6 +63,25 @@ class NpzSink(Sink):
         stored = np.require(stored, requirements="C")
         self._write_member(name + ".npy", stored)
         self._records[name] = meta.tensor_record(dtype, tuple(array.shape), enc, meta.checksum(stored))
+
+    def write_blocks(self, name: str, stream: BlockStream) -> None:
+        """Stream a numeric tensor into its member block by block (never whole in memory)."""
+        check_name(name, self.path)
+        if name in self._records:
+            raise MismatchError(f"tensor {name!r} written twice to {self.path}")
+        spec = stream.spec
+        bf16 = spec.dtype == BFLOAT16
+        stored = np.dtype(np.uint16) if bf16 else numpy_dtype(spec.dtype)
+        header = {"descr": np.lib.format.dtype_to_descr(stored), "fortran_order": False, "shape": tuple(spec.shape)}
+        with self._zip.open(name + ".npy", "w", force_zip64=True) as f:
+            try:
+                np.lib.format.write_array_header_1_0(f, header)
+            except ValueError:  # header over 64 KiB: what np.save does too
+                np.lib.format.write_array_header_2_0(f, header)
+            for _, arr in stream:
+                f.write(memoryview(arr.reshape(-1).view(np.uint8)))
+        assert stream.crc is not None
+        self._records[name] = meta.tensor_record(spec.dtype, tuple(spec.shape), meta.ENC_BF16 if bf16 else meta.ENC_RAW, stream.crc)
 
     def write_extra(self, key: str, payload: bytes) -> None:
         if key == OBJECT_GRAPH:
@@ -278,6 +300,36 @@ class NpzSource(Source):
     def checksum(self, name: str) -> int | None:
         rec = self._meta.get("tensors", {}).get(name)
         return None if rec is None else int(rec["crc32c"])
+
+    def read_blocks(self, name: str, chunk_bytes: int) -> BlockStream | None:
+        """Stream a numeric member stored uncompressed (C order) with ``pread``; its
+        crc32c record is checked at the end.  None where :meth:`read` must do it."""
+        spec = self._specs.get(name)
+        if spec is None or spec.dtype == STRING or self._file is None:
+            return None
+        m = self._members[name]
+        if m.data_offset is None or m.fortran or tuple(m.shape) != spec.shape:
+            return None
+        want = numpy_dtype(spec.dtype)
+        rec = self._meta.get("tensors", {}).get(name)
+        if rec is None:
+            if m.dtype != want:
+                return None
+        else:
+            enc = rec.get("encoding", meta.ENC_RAW)
+            if enc not in (meta.ENC_RAW, meta.ENC_BF16) or m.dtype != (np.dtype(np.uint16) if enc == meta.ENC_BF16 else want):
+                return None
+        where = f"{self.path}: tensor {name!r}"
+        blocks = pread_blocks(self._file.fileno(), m.data_offset, spec, want, chunk_bytes,
+                              lambda: CorruptError(f"{where}: member is truncated; the archive is damaged"))
+        check = None
+        if rec is not None and self._verify:
+            stored_crc = int(rec["crc32c"])
+
+            def check(c: int) -> None:
+                if c != stored_crc:
+                    raise CorruptError(f"{where}: checksum mismatch (crc32c), the stored bytes are damaged; restore the archive from a good copy")
+        return BlockStream(spec, blocks, check)
 
     def read(self, name: str) -> np.ndarray:
         spec = self.spec(name)

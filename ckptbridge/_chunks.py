@@ -1,0 +1,120 @@
+"""Streaming one tensor in C-order blocks, so no whole tensor is ever in memory.
+
+A source that can stream returns a :class:`BlockStream` from ``read_blocks``:
+consecutive blocks of the tensor's values, each a hyperslab of the form
+``(i0, ..., ik-1, a:b, :, ..., :)`` (contiguous in C order).  Byte-oriented
+formats (the bundle's data files, ``.npz`` members) use the blocks' byte
+ranges; HDF5 uses their selections.  The stream computes the crc32c of
+everything it yields exactly once: the source compares it with its stored
+checksum at the end, the sink records it, and the pipe compares it with the
+read-back.  Blocks live in one reusable buffer: a block is valid only until
+the next one is requested, so consumers write it out before asking for more.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterator
+
+import crc32c
+import numpy as np
+
+from ._spec import TensorSpec
+
+#: Default block size: large enough that per-call overhead vanishes, small enough for any RSS budget.
+CHUNK_BYTES = 16 << 20
+
+Selection = tuple  # of ints followed by one slice (empty for 0-d tensors)
+
+
+def c_blocks(shape: tuple[int, ...], itemsize: int, max_bytes: int) -> Iterator[tuple[int, int, Selection]]:
+    """(first flat element, element count, selection) of consecutive C-order blocks.
+
+    Each block holds at most ``max_bytes`` (but at least one element) and is a
+    hyperslab: whole sub-arrays below one axis ``k``, a run ``a:b`` along ``k``,
+    and fixed indices above it.  A 0-d tensor is one block with selection ``()``.
+    """
+    if not shape:
+        yield 0, 1, ()
+        return
+    if math.prod(shape) == 0:
+        return
+    max_elems = max(1, max_bytes // max(itemsize, 1))
+    inner = [math.prod(shape[k + 1:]) for k in range(len(shape))]
+    k = next(k for k in range(len(shape)) if inner[k] <= max_elems)
+    step = max(1, max_elems // inner[k])
+    for prefix in np.ndindex(*shape[:k]):
+        base = sum(int(p) * inner[j] for j, p in enumerate(prefix))
+        for a in range(0, shape[k], step):
+            b = min(a + step, shape[k])
+            yield base + a * inner[k], (b - a) * inner[k], tuple(int(p) for p in prefix) + (slice(a, b),)
+
+
+def block_shape(shape: tuple[int, ...], sel: Selection) -> tuple[int, ...]:
+    """The shape of the hyperslab ``sel`` of an array of ``shape`` (fixed indices dropped)."""
+    if not sel:
+        return ()
+    s = sel[-1]
+    return (s.stop - s.start,) + tuple(shape[len(sel):])
+
+
+class BlockStream:
+    """One tensor's values as consecutive C-order blocks, with the crc32c of all yielded bytes.
+
+    ``blocks`` yields ``(selection, array)`` with C-contiguous arrays in the
+    exchange dtype; ``check`` (if given) is called with the final crc32c and
+    raises if it does not match what the source stored.  :attr:`crc` is set
+    once the stream has been consumed to the end.
+    """
+
+    def __init__(self, spec: TensorSpec, blocks: Iterator[tuple[Selection, np.ndarray]], check: Callable[[int], None] | None = None) -> None:
+        self.spec = spec
+        self._blocks = blocks
+        self._check = check
+        self.crc: int | None = None
+
+    def __iter__(self) -> Iterator[tuple[Selection, np.ndarray]]:
+        c = 0
+        for sel, arr in self._blocks:
+            if arr.nbytes:
+                c = crc32c.crc32c(memoryview(arr.reshape(-1).view(np.uint8)), value=c)
+            yield sel, arr
+        if self._check is not None:
+            self._check(c)
+        self.crc = c
+
+    def drain(self) -> int:
+        """Read to the end (checking the stored crc) and return the crc32c."""
+        for _ in self:
+            pass
+        assert self.crc is not None
+        return self.crc
+
+
+def pread_blocks(fd: int, offset: int, spec: TensorSpec, dtype: np.dtype, chunk_bytes: int,
+                 short: Callable[[], Exception]) -> Iterator[tuple[Selection, np.ndarray]]:
+    """Blocks of a tensor stored as raw C-order bytes at ``offset`` of the open file ``fd``.
+
+    Reads with ``os.preadv`` into one reusable buffer (the page cache is not
+    mapped into the process, so nothing accumulates in its RSS).  ``short``
+    makes the error raised when the file ends early.
+    """
+    shape = spec.shape
+    total = math.prod(shape)
+    if total == 0:
+        return
+    per = max(1, chunk_bytes // max(dtype.itemsize, 1))
+    buf = np.empty(min(total, per), dtype=dtype)
+    raw = memoryview(buf.view(np.uint8))
+    for start, n, sel in c_blocks(shape, dtype.itemsize, chunk_bytes):
+        want = n * dtype.itemsize
+        view = raw[:want]
+        pos = offset + start * dtype.itemsize
+        got = 0
+        while got < want:
+            k = os.preadv(fd, [view[got:]], pos + got)
+            if k <= 0:
+                raise short()
+            got += k
+        yield sel, buf[:n]
