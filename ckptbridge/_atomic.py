@@ -8,10 +8,17 @@ replaced, never written through.  Files end up with the user's umask.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import glob
+import io
 import os
 import shutil
+import signal
 import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 from .errors import CkptBridgeError, NotFoundError, OutputExistsError
 
@@ -37,9 +44,31 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM until the block is done, so a rename sequence or a cleanup is never cut in half.
+
+    A signal that arrives meanwhile is delivered (and raises) right after the block.
+    Only the calling thread's mask changes; elsewhere than the main thread it is a no-op.
+    """
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def _check_parent(dest: str) -> str:
     parent = os.path.dirname(os.path.abspath(dest))
     if not os.path.isdir(parent):
+        up = parent
+        while up and not os.path.exists(up) and os.path.dirname(up) != up:
+            up = os.path.dirname(up)
+        if os.path.exists(up) and not os.path.isdir(up):
+            raise NotFoundError(f"cannot write {dest}: {up} is a file, not a directory; choose another output location")
         raise NotFoundError(f"output directory {parent} does not exist; create it first")
     if not os.access(parent, os.W_OK):
         raise CkptBridgeError(f"permission denied: cannot write in {parent}; choose another output location")
@@ -59,25 +88,119 @@ class AtomicFile:
         fd, self.tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(dest)}.", suffix=TMP_SUFFIX)
         os.close(fd)
         self._done = False
+        self._raw: GuardedFile | None = None
+
+    def open_guarded(self) -> "GuardedFile":
+        """The temporary file as a :class:`GuardedFile`, for writers in C that cannot survive a failed write."""
+        self._raw = GuardedFile(self.tmp)
+        return self._raw
+
+    def check_writes(self) -> None:
+        """Raise the first failed write through :meth:`open_guarded`'s file, if any."""
+        if self._raw is not None:
+            self._raw.check()
 
     def commit(self) -> None:
         if self._done:
             return
-        os.chmod(self.tmp, 0o666 & ~_umask())
-        with open(self.tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(self.tmp, self.dest)
-        _fsync_dir(os.path.dirname(os.path.abspath(self.dest)))
-        self._done = True
+        if self._raw is not None:
+            self._raw.check()
+            self._raw.close()
+        with signals_deferred():
+            os.chmod(self.tmp, 0o666 & ~_umask())
+            with open(self.tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(self.tmp, self.dest)
+            _fsync_dir(os.path.dirname(os.path.abspath(self.dest)))
+            self._done = True
 
     def abort(self) -> None:
         if self._done:
             return
-        self._done = True
+        with signals_deferred():
+            self._done = True
+            if self._raw is not None:
+                self._raw.close()
+            try:
+                os.unlink(self.tmp)
+            except FileNotFoundError:
+                pass
+
+
+_M = TypeVar("_M", bound=Callable[..., Any])
+
+
+def checks_writes(method: _M) -> _M:
+    """Decorate a sink method so a write failure recorded by its ``self._out`` (an AtomicFile) is raised when it returns.
+
+    The recorded failure (no space, file too large, an interrupt) replaces
+    whatever error the writing library raised afterwards, since that one is
+    only a consequence.
+    """
+
+    @functools.wraps(method)
+    def run(self: Any, *args: Any, **kwargs: Any) -> Any:
         try:
-            os.unlink(self.tmp)
-        except FileNotFoundError:
-            pass
+            return method(self, *args, **kwargs)
+        finally:
+            self._out.check_writes()
+
+    return run  # type: ignore[return-value]
+
+
+class GuardedFile(io.FileIO):
+    """A read/write file that never lets a failed write reach the library writing through it.
+
+    HDF5 (through h5py) cannot recover from a failed write: closing the file
+    afterwards crashes the process (h5py issue #914).  Handed to ``h5py.File``
+    as a file object, this records the first failure (ENOSPC, EFBIG, EIO, or a
+    signal's exception raised inside the write) and from then on pretends every
+    write, truncate and flush succeeds, so HDF5 closes cleanly.  The caller
+    then calls :meth:`check`, which raises the recorded failure; the file's
+    contents are garbage by then and must be discarded.
+    """
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path, "r+")
+        self.error: BaseException | None = None
+
+    def write(self, b: "bytes | bytearray | memoryview") -> int:  # type: ignore[override]
+        n = memoryview(b).nbytes
+        if self.error is None:
+            try:
+                done = 0
+                while done < n:
+                    # FileIO.write may write fewer bytes; HDF5's file-object driver does not retry.
+                    w = super().write(memoryview(b).cast("B")[done:])
+                    done += w or 0
+                    if not w:
+                        raise OSError(5, "short write")
+            except BaseException as e:  # noqa: BLE001 - re-raised by check()
+                self.error = e
+        return n
+
+    def truncate(self, size: int | None = None) -> int:
+        if self.error is None:
+            try:
+                return super().truncate(size)
+            except BaseException as e:  # noqa: BLE001
+                self.error = e
+        return size if size is not None else 0
+
+    def flush(self) -> None:
+        if self.error is None and not self.closed:
+            try:
+                super().flush()
+            except BaseException as e:  # noqa: BLE001
+                self.error = e
+
+    def check(self) -> None:
+        """Raise the first write failure, if there was one."""
+        e = self.error
+        if e is not None:
+            if isinstance(e, OSError) and e.filename is None:
+                e.filename = self.name
+            raise e
 
 
 def checkpoint_files(prefix: str) -> list[str]:
@@ -135,30 +258,38 @@ class AtomicCheckpoint:
         if not any(p.endswith(".index") for p in produced) and not os.path.isfile(self.tmp_prefix):
             raise CkptBridgeError(f"internal error: no checkpoint was written for {self.prefix}")
         mask = _umask()
-        ordered = sorted(produced, key=lambda p: p.endswith(".index"))  # index last
-        placed = []
-        for src in ordered:
-            dst = self.prefix + src[len(self.tmp_prefix):]
+        for src in produced:
             os.chmod(src, 0o666 & ~mask)
             with open(src, "rb") as f:
                 os.fsync(f.fileno())
-            os.replace(src, dst)
-            placed.append(dst)
-        for stale in old - set(placed):
-            os.unlink(stale)
-        parent = os.path.dirname(os.path.abspath(self.prefix))
-        if self.update_state:
-            write_checkpoint_state(parent, os.path.basename(self.prefix))
-        _fsync_dir(parent)
-        shutil.rmtree(self.tmpdir, ignore_errors=True)
-        self._done = True
+        ordered = sorted(produced, key=lambda p: p.endswith(".index"))  # index last
+        placed = []
+        with signals_deferred():
+            # An old index must never stand beside new data shards of the same names:
+            # it leaves first, so in between readers see no checkpoint rather than a wrong one.
+            old_index = self.prefix + ".index"
+            if old_index in old:
+                os.unlink(old_index)
+            for src in ordered:
+                dst = self.prefix + src[len(self.tmp_prefix):]
+                os.replace(src, dst)
+                placed.append(dst)
+            for stale in old - set(placed) - {old_index}:
+                os.unlink(stale)
+            parent = os.path.dirname(os.path.abspath(self.prefix))
+            if self.update_state:
+                write_checkpoint_state(parent, os.path.basename(self.prefix))
+            _fsync_dir(parent)
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
+            self._done = True
 
     def abort(self) -> None:
         if self._done:
             return
-        self._done = True
-        shutil.rmtree(self.tmpdir, ignore_errors=True)
-        self._remove_created()
+        with signals_deferred():
+            self._done = True
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
+            self._remove_created()
 
     def _remove_created(self) -> None:
         for d in self._created:

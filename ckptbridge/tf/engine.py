@@ -20,6 +20,10 @@ from ..errors import CorruptError, FormatError, MismatchError, NotFoundError
 from .compat import import_tensorflow
 
 DEFAULT_BATCH_BYTES = 512 << 20
+# What TensorFlow's C++ checkpoint reader raises on a damaged checkpoint besides OpError: pybind turns
+# status codes into built-ins (OUT_OF_RANGE -> IndexError for a truncated .data shard, INVALID_ARGUMENT ->
+# ValueError, UNIMPLEMENTED -> NotImplementedError, others -> RuntimeError).
+_TF_READ_ERRORS: tuple[type[BaseException], ...] = (ValueError, IndexError, RuntimeError, NotImplementedError)
 
 
 def tf_dtype_name(dt: Any) -> str:
@@ -51,7 +55,7 @@ class TfCheckpointSource(Source):
             self._reader = tf.train.load_checkpoint(prefix)
             shapes = self._reader.get_variable_to_shape_map()
             dtypes = self._reader.get_variable_to_dtype_map()
-        except (tf.errors.OpError, ValueError) as e:
+        except _TF_READ_ERRORS + (tf.errors.OpError,) as e:
             raise _tf_error(e, prefix) from None
         self._specs = {
             n: TensorSpec(n, tf_dtype_name(dtypes[n]), tuple(int(x) for x in shapes[n]))
@@ -66,14 +70,18 @@ class TfCheckpointSource(Source):
     def extras(self) -> dict[str, bytes]:
         if not self._has_graph:
             return {}
-        return {OBJECT_GRAPH: bytes(self._reader.get_tensor(OBJECT_GRAPH_KEY))}
+        tf = import_tensorflow()
+        try:
+            return {OBJECT_GRAPH: bytes(self._reader.get_tensor(OBJECT_GRAPH_KEY))}
+        except _TF_READ_ERRORS + (tf.errors.OpError,) as e:
+            raise _tf_error(e, f"{self.path}: {OBJECT_GRAPH_KEY}") from None
 
     def read(self, name: str) -> np.ndarray:
         spec = self.spec(name)
         tf = import_tensorflow()
         try:
             value = self._reader.get_tensor(name)
-        except (tf.errors.OpError, ValueError) as e:
+        except _TF_READ_ERRORS + (tf.errors.OpError,) as e:
             raise _tf_error(e, f"{self.path}: tensor {name!r}") from None
         if isinstance(value, bytes):  # 0-d string
             out = np.empty((), dtype=object)
