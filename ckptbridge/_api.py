@@ -91,18 +91,63 @@ def export(
     force: bool = False,
     engine: str = "auto",
     progress: bool | None = False,
+    rename: Sequence[str] = (),
+    rename_file: str | None = None,
+    layout: str | None = None,
+    model: str | None = None,
+    num_classes: int | None = None,
+    dry_run: bool = False,
 ) -> Report:
-    """Write every (selected) tensor of a checkpoint to ``.npz`` or HDF5, exactly.
+    """Write every (selected) tensor of a checkpoint to ``.npz``, HDF5 or ``.safetensors``, exactly.
 
     The output's suffix picks the format.  It is written beside ``output`` under
     a temporary name, read back and compared, then renamed into place.
+    ``rename`` (``REGEX=REPLACEMENT`` rules) and ``rename_file`` (JSON, old ->
+    new) rename tensors after the filters; ``layout="torch"`` stores kernels in
+    PyTorch's layout, deciding which are conv/depthwise/dense from ``model``'s
+    graph if given, else from names and ranks.  The archive records original
+    names and layout changes, so ``rebuild`` can undo them.  ``dry_run``
+    plans everything, writes nothing, and returns the report.
     """
-    require_archive_kind(output)
+    from .handoff import prepare_export
+
+    kind = require_archive_kind(output)
     with open_source(checkpoint, engine=engine) as src:
-        plan = make_plan(list(src.specs()), include=include, exclude=exclude, weights_only=weights_only, use_ema=use_ema)
-        require_some(plan, checkpoint)
+        prep = prepare_export(
+            src, include=include, exclude=exclude, weights_only=weights_only, use_ema=use_ema,
+            rename=rename, rename_file=rename_file, layout=layout, model=model, num_classes=num_classes,
+        )
+        require_some(prep.plan, checkpoint)
+        if dry_run:
+            _check_dry_run_output(output, force, kind, prep.source)
+            return _dry_report(output, prep)
         sink = open_archive_sink(output, compress=compress, force=force, source=src.path)
-        return transfer(src, sink, plan, progress=progress, desc="export", metadata={"engine": type(src).__module__.split(".")[1]})
+        metadata = {"engine": type(src).__module__.split(".")[1], **prep.metadata}
+        report = transfer(prep.source, sink, prep.plan, progress=progress, desc="export", metadata=metadata)
+        report.renamed, report.layout = prep.renamed, prep.layout
+        return report
+
+
+def _check_dry_run_output(output: str, force: bool, kind: str, source: Source) -> None:
+    """What opening the sink would refuse, checked without creating anything."""
+    import os
+
+    from .errors import OutputExistsError
+
+    if os.path.lexists(output) and not force:
+        raise OutputExistsError(f"output {output} already exists; pass --force to overwrite it")
+    if kind == "safetensors":
+        from .formats.safetensors import _refuse
+
+        for spec in source.specs().values():
+            _refuse(spec, output)
+
+
+def _dry_report(output: str, prep: Any) -> Report:
+    specs = prep.source.specs()
+    nbytes = sum(specs[n].nbytes for n in prep.plan.mapping)
+    return Report(output, list(prep.plan.mapping), dict(prep.plan.dropped), dict(prep.plan.ema_swaps), nbytes,
+                  renamed=prep.renamed, layout=prep.layout, dry_run=True)
 
 
 def rebuild(
@@ -122,6 +167,10 @@ def rebuild(
     force: bool = False,
     max_tensor_gb: float | None = DEFAULT_MAX_TENSOR_GB,
     progress: bool | None = False,
+    rename: Sequence[str] = (),
+    rename_file: str | None = None,
+    original_names: bool = False,
+    dry_run: bool = False,
 ) -> Report:
     """Turn an archive (or any source) back into a TensorFlow checkpoint.
 
@@ -129,11 +178,38 @@ def rebuild(
     graph is built, its variables are matched by name and filled in chunks
     through placeholders, and a ``Saver`` writes ``.index``/``.data``/``.meta``.
     Without it, the checkpoint holds exactly the archive's tensors.
+
+    A layout change recorded in the archive (``export(layout="torch")``) is
+    undone.  ``original_names`` restores the names recorded at export;
+    ``rename``/``rename_file`` rename after the filters.  ``dry_run`` plans
+    the names, writes nothing (and does not build the graph).
     """
     max_shard = None if max_shard_mb is None else int(max_shard_mb * (1 << 20))
     if max_shard is not None and max_shard <= 0:
         raise CkptBridgeError(f"--max-shard-mb must be positive, got {max_shard_mb}")
     with open_source(archive, max_tensor_bytes=_max_bytes(max_tensor_gb)) as src:
+        from .handoff import needs_import_view, prepare_import
+
+        if dry_run or needs_import_view(src, rename=rename, rename_file=rename_file, original_names=original_names):
+            prep = prepare_import(src, include=include, exclude=exclude, use_ema=use_ema, rename=rename,
+                                  rename_file=rename_file, original_names=original_names)
+            require_some(prep.plan, archive)
+            if dry_run:
+                return _dry_report(output_prefix, prep)
+            if model is not None:
+                from .tf.slim import rebuild_with_graph
+
+                report = rebuild_with_graph(
+                    prep.source, output_prefix, model=model, num_classes=num_classes, allow_missing=allow_missing,
+                    strict=strict, chunk_bytes=int(chunk_mb * (1 << 20)), engine=engine, force=force, progress=progress,
+                )
+                report.dropped = {**prep.plan.dropped, **report.dropped}
+                report.ema_swaps = {n: s for n, s in prep.plan.ema_swaps.items() if n in report.written}
+            else:
+                sink = open_checkpoint_sink(output_prefix, engine=engine, force=force, max_shard_bytes=max_shard)
+                report = transfer(prep.source, sink, prep.plan, progress=progress, desc="import")
+            report.renamed, report.layout = prep.renamed, prep.layout
+            return report
         if model is not None:
             from .tf.slim import rebuild_with_graph
 

@@ -54,6 +54,30 @@ def _report_plan(args: argparse.Namespace, report: Any) -> None:
         _say(args, f"ema: {name} <- {src}")
     for name in getattr(report, "missing", []):
         _say(args, f"missing from archive, left at its initializer: {name}")
+    for old, new in getattr(report, "renamed", {}).items():
+        _say(args, f"renamed {old} -> {new}")
+    for name, what in getattr(report, "layout", {}).items():
+        _say(args, f"layout {name}: {what}")
+
+
+def _print_dry_run(report: Any, where: str) -> None:
+    """--dry-run: the whole plan on stdout (even with --quiet), nothing written."""
+    renamed = report.renamed
+    back = {new: old for old, new in renamed.items()}
+    for name in report.written:
+        print(f"{back.get(name, name)} -> {name}")
+    for name, why in report.dropped.items():
+        print(f"drop {name}: {why}")
+    for name, src in report.ema_swaps.items():
+        print(f"ema: {name} <- {src}")
+    for name, what in report.layout.items():
+        print(f"layout {name}: {what}")
+    print(f"dry run: would write {len(report.written)} tensors ({_human(report.nbytes)}) to {where}; nothing was written")
+
+
+def _handoff_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {"rename": args.rename, "rename_file": args.rename_file, "dry_run": args.dry_run}
+
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -81,7 +105,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     report = _api.export(
         args.checkpoint, args.output, include=args.include, exclude=args.exclude, weights_only=args.weights_only,
         use_ema=args.use_ema, compress=args.compress, force=args.force, engine=args.engine, progress=_progress(args),
+        layout=args.layout, model=args.model, num_classes=args.num_classes, **_handoff_kwargs(args),
     )
+    if report.dry_run:
+        _print_dry_run(report, report.output)
+        return 0
     _report_plan(args, report)
     _say(args, f"wrote {len(report.written)} tensors ({_human(report.nbytes)}) to {report.output}")
     return 0
@@ -92,8 +120,12 @@ def cmd_import(args: argparse.Namespace) -> int:
         args.archive, args.output_prefix, model=args.model, num_classes=args.num_classes, include=args.include,
         exclude=args.exclude, use_ema=args.use_ema, allow_missing=args.allow_missing, strict=args.strict,
         chunk_mb=args.chunk_mb, max_shard_mb=args.max_shard_mb, engine=args.engine, force=args.force,
-        max_tensor_gb=args.max_tensor_gb, progress=_progress(args),
+        max_tensor_gb=args.max_tensor_gb, progress=_progress(args), original_names=args.original_names,
+        **_handoff_kwargs(args),
     )
+    if report.dry_run:
+        _print_dry_run(report, f"checkpoint {report.output}")
+        return 0
     _report_plan(args, report)
     _say(args, f"wrote {len(report.written)} tensors ({_human(report.nbytes)}) to checkpoint {report.output}")
     return 0
@@ -149,12 +181,19 @@ def _parser() -> argparse.ArgumentParser:
     filt.add_argument("--exclude", action="append", default=[], metavar="REGEX", help="drop names matching (repeatable)")
     filt.add_argument("--use-ema", action="store_true", help="give X the value of X/ExponentialMovingAverage")
     filt.add_argument("--force", action="store_true", help="overwrite an existing output")
+    filt.add_argument("--rename", action="append", default=[], metavar="REGEX=REPLACEMENT",
+                      help="rename tensors with re.sub, split at the last '=' (repeatable, applied in order, after the filters)")
+    filt.add_argument("--rename-file", metavar="FILE", help="JSON object of exact names, old -> new (applied before --rename)")
+    filt.add_argument("--dry-run", action="store_true", help="print old -> new names, what is dropped and the layout changes; write nothing")
 
-    s = sub.add_parser("export", parents=[common, filt], help="checkpoint -> .npz / .h5")
+    s = sub.add_parser("export", parents=[common, filt], help="checkpoint -> .npz / .h5 / .safetensors")
     s.add_argument("checkpoint", help="prefix, .index/.data file, directory, or V1 .ckpt file")
-    s.add_argument("output", help="output archive: .npz, .h5 or .hdf5")
+    s.add_argument("output", help="output archive: .npz, .h5, .hdf5 or .safetensors")
     s.add_argument("--weights-only", action="store_true", help="drop optimizer slots, global_step and save_counter")
     s.add_argument("--compress", action="store_true", help="deflate (.npz) / gzip (HDF5)")
+    s.add_argument("--layout", choices=("torch",), default=None, help="store conv/depthwise/dense kernels in PyTorch's layout (undone on import)")
+    s.add_argument("--model", default=None, help="with --layout: the tf-slim net whose graph tells conv, depthwise and dense kernels apart")
+    s.add_argument("--num-classes", type=int, default=None, help="with --model: classes of the net's logits")
     s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("import", parents=[common, filt], help="archive -> checkpoint (through a tf-slim graph, or graph-free)")
@@ -164,6 +203,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--num-classes", type=int, default=None, help="classes of the net's logits (default: the net's own)")
     s.add_argument("--allow-missing", action="store_true", help="leave graph variables absent from the archive at their initializer")
     s.add_argument("--strict", action="store_true", help="archive entries the graph lacks are an error")
+    s.add_argument("--original-names", action="store_true", help="restore the tensor names recorded at export (undo its --rename)")
     s.add_argument("--chunk-mb", type=float, default=64, help="feed tensors larger than this in slices (default 64)")
     s.add_argument("--max-shard-mb", type=float, default=None, help="split the checkpoint into .data shards of at most this size")
     s.add_argument("--max-tensor-gb", type=float, default=_api.DEFAULT_MAX_TENSOR_GB, help="refuse archive tensors claiming more than this (default 64)")

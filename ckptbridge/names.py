@@ -94,3 +94,87 @@ def make_plan(
             swaps[name] = src
         mapping[name] = src
     return Plan(mapping, dropped, swaps)
+
+
+@dataclasses.dataclass(frozen=True)
+class RenameRule:
+    """One ``--rename REGEX=REPLACEMENT`` rule: ``re.sub(pattern, replacement, name)``."""
+
+    pattern: re.Pattern[str]
+    replacement: str
+    text: str
+
+    def apply(self, name: str) -> str:
+        try:
+            return self.pattern.sub(self.replacement, name)
+        except (re.error, IndexError) as e:
+            raise FormatError(f"--rename {self.text!r}: the replacement cannot be applied to {name!r} ({e}); check its group references") from None
+
+
+def parse_rename(rule: str) -> RenameRule:
+    """Parse ``REGEX=REPLACEMENT``, split at the LAST ``=``.
+
+    So the regex may contain ``=`` (lookarounds such as ``(?<=x)``), the
+    replacement may be empty but cannot contain ``=`` (use --rename-file for
+    that).  Group references (``\\1``, ``\\g<name>``) work as in ``re.sub``.
+    """
+    regex, sep, repl = rule.rpartition("=")
+    if not sep:
+        raise FormatError(f"--rename {rule!r} has no '='; write it as REGEX=REPLACEMENT, e.g. --rename '/weights$=.weight'")
+    if not regex:
+        raise FormatError(f"--rename {rule!r} has an empty regex before its last '='; write it as REGEX=REPLACEMENT")
+    (pattern,) = compile_patterns([regex], "--rename")
+    return RenameRule(pattern, repl, rule)
+
+
+def load_rename_file(path: str) -> dict[str, str]:
+    """Read ``--rename-file``: a JSON object mapping exact old names to new ones."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except FileNotFoundError:
+        from .errors import NotFoundError
+
+        raise NotFoundError(f"--rename-file {path}: no such file") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise FormatError(f"--rename-file {path} is not valid JSON ({e})") from None
+    if not isinstance(doc, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in doc.items()):
+        raise FormatError(f"--rename-file {path} must hold one JSON object of strings, old name -> new name")
+    return doc
+
+
+def rename_map(
+    names: Sequence[str],
+    *,
+    rules: Sequence[str | RenameRule] = (),
+    exact: dict[str, str] | None = None,
+    known: Iterable[str] | None = None,
+) -> dict[str, str]:
+    """old -> new for every name in ``names``: first ``exact`` (a --rename-file), then ``rules`` in order.
+
+    Two names mapping to one, or a name renamed to "", is an error naming
+    them.  ``exact`` keys that are not in ``known`` (all names of the source,
+    filtered or not) are an error too: a typo would otherwise pass silently.
+    """
+    parsed = [r if isinstance(r, RenameRule) else parse_rename(r) for r in rules]
+    exact = exact or {}
+    universe = set(known) if known is not None else set(names)
+    unknown = sorted(k for k in exact if k not in universe)
+    if unknown:
+        shown = ", ".join(repr(u) for u in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        raise FormatError(f"--rename-file names tensors that do not exist: {shown}; check the names (ckptbridge ls)")
+    out: dict[str, str] = {}
+    taken: dict[str, str] = {}
+    for name in names:
+        new = exact.get(name, name)
+        for r in parsed:
+            new = r.apply(new)
+        if not new:
+            raise FormatError(f"renaming {name!r} gives an empty name; check the --rename rules")
+        if new in taken:
+            raise FormatError(f"two tensors would be renamed to {new!r}: {taken[new]!r} and {name!r}; make the --rename rules tell them apart")
+        taken[new] = name
+        out[name] = new
+    return out

@@ -1,0 +1,327 @@
+"""``.safetensors``: the format PyTorch, JAX and Hugging Face load directly.
+
+A file is an 8-byte little-endian header length, a JSON header (per tensor:
+``dtype``, ``shape``, ``data_offsets`` into the byte buffer that follows; plus
+``__metadata__``, a str -> str map), then the tensors' raw little-endian bytes.
+
+Writing streams: the sink learns every spec in :meth:`SafetensorsSink.begin`,
+lays out the byte buffer then, and writes each tensor at its offset as it
+arrives (the package's ``save_file`` would need the whole model in memory).
+The header, which carries ckptbridge's metadata (provenance, crc32c, original
+names, layout transforms) as JSON under ``__metadata__["ckptbridge"]``, is
+written last into space reserved for it.  Reading goes through the
+``safetensors`` package's ``safe_open``, which validates the header and reads
+one tensor at a time.
+
+bfloat16 is stored natively (``BF16``).  Strings and complex128 have no
+safetensors dtype and are refused, naming the tensor.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from .._atomic import AtomicFile
+from .._source import OBJECT_GRAPH, Sink, Source
+from .._spec import BFLOAT16, STRING, TensorSpec, as_exchange_array, dtype_name, numpy_dtype
+from ..errors import CkptBridgeError, CorruptError, FormatError, MismatchError, MissingDependencyError, UnsafeArchiveError
+from . import meta
+
+#: canonical dtype -> safetensors dtype
+ST_DTYPES = {
+    "bool": "BOOL", "uint8": "U8", "int8": "I8", "int16": "I16", "uint16": "U16", "float16": "F16",
+    BFLOAT16: "BF16", "int32": "I32", "uint32": "U32", "float32": "F32", "complex64": "C64",
+    "float64": "F64", "int64": "I64", "uint64": "U64",
+}
+FROM_ST = {v: k for k, v in ST_DTYPES.items()}
+META_KEY = "ckptbridge"
+OBJECT_GRAPH_KEY = "ckptbridge_object_graph"
+RESERVED_NAME = "__metadata__"
+# Room left in the header for metadata not known when the data is laid out
+# (dropped names, renames, layout records...); past it the data is moved once.
+_SLACK = 64 << 10
+_COPY_CHUNK = 16 << 20
+
+
+def _require_package() -> Any:
+    try:
+        import safetensors
+    except ImportError:
+        raise MissingDependencyError("the .safetensors format needs the safetensors package; install it with: pip install 'ckptbridge[safetensors]'") from None
+    return safetensors
+
+
+def _refuse(spec: TensorSpec, path: str) -> None:
+    if spec.dtype == STRING:
+        raise FormatError(
+            f"tensor {spec.name!r} is a string tensor, which .safetensors cannot hold; "
+            f"leave it out (--exclude '^{spec.name}$') or export to .npz / .h5, which keep strings"
+        )
+    if spec.dtype not in ST_DTYPES:
+        raise FormatError(f"tensor {spec.name!r} has dtype {spec.dtype}, which .safetensors cannot hold; leave it out (--exclude) or export to .npz / .h5")
+    if not spec.name or spec.name == RESERVED_NAME:
+        raise FormatError(f"tensor name {spec.name!r} cannot be stored in {path}; rename it (--rename)")
+
+
+def _round8(n: int) -> int:
+    return (n + 7) // 8 * 8
+
+
+class SafetensorsSink(Sink):
+    """Streams tensors into a temporary ``.safetensors`` file; the header is written last."""
+
+    def __init__(self, path: str, *, force: bool = False, source: str | None = None) -> None:
+        _require_package()
+        self.path = path
+        self._out = AtomicFile(path, force=force)
+        self._f = open(self._out.tmp, "r+b")
+        self._source = source
+        self._entries: dict[str, dict[str, Any]] | None = None
+        self._specs: dict[str, TensorSpec] = {}
+        self._records: dict[str, dict[str, Any]] = {}
+        self._extras: dict[str, str] = {}
+        self._reserve = 0
+        self._data_len = 0
+
+    def begin(self, specs: list[TensorSpec]) -> None:
+        entries: dict[str, dict[str, Any]] = {}
+        for s in specs:
+            _refuse(s, self.path)
+            if s.name in self._specs:
+                raise MismatchError(f"tensor {s.name!r} appears twice in what is written to {self.path}")
+            self._specs[s.name] = s
+        # Widest items first, as safetensors itself lays them out, so every tensor
+        # starts aligned to its item size in the buffer.
+        order = sorted(specs, key=lambda s: (-numpy_dtype(s.dtype).itemsize, s.name))
+        pos = 0
+        for s in order:
+            entries[s.name] = {"dtype": ST_DTYPES[s.dtype], "shape": list(s.shape), "data_offsets": [pos, pos + s.nbytes]}
+            pos += s.nbytes
+        self._entries = entries
+        self._data_len = pos
+        # Header estimate: the entries, plus per-tensor records with the widest crc.
+        records = {s.name: meta.tensor_record(s.dtype, s.shape, meta.ENC_RAW, 0xFFFFFFFF) for s in specs}
+        guess = {RESERVED_NAME: {META_KEY: json.dumps({"tensors": records, "provenance": meta.provenance(self._source)}), "format": "tf"}, **entries}
+        self._reserve = _round8(len(json.dumps(guess, separators=(",", ":")).encode()) + _SLACK)
+        self._f.truncate(8 + self._reserve + self._data_len)
+
+    def write(self, name: str, array: np.ndarray) -> None:
+        if self._entries is None:
+            raise CkptBridgeError(f"internal error: {self.path} was written before begin() announced the tensors")
+        spec = self._specs.get(name)
+        if spec is None:
+            raise MismatchError(f"tensor {name!r} was not announced for {self.path}")
+        if name in self._records:
+            raise MismatchError(f"tensor {name!r} written twice to {self.path}")
+        array = as_exchange_array(array)
+        dtype = dtype_name(array.dtype)
+        if dtype != spec.dtype or tuple(array.shape) != spec.shape:
+            _refuse(TensorSpec(name, dtype, tuple(array.shape)), self.path)
+            raise MismatchError(f"tensor {name!r}: announced {spec.describe()} but got {dtype}{list(array.shape)}")
+        stored, _ = meta.encode(array, dtype)
+        stored = np.require(stored, requirements="C")
+        if sys.byteorder != "little" and stored.dtype.itemsize > 1:
+            stored = stored.astype(stored.dtype.newbyteorder("<"))
+        start, end = self._entries[name]["data_offsets"]
+        if stored.nbytes != end - start:
+            raise MismatchError(f"tensor {name!r}: {stored.nbytes} bytes, expected {end - start}")
+        if stored.nbytes:
+            self._f.seek(8 + self._reserve + start)
+            self._f.write(memoryview(stored.reshape(-1).view(np.uint8)))
+        self._records[name] = meta.tensor_record(dtype, tuple(array.shape), meta.ENC_RAW, meta.checksum(stored))
+
+    #: takes numeric tensors block by block (see ``_chunks.BlockStream``)
+    streams = True
+
+    def write_blocks(self, name: str, stream: Any) -> None:
+        """Write a numeric tensor at its offset block by block; never whole in memory."""
+        if self._entries is None:
+            raise CkptBridgeError(f"internal error: {self.path} was written before begin() announced the tensors")
+        spec = self._specs.get(name)
+        if spec is None:
+            raise MismatchError(f"tensor {name!r} was not announced for {self.path}")
+        if name in self._records:
+            raise MismatchError(f"tensor {name!r} written twice to {self.path}")
+        if stream.spec.dtype != spec.dtype or tuple(stream.spec.shape) != spec.shape:
+            raise MismatchError(f"tensor {name!r}: announced {spec.describe()} but got {stream.spec.describe()}")
+        start, end = self._entries[name]["data_offsets"]
+        pos = 8 + self._reserve + start
+        for _, arr in stream:
+            if sys.byteorder != "little" and arr.dtype.itemsize > 1:
+                arr = arr.astype(arr.dtype.newbyteorder("<"))
+            raw = memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
+            self._f.seek(pos)
+            self._f.write(raw)
+            pos += raw.nbytes
+        if pos != 8 + self._reserve + end:
+            raise MismatchError(f"tensor {name!r}: streamed {pos - 8 - self._reserve - start} bytes, expected {end - start}")
+        self._records[name] = meta.tensor_record(spec.dtype, spec.shape, meta.ENC_RAW, int(stream.crc))
+
+    def write_extra(self, key: str, payload: bytes) -> None:
+        if key == OBJECT_GRAPH:
+            self._extras[OBJECT_GRAPH_KEY] = base64.b64encode(payload).decode("ascii")
+
+    @property
+    def readback_path(self) -> str:
+        return self._out.tmp
+
+    def open_readback(self) -> Source:
+        return SafetensorsSource(self._out.tmp)
+
+    def finish(self, metadata: dict[str, Any] | None = None) -> None:
+        if self._entries is None:
+            self.begin([])
+        assert self._entries is not None
+        unwritten = sorted(set(self._entries) - set(self._records))
+        if unwritten:
+            raise MismatchError(f"{self.path}: {len(unwritten)} announced tensors were never written ({', '.join(unwritten[:5])}); output discarded")
+        doc = meta.provenance(self._source, metadata)
+        doc["tensors"] = self._records
+        st_meta = {
+            # Hugging Face loaders read "format": "pt" for PyTorch layout, "tf" for TensorFlow's.
+            "format": "pt" if (metadata or {}).get("layout") else "tf",
+            META_KEY: meta.dumps(doc).decode("utf-8"),
+            **self._extras,
+        }
+        header = json.dumps({RESERVED_NAME: st_meta, **self._entries}, separators=(",", ":")).encode("utf-8")
+        if len(header) > self._reserve:
+            self._move_data(_round8(len(header)))
+        header += b" " * (self._reserve - len(header))
+        self._f.seek(0)
+        self._f.write(len(header).to_bytes(8, "little"))
+        self._f.write(header)
+        self._f.flush()
+        self._f.close()
+
+    def _move_data(self, reserve: int) -> None:
+        """Make the header room bigger by moving the data buffer towards the end, last chunk first."""
+        shift = reserve - self._reserve
+        fd = self._f.fileno()
+        self._f.flush()
+        old = 8 + self._reserve
+        os.ftruncate(fd, 8 + reserve + self._data_len)
+        end = self._data_len
+        while end > 0:
+            start = max(0, end - _COPY_CHUNK)
+            chunk = os.pread(fd, end - start, old + start)
+            os.pwrite(fd, chunk, old + start + shift)
+            end = start
+        self._reserve = reserve
+
+    def publish(self) -> None:
+        self._out.commit()
+
+    def abort(self) -> None:
+        try:
+            self._f.close()
+        except Exception:
+            pass
+        self._out.abort()
+
+
+class SafetensorsSource(Source):
+    """A lazy view of a ``.safetensors`` file through ``safetensors.safe_open``."""
+
+    kind = "safetensors"
+
+    def __init__(self, path: str, *, verify: bool = True, max_tensor_bytes: int | None = None) -> None:
+        st = _require_package()
+        self.path = path
+        self._verify = verify
+        self._meta: dict[str, Any] = {}
+        self._extras: dict[str, bytes] = {}
+        if os.path.isdir(path):
+            raise FormatError(f"{path} is a directory, not a .safetensors file")
+        try:
+            self._f = st.safe_open(path, framework="numpy")
+        except (st.SafetensorError, OSError, ValueError) as e:
+            raise CorruptError(f"{path} is not a readable .safetensors file ({e}); check that the file is complete") from None
+        try:
+            self._load(max_tensor_bytes)
+        except BaseException:
+            self.close()
+            raise
+
+    def _load(self, max_tensor_bytes: int | None) -> None:
+        path = self.path
+        header_meta = self._f.metadata() or {}
+        if META_KEY in header_meta:
+            self._meta = meta.loads(header_meta[META_KEY].encode("utf-8"), path)
+        if OBJECT_GRAPH_KEY in header_meta:
+            try:
+                self._extras[OBJECT_GRAPH] = base64.b64decode(header_meta[OBJECT_GRAPH_KEY], validate=True)
+            except ValueError:
+                raise CorruptError(f"{path}: the stored TF2 object graph is not valid base64; the archive is damaged") from None
+        records = self._meta.get("tensors", {})
+        specs: dict[str, TensorSpec] = {}
+        for name in sorted(self._f.keys()):
+            sl = self._f.get_slice(name)
+            st_dtype = str(sl.get_dtype())
+            dtype = FROM_ST.get(st_dtype)
+            if dtype is None:
+                raise FormatError(f"{path}: tensor {name!r} has dtype {st_dtype}, which ckptbridge does not carry (it carries {', '.join(sorted(FROM_ST))})")
+            shape = tuple(int(x) for x in sl.get_shape())
+            spec = TensorSpec(name, dtype, shape)
+            if max_tensor_bytes is not None and spec.nbytes > max_tensor_bytes:
+                raise UnsafeArchiveError(f"{path}: tensor {name!r} claims {spec.nbytes} bytes, over the limit of {max_tensor_bytes}; raise --max-tensor-gb if it is genuine")
+            rec = records.get(name)
+            if rec is not None and (rec.get("dtype") != dtype or tuple(rec.get("shape", ())) != shape):
+                raise CorruptError(f"{path}: tensor {name!r} is {dtype}{list(shape)} but the metadata says {rec.get('dtype')}{rec.get('shape')}; the archive is damaged")
+            specs[name] = spec
+        missing = sorted(set(records) - set(specs))
+        if missing:
+            raise CorruptError(f"{path}: metadata lists tensors that are not in the archive: {', '.join(missing[:5])}; the archive is incomplete")
+        self._specs = specs
+
+    def specs(self) -> Mapping[str, TensorSpec]:
+        return self._specs
+
+    def metadata(self) -> dict[str, Any]:
+        return self._meta
+
+    def extras(self) -> dict[str, bytes]:
+        return dict(self._extras)
+
+    def checksum(self, name: str) -> int | None:
+        rec = self._meta.get("tensors", {}).get(name)
+        return None if rec is None else int(rec["crc32c"])
+
+    def read(self, name: str) -> np.ndarray:
+        spec = self.spec(name)
+        where = f"{self.path}: tensor {name!r}"
+        try:
+            arr = np.asarray(self._f.get_tensor(name))
+        except Exception as e:  # the package raises its own error types and OSError
+            raise CorruptError(f"{where}: cannot read ({e}); the archive is damaged") from None
+        want = numpy_dtype(spec.dtype)
+        if arr.dtype != want:
+            if arr.dtype.itemsize != want.itemsize:
+                raise CorruptError(f"{where}: read as {arr.dtype}, expected {spec.dtype}")
+            arr = arr.view(want)  # e.g. bfloat16 handed back as raw 2-byte values
+        if tuple(arr.shape) != spec.shape:
+            raise CorruptError(f"{where}: read with shape {list(arr.shape)}, expected {list(spec.shape)}")
+        arr = np.require(as_exchange_array(arr), requirements="C")
+        rec = self._meta.get("tensors", {}).get(name)
+        if rec is not None and self._verify and meta.checksum(arr.view(np.uint16) if spec.dtype == BFLOAT16 else arr) != int(rec["crc32c"]):
+            raise CorruptError(f"{where}: checksum mismatch (crc32c), the stored bytes are damaged; restore the archive from a good copy")
+        return arr
+
+    def close(self) -> None:
+        f = getattr(self, "_f", None)
+        if f is not None:
+            self._f = None
+            try:
+                f.__exit__(None, None, None)
+            except Exception:
+                pass
+
+
+_ = ml_dtypes  # imported so NumPy (and safe_open) know the name "bfloat16"

@@ -1,0 +1,205 @@
+"""Handing weights to another framework: renames and layout changes around the pipe.
+
+Both are done by a :class:`MappedSource` that shows a source's tensors under
+new names and in a new layout, so the pipe (``convert.transfer``) and the
+graph rebuild (``tf.slim.rebuild_with_graph``) take it like any other source.
+
+Order of the name policies, on export: include/exclude, --weights-only and
+--use-ema act on the checkpoint's own names; then --rename-file, then each
+--rename rule in order.  The layout is chosen from the checkpoint's names (or
+its graph), before renames.  On import: --original-names first (restoring the
+names recorded at export), then include/exclude/--use-ema, then the renames;
+a recorded layout is always undone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from . import layout as lay
+from ._source import Source
+from ._spec import TensorSpec
+from .errors import CorruptError, FormatError
+from .names import Plan, load_rename_file, make_plan, rename_map
+
+ORIGINAL_NAMES = "original_names"
+
+
+class MappedSource(Source):
+    """A view of ``inner``: out name -> (inner name, transform, direction)."""
+
+    def __init__(self, inner: Source, entries: Mapping[str, tuple[str, lay.Transform | None, bool]]) -> None:
+        self._inner = inner
+        self.path = inner.path
+        self.kind = inner.kind
+        self._entries = dict(entries)
+        specs = inner.specs()
+        out = {}
+        for name in sorted(self._entries):
+            src, t, invert = self._entries[name]
+            s = specs[src]
+            shape = s.shape if t is None else (t.from_shape if invert else t.to_shape)
+            out[name] = TensorSpec(name, s.dtype, shape)
+        self._specs = out
+
+    def specs(self) -> Mapping[str, TensorSpec]:
+        return self._specs
+
+    def read(self, name: str) -> np.ndarray:
+        self.spec(name)
+        src, t, invert = self._entries[name]
+        arr = self._inner.read(src)
+        if t is None:
+            return arr
+        return t.invert(arr) if invert else t.apply(arr)
+
+    def read_blocks(self, name: str, chunk_bytes: int) -> Any:
+        """Stream renamed tensors as the inner source does; transformed ones are read whole."""
+        src, t, _ = self._entries[name]
+        inner = getattr(self._inner, "read_blocks", None)
+        return inner(src, chunk_bytes) if t is None and inner is not None else None
+
+    def checksum(self, name: str) -> int | None:
+        src, t, _ = self._entries[name]
+        return self._inner.checksum(src) if t is None else None
+
+    def extras(self) -> dict[str, bytes]:
+        return self._inner.extras()
+
+
+@dataclasses.dataclass
+class Prepared:
+    """What the pipe needs, and what the report tells."""
+
+    source: MappedSource
+    plan: Plan
+    #: entries for the archive's metadata document
+    metadata: dict[str, Any]
+    #: old name -> new name, for every name that changed
+    renamed: dict[str, str]
+    #: output name -> what was done to its layout (or why a kernel-like tensor was left alone)
+    layout: dict[str, str]
+
+
+def _renames(names: Sequence[str], known: Sequence[str], rename: Sequence[str], rename_file: str | None) -> dict[str, str]:
+    exact = load_rename_file(rename_file) if rename_file else None
+    return rename_map(names, rules=rename, exact=exact, known=known)
+
+
+def _original_names(doc: Mapping[str, Any], where: str) -> dict[str, str]:
+    rec = doc.get(ORIGINAL_NAMES, {})
+    if not isinstance(rec, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in rec.items()):
+        raise CorruptError(f"{where}: the recorded original names are not readable; the archive is damaged")
+    return rec
+
+
+def prepare_export(
+    src: Source,
+    *,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    weights_only: bool = False,
+    use_ema: bool = False,
+    rename: Sequence[str] = (),
+    rename_file: str | None = None,
+    layout: str | None = None,
+    model: str | None = None,
+    num_classes: int | None = None,
+) -> Prepared:
+    """Plan an export with renames and an optional layout change (see module docstring)."""
+    lay.check_layout(layout)
+    if model is not None and layout is None:
+        raise FormatError("--model on export only tells --layout which tensors are conv, depthwise or dense; add --layout torch")
+    specs = src.specs()
+    prior = src.metadata()
+    prior_layout = lay.parse_records(prior, src.path)
+    prior_orig = _original_names(prior, src.path)
+    plan0 = make_plan(list(specs), include=include, exclude=exclude, weights_only=weights_only, use_ema=use_ema)
+    ren = _renames(list(plan0.mapping), list(specs), rename, rename_file)
+
+    choices: dict[str, tuple[lay.Transform | None, str]] = {}
+    if layout is not None:
+        already = sorted(n for n in plan0.mapping.values() if n in prior_layout)
+        if already:
+            raise FormatError(f"{src.path} is already in {layout} layout ({', '.join(already[:3])}...); export it without --layout")
+        cand = {dst: dataclasses.replace(specs[s], name=dst) for dst, s in plan0.mapping.items()}
+        graph = lay.graph_kinds(model, num_classes, dict(specs)) if model is not None else None
+        choices = lay.choose(cand, graph=graph)
+
+    entries: dict[str, tuple[str, lay.Transform | None, bool]] = {}
+    records: dict[str, lay.Transform] = {}
+    originals: dict[str, str] = {}
+    described: dict[str, str] = {}
+    for dst, s in plan0.mapping.items():
+        new = ren[dst]
+        t, why = choices.get(dst, (None, ""))
+        entries[new] = (s, t, False)
+        if t is not None:
+            records[new] = t
+            described[new] = f"{t.describe()} ({why})"
+        elif layout is not None and len(specs[s].shape) >= 2:
+            described[new] = f"unchanged ({why})"
+        if s in prior_layout:
+            records[new] = prior_layout[s]  # carried over from an archive already in that layout
+        orig = prior_orig.get(dst, dst)
+        if orig != new:
+            originals[new] = orig
+    doc: dict[str, Any] = {}
+    if originals:
+        doc[ORIGINAL_NAMES] = originals
+    if layout is not None or records:
+        doc["layout"] = lay.records(records)
+    plan = Plan({n: n for n in entries}, dict(plan0.dropped), {ren[k]: v for k, v in plan0.ema_swaps.items()})
+    renamed = {old: new for old, new in ren.items() if old != new}
+    return Prepared(MappedSource(src, entries), plan, doc, renamed, described)
+
+
+def prepare_import(
+    src: Source,
+    *,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    use_ema: bool = False,
+    rename: Sequence[str] = (),
+    rename_file: str | None = None,
+    original_names: bool = False,
+) -> Prepared:
+    """Plan an import that undoes a recorded layout and applies renames (see module docstring)."""
+    specs = src.specs()
+    doc = src.metadata()
+    inverse = lay.parse_records(doc, src.path)
+    for name, t in inverse.items():
+        if name in specs and specs[name].shape != t.to_shape:
+            raise CorruptError(f"{src.path}: tensor {name!r} is {list(specs[name].shape)} but its layout record says {list(t.to_shape)}; the archive is damaged")
+    recorded = _original_names(doc, src.path) if original_names else {}
+    stage: dict[str, str] = {}  # name after --original-names -> archive name
+    for name in specs:
+        restored = recorded.get(name, name)
+        if restored in stage:
+            raise FormatError(f"two tensors of {src.path} restore to the same original name {restored!r}: {stage[restored]!r} and {name!r}")
+        stage[restored] = name
+    plan0 = make_plan(list(stage), include=include, exclude=exclude, use_ema=use_ema)
+    ren = _renames(list(plan0.mapping), list(stage), rename, rename_file)
+    entries: dict[str, tuple[str, lay.Transform | None, bool]] = {}
+    described: dict[str, str] = {}
+    renamed: dict[str, str] = {}
+    for dst, s in plan0.mapping.items():
+        archive_name = stage[s]
+        new = ren[dst]
+        t = inverse.get(archive_name)
+        entries[new] = (archive_name, t, True)
+        if t is not None:
+            described[new] = f"undo {t.describe()}"
+        if new != stage[dst]:
+            renamed[stage[dst]] = new
+    plan = Plan({n: n for n in entries}, {stage.get(k, k): v for k, v in plan0.dropped.items()}, {ren[k]: stage[v] for k, v in plan0.ema_swaps.items()})
+    return Prepared(MappedSource(src, entries), plan, {}, renamed, described)
+
+
+def needs_import_view(src: Source, *, rename: Sequence[str], rename_file: str | None, original_names: bool) -> bool:
+    """True when an import must go through :func:`prepare_import` (else the plain path is taken)."""
+    return bool(rename or rename_file or original_names or src.metadata().get("layout"))
