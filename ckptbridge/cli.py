@@ -21,7 +21,13 @@ class _Terminated(BaseException):
     """SIGTERM, raised as an exception so every open output is discarded on the way out."""
 
 
-def _on_sigterm(signum: int, frame: Any) -> None:
+def _on_signal(signum: int, frame: Any) -> None:
+    # The first signal unwinds the command (every sink aborts on the way out); later
+    # ones are ignored so that a second Ctrl-C cannot cut that cleanup short.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt()
     raise _Terminated()
 
 
@@ -225,46 +231,90 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; every failure becomes one ``ckptbridge: error:`` line and a status.
+
+    Exit status: 0 success, 1 ``diff``/``verify`` found a difference or a bad
+    tensor, 2 an error (nothing written), 130 SIGINT, 143 SIGTERM.
+    """
     parser = _parser()
     args = parser.parse_args(argv)
-    old = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
+    dest = getattr(args, "output", None) or getattr(args, "output_prefix", None)
+    old = _install_signal_handlers() if _main_thread() else {}
     try:
         return int(args.func(args))
-    except CkptBridgeError as e:
-        if args.debug:
-            traceback.print_exc()
-        _err(str(e))
-        return 2
     except KeyboardInterrupt:
-        _err("interrupted; nothing was written")
+        _err(f"interrupted{_writing(dest)}; nothing was written, run the command again to finish")
         return 130
     except _Terminated:
-        _err("terminated; nothing was written")
+        _err(f"terminated by SIGTERM{_writing(dest)}; nothing was written, run the command again to finish")
         return 143
+    except CkptBridgeError as e:
+        _debug(args)
+        _err(str(e))
+        return 2
     except OSError as e:
-        if args.debug:
-            traceback.print_exc()
-        _err(_os_message(e))
+        _debug(args)
+        _err(_os_message(e, dest))
         return 2
     except MemoryError:
-        _err("out of memory; nothing was written. Close other programs or use a machine with more memory")
+        _debug(args)
+        _err(f"out of memory{_writing(dest)}; nothing was written, close other programs or use a machine with more memory")
+        return 2
+    except RecursionError as e:
+        _debug(args)
+        _err(f"internal error: {e}; nothing was written, please report this with the output of --debug")
+        return 2
+    except Exception as e:  # noqa: BLE001 - the last resort: a bug, never a traceback unless asked
+        _debug(args)
+        _err(f"internal error: {type(e).__name__}: {e}; nothing was written, please report this with the output of --debug")
         return 2
     finally:
-        if old is not None:
-            signal.signal(signal.SIGTERM, old)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
-def _os_message(e: OSError) -> str:
+def _debug(args: argparse.Namespace) -> None:
+    if getattr(args, "debug", False):
+        traceback.print_exc()
+
+
+def _writing(dest: str | None) -> str:
+    return f" while writing {dest}" if dest else ""
+
+
+def _install_signal_handlers() -> dict[int, Any]:
+    """SIGTERM (and SIGINT, unless the shell started us with it ignored) raise, so outputs are discarded."""
+    old: dict[int, Any] = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        current = signal.getsignal(sig)
+        if sig == signal.SIGINT and current is not signal.default_int_handler:
+            continue  # e.g. a background job of a non-interactive shell: leave SIGINT ignored
+        old[sig] = current
+        signal.signal(sig, _on_signal)
+    return old
+
+
+def _os_message(e: OSError, dest: str | None = None) -> str:
+    """One line for an OSError that reached the CLI: what, which file, what to do."""
     import errno
 
-    where = f" ({e.filename})" if e.filename else ""
-    if e.errno == errno.ENOSPC:
-        return f"no space left on device{where}; nothing was written. Free some space or choose another output location"
-    if e.errno == errno.EACCES or e.errno == errno.EPERM:
-        return f"permission denied{where}; check the file's permissions or choose another location"
+    from ._atomic import TMP_SUFFIX
+
+    name = e.filename
+    if dest and (not name or TMP_SUFFIX in str(name)):
+        name = dest  # a temporary file means nothing to the user; the destination does
+    where = f": {name}" if name else ""
+    if e.errno == errno.ENOSPC or e.errno == errno.EDQUOT:
+        return f"no space left on device{where}; nothing was written, free some space or choose another output location"
     if e.errno == errno.EFBIG:
-        return f"file too large for this filesystem or limit{where}; nothing was written"
-    return f"{e.strerror or e}{where}; nothing was written"
+        return f"file too large for this filesystem or the file-size limit (ulimit -f){where}; nothing was written, choose another location or raise the limit"
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return f"permission denied{where}; nothing was written, check the permissions or choose another location"
+    if e.errno == errno.EROFS:
+        return f"read-only file system{where}; nothing was written, choose another output location"
+    if e.errno == errno.EIO:
+        return f"input/output error{where} (is the disk failing?); nothing was written, copy the file to a healthy disk and retry"
+    return f"{e.strerror or e}{where}; nothing was written, check the path and retry"
 
 
 def _main_thread() -> bool:
