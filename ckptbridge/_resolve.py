@@ -14,7 +14,7 @@ import re
 from typing import Any
 
 from ._source import Sink, Source
-from .errors import FormatError, MissingDependencyError, NotFoundError
+from .errors import CkptBridgeError, FormatError, MissingDependencyError, NotFoundError
 
 ARCHIVE_SUFFIXES = {".npz": "npz", ".h5": "hdf5", ".hdf5": "hdf5", ".safetensors": "safetensors"}
 ENGINES = ("auto", "native", "tf")
@@ -110,6 +110,8 @@ def open_source(path: str, *, engine: str = "auto", verify: bool = True, max_ten
     if kind is not None:
         if not os.path.exists(path):
             raise NotFoundError(f"no such file: {path}")
+        if not os.path.isdir(path) and not os.access(path, os.R_OK):
+            raise CkptBridgeError(f"permission denied: cannot read {path}; check its permissions")
         if kind == "npz":
             from .formats.npz import NpzSource
 

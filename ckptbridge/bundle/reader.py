@@ -102,7 +102,7 @@ class BundleReader(Source):
         except IsADirectoryError:
             raise FormatError(f"{self._index_file} is a directory, not a checkpoint index") from None
         except OSError as e:
-            raise CkptBridgeError(f"cannot read {self._index_file}: {e.strerror or e}") from None
+            raise CkptBridgeError(f"cannot read {self._index_file}: {e.strerror or e}; check that the file is readable (permissions, disk)") from None
 
     def _parse(self, data: bytes) -> None:
         if not has_magic(data):
@@ -154,7 +154,7 @@ class BundleReader(Source):
                 raise CorruptError(f"data file {path} of checkpoint {self.prefix} is missing; "
                                    "the checkpoint is incomplete; copy all its .data-* files along with the .index") from None
             except OSError as e:
-                raise CkptBridgeError(f"cannot read {path}: {e.strerror or e}") from None
+                raise CkptBridgeError(f"cannot read {path}: {e.strerror or e}; check that the file is readable (permissions, disk)") from None
 
     def _check_stored(self, key: bytes, e: Entry, name: str) -> None:
         """A stored (non-partitioned) entry: its bytes lie inside its shard and fit its dtype and shape."""
@@ -317,7 +317,7 @@ class BundleReader(Source):
             try:
                 f = open(path, "rb", buffering=0)
             except OSError as err:
-                raise CkptBridgeError(f"cannot read {path}: {err.strerror or err}") from None
+                raise CkptBridgeError(f"cannot read {path}: {err.strerror or err}; check that the file is readable (permissions, disk)") from None
             if os.fstat(f.fileno()).st_size != self._shard_sizes[shard]:
                 f.close()
                 raise CorruptError(f"data file {path} changed size while the checkpoint was open")
@@ -345,7 +345,7 @@ class BundleReader(Source):
                         raise CorruptError(f"data file {path} changed size while the checkpoint was open")
                     buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
             except OSError as e:
-                raise CkptBridgeError(f"cannot read {path}: {e.strerror or e}") from None
+                raise CkptBridgeError(f"cannot read {path}: {e.strerror or e}; check that the file is readable (permissions, disk)") from None
             self._maps[shard] = buf
         return buf
 
