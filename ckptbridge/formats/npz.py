@@ -8,6 +8,7 @@ Pickle is never used in either direction.
 from __future__ import annotations
 
 import ast
+import bisect
 import io
 import os
 import struct
@@ -225,7 +226,14 @@ class NpzSource(Source):
             start = info.header_offset + _LOCAL_HEADER.size + lh[9] + lh[10]
             if start + info.compress_size > fsize:
                 raise CorruptError(f"{where}: data extends past the end of the file; the archive is truncated")
-            spans.append((info.header_offset, start + info.compress_size, info.filename))
+            # Members whose bytes overlap (one compressed stream named many times) are a
+            # zip bomb's trick; a zip written by NumPy or ckptbridge never does it.
+            span = (info.header_offset, start + info.compress_size, info.filename)
+            i = bisect.bisect(spans, span)
+            for other in spans[max(i - 1, 0):i + 1]:
+                if other[0] < span[1] and span[0] < other[1]:
+                    raise UnsafeArchiveError(f"{path}: members {other[2]!r} and {info.filename!r} share bytes in the file; refusing an overlapping (crafted) archive")
+            spans.insert(i, span)
             with self._zip.open(info) as f:
                 dtype, shape, fortran, hlen = _parse_npy_header(f, where)
             count = int(np.prod(shape, dtype=object)) if shape else 1
@@ -236,12 +244,6 @@ class NpzSource(Source):
                 raise UnsafeArchiveError(f"{where}: tensor of {need} bytes exceeds the limit of {max_tensor_bytes} bytes; raise --max-tensor-gb if it is genuine")
             offset = start + hlen if info.compress_type == zipfile.ZIP_STORED else None
             members[name] = _Member(info, dtype, shape, fortran, offset)
-        # Members whose bytes overlap (one compressed stream named many times) are a
-        # zip bomb's trick; a zip written by NumPy or ckptbridge never does it.
-        spans.sort()
-        for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
-            if begin < end:
-                raise UnsafeArchiveError(f"{path}: members {first!r} and {second!r} share bytes in the file; refusing an overlapping (crafted) archive")
         if META_MEMBER[:-4] in members:
             raw = self._read_raw(members.pop(META_MEMBER[:-4]))
             self._meta = meta.loads(raw.tobytes(), path)
