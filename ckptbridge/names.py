@@ -123,7 +123,10 @@ def parse_rename(rule: str) -> RenameRule:
         raise FormatError(f"--rename {rule!r} has no '='; write it as REGEX=REPLACEMENT, e.g. --rename '/weights$=.weight'")
     if not regex:
         raise FormatError(f"--rename {rule!r} has an empty regex before its last '='; write it as REGEX=REPLACEMENT")
-    (pattern,) = compile_patterns([regex], "--rename")
+    try:
+        pattern = re.compile(regex)
+    except re.error as e:
+        raise FormatError(f"--rename {rule!r}: {regex!r} (before the last '=') is not a valid regular expression ({e})") from None
     return RenameRule(pattern, repl, rule)
 
 
