@@ -559,3 +559,45 @@ def test_refused_import_leaves_no_temporaries(tmp_path, secret, good_npz):
 
 def test_format_error_types():
     assert issubclass(UnsafeArchiveError, FormatError)
+
+
+# --- .safetensors ----------------------------------------------------------------------
+
+
+def _st(path: str, header: dict, data: bytes, hlen: int | None = None) -> str:
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(h) if hlen is None else hlen) + h + data)
+    return path
+
+
+_F4 = np.arange(4, dtype="<f4").tobytes()
+
+
+def _st_meta(tensors: dict) -> dict:
+    return {"ckptbridge": json.dumps({"format": "ckptbridge", "format_version": 1, "tensors": tensors})}
+
+
+@pytest.mark.parametrize("case,header,hlen,needles", [
+    ("header_length_past_the_file", {"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, 1 << 40, ["header too large"]),
+    ("offsets_past_the_file", {"w": {"dtype": "F32", "shape": [1 << 30], "data_offsets": [0, 4 << 30]}}, None, ["not fully covered"]),
+    ("shape_beyond_its_bytes", {"w": {"dtype": "F32", "shape": [1 << 20, 1 << 20], "data_offsets": [0, 16]}}, None, ["invalid shape, data type, or offset"]),
+    ("overlapping_ranges", {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}, "b": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, None, ["invalid offset for tensor"]),
+    ("record_shape_none", {"__metadata__": _st_meta({"w": {"dtype": "float32", "shape": None, "crc32c": 1}}), "w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, None, ["'w'", "invalid shape"]),
+    ("record_not_a_dict", {"__metadata__": _st_meta({"w": ["x"]}), "w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, None, ["'w'", "malformed"]),
+    ("control_character_name", {"a\x1b[2J": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, None, ["control character"]),
+    ("empty_name", {"": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, None, ["empty name"]),
+])
+def test_safetensors_crafted_headers_refused(tmp_path, good_npz, case, header, hlen, needles):
+    pytest.importorskip("safetensors")
+    p = _st(str(tmp_path / f"{case}.safetensors"), header, _F4, hlen)
+    assert_refused(p, needles, good_npz, commands=("import", "ls"))
+
+
+def test_safetensors_max_tensor_gb(tmp_path, good_npz):
+    pytest.importorskip("safetensors")
+    p = _st(str(tmp_path / "big.safetensors"), {"w": {"dtype": "U8", "shape": [1 << 20], "data_offsets": [0, 1 << 20]}}, b"\0" * (1 << 20))
+    r = run_cli("ls", p, "--max-tensor-gb", "0.0005", cwd=str(tmp_path))
+    assert r.returncode == 2 and b"'w'" in r.stderr and b"over the limit" in r.stderr, r.stderr
+    assert run_cli("ls", p, cwd=str(tmp_path)).returncode == 0

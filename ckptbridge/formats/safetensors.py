@@ -263,6 +263,7 @@ class SafetensorsSource(Source):
         records = self._meta.get("tensors", {})
         specs: dict[str, TensorSpec] = {}
         for name in sorted(self._f.keys()):
+            meta.check_tensor_name(name, path)
             sl = self._f.get_slice(name)
             st_dtype = str(sl.get_dtype())
             dtype = FROM_ST.get(st_dtype)
@@ -273,7 +274,9 @@ class SafetensorsSource(Source):
             if max_tensor_bytes is not None and spec.nbytes > max_tensor_bytes:
                 raise UnsafeArchiveError(f"{path}: tensor {name!r} claims {spec.nbytes} bytes, over the limit of {max_tensor_bytes}; raise --max-tensor-gb if it is genuine")
             rec = records.get(name)
-            if rec is not None and (rec.get("dtype") != dtype or tuple(rec.get("shape", ())) != shape):
+            if rec is not None and (not isinstance(rec, dict) or type(rec.get("crc32c")) is not int):
+                raise CorruptError(f"{path}: tensor {name!r}: metadata record is malformed; the archive is damaged")
+            if rec is not None and (rec.get("dtype") != dtype or meta.check_shape(rec.get("shape", ()), f"{path}: tensor {name!r}") != shape):
                 raise CorruptError(f"{path}: tensor {name!r} is {dtype}{list(shape)} but the metadata says {rec.get('dtype')}{rec.get('shape')}; the archive is damaged")
             specs[name] = spec
         missing = sorted(set(records) - set(specs))
