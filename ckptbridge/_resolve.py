@@ -109,7 +109,7 @@ def open_source(path: str, *, engine: str = "auto", verify: bool = True, max_ten
     kind = archive_kind(path)
     if kind is not None:
         if not os.path.exists(path):
-            raise NotFoundError(f"no such file: {path}")
+            raise NotFoundError(f"no such file: {path}; check the path")
         if not os.path.isdir(path) and not os.access(path, os.R_OK):
             raise CkptBridgeError(f"permission denied: cannot read {path}; check its permissions")
         if kind == "npz":
@@ -124,7 +124,7 @@ def open_source(path: str, *, engine: str = "auto", verify: bool = True, max_ten
 
         return SafetensorsSource(path, verify=verify, max_tensor_bytes=max_tensor_bytes)
     if not os.path.exists(path) and not glob.glob(glob.escape(path) + ".*") and not glob.glob(glob.escape(path) + "-?????-of-?????"):
-        raise NotFoundError(f"no such file or checkpoint: {path}")
+        raise NotFoundError(f"no such file or checkpoint: {path}; check the path")
     prefix, version = resolve_checkpoint(path)
     if engine != "tf" and version == "v2":
         try:
