@@ -137,10 +137,9 @@ def _check_dry_run_output(output: str, force: bool, kind: str, source: Source) -
     if os.path.lexists(output) and not force:
         raise OutputExistsError(f"output {output} already exists; pass --force to overwrite it")
     if kind == "safetensors":
-        from .formats.safetensors import _refuse
+        from .formats.safetensors import check_specs
 
-        for spec in source.specs().values():
-            _refuse(spec, output)
+        check_specs(source.specs().values(), output)
 
 
 def _dry_report(output: str, prep: Any) -> Report:

@@ -59,16 +59,35 @@ def _require_package() -> Any:
     return safetensors
 
 
-def _refuse(spec: TensorSpec, path: str) -> None:
+def _problem(spec: TensorSpec) -> str | None:
     if spec.dtype == STRING:
-        raise FormatError(
-            f"tensor {spec.name!r} is a string tensor, which .safetensors cannot hold; "
-            f"leave it out (--exclude '^{spec.name}$') or export to .npz / .h5, which keep strings"
-        )
+        return f"{spec.name!r} is a string tensor"
     if spec.dtype not in ST_DTYPES:
-        raise FormatError(f"tensor {spec.name!r} has dtype {spec.dtype}, which .safetensors cannot hold; leave it out (--exclude) or export to .npz / .h5")
-    if not spec.name or spec.name == RESERVED_NAME:
-        raise FormatError(f"tensor name {spec.name!r} cannot be stored in {path}; rename it (--rename)")
+        return f"{spec.name!r} has dtype {spec.dtype}"
+    return None
+
+
+def check_specs(specs: "list[TensorSpec] | Any", path: str) -> None:
+    """Refuse, before anything is written, every tensor .safetensors cannot hold, naming them all."""
+    specs = list(specs)
+    for s in specs:
+        if not s.name or s.name == RESERVED_NAME:
+            raise FormatError(f"tensor name {s.name!r} cannot be stored in {path}; rename it (--rename)")
+        try:
+            meta.check_tensor_name(s.name, path)  # what every reader refuses, refused before writing
+        except CorruptError as e:
+            raise FormatError(f"{e}".replace("refusing the archive", "it cannot be written") + "; rename it (--rename)") from None
+    bad = [p for p in (_problem(s) for s in specs) if p]
+    if bad:
+        shown = "; ".join(bad[:10]) + (f"; and {len(bad) - 10} more" if len(bad) > 10 else "")
+        raise FormatError(
+            f"{len(bad)} tensor(s) cannot be stored in .safetensors, which has no string or complex128 type: {shown}. "
+            "Leave them out (--exclude REGEX) or export to .npz / .h5, which keep every dtype"
+        )
+
+
+def _refuse(spec: TensorSpec, path: str) -> None:
+    check_specs([spec], path)
 
 
 def _round8(n: int) -> int:
@@ -93,8 +112,8 @@ class SafetensorsSink(Sink):
 
     def begin(self, specs: list[TensorSpec]) -> None:
         entries: dict[str, dict[str, Any]] = {}
+        check_specs(specs, self.path)
         for s in specs:
-            _refuse(s, self.path)
             if s.name in self._specs:
                 raise MismatchError(f"tensor {s.name!r} appears twice in what is written to {self.path}")
             self._specs[s.name] = s

@@ -1,0 +1,230 @@
+""".safetensors: written by our streaming writer, read through the safetensors package.
+
+Every file written here must load, bit for bit, in ``safetensors.numpy`` and
+(where installed) ``safetensors.torch``; bad inputs fail with messages naming
+the tensor; nothing is left behind when a write is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+safetensors = pytest.importorskip("safetensors")
+from safetensors.numpy import load_file, save_file  # noqa: E402
+
+import ckptbridge  # noqa: E402
+from ckptbridge._source import Source  # noqa: E402
+from ckptbridge._spec import TensorSpec, dtype_name  # noqa: E402
+from ckptbridge.convert import transfer  # noqa: E402
+from ckptbridge.errors import CorruptError, FormatError  # noqa: E402
+from ckptbridge.formats.safetensors import SafetensorsSink, SafetensorsSource  # noqa: E402
+from ckptbridge.names import make_plan  # noqa: E402
+
+
+class DictSource(Source):
+    """An in-memory source, so these tests need no TensorFlow."""
+
+    kind = "dict"
+
+    def __init__(self, arrays: dict[str, np.ndarray]) -> None:
+        self.path = "<memory>"
+        self._a = arrays
+
+    def specs(self) -> dict[str, TensorSpec]:
+        return {n: TensorSpec(n, dtype_name(a.dtype), tuple(a.shape)) for n, a in sorted(self._a.items())}
+
+    def read(self, name: str) -> np.ndarray:
+        return self._a[name]
+
+
+def _write(path: str, arrays: dict[str, np.ndarray], metadata: dict[str, Any] | None = None) -> Any:
+    src = DictSource(arrays)
+    return transfer(src, SafetensorsSink(path, source="test"), make_plan(list(src.specs())), metadata=metadata)
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b).tobytes()
+
+
+FLOATS = np.array([0.0, -0.0, 1.5, -2.25, np.inf, -np.inf, np.nan, 1e-3])
+ARRAYS = {
+    "f16": FLOATS.astype(np.float16).reshape(2, 4),
+    "f32": FLOATS.astype(np.float32),
+    "f64": FLOATS,
+    "bf16": FLOATS.astype(ml_dtypes.bfloat16).reshape(4, 2),
+    "bf16/scalar": np.array(-1.5, dtype=ml_dtypes.bfloat16),
+    **{dt: np.array([np.iinfo(dt).min, np.iinfo(dt).max, 0, 1], dtype=dt) for dt in ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")},
+    "bool": np.array([[True, False], [False, True]]),
+    "c64": np.array([1 + 2j, complex(np.nan, -0.0)], dtype=np.complex64),
+    "scalar": np.array(3.25, dtype=np.float32),
+    "empty": np.zeros((3, 0, 2), np.int32),
+    "empty/1d": np.zeros((0,), ml_dtypes.bfloat16),
+    "a/b/c:0 ü": np.arange(6, dtype=np.uint8),
+}
+
+
+def test_round_trip_every_dtype(tmp_path: Any) -> None:
+    path = str(tmp_path / "m.safetensors")
+    _write(path, ARRAYS)
+    with ckptbridge.read(path) as r:
+        assert sorted(r) == sorted(ARRAYS)
+        for name, want in ARRAYS.items():
+            assert _same(r[name], want), name
+        md = r.metadata()
+    assert md["format"] == "ckptbridge" and set(md["tensors"]) == set(ARRAYS)
+    # The package itself loads it, bfloat16 included (NumPy knows the name once ml_dtypes is imported).
+    plain = load_file(path)
+    for name, want in ARRAYS.items():
+        assert _same(plain[name], want), name
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+    assert (8 + n) % 8 == 0
+    assert header["__metadata__"]["format"] == "tf"
+    for name, entry in header.items():
+        if name != "__metadata__":
+            assert entry["data_offsets"][0] % np.dtype(ARRAYS[name].dtype).itemsize == 0, name  # every tensor aligned
+
+
+def test_torch_loads_it(tmp_path: Any) -> None:
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import load_file as torch_load
+
+    path = str(tmp_path / "m.safetensors")
+    _write(path, ARRAYS)
+    got = torch_load(path)
+    assert sorted(got) == sorted(ARRAYS)
+    for name, want in ARRAYS.items():
+        t = got[name]
+        assert tuple(t.shape) == want.shape, name
+        if want.dtype == ml_dtypes.bfloat16:
+            assert t.dtype == torch.bfloat16
+            assert t.view(torch.int16).numpy().tobytes() == want.tobytes(), name
+        else:
+            assert _same(t.numpy(), want), name
+
+
+def test_strings_are_refused_naming_the_tensor_and_nothing_is_left(tmp_path: Any) -> None:
+    path = tmp_path / "m.safetensors"
+    with pytest.raises(FormatError, match=r"'labels/names' is a string tensor.*--exclude"):
+        _write(str(path), {"w": np.ones(3, np.float32), "labels/names": np.array([b"a", b"b"], dtype=object)})
+    assert os.listdir(tmp_path) == []
+
+
+def test_control_character_names_are_refused_before_writing(tmp_path: Any) -> None:
+    with pytest.raises(FormatError, match="control character.*--rename"):
+        _write(str(tmp_path / "m.safetensors"), {"a\x1bb": np.ones(2, np.float32)})
+    assert os.listdir(tmp_path) == []
+
+
+def test_complex128_is_refused(tmp_path: Any) -> None:
+    with pytest.raises(FormatError, match="'z' has dtype complex128"):
+        _write(str(tmp_path / "m.safetensors"), {"z": np.ones(2, np.complex128)})
+    assert os.listdir(tmp_path) == []
+
+
+def test_large_metadata_moves_the_data_once(tmp_path: Any) -> None:
+    path = str(tmp_path / "m.safetensors")
+    dropped = {f"optimizer/slot_{i:05d}": "x" * 60 for i in range(3000)}  # ~240 KB, past the reserved room
+    _write(path, ARRAYS, metadata={"dropped": dropped})
+    plain = load_file(path)
+    for name, want in ARRAYS.items():
+        assert _same(plain[name], want), name
+    with ckptbridge.read(path) as r:
+        assert r.metadata()["dropped"] == dropped
+
+
+def test_foreign_file_reads_and_unknown_dtypes_are_named(tmp_path: Any) -> None:
+    path = str(tmp_path / "f.safetensors")
+    save_file({"a": np.arange(4, dtype=np.float32), "b": np.array(2, dtype=np.int64)}, path)
+    with ckptbridge.read(path) as r:
+        assert r.metadata() == {}
+        assert _same(r["a"], np.arange(4, dtype=np.float32)) and _same(r["b"], np.array(2, np.int64))
+    fp8 = str(tmp_path / "fp8.safetensors")
+    save_file({"q": np.zeros(2, dtype=ml_dtypes.float8_e4m3fn)}, fp8)
+    with pytest.raises(FormatError, match="'q' has dtype F8_E4M3"):
+        ckptbridge.read(fp8)
+
+
+def test_flipped_byte_is_caught_by_crc(tmp_path: Any) -> None:
+    path = str(tmp_path / "m.safetensors")
+    arrays = {"w": np.arange(64, dtype=np.float32)}
+    _write(path, arrays)
+    with open(path, "r+b") as f:
+        f.seek(-5, os.SEEK_END)
+        b = f.read(1)
+        f.seek(-5, os.SEEK_END)
+        f.write(bytes([b[0] ^ 1]))
+    v = ckptbridge.verify(path)
+    assert not v.ok and v.bad == "w" and "crc32c" in (v.message or "")
+    with ckptbridge.read(path, verify=False) as r:
+        assert not _same(r["w"], arrays["w"])
+
+
+def test_truncated_file_is_corrupt(tmp_path: Any) -> None:
+    path = tmp_path / "m.safetensors"
+    _write(str(path), {"w": np.arange(64, dtype=np.float32)})
+    data = path.read_bytes()
+    path.write_bytes(data[:-7])
+    with pytest.raises(CorruptError, match="not a readable .safetensors"):
+        ckptbridge.read(str(path))
+
+
+def test_oversized_tensor_claim_is_refused(tmp_path: Any) -> None:
+    path = str(tmp_path / "m.safetensors")
+    _write(path, {"w": np.zeros(1 << 16, np.float32)})
+    with pytest.raises(ckptbridge.UnsafeArchiveError, match="'w'"):
+        ckptbridge.read(path, max_tensor_gb=1e-6)
+
+
+dtypes = st.sampled_from(["float16", "float32", "float64", "int8", "uint16", "int32", "uint64", "bool", "complex64", "bfloat16"])
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    items=st.dictionaries(
+        st.text(st.characters(blacklist_categories=("Cs", "Cc")), min_size=1, max_size=12).filter(lambda s: s != "__metadata__"),
+        st.tuples(dtypes, st.lists(st.integers(0, 3), max_size=3), st.integers(0, 2**32 - 1)),
+        min_size=1, max_size=6,
+    )
+)
+def test_property_round_trip(tmp_path_factory: pytest.TempPathFactory, items: dict[str, Any]) -> None:
+    arrays = {}
+    for name, (dt, shape, seed) in items.items():
+        want = np.dtype(ml_dtypes.bfloat16) if dt == "bfloat16" else np.dtype(dt)
+        n = int(np.prod(shape)) if shape else 1
+        raw = np.random.default_rng(seed).integers(0, 256, size=n * want.itemsize, dtype=np.uint8)
+        if dt == "bool":
+            raw = raw & 1
+        arrays[name] = raw.view(want).reshape(shape)
+    path = str(tmp_path_factory.mktemp("prop") / "m.safetensors")
+    _write(path, arrays)
+    plain = load_file(path)
+    with SafetensorsSource(path) as src:
+        for name, want in arrays.items():
+            assert _same(src.read(name), want), name
+            assert _same(plain[name], want), name
+
+
+@pytest.mark.tf
+def test_tensorflow_checkpoint_exports_bit_exact(dtypes_ckpt: str, assert_same_as_tf: Any, tmp_path: Any) -> None:
+    path = str(tmp_path / "d.safetensors")
+    with pytest.raises(FormatError, match="5 tensor.*'dtypes/complex128' has dtype complex128.*'dtypes/string' is a string tensor"):
+        ckptbridge.export(dtypes_ckpt, path)
+    report = ckptbridge.export(dtypes_ckpt, path, exclude=["string", "complex128"])
+    assert not os.path.exists(path + ".tmp")
+    with ckptbridge.read(path) as r:
+        assert assert_same_as_tf(r, dtypes_ckpt, names=report.written) == len(report.written)
+    back = str(tmp_path / "back" / "d.ckpt")
+    ckptbridge.rebuild(path, back)
+    d = ckptbridge.diff(path, back)
+    assert d.identical
