@@ -1,0 +1,109 @@
+"""The tf-slim / tf-keras shim: every tf-slim net builds on current TensorFlow, and the shim is needed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytest.importorskip("tensorflow")
+pytest.importorskip("tf_slim")
+pytest.importorskip("tf_keras")
+
+from ckptbridge.tf.compat import import_slim, import_tensorflow  # noqa: E402
+
+pytestmark = pytest.mark.tf
+
+# net -> (module, function, arg_scope, input size, uses batch norm)
+NETS = {
+    "vgg_a": ("vgg", "vgg_a", "vgg_arg_scope", 224, False),
+    "vgg_16": ("vgg", "vgg_16", "vgg_arg_scope", 224, False),
+    "vgg_19": ("vgg", "vgg_19", "vgg_arg_scope", 224, False),
+    "resnet_v1_50": ("resnet_v1", "resnet_v1_50", "resnet_arg_scope", 64, True),
+    "resnet_v1_101": ("resnet_v1", "resnet_v1_101", "resnet_arg_scope", 64, True),
+    "resnet_v1_152": ("resnet_v1", "resnet_v1_152", "resnet_arg_scope", 64, True),
+    "resnet_v1_200": ("resnet_v1", "resnet_v1_200", "resnet_arg_scope", 64, True),
+    "resnet_v2_50": ("resnet_v2", "resnet_v2_50", "resnet_arg_scope", 64, True),
+    "resnet_v2_101": ("resnet_v2", "resnet_v2_101", "resnet_arg_scope", 64, True),
+    "resnet_v2_152": ("resnet_v2", "resnet_v2_152", "resnet_arg_scope", 64, True),
+    "resnet_v2_200": ("resnet_v2", "resnet_v2_200", "resnet_arg_scope", 64, True),
+    "inception_v1": ("inception", "inception_v1", "inception_v1_arg_scope", 224, True),
+    "inception_v2": ("inception", "inception_v2", "inception_v2_arg_scope", 224, True),
+    "inception_v3": ("inception", "inception_v3", "inception_v3_arg_scope", 299, True),
+    "alexnet_v2": ("alexnet", "alexnet_v2", "alexnet_v2_arg_scope", 224, False),
+    "overfeat": ("overfeat", "overfeat", "overfeat_arg_scope", 231, False),
+}
+
+# Conv/fc weights (plus the logits) each net must have: a floor that catches a net built half-way.
+MIN_WEIGHTS = {"vgg_a": 11, "vgg_16": 16, "vgg_19": 19, "alexnet_v2": 8, "overfeat": 8,
+               "inception_v1": 58, "inception_v2": 69, "inception_v3": 95}
+
+
+@pytest.mark.parametrize("net", sorted(NETS))
+def test_every_slim_net_builds(net):
+    import importlib
+
+    tf = import_tensorflow()
+    slim = import_slim()
+    modname, fn, scope_fn, size, uses_bn = NETS[net]
+    module = importlib.import_module(f"tf_slim.nets.{modname}")
+    with tf.Graph().as_default():
+        images = tf.compat.v1.placeholder(tf.float32, [1, size, size, 3])
+        with slim.arg_scope(getattr(module, scope_fn)()):
+            logits, ends = getattr(module, fn)(images, num_classes=10, is_training=False)
+        variables = tf.compat.v1.global_variables()
+        names = [v.op.name for v in variables]
+    assert len(variables) > 0
+    assert logits.shape[-1] == 10
+    assert all(n.split("/")[0] for n in names)
+    weights = [n for n in names if n.endswith("/weights")]
+    assert len(weights) >= MIN_WEIGHTS.get(net, 50), f"{net}: only {len(weights)} weight tensors"
+    moving = [n for n in names if n.endswith("BatchNorm/moving_mean")]
+    if uses_bn:
+        assert moving, f"{net} should have batch-norm moving statistics"
+    else:
+        assert not moving
+
+
+def test_import_slim_is_idempotent():
+    a = import_slim()
+    b = import_slim()
+    assert a is b
+    import tf_keras.src.legacy_tf_layers as src
+
+    assert sys.modules["tf_keras.legacy_tf_layers"] is src
+
+
+_BATCH_NORM = textwrap.dedent(
+    """
+    import os, sys
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    {setup}
+    import tensorflow as tf
+    import tf_slim as slim
+    with tf.Graph().as_default():
+        x = tf.compat.v1.placeholder(tf.float32, [1, 4, 4, 3])
+        try:
+            slim.batch_norm(x)
+        except ModuleNotFoundError as e:
+            print("FAILED", e.name)
+            sys.exit(0)
+        print("BUILT", sorted(v.op.name for v in tf.compat.v1.global_variables()))
+    """
+)
+
+
+def _run(setup: str) -> str:
+    proc = subprocess.run([sys.executable, "-c", _BATCH_NORM.format(setup=setup)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def test_shim_is_needed_for_batch_norm():
+    """Fresh interpreters: without the shim batch_norm fails on the missing module; with it, it builds."""
+    without = _run("")
+    assert without.startswith("FAILED tf_keras.legacy_tf_layers"), without
+    with_shim = _run("from ckptbridge.tf.compat import import_slim; import_slim()")
+    assert with_shim == "BUILT ['BatchNorm/beta', 'BatchNorm/moving_mean', 'BatchNorm/moving_variance']", with_shim
