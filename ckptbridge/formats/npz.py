@@ -10,16 +10,18 @@ from __future__ import annotations
 import ast
 import bisect
 import io
+import mmap
 import os
 import struct
 import zipfile
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from .._atomic import AtomicFile
-from .._chunks import BlockStream, pread_blocks
+from .._chunks import BlockStream, mmap_blocks
 from .._source import OBJECT_GRAPH, Sink, Source
 from .._spec import BFLOAT16, STRING, TensorSpec, as_exchange_array, dtype_name, numpy_dtype
 from ..errors import CkptBridgeError, CorruptError, FormatError, MismatchError, UnsafeArchiveError
@@ -173,13 +175,15 @@ class NpzSource(Source):
     def __init__(self, path: str, *, verify: bool = True, max_tensor_bytes: int | None = None) -> None:
         self.path = path
         self._verify = verify
+        self._map: mmap.mmap | None = None
         try:
             self._file = open(path, "rb")
         except IsADirectoryError:
             raise FormatError(f"{path} is a directory, not an .npz archive") from None
         try:
             self._zip = zipfile.ZipFile(self._file)
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, struct.error, UnicodeDecodeError, zlib.error) as e:
+            # NotImplementedError: a damaged "version needed to extract" field ("zip file version 25.5").
             self._file.close()
             raise CorruptError(f"{path} is not a readable .npz archive ({e}); check that the file is complete") from None
         try:
@@ -187,7 +191,7 @@ class NpzSource(Source):
         except CkptBridgeError:
             self.close()
             raise
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError, struct.error, NotImplementedError, RuntimeError) as e:
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError, struct.error, NotImplementedError, RuntimeError, zlib.error) as e:
             self.close()
             raise CorruptError(f"{path}: damaged .npz archive ({e}); check that the file is complete") from None
 
@@ -310,8 +314,9 @@ class NpzSource(Source):
         return None if rec is None else int(rec["crc32c"])
 
     def read_blocks(self, name: str, chunk_bytes: int) -> BlockStream | None:
-        """Stream a numeric member stored uncompressed (C order) with ``pread``; its
-        crc32c record is checked at the end.  None where :meth:`read` must do it."""
+        """Stream a numeric member stored uncompressed (C order) as views of the mapped file,
+        released block by block (see ``_chunks.mmap_blocks``); its crc32c record is
+        checked at the end.  None where :meth:`read` must do it."""
         spec = self._specs.get(name)
         if spec is None or spec.dtype == STRING or self._file is None:
             return None
@@ -328,8 +333,9 @@ class NpzSource(Source):
             if enc not in (meta.ENC_RAW, meta.ENC_BF16) or m.dtype != (np.dtype(np.uint16) if enc == meta.ENC_BF16 else want):
                 return None
         where = f"{self.path}: tensor {name!r}"
-        blocks = pread_blocks(self._file.fileno(), m.data_offset, spec, want, chunk_bytes,
-                              lambda: CorruptError(f"{where}: member is truncated; the archive is damaged"))
+        if self._map is None:
+            self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+        blocks = mmap_blocks(self._map, m.data_offset, spec, want, chunk_bytes)
         check = None
         if rec is not None and self._verify:
             stored_crc = int(rec["crc32c"])
@@ -345,7 +351,7 @@ class NpzSource(Source):
         where = f"{self.path}: tensor {name!r}"
         try:
             raw = self._read_raw(m)
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError, struct.error) as e:
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError, struct.error, zlib.error) as e:
             raise CorruptError(f"{where}: cannot read ({e}); the archive is damaged") from None
         rec = self._meta.get("tensors", {}).get(name)
         if rec is None:
@@ -355,6 +361,7 @@ class NpzSource(Source):
         return meta.decode(np.require(raw, requirements="C"), spec.dtype, spec.shape, rec.get("encoding", meta.ENC_RAW), where)
 
     def close(self) -> None:
+        self._map = None  # views handed out keep the map alive; we drop our reference
         z = getattr(self, "_zip", None)
         if z is not None:
             z.close()
