@@ -8,6 +8,7 @@ replaced, never written through.  Files end up with the user's umask.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import glob
@@ -23,6 +24,68 @@ from typing import Any, TypeVar
 from .errors import CkptBridgeError, NotFoundError, OutputExistsError
 
 TMP_SUFFIX = ".ckptbridge-tmp"
+
+# Temporary outputs of this process not yet committed or aborted: temp path -> its abort().
+# A sink's constructor can be interrupted (a signal, an error) after its temporary exists
+# and before anyone holds the sink to abort it; the CLI and interpreter exit sweep these.
+_pending: dict[str, Callable[[], None]] = {}
+
+
+def discard_pending() -> None:
+    """Abort every temporary output this process started and did not finish (safe to call any time)."""
+    with signals_deferred():
+        for abort in list(_pending.values()):
+            try:
+                abort()
+            except Exception:  # noqa: BLE001 - best effort on the way out
+                pass
+
+
+atexit.register(discard_pending)
+
+# The signal the CLI received, if any.  Its handler raises KeyboardInterrupt (or its
+# SIGTERM exception) at once, but an exception raised while Python runs inside a
+# C++ callback can be swallowed there (TensorFlow's pybind11 reader prints
+# "KeyboardInterrupt: <EMPTY MESSAGE>" and carries on).  So nothing is ever
+# committed once a signal has arrived: commit() raises again instead.
+_signal_exc: BaseException | None = None
+
+
+def note_signal(exc: BaseException) -> None:
+    """Record that the process was told to stop; every later commit raises ``exc`` instead."""
+    global _signal_exc
+    _signal_exc = exc
+
+
+def _raise_if_signalled() -> None:
+    if _signal_exc is not None:
+        raise _signal_exc
+
+
+_defer_depth = 0
+
+
+def signals_deferred_to_python() -> bool:
+    """True inside :func:`raise_signals_after`: a signal handler should only record, not raise."""
+    return _defer_depth > 0
+
+
+@contextlib.contextmanager
+def raise_signals_after() -> Iterator[None]:
+    """Wrap a call into C++ that calls back into Python (TensorFlow's reader and ops).
+
+    pybind11 swallows an exception raised in such a callback (and prints it), so
+    inside this block the CLI's handler only records a signal; it is raised here,
+    once the call has returned.
+    """
+    global _defer_depth
+    _defer_depth += 1
+    try:
+        yield
+    finally:
+        _defer_depth -= 1
+    if _defer_depth == 0:
+        _raise_if_signalled()
 
 
 def _umask() -> int:
@@ -85,9 +148,11 @@ class AtomicFile:
         if os.path.lexists(dest) and not force:
             raise OutputExistsError(f"output {dest} already exists; pass --force to overwrite it")
         parent = _check_parent(dest)
-        fd, self.tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(dest)}.", suffix=TMP_SUFFIX)
-        os.close(fd)
-        self._done = False
+        with signals_deferred():
+            fd, self.tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(dest)}.", suffix=TMP_SUFFIX)
+            os.close(fd)
+            self._done = False
+            _pending[self.tmp] = self.abort
         self._raw: GuardedFile | None = None
 
     def open_guarded(self) -> "GuardedFile":
@@ -103,6 +168,7 @@ class AtomicFile:
     def commit(self) -> None:
         if self._done:
             return
+        _raise_if_signalled()
         if self._raw is not None:
             self._raw.check()
             self._raw.close()
@@ -111,6 +177,7 @@ class AtomicFile:
             with open(self.tmp, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(self.tmp, self.dest)
+            _pending.pop(self.tmp, None)
             _fsync_dir(os.path.dirname(os.path.abspath(self.dest)))
             self._done = True
 
@@ -119,6 +186,7 @@ class AtomicFile:
             return
         with signals_deferred():
             self._done = True
+            _pending.pop(self.tmp, None)
             if self._raw is not None:
                 self._raw.close()
             try:
@@ -166,6 +234,8 @@ class GuardedFile(io.FileIO):
 
     def write(self, b: "bytes | bytearray | memoryview") -> int:  # type: ignore[override]
         n = memoryview(b).nbytes
+        if self.error is None and _signal_exc is not None:
+            self.error = _signal_exc
         if self.error is None:
             try:
                 done = 0
@@ -246,13 +316,16 @@ class AtomicCheckpoint:
         except BaseException:
             self._remove_created()
             raise
-        self.tmpdir = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(prefix)}.", suffix=TMP_SUFFIX)
-        self.tmp_prefix = os.path.join(self.tmpdir, os.path.basename(prefix))
-        self._done = False
+        with signals_deferred():
+            self.tmpdir = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(prefix)}.", suffix=TMP_SUFFIX)
+            self.tmp_prefix = os.path.join(self.tmpdir, os.path.basename(prefix))
+            self._done = False
+            _pending[self.tmpdir] = self.abort
 
     def commit(self) -> None:
         if self._done:
             return
+        _raise_if_signalled()
         old = set(checkpoint_files(self.prefix))
         produced = checkpoint_files(self.tmp_prefix)
         if not any(p.endswith(".index") for p in produced) and not os.path.isfile(self.tmp_prefix):
@@ -281,6 +354,7 @@ class AtomicCheckpoint:
                 write_checkpoint_state(parent, os.path.basename(self.prefix))
             _fsync_dir(parent)
             shutil.rmtree(self.tmpdir, ignore_errors=True)
+            _pending.pop(self.tmpdir, None)
             self._done = True
 
     def abort(self) -> None:
@@ -288,6 +362,7 @@ class AtomicCheckpoint:
             return
         with signals_deferred():
             self._done = True
+            _pending.pop(self.tmpdir, None)
             shutil.rmtree(self.tmpdir, ignore_errors=True)
             self._remove_created()
 

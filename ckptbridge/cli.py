@@ -21,14 +21,24 @@ class _Terminated(BaseException):
     """SIGTERM, raised as an exception so every open output is discarded on the way out."""
 
 
+_signalled = False
+
+
 def _on_signal(signum: int, frame: Any) -> None:
     # The first signal unwinds the command (every sink aborts on the way out); later
-    # ones are ignored so that a second Ctrl-C cannot cut that cleanup short.
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
-    if signum == signal.SIGINT:
-        raise KeyboardInterrupt()
-    raise _Terminated()
+    # ones are ignored so that a second Ctrl-C cannot cut that cleanup short.  If the
+    # exception is swallowed (raised inside a C++ callback), _atomic still refuses to
+    # commit anything afterwards.
+    global _signalled
+    if _signalled:
+        return
+    _signalled = True
+    from ._atomic import note_signal, signals_deferred_to_python
+
+    exc: BaseException = KeyboardInterrupt() if signum == signal.SIGINT else _Terminated()
+    note_signal(exc)
+    if not signals_deferred_to_python():
+        raise exc
 
 
 def _err(msg: str) -> None:
@@ -83,7 +93,6 @@ def _print_dry_run(report: Any, where: str) -> None:
 
 def _handoff_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {"rename": args.rename, "rename_file": args.rename_file, "dry_run": args.dry_run}
-
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -269,6 +278,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _err(f"internal error: {type(e).__name__}: {e}; nothing was written, please report this with the output of --debug")
         return 2
     finally:
+        from ._atomic import discard_pending
+
+        discard_pending()  # temporaries of a sink whose constructor was interrupted
         for sig, handler in old.items():
             signal.signal(sig, handler)
 

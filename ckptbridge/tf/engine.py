@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .._atomic import AtomicCheckpoint
+from .._atomic import AtomicCheckpoint, raise_signals_after
 from .._source import OBJECT_GRAPH, OBJECT_GRAPH_KEY, Sink, Source
 from .._spec import STRING, TensorSpec, array_nbytes, as_exchange_array, dtype_name
 from ..errors import CorruptError, FormatError, MismatchError, NotFoundError
@@ -72,7 +72,8 @@ class TfCheckpointSource(Source):
             return {}
         tf = import_tensorflow()
         try:
-            return {OBJECT_GRAPH: bytes(self._reader.get_tensor(OBJECT_GRAPH_KEY))}
+            with raise_signals_after():
+                return {OBJECT_GRAPH: bytes(self._reader.get_tensor(OBJECT_GRAPH_KEY))}
         except _TF_READ_ERRORS + (tf.errors.OpError,) as e:
             raise _tf_error(e, f"{self.path}: {OBJECT_GRAPH_KEY}") from None
 
@@ -80,7 +81,8 @@ class TfCheckpointSource(Source):
         spec = self.spec(name)
         tf = import_tensorflow()
         try:
-            value = self._reader.get_tensor(name)
+            with raise_signals_after():  # a KeyboardInterrupt raised inside get_tensor's callbacks is lost
+                value = self._reader.get_tensor(name)
         except _TF_READ_ERRORS + (tf.errors.OpError,) as e:
             raise _tf_error(e, f"{self.path}: tensor {name!r}") from None
         if isinstance(value, bytes):  # 0-d string
@@ -136,7 +138,8 @@ class TfCheckpointSink(Sink):
         names = [n for n, _ in self._batch]
         tensors = [tf.convert_to_tensor(a) for _, a in self._batch]
         with tf.device("/cpu:0"):
-            tf.raw_ops.SaveV2(prefix=part, tensor_names=names, shape_and_slices=[""] * len(names), tensors=tensors)
+            with raise_signals_after():
+                tf.raw_ops.SaveV2(prefix=part, tensor_names=names, shape_and_slices=[""] * len(names), tensors=tensors)
         self._parts.append(part)
         self._batch.clear()
         self._batch_bytes = 0
@@ -150,7 +153,8 @@ class TfCheckpointSink(Sink):
         self._flush()
         if not self._parts:
             raise FormatError(f"no tensors to write to {self.path}; check --include/--exclude")
-        tf.raw_ops.MergeV2Checkpoints(checkpoint_prefixes=self._parts, destination_prefix=self._out.tmp_prefix, delete_old_dirs=True)
+        with raise_signals_after():
+            tf.raw_ops.MergeV2Checkpoints(checkpoint_prefixes=self._parts, destination_prefix=self._out.tmp_prefix, delete_old_dirs=True)
 
     def publish(self) -> None:
         self._out.commit()
