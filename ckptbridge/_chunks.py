@@ -14,6 +14,7 @@ the next one is requested, so consumers write it out before asking for more.
 from __future__ import annotations
 
 import math
+import mmap
 import os
 from collections.abc import Callable, Iterator
 
@@ -92,29 +93,26 @@ class BlockStream:
         return self.crc
 
 
-def pread_blocks(fd: int, offset: int, spec: TensorSpec, dtype: np.dtype, chunk_bytes: int,
-                 short: Callable[[], Exception]) -> Iterator[tuple[Selection, np.ndarray]]:
-    """Blocks of a tensor stored as raw C-order bytes at ``offset`` of the open file ``fd``.
+def mmap_blocks(buf: mmap.mmap, offset: int, spec: TensorSpec, dtype: np.dtype, chunk_bytes: int) -> Iterator[tuple[Selection, np.ndarray]]:
+    """Blocks of a tensor stored as raw C-order bytes at ``offset`` of the read-only map ``buf``.
 
-    Reads with ``os.preadv`` into one reusable buffer (the page cache is not
-    mapped into the process, so nothing accumulates in its RSS).  ``short``
-    makes the error raised when the file ends early.
+    Each block is a view of the page cache (no copy at all); once the consumer
+    asks for the next block, the previous block's pages are dropped from the
+    mapping with ``MADV_DONTNEED``, so the process's RSS never holds more than
+    about one block of the file however large the tensor.  (The data stays in
+    the page cache; a view touched again simply faults it back in.)  The caller
+    has checked that ``offset`` plus the tensor's size lies inside the map.
     """
-    shape = spec.shape
-    total = math.prod(shape)
+    total = math.prod(spec.shape)
     if total == 0:
         return
-    per = max(1, chunk_bytes // max(dtype.itemsize, 1))
-    buf = np.empty(min(total, per), dtype=dtype)
-    raw = memoryview(buf.view(np.uint8))
-    for start, n, sel in c_blocks(shape, dtype.itemsize, chunk_bytes):
-        want = n * dtype.itemsize
-        view = raw[:want]
+    page = mmap.PAGESIZE
+    for start, n, sel in c_blocks(spec.shape, dtype.itemsize, chunk_bytes):
         pos = offset + start * dtype.itemsize
-        got = 0
-        while got < want:
-            k = os.preadv(fd, [view[got:]], pos + got)
-            if k <= 0:
-                raise short()
-            got += k
-        yield sel, buf[:n]
+        want = n * dtype.itemsize
+        yield sel, np.frombuffer(buf, dtype=np.uint8, count=want, offset=pos).view(dtype)
+        lo = pos - pos % page
+        hi = min(pos + want, len(buf))
+        hi = hi + (-hi % page) if hi == len(buf) else hi - hi % page
+        if hi > lo:
+            buf.madvise(mmap.MADV_DONTNEED, lo, min(hi, len(buf) + (-len(buf) % page)) - lo)

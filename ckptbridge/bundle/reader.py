@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from .._chunks import BlockStream, pread_blocks
+from .._chunks import BlockStream, mmap_blocks
 from .._source import OBJECT_GRAPH, OBJECT_GRAPH_KEY, Source
 from .._spec import STRING, TensorSpec, numpy_dtype
 from ..errors import CkptBridgeError, CorruptError, FormatError, NotFoundError
@@ -80,7 +80,6 @@ class BundleReader(Source):
         self.verify = verify
         self._index_file = index_path(self.prefix)
         self._maps: dict[int, Any] = {}
-        self._fds: dict[int, Any] = {}
         self._verified: set[bytes] = set()
         self._closed = False
         data = self._read_index()
@@ -289,8 +288,9 @@ class BundleReader(Source):
         return out
 
     def read_blocks(self, name: str, chunk_bytes: int) -> BlockStream | None:
-        """Stream a stored numeric tensor in blocks read with ``pread`` (nothing is memory-mapped,
-        so a tensor of any size costs one block of memory); its crc32c is checked at the end.
+        """Stream a stored numeric tensor in blocks: views of the mapped shard whose pages are
+        released as the stream moves on, so a tensor of any size costs about one block of
+        RSS and no copy; its crc32c is checked at the end.
         None for strings, partitioned tensors and big-endian bundles: :meth:`read` those."""
         if self._closed:
             raise CkptBridgeError(f"checkpoint reader for {self.prefix} is closed")
@@ -304,32 +304,13 @@ class BundleReader(Source):
         dtype = numpy_dtype(dtype_name)
         if self._big and dtype.itemsize > 1:
             return None
-        path = data_path(self.prefix, e.shard_id, self._header.num_shards)
-        blocks = pread_blocks(self._fd(e.shard_id), e.offset, self._specs[name], dtype, chunk_bytes,
-                              lambda: self._corrupt("the data file ended early", file=path, tensor=name))
+        blocks = mmap_blocks(self._buffer(e.shard_id), e.offset, self._specs[name], dtype, chunk_bytes)
         check = (lambda c: self._check_crc(key, e, name, c)) if self.verify else None
         return BlockStream(self._specs[name], blocks, check)
-
-    def _fd(self, shard: int) -> int:
-        f = self._fds.get(shard)
-        if f is None:
-            path = data_path(self.prefix, shard, self._header.num_shards)
-            try:
-                f = open(path, "rb", buffering=0)
-            except OSError as err:
-                raise CkptBridgeError(f"cannot read {path}: {err.strerror or err}; check that the file is readable (permissions, disk)") from None
-            if os.fstat(f.fileno()).st_size != self._shard_sizes[shard]:
-                f.close()
-                raise CorruptError(f"data file {path} changed size while the checkpoint was open")
-            self._fds[shard] = f
-        return f.fileno()
 
     def close(self) -> None:
         # Views handed out keep their mmap alive; we only drop our references.
         self._maps.clear()
-        for f in self._fds.values():
-            f.close()
-        self._fds.clear()
         self._closed = True
 
     # --- values -------------------------------------------------------------
