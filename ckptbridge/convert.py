@@ -175,8 +175,15 @@ def _value_diff(x: np.ndarray, y: np.ndarray, atol: float, rtol: float) -> tuple
         return (n, None) if n else None
     xf = x.astype(np.complex128 if x.dtype.kind == "c" else np.float64)
     yf = y.astype(xf.dtype)
-    absdiff = np.abs(xf - yf)
-    both_nan = np.isnan(xf) & np.isnan(yf) if x.dtype.kind in "fc" else np.zeros(x.shape, bool)
+    if x.dtype.kind in "iu":
+        # Exact integer distance: through float64, int64 values past 2**53 that differ would compare equal.
+        big, small = np.maximum(x, y).astype(np.uint64), np.minimum(x, y).astype(np.uint64)
+        absdiff = (big - small).astype(np.float64)  # modulo 2**64, so exact for every pair
+    else:
+        with np.errstate(invalid="ignore"):  # inf - inf
+            absdiff = np.abs(xf - yf)
+    # From the float64 copies, so that bfloat16 (dtype kind "V") NaNs count too.
+    both_nan = np.isnan(xf) & np.isnan(yf)
     if atol == 0 and rtol == 0:
         # Exact mode: bit patterns decide (so -0.0 vs 0.0 and NaN payloads count).
         bad = x.reshape(-1).view(np.uint8).reshape(x.size, -1) != y.reshape(-1).view(np.uint8).reshape(y.size, -1)
