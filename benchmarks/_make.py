@@ -1,0 +1,83 @@
+"""Build one benchmark checkpoint (run by run.py in its own process, once; reused after).
+
+    python benchmarks/_make.py MODEL OUT_DIR
+
+MODEL is a tf-slim net name (random-initialised weights, saved by
+``tf.compat.v1.train.Saver``), ``vgg_16_train`` (vgg_16 plus one Momentum slot
+and one ExponentialMovingAverage shadow per weight, as a training job saves it)
+or ``synthetic`` (one 2.4 GB tensor and about 6 GB in all, written by
+ckptbridge's native bundle writer in 16 MB pieces, never whole in memory).
+Prints the checkpoint prefix.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+
+SYNTHETIC = [
+    # name, dtype, shape: the 2.4 GB tensor first, then 6 x 600 MB, then a few small ones
+    ("embedding/huge", "float32", (600_000, 1000)),
+    *[(f"tower_{i}/dense/kernel", "float32", (150_000, 1000)) for i in range(6)],
+    *[(f"tower_{i}/dense/bias", "float32", (1000,)) for i in range(6)],
+    ("head/kernel_bf16", "bfloat16", (4096, 1000)),
+    ("head/counts", "int64", (1000,)),
+    ("global_step", "int64", ()),
+]
+
+
+def make_slim(model: str, out_dir: str) -> str:
+    from ckptbridge.tf.compat import import_tensorflow
+    from ckptbridge.tf.slim import build_net
+
+    tf = import_tensorflow()
+    base = model[: -len("_train")] if model.endswith("_train") else model
+    graph, _, logits = build_net(base, None)
+    with graph.as_default():
+        if model.endswith("_train"):
+            step = tf.compat.v1.train.get_or_create_global_step()
+            weights = tf.compat.v1.trainable_variables()
+            loss = tf.reduce_mean(logits)
+            tf.compat.v1.train.MomentumOptimizer(0.01, 0.9).minimize(loss, global_step=step, var_list=weights)
+            tf.compat.v1.train.ExponentialMovingAverage(0.999).apply(weights)
+        saver = tf.compat.v1.train.Saver()
+        with tf.compat.v1.Session(graph=graph) as sess:
+            sess.run(tf.compat.v1.global_variables_initializer())
+            return saver.save(sess, os.path.join(out_dir, "model.ckpt"), write_meta_graph=False)
+
+
+def make_synthetic(out_dir: str) -> str:
+    from ckptbridge._spec import numpy_dtype
+    from ckptbridge.bundle.writer import BundleWriter
+
+    prefix = os.path.join(out_dir, "model.ckpt")
+    w = BundleWriter(prefix)
+    rng = np.random.default_rng(0)
+    piece = 4 << 20  # elements per piece (16 MB of float32)
+    for name, dtype, shape in SYNTHETIC:
+        n = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        dt = numpy_dtype(dtype)
+
+        def pieces(n: int = n, dt: np.dtype = dt) -> object:
+            for i in range(0, n, piece):
+                k = min(piece, n - i)
+                if dt.kind == "f" or dtype == "bfloat16":
+                    yield rng.standard_normal(k, dtype=np.float32).astype(dt)
+                else:
+                    yield rng.integers(0, 1 << 40, k, dtype=np.int64).astype(dt)
+
+        w.write_chunks(name, dtype, shape, pieces())
+    w.commit()
+    return prefix
+
+
+def main() -> None:
+    model, out_dir = sys.argv[1], sys.argv[2]
+    os.makedirs(out_dir, exist_ok=True)
+    print(make_synthetic(out_dir) if model == "synthetic" else make_slim(model, out_dir))
+
+
+if __name__ == "__main__":
+    main()
