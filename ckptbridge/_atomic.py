@@ -134,7 +134,12 @@ def _check_parent(dest: str) -> str:
             raise NotFoundError(f"cannot write {dest}: {up} is a file, not a directory; choose another output location")
         raise NotFoundError(f"output directory {parent} does not exist; create it first")
     if not os.access(parent, os.W_OK):
-        raise CkptBridgeError(f"permission denied: cannot write in {parent}; choose another output location")
+        try:
+            read_only = bool(os.statvfs(parent).f_flag & os.ST_RDONLY)
+        except OSError:
+            read_only = False
+        what = "read-only file system" if read_only else "permission denied"
+        raise CkptBridgeError(f"{what}: cannot write in {parent}; choose another output location")
     return parent
 
 
@@ -199,7 +204,7 @@ _M = TypeVar("_M", bound=Callable[..., Any])
 
 
 def checks_writes(method: _M) -> _M:
-    """Decorate a sink method so a write failure recorded by its ``self._out`` (an AtomicFile) is raised when it returns.
+    """Decorate a sink method so a write failure recorded by its ``self._out`` (an AtomicFile), or a signal, is raised when it returns.
 
     The recorded failure (no space, file too large, an interrupt) replaces
     whatever error the writing library raised afterwards, since that one is
@@ -209,7 +214,11 @@ def checks_writes(method: _M) -> _M:
     @functools.wraps(method)
     def run(self: Any, *args: Any, **kwargs: Any) -> Any:
         try:
-            return method(self, *args, **kwargs)
+            # A KeyboardInterrupt raised in the middle of h5py's calls into HDF5 leaves
+            # HDF5 half-way through an operation (and the process segfaults at exit):
+            # signals are raised once the method is done.
+            with raise_signals_after():
+                return method(self, *args, **kwargs)
         finally:
             self._out.check_writes()
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .._atomic import AtomicFile, checks_writes
+from .._atomic import AtomicFile, checks_writes, raise_signals_after
 from .._chunks import BlockStream, block_shape, c_blocks, mmap_blocks
 from .._source import OBJECT_GRAPH, Sink, Source
 from .._spec import BFLOAT16, STRING, TensorSpec, as_exchange_array, dtype_name, numpy_dtype
@@ -50,7 +50,15 @@ class Hdf5Sink(Sink):
         self.path = path
         self._out = AtomicFile(path, force=force)
         # Through a guarded file object: HDF5 crashes on close after a failed write (see _atomic.GuardedFile).
-        self._f = h5py.File(self._out.open_guarded(), "w")
+        try:
+            with raise_signals_after():  # HDF5 must not be interrupted half-way through creating the file
+                self._f = h5py.File(self._out.open_guarded(), "w")
+        except BaseException:
+            f = getattr(self, "_f", None)
+            if f is not None:
+                f.close()
+            self._out.abort()
+            raise
         self._compress = compress
         self._records: dict[str, dict[str, Any]] = {}
         self._paths: dict[str, str] = {}
