@@ -25,8 +25,10 @@ from typing import Any
 import numpy as np
 
 from .._atomic import AtomicCheckpoint
+from .._chunks import CHUNK_BYTES, block_shape
 from .._source import Source
 from .._spec import TensorSpec, array_nbytes
+from ..bundle import BundleReader
 from ..convert import Report, exchange_checksum
 from ..errors import CkptBridgeError, FormatError, MismatchError
 from ..names import make_plan
@@ -239,9 +241,21 @@ def _write_with_saver(tf: Any, graph: Any, saver: Any, src: Source, by_name: dic
                     group_bytes = 0
 
                 for name, source_name in mapping.items():
+                    ph, op, start, rows = feeds[name]
+                    if start is not None:
+                        # A large variable streams from the archive in row blocks: never whole in memory.
+                        shape = src.spec(source_name).shape
+                        stream = src.read_blocks(source_name, rows * (src.spec(source_name).nbytes // max(shape[0], 1)))
+                        if stream is not None:
+                            for sel, block in stream:
+                                sess.run(op, {ph: block.reshape(block_shape(shape, sel)), start: sel[0].start})
+                                pbar.update(block.nbytes)
+                            assert stream.crc is not None
+                            crcs[name] = stream.crc
+                            nbytes += src.spec(source_name).nbytes
+                            continue
                     arr = src.read(source_name)
                     crcs[name] = exchange_checksum(arr)
-                    ph, op, start, rows = feeds[name]
                     n = array_nbytes(arr)
                     nbytes += n
                     if start is None:
@@ -259,7 +273,7 @@ def _write_with_saver(tf: Any, graph: Any, saver: Any, src: Source, by_name: dic
                 saver.save(sess, out.tmp_prefix, write_meta_graph=False, write_state=False)
         finally:
             pbar.close()
-        _readback(out.tmp_prefix, crcs, output_prefix)
+        _readback(out.tmp_prefix, crcs, output_prefix, native=True)
         out.commit()
     except BaseException:
         out.abort()
@@ -301,14 +315,17 @@ def _write_native(tf: Any, graph: Any, saver: Any, src: Source, by_name: dict[st
     return nbytes
 
 
-def _readback(tmp_prefix: str, crcs: dict[str, int], output_prefix: str) -> None:
+def _readback(tmp_prefix: str, crcs: dict[str, int], output_prefix: str, *, native: bool = False) -> None:
     from ..convert import CorruptError
     from .engine import TfCheckpointSource
 
-    src = TfCheckpointSource(tmp_prefix)
+    # What the Saver wrote is read back natively, streamed (TensorFlow would copy every
+    # tensor whole); what the native writer wrote is read back by TensorFlow, the oracle.
+    src: Source = BundleReader(tmp_prefix) if native else TfCheckpointSource(tmp_prefix)
     try:
         for name, crc in crcs.items():
-            if exchange_checksum(src.read(name)) != crc:
+            stream = src.read_blocks(name, CHUNK_BYTES)
+            if (stream.drain() if stream is not None else exchange_checksum(src.read(name))) != crc:
                 raise CorruptError(f"read-back of {output_prefix}: variable {name!r} differs from the archive; output discarded")
     finally:
         src.close()
