@@ -43,6 +43,10 @@ class Reader(Mapping[str, np.ndarray]):
         """The archive's provenance and per-tensor records (empty for checkpoints)."""
         return self._source.metadata()
 
+    def extras(self) -> dict[str, bytes]:
+        """Non-tensor payloads carried along, e.g. ``{"object_graph": ...}`` of a TF2 checkpoint."""
+        return self._source.extras()
+
     def __getitem__(self, name: str) -> np.ndarray:
         if name not in self._source.specs():
             raise KeyError(name)

@@ -619,7 +619,6 @@ def test_tf2_object_graph_carried_not_a_tensor(tf2_ckpt, fmt, engine, tmp_path):
             assert f[".ckptbridge/object_graph"][()].tobytes() == graph
 
 
-@pytest.mark.xfail(strict=True, reason="ckptbridge.Reader has no public accessor for carried extras (the TF2 object graph); see report")
 def test_tf2_object_graph_public_accessor(tf2_ckpt, tmp_path):
     out = tmp_path / "g.npz"
     ckptbridge.export(tf2_ckpt, str(out))

@@ -197,10 +197,6 @@ def test_plain_h5py(tmp_path):
         assert_exact(r["g/h/deep"], np.array([True, False]), "deep")
 
 
-@pytest.mark.xfail(strict=True, raises=ckptbridge.CorruptError, reason=(
-    "bug: formats/hdf5.py _check_dataset compares a contiguous dataset's storage size with "
-    "shape * dtype.itemsize; for variable-length strings h5py's itemsize is 8 (a pointer) but each "
-    "element is stored as a 16-byte hvl_t, so plain h5py string datasets are refused as 'damaged or crafted'"))
 def test_plain_h5py_vlen_strings(tmp_path):
     path = tmp_path / "vlen.h5"
     with h5py.File(path, "w") as f:
