@@ -36,7 +36,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 import ckptbridge  # noqa: E402
 
-EXAMPLES = int(os.environ.get("CKPTBRIDGE_FUZZ_EXAMPLES", "100"))
+EXAMPLES = int(os.environ.get("CKPTBRIDGE_FUZZ_EXAMPLES", "150"))
 AS_LIMIT = 4 << 30
 CASE_SECONDS = 20
 
