@@ -174,6 +174,7 @@ def rebuild(
     rename_file: str | None = None,
     original_names: bool = False,
     dry_run: bool = False,
+    image_size: int | None = None,
 ) -> Report:
     """Turn an archive (or any source) back into a TensorFlow checkpoint.
 
@@ -205,6 +206,7 @@ def rebuild(
                 report = rebuild_with_graph(
                     prep.source, output_prefix, model=model, num_classes=num_classes, allow_missing=allow_missing,
                     strict=strict, chunk_bytes=int(chunk_mb * (1 << 20)), engine=engine, force=force, progress=progress,
+                    image_size=image_size,
                 )
                 report.dropped = {**prep.plan.dropped, **report.dropped}
                 report.ema_swaps = {n: s for n, s in prep.plan.ema_swaps.items() if n in report.written}
@@ -220,6 +222,7 @@ def rebuild(
                 src, output_prefix, model=model, num_classes=num_classes, include=include, exclude=exclude,
                 use_ema=use_ema, allow_missing=allow_missing, strict=strict, chunk_bytes=int(chunk_mb * (1 << 20)),
                 engine=engine, force=force, progress=progress,
+                image_size=image_size,
             )
         plan = make_plan(list(src.specs()), include=include, exclude=exclude, use_ema=use_ema)
         require_some(plan, archive)

@@ -136,7 +136,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         exclude=args.exclude, use_ema=args.use_ema, allow_missing=args.allow_missing, strict=args.strict,
         chunk_mb=args.chunk_mb, max_shard_mb=args.max_shard_mb, engine=args.engine, force=args.force,
         max_tensor_gb=args.max_tensor_gb, progress=_progress(args), original_names=args.original_names,
-        **_handoff_kwargs(args),
+        image_size=args.image_size, **_handoff_kwargs(args),
     )
     if report.dry_run:
         _print_dry_run(report, f"checkpoint {report.output}")
@@ -215,7 +215,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("archive")
     s.add_argument("output_prefix", help="checkpoint prefix to write, e.g. out/model.ckpt")
     s.add_argument("--model", help="tf-slim net (vgg_16, resnet_v1_50, inception_v3, ...) or package.module:function")
-    s.add_argument("--num-classes", type=int, default=None, help="classes of the net's logits (default: the net's own)")
+    s.add_argument("--num-classes", type=int, default=None, help="classes of the net's logits (default: the archive's logits width, else the net's own)")
+    s.add_argument("--image-size", type=int, default=None, help="input size the net is built for (default: the net's own); inception_v3 names a layer after it")
     s.add_argument("--allow-missing", action="store_true", help="leave graph variables absent from the archive at their initializer")
     s.add_argument("--strict", action="store_true", help="archive entries the graph lacks are an error")
     s.add_argument("--original-names", action="store_true", help="restore the tensor names recorded at export (undo its --rename)")

@@ -652,3 +652,19 @@ def test_tensor_over_2gib_round_trips(tmp_path: Any) -> None:
     bits = got.view(np.uint32)
     for i in range(0, n, step):
         assert np.array_equal(bits[i : i + step], np.arange(i, min(n, i + step), dtype=np.uint32)), f"elements {i}..."
+
+
+def test_image_size_builds_the_net_a_small_input_checkpoint_came_from(inception_v2: str, archive_of: Any, tmp_path: Any) -> None:
+    """inception_v3 trained on 139x139 inputs names its AuxLogits kernel after the input size."""
+    archive = archive_of(inception_v2, "npz")
+    with pytest.raises(MismatchError) as e:
+        ckptbridge.rebuild(archive, str(tmp_path / "a" / "model.ckpt"), model="inception_v3", engine="native")
+    assert "AuxLogits" in str(e.value)
+    out = str(tmp_path / "b" / "model.ckpt")
+    report = ckptbridge.rebuild(archive, out, model="inception_v3", image_size=139, engine="native")
+    assert report.missing == []
+    reader = tf.train.load_checkpoint(out)
+    with ckptbridge.read(archive) as src:
+        for name in report.written:
+            got = reader.get_tensor(name)
+            assert got.dtype == src[name].dtype and got.tobytes() == src[name].tobytes(), name

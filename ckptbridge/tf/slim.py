@@ -74,8 +74,12 @@ def infer_num_classes(specs: dict[str, TensorSpec], default: int) -> int:
     return default
 
 
-def build_net(model: str, num_classes: int | None, specs: dict[str, TensorSpec] | None = None) -> tuple[Any, Any, Any]:
-    """Build ``model`` in a fresh graph: (graph, input placeholder or None, output)."""
+def build_net(model: str, num_classes: int | None, specs: dict[str, TensorSpec] | None = None, *, image_size: int | None = None) -> tuple[Any, Any, Any]:
+    """Build ``model`` in a fresh graph: (graph, input placeholder or None, output).
+
+    ``image_size`` matters for a few nets whose layer names depend on the input
+    (inception_v3's AuxLogits kernel is named after it); default: the net's own.
+    """
     tf = import_tensorflow()
     slim = import_slim()
     graph = tf.Graph()
@@ -86,7 +90,8 @@ def build_net(model: str, num_classes: int | None, specs: dict[str, TensorSpec] 
             fn = getattr(mod, info.function)
             scope = getattr(mod, info.arg_scope)
             n = num_classes if num_classes is not None else infer_num_classes(specs or {}, info.num_classes)
-            images = tf.compat.v1.placeholder(tf.float32, [None, info.image_size, info.image_size, 3], name="images")
+            size = image_size or info.image_size
+            images = tf.compat.v1.placeholder(tf.float32, [None, size, size, 3], name="images")
             with slim.arg_scope(scope()), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # tf-keras' legacy layers warn about their own deprecation
                 out = fn(images, num_classes=n, is_training=False)
@@ -136,13 +141,14 @@ def rebuild_with_graph(
     engine: str = "auto",
     force: bool = False,
     progress: bool | None = False,
+    image_size: int | None = None,
 ) -> Report:
     """Rebuild a checkpoint for a tf-slim graph from ``src`` (see module docstring)."""
     tf = import_tensorflow()
     if chunk_bytes <= 0:
         raise CkptBridgeError(f"--chunk-mb must be positive, got {chunk_bytes / (1 << 20)}")
     specs = dict(src.specs())
-    graph, _, _ = build_net(model, num_classes, specs)
+    graph, _, _ = build_net(model, num_classes, specs, image_size=image_size)
     with graph.as_default():
         variables = tf.compat.v1.global_variables()
         if not variables:
