@@ -95,6 +95,7 @@ def test_round_trip_every_dtype(tmp_path: Any) -> None:
             assert entry["data_offsets"][0] % np.dtype(ARRAYS[name].dtype).itemsize == 0, name  # every tensor aligned
 
 
+@pytest.mark.tf  # torch is installed only in the TensorFlow test venv
 def test_torch_loads_it(tmp_path: Any) -> None:
     torch = pytest.importorskip("torch")
     from safetensors.torch import load_file as torch_load
