@@ -62,8 +62,9 @@ def _graph(model: str, archive: np.lib.npyio.NpzFile):  # type: ignore[no-untype
 
 def _npy_spec(archive: np.lib.npyio.NpzFile, name: str) -> tuple[tuple[int, ...], np.dtype]:
     with archive.zip.open(name + ".npy") as f:
-        version = np.lib.format.read_magic(f)
-        shape, _, dtype = np.lib.format._read_array_header(f, version)  # type: ignore[attr-defined]
+        major, _ = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(f)
     return shape, dtype
 
 

@@ -191,14 +191,22 @@ def machine() -> dict[str, Any]:
             "kernel": platform.release(), "versions": versions, "commit": commit, "loadavg_start": os.getloadavg()}
 
 
-def run(models: list[str], runs: int, big: bool, out_json: str) -> dict[str, Any]:
+def run(models: list[str], runs: int, big: bool, out_json: str, append: bool = False, only: list[str] | None = None) -> dict[str, Any]:
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
-    doc: dict[str, Any] = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
-                           "command": "python benchmarks/run.py " + " ".join(sys.argv[1:]), "runs": runs, "models": {}}
+    command = "python benchmarks/run.py " + " ".join(sys.argv[1:])
+    if append and os.path.exists(out_json):
+        with open(out_json) as f:
+            doc = json.load(f)
+        doc["command"] = doc["command"] + "; then " + command
+    else:
+        doc = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
+               "command": command, "runs": runs, "models": {}}
     for model in models:
         prefix, archive = prepare(model, env)
-        ops = ops_for(model, prefix, archive, big)
-        entry: dict[str, Any] = {"label": LABELS[model], "bytes": model_bytes(prefix), "archive_bytes": os.path.getsize(archive), "ops": {}}
+        ops = [op for op in ops_for(model, prefix, archive, big) if not only or op.key in only]
+        entry: dict[str, Any] = {"label": LABELS[model], "bytes": model_bytes(prefix), "archive_bytes": os.path.getsize(archive), "runs": runs, "ops": {}}
+        if only and model in doc["models"]:
+            entry = doc["models"][model]  # re-measure just these operations, keep the rest
         doc["models"][model] = entry
         for op in ops:
             entry["ops"][op.key] = {"label": op.label, "side": op.side, "cmd": _show(op.cmd), "runs": [], "skip": op.skip}
@@ -244,9 +252,17 @@ def summarize(doc: dict[str, Any]) -> None:
                      ("export_npz_tf", "a_npz"), ("import_model", "b"), ("import_model_native", "b"), ("import_model", "c"),
                      ("import_free", "cp_archive")]:
             if a in ops and b in ops and "wall_s" in ops[a] and "wall_s" in ops[b]:
-                ratios[f"{a}/{b}"] = {"wall": round(ops[a]["wall_s"] / ops[b]["wall_s"], 3), "rss": round(ops[a]["rss_mb"] / ops[b]["rss_mb"], 3)}
+                ratios[f"{a}/{b}"] = {"wall": _paired(ops[a], ops[b], "wall_s"), "rss": _paired(ops[a], ops[b], "rss_mb")}
         entry["ratios"] = ratios
     doc["targets"] = targets(doc)
+
+
+def _paired(x: dict[str, Any], y: dict[str, Any], what: str) -> float:
+    """Median over runs of x/y, each run's pair measured minutes apart under the same load
+    (robust to the machine's load drifting between runs); ratio of medians if runs are unpaired."""
+    if len(x["runs"]) == len(y["runs"]) and x["runs"]:
+        return round(statistics.median(p[what] / q[what] for p, q in zip(x["runs"], y["runs"])), 3)
+    return round(x[what] / y[what], 3)
 
 
 def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
@@ -295,7 +311,7 @@ def report_markdown(doc: dict[str, Any]) -> str:
     m = doc["machine"]
     v = m["versions"]
     lines = [BEGIN, "",
-             f"Run {doc['date']} at commit `{m['commit']}`, {doc['runs']} run(s) per operation (medians): "
+             f"Run {doc['date']} at commit `{m['commit']}`, medians of the runs given per model: "
              f"`{doc['command']}`", "",
              f"Machine: {m['nproc']} CPUs ({m['cpu']}), {m['memory_mb'] / 1024:.0f} GB RAM, Linux {m['kernel']}, Python {m['python']}; "
              + ", ".join(f"{k} {x}" for k, x in v.items())
@@ -309,7 +325,7 @@ def report_markdown(doc: dict[str, Any]) -> str:
         met = "—" if t["met"] is None else ("yes" if t["met"] else "**no**")
         lines.append(f"| {t['target']} | {val} | {lim} | {met} |")
     for model, entry in doc["models"].items():
-        lines += ["", f"### {entry['label']}: {entry['bytes'] / 1e6:.0f} MB of tensors", "",
+        lines += ["", f"### {entry['label']}: {entry['bytes'] / 1e6:.0f} MB of tensors ({entry.get('runs', doc['runs'])} run(s), medians)", "",
                   "| operation | | wall s | peak RSS MB | MB/s |", "|---|---|---:|---:|---:|"]
         for rec in entry["ops"].values():
             wall, rss, mbs = _fmt(rec)
@@ -317,7 +333,7 @@ def report_markdown(doc: dict[str, Any]) -> str:
                 mbs = rec["skip"][:40] + "…"
             lines.append(f"| {rec['label']} | {rec['side']} | {wall} | {rss} | {mbs} |")
         if entry.get("ratios"):
-            lines += ["", "Ratios (ckptbridge / other, same session): " + "; ".join(
+            lines += ["", "Ratios (ckptbridge / other; median over runs of the ratio within each run): " + "; ".join(
                 f"{k}: wall {r['wall']:.2f}x, RSS {r['rss']:.2f}x" for k, r in entry["ratios"].items())]
     lines += ["", "![time and peak memory against model size](results.png)", "", END]
     return "\n".join(lines)
@@ -335,7 +351,7 @@ def plot(doc: dict[str, Any], path: str) -> None:
               ("import_model_native", "ckptbridge import --model --engine native", "C2", "-.^"),
               ("b", "baseline (b) assign_from_values_fn", "C1", "-o"), ("c", "baseline (c) tf.assign", "C4", "-o")]
     models = sorted(doc["models"].values(), key=lambda e: e["bytes"])
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 6))
     for key, label, color, style in series:
         pts = [(e["bytes"] / 1e9, e["ops"][key]) for e in models if key in e["ops"] and "wall_s" in e["ops"][key]]
         if not pts:
@@ -350,9 +366,10 @@ def plot(doc: dict[str, Any], path: str) -> None:
         ax.set_ylabel(unit)
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
-    axes[1].legend(fontsize=7, loc="upper left")
-    fig.suptitle(f"ckptbridge vs baselines ({doc['machine']['nproc']} CPUs, {doc['date'][:10]}; medians of {doc['runs']} runs)")
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
+    fig.suptitle(f"ckptbridge vs baselines ({doc['machine']['nproc']} CPUs, shared; {doc['date'][:10]}; medians)")
+    fig.tight_layout(rect=(0, 0.13, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -374,6 +391,8 @@ def main() -> None:
     p.add_argument("--runs", type=int, help="runs per operation (default 3; --quick 1)")
     p.add_argument("--big", action="store_true", help="also run baselines that hold the whole 6 GB synthetic model in memory")
     p.add_argument("--out", help="results JSON (default: benchmarks/results.json; --quick: benchmarks/work/results-quick.json)")
+    p.add_argument("--append", action="store_true", help="add the models run now to the existing results JSON (replacing them)")
+    p.add_argument("--only", nargs="+", metavar="OP", help="only these operations (keys in results.json), e.g. to re-measure one with --append")
     p.add_argument("--report", action="store_true", help="only regenerate README.md and the plot from the results JSON")
     args = p.parse_args()
     out = args.out or (os.path.join(WORK, "results-quick.json") if args.quick else RESULTS)
@@ -383,7 +402,7 @@ def main() -> None:
     else:
         os.makedirs(WORK, exist_ok=True)
         models = args.models or (["vgg_16_train"] if args.quick else ["vgg_16_train", "vgg_16", "resnet_v2_152", "inception_v3", "synthetic"])
-        doc = run(models, args.runs or (1 if args.quick else 3), args.big, out)
+        doc = run(models, args.runs or (1 if args.quick else 3), args.big, out, args.append, args.only)
     print(report_markdown(doc))
     if out == RESULTS:
         write_readme(doc)
