@@ -53,8 +53,15 @@ _signal_exc: BaseException | None = None
 
 def note_signal(exc: BaseException) -> None:
     """Record that the process was told to stop; every later commit raises ``exc`` instead."""
-    global _signal_exc
+    global _signal_exc, _signal_pending
     _signal_exc = exc
+    _signal_pending = True
+
+
+def raising_signal() -> None:
+    """The handler is about to raise the recorded signal itself: it is no longer pending."""
+    global _signal_pending
+    _signal_pending = False
 
 
 def _raise_if_signalled() -> None:
@@ -62,11 +69,30 @@ def _raise_if_signalled() -> None:
         raise _signal_exc
 
 
+def _raise_pending() -> None:
+    # Raise a signal recorded during a deferred block once, at its end; one that was
+    # already raised (and is unwinding the command) is not raised again by cleanups.
+    global _signal_pending
+    if _signal_pending and _signal_exc is not None:
+        _signal_pending = False
+        raise _signal_exc
+
+
+_signal_pending = False
 _defer_depth = 0
+
+# Destinations this process has published, so that a signal arriving during or
+# after the final rename is not reported as "nothing was written".
+_published: list[str] = []
+
+
+def published_outputs() -> list[str]:
+    """The outputs this process has moved into place (complete), in order."""
+    return list(_published)
 
 
 def signals_deferred_to_python() -> bool:
-    """True inside :func:`raise_signals_after`: a signal handler should only record, not raise."""
+    """True inside :func:`raise_signals_after` or :func:`signals_deferred`: a signal handler should only record, not raise."""
     return _defer_depth > 0
 
 
@@ -85,7 +111,7 @@ def raise_signals_after() -> Iterator[None]:
     finally:
         _defer_depth -= 1
     if _defer_depth == 0:
-        _raise_if_signalled()
+        _raise_pending()
 
 
 def _umask() -> int:
@@ -111,17 +137,24 @@ def _fsync_dir(path: str) -> None:
 def signals_deferred() -> Iterator[None]:
     """Hold SIGINT/SIGTERM until the block is done, so a rename sequence or a cleanup is never cut in half.
 
-    A signal that arrives meanwhile is delivered (and raises) right after the block.
-    Only the calling thread's mask changes; elsewhere than the main thread it is a no-op.
+    A signal that arrives meanwhile raises right after the block.  Blocking the
+    signal in this thread's mask is not enough on its own: with other threads
+    alive (OpenBLAS's, tqdm's) the kernel hands the signal to one of them and
+    Python still runs its handler in the main thread at once.  So the block also
+    counts as deferred for the CLI's handler, which then only records the signal.
     """
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
-        yield
-        return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    global _defer_depth
+    main = threading.current_thread() is threading.main_thread()
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM}) if main and hasattr(signal, "pthread_sigmask") else None
+    _defer_depth += 1
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        _defer_depth -= 1
+        if old is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    if _defer_depth == 0:
+        _raise_pending()
 
 
 def _check_parent(dest: str) -> str:
@@ -182,6 +215,7 @@ class AtomicFile:
             with open(self.tmp, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(self.tmp, self.dest)
+            _published.append(self.dest)
             _pending.pop(self.tmp, None)
             _fsync_dir(os.path.dirname(os.path.abspath(self.dest)))
             self._done = True
@@ -356,6 +390,7 @@ class AtomicCheckpoint:
                 dst = self.prefix + src[len(self.tmp_prefix):]
                 os.replace(src, dst)
                 placed.append(dst)
+            _published.append(self.prefix)
             for stale in old - set(placed) - {old_index}:
                 os.unlink(stale)
             parent = os.path.dirname(os.path.abspath(self.prefix))

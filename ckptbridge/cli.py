@@ -33,11 +33,12 @@ def _on_signal(signum: int, frame: Any) -> None:
     if _signalled:
         return
     _signalled = True
-    from ._atomic import note_signal, signals_deferred_to_python
+    from ._atomic import note_signal, raising_signal, signals_deferred_to_python
 
     exc: BaseException = KeyboardInterrupt() if signum == signal.SIGINT else _Terminated()
     note_signal(exc)
     if not signals_deferred_to_python():
+        raising_signal()
         raise exc
 
 
@@ -253,10 +254,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except KeyboardInterrupt:
-        _err(f"interrupted{_writing(dest)}; nothing was written, run the command again to finish")
+        _err(_stopped("interrupted", dest))
         return 130
     except _Terminated:
-        _err(f"terminated by SIGTERM{_writing(dest)}; nothing was written, run the command again to finish")
+        _err(_stopped("terminated by SIGTERM", dest))
         return 143
     except CkptBridgeError as e:
         _debug(args)
@@ -281,7 +282,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         from ._atomic import discard_pending
 
-        discard_pending()  # temporaries of a sink whose constructor was interrupted
+        try:
+            discard_pending()  # temporaries of a sink whose constructor was interrupted
+        except BaseException:  # noqa: BLE001 - a signal recorded during the sweep: we are leaving anyway
+            pass
         for sig, handler in old.items():
             signal.signal(sig, handler)
 
@@ -289,6 +293,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _debug(args: argparse.Namespace) -> None:
     if getattr(args, "debug", False):
         traceback.print_exc()
+
+
+def _stopped(what: str, dest: str | None) -> str:
+    from ._atomic import published_outputs
+
+    done = published_outputs()
+    if done:
+        # The signal came during or after the final rename: the output is whole.
+        return f"{what} after {done[-1]} was written; it is complete"
+    return f"{what}{_writing(dest)}; nothing was written, run the command again to finish"
 
 
 def _writing(dest: str | None) -> str:
