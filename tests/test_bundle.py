@@ -602,7 +602,9 @@ def test_random_index_mutations_raise_only_ckptbridge_errors(mutation_source, da
                 off, size = data.draw(st.sampled_from(_blocks(bytes(blob)))) if fix else (0, len(blob))
                 for _ in range(data.draw(st.integers(1, 4))):
                     kind = data.draw(st.sampled_from(["flip", "set", "cut", "insert"] if not fix else ["flip", "set"]))
-                    pos = off + data.draw(st.integers(0, max(0, size - 1)))
+                    # Without a block to fix, a cut may have shortened the blob: stay inside it.
+                    limit = size if fix else len(blob)
+                    pos = off + data.draw(st.integers(0, max(0, limit - 1)))
                     if kind == "flip" and blob:
                         blob[pos] ^= 1 << data.draw(st.integers(0, 7))
                     elif kind == "set" and blob:
