@@ -114,6 +114,41 @@ def raise_signals_after() -> Iterator[None]:
         _raise_pending()
 
 
+_libc: Any = None
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(path: str) -> None:
+    """Ask the kernel to start writing ``path``'s dirty pages to disk now, without waiting.
+
+    The fsync before the final rename then finds most of the file already on
+    disk: the disk works while we go on converting, instead of all at the end.
+    Linux only (sync_file_range); elsewhere, and on any error, it does nothing.
+    """
+    global _libc
+    if _libc is None:
+        try:
+            import ctypes
+
+            lib = ctypes.CDLL(None, use_errno=True)
+            fn = lib.sync_file_range
+            fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+            fn.restype = ctypes.c_int
+            _libc = fn
+        except (OSError, AttributeError):
+            _libc = False
+    if not _libc:
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        _libc(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
+    finally:
+        os.close(fd)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -192,6 +227,10 @@ class AtomicFile:
             self._done = False
             _pending[self.tmp] = self.abort
         self._raw: GuardedFile | None = None
+
+    def start_writeback(self) -> None:
+        """Start writing what is written so far to disk (see :func:`start_writeback`)."""
+        start_writeback(self.tmp)
 
     def open_guarded(self) -> "GuardedFile":
         """The temporary file as a :class:`GuardedFile`, for writers in C that cannot survive a failed write."""
@@ -364,6 +403,12 @@ class AtomicCheckpoint:
             self.tmp_prefix = os.path.join(self.tmpdir, os.path.basename(prefix))
             self._done = False
             _pending[self.tmpdir] = self.abort
+
+    def start_writeback(self) -> None:
+        """Start writing the data shards written so far to disk (see :func:`start_writeback`)."""
+        for path in glob.glob(os.path.join(glob.escape(self.tmpdir), "*")):
+            if os.path.isfile(path):
+                start_writeback(path)
 
     def commit(self) -> None:
         if self._done:

@@ -101,6 +101,12 @@ class Sink(abc.ABC):
     def write_extra(self, key: str, payload: bytes) -> None:
         """Store a non-tensor payload if the format can; by default it is dropped."""
 
+    def start_writeback(self) -> None:
+        """Let the disk start on what is written so far (a hint; by default nothing)."""
+        out = getattr(self, "_out", None)
+        if out is not None and hasattr(out, "start_writeback"):
+            out.start_writeback()
+
     def finish(self, metadata: dict[str, Any] | None = None) -> None:
         """Complete the output at its temporary location (see :attr:`readback_path`)."""
         raise NotImplementedError

@@ -19,6 +19,9 @@ from .names import Plan
 from .progress import bar
 
 
+_WRITEBACK_BYTES = 64 << 20
+
+
 @dataclasses.dataclass
 class Report:
     """What a conversion did: every name written, dropped or swapped."""
@@ -66,6 +69,7 @@ def transfer(
     pbar = bar(total, desc, progress)
     try:
         sink.begin(out_specs)
+        unsynced = 0
         for dst, src in plan.mapping.items():
             # Numeric tensors stream block by block where both ends can (any size in
             # CHUNK_BYTES of memory, one crc32c pass); the rest are read whole.
@@ -83,6 +87,10 @@ def transfer(
                 n = array_nbytes(arr)
                 del arr
             nbytes += n
+            unsynced += n
+            if unsynced >= _WRITEBACK_BYTES:
+                sink.start_writeback()  # the disk writes while we convert, not all at the final fsync
+                unsynced = 0
             pbar.update(n if specs[src].dtype != STRING else 0)
         if carry_extras:
             for key, payload in source.extras().items():
