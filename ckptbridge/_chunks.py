@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import mmap
-import os
 from collections.abc import Callable, Iterator
 
 import crc32c

@@ -76,6 +76,31 @@ class Source(abc.ABC):
         self.close()
 
 
+class ArchiveSource(Source):
+    """A source that reads its specs, metadata and extras when it opens (our archive formats).
+
+    Subclasses fill ``_specs``, ``_meta`` (the JSON document, ``{}`` for a plain
+    archive) and ``_extras``; the per-tensor crc32c records live in ``_meta["tensors"]``.
+    """
+
+    _specs: Mapping[str, TensorSpec]
+    _meta: dict[str, Any]
+    _extras: dict[str, bytes]
+
+    def specs(self) -> Mapping[str, TensorSpec]:
+        return self._specs
+
+    def metadata(self) -> dict[str, Any]:
+        return self._meta
+
+    def extras(self) -> dict[str, bytes]:
+        return dict(self._extras)
+
+    def checksum(self, name: str) -> int | None:
+        rec = self._meta.get("tensors", {}).get(name)
+        return None if rec is None else int(rec["crc32c"])
+
+
 class Sink(abc.ABC):
     """Takes named tensors one at a time; commit() publishes atomically."""
 

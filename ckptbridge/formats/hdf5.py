@@ -11,14 +11,13 @@ attributes, and readers go by those, never by the path.
 from __future__ import annotations
 
 import mmap
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from .._atomic import AtomicFile, checks_writes, raise_signals_after
 from .._chunks import BlockStream, block_shape, c_blocks, mmap_blocks
-from .._source import OBJECT_GRAPH, Sink, Source
+from .._source import ArchiveSource, OBJECT_GRAPH, Sink, Source
 from .._spec import BFLOAT16, STRING, TensorSpec, as_exchange_array, dtype_name, numpy_dtype
 from ..errors import CkptBridgeError, CorruptError, FormatError, MismatchError, UnsafeArchiveError
 from . import meta
@@ -178,7 +177,7 @@ class Hdf5Sink(Sink):
         self._out.abort()
 
 
-class Hdf5Source(Source):
+class Hdf5Source(ArchiveSource):
     """A lazy view of an HDF5 file: datasets are listed up front, read on demand."""
 
     kind = "hdf5"
@@ -318,19 +317,6 @@ class Hdf5Source(Source):
             # Unwritten storage reads as the fill value and gzip cannot expand more
             # than ~1032:1, so a small file claiming a huge dataset is a memory bomb.
             raise UnsafeArchiveError(f"{path}: dataset {full!r} claims {need} bytes but only {stored} are stored in the file (unwritten chunks or an impossible compression ratio); refusing what looks like a memory bomb")
-
-    def specs(self) -> Mapping[str, TensorSpec]:
-        return self._specs
-
-    def metadata(self) -> dict[str, Any]:
-        return self._meta
-
-    def extras(self) -> dict[str, bytes]:
-        return dict(self._extras)
-
-    def checksum(self, name: str) -> int | None:
-        rec = self._meta.get("tensors", {}).get(name)
-        return None if rec is None else int(rec["crc32c"])
 
     def read_blocks(self, name: str, chunk_bytes: int) -> BlockStream | None:
         """Stream a numeric dataset hyperslab by hyperslab into one reusable buffer; its

@@ -9,20 +9,18 @@ from __future__ import annotations
 
 import ast
 import bisect
-import io
 import mmap
 import os
 import struct
 import zipfile
 import zlib
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from .._atomic import AtomicFile
 from .._chunks import BlockStream, mmap_blocks
-from .._source import OBJECT_GRAPH, Sink, Source
+from .._source import ArchiveSource, OBJECT_GRAPH, Sink, Source
 from .._spec import BFLOAT16, STRING, TensorSpec, as_exchange_array, dtype_name, numpy_dtype
 from ..errors import CkptBridgeError, CorruptError, FormatError, MismatchError, UnsafeArchiveError
 from . import meta
@@ -167,7 +165,7 @@ def _parse_npy_header(f: Any, where: str) -> tuple[np.dtype, tuple[int, ...], bo
     return dtype, shape, d["fortran_order"], pre + hlen
 
 
-class NpzSource(Source):
+class NpzSource(ArchiveSource):
     """A lazy view of an ``.npz``: headers are read up front, values on demand."""
 
     kind = "npz"
@@ -299,19 +297,6 @@ class NpzSource(Source):
                 if got != arr.nbytes:
                     raise CorruptError(f"{where}: member is truncated; the archive is damaged")
         return arr
-
-    def specs(self) -> Mapping[str, TensorSpec]:
-        return self._specs
-
-    def metadata(self) -> dict[str, Any]:
-        return self._meta
-
-    def extras(self) -> dict[str, bytes]:
-        return dict(self._extras)
-
-    def checksum(self, name: str) -> int | None:
-        rec = self._meta.get("tensors", {}).get(name)
-        return None if rec is None else int(rec["crc32c"])
 
     def read_blocks(self, name: str, chunk_bytes: int) -> BlockStream | None:
         """Stream a numeric member stored uncompressed (C order) as views of the mapped file,

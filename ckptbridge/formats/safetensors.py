@@ -23,14 +23,13 @@ import base64
 import json
 import os
 import sys
-from collections.abc import Mapping
 from typing import Any
 
 import ml_dtypes
 import numpy as np
 
 from .._atomic import AtomicFile
-from .._source import OBJECT_GRAPH, Sink, Source
+from .._source import ArchiveSource, OBJECT_GRAPH, Sink, Source
 from .._spec import BFLOAT16, STRING, TensorSpec, as_exchange_array, dtype_name, numpy_dtype
 from ..errors import CkptBridgeError, CorruptError, FormatError, MismatchError, MissingDependencyError, UnsafeArchiveError
 from . import meta
@@ -246,7 +245,7 @@ class SafetensorsSink(Sink):
         self._out.abort()
 
 
-class SafetensorsSource(Source):
+class SafetensorsSource(ArchiveSource):
     """A lazy view of a ``.safetensors`` file through ``safetensors.safe_open``."""
 
     kind = "safetensors"
@@ -302,19 +301,6 @@ class SafetensorsSource(Source):
         if missing:
             raise CorruptError(f"{path}: metadata lists tensors that are not in the archive: {', '.join(missing[:5])}; the archive is incomplete")
         self._specs = specs
-
-    def specs(self) -> Mapping[str, TensorSpec]:
-        return self._specs
-
-    def metadata(self) -> dict[str, Any]:
-        return self._meta
-
-    def extras(self) -> dict[str, bytes]:
-        return dict(self._extras)
-
-    def checksum(self, name: str) -> int | None:
-        rec = self._meta.get("tensors", {}).get(name)
-        return None if rec is None else int(rec["crc32c"])
 
     def read(self, name: str) -> np.ndarray:
         spec = self.spec(name)
