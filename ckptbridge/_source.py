@@ -161,6 +161,24 @@ class Sink(abc.ABC):
             self.abort()
 
 
+class ArchiveSink(Sink):
+    """A sink writing one temporary file (an ``_atomic.AtomicFile`` in ``_out``) that
+    :attr:`source_class` reads back before :meth:`publish` renames it into place."""
+
+    source_class: type[Source]
+    _out: Any
+
+    @property
+    def readback_path(self) -> str:
+        return self._out.tmp
+
+    def open_readback(self) -> Source:
+        return self.source_class(self._out.tmp)  # type: ignore[call-arg]
+
+    def publish(self) -> None:
+        self._out.commit()
+
+
 def iter_tensors(source: Source, names: Iterator[str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
     for name in names if names is not None else source.specs():
         yield name, source.read(name)

@@ -17,7 +17,7 @@ import numpy as np
 
 from .._atomic import AtomicFile, checks_writes, raise_signals_after
 from .._chunks import BlockStream, block_shape, c_blocks, mmap_blocks
-from .._source import ArchiveSource, OBJECT_GRAPH, Sink, Source
+from .._source import ArchiveSink, ArchiveSource, OBJECT_GRAPH
 from .._spec import BFLOAT16, STRING, TensorSpec, as_exchange_array, dtype_name, numpy_dtype
 from ..errors import CkptBridgeError, CorruptError, FormatError, MismatchError, UnsafeArchiveError
 from . import meta
@@ -38,7 +38,7 @@ def _natural_path(name: str) -> str | None:
     return name
 
 
-class Hdf5Sink(Sink):
+class Hdf5Sink(ArchiveSink):
     """Writes one dataset per tensor into a temporary HDF5 file; commit renames it."""
 
     streams = True
@@ -151,16 +151,6 @@ class Hdf5Sink(Sink):
     def write_extra(self, key: str, payload: bytes) -> None:
         if key == OBJECT_GRAPH:
             self._f.create_dataset(OBJECT_GRAPH_DATASET, data=np.frombuffer(payload, dtype=np.uint8))
-
-    @property
-    def readback_path(self) -> str:
-        return self._out.tmp
-
-    def publish(self) -> None:
-        self._out.commit()
-
-    def open_readback(self) -> Source:
-        return Hdf5Source(self._out.tmp)
 
     @checks_writes
     def finish(self, metadata: dict[str, Any] | None = None) -> None:
@@ -486,3 +476,6 @@ def _plain_array(raw: np.ndarray, ds: Any) -> np.ndarray:
             flat[i] = v.encode("utf-8") if isinstance(v, str) else bytes(v)
         return out
     return as_exchange_array(raw)
+
+
+Hdf5Sink.source_class = Hdf5Source

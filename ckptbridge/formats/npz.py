@@ -20,7 +20,7 @@ import numpy as np
 
 from .._atomic import AtomicFile
 from .._chunks import BlockStream, mmap_blocks
-from .._source import ArchiveSource, OBJECT_GRAPH, Sink, Source
+from .._source import ArchiveSink, ArchiveSource, OBJECT_GRAPH
 from .._spec import BFLOAT16, STRING, TensorSpec, as_exchange_array, dtype_name, numpy_dtype
 from ..errors import CkptBridgeError, CorruptError, FormatError, MismatchError, UnsafeArchiveError
 from . import meta
@@ -42,7 +42,7 @@ def check_name(name: str, path: str) -> None:
         raise FormatError(f"tensor name {name!r} is reserved by ckptbridge's .npz format; rename it (--rename)")
 
 
-class NpzSink(Sink):
+class NpzSink(ArchiveSink):
     """Writes an ``.npz`` member by member into a temporary file; commit renames it."""
 
     streams = True
@@ -91,16 +91,6 @@ class NpzSink(Sink):
     def _write_member(self, member: str, arr: np.ndarray) -> None:
         with self._zip.open(member, "w", force_zip64=True) as f:
             np.lib.format.write_array(f, arr, allow_pickle=False)
-
-    @property
-    def readback_path(self) -> str:
-        return self._out.tmp
-
-    def publish(self) -> None:
-        self._out.commit()
-
-    def open_readback(self) -> Source:
-        return NpzSource(self._out.tmp)
 
     def finish(self, metadata: dict[str, Any] | None = None) -> None:
         doc = meta.provenance(self._source, metadata)
@@ -355,3 +345,6 @@ class NpzSource(ArchiveSource):
         if f is not None:
             f.close()
             self._file = None  # type: ignore[assignment]
+
+
+NpzSink.source_class = NpzSource

@@ -29,7 +29,7 @@ import ml_dtypes
 import numpy as np
 
 from .._atomic import AtomicFile
-from .._source import ArchiveSource, OBJECT_GRAPH, Sink, Source
+from .._source import ArchiveSink, ArchiveSource, OBJECT_GRAPH
 from .._spec import BFLOAT16, STRING, TensorSpec, as_exchange_array, dtype_name, numpy_dtype
 from ..errors import CkptBridgeError, CorruptError, FormatError, MismatchError, MissingDependencyError, UnsafeArchiveError
 from . import meta
@@ -93,7 +93,7 @@ def _round8(n: int) -> int:
     return (n + 7) // 8 * 8
 
 
-class SafetensorsSink(Sink):
+class SafetensorsSink(ArchiveSink):
     """Streams tensors into a temporary ``.safetensors`` file; the header is written last."""
 
     def __init__(self, path: str, *, force: bool = False, source: str | None = None) -> None:
@@ -187,13 +187,6 @@ class SafetensorsSink(Sink):
         if key == OBJECT_GRAPH:
             self._extras[OBJECT_GRAPH_KEY] = base64.b64encode(payload).decode("ascii")
 
-    @property
-    def readback_path(self) -> str:
-        return self._out.tmp
-
-    def open_readback(self) -> Source:
-        return SafetensorsSource(self._out.tmp)
-
     def finish(self, metadata: dict[str, Any] | None = None) -> None:
         if self._entries is None:
             self.begin([])
@@ -233,9 +226,6 @@ class SafetensorsSink(Sink):
             os.pwrite(fd, chunk, old + start + shift)
             end = start
         self._reserve = reserve
-
-    def publish(self) -> None:
-        self._out.commit()
 
     def abort(self) -> None:
         try:
@@ -333,3 +323,6 @@ class SafetensorsSource(ArchiveSource):
 
 
 _ = ml_dtypes  # imported so NumPy (and safe_open) know the name "bfloat16"
+
+
+SafetensorsSink.source_class = SafetensorsSource
