@@ -185,9 +185,11 @@ def signals_deferred() -> Iterator[None]:
     try:
         yield
     finally:
-        _defer_depth -= 1
+        # Unblock while still deferred: a signal held by the mask is delivered here
+        # and only recorded, then raised below, after the block is whole.
         if old is not None:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        _defer_depth -= 1
     if _defer_depth == 0:
         _raise_pending()
 
@@ -221,12 +223,14 @@ class AtomicFile:
         if os.path.lexists(dest) and not force:
             raise OutputExistsError(f"output {dest} already exists; pass --force to overwrite it")
         parent = _check_parent(dest)
+        # Every attribute abort() uses is set before the temporary exists: a signal
+        # raised right after it is registered must find abort() able to run.
+        self._raw: GuardedFile | None = None
+        self._done = False
         with signals_deferred():
             fd, self.tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(dest)}.", suffix=TMP_SUFFIX)
             os.close(fd)
-            self._done = False
             _pending[self.tmp] = self.abort
-        self._raw: GuardedFile | None = None
 
     def start_writeback(self) -> None:
         """Start writing what is written so far to disk (see :func:`start_writeback`)."""
