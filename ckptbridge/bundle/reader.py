@@ -80,6 +80,7 @@ class BundleReader(Source):
         self.verify = verify
         self._index_file = index_path(self.prefix)
         self._maps: dict[int, Any] = {}
+        self._files: dict[int, Any] = {}  # kept open beside each map: streams copy from their descriptors
         self._verified: set[bytes] = set()
         self._closed = False
         data = self._read_index()
@@ -306,11 +307,15 @@ class BundleReader(Source):
             return None
         blocks = mmap_blocks(self._buffer(e.shard_id), e.offset, self._specs[name], dtype, chunk_bytes)
         check = (lambda c: self._check_crc(key, e, name, c)) if self.verify else None
-        return BlockStream(self._specs[name], blocks, check)
+        f = self._files.get(e.shard_id)
+        return BlockStream(self._specs[name], blocks, check, span=(f.fileno(), e.offset) if f is not None else None)
 
     def close(self) -> None:
         # Views handed out keep their mmap alive; we only drop our references.
         self._maps.clear()
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
         self._closed = True
 
     # --- values -------------------------------------------------------------
@@ -320,14 +325,22 @@ class BundleReader(Source):
         if buf is None:
             path = data_path(self.prefix, shard, self._header.num_shards)
             try:
-                with open(path, "rb") as f:
-                    size = os.fstat(f.fileno()).st_size
-                    if size != self._shard_sizes[shard]:
-                        raise CorruptError(f"data file {path} changed size while the checkpoint was open")
-                    buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+                f = open(path, "rb")
             except OSError as e:
                 raise CkptBridgeError(f"cannot read {path}: {e.strerror or e}; check that the file is readable (permissions, disk)") from None
+            try:
+                size = os.fstat(f.fileno()).st_size
+                if size != self._shard_sizes[shard]:
+                    raise CorruptError(f"data file {path} changed size while the checkpoint was open")
+                buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+            except OSError as e:
+                f.close()
+                raise CkptBridgeError(f"cannot read {path}: {e.strerror or e}; check that the file is readable (permissions, disk)") from None
+            except BaseException:
+                f.close()
+                raise
             self._maps[shard] = buf
+            self._files[shard] = f
         return buf
 
     def _read_stored(self, key: bytes, e: Entry, name: str, *, copy: bool) -> np.ndarray:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from .._atomic import AtomicFile, checks_writes, raise_signals_after
-from .._chunks import BlockStream, block_shape, c_blocks, mmap_blocks
+from .._chunks import BlockStream, block_shape, c_blocks, mmap_blocks, write_stream
 from .._source import ArchiveSink, ArchiveSource, OBJECT_GRAPH
 from .._spec import BFLOAT16, STRING, TensorSpec, as_exchange_array, dtype_name, numpy_dtype
 from ..errors import CkptBridgeError, CorruptError, FormatError, MismatchError, UnsafeArchiveError
@@ -36,6 +36,18 @@ def _natural_path(name: str) -> str | None:
     if any(p in ("", ".", "..") for p in parts) or parts[0] == META_GROUP or "\x00" in name:
         return None
     return name
+
+
+def _raw_dcpl() -> Any:
+    """Creation properties of a dataset whose bytes we place ourselves: contiguous,
+    its file space allocated at creation, and no fill value ever written."""
+    import h5py
+
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_layout(h5py.h5d.CONTIGUOUS)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+    return dcpl
 
 
 class Hdf5Sink(ArchiveSink):
@@ -135,17 +147,33 @@ class Hdf5Sink(ArchiveSink):
         kwargs: dict[str, Any] = {}
         if self._compress and spec.size > 0 and spec.shape:
             kwargs = {"compression": "gzip", "compression_opts": 4, "shuffle": True, "chunks": True}
-        ds = self._f.create_dataset(path, shape=spec.shape, dtype=stored, **kwargs)
+        if not kwargs and spec.shape and spec.size and stream.span is not None:
+            # Allocated now and never filled: the bytes go straight to the dataset's place in
+            # the file, copied by the kernel from the source (see _chunks.write_stream).
+            # (h5py ignores these properties for scalars, which take the other path.)
+            ds = self._f.create_dataset(path, shape=spec.shape, dtype=stored, dcpl=_raw_dcpl())
+            offset = ds.id.get_offset()
+            if offset is None:
+                self._write_hyperslabs(ds, stream, stored)
+            else:
+                write_stream(stream, self._out.fileno(), offset)
+        else:
+            ds = self._f.create_dataset(path, shape=spec.shape, dtype=stored, **kwargs)
+            self._write_hyperslabs(ds, stream, stored)
+        ds.attrs[ATTR_NAME] = name
+        ds.attrs[ATTR_DTYPE] = spec.dtype
+        assert stream.crc is not None
+        self._records[name] = meta.tensor_record(spec.dtype, tuple(spec.shape), meta.ENC_BF16 if bf16 else meta.ENC_RAW, stream.crc, path=path)
+
+    @staticmethod
+    def _write_hyperslabs(ds: Any, stream: BlockStream, stored: np.dtype) -> None:
+        spec = stream.spec
         for sel, arr in stream:
             block = arr.view(stored).reshape(block_shape(spec.shape, sel))
             if sel:
                 ds.write_direct(block, dest_sel=sel)
             else:
                 ds[()] = block
-        ds.attrs[ATTR_NAME] = name
-        ds.attrs[ATTR_DTYPE] = spec.dtype
-        assert stream.crc is not None
-        self._records[name] = meta.tensor_record(spec.dtype, tuple(spec.shape), meta.ENC_BF16 if bf16 else meta.ENC_RAW, stream.crc, path=path)
 
     @checks_writes
     def write_extra(self, key: str, payload: bytes) -> None:
@@ -342,7 +370,8 @@ class Hdf5Source(ArchiveSource):
         if offset is not None:
             mapped = self._mapped()
             if mapped is not None and offset + spec.size * stored.itemsize <= len(mapped):
-                return BlockStream(spec, ((sel, a.view(want)) for sel, a in mmap_blocks(mapped, offset, spec, stored, chunk_bytes)), check)
+                blocks = ((sel, a.view(want)) for sel, a in mmap_blocks(mapped, offset, spec, stored, chunk_bytes))
+                return BlockStream(spec, blocks, check, span=(self._map_file.fileno(), offset))
 
         def blocks() -> Any:
             total = spec.size
@@ -363,10 +392,15 @@ class Hdf5Source(ArchiveSource):
     def _mapped(self) -> mmap.mmap | None:
         if getattr(self, "_map", None) is None:
             try:
-                with open(self.path, "rb") as f:
-                    self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            except (OSError, ValueError):
+                f = open(self.path, "rb")
+            except OSError:
                 return None
+            try:
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            except (OSError, ValueError):
+                f.close()
+                return None
+            self._map_file = f  # kept open: streams copy from its descriptor
         return self._map
 
     def read(self, name: str) -> np.ndarray:
@@ -387,6 +421,10 @@ class Hdf5Source(ArchiveSource):
 
     def close(self) -> None:
         self._map = None  # views handed out keep the map alive
+        mf = getattr(self, "_map_file", None)
+        if mf is not None:
+            mf.close()
+            self._map_file = None
         f = getattr(self, "_f", None)
         if f is not None:
             try:

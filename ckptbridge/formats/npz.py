@@ -24,6 +24,7 @@ from .._source import ArchiveSink, ArchiveSource, OBJECT_GRAPH
 from .._spec import BFLOAT16, STRING, TensorSpec, as_exchange_array, dtype_name, numpy_dtype
 from ..errors import CkptBridgeError, CorruptError, FormatError, MismatchError, UnsafeArchiveError
 from . import meta
+from ._zip import ZipWriter
 
 META_MEMBER = "__ckptbridge__.npy"
 OBJECT_GRAPH_MEMBER = "__ckptbridge_object_graph__.npy"
@@ -50,7 +51,13 @@ class NpzSink(ArchiveSink):
     def __init__(self, path: str, *, compress: bool = False, force: bool = False, source: str | None = None) -> None:
         self.path = path
         self._out = AtomicFile(path, force=force)
-        self._zip = zipfile.ZipFile(self._out.tmp, "w", compression=zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED, allowZip64=True)
+        try:
+            self._fd: int | None = os.open(self._out.tmp, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
+        except BaseException:
+            self._out.abort()
+            raise
+        self._zip = ZipWriter(self._fd)
+        self._compress = compress
         self._records: dict[str, dict[str, Any]] = {}
         self._source = source
 
@@ -74,13 +81,12 @@ class NpzSink(ArchiveSink):
         bf16 = spec.dtype == BFLOAT16
         stored = np.dtype(np.uint16) if bf16 else numpy_dtype(spec.dtype)
         header = {"descr": np.lib.format.dtype_to_descr(stored), "fortran_order": False, "shape": tuple(spec.shape)}
-        with self._zip.open(name + ".npy", "w", force_zip64=True) as f:
+        with self._zip.member(name + ".npy", compress=self._compress) as f:
             try:
                 np.lib.format.write_array_header_1_0(f, header)
             except ValueError:  # header over 64 KiB: what np.save does too
                 np.lib.format.write_array_header_2_0(f, header)
-            for _, arr in stream:
-                f.write(memoryview(arr.reshape(-1).view(np.uint8)))
+            f.write_stream(stream)
         assert stream.crc is not None
         self._records[name] = meta.tensor_record(spec.dtype, tuple(spec.shape), meta.ENC_BF16 if bf16 else meta.ENC_RAW, stream.crc)
 
@@ -89,7 +95,7 @@ class NpzSink(ArchiveSink):
             self._write_member(OBJECT_GRAPH_MEMBER, np.frombuffer(payload, dtype=np.uint8))
 
     def _write_member(self, member: str, arr: np.ndarray) -> None:
-        with self._zip.open(member, "w", force_zip64=True) as f:
+        with self._zip.member(member, compress=self._compress) as f:
             np.lib.format.write_array(f, arr, allow_pickle=False)
 
     def finish(self, metadata: dict[str, Any] | None = None) -> None:
@@ -97,12 +103,15 @@ class NpzSink(ArchiveSink):
         doc["tensors"] = self._records
         self._write_member(META_MEMBER, np.frombuffer(meta.dumps(doc), dtype=np.uint8))
         self._zip.close()
+        self._close_fd()
+
+    def _close_fd(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
 
     def abort(self) -> None:
-        try:
-            self._zip.close()
-        except Exception:
-            pass
+        self._close_fd()
         self._out.abort()
 
 
@@ -318,7 +327,7 @@ class NpzSource(ArchiveSource):
             def check(c: int) -> None:
                 if c != stored_crc:
                     raise CorruptError(f"{where}: checksum mismatch (crc32c), the stored bytes are damaged; restore the archive from a good copy")
-        return BlockStream(spec, blocks, check)
+        return BlockStream(spec, blocks, check, span=(self._file.fileno(), m.data_offset))
 
     def read(self, name: str) -> np.ndarray:
         spec = self.spec(name)
