@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from ._atomic import durability
 from ._resolve import open_archive_sink, open_checkpoint_sink, open_source, require_archive_kind
 from ._source import Source
 from ._spec import TensorSpec
@@ -101,6 +102,7 @@ def export(
     model: str | None = None,
     num_classes: int | None = None,
     dry_run: bool = False,
+    fsync: bool = True,
 ) -> Report:
     """Write every (selected) tensor of a checkpoint to ``.npz``, HDF5 or ``.safetensors``, exactly.
 
@@ -111,12 +113,13 @@ def export(
     PyTorch's layout, deciding which are conv/depthwise/dense from ``model``'s
     graph if given, else from names and ranks.  The archive records original
     names and layout changes, so ``rebuild`` can undo them.  ``dry_run``
-    plans everything, writes nothing, and returns the report.
+    plans everything, writes nothing, and returns the report.  ``fsync=False``
+    skips making the output durable before the rename (see the README's Limits).
     """
     from .handoff import prepare_export
 
     kind = require_archive_kind(output)
-    with open_source(checkpoint, engine=engine) as src:
+    with durability(fsync), open_source(checkpoint, engine=engine) as src:
         prep = prepare_export(
             src, include=include, exclude=exclude, weights_only=weights_only, use_ema=use_ema,
             rename=rename, rename_file=rename_file, layout=layout, model=model, num_classes=num_classes,
@@ -175,6 +178,7 @@ def rebuild(
     original_names: bool = False,
     dry_run: bool = False,
     image_size: int | None = None,
+    fsync: bool = True,
 ) -> Report:
     """Turn an archive (or any source) back into a TensorFlow checkpoint.
 
@@ -186,12 +190,13 @@ def rebuild(
     A layout change recorded in the archive (``export(layout="torch")``) is
     undone.  ``original_names`` restores the names recorded at export;
     ``rename``/``rename_file`` rename after the filters.  ``dry_run`` plans
-    the names, writes nothing (and does not build the graph).
+    the names, writes nothing (and does not build the graph).  ``fsync=False``
+    skips making the output durable before the rename.
     """
     max_shard = None if max_shard_mb is None else int(max_shard_mb * (1 << 20))
     if max_shard is not None and max_shard <= 0:
         raise CkptBridgeError(f"--max-shard-mb must be positive, got {max_shard_mb}")
-    with open_source(archive, max_tensor_bytes=_max_bytes(max_tensor_gb)) as src:
+    with durability(fsync), open_source(archive, max_tensor_bytes=_max_bytes(max_tensor_gb)) as src:
         from .handoff import needs_import_view, prepare_import
 
         if dry_run or needs_import_view(src, rename=rename, rename_file=rename_file, original_names=original_names):

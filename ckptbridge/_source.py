@@ -132,6 +132,12 @@ class Sink(abc.ABC):
         if out is not None and hasattr(out, "start_writeback"):
             out.start_writeback()
 
+    def start_sync(self) -> None:
+        """After :meth:`finish`: start making the output durable (fsync) while it is read back."""
+        out = getattr(self, "_out", None)
+        if out is not None and hasattr(out, "start_sync"):
+            out.start_sync()
+
     def finish(self, metadata: dict[str, Any] | None = None) -> None:
         """Complete the output at its temporary location (see :attr:`readback_path`)."""
         raise NotImplementedError

@@ -120,7 +120,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     report = _api.export(
         args.checkpoint, args.output, include=args.include, exclude=args.exclude, weights_only=args.weights_only,
         use_ema=args.use_ema, compress=args.compress, force=args.force, engine=args.engine, progress=_progress(args),
-        layout=args.layout, model=args.model, num_classes=args.num_classes, **_handoff_kwargs(args),
+        layout=args.layout, model=args.model, num_classes=args.num_classes, fsync=args.fsync, **_handoff_kwargs(args),
     )
     if report.dry_run:
         _print_dry_run(report, report.output)
@@ -136,7 +136,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         exclude=args.exclude, use_ema=args.use_ema, allow_missing=args.allow_missing, strict=args.strict,
         chunk_mb=args.chunk_mb, max_shard_mb=args.max_shard_mb, engine=args.engine, force=args.force,
         max_tensor_gb=args.max_tensor_gb, progress=_progress(args), original_names=args.original_names,
-        image_size=args.image_size, **_handoff_kwargs(args),
+        image_size=args.image_size, fsync=args.fsync, **_handoff_kwargs(args),
     )
     if report.dry_run:
         _print_dry_run(report, f"checkpoint {report.output}")
@@ -200,6 +200,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="rename tensors with re.sub, split at the last '=' (repeatable, applied in order, after the filters)")
     filt.add_argument("--rename-file", metavar="FILE", help="JSON object of exact names, old -> new (applied before --rename)")
     filt.add_argument("--dry-run", action="store_true", help="print old -> new names, what is dropped and the layout changes; write nothing")
+    filt.add_argument("--no-fsync", dest="fsync", action="store_false",
+                      help="skip the fsync before the output is renamed into place: as fast as the page cache, but a power "
+                           "loss in the next half minute can leave it incomplete (the source is untouched)")
 
     s = sub.add_parser("export", parents=[common, filt], help="checkpoint -> .npz / .h5 / .safetensors")
     s.add_argument("checkpoint", help="prefix, .index/.data file, directory, or V1 .ckpt file")

@@ -101,6 +101,7 @@ def transfer(
         if plan.ema_swaps:
             doc["ema_swaps"] = plan.ema_swaps
         sink.finish(doc)
+        sink.start_sync()  # the disk finishes writing while we read back
         if verify:
             readback(sink, crcs, chunk_bytes)
         sink.publish()

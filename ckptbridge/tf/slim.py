@@ -343,6 +343,7 @@ def _write_native(tf: Any, graph: Any, saver: Any, src: Source, by_name: dict[st
             nbytes += n
             pbar.update(n)
         sink.finish()
+        sink.start_sync()  # the disk finishes writing while we read back
         # The bytes are read back natively (streamed); TensorFlow, the oracle, opens the same
         # bundle and must list exactly the graph's names, dtypes and shapes.  Reading every
         # tensor through TensorFlow too cost a copy of each (fc6: 411 MB) and ~1 s.
