@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import traceback
@@ -251,6 +252,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = _parser()
     args = parser.parse_args(argv)
+    if "tensorflow" not in sys.modules:
+        # This process's TensorFlow serves tf-slim's graph-mode layers, which come from tf-keras:
+        # with tf.keras pointing there, importing TensorFlow skips loading Keras 3 (and the
+        # matplotlib it pulls in where installed), 1-1.7 s of a rebuild on the benchmark VM.
+        # An explicit TF_USE_LEGACY_KERAS in the environment wins.
+        os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
     dest = getattr(args, "output", None) or getattr(args, "output_prefix", None)
     old = _install_signal_handlers() if _main_thread() else {}
     try:
