@@ -164,9 +164,15 @@ def write_stream(stream: BlockStream, fd: int, pos: int, each: Callable[[memoryv
                 # A span's views stay valid (they map the file), so the job may write one.
                 pending = Job(_copy_or_write, span[0], span[1] + done, fd, pos + done, view, name="ckptbridge-copy")
             done += n
-    finally:
-        if pending is not None:
-            pending.wait()
+    except BaseException:
+        if pending is not None:  # let the copy in flight finish; the error that stopped us is the one to report
+            try:
+                pending.wait()
+            except BaseException:  # noqa: BLE001
+                pass
+        raise
+    if pending is not None:
+        pending.wait()
     return done
 
 

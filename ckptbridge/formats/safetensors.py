@@ -29,6 +29,7 @@ import ml_dtypes
 import numpy as np
 
 from .._atomic import AtomicFile
+from .._chunks import write_stream
 from .._source import ArchiveSink, ArchiveSource, OBJECT_GRAPH
 from .._spec import BFLOAT16, STRING, TensorSpec, as_exchange_array, dtype_name, numpy_dtype
 from ..errors import CkptBridgeError, CorruptError, FormatError, MismatchError, MissingDependencyError, UnsafeArchiveError
@@ -172,13 +173,17 @@ class SafetensorsSink(ArchiveSink):
             raise MismatchError(f"tensor {name!r}: announced {spec.describe()} but got {stream.spec.describe()}")
         start, end = self._entries[name]["data_offsets"]
         pos = 8 + self._reserve + start
-        for _, arr in stream:
-            if sys.byteorder != "little" and arr.dtype.itemsize > 1:
-                arr = arr.astype(arr.dtype.newbyteorder("<"))
-            raw = memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
-            self._f.seek(pos)
-            self._f.write(raw)
-            pos += raw.nbytes
+        if sys.byteorder == "little":  # the stream's bytes are the file's: copied by the kernel where it can
+            self._f.flush()
+            pos += write_stream(stream, self._f.fileno(), pos)
+        else:
+            for _, arr in stream:
+                if arr.dtype.itemsize > 1:
+                    arr = arr.astype(arr.dtype.newbyteorder("<"))
+                raw = memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
+                self._f.seek(pos)
+                self._f.write(raw)
+                pos += raw.nbytes
         if pos != 8 + self._reserve + end:
             raise MismatchError(f"tensor {name!r}: streamed {pos - 8 - self._reserve - start} bytes, expected {end - start}")
         self._records[name] = meta.tensor_record(spec.dtype, spec.shape, meta.ENC_RAW, int(stream.crc))
