@@ -4,12 +4,15 @@
     python benchmarks/_baselines.py a_h5  CKPT OUT.h5
     python benchmarks/_baselines.py b     ARCHIVE.npz OUT_PREFIX MODEL
     python benchmarks/_baselines.py c     ARCHIVE.npz OUT_PREFIX MODEL|synthetic
+    python benchmarks/_baselines.py graph ARCHIVE.npz MODEL
 
 (a) ``tf.train.load_checkpoint``, every tensor into one dict, then ``np.savez`` / h5py;
 (b) tf-slim's ``assign_from_values_fn`` into the slim graph, then ``Saver.save``;
 (c) ``tf.assign(variable, ndarray)`` per variable (the arrays become graph
     constants), then ``Saver.save``.  Past 2 GB in one tensor TensorFlow
-    refuses the constant; that failure is reported with exit status 3.
+    refuses the constant; that failure is reported with exit status 3;
+graph: only import TensorFlow and build the slim graph, the floor of (b) and
+    of ``import --model`` alike.
 
 These are written the way the recipes are usually written, with the one
 concession noted at each: nothing here is made slower on purpose.
@@ -100,11 +103,25 @@ def baseline_bc(which: str, archive_path: str, out_prefix: str, model: str) -> i
     return 0
 
 
+def graph_only(archive_path: str, model: str) -> int:
+    """The floor of any import that checks the archive against the slim graph: start
+    Python, import TensorFlow and tf-slim, build the net and list its variables; no data."""
+    from ckptbridge.tf.compat import import_slim, import_tensorflow
+
+    tf = import_tensorflow()
+    import_slim()
+    graph = _graph(model, np.load(archive_path))
+    with graph.as_default():
+        return 0 if tf.compat.v1.global_variables() else 3
+
+
 def main() -> int:
     op = sys.argv[1]
     if op in ("a_npz", "a_h5"):
         baseline_a(sys.argv[2], sys.argv[3])
         return 0
+    if op == "graph":
+        return graph_only(sys.argv[2], sys.argv[3])
     os.makedirs(os.path.dirname(os.path.abspath(sys.argv[3])), exist_ok=True)
     return baseline_bc(op, sys.argv[2], sys.argv[3], sys.argv[4])
 
