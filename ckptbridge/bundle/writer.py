@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -140,40 +140,41 @@ class BundleWriter(Sink):
             self.write_chunks(name, spec.dtype, spec.shape, (arr for _, arr in stream))
             return
         key = self._key(name)
-        expected = math.prod(spec.shape) * numpy_dtype(spec.dtype).itemsize
-        self._make_room(expected)
-        f = self._file
-        assert f is not None
-        f.flush()
-        start = self._size
-        try:
+
+        def fill(f: BinaryIO, start: int, expected: int) -> tuple[int, int]:
+            f.flush()
             written = write_stream(stream, f.fileno(), start)
-            if written != expected:
-                raise MismatchError(f"tensor {name!r}: got {written} bytes, expected {expected} for {spec.dtype}{list(spec.shape)}")
-        except BaseException:
-            f.seek(start)
-            f.truncate()
-            raise
-        f.seek(start + written)
-        self._size += written
-        assert stream.crc is not None
-        self._entries[key] = encode_entry(ENUM_BY_DTYPE[spec.dtype], spec.shape, len(self._parts) - 1, start, written, mask(stream.crc))
+            f.seek(start + written)
+            assert stream.crc is not None  # write_stream read it to the end (or raised)
+            return written, stream.crc
+
+        self._place_numeric(key, name, spec.dtype, spec.shape, fill)
 
     def _write_numeric(self, key: bytes, name: str, dtype: str, shape: tuple[int, ...], pieces: Iterable[memoryview]) -> None:
-        expected = math.prod(shape) * numpy_dtype(dtype).itemsize
-        self._make_room(expected)
-        f = self._file
-        assert f is not None
-        start = self._size
-        c = 0
-        written = 0
-        try:
+        def fill(f: BinaryIO, start: int, expected: int) -> tuple[int, int]:
+            c = 0
+            written = 0
             for piece in pieces:
                 if written + len(piece) > expected:
                     raise MismatchError(f"tensor {name!r}: got more than the {expected} bytes of {dtype}{list(shape)}")
                 f.write(piece)
                 c = crc(piece, c)
                 written += len(piece)
+            return written, c
+
+        self._place_numeric(key, name, dtype, shape, fill)
+
+    def _place_numeric(self, key: bytes, name: str, dtype: str, shape: tuple[int, ...],
+                       fill: Callable[[BinaryIO, int, int], tuple[int, int]]) -> None:
+        """Append one numeric tensor to the current shard: ``fill(file, offset, size)`` writes its
+        bytes and returns (bytes written, their crc32c); on any error the shard is cut back."""
+        expected = math.prod(shape) * numpy_dtype(dtype).itemsize
+        self._make_room(expected)
+        f = self._file
+        assert f is not None
+        start = self._size
+        try:
+            written, c = fill(f, start, expected)
             if written != expected:
                 raise MismatchError(f"tensor {name!r}: got {written} bytes, expected {expected} for {dtype}{list(shape)}")
         except BaseException:
