@@ -299,6 +299,7 @@ def _write_with_saver(tf: Any, graph: Any, saver: Any, src: Source, by_name: dic
                 saver.save(sess, out.tmp_prefix, write_meta_graph=False, write_state=False)
         finally:
             pbar.close()
+        out.start_sync()  # the disk finishes writing while we read back
         _readback(out.tmp_prefix, crcs, output_prefix, native=True)
         out.commit()
     except BaseException:
