@@ -555,7 +555,7 @@ def _read_everything(prefix: str) -> None:
         r.metadata()
 
 
-@pytest.fixture(scope="module", params=["native", "tf"])
+@pytest.fixture(scope="module", params=["native", pytest.param("tf", marks=pytest.mark.tf)])
 def mutation_source(request, tmp_path_factory):
     """The files of a real checkpoint to mutate: partitioned, strings, object graph, several shards."""
     if request.param == "tf":
