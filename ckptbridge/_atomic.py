@@ -137,7 +137,6 @@ def durability(fsync: bool) -> Iterator[None]:
 
 _libc: Any = None
 _SYNC_FILE_RANGE_WRITE = 2
-_kicker: Any = None
 _kick_lock = threading.Lock()
 _kick_busy = False
 
@@ -186,19 +185,15 @@ def start_writeback(*paths: str) -> None:
     next one covers the same pages.  Linux only; elsewhere, and on any error, it
     does nothing.
     """
-    global _kicker, _kick_busy
+    global _kick_busy
     if not _sync_file_range():
         return
     with _kick_lock:
         if _kick_busy:
             return
         _kick_busy = True
-    if _kicker is None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _kicker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptbridge-writeback")
     try:
-        _kicker.submit(_kick, list(paths))
+        Job(_kick, list(paths), name="ckptbridge-writeback")  # a daemon: exit never waits for it
     except RuntimeError:  # the interpreter is shutting down
         with _kick_lock:
             _kick_busy = False
