@@ -147,9 +147,9 @@ class Hdf5Sink(ArchiveSink):
         kwargs: dict[str, Any] = {}
         if self._compress and spec.size > 0 and spec.shape:
             kwargs = {"compression": "gzip", "compression_opts": 4, "shuffle": True, "chunks": True}
-        if not kwargs and spec.shape and spec.size and stream.span is not None:
+        if not kwargs and spec.shape and spec.size:
             # Allocated now and never filled: the bytes go straight to the dataset's place in
-            # the file, copied by the kernel from the source (see _chunks.write_stream).
+            # the file, copied by the kernel where the source is a file (see _chunks.write_stream).
             # (h5py ignores these properties for scalars, which take the other path.)
             ds = self._f.create_dataset(path, shape=spec.shape, dtype=stored, dcpl=_raw_dcpl())
             offset = ds.id.get_offset()
