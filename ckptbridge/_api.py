@@ -40,6 +40,19 @@ class Reader(Mapping[str, np.ndarray]):
     def kind(self) -> str:
         return self._source.kind
 
+    @property
+    def uncarried(self) -> Mapping[str, TensorSpec]:
+        """Tensors of a dtype ckptbridge cannot carry (``variant``...): listed, never read as arrays.
+
+        They are not keys of the mapping; :meth:`read_raw` gives their stored bytes
+        where the engine can (the native one).
+        """
+        return self._source.uncarried()
+
+    def read_raw(self, name: str) -> bytes | None:
+        """The stored bytes of a tensor in :attr:`uncarried`, checksum-verified; None where the engine cannot."""
+        return self._source.read_raw(name)
+
     def metadata(self) -> dict[str, Any]:
         """The archive's provenance and per-tensor records (empty for checkpoints)."""
         return self._source.metadata()
@@ -229,7 +242,8 @@ def rebuild(
                 engine=engine, force=force, progress=progress,
                 image_size=image_size,
             )
-        plan = make_plan(list(src.specs()), include=include, exclude=exclude, use_ema=use_ema)
+        plan = make_plan(list(src.specs()), include=include, exclude=exclude, use_ema=use_ema,
+                         uncarried={n: s.dtype for n, s in src.uncarried().items()}, where=src.path)
         require_some(plan, archive)
         sink = open_checkpoint_sink(output_prefix, engine=engine, force=force, max_shard_bytes=max_shard)
         return transfer(src, sink, plan, progress=progress, desc="import")

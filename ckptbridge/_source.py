@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ._spec import TensorSpec
+from ._dtypes import uncarried_error  # noqa: F401 - re-exported for the sources
 from .errors import NotFoundError
 
 if TYPE_CHECKING:
@@ -46,6 +47,20 @@ class Source(abc.ABC):
     def read_blocks(self, name: str, chunk_bytes: int) -> "BlockStream | None":
         """The tensor in C-order blocks of at most ``chunk_bytes`` (see ``_chunks``),
         or None where this source cannot stream it (then :meth:`read` it whole)."""
+        return None
+
+    def uncarried(self) -> Mapping[str, TensorSpec]:
+        """Tensors the source holds whose dtype ckptbridge cannot carry (``variant``...), by name.
+
+        They are not in :meth:`specs` (nothing can read them as arrays), but they are
+        never hidden: ``ls``, ``diff`` and ``verify`` show them and an export refuses
+        them unless they are excluded.  Archives cannot hold them: empty.
+        """
+        return {}
+
+    def read_raw(self, name: str) -> bytes | None:
+        """The stored bytes of a tensor in :meth:`uncarried`, checksum-verified where the format
+        keeps a checksum; None where this source cannot get at them."""
         return None
 
     def metadata(self) -> dict[str, Any]:
@@ -188,3 +203,4 @@ class ArchiveSink(Sink):
 def iter_tensors(source: Source, names: Iterator[str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
     for name in names if names is not None else source.specs():
         yield name, source.read(name)
+

@@ -1,8 +1,9 @@
 """The exchange model between layers: a tensor's name, dtype and shape.
 
 dtypes are named by canonical strings: NumPy's names for what NumPy stores
-natively, plus ``"bfloat16"`` (held in memory as ``ml_dtypes.bfloat16``) and
-``"string"`` (held as an object array of ``bytes``).
+natively, TensorFlow's for the rest (``"bfloat16"``, ``"float8_e4m3fn"``,
+``"qint8"``, ``"variant"``...) and ``"string"`` (held as an object array of
+``bytes``).  ``_dtypes`` has the table of them all and how each is held.
 """
 
 from __future__ import annotations
@@ -10,49 +11,26 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import ml_dtypes
 import numpy as np
 
-from .errors import FormatError
+from . import _dtypes
 
-STRING = "string"
-BFLOAT16 = "bfloat16"
+STRING = _dtypes.STRING
+BFLOAT16 = _dtypes.BFLOAT16
 
-# Every dtype a TensorFlow checkpoint can hold that ckptbridge carries.
-NUMERIC_DTYPES = (
-    "float16", "float32", "float64", "bfloat16",
-    "int8", "int16", "int32", "int64",
-    "uint8", "uint16", "uint32", "uint64",
-    "bool", "complex64", "complex128",
-)
-ALL_DTYPES = NUMERIC_DTYPES + (STRING,)
+# Every dtype a TensorFlow checkpoint can hold that ckptbridge carries (the table is in _dtypes).
+NUMERIC_DTYPES = _dtypes.NUMERIC
+ALL_DTYPES = _dtypes.CARRIED
 
 
 def numpy_dtype(dtype: str) -> np.dtype:
     """The in-memory NumPy dtype for a canonical dtype name."""
-    if dtype == STRING:
-        return np.dtype(object)
-    if dtype == BFLOAT16:
-        return np.dtype(ml_dtypes.bfloat16)
-    if dtype not in NUMERIC_DTYPES:
-        raise FormatError(f"unsupported dtype {dtype!r}; ckptbridge carries {', '.join(ALL_DTYPES)}")
-    return np.dtype(dtype)
+    return _dtypes.numpy_dtype(dtype)
 
 
 def dtype_name(dt: np.dtype | type, *, sample: np.ndarray | None = None) -> str:
-    """The canonical dtype name of a NumPy dtype (object arrays must hold bytes)."""
-    dt = np.dtype(dt)
-    if dt == np.dtype(object):
-        return STRING
-    if dt == np.dtype(ml_dtypes.bfloat16):
-        return BFLOAT16
-    if dt.kind == "S":
-        return STRING
-    name = dt.name
-    if name not in NUMERIC_DTYPES:
-        raise FormatError(f"unsupported dtype {dt}; ckptbridge carries {', '.join(ALL_DTYPES)}")
-    # Normalise byte order: archives may hold big-endian arrays.
-    return name
+    """The canonical dtype name of an exchange array's dtype (object arrays must hold bytes)."""
+    return _dtypes.of_array(dt).name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,17 +40,33 @@ class TensorSpec:
     name: str
     dtype: str
     shape: tuple[int, ...]
+    #: bytes the source stores for it, where known without reading and different from :attr:`nbytes`
+    #: (strings, dtypes not carried); None: unknown
+    stored_nbytes: int | None = dataclasses.field(default=None, compare=False)
 
     @property
     def size(self) -> int:
         return math.prod(self.shape)
 
     @property
+    def carried(self) -> bool:
+        """Whether ckptbridge can read and write this tensor's values (see ``_dtypes``)."""
+        d = _dtypes.BY_NAME.get(self.dtype)
+        return d is not None and d.carried
+
+    @property
     def nbytes(self) -> int:
-        """Bytes of the tensor's values (for strings: 0, unknown before reading)."""
-        if self.dtype == STRING:
-            return 0
-        return self.size * numpy_dtype(self.dtype).itemsize
+        """Bytes of the tensor's values (strings and dtypes not carried: 0, see :attr:`stored_nbytes`)."""
+        d = _dtypes.BY_NAME.get(self.dtype)
+        return 0 if d is None else self.size * d.itemsize
+
+    @property
+    def size_on_disk(self) -> int | None:
+        """Bytes this tensor takes: :attr:`nbytes`, or what the source stores for strings and opaque dtypes (None: unknown)."""
+        if self.stored_nbytes is not None:
+            return self.stored_nbytes
+        d = _dtypes.BY_NAME.get(self.dtype)
+        return self.nbytes if d is not None and d.itemsize else None
 
     def describe(self) -> str:
         return f"{self.dtype}{list(self.shape)}"

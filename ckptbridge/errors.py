@@ -14,6 +14,7 @@ __all__ = [
     "CorruptError",
     "MismatchError",
     "UnsafeArchiveError",
+    "UncarriedDtypeError",
     "OutputExistsError",
     "MissingDependencyError",
 ]
@@ -41,6 +42,18 @@ class MismatchError(CkptBridgeError, ValueError):
 
 class UnsafeArchiveError(FormatError):
     """An archive asks for something ckptbridge refuses to do (pickle, external storage...)."""
+
+
+class UncarriedDtypeError(FormatError):
+    """Tensors whose dtype ckptbridge cannot carry (``variant``...) were asked for.
+
+    ``tensors`` maps each such tensor's name to its dtype.  Nothing is dropped
+    silently: leaving them out is the caller's explicit choice (an exclude filter).
+    """
+
+    def __init__(self, message: str, tensors: dict[str, str]) -> None:
+        super().__init__(message)
+        self.tensors = dict(tensors)
 
 
 class OutputExistsError(CkptBridgeError, FileExistsError):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from .errors import FormatError
 
@@ -67,10 +67,23 @@ def make_plan(
     exclude: Sequence[str] = (),
     weights_only: bool = False,
     use_ema: bool = False,
+    uncarried: Mapping[str, str] | None = None,
+    where: str = "",
 ) -> Plan:
-    """Apply include/exclude, --weights-only and --use-ema to ``names``."""
+    """Apply include/exclude, --weights-only and --use-ema to ``names``.
+
+    ``uncarried`` (name -> dtype) are the source's tensors of a dtype ckptbridge
+    cannot carry: they go through the same filters, so that leaving them out is
+    reported like any other drop, and any the filters keep is refused by name
+    (UncarriedDtypeError, naming ``where``): nothing is left out silently.
+    """
+    from ._dtypes import uncarried_error
+
     inc = compile_patterns(include, "--include")
     exc = compile_patterns(exclude, "--exclude")
+    opaque = dict(uncarried or {})
+    if opaque:
+        names = sorted([*names, *opaque], key=lambda n: n.encode("utf-8", "surrogateescape"))
     present = set(names)
     mapping: dict[str, str] = {}
     dropped: dict[str, str] = {}
@@ -93,6 +106,11 @@ def make_plan(
             src = name + EMA_SUFFIX
             swaps[name] = src
         mapping[name] = src
+    kept = {n: opaque[n] for n in mapping.values() if n in opaque}
+    if kept:
+        raise uncarried_error(where, kept)
+    for name in dropped.keys() & opaque.keys():
+        dropped[name] += f"; its dtype {opaque[name]} is not carried"
     return Plan(mapping, dropped, swaps)
 
 

@@ -11,30 +11,22 @@ from __future__ import annotations
 import dataclasses
 import re
 
+from .. import _dtypes
 from ._wire import _Bad, field_bytes, get_varint, field_fixed32, field_varint, parse_message, to_int32, to_int64
 
 HEADER_KEY = b""
 TENSOR_BUNDLE_VERSION = 1    # what TensorFlow writes as VersionDef.producer
 LITTLE, BIG = 0, 1
 
-# TensorFlow DataType enum (types.proto) <-> canonical ckptbridge dtype names.
-DTYPE_BY_ENUM = {
-    1: "float32", 2: "float64", 3: "int32", 4: "uint8", 5: "int16", 6: "int8",
-    7: "string", 8: "complex64", 9: "int64", 10: "bool", 14: "bfloat16",
-    17: "uint16", 18: "complex128", 19: "float16", 22: "uint32", 23: "uint64",
-}
+# TensorFlow DataType enum (types.proto) <-> canonical ckptbridge dtype names, for the carried dtypes
+# (the table, with the dtypes that are not carried, is ckptbridge._dtypes).
+DTYPE_BY_ENUM = {e: d.name for e, d in _dtypes.BY_ENUM.items() if d.carried}
 ENUM_BY_DTYPE = {v: k for k, v in DTYPE_BY_ENUM.items()}
-# Names of enums we recognise but do not carry, for messages.
-OTHER_ENUMS = {
-    0: "DT_INVALID", 11: "DT_QINT8", 12: "DT_QUINT8", 13: "DT_QINT32", 15: "DT_QINT16",
-    16: "DT_QUINT16", 20: "DT_RESOURCE", 21: "DT_VARIANT",
-}
 
 
 def dtype_enum_name(enum: int) -> str:
-    if enum in DTYPE_BY_ENUM:
-        return DTYPE_BY_ENUM[enum]
-    return OTHER_ENUMS.get(enum, f"DataType {enum}")
+    d = _dtypes.by_enum(enum)
+    return d.name if d is not None else f"DataType {enum}"
 
 
 @dataclasses.dataclass

@@ -29,16 +29,17 @@ import numpy as np
 
 from .._chunks import BlockStream, mmap_blocks
 from .._source import OBJECT_GRAPH, OBJECT_GRAPH_KEY, Source
+from .. import _dtypes
+from .._source import uncarried_error
 from .._spec import STRING, TensorSpec, numpy_dtype
 from ..errors import CkptBridgeError, CorruptError, FormatError, NotFoundError
-from ._entries import BIG, DTYPE_BY_ENUM, HEADER_KEY, LITTLE, TENSOR_BUNDLE_VERSION, Entry, dtype_enum_name, parse_entry, parse_header, slice_key
+from ._entries import BIG, DTYPE_BY_ENUM, HEADER_KEY, LITTLE, TENSOR_BUNDLE_VERSION, Entry, parse_entry, parse_header, slice_key
 from ._table import FOOTER_SIZE, SnappyBlock, has_magic, read_table
-from ._wire import _Bad, crc, unmask
+from ._wire import _Bad, crc, get_varint, mask, unmask
 
 ENGINE_NAME = "native"
 MAX_SHARDS = 1 << 20
 MAX_RANK = 254          # TensorShape's limit
-MAX_KNOWN_ENUM = 40     # DataType enums up to here are real (quantized, resource, variant, float8, int4...), just not carried
 
 
 def index_path(prefix: str) -> str:
@@ -164,7 +165,9 @@ class BundleReader(Source):
         if e.offset < 0 or e.size < 0 or e.offset + e.size > self._shard_sizes[e.shard_id]:
             raise self._corrupt(f"its bytes [{e.offset}, {e.offset + e.size}) lie outside {path} "
                                 f"({self._shard_sizes[e.shard_id]} bytes)", tensor=name)
-        dtype = DTYPE_BY_ENUM[e.dtype]
+        dtype = DTYPE_BY_ENUM.get(e.dtype)
+        if dtype is None:
+            return  # not carried: only its place in the shard can be checked
         if dtype == STRING:
             if e.size and e.size < count + 4:
                 raise self._corrupt(f"{e.size} bytes cannot hold {count} strings", tensor=name)
@@ -178,18 +181,14 @@ class BundleReader(Source):
 
     def _check_entries(self) -> None:
         specs: dict[str, TensorSpec] = {}
-        unsupported: dict[str, str] = {}
+        uncarried: dict[str, TensorSpec] = {}
         claimed: set[bytes] = set()
         self._slices: dict[str, list[tuple[tuple[int, ...], tuple[int, ...], bytes]]] = {}
         self._keys: dict[str, bytes] = {}
         for key, e in self._entries.items():
             name = _key_name(key)
-            if e.dtype not in DTYPE_BY_ENUM:
-                if not 0 < e.dtype <= MAX_KNOWN_ENUM:
-                    raise self._corrupt(f"unknown dtype enum {e.dtype}", tensor=name)
-                if not key.startswith(b"\x00"):
-                    unsupported[name] = dtype_enum_name(e.dtype)
-                continue
+            if _dtypes.by_enum(e.dtype) is None:
+                raise self._corrupt(f"unknown dtype enum {e.dtype}", tensor=name)
             if not e.slices:
                 continue
             self._check_shape(e.shape, name)
@@ -217,8 +216,6 @@ class BundleReader(Source):
         object_graph = None
         for key, e in self._entries.items():
             name = _key_name(key)
-            if e.dtype not in DTYPE_BY_ENUM:
-                continue
             if not e.slices:
                 self._check_stored(key, e, name)
             if key in claimed:
@@ -229,11 +226,18 @@ class BundleReader(Source):
             if name == OBJECT_GRAPH_KEY:
                 object_graph = key
                 continue
-            specs[name] = TensorSpec(name, DTYPE_BY_ENUM[e.dtype], tuple(e.shape))
+            d = _dtypes.by_enum(e.dtype)
+            assert d is not None
+            stored = None
+            if not e.slices and (d.name == STRING or not d.carried):
+                stored = e.size
+            spec = TensorSpec(name, d.name, tuple(e.shape), stored_nbytes=stored)
+            (specs if d.carried else uncarried)[name] = spec
             self._keys[name] = key
         self._object_graph_key = object_graph
-        self._specs = dict(sorted(specs.items(), key=lambda kv: kv[1].name.encode("utf-8", "surrogateescape")))
-        self._unsupported = unsupported
+        order = lambda kv: kv[1].name.encode("utf-8", "surrogateescape")  # noqa: E731 - TensorFlow's key order
+        self._specs = dict(sorted(specs.items(), key=order))
+        self._uncarried = dict(sorted(uncarried.items(), key=order))
 
     # --- Source -------------------------------------------------------------
 
@@ -248,8 +252,8 @@ class BundleReader(Source):
             "endianness": "big" if self._big else "little",
             "bundle_version": self._header.producer,
         }
-        if self._unsupported:
-            meta["unsupported"] = dict(self._unsupported)
+        if self._uncarried:
+            meta["uncarried"] = {n: s.dtype for n, s in self._uncarried.items()}
         if self._orphans:
             meta["orphan_slices"] = self._orphans
         return meta
@@ -262,6 +266,33 @@ class BundleReader(Source):
             raise self._corrupt("the object graph entry is not a scalar string", tensor=OBJECT_GRAPH_KEY)
         return {OBJECT_GRAPH: bytes(self._read_stored(self._object_graph_key, e, OBJECT_GRAPH_KEY, copy=True)[()])}
 
+    def uncarried(self) -> Mapping[str, TensorSpec]:
+        return self._uncarried
+
+    def read_raw(self, name: str) -> bytes | None:
+        """The stored bytes of a tensor whose dtype is not carried, after checking its crc32c
+        (None for a partitioned one)."""
+        if self._closed:
+            raise CkptBridgeError(f"checkpoint reader for {self.prefix} is closed")
+        if name not in self._uncarried:
+            raise NotFoundError(f"no tensor of a dtype ckptbridge does not carry named {name!r} in {self.prefix}")
+        key = self._keys[name]
+        e = self._entries[key]
+        if e.slices:
+            return None
+        region = memoryview(self._buffer(e.shard_id))[e.offset:e.offset + e.size]
+        if self.verify:
+            if e.dtype == _dtypes.BY_NAME[_dtypes.VARIANT].tf_enum:
+                try:
+                    actual = _variant_crc(region, math.prod(e.shape), self._big)
+                except _Bad as err:
+                    path = data_path(self.prefix, e.shard_id, self._header.num_shards)
+                    raise self._corrupt(f"bad variant elements: {err}", file=path, tensor=name) from None
+            else:
+                actual = crc(region)
+            self._check_crc(key, e, name, actual)
+        return bytes(region)
+
     def checksum(self, name: str) -> int | None:
         """The crc32c TensorFlow stored for ``name`` (unmasked); None for partitioned tensors."""
         self.spec(name)
@@ -273,9 +304,8 @@ class BundleReader(Source):
         if self._closed:
             raise CkptBridgeError(f"checkpoint reader for {self.prefix} is closed")
         if name not in self._specs:
-            if name in self._unsupported:
-                raise FormatError(f"tensor {name!r} in {self.prefix} has dtype {self._unsupported[name]}, "
-                                  "which ckptbridge does not carry; exclude it")
+            if name in self._uncarried:
+                raise uncarried_error(self.prefix, {name: self._uncarried[name].dtype})
             raise NotFoundError(f"no tensor named {name!r} in {self.prefix}")
         key = self._keys[name]
         e = self._entries[key]
@@ -402,6 +432,35 @@ class BundleReader(Source):
             # The entry crc continues over the stored length checksum and the string bytes.
             self._check_crc(key, e, name, crc(region[used:pos], c))
         return out
+
+
+def _variant_crc(region: memoryview, count: int, big: bool) -> int:
+    """The crc32c TensorFlow computes over a variant tensor's stored elements, each checked on the way.
+
+    Each element is a varint64 length, that many bytes of a serialized
+    VariantTensorDataProto and the masked crc32c so far; the running crc covers
+    each length as a uint64, the bytes and each stored checksum (tensor_bundle.cc,
+    WriteVariantTensor).
+    """
+    order = "big" if big else "little"
+    c = 0
+    pos = 0
+    end = len(region)
+    for _ in range(count):
+        n, pos = get_varint(region, pos, end)
+        if n > end - pos - 4:
+            raise _Bad("an element runs past the tensor's stored bytes")
+        c = crc(n.to_bytes(8, order), c)
+        c = crc(region[pos:pos + n], c)
+        pos += n
+        stored = region[pos:pos + 4]
+        if int.from_bytes(stored, order) != mask(c):
+            raise _Bad("an element's checksum does not match")
+        c = crc(stored, c)
+        pos += 4
+    if pos != end:
+        raise _Bad(f"{end - pos} bytes follow the last of its {count} elements")
+    return c
 
 
 def _decode_varints(raw: np.ndarray, count: int) -> tuple[np.ndarray, int]:

@@ -13,8 +13,10 @@ written last into space reserved for it.  Reading goes through the
 ``safetensors`` package's ``safe_open``, which validates the header and reads
 one tensor at a time.
 
-bfloat16 is stored natively (``BF16``).  Strings and complex128 have no
-safetensors dtype and are refused, naming the tensor.
+bfloat16 and four float8 types are stored natively (``BF16``, ``F8_E4M3``,
+``F8_E5M2``, ``F8_E4M3FNUZ``, ``F8_E5M2FNUZ``).  Strings, complex128, the quantized types
+and the other float8/int4 variants have no safetensors dtype and are refused,
+naming the tensor.
 """
 
 from __future__ import annotations
@@ -31,17 +33,18 @@ import numpy as np
 from .._atomic import AtomicFile
 from .._chunks import write_stream
 from .._source import ArchiveSink, ArchiveSource, OBJECT_GRAPH
+from .. import _dtypes
 from .._spec import BFLOAT16, STRING, TensorSpec, as_exchange_array, dtype_name, numpy_dtype
 from ..errors import CkptBridgeError, CorruptError, FormatError, MismatchError, MissingDependencyError, UnsafeArchiveError
 from . import meta
 
-#: canonical dtype -> safetensors dtype
-ST_DTYPES = {
-    "bool": "BOOL", "uint8": "U8", "int8": "I8", "int16": "I16", "uint16": "U16", "float16": "F16",
-    BFLOAT16: "BF16", "int32": "I32", "uint32": "U32", "float32": "F32", "complex64": "C64",
-    "float64": "F64", "int64": "I64", "uint64": "U64",
-}
+#: canonical dtype -> safetensors dtype, for every carried dtype safetensors has an exact code for
+ST_DTYPES = {d.name: d.safetensors for d in _dtypes.BY_NAME.values() if d.carried and d.safetensors}
 FROM_ST = {v: k for k, v in ST_DTYPES.items()}
+#: dtypes read from their byte range: the safetensors package has no NumPy type for them
+_RAW_READ = {d for d, code in ST_DTYPES.items() if code.startswith("F8_")}
+#: the header size the safetensors package itself accepts at most
+_MAX_HEADER = 100_000_000
 META_KEY = "ckptbridge"
 OBJECT_GRAPH_KEY = "ckptbridge_object_graph"
 RESERVED_NAME = "__metadata__"
@@ -81,7 +84,7 @@ def check_specs(specs: "list[TensorSpec] | Any", path: str) -> None:
     if bad:
         shown = "; ".join(bad[:10]) + (f"; and {len(bad) - 10} more" if len(bad) > 10 else "")
         raise FormatError(
-            f"{len(bad)} tensor(s) cannot be stored in .safetensors, which has no string or complex128 type: {shown}. "
+            f"{len(bad)} tensor(s) cannot be stored in .safetensors, which has no type for them: {shown}. "
             "Leave them out (--exclude REGEX) or export to .npz / .h5, which keep every dtype"
         )
 
@@ -301,7 +304,12 @@ class SafetensorsSource(ArchiveSource):
         spec = self.spec(name)
         where = f"{self.path}: tensor {name!r}"
         try:
-            arr = np.asarray(self._f.get_tensor(name))
+            if spec.dtype in _RAW_READ:
+                arr = self._read_raw(name, spec)
+            else:
+                arr = np.asarray(self._f.get_tensor(name))
+        except CkptBridgeError:
+            raise
         except Exception as e:  # the package raises its own error types and OSError
             raise CorruptError(f"{where}: cannot read ({e}); the archive is damaged") from None
         want = numpy_dtype(spec.dtype)
@@ -316,6 +324,26 @@ class SafetensorsSource(ArchiveSource):
         if rec is not None and self._verify and meta.checksum(arr.view(np.uint16) if spec.dtype == BFLOAT16 else arr) != int(rec["crc32c"]):
             raise CorruptError(f"{where}: checksum mismatch (crc32c), the stored bytes are damaged; restore the archive from a good copy")
         return arr
+
+    def _read_raw(self, name: str, spec: TensorSpec) -> np.ndarray:
+        """A tensor of a dtype the safetensors package cannot hand to NumPy (float8), read from its byte range."""
+        import json as _json
+        import struct
+
+        where = f"{self.path}: tensor {name!r}"
+        with open(self.path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            entry = _json.loads(f.read(n)).get(name) if n <= _MAX_HEADER else None
+            if not isinstance(entry, dict):
+                raise CorruptError(f"{where}: not found in the header; the archive is damaged")
+            start, end = entry.get("data_offsets", (0, -1))
+            if type(start) is not int or type(end) is not int or end - start != spec.nbytes or start < 0:
+                raise CorruptError(f"{where}: its byte range does not match its {spec.describe()}; the archive is damaged")
+            f.seek(8 + n + start)
+            raw = f.read(end - start)
+        if len(raw) != spec.nbytes:
+            raise CorruptError(f"{where}: the file ends inside its bytes; the archive is truncated")
+        return np.frombuffer(raw, dtype=numpy_dtype(spec.dtype)).reshape(spec.shape)
 
     def close(self) -> None:
         f = getattr(self, "_f", None)

@@ -14,8 +14,9 @@ from typing import Any
 import numpy as np
 
 from .._atomic import AtomicCheckpoint, raise_signals_after
-from .._source import OBJECT_GRAPH, OBJECT_GRAPH_KEY, Sink, Source
-from .._spec import STRING, TensorSpec, array_nbytes, as_exchange_array, dtype_name
+from .. import _dtypes
+from .._source import OBJECT_GRAPH, OBJECT_GRAPH_KEY, Sink, Source, uncarried_error
+from .._spec import STRING, TensorSpec, array_nbytes, as_exchange_array
 from ..errors import CorruptError, FormatError, MismatchError, NotFoundError
 from .compat import import_tensorflow
 
@@ -27,12 +28,9 @@ _TF_READ_ERRORS: tuple[type[BaseException], ...] = (ValueError, IndexError, Runt
 
 
 def tf_dtype_name(dt: Any) -> str:
-    tf = import_tensorflow()
-    if dt == tf.string:
-        return STRING
-    if dt == tf.bfloat16:
-        return "bfloat16"
-    return dtype_name(np.dtype(dt.as_numpy_dtype))
+    """The canonical name of a ``tf.DType`` (from its enum, through the one dtype table)."""
+    d = _dtypes.by_enum(int(dt.as_datatype_enum))
+    return d.name if d is not None else f"DataType {int(dt.as_datatype_enum)}"
 
 
 def _tf_error(e: Exception, path: str) -> Exception:
@@ -57,15 +55,16 @@ class TfCheckpointSource(Source):
             dtypes = self._reader.get_variable_to_dtype_map()
         except _TF_READ_ERRORS + (tf.errors.OpError,) as e:
             raise _tf_error(e, prefix) from None
-        self._specs = {
-            n: TensorSpec(n, tf_dtype_name(dtypes[n]), tuple(int(x) for x in shapes[n]))
-            for n in sorted(shapes)
-            if n != OBJECT_GRAPH_KEY
-        }
+        specs = {n: TensorSpec(n, tf_dtype_name(dtypes[n]), tuple(int(x) for x in shapes[n])) for n in sorted(shapes) if n != OBJECT_GRAPH_KEY}
+        self._specs = {n: s for n, s in specs.items() if s.carried}
+        self._uncarried = {n: s for n, s in specs.items() if not s.carried}
         self._has_graph = OBJECT_GRAPH_KEY in shapes
 
     def specs(self) -> Mapping[str, TensorSpec]:
         return self._specs
+
+    def uncarried(self) -> Mapping[str, TensorSpec]:
+        return self._uncarried
 
     def extras(self) -> dict[str, bytes]:
         if not self._has_graph:
@@ -78,6 +77,8 @@ class TfCheckpointSource(Source):
             raise _tf_error(e, f"{self.path}: {OBJECT_GRAPH_KEY}") from None
 
     def read(self, name: str) -> np.ndarray:
+        if name in self._uncarried:
+            raise uncarried_error(self.path, {name: self._uncarried[name].dtype})
         spec = self.spec(name)
         tf = import_tensorflow()
         try:
@@ -90,6 +91,9 @@ class TfCheckpointSource(Source):
             out[()] = value
             return out
         arr = as_exchange_array(value)
+        want = _dtypes.numpy_dtype(spec.dtype)
+        if arr.dtype != want and arr.dtype.itemsize == want.itemsize and spec.dtype != STRING:
+            arr = arr.view(want)  # quantized tensors come back as their plain integers
         if tuple(arr.shape) != spec.shape:
             raise CorruptError(f"{self.path}: tensor {name!r} reads as {list(arr.shape)}, index says {list(spec.shape)}")
         return arr

@@ -154,7 +154,8 @@ def rebuild_with_graph(
         if not variables:
             raise CkptBridgeError(f"model {model} created no variables; a model function must build its variables in the default graph")
         by_name = {v.op.name: v for v in variables}
-        plan = make_plan(list(specs), include=include, exclude=exclude, use_ema=use_ema)
+        plan = make_plan(list(specs), include=include, exclude=exclude, use_ema=use_ema,
+                         uncarried={n: s.dtype for n, s in src.uncarried().items()}, where=src.path)
         missing = sorted(n for n in by_name if n not in plan.mapping)
         unexpected = sorted(n for n in plan.mapping if n not in by_name)
         if missing and not allow_missing:
