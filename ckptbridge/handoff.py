@@ -24,6 +24,7 @@ from . import layout as lay
 from ._source import Source
 from ._spec import TensorSpec
 from .errors import CorruptError, FormatError
+from .formats import meta
 from .names import Plan, load_rename_file, make_plan, rename_map
 
 ORIGINAL_NAMES = "original_names"
@@ -91,9 +92,14 @@ def _renames(names: Sequence[str], known: Sequence[str], rename: Sequence[str], 
 
 
 def _original_names(doc: Mapping[str, Any], where: str) -> dict[str, str]:
+    """The archive's record of names before export renamed them, checked as its tensor names are:
+    they become checkpoint keys and are printed."""
     rec = doc.get(ORIGINAL_NAMES, {})
     if not isinstance(rec, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in rec.items()):
         raise CorruptError(f"{where}: the recorded original names are not readable; the archive is damaged")
+    for name, original in rec.items():
+        meta.check_tensor_name(name, f"{where}: recorded original names")
+        meta.check_tensor_name(original, f"{where}: recorded original name of {name!r}")
     return rec
 
 
