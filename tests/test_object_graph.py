@@ -39,6 +39,220 @@ def _og() -> Any:
     return objgraph
 
 
+# --------------------------------------------------------------------------- a tiny encoder
+
+
+def _node(children=(), attrs=(), slots=(), has_values: bool | None = None, saver: str | None = None, unknown: bytes = b"") -> bytes:
+    """One TrackableObject: children [(id, local name)], attrs [checkpoint key], slots [(original id, slot name, slot id)]."""
+    out = b""
+    for nid, name in children:
+        out += field_bytes(1, (field_varint(1, nid) if nid else b"") + field_bytes(2, name.encode()))
+    for key in attrs:
+        out += field_bytes(2, field_bytes(1, b"VARIABLE_VALUE") + field_bytes(2, b"full/" + key.encode()) + field_bytes(3, key.encode()))
+    for orig, name, slot in slots:
+        out += field_bytes(3, field_varint(1, orig) + field_bytes(2, name.encode()) + field_varint(3, slot))
+    if saver is not None:
+        out += field_bytes(4, field_bytes(1, saver.encode()) + field_bytes(2, b"obj"))
+    if has_values is not None:
+        out += field_bytes(5, field_varint(1, 1) if has_values else b"")
+    return out + unknown
+
+
+def _graph(*nodes: bytes, unknown: bytes = b"") -> bytes:
+    return b"".join(field_bytes(1, n) for n in nodes) + unknown
+
+
+def keras_like(unknown: bytes = b"") -> bytes:
+    """root -> model (two dense layers, one weightless dropout), optimizer (legacy: iter + m slots), save_counter."""
+    return _graph(
+        _node([(1, "model"), (2, "optimizer"), (3, "save_counter")], has_values=True),  # 0
+        _node([(4, "layer_with_weights-0"), (4, "layer-0"), (5, "layer-1"), (6, "layer_with_weights-1")], has_values=True),  # 1
+        _node([(7, "iter")], slots=[(8, "m", 12), (9, "m", 13)], has_values=True),  # 2
+        _node(attrs=["save_counter" + V], has_values=True),  # 3
+        _node([(8, "kernel")], has_values=True),  # 4
+        _node(has_values=False, unknown=unknown),  # 5: dropout
+        _node([(9, "kernel"), (10, "bias")], has_values=True),  # 6
+        _node(attrs=["optimizer/iter" + V], has_values=True),  # 7
+        _node(attrs=["model/layer_with_weights-0/kernel" + V], has_values=True),  # 8
+        _node(attrs=["model/layer_with_weights-1/kernel" + V], has_values=True),  # 9
+        _node(attrs=["model/layer_with_weights-1/bias" + V], has_values=True),  # 10
+        _node(has_values=False),  # 11: an unreferenced empty object
+        _node(attrs=["model/layer_with_weights-0/kernel/.OPTIMIZER_SLOT/optimizer/m" + V], has_values=True),  # 12
+        _node(attrs=["model/layer_with_weights-1/kernel/.OPTIMIZER_SLOT/optimizer/m" + V], has_values=True),  # 13
+        unknown=unknown,
+    )
+
+
+KEYS = [  # every checkpoint key of keras_like(), in node order
+    "save_counter" + V,
+    "optimizer/iter" + V,
+    "model/layer_with_weights-0/kernel" + V,
+    "model/layer_with_weights-1/kernel" + V,
+    "model/layer_with_weights-1/bias" + V,
+    "model/layer_with_weights-0/kernel/.OPTIMIZER_SLOT/optimizer/m" + V,
+    "model/layer_with_weights-1/kernel/.OPTIMIZER_SLOT/optimizer/m" + V,
+]
+
+
+def decode(payload: bytes) -> list[dict[str, Any]]:
+    """The graph as plain data, through the module's own reader (no TensorFlow)."""
+    og = _og()
+    _, nodes = og._parse(payload)
+    out = []
+    for n in nodes:
+        hv = [f for f in n.fields if f.number == 5]
+        out.append({
+            "children": list(n.children.values()),
+            "attrs": [a.key for a in n.attrs.values()],
+            "slots": list(n.slots.values()),
+            "has_values": None if not hv else og._flag(hv[-1]),
+        })
+    return out
+
+
+def identity(names: Any) -> dict[str, str]:
+    return {k: k for k in names}
+
+
+# --------------------------------------------------------------------------- rewrite and prune (TF-free)
+
+
+def test_unchanged_graph_is_the_same_bytes():
+    og = _og()
+    g = keras_like()
+    out, note = og.carry(g, identity(KEYS + ["an/extra/tensor"]))
+    assert out is g and note is None
+
+
+def test_weights_only_prunes_optimizer_and_save_counter():
+    og = _og()
+    kept = [k for k in KEYS if k.startswith("model/") and "OPTIMIZER_SLOT" not in k]
+    out, note = og.carry(keras_like(), identity(kept))
+    assert note is not None and "pruned to" in note and "4 values not written" in note
+    nodes = decode(out)
+    # root, model, layer0, dropout, layer1, three variables, the unreferenced empty object;
+    # the optimizer, its slots and save_counter are gone.
+    assert len(nodes) == 9
+    assert nodes[0]["children"] == [1]
+    assert nodes[1]["children"] == [2, 2, 3, 4]
+    assert sorted(k for n in nodes for k in n["attrs"]) == sorted(kept)
+    assert nodes[3] == {"children": [], "attrs": [], "slots": [], "has_values": False}  # the dropout stays, as TF wrote it
+    assert nodes[8] == nodes[3]
+    assert all(n["has_values"] for i, n in enumerate(nodes) if i not in (3, 8))
+
+
+def test_excluding_a_variable_keeps_it_for_its_slot():
+    """A written slot restores through its optimizer and its variable: both stay, the variable without a value."""
+    og = _og()
+    kept = [k for k in KEYS if k != "model/layer_with_weights-0/kernel" + V]
+    out, _ = og.carry(keras_like(), identity(kept))
+    nodes = decode(out)
+    keys = [n["attrs"] for n in nodes]
+    var = next(i for i, n in enumerate(nodes) if n["attrs"] == [] and n["has_values"] and not n["children"] and i > 3)
+    slot = keys.index(["model/layer_with_weights-0/kernel/.OPTIMIZER_SLOT/optimizer/m" + V])
+    opt = next(i for i, n in enumerate(nodes) if n["slots"])
+    assert (var, slot) in nodes[opt]["slots"]
+    assert var in nodes[next(i for i, n in enumerate(nodes) if n["children"] == [var])]["children"]
+
+
+def test_dropped_slot_drops_its_reference_and_renumbers():
+    og = _og()
+    kept = [k for k in KEYS if "layer_with_weights-1/kernel/.OPTIMIZER_SLOT" not in k]
+    out, _ = og.carry(keras_like(), identity(kept))
+    nodes = decode(out)
+    opt = nodes[nodes[0]["children"][1]]
+    assert len(opt["slots"]) == 1
+    orig, slot = opt["slots"][0]
+    assert nodes[orig]["attrs"] == ["model/layer_with_weights-0/kernel" + V]
+    assert nodes[slot]["attrs"] == ["model/layer_with_weights-0/kernel/.OPTIMIZER_SLOT/optimizer/m" + V]
+
+
+def test_optimizer_excluded_but_slots_written_keeps_the_optimizer_for_them():
+    og = _og()
+    kept = [k for k in KEYS if not k.startswith("optimizer/")]
+    nodes = decode(og.carry(keras_like(), identity(kept))[0])
+    opt = nodes[nodes[0]["children"][1]]
+    assert opt["children"] == [] and len(opt["slots"]) == 2 and opt["has_values"]
+
+
+def test_rename_rewrites_keys_and_keeps_everything_else_verbatim():
+    og = _og()
+    unknown = field_varint(99, 7) + field_bytes(98, b"\x00opaque")
+    g = keras_like(unknown)
+    ren = {k: "net/" + k for k in KEYS}
+    out, note = og.carry(g, ren)
+    assert note is not None and f"{len(KEYS)} keys renamed" in note
+    assert sorted(og.checkpoint_keys(out)) == sorted(ren.values())
+    assert out.endswith(unknown) and out.count(unknown) == 2  # the graph's and the dropout node's
+    assert out.count(b"full/save_counter") == 1  # full_name kept
+    back, _ = og.carry(out, {v: k for k, v in ren.items()})
+    assert back == g
+
+
+def test_ema_swap_keeps_the_variable_its_own_key():
+    """--use-ema writes X from X/ExponentialMovingAverage; the graph's X is still X, and the EMA object goes."""
+    og = _og()
+    ema = "/ExponentialMovingAverage"
+    g = _graph(_node([(1, "w"), (2, "ema")], has_values=True), _node(attrs=["w" + V], has_values=True),
+               _node(attrs=["w" + V + ema], has_values=True))
+    plan = ckptbridge.names.make_plan(["w" + V, "w" + V + ema], use_ema=True)
+    keys = og.key_map(plan.mapping, plan.ema_swaps)
+    assert keys == {"w" + V: "w" + V}
+    nodes = decode(og.carry(g, keys)[0])
+    assert [n["attrs"] for n in nodes] == [[], ["w" + V]]
+
+
+def test_key_map_goes_through_a_renaming_view():
+    og = _og()
+    keys = og.key_map({"new/a": "new/a", "new/b": "new/b"}, {}, {"new/a": "a", "new/b": "b"}.__getitem__)
+    assert keys == {"a": "new/a", "b": "new/b"}
+
+
+@pytest.mark.parametrize("payload, why", [
+    (b"\x0a\xff", "not a readable"),
+    (_graph(_node([(5, "x")]), _node(attrs=["a"])), "not a readable"),  # a child id past the end
+    (_graph(_node([(1, "s")]), _node(attrs=["a"], saver="tf.Saver")), "registered savers (tf.Saver)"),
+    (_graph(_node([(1, "x")]), _node(attrs=["gone"])), "describes none of the tensors written"),
+])
+def test_graphs_that_cannot_be_made_true_are_left_out_with_a_reason(payload, why):
+    og = _og()
+    out, note = og.carry(payload, {"a-renamed": "a-renamed"} if "saver" not in why else {"b": "b"})
+    assert out is None
+    assert note is not None and note.startswith("left out: ") and why in note
+
+
+def test_a_graph_past_the_field_budget_is_left_out(monkeypatch):
+    og = _og()
+    monkeypatch.setattr(og, "MAX_FIELDS", 20)
+    out, note = og.carry(keras_like(), identity(KEYS[:2]))
+    assert out is None and "more than 20 protobuf fields" in note
+
+
+def test_registered_saver_graph_is_carried_when_nothing_changes():
+    og = _og()
+    g = _graph(_node([(1, "s")]), _node(attrs=["a"], saver="tf.Saver"))
+    assert og.carry(g, {"a": "a"}) == (g, None)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.booleans(), min_size=len(KEYS), max_size=len(KEYS)), st.booleans())
+def test_any_selection_gives_a_graph_of_exactly_those_keys(keep, rename):
+    og = _og()
+    chosen = [k for k, b in zip(KEYS, keep) if b]
+    keys = {k: ("x/" + k if rename else k) for k in chosen}
+    out, note = og.carry(keras_like(), keys)
+    if not chosen:
+        assert out is None and "none of the tensors" in note
+        return
+    assert sorted(og.checkpoint_keys(out)) == sorted(keys.values())
+    nodes = decode(out)
+    assert nodes[0]["has_values"]
+    # Every object left has a value below it, or never had one (the dropout).
+    assert all(n["has_values"] or (not n["attrs"] and not n["children"] and not n["slots"]) for n in nodes)
+    again, note2 = og.carry(out, identity(keys.values()))
+    assert again is out and note2 is None  # true graphs are left alone
+
+
 # --------------------------------------------------------------------------- --original-names (hostile finding 9)
 
 

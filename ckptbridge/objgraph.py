@@ -1,0 +1,378 @@
+"""The TF2 object graph, kept true to the tensors that are written.
+
+A TF2 checkpoint (``tf.train.Checkpoint``) stores a ``TrackableObjectGraph``
+proto under ``_CHECKPOINTABLE_OBJECT_GRAPH``: nodes for the trackable objects
+(root, model, layers, variables, optimizer), each with its children by local
+name, its serialized tensors (attributes, each naming the checkpoint key that
+holds its value) and, on a legacy optimizer, slot-variable references.
+TensorFlow restores by walking that graph and reading each attribute's key,
+so a graph that names a key the checkpoint lacks makes ``restore`` fail
+(``KeyError`` inside TensorFlow), even with ``expect_partial()``.
+
+When a conversion filters or renames tensors, :func:`carry` rewrites the graph
+through the name plan: each attribute's key becomes its output name, an
+attribute whose key is not written is dropped, and objects left without a
+checkpoint value anywhere below them are pruned, with the references to them.
+Everything this module does not interpret (unknown fields, ``full_name``,
+local names, registered-saver records) is copied byte for byte.  Where the
+graph cannot be made true, :func:`carry` returns no graph and says why.
+
+Pure Python on the project's own wire helpers: no TensorFlow, no protobuf.
+Field numbers are those of tensorflow/core/protobuf/trackable_object_graph.proto.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+
+from .bundle._wire import _Bad, field_bytes, field_varint, get_varint, to_int32
+
+# TrackableObjectGraph
+_NODES = 1
+# TrackableObject
+_CHILDREN, _ATTRIBUTES, _SLOT_VARIABLES, _REGISTERED_SAVER, _HAS_VALUES = 1, 2, 3, 4, 5
+# ObjectReference
+_REF_NODE_ID, _REF_LOCAL_NAME = 1, 2
+# SerializedTensor
+_ATTR_NAME, _ATTR_FULL_NAME, _ATTR_CHECKPOINT_KEY = 1, 2, 3
+# SlotVariableReference
+_SLOT_ORIGINAL, _SLOT_NAME, _SLOT_VARIABLE = 1, 2, 3
+# RegisteredSaver
+_SAVER_NAME = 1
+# google.protobuf.BoolValue
+_BOOL_VALUE = 1
+
+
+#: How many protobuf fields a graph may have before it is left out rather than rewritten:
+#: about 250,000 variables' worth, and a bound on the memory a hostile archive's graph can take.
+MAX_FIELDS = 2_000_000
+
+
+class Unusable(Exception):
+    """The graph cannot be made to describe the tensors written; the message says why."""
+
+
+# --- the wire, with every field's original bytes kept --------------------------------
+
+
+@dataclasses.dataclass(slots=True)
+class _Field:
+    number: int
+    wire: int
+    value: object  # int for varints and fixed widths, bytes for length-delimited
+    raw: bytes  # the field exactly as it was encoded, tag included
+
+
+def _fields(buf: bytes, budget: list[int] | None = None) -> list[_Field]:
+    """Split a message into fields, keeping each one's original bytes (for verbatim copies).
+
+    ``budget`` (a one-item list) is the number of fields still allowed, shared by the calls of one parse.
+    """
+    out: list[_Field] = []
+    pos, n = 0, len(buf)
+    while pos < n:
+        if budget is not None:
+            budget[0] -= 1
+            if budget[0] < 0:
+                raise _TooBig
+        start = pos
+        tag, pos = get_varint(buf, pos, n)
+        number, wire = tag >> 3, tag & 7
+        if number == 0:
+            raise _Bad("field number 0")
+        value: object
+        if wire == 0:
+            value, pos = get_varint(buf, pos, n)
+        elif wire in (1, 5):
+            width = 8 if wire == 1 else 4
+            if pos + width > n:
+                raise _Bad("truncated fixed-width field")
+            value = int.from_bytes(buf[pos:pos + width], "little")
+            pos += width
+        elif wire == 2:
+            length, pos = get_varint(buf, pos, n)
+            if length > n - pos:
+                raise _Bad("length-delimited field runs past its message")
+            value = buf[pos:pos + length]
+            pos += length
+        else:
+            raise _Bad(f"unsupported wire type {wire}")
+        out.append(_Field(number, wire, value, buf[start:pos]))
+    return out
+
+
+def _last(fields: list[_Field], number: int, wire: int) -> _Field | None:
+    """The field that wins for a singular scalar: the last occurrence (proto3 semantics)."""
+    found = None
+    for f in fields:
+        if f.number == number:
+            if f.wire != wire:
+                raise _Bad(f"field {number} has wire type {f.wire}, expected {wire}")
+            found = f
+    return found
+
+
+def _node_id(fields: list[_Field], number: int, count: int) -> int:
+    f = _last(fields, number, 0)
+    v = 0 if f is None else to_int32(int(f.value))  # type: ignore[arg-type]
+    if not 0 <= v < count:
+        raise _Bad(f"reference to node {v}, but the graph has {count} nodes")
+    return v
+
+
+def _text(f: _Field | None) -> str:
+    if f is None:
+        return ""
+    try:
+        return bytes(f.value).decode("utf-8")  # type: ignore[arg-type]
+    except UnicodeDecodeError:
+        raise _Bad("a string field is not UTF-8") from None
+
+
+def _bool_value(value: bool) -> bytes:
+    return field_bytes(_HAS_VALUES, field_varint(_BOOL_VALUE, 1) if value else b"")
+
+
+# --- the graph --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Attr:
+    field: _Field
+    parts: list[_Field]
+    key: str
+
+
+@dataclasses.dataclass
+class _Node:
+    fields: list[_Field]
+    children: dict[int, int]  # index in fields -> child node id
+    attrs: dict[int, _Attr]  # index in fields -> attribute
+    slots: dict[int, tuple[int, int]]  # index in fields -> (original variable id, slot variable id)
+    saver: str | None  # the registered saver's name, if the object has one
+
+
+class _TooBig(Exception):
+    """More than MAX_FIELDS fields."""
+
+
+def _parse(payload: bytes) -> tuple[list[_Field], list[_Node]]:
+    budget = [MAX_FIELDS]
+    top = _fields(payload, budget)
+    raw_nodes = [f for f in top if f.number == _NODES]
+    if any(f.wire != 2 for f in raw_nodes):
+        raise _Bad("a node is not a message")
+    count = len(raw_nodes)
+    if count == 0:
+        raise _Bad("the graph has no nodes")
+    nodes = []
+    for rn in raw_nodes:
+        fields = _fields(bytes(rn.value), budget)  # type: ignore[arg-type]
+        node = _Node(fields, {}, {}, {}, None)
+        for i, f in enumerate(fields):
+            if f.number in (_CHILDREN, _ATTRIBUTES, _SLOT_VARIABLES, _REGISTERED_SAVER, _HAS_VALUES) and f.wire != 2:
+                raise _Bad(f"field {f.number} of a node is not a message")
+            if f.number == _CHILDREN:
+                node.children[i] = _node_id(_fields(bytes(f.value), budget), _REF_NODE_ID, count)  # type: ignore[arg-type]
+            elif f.number == _ATTRIBUTES:
+                parts = _fields(bytes(f.value), budget)  # type: ignore[arg-type]
+                node.attrs[i] = _Attr(f, parts, _text(_last(parts, _ATTR_CHECKPOINT_KEY, 2)))
+            elif f.number == _SLOT_VARIABLES:
+                parts = _fields(bytes(f.value), budget)  # type: ignore[arg-type]
+                node.slots[i] = (_node_id(parts, _SLOT_ORIGINAL, count), _node_id(parts, _SLOT_VARIABLE, count))
+            elif f.number == _REGISTERED_SAVER:
+                node.saver = _text(_last(_fields(bytes(f.value), budget), _SAVER_NAME, 2)) or "?"  # type: ignore[arg-type]
+        nodes.append(node)
+    return top, nodes
+
+
+def checkpoint_keys(payload: bytes) -> list[str]:
+    """Every checkpoint key the graph's attributes name, in node order (ValueError if unreadable)."""
+    try:
+        _, nodes = _parse(payload)
+    except _Bad as e:
+        raise ValueError(str(e)) from None
+    except _TooBig:
+        raise ValueError(f"more than {MAX_FIELDS} fields") from None
+    return [a.key for node in nodes for a in node.attrs.values()]
+
+
+def _with_values(seeds: set[int], edges: Mapping[int, list[int]]) -> set[int]:
+    """``seeds`` and every node above one of them through ``edges`` (node -> its children)."""
+    parents: dict[int, list[int]] = {}
+    for p, kids in edges.items():
+        for c in kids:
+            parents.setdefault(c, []).append(p)
+    out, todo = set(seeds), list(seeds)
+    while todo:
+        for p in parents.get(todo.pop(), ()):
+            if p not in out:
+                out.add(p)
+                todo.append(p)
+    return out
+
+
+def _had_values(nodes: list[_Node]) -> set[int]:
+    """Nodes TensorFlow marks has_checkpoint_values (util.py: attributes, slots or a saver, and their ancestors)."""
+    seeds = {i for i, n in enumerate(nodes) if n.attrs or n.slots or n.saver is not None}
+    return _with_values(seeds, {i: list(n.children.values()) for i, n in enumerate(nodes)})
+
+
+def rewrite(payload: bytes, keys: Mapping[str, str]) -> tuple[bytes, str | None]:
+    """The graph with each attribute's key renamed through ``keys`` (graph key -> output name).
+
+    Attributes whose key is not in ``keys`` are dropped, and objects with no
+    checkpoint value left below them are pruned (the root always stays; objects
+    that never had a value stay unless all their parents go).  Returns the payload
+    itself when nothing changes, else the new bytes and a sentence saying what
+    was pruned.  Raises :class:`Unusable` where that cannot give a true graph.
+    """
+    try:
+        top, nodes = _parse(payload)
+    except _Bad as e:
+        raise Unusable(f"it is not a readable TrackableObjectGraph ({e})") from None
+    except _TooBig:
+        raise Unusable(f"it has more than {MAX_FIELDS:,} protobuf fields, more than ckptbridge checks") from None
+    described = {a.key for n in nodes for a in n.attrs.values()}
+    if all(keys.get(k) == k for k in described):
+        return payload, None
+    savers = sorted({n.saver for n in nodes if n.saver is not None})
+    if savers:
+        raise Unusable(f"objects in it use registered savers ({', '.join(savers[:3])}), whose tensors it does not list, so it cannot be pruned or renamed")
+    if not described & set(keys):
+        raise Unusable("it describes none of the tensors written")
+
+    before = _had_values(nodes)
+    kept_attrs = {i: {j for j, a in n.attrs.items() if a.key in keys} for i, n in enumerate(nodes)}
+    valued = {i for i in range(len(nodes)) if kept_attrs[i]}
+    # A slot variable restores through its optimizer and the variable it is a slot of:
+    # both stay while the slot's value is written, even if their own values are not.
+    live_slots = {i: {j for j, (_, s) in n.slots.items() if s in valued} for i, n in enumerate(nodes)}
+    seeds = valued | {i for i in live_slots if live_slots[i]} | {nodes[i].slots[j][0] for i in live_slots for j in live_slots[i]}
+    children = {i: list(n.children.values()) for i, n in enumerate(nodes)}
+    now = _with_values(seeds, children)
+    # Objects that never held a value (a Dropout layer) are kept as TensorFlow wrote them,
+    # unless every object that referred to them goes.
+    referred = {c for kids in children.values() for c in kids}
+    keep = now | {0} | {i for i in range(len(nodes)) if i not in before and i not in referred}
+    todo = list(keep)
+    while todo:
+        for c in children[todo.pop()]:
+            if c not in keep and c not in before:
+                keep.add(c)
+                todo.append(c)
+    new_id = {old: new for new, old in enumerate(sorted(keep))}
+
+    encoded: list[bytes] = []
+    for old in sorted(keep):
+        n = nodes[old]
+        out = bytearray()
+        for i, f in enumerate(n.fields):
+            if i in n.children:
+                if n.children[i] in new_id:
+                    out += _renumber(f, _REF_NODE_ID, n.children[i], new_id[n.children[i]])
+            elif i in n.attrs:
+                if i in kept_attrs[old]:
+                    out += _rekey(n.attrs[i], keys[n.attrs[i].key])
+            elif i in n.slots:
+                if i in live_slots[old] and n.slots[i][0] in new_id:
+                    orig, slot = n.slots[i]
+                    f = _renumbered(f, _SLOT_ORIGINAL, orig, new_id[orig])
+                    out += _renumber(f, _SLOT_VARIABLE, slot, new_id[slot])
+            elif f.number == _HAS_VALUES:
+                if not any(g.number == _HAS_VALUES for g in n.fields[:i]):
+                    was = [g for g in n.fields if g.number == _HAS_VALUES]
+                    same = len(was) == 1 and _flag(f) == (old in now)
+                    out += f.raw if same else _bool_value(old in now)
+            else:
+                out += f.raw
+        encoded.append(bytes(out))
+
+    result = bytearray()
+    it = iter(encoded)
+    for f in top:
+        if f.number == _NODES:
+            body = next(it, None)
+            if body is not None:
+                result += field_bytes(_NODES, body)
+        else:
+            result += f.raw
+    dropped_keys = len(described - set(keys))
+    renamed = sum(1 for k in described & set(keys) if keys[k] != k)
+    what = []
+    if len(keep) < len(nodes):
+        what.append(f"pruned to {len(keep)} of its {len(nodes)} objects")
+    if dropped_keys:
+        what.append(f"{dropped_keys} value{'s' if dropped_keys != 1 else ''} not written left out")
+    if renamed:
+        what.append(f"{renamed} key{'s' if renamed != 1 else ''} renamed")
+    return bytes(result), "rewritten to match the tensors written: " + ", ".join(what)
+
+
+def _flag(f: _Field) -> bool:
+    """The value of a google.protobuf.BoolValue field."""
+    v = _last(_fields(bytes(f.value)), _BOOL_VALUE, 0)  # type: ignore[arg-type]
+    return v is not None and int(v.value) != 0  # type: ignore[call-overload]
+
+
+def _renumbered(f: _Field, number: int, old: int, value: int) -> _Field:
+    raw = _renumber(f, number, old, value)
+    return f if raw is f.raw else _Field(f.number, f.wire, _fields(raw)[0].value, raw)
+
+
+def _renumber(f: _Field, number: int, old: int, value: int) -> bytes:
+    """Field ``f`` (a sub-message) with its int32 field ``number`` changed from ``old`` to ``value``, the rest kept."""
+    if old == value:
+        return f.raw
+    parts = _fields(bytes(f.value))  # type: ignore[arg-type]
+    return field_bytes(f.number, _replace(parts, number, field_varint(number, value) if value else b""))
+
+
+def _rekey(attr: _Attr, key: str) -> bytes:
+    if key == attr.key:
+        return attr.field.raw
+    return field_bytes(_ATTRIBUTES, _replace(attr.parts, _ATTR_CHECKPOINT_KEY, field_bytes(_ATTR_CHECKPOINT_KEY, key.encode("utf-8"))))
+
+
+def _replace(parts: list[_Field], number: int, encoded: bytes) -> bytes:
+    """The message with every occurrence of field ``number`` replaced by ``encoded``, at the first one's place."""
+    out = bytearray()
+    done = False
+    for p in parts:
+        if p.number != number:
+            out += p.raw
+        elif not done:
+            out += encoded
+            done = True
+    if not done:
+        out += encoded
+    return bytes(out)
+
+
+def key_map(
+    mapping: Mapping[str, str],
+    ema_swaps: Mapping[str, str],
+    object_key: Callable[[str], str] | None = None,
+) -> dict[str, str]:
+    """Graph checkpoint key -> output name, for every output of a name plan.
+
+    ``mapping`` is the plan's output name -> source name.  An EMA swap writes
+    X from the values of X/ExponentialMovingAverage, but the variable the graph
+    calls X is still X, so a swapped output keeps its own name.
+    ``object_key`` gives the key the source's object graph uses for one of the
+    source's names (a renaming view knows its inner names); by default the name.
+    """
+    out = {}
+    for dst, src in mapping.items():
+        name = dst if dst in ema_swaps else src
+        out[object_key(name) if object_key is not None else name] = dst
+    return out
+
+
+def carry(payload: bytes, keys: Mapping[str, str]) -> tuple[bytes | None, str | None]:
+    """(graph to write or None, a note for the report or None when carried unchanged); see :func:`rewrite`."""
+    try:
+        return rewrite(payload, keys)
+    except Unusable as e:
+        return None, f"left out: {e}; tf.train.Checkpoint cannot restore the output by object (tf.train.load_checkpoint and name-based restore still work)"
