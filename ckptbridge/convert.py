@@ -10,10 +10,13 @@ from typing import Any
 
 import numpy as np
 
+from . import objgraph
 from ._chunks import CHUNK_BYTES
-from ._source import Sink, Source
+from ._source import OBJECT_GRAPH, Sink, Source
 from ._spec import STRING, TensorSpec, array_nbytes, dtype_name
 from .errors import CkptBridgeError, CorruptError
+from . import _dtypes
+from ._dtypes import uncarried_error
 from .formats import meta
 from .names import Plan
 from .progress import bar
@@ -39,6 +42,8 @@ class Report:
     layout: dict[str, str] = dataclasses.field(default_factory=dict)
     #: True when nothing was written (--dry-run)
     dry_run: bool = False
+    #: what became of a TF2 object graph that could not be carried as it was (rewritten, or left out and why)
+    object_graph: str | None = None
 
 
 def exchange_checksum(arr: np.ndarray) -> int:
@@ -92,10 +97,20 @@ def transfer(
                 sink.start_writeback()  # the disk writes while we convert, not all at the final fsync
                 unsynced = 0
             pbar.update(n if specs[src].dtype != STRING else 0)
+        graph_note = None
         if carry_extras:
             for key, payload in source.extras().items():
+                if key == OBJECT_GRAPH:
+                    # The graph must name exactly the keys written, or TensorFlow's restore fails.
+                    keys = objgraph.key_map(plan.mapping, plan.ema_swaps, getattr(source, "object_key", None))
+                    graph, graph_note = objgraph.carry(payload, keys)
+                    if graph is None:
+                        continue
+                    payload = graph
                 sink.write_extra(key, payload)
         doc = dict(metadata or {})
+        if graph_note:
+            doc["object_graph"] = graph_note
         if plan.dropped:
             doc["dropped"] = plan.dropped
         if plan.ema_swaps:
@@ -110,7 +125,7 @@ def transfer(
         raise
     finally:
         pbar.close()
-    return Report(sink.path, list(plan.mapping), dict(plan.dropped), dict(plan.ema_swaps), nbytes)
+    return Report(sink.path, list(plan.mapping), dict(plan.dropped), dict(plan.ema_swaps), nbytes, object_graph=graph_note)
 
 
 def readback(sink: Sink, crcs: dict[str, int], chunk_bytes: int = CHUNK_BYTES) -> None:
@@ -145,24 +160,38 @@ class DiffReport:
     #: name -> (number of differing elements, max abs difference or None for strings/bools)
     value_diffs: dict[str, tuple[int, float | None]]
     compared: int
+    #: tensors of a dtype ckptbridge does not carry whose stored bytes differ: name -> dtype
+    raw_diffs: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: how many of ``compared`` were compared as stored bytes (dtypes not carried)
+    compared_raw: int = 0
 
     @property
     def identical(self) -> bool:
-        return not (self.only_a or self.only_b or self.spec_diffs or self.value_diffs)
+        return not (self.only_a or self.only_b or self.spec_diffs or self.value_diffs or self.raw_diffs)
 
 
 def diff_sources(a: Source, b: Source, *, atol: float = 0.0, rtol: float = 0.0, progress: bool | None = False) -> DiffReport:
-    sa, sb = a.specs(), b.specs()
+    """Compare every tensor of ``a`` and ``b`` by name, those of a dtype not carried included
+    (by their stored bytes: an engine that cannot get at them is an error, never a silent pass)."""
+    sa, sb = {**a.specs(), **a.uncarried()}, {**b.specs(), **b.uncarried()}
+    opaque = a.uncarried().keys() | b.uncarried().keys()
     only_a = sorted(set(sa) - set(sb))
     only_b = sorted(set(sb) - set(sa))
     common = sorted(set(sa) & set(sb))
     spec_diffs = {}
     value_diffs: dict[str, tuple[int, float | None]] = {}
+    raw_diffs: dict[str, str] = {}
+    compared_raw = 0
     pbar = bar(sum(sa[n].nbytes for n in common), "comparing", progress)
     try:
         for name in common:
             if sa[name].dtype != sb[name].dtype or sa[name].shape != sb[name].shape:
                 spec_diffs[name] = (sa[name], sb[name])
+                continue
+            if name in opaque:
+                if _raw(a, name, sa[name]) != _raw(b, name, sb[name]):
+                    raw_diffs[name] = sa[name].dtype
+                compared_raw += 1
                 continue
             d = _value_diff(a.read(name), b.read(name), atol, rtol)
             if d is not None:
@@ -170,10 +199,19 @@ def diff_sources(a: Source, b: Source, *, atol: float = 0.0, rtol: float = 0.0, 
             pbar.update(sa[name].nbytes)
     finally:
         pbar.close()
-    return DiffReport(only_a, only_b, spec_diffs, value_diffs, len(common))
+    return DiffReport(only_a, only_b, spec_diffs, value_diffs, len(common), raw_diffs, compared_raw)
+
+
+def _raw(source: Source, name: str, spec: TensorSpec) -> bytes:
+    """The stored bytes of a tensor of a dtype not carried, or the error that says this engine cannot read them."""
+    raw = source.read_raw(name)
+    if raw is None:
+        raise uncarried_error(source.path, {name: spec.dtype})
+    return raw
 
 
 def _value_diff(x: np.ndarray, y: np.ndarray, atol: float, rtol: float) -> tuple[int, float | None] | None:
+    x, y = _dtypes.comparable(x), _dtypes.comparable(y)
     if x.dtype == np.dtype(object):
         n = int(sum(1 for p, q in zip(x.reshape(-1), y.reshape(-1)) if bytes(p) != bytes(q)))
         return (n, None) if n else None
@@ -218,11 +256,14 @@ class VerifyReport:
     bad: str | None = None
     message: str | None = None
     has_checksums: bool = True
+    #: how many of ``checked`` are of a dtype not carried, checked as stored bytes
+    checked_raw: int = 0
 
 
 def verify_source(source: Source, *, progress: bool | None = False) -> VerifyReport:
     """Read every tensor (sources check their checksums as they read)."""
     specs = source.specs()
+    opaque = source.uncarried()
     pbar = bar(sum(s.nbytes for s in specs.values()), "verifying", progress)
     checked = 0
     try:
@@ -233,10 +274,16 @@ def verify_source(source: Source, *, progress: bool | None = False) -> VerifyRep
                 return VerifyReport(source.path, checked, False, name, str(e))
             checked += 1
             pbar.update(spec.nbytes)
+        for name, spec in opaque.items():
+            try:
+                _raw(source, name, spec)
+            except CorruptError as e:
+                return VerifyReport(source.path, checked, False, name, str(e), checked_raw=checked - len(specs))
+            checked += 1
     finally:
         pbar.close()
     has = source.kind == "checkpoint" or bool(source.metadata().get("tensors"))
-    return VerifyReport(source.path, checked, True, has_checksums=has)
+    return VerifyReport(source.path, checked, True, has_checksums=has, checked_raw=len(opaque))
 
 
 def require_some(plan: Plan, path: str) -> None:

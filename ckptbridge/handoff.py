@@ -31,13 +31,24 @@ ORIGINAL_NAMES = "original_names"
 
 
 class MappedSource(Source):
-    """A view of ``inner``: out name -> (inner name, transform, direction)."""
+    """A view of ``inner``: out name -> (inner name, transform, direction).
 
-    def __init__(self, inner: Source, entries: Mapping[str, tuple[str, lay.Transform | None, bool]]) -> None:
+    ``keys`` gives, for an out name, the inner name whose object-graph entry it
+    is (an EMA swap reads X/ExponentialMovingAverage for X, but it is still X);
+    by default the inner name it reads.
+    """
+
+    def __init__(
+        self,
+        inner: Source,
+        entries: Mapping[str, tuple[str, lay.Transform | None, bool]],
+        keys: Mapping[str, str] | None = None,
+    ) -> None:
         self._inner = inner
         self.path = inner.path
         self.kind = inner.kind
         self._entries = dict(entries)
+        self._keys = dict(keys or {})
         specs = inner.specs()
         out = {}
         for name in sorted(self._entries):
@@ -70,6 +81,10 @@ class MappedSource(Source):
 
     def extras(self) -> dict[str, bytes]:
         return self._inner.extras()
+
+    def object_key(self, name: str) -> str:
+        """The key under which the inner source's TF2 object graph knows tensor ``name``."""
+        return self._keys.get(name, self._entries[name][0])
 
 
 @dataclasses.dataclass
@@ -124,7 +139,8 @@ def prepare_export(
     prior = src.metadata()
     prior_layout = lay.parse_records(prior, src.path)
     prior_orig = _original_names(prior, src.path)
-    plan0 = make_plan(list(specs), include=include, exclude=exclude, weights_only=weights_only, use_ema=use_ema)
+    plan0 = make_plan(list(specs), include=include, exclude=exclude, weights_only=weights_only, use_ema=use_ema,
+                      uncarried={n: s.dtype for n, s in src.uncarried().items()}, where=src.path)
     ren = _renames(list(plan0.mapping), list(specs), rename, rename_file)
 
     choices: dict[str, tuple[lay.Transform | None, str]] = {}
@@ -137,6 +153,7 @@ def prepare_export(
         choices = lay.choose(cand, graph=graph)
 
     entries: dict[str, tuple[str, lay.Transform | None, bool]] = {}
+    keys: dict[str, str] = {}
     records: dict[str, lay.Transform] = {}
     originals: dict[str, str] = {}
     described: dict[str, str] = {}
@@ -144,6 +161,7 @@ def prepare_export(
         new = ren[dst]
         t, why = choices.get(dst, (None, ""))
         entries[new] = (s, t, False)
+        keys[new] = dst
         if t is not None:
             records[new] = t
             described[new] = f"{t.describe()} ({why})"
@@ -161,7 +179,7 @@ def prepare_export(
         doc["layout"] = lay.records(records)
     plan = Plan({n: n for n in entries}, dict(plan0.dropped), {ren[k]: v for k, v in plan0.ema_swaps.items()})
     renamed = {old: new for old, new in ren.items() if old != new}
-    return Prepared(MappedSource(src, entries), plan, doc, renamed, described)
+    return Prepared(MappedSource(src, entries, keys), plan, doc, renamed, described)
 
 
 def prepare_import(
@@ -191,6 +209,7 @@ def prepare_import(
     plan0 = make_plan(list(stage), include=include, exclude=exclude, use_ema=use_ema)
     ren = _renames(list(plan0.mapping), list(stage), rename, rename_file)
     entries: dict[str, tuple[str, lay.Transform | None, bool]] = {}
+    keys: dict[str, str] = {}
     described: dict[str, str] = {}
     renamed: dict[str, str] = {}
     for dst, s in plan0.mapping.items():
@@ -198,12 +217,13 @@ def prepare_import(
         new = ren[dst]
         t = inverse.get(archive_name)
         entries[new] = (archive_name, t, True)
+        keys[new] = stage[dst]
         if t is not None:
             described[new] = f"undo {t.describe()}"
         if new != stage[dst]:
             renamed[stage[dst]] = new
     plan = Plan({n: n for n in entries}, {stage.get(k, k): v for k, v in plan0.dropped.items()}, {ren[k]: stage[v] for k, v in plan0.ema_swaps.items()})
-    return Prepared(MappedSource(src, entries), plan, {}, renamed, described)
+    return Prepared(MappedSource(src, entries, keys), plan, {}, renamed, described)
 
 
 def needs_import_view(src: Source, *, rename: Sequence[str], rename_file: str | None, original_names: bool) -> bool:

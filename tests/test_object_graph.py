@@ -253,6 +253,73 @@ def test_any_selection_gives_a_graph_of_exactly_those_keys(keep, rename):
     assert again is out and note2 is None  # true graphs are left alone
 
 
+# --------------------------------------------------------------------------- through the pipe (TF-free)
+
+
+def _write_tf2_checkpoint(prefix: str) -> dict[str, np.ndarray]:
+    from ckptbridge.bundle.writer import BundleWriter
+
+    arrays = {k: np.arange(i + 2, dtype=np.float32) for i, k in enumerate(KEYS)}
+    w = BundleWriter(prefix)
+    for k in sorted(arrays):
+        w.write(k, arrays[k])
+    w.write_extra("object_graph", keras_like())
+    w.commit()
+    return arrays
+
+
+def _graph_of(prefix: str) -> bytes | None:
+    with ckptbridge.read(prefix) as r:
+        return r.extras().get("object_graph")
+
+
+@pytest.mark.parametrize("fmt", ["npz", "h5", "safetensors"])
+def test_filtered_export_records_a_true_graph_and_import_writes_it(tmp_path, fmt):
+    og = _og()
+    pytest.importorskip({"npz": "numpy", "h5": "h5py", "safetensors": "safetensors"}[fmt])
+    src = str(tmp_path / "src")
+    _write_tf2_checkpoint(src)
+    out = str(tmp_path / f"w.{fmt}")
+    report = ckptbridge.export(src, out, weights_only=True)
+    assert report.object_graph is not None and "pruned" in report.object_graph
+    with ckptbridge.read(out) as r:
+        assert r.metadata()["object_graph"] == report.object_graph
+        assert sorted(og.checkpoint_keys(r.extras()["object_graph"])) == sorted(r)
+    back = str(tmp_path / "back" / "ckpt")
+    rep2 = ckptbridge.rebuild(out, back, exclude=["layer_with_weights-1/bias"])
+    with ckptbridge.read(back) as r:
+        assert sorted(og.checkpoint_keys(r.extras()["object_graph"])) == sorted(r) == sorted(rep2.written)
+
+
+def test_rename_and_original_names_round_trip_the_graph_bytes(tmp_path):
+    src = str(tmp_path / "src")
+    _write_tf2_checkpoint(src)
+    out = str(tmp_path / "r.npz")
+    ckptbridge.export(src, out, rename=["^model/=net/"])
+    back = str(tmp_path / "back" / "ckpt")
+    report = ckptbridge.rebuild(out, back, original_names=True)
+    assert report.object_graph is not None and "renamed" in report.object_graph
+    assert _graph_of(back) == keras_like()
+
+
+def test_cli_says_when_the_graph_is_left_out(tmp_path):
+    from ckptbridge.bundle.writer import BundleWriter
+
+    src = str(tmp_path / "src")
+    w = BundleWriter(src)
+    for k in ("a", "b"):
+        w.write(k, np.ones(2, np.float32))
+    w.write_extra("object_graph", _graph(_node([(1, "s")]), _node(attrs=["a", "b"], saver="tf.Saver")))
+    w.commit()
+    out = tmp_path / "a.npz"
+    proc = cli("export", src, str(out), "--exclude", "^b$")
+    assert proc.returncode == 0, proc.stderr
+    assert "TF2 object graph left out: objects in it use registered savers (tf.Saver)" in proc.stderr
+    with ckptbridge.read(str(out)) as r:
+        assert "object_graph" not in r.extras()
+        assert r.metadata()["object_graph"].startswith("left out: ")
+
+
 # --------------------------------------------------------------------------- --original-names (hostile finding 9)
 
 
@@ -305,3 +372,158 @@ def test_every_unsafe_original_name_is_refused_before_anything_is_written(tmp_pa
     assert sorted(os.listdir(tmp_path)) == ["e.npz"]
     with ckptbridge.read(arc) as r:  # names are only refused where they are used
         assert list(r) == ["w"]
+
+
+# --------------------------------------------------------------------------- restored by TensorFlow
+
+
+_BUILD = textwrap.dedent(
+    """
+    import os, sys
+    import tensorflow as tf, tf_keras
+    out = sys.argv[1]
+
+    def model():
+        return tf_keras.Sequential([tf_keras.layers.Dense(4, input_shape=(3,)), tf_keras.layers.Dropout(0.1), tf_keras.layers.Dense(2)])
+
+    for kind, cls in (("adam", tf_keras.optimizers.Adam), ("legacy", tf_keras.optimizers.legacy.Adam)):
+        tf.keras.utils.set_random_seed(1)
+        m, opt = model(), cls(0.01)
+        x = tf.random.stateless_normal([2, 3], seed=[1, 2])
+        with tf.GradientTape() as t:
+            loss = tf.reduce_sum(m(x) ** 2)
+        opt.apply_gradients(zip(t.gradient(loss, m.trainable_variables), m.trainable_variables))
+        tf.train.Checkpoint(model=m, optimizer=opt).save(os.path.join(out, kind, "ckpt"))
+    """
+)
+
+_RESTORE = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    import tensorflow as tf, tf_keras
+    cases, out = json.loads(sys.argv[1]), sys.argv[2]
+    result = {}
+    for name, (prefix, optimizer, check) in cases.items():
+        try:
+            tf.keras.utils.set_random_seed(99)  # not the seed the checkpoints were made with
+            m = tf_keras.Sequential([tf_keras.layers.Dense(4, input_shape=(3,)), tf_keras.layers.Dropout(0.1), tf_keras.layers.Dense(2)])
+            objects = {"model": m}
+            if optimizer:
+                opt = (tf_keras.optimizers.legacy.Adam if optimizer == "legacy" else tf_keras.optimizers.Adam)(0.5)
+                opt.apply_gradients(zip([tf.zeros_like(v) for v in m.trainable_variables], m.trainable_variables))  # builds its slots
+                objects["optimizer"] = opt
+            status = tf.train.Checkpoint(**objects).restore(prefix)
+            status.assert_consumed() if check == "consumed" else status.expect_partial()
+            np.savez(f"{out}/{name}.npz", **{str(i): v.numpy() for i, v in enumerate(m.weights)})
+            result[name] = "ok"
+        except Exception as e:
+            result[name] = f"{type(e).__name__}: {e}"[:2000]
+    print(json.dumps(result))
+    """
+)
+
+
+def _main(*argv: str) -> tuple[int, str]:
+    """The CLI's entry point, in this process (it imports no TensorFlow for these): (status, stderr)."""
+    from ckptbridge.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        status = main(list(argv))
+    return status, err.getvalue()
+
+
+def _tf_env() -> dict[str, str]:
+    return dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+
+
+#: name -> (source checkpoint, archive suffix, export options, import options, optimizer to restore with too,
+#: "partial" (expect_partial) or "consumed" (assert_consumed))
+CASES: dict[str, tuple[str, str, list[str], list[str], str | None, str]] = {
+    "weights_only": ("adam", "npz", ["--weights-only"], [], None, "partial"),
+    "exclude_optimizer": ("legacy", "h5", ["--exclude", "^optimizer/"], [], "legacy", "partial"),  # its slots stay
+    "exclude_on_import": ("adam", "safetensors", [], ["--exclude", "^(optimizer|save_counter)/"], None, "partial"),
+    "rename": ("adam", "npz", ["--rename", "^model/=net/"], [], None, "partial"),
+    "rename_then_original_names": ("legacy", "h5", ["--rename", "^model/=net/", "--weights-only"], ["--original-names"], None, "partial"),
+    "rename_unfiltered_consumed": ("legacy", "npz", ["--rename", "layer_with_weights=L"], [], "legacy", "consumed"),
+    "unfiltered_consumed": ("legacy", "safetensors", [], [], "legacy", "consumed"),
+    "unfiltered_consumed_adam": ("adam", "npz", [], [], "adam", "consumed"),
+}
+
+
+@pytest.fixture(scope="module")
+def restored(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Build both checkpoints in one TensorFlow process, convert each case with the CLI
+    (export, then graph-free import), restore every result in one fresh TensorFlow process."""
+    pytest.importorskip("tensorflow")
+    pytest.importorskip("tf_keras")
+    d = tmp_path_factory.mktemp("objgraph")
+    proc = subprocess.run([sys.executable, "-c", _BUILD, str(d)], capture_output=True, text=True, env=_tf_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    src = {k: str(d / k / "ckpt-1") for k in ("adam", "legacy")}
+    cases: dict[str, Any] = {"original_adam": (src["adam"], None, "partial"), "original_legacy": (src["legacy"], None, "partial")}
+    logs = {}
+    for name, (kind, fmt, exp, imp, optimizer, check) in CASES.items():
+        arc = str(d / f"{name}.{fmt}")
+        prefix = str(d / name / "ckpt")
+        logs[name] = (_main("export", src[kind], arc, *exp), _main("import", arc, prefix, *imp))
+        cases[name] = (prefix, optimizer, check)
+    proc = subprocess.run([sys.executable, "-c", _RESTORE, json.dumps(cases), str(d)], capture_output=True, text=True,
+                          env=_tf_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"dir": d, "src": src, "logs": logs, "result": json.loads(proc.stdout.strip().splitlines()[-1])}
+
+
+def _weights(d: Any, name: str) -> list[np.ndarray]:
+    with np.load(d / f"{name}.npz") as z:
+        return [z[str(i)] for i in range(len(z.files))]
+
+
+@pytest.mark.tf
+@pytest.mark.parametrize("case", list(CASES))
+def test_tensorflow_restores_the_converted_checkpoint(restored, case):
+    (rc1, err1), (rc2, err2) = restored["logs"][case]
+    assert rc1 == 0 and rc2 == 0, (err1, err2)
+    assert restored["result"][case] == "ok", restored["result"][case]
+    kind, _, exp, imp, _, _ = CASES[case]
+    assert restored["result"][f"original_{kind}"] == "ok"
+    want = _weights(restored["dir"], f"original_{kind}")
+    got = _weights(restored["dir"], case)
+    assert len(got) == len(want) == 4
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape and g.tobytes() == w.tobytes()
+    assert ("TF2 object graph rewritten to match the tensors written" in err1 + err2) == bool(exp or imp), err1 + err2
+
+
+@pytest.mark.tf
+def test_tensorflow_parses_the_rewritten_graph_as_it_would_write_it(restored):
+    """TensorFlow's own proto and has_checkpoint_values rule agree with the rewritten graph."""
+    og = _og()
+    from tensorflow.core.protobuf import trackable_object_graph_pb2 as pb
+    from tensorflow.python.checkpoint import util
+
+    with ckptbridge.read(restored["src"]["legacy"]) as r:
+        g = r.extras()["object_graph"]
+        names = list(r)
+    for keep in ([n for n in names if n.startswith("model/") and "OPTIMIZER_SLOT" not in n],
+                 [n for n in names if not n.startswith("optimizer/")]):
+        out, _ = og.carry(g, identity(keep))
+        proto = pb.TrackableObjectGraph.FromString(out)
+        assert sorted(a.checkpoint_key for n in proto.nodes for a in n.attributes) == sorted(keep)
+        mine = [n.has_checkpoint_values.value for n in proto.nodes]
+        util.add_checkpoint_values_check(proto)
+        assert mine == [n.has_checkpoint_values.value for n in proto.nodes]
+        original = pb.TrackableObjectGraph.FromString(g)
+        assert {n.attributes[0].full_name for n in proto.nodes if n.attributes} <= {n.attributes[0].full_name for n in original.nodes if n.attributes}
+
+
+@pytest.mark.tf
+def test_rename_and_original_names_give_back_tensorflows_graph_bytes(restored):
+    d = restored["dir"]
+    with ckptbridge.read(restored["src"]["legacy"]) as a:
+        want = a.extras()["object_graph"]
+    arc = str(d / "bytes.npz")
+    assert _main("export", restored["src"]["legacy"], arc, "--rename", "^model/=net/")[0] == 0
+    assert _main("import", arc, str(d / "bytes" / "ckpt"), "--original-names")[0] == 0
+    assert _graph_of(str(d / "bytes" / "ckpt")) == want
