@@ -4,6 +4,10 @@ Everything is written under a temporary name beside the destination (same
 directory, so the final rename is atomic), with an unpredictable, recognisable
 name: ``.<dest name>.<random>.ckptbridge-tmp``.  A symlink at the destination is
 replaced, never written through.  Files end up with the user's umask.
+
+Without ``force`` the final step is a rename that refuses to replace anything
+(``renameat2(RENAME_NOREPLACE)``, else a hard link and an unlink), so of two
+runs racing to one output the second fails instead of replacing the first.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from __future__ import annotations
 import atexit
 import contextlib
 import contextvars
+import dataclasses
+import errno
 import functools
 import glob
 import io
@@ -19,9 +25,11 @@ import shutil
 import signal
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
+from . import _state
 from ._threads import Job
 from .errors import CkptBridgeError, NotFoundError, OutputExistsError
 
@@ -91,6 +99,31 @@ _published: list[str] = []
 def published_outputs() -> list[str]:
     """The outputs this process has moved into place (complete), in order."""
     return list(_published)
+
+
+@dataclasses.dataclass(frozen=True)
+class StateNote:
+    """What a checkpoint commit did with its directory's ``checkpoint`` state file.
+
+    ``action`` is "created" (there was none), "updated" (it now names
+    ``prefix`` as the latest; ``kept`` earlier checkpoints stay listed),
+    "unchanged" (it already named ``prefix``) or "left" (it names ``latest``,
+    which is what TensorFlow still restores; updating it was not asked for).
+    """
+
+    path: str
+    prefix: str
+    action: str
+    latest: str | None
+    kept: int = 0
+
+
+_state_notes: list[StateNote] = []
+
+
+def state_notes() -> list[StateNote]:
+    """What every checkpoint commit of this process did with a state file, in order."""
+    return list(_state_notes)
 
 
 def signals_deferred_to_python() -> bool:
@@ -224,6 +257,69 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+_RENAME_NOREPLACE = 1
+_AT_FDCWD = -100
+_renameat2: Any = None
+
+
+def _renameat2_fn() -> Any:
+    global _renameat2
+    if _renameat2 is None:
+        try:
+            import ctypes
+
+            fn = ctypes.CDLL(None, use_errno=True).renameat2
+            fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+            fn.restype = ctypes.c_int
+            _renameat2 = fn
+        except (OSError, AttributeError):
+            _renameat2 = False
+    return _renameat2
+
+
+# errnos meaning "this file system (or kernel) cannot do that", not "that failed"
+_UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.EXDEV}
+
+
+def rename_noreplace(src: str, dst: str) -> None:
+    """Move ``src`` to ``dst`` in one step that fails with FileExistsError if ``dst``
+    exists, even as a dangling symlink.
+
+    ``renameat2(RENAME_NOREPLACE)`` where the kernel and file system have it;
+    else ``link`` + ``unlink`` (the link fails if ``dst`` exists); on a file
+    system with neither (some network and FAT mounts) a check and a rename,
+    which a concurrent writer can still race.
+    """
+    fn = _renameat2_fn()
+    if fn:
+        import ctypes
+
+        if fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in _UNSUPPORTED:
+            raise OSError(err, os.strerror(err), dst)
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except FileExistsError:
+        raise
+    except OSError as e:
+        if e.errno not in _UNSUPPORTED:
+            raise
+        if os.path.lexists(dst):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), dst) from None
+        os.rename(src, dst)
+        return
+    os.unlink(src)
+
+
+def _place(src: str, dst: str, force: bool) -> None:
+    if force:
+        os.replace(src, dst)
+    else:
+        rename_noreplace(src, dst)
+
+
 @contextlib.contextmanager
 def signals_deferred() -> Iterator[None]:
     """Hold SIGINT/SIGTERM until the block is done, so a rename sequence or a cleanup is never cut in half.
@@ -274,6 +370,7 @@ class AtomicFile:
 
     def __init__(self, dest: str, *, force: bool = False) -> None:
         self.dest = dest
+        self.force = force
         if os.path.isdir(dest) and not os.path.islink(dest):
             raise OutputExistsError(f"output {dest} is a directory; name a file")
         if os.path.lexists(dest) and not force:
@@ -329,7 +426,11 @@ class AtomicFile:
         assert self._sync is not None
         self._sync.wait()
         with signals_deferred():
-            os.replace(self.tmp, self.dest)
+            try:
+                _place(self.tmp, self.dest, self.force)
+            except FileExistsError:
+                # Another run published it since our check in __init__: theirs stays.
+                raise OutputExistsError(f"output {self.dest} already exists (written meanwhile by another process); pass --force to overwrite it") from None
             _published.append(self.dest)
             _pending.pop(self.tmp, None)
             if self.durable:
@@ -440,22 +541,51 @@ def checkpoint_files(prefix: str) -> list[str]:
     return found
 
 
+def _taken_names(prefix: str) -> list[str]:
+    """Every name of a checkpoint at ``prefix`` that something occupies: a file, a FIFO, a dangling symlink."""
+    found = [p for p in (prefix + ".index", prefix + ".meta") if os.path.lexists(p)]
+    if os.path.lexists(prefix) and not (os.path.isdir(prefix) and not os.path.islink(prefix)):
+        found.append(prefix)
+    found += sorted(glob.glob(glob.escape(prefix) + ".data-?????-of-?????"))  # lists dangling symlinks too
+    return found
+
+
+PREVIOUS_DIR = "previous"
+
+
+class StateFileError(CkptBridgeError):
+    """The checkpoint was published but its directory's state file could not be updated."""
+
+
 class AtomicCheckpoint:
     """A temporary directory holding a checkpoint that becomes ``prefix`` on commit.
 
     Writers write to :attr:`tmp_prefix`.  On commit the data shards and the
     ``.meta`` graph are moved into place first and the ``.index`` last, since
-    the index is what makes a V2 checkpoint visible to readers.  Stale shards
-    of an overwritten checkpoint are removed only after the new one is whole.
+    the index is what makes a V2 checkpoint visible to readers: at every instant
+    ``prefix`` is the old checkpoint whole or the new one whole.  The one
+    exception is a forced replace whose new data shards have the names of the old
+    ones (the same shard count): the old index and data are then hard-linked into
+    ``<tmpdir>/previous/`` before the old index is removed, so until the new index
+    is in place the old checkpoint stays whole there (a process killed in that
+    window leaves it for the user to move back; :mod:`._resolve` says where).
+
+    The directory's ``checkpoint`` state file (what ``tf.train.latest_checkpoint``
+    restores) is written when the directory has none, and updated to name
+    ``prefix`` as the latest, every earlier checkpoint kept, only with ``force``;
+    ``update_state=False`` never touches it.  Any
+    update is written and synced before the first rename, and renamed into place
+    after the index.  :func:`state_notes` records what was done.
     """
 
     def __init__(self, prefix: str, *, force: bool = False, update_state: bool = True) -> None:
         self.prefix = prefix
+        self.force = force
         self.update_state = update_state
-        existing = checkpoint_files(prefix)
+        existing = _taken_names(prefix)
         if existing and not force:
             raise OutputExistsError(f"output checkpoint {prefix} already exists ({os.path.basename(existing[0])}); pass --force to overwrite it")
-        if os.path.isdir(prefix):
+        if os.path.isdir(prefix) and not os.path.islink(prefix):
             raise OutputExistsError(f"output prefix {prefix} is a directory; name a checkpoint prefix such as {os.path.join(prefix, 'model.ckpt')}")
         # A checkpoint lives in a directory of its own, as with Saver.save: create it
         # (and remove it again if nothing is published).
@@ -471,12 +601,13 @@ class AtomicCheckpoint:
                 self._remove_created()
                 raise CkptBridgeError(f"cannot create output directory {d} ({e.strerror}); choose another output location") from None
         try:
-            parent = _check_parent(prefix)
+            self._parent = _check_parent(prefix)
+            self._plan_state()  # a state file we would have to update but cannot: refused before any work
         except BaseException:
             self._remove_created()
             raise
         with signals_deferred():
-            self.tmpdir = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(prefix)}.", suffix=TMP_SUFFIX)
+            self.tmpdir = tempfile.mkdtemp(dir=self._parent, prefix=f".{os.path.basename(prefix)}.", suffix=TMP_SUFFIX)
             self.tmp_prefix = os.path.join(self.tmpdir, os.path.basename(prefix))
             self._sync: Job | None = None
             self.durable = _durable.get()
@@ -497,11 +628,42 @@ class AtomicCheckpoint:
                 os.chmod(src, 0o666 & ~mask)
             self._sync = Job(_fsync_files, produced if self.durable else [], name="ckptbridge-fsync")
 
+    def _plan_state(self) -> tuple[str, "_state.CheckpointState | None", str | None]:
+        """(action, the state to write or None, the latest the file names now)."""
+        if not self.update_state:
+            return "off", None, None
+        wanted = self.force
+        path = _state.state_path(self._parent)
+        basename = os.path.basename(self.prefix)
+        if not os.path.lexists(path):
+            return "created", _state.with_latest(None, self._parent, basename, time.time()), None
+        try:
+            current = _state.read_state(self._parent, fix=f"fix or remove it before making {basename} the latest")
+        except CkptBridgeError:
+            if wanted:
+                raise
+            return "left", None, None  # not ours to fix, and not needed to leave it as it is
+        latest = current.model_checkpoint_path if current is not None else None
+        if latest is not None and os.path.normpath(os.path.join(self._parent, latest)) == os.path.normpath(os.path.abspath(self.prefix)):
+            return "unchanged", None, latest
+        if wanted:
+            return "updated", _state.with_latest(current, self._parent, basename, time.time()), latest
+        return "left", None, latest
+
+    def _write_state_tmp(self, state: "_state.CheckpointState") -> str:
+        fd, tmp = tempfile.mkstemp(dir=self.tmpdir, prefix=f".{_state.STATE_NAME}.", suffix=TMP_SUFFIX)
+        with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape") as f:
+            f.write(_state.format_state(state))
+            f.flush()
+            if self.durable:
+                os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        return tmp
+
     def commit(self) -> None:
         if self._done:
             return
         _raise_if_signalled()
-        old = set(checkpoint_files(self.prefix))
         produced = checkpoint_files(self.tmp_prefix)
         if not any(p.endswith(".index") for p in produced) and not os.path.isfile(self.tmp_prefix):
             raise CkptBridgeError(f"internal error: no checkpoint was written for {self.prefix}")
@@ -509,29 +671,89 @@ class AtomicCheckpoint:
             self.start_sync()
         assert self._sync is not None
         self._sync.wait()
-        ordered = sorted(produced, key=lambda p: p.endswith(".index"))  # index last
-        placed = []
         with signals_deferred():
-            # An old index must never stand beside new data shards of the same names:
-            # it leaves first, so in between readers see no checkpoint rather than a wrong one.
-            old_index = self.prefix + ".index"
-            if old_index in old:
-                os.unlink(old_index)
-            for src in ordered:
-                dst = self.prefix + src[len(self.tmp_prefix):]
-                os.replace(src, dst)
-                placed.append(dst)
+            # Everything that can fail for a reason of its own (a malformed state file, no
+            # space for its new text) fails here, while nothing has been renamed yet.
+            action, new_state, latest = self._plan_state()
+            state_tmp = self._write_state_tmp(new_state) if new_state is not None else None
+            old = set(_taken_names(self.prefix))
+            placed = self._move_into_place(produced, old)
             _published.append(self.prefix)
-            for stale in old - set(placed) - {old_index}:
-                os.unlink(stale)
-            parent = os.path.dirname(os.path.abspath(self.prefix))
-            if self.update_state:
-                write_checkpoint_state(parent, os.path.basename(self.prefix))
-            if self.durable:
-                _fsync_dir(parent)
-            shutil.rmtree(self.tmpdir, ignore_errors=True)
-            _pending.pop(self.tmpdir, None)
-            self._done = True
+            # The old index goes first: a V1 file just placed at the prefix takes over from it.
+            for stale in sorted(old - set(placed), key=lambda p: not p.endswith(".index")):
+                try:
+                    os.unlink(stale)
+                except FileNotFoundError:
+                    pass
+            state = _state.state_path(self._parent)
+            try:
+                if state_tmp is not None:
+                    try:
+                        _place(state_tmp, state, force=action == "updated")
+                    except FileExistsError:  # another process wrote one meanwhile: its choice stands
+                        action, latest = "left", None
+            except OSError as e:
+                self._finish()
+                was = f"it still names {latest} as the latest" if latest else "it was not created"
+                raise StateFileError(
+                    f"checkpoint {self.prefix} was written and is complete, but the state file {state} could not be "
+                    f"{'created' if action == 'created' else 'updated'} ({e.strerror}): {was}; fix the cause and write it "
+                    f"again, or name the checkpoint prefix when restoring"
+                ) from None
+            if action != "off":
+                kept = len(new_state.all_model_checkpoint_paths) - 1 if new_state is not None and action == "updated" else 0
+                _state_notes.append(StateNote(state, self.prefix, action, latest, kept))
+            self._finish()
+
+    def _move_into_place(self, produced: list[str], old: set[str]) -> list[str]:
+        """Rename the new files to their final names, the index last; return them.
+
+        Without ``force`` no name is ever replaced: if another process took one
+        since ``__init__``, what was moved goes back and OutputExistsError is raised.
+        """
+        dst = {src: self.prefix + src[len(self.tmp_prefix):] for src in produced}
+        ordered = sorted(produced, key=lambda p: p.endswith(".index"))  # index last
+        old_index = self.prefix + ".index"
+        if self.force and old_index in old and any(dst[s] in old for s in ordered if not s.endswith(".index")):
+            self._keep_previous(old, old_index)
+        placed: list[str] = []
+        try:
+            for src in ordered:
+                _place(src, dst[src], self.force)
+                placed.append(dst[src])
+        except FileExistsError as e:
+            for src, final in zip(ordered, placed):  # ours alone: nothing was replaced
+                try:
+                    os.rename(final, src)
+                except OSError:
+                    os.unlink(final)
+            raise OutputExistsError(f"output checkpoint {self.prefix} already exists ({os.path.basename(e.filename or '')} written "
+                                    f"meanwhile by another process); pass --force to overwrite it") from None
+        return placed
+
+    def _keep_previous(self, old: set[str], old_index: str) -> None:
+        """Keep the old checkpoint whole in the temporary directory, then remove its index."""
+        keep = os.path.join(self.tmpdir, PREVIOUS_DIR)
+        os.mkdir(keep)
+        try:
+            for f in sorted(old):
+                os.link(f, os.path.join(keep, os.path.basename(f)), follow_symlinks=False)
+        except OSError:
+            # No hard links here: move the old files instead, index first (the prefix then
+            # shows no checkpoint rather than a mix of old and new).
+            for f in sorted(old, key=lambda p: not p.endswith(".index")):
+                os.replace(f, os.path.join(keep, os.path.basename(f)))
+            return
+        if self.durable:
+            _fsync_dir(keep)
+        os.unlink(old_index)
+
+    def _finish(self) -> None:
+        if self.durable:
+            _fsync_dir(self._parent)
+        shutil.rmtree(self.tmpdir, ignore_errors=True)
+        _pending.pop(self.tmpdir, None)
+        self._done = True
 
     def abort(self) -> None:
         if self._done:
@@ -550,17 +772,19 @@ class AtomicCheckpoint:
                 break
 
 
-def write_checkpoint_state(directory: str, basename: str) -> None:
-    """Write the ``checkpoint`` file (a text proto) naming ``basename`` as the latest."""
-    text = f'model_checkpoint_path: "{basename}"\nall_model_checkpoint_paths: "{basename}"\n'
-    state = os.path.join(directory, "checkpoint")
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".checkpoint.", suffix=TMP_SUFFIX)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, state)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def previous_kept(prefix: str) -> str | None:
+    """The prefix of an old checkpoint a killed forced replace of ``prefix`` left whole, if any."""
+    d, base = os.path.split(os.path.abspath(prefix))
+    found = _kept(d, glob.escape(base))
+    return found[-1] if found else None
+
+
+def previous_kept_in(directory: str) -> list[str]:
+    """The prefixes of old checkpoints killed forced replaces left whole in ``directory``, oldest first."""
+    return _kept(os.path.abspath(directory), "*")
+
+
+def _kept(directory: str, base_pattern: str) -> list[str]:
+    pattern = os.path.join(glob.escape(directory), ".*" + glob.escape(TMP_SUFFIX), PREVIOUS_DIR, base_pattern + ".index")
+    found = sorted(glob.glob(pattern), key=os.path.getmtime)
+    return [f[: -len(".index")] for f in found]

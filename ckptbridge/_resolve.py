@@ -11,8 +11,10 @@ from __future__ import annotations
 import glob
 import os
 import re
+import stat
 from typing import Any
 
+from . import _state
 from ._source import Sink, Source
 from .errors import CkptBridgeError, FormatError, MissingDependencyError, NotFoundError
 
@@ -46,17 +48,22 @@ def _complete_v2(prefix: str) -> bool:
 
 
 def _state_prefix(directory: str) -> str | None:
-    state = os.path.join(directory, "checkpoint")
-    try:
-        with open(state, encoding="utf-8", errors="replace") as f:
-            text = f.read(1 << 20)
-    except OSError:
+    state = _state.read_state(directory)  # a malformed or non-regular state file is an error, never a guess
+    if state is None or not state.model_checkpoint_path:
         return None
-    m = re.search(r'^model_checkpoint_path:\s*"((?:[^"\\]|\\.)*)"', text, re.M)
-    if not m:
-        return None
-    p = m.group(1).encode().decode("unicode_escape")
+    p = state.model_checkpoint_path
     return p if os.path.isabs(p) else os.path.join(directory, p)
+
+
+def _require_regular(path: str, what: str) -> None:
+    """Refuse anything but a regular file before it is opened (a FIFO would block the open forever)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # missing or unreadable: the caller's own check or open reports it
+    if not stat.S_ISREG(mode):
+        kind = _state.describe_mode(mode)
+        raise FormatError(f"{what} {path} is {kind}, not a regular file; ckptbridge reads only regular files, copy it to one first")
 
 
 def latest_in_directory(directory: str) -> str:
@@ -80,6 +87,12 @@ def latest_in_directory(directory: str) -> str:
         files = [p for p in glob.glob(os.path.join(glob.escape(directory), pattern)) if os.path.isfile(p) and not os.path.splitext(p)[1] in (".meta", ".index")]
         if files:
             return max(files, key=os.path.getmtime)
+    from ._atomic import previous_kept_in
+
+    kept = previous_kept_in(directory)
+    if kept:
+        raise NotFoundError(f"no complete checkpoint in directory {directory}: a forced replace was killed midway, and the previous "
+                            f"checkpoint is whole in {os.path.dirname(kept[-1])}; move its files back into {directory}")
     raise NotFoundError(f"no checkpoint found in directory {directory} (no 'checkpoint' file and no *.index); pass the checkpoint prefix instead")
 
 
@@ -93,12 +106,26 @@ def resolve_checkpoint(path: str) -> tuple[str, str]:
     m = _DATA_RE.search(path)
     if m:
         path = path[: m.start()]
+    if os.path.lexists(path + ".index"):
+        _require_regular(path + ".index", "checkpoint index")
     if os.path.isfile(path + ".index"):
+        for shard in glob.glob(glob.escape(path) + ".data-?????-of-?????"):
+            _require_regular(shard, "checkpoint data file")
         return path, "v2"
-    if os.path.isfile(path):
+    if os.path.exists(path) and not os.path.isdir(path):
+        _require_regular(path, "checkpoint file")
         return path, "v1"
-    if glob.glob(glob.escape(path) + "-?????-of-?????"):
+    shards = glob.glob(glob.escape(path) + "-?????-of-?????")
+    if shards:
+        for shard in shards:
+            _require_regular(shard, "checkpoint file")
         return path, "v1"  # a sharded V1 checkpoint
+    from ._atomic import previous_kept
+
+    kept = previous_kept(path)
+    if kept is not None:
+        raise NotFoundError(f"no checkpoint at {path}: a forced replace of it was killed midway, and the previous checkpoint "
+                            f"is whole in {os.path.dirname(kept)}; move its files back into {os.path.dirname(os.path.abspath(path))}")
     raise NotFoundError(f"no checkpoint at {path} (looked for {os.path.basename(path)}.index and a V1 file); check the path")
 
 
@@ -110,7 +137,10 @@ def open_source(path: str, *, engine: str = "auto", verify: bool = True, max_ten
     if kind is not None:
         if not os.path.exists(path):
             raise NotFoundError(f"no such file: {path}; check the path")
-        if not os.path.isdir(path) and not os.access(path, os.R_OK):
+        if os.path.isdir(path):
+            raise FormatError(f"{path} is a directory, not an archive file; name the archive file")
+        _require_regular(path, "archive")
+        if not os.access(path, os.R_OK):
             raise CkptBridgeError(f"permission denied: cannot read {path}; check its permissions")
         if kind == "npz":
             from .formats.npz import NpzSource
