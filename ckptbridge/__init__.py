@@ -7,9 +7,8 @@ not import TensorFlow; the verbs import it only when a path needs it.
 
 from __future__ import annotations
 
-from ._api import Reader, diff, export, read, rebuild, verify
-from ._spec import TensorSpec
-from .convert import DiffReport, Report, VerifyReport
+from typing import TYPE_CHECKING, Any
+
 from .errors import (
     CkptBridgeError,
     CorruptError,
@@ -22,6 +21,33 @@ from .errors import (
 )
 
 __version__ = "0.1.0"
+
+# The verbs and report types import NumPy, h5py and the rest (0.7 s): they load on
+# first use, so the command line can install its signal handlers before that
+# (a Ctrl-C during start-up then ends with one line, not a traceback).
+_LAZY = {
+    "read": "._api", "export": "._api", "rebuild": "._api", "diff": "._api", "verify": "._api", "Reader": "._api",
+    "TensorSpec": "._spec", "Report": ".convert", "DiffReport": ".convert", "VerifyReport": ".convert",
+}
+
+if TYPE_CHECKING:
+    from ._api import Reader, diff, export, read, rebuild, verify
+    from ._spec import TensorSpec
+    from .convert import DiffReport, Report, VerifyReport
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 __all__ = [
     "read",

@@ -9,12 +9,37 @@ import signal
 import sys
 import traceback
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from . import _api
 from .errors import CkptBridgeError
 
 PROG = "ckptbridge"
+#: Exit status when stdout or stderr is a pipe whose reader has gone (``ckptbridge ls X | head -1``):
+#: 128 + SIGPIPE, what a shell reports for ``cat``, ``ls`` and ``yes`` in the same pipe.
+EXIT_BROKEN_PIPE = 141
+
+
+class _Deferred:
+    """A module imported on first use.
+
+    ``_api`` brings in NumPy, h5py and the rest (0.7 s).  :func:`main` installs
+    its signal handlers first and touches ``_api`` only then, so a Ctrl-C during
+    that import ends as any other does: one line and exit 130, not a traceback.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        import importlib
+
+        return getattr(importlib.import_module(self._name, __package__), attr)
+
+
+if TYPE_CHECKING:
+    from . import _api
+else:
+    _api = _Deferred("._api")
 
 
 class _Terminated(BaseException):
@@ -75,8 +100,6 @@ def _report_plan(args: argparse.Namespace, report: Any) -> None:
         _say(args, f"renamed {old} -> {new}")
     for name, what in getattr(report, "layout", {}).items():
         _say(args, f"layout {name}: {what}")
-    if getattr(report, "object_graph", None):
-        _say(args, f"TF2 object graph {report.object_graph}")
 
 
 def _print_dry_run(report: Any, where: str) -> None:
@@ -250,66 +273,142 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; every failure becomes one ``ckptbridge: error:`` line and a status.
 
     Exit status: 0 success, 1 ``diff``/``verify`` found a difference or a bad
-    tensor, 2 an error (nothing written), 130 SIGINT, 143 SIGTERM.
+    tensor, 2 an error (the message says whether anything was written), 130
+    SIGINT, 143 SIGTERM, and 141 without a message when the pipe it writes to
+    was closed by its reader (``ckptbridge ls X | head -1``), as for ``cat``.
     """
-    parser = _parser()
-    args = parser.parse_args(argv)
-    if "tensorflow" not in sys.modules:
-        # This process's TensorFlow serves tf-slim's graph-mode layers, which come from tf-keras:
-        # with tf.keras pointing there, importing TensorFlow skips loading Keras 3 (and the
-        # matplotlib it pulls in where installed), 1-1.7 s of a rebuild on the benchmark VM.
-        # An explicit TF_USE_LEGACY_KERAS in the environment wins.
-        os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-    dest = getattr(args, "output", None) or getattr(args, "output_prefix", None)
-    old = _install_signal_handlers() if _main_thread() else {}
-    try:
-        return int(args.func(args))
-    except KeyboardInterrupt:
-        _err(_stopped("interrupted", dest))
-        return 130
-    except _Terminated:
-        _err(_stopped("terminated by SIGTERM", dest))
-        return 143
-    except CkptBridgeError as e:
-        _debug(args)
-        _err(str(e))
-        return 2
-    except OSError as e:
-        _debug(args)
-        _err(_os_message(e, dest))
-        return 2
-    except MemoryError:
-        _debug(args)
-        _err(f"out of memory{_writing(dest)}; nothing was written, close other programs or use a machine with more memory")
-        return 2
-    except RecursionError as e:
-        _debug(args)
-        _err(f"internal error: {e}; nothing was written, please report this with the output of --debug")
-        return 2
-    except Exception as e:  # noqa: BLE001 - the last resort: a bug, never a traceback unless asked
-        _debug(args)
-        _err(f"internal error: {type(e).__name__}: {e}; nothing was written, please report this with the output of --debug")
-        return 2
-    finally:
-        from ._atomic import discard_pending
+    from . import _atomic  # the standard library only: NumPy & co. are imported once the handlers are in
 
+    since = len(_atomic.published_outputs()), len(_atomic.state_notes())
+    old: dict[int, Any] = {}
+    try:
+        old = _install_signal_handlers() if _main_thread() else {}
+        return _run(argv, *since)
+    except BrokenPipeError:
+        # The reader of our stdout (or stderr) has gone: stop quietly, as Unix tools do.
+        # Outputs are whole or discarded as on any other exit (the sinks have unwound).
+        _quiet_closed_pipes()
+        return EXIT_BROKEN_PIPE
+    finally:
         try:
-            discard_pending()  # temporaries of a sink whose constructor was interrupted
+            _atomic.discard_pending()  # temporaries of a sink whose constructor was interrupted
         except BaseException:  # noqa: BLE001 - a signal recorded during the sweep: we are leaving anyway
             pass
         for sig, handler in old.items():
             signal.signal(sig, handler)
 
 
-def _debug(args: argparse.Namespace) -> None:
+def _run(argv: Sequence[str] | None, published_before: int, notes_before: int) -> int:
+    from ._atomic import published_outputs, state_notes
+
+    args: argparse.Namespace | None = None
+    dest: str | None = None
+
+    def written() -> str:
+        done = published_outputs()[published_before:]
+        return f"{done[-1]} was written and is complete" if done else "nothing was written"
+
+    try:
+        args = _parser().parse_args(argv)  # the first use of _api: from here a Ctrl-C in its import is handled
+        if "tensorflow" not in sys.modules:
+            # This process's TensorFlow serves tf-slim's graph-mode layers, which come from tf-keras:
+            # with tf.keras pointing there, importing TensorFlow skips loading Keras 3 (and the
+            # matplotlib it pulls in where installed), 1-1.7 s of a rebuild on the benchmark VM.
+            # An explicit TF_USE_LEGACY_KERAS in the environment wins.
+            os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+        dest = getattr(args, "output", None) or getattr(args, "output_prefix", None)
+        rc = int(args.func(args))
+        _report_state(args, state_notes()[notes_before:])
+        return rc
+    except BrokenPipeError:
+        raise
+    except KeyboardInterrupt:
+        _err(_stopped("interrupted", dest, published_before))
+        return 130
+    except _Terminated:
+        _err(_stopped("terminated by SIGTERM", dest, published_before))
+        return 143
+    except CkptBridgeError as e:
+        _debug(args)
+        _err(str(e) + _how_to_fix(e, args))
+        return 2
+    except OSError as e:
+        _debug(args)
+        _err(_os_message(e, dest, written()))
+        return 2
+    except MemoryError:
+        _debug(args)
+        _err(f"out of memory{_writing(dest)}; {written()}, close other programs or use a machine with more memory")
+        return 2
+    except RecursionError as e:
+        _debug(args)
+        _err(f"internal error: {e}; {written()}, please report this with the output of --debug")
+        return 2
+    except Exception as e:  # noqa: BLE001 - the last resort: a bug, never a traceback unless asked
+        _debug(args)
+        _err(f"internal error: {type(e).__name__}: {e}; {written()}, please report this with the output of --debug")
+        return 2
+
+
+def _quiet_closed_pipes() -> None:
+    """Point a stdout/stderr whose pipe has no reader at /dev/null (the Python docs'
+    recipe), so the flush at exit cannot fail again and print a second error."""
+    import select
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            fd = stream.fileno()
+            poller = select.poll()
+            poller.register(fd, select.POLLOUT)
+            if not any(ev & select.POLLERR for _, ev in poller.poll(0)):
+                continue
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, fd)
+            os.close(devnull)
+        except (AttributeError, ValueError, OSError):
+            continue  # not a real file (redirected in-process): nothing will flush to a pipe
+
+
+def _report_state(args: argparse.Namespace, notes: Sequence[Any]) -> None:
+    """Say what a checkpoint import did with its directory's ``checkpoint`` state file."""
+    for n in notes:
+        base = os.path.basename(n.prefix)
+        if n.action == "created":
+            _say(args, f"checkpoint state file {n.path} created: TensorFlow restores {base} from its directory")
+        elif n.action == "updated":
+            was = f" instead of {n.latest}" if n.latest else ""
+            _say(args, f"checkpoint state file {n.path} updated: TensorFlow restores {base}{was}; "
+                       f"{n.kept} earlier checkpoint(s) still listed")
+        elif n.action == "left":
+            now = f"TensorFlow still restores {n.latest}" if n.latest else "its content was not read"
+            _say(args, f"checkpoint state file {n.path} left as it was ({now}); pass --force to make {base} the latest")
+
+
+def _how_to_fix(e: CkptBridgeError, args: argparse.Namespace) -> str:
+    """The option that gets past an error, where the library's message cannot name it."""
+    import re
+    import shlex
+
+    from .errors import UncarriedDtypeError
+
+    if isinstance(e, UncarriedDtypeError):
+        if args.command in ("export", "import"):
+            pats = " ".join(f"--exclude {shlex.quote('^' + re.escape(n) + '$')}" for n in list(e.tensors)[:3])
+            return f" with {pats}" + (" ..." if len(e.tensors) > 3 else "")
+        if args.command in ("diff", "verify"):
+            return "; the native engine reads their stored bytes (V2 checkpoints: --engine native)"
+    return ""
+
+
+def _debug(args: argparse.Namespace | None) -> None:
     if getattr(args, "debug", False):
         traceback.print_exc()
 
 
-def _stopped(what: str, dest: str | None) -> str:
+def _stopped(what: str, dest: str | None, published_before: int = 0) -> str:
     from ._atomic import published_outputs
 
-    done = published_outputs()
+    done = published_outputs()[published_before:]
     if done:
         # The signal came during or after the final rename: the output is whole.
         return f"{what} after {done[-1]} was written; it is complete"
@@ -332,8 +431,8 @@ def _install_signal_handlers() -> dict[int, Any]:
     return old
 
 
-def _os_message(e: OSError, dest: str | None = None) -> str:
-    """One line for an OSError that reached the CLI: what, which file, what to do."""
+def _os_message(e: OSError, dest: str | None = None, written: str = "nothing was written") -> str:
+    """One line for an OSError that reached the CLI: what, which file, what was written, what to do."""
     import errno
 
     from ._atomic import TMP_SUFFIX
@@ -343,16 +442,16 @@ def _os_message(e: OSError, dest: str | None = None) -> str:
         name = dest  # a temporary file means nothing to the user; the destination does
     where = f": {name}" if name else ""
     if e.errno == errno.ENOSPC or e.errno == errno.EDQUOT:
-        return f"no space left on device{where}; nothing was written, free some space or choose another output location"
+        return f"no space left on device{where}; {written}, free some space or choose another output location"
     if e.errno == errno.EFBIG:
-        return f"file too large for this filesystem or the file-size limit (ulimit -f){where}; nothing was written, choose another location or raise the limit"
+        return f"file too large for this filesystem or the file-size limit (ulimit -f){where}; {written}, choose another location or raise the limit"
     if e.errno in (errno.EACCES, errno.EPERM):
-        return f"permission denied{where}; nothing was written, check the permissions or choose another location"
+        return f"permission denied{where}; {written}, check the permissions or choose another location"
     if e.errno == errno.EROFS:
-        return f"read-only file system{where}; nothing was written, choose another output location"
+        return f"read-only file system{where}; {written}, choose another output location"
     if e.errno == errno.EIO:
-        return f"input/output error{where} (is the disk failing?); nothing was written, copy the file to a healthy disk and retry"
-    return f"{e.strerror or e}{where}; nothing was written, check the path and retry"
+        return f"input/output error{where} (is the disk failing?); {written}, copy the file to a healthy disk and retry"
+    return f"{e.strerror or e}{where}; {written}, check the path and retry"
 
 
 def _main_thread() -> bool:
