@@ -100,6 +100,8 @@ def _report_plan(args: argparse.Namespace, report: Any) -> None:
         _say(args, f"renamed {old} -> {new}")
     for name, what in getattr(report, "layout", {}).items():
         _say(args, f"layout {name}: {what}")
+    if getattr(report, "object_graph", None):
+        _say(args, f"TF2 object graph {report.object_graph}")
 
 
 def _print_dry_run(report: Any, where: str) -> None:

@@ -195,7 +195,9 @@ def test_ema_swap_keeps_the_variable_its_own_key():
     ema = "/ExponentialMovingAverage"
     g = _graph(_node([(1, "w"), (2, "ema")], has_values=True), _node(attrs=["w" + V], has_values=True),
                _node(attrs=["w" + V + ema], has_values=True))
-    plan = ckptbridge.names.make_plan(["w" + V, "w" + V + ema], use_ema=True)
+    from ckptbridge.names import make_plan
+
+    plan = make_plan(["w" + V, "w" + V + ema], use_ema=True)
     keys = og.key_map(plan.mapping, plan.ema_swaps)
     assert keys == {"w" + V: "w" + V}
     nodes = decode(og.carry(g, keys)[0])
