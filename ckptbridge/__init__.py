@@ -17,6 +17,7 @@ from .errors import (
     MissingDependencyError,
     NotFoundError,
     OutputExistsError,
+    UncarriedDtypeError,
     UnsafeArchiveError,
 )
 
@@ -67,6 +68,7 @@ __all__ = [
     "MissingDependencyError",
     "NotFoundError",
     "OutputExistsError",
+    "UncarriedDtypeError",
     "UnsafeArchiveError",
     "__version__",
 ]

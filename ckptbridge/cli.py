@@ -123,24 +123,52 @@ def _handoff_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {"rename": args.rename, "rename_file": args.rename_file, "dry_run": args.dry_run}
 
 
+def _shown(name: str) -> str:
+    """A name as it may be printed: control characters escaped, so a crafted name cannot rewrite the terminal."""
+    def ok(c: str) -> bool:
+        o = ord(c)
+        return 0x20 <= o < 0x7F or (o >= 0xA0 and not 0xD800 <= o < 0xE000)  # surrogates: bytes that were not UTF-8
+
+    if all(ok(c) for c in name):
+        return name
+    return "".join(c if ok(c) else f"\\x{ord(c) & 0xFF:02x}" if ord(c) < 0x100 or 0xDC80 <= ord(c) < 0xDD00 else f"\\u{ord(c):04x}"
+                   for c in name)
+
+
 def cmd_ls(args: argparse.Namespace) -> int:
     with _api.read(args.path, engine=args.engine, max_tensor_gb=args.max_tensor_gb) as r:
-        specs = list(r.specs.values())
+        carried = r.specs
+        opaque = r.uncarried
+        specs = sorted([*carried.values(), *opaque.values()], key=lambda s: s.name.encode("utf-8", "surrogateescape"))
+        sizes = [s.size_on_disk for s in specs]
+        known = sum(n for n in sizes if n is not None)
         if args.json:
             doc = {
                 "path": r.path,
                 "kind": r.kind,
-                "tensors": [{"name": s.name, "dtype": s.dtype, "shape": list(s.shape), "bytes": s.nbytes} for s in specs],
+                "tensors": [{"name": s.name, "dtype": s.dtype, "shape": list(s.shape), "bytes": n, "carried": s.name not in opaque}
+                            for s, n in zip(specs, sizes)],
                 "total_tensors": len(specs),
-                "total_bytes": sum(s.nbytes for s in specs),
+                "total_bytes": known,
             }
+            if opaque:
+                doc["uncarried"] = sorted(opaque)
             print(json.dumps(doc, indent=2))
             return 0
-        width = max((len(s.name) for s in specs), default=4)
-        for s in specs:
-            size = "-" if s.dtype == "string" else str(s.nbytes)
-            print(f"{s.name:<{width}}  {s.dtype:<10} {str(list(s.shape)):<22} {size:>12}")
-        print(f"{len(specs)} tensors, {sum(s.nbytes for s in specs)} bytes ({_human(sum(s.nbytes for s in specs))})")
+        names = [_shown(s.name) for s in specs]
+        width = max((len(n) for n in names), default=4)
+        dwidth = max([10, *(len(s.dtype) for s in specs)])
+        for s, name, n in zip(specs, names, sizes):
+            note = "  (not carried)" if s.name in opaque else ""
+            print(f"{name:<{width}}  {s.dtype:<{dwidth}} {str(list(s.shape)):<22} {'?' if n is None else n:>12}{note}")
+        line = f"{len(specs)} tensors, {known} bytes ({_human(known)})"
+        unknown = sum(1 for n in sizes if n is None)
+        if unknown:
+            line += f"; {unknown} string tensor(s) of unknown size not counted (the native engine knows their size)"
+        if opaque:
+            line += (f"; {len(opaque)} of a dtype ckptbridge cannot carry ({', '.join(sorted({s.dtype for s in opaque.values()}))}): "
+                     "export refuses them unless excluded")
+        print(line)
     return 0
 
 
@@ -185,10 +213,14 @@ def cmd_diff(args: argparse.Namespace) -> int:
     for n, (count, mx) in d.value_diffs.items():
         extra = "" if mx is None else f", max abs diff {mx:.6g}"
         print(f"values differ: {n}: {count} elements{extra}")
+    for n, dtype in d.raw_diffs.items():
+        print(f"stored bytes differ: {n} ({dtype}, compared as stored bytes)")
+    raw = f", {d.compared_raw} of a dtype ckptbridge does not carry, as stored bytes" if d.compared_raw else ""
     if d.identical:
-        print(f"identical: {d.compared} tensors")
+        print(f"identical: {d.compared} tensors" + (f" ({raw[2:]})" if raw else ""))
         return 0
-    print(f"different: {len(d.only_a)} only in A, {len(d.only_b)} only in B, {len(d.spec_diffs)} shape/dtype, {len(d.value_diffs)} values ({d.compared} compared)")
+    print(f"different: {len(d.only_a)} only in A, {len(d.only_b)} only in B, {len(d.spec_diffs)} shape/dtype, "
+          f"{len(d.value_diffs) + len(d.raw_diffs)} values ({d.compared} compared{raw})")
     return 1
 
 
@@ -198,6 +230,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"BAD: {v.bad}: {v.message}")
         return 1
     note = "" if v.has_checksums else " (plain archive: no checksums recorded, only readability checked)"
+    if v.checked_raw:
+        note += f" ({v.checked_raw} of a dtype ckptbridge does not carry, checked as stored bytes)"
     print(f"ok: {v.checked} tensors{note}")
     return 0
 

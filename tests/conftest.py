@@ -101,3 +101,15 @@ def dtypes_ckpt(ckpts: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> 
 def tf2_ckpt(ckpts: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> str:
     """A TF2 tf.train.Checkpoint of a tf.Module and a tf-keras Adam with slots."""
     return _build(tmp_path_factory, "tf2", ckpts.build_tf2)
+
+
+@pytest.fixture(scope="session")
+def lowbit_ckpt(ckpts: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """float8, float4, int4/int2 and quantized tensors, written by SaveV2 (tests/tf_checkpoints.py)."""
+    return _build(tmp_path_factory, "lowbit", ckpts.build_lowbit)
+
+
+@pytest.fixture(scope="session")
+def iterator_ckpts(ckpts: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """tf.data iterator checkpoints (a DT_VARIANT tensor): {"a", "a2" (same state), "b" (one step on)}."""
+    return _build(tmp_path_factory, "iterators", ckpts.build_iterators)

@@ -193,6 +193,54 @@ def build_dtypes(directory: str) -> str:
     return prefix
 
 
+LOWBIT = ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e4m3b11fnuz", "float8_e5m2fnuz",
+          "float4_e2m1fn", "int4", "uint4", "int2", "uint2")
+QUANTIZED = {"qint8": "int8", "quint8": "uint8", "qint16": "int16", "quint16": "uint16", "qint32": "int32"}
+
+
+def lowbit_tensors() -> dict[str, np.ndarray]:
+    """Name -> value (ml_dtypes arrays; quantized in TensorFlow's NumPy form) of every dtype NumPy lacks but
+    TensorFlow checkpoints hold one value per element: float8, float4, int4/int2 and the quantized types."""
+    out: dict[str, np.ndarray] = {}
+    for i, name in enumerate(LOWBIT):
+        dt = np.dtype(getattr(ml_dtypes, name))
+        info = ml_dtypes.iinfo(dt) if "int" in name else ml_dtypes.finfo(dt)
+        vals = [info.min, info.max, 0, 1] + ([info.smallest_subnormal, -0.5, np.nan] if "float" in name else [])
+        arr = np.array(vals, dtype=np.float64).astype(dt) if "float" in name else np.array(vals, dtype=np.int64).astype(dt)
+        out[f"lowbit/{name}"] = arr.reshape(1, -1) if i % 2 else arr
+        out[f"scalar/{name}"] = np.array(arr.reshape(-1)[1])
+    for name, base in QUANTIZED.items():
+        info = np.iinfo(base)
+        out[f"quantized/{name}"] = np.array([[info.min, info.max, 0], [1, -1 if info.min else 7, 42]], dtype=base).view([(name, base)])
+        out[f"scalar/{name}"] = np.array(info.max, dtype=base).view([(name, base)])
+    out["w"] = np.arange(6, dtype=np.float32).reshape(2, 3)
+    return out
+
+
+def build_lowbit(directory: str) -> str:
+    """The tensors of :func:`lowbit_tensors`, written by TensorFlow's SaveV2 kernel."""
+    prefix = os.path.join(directory, "lowbit.ckpt")
+    values = lowbit_tensors()
+    names = sorted(values)
+    with tf.device("/cpu:0"):
+        tensors = [tf.constant(values[n]) for n in names]
+        tf.raw_ops.SaveV2(prefix=prefix, tensor_names=names, shape_and_slices=[""] * len(names), tensors=tensors)
+    return prefix
+
+
+def build_iterators(directory: str) -> dict[str, str]:
+    """tf.train.Checkpoint of a tf.data iterator (a DT_VARIANT tensor) and a variable:
+    {"a": after one element, "a2": the same state saved again, "b": after two elements}."""
+    out = {}
+    for key, steps in (("a", 1), ("a2", 1), ("b", 2)):
+        it = iter(tf.data.Dataset.range(10))
+        for _ in range(steps):
+            next(it)
+        ckpt = tf.train.Checkpoint(it=it, v=tf.Variable([1.0, 2.0]))
+        out[key] = ckpt.write(os.path.join(directory, key, "ckpt"))
+    return out
+
+
 # --------------------------------------------------------------------------- TF2
 
 
@@ -238,6 +286,9 @@ def _tf_value(reader: Any, name: str, dtype: Any, shape: tuple[int, ...]) -> np.
         else:
             arr[...] = np.asarray(value, dtype=object).reshape(shape)
         return arr
+    if dtype.is_quantized:
+        # TensorFlow hands quantized values back as plain integers; its own NumPy type for them is this.
+        return np.asarray(value).view(dtype.as_numpy_dtype)
     return np.asarray(value)
 
 
