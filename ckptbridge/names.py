@@ -7,6 +7,7 @@ drops or swaps and why, so that nothing disappears silently.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -151,7 +152,13 @@ def parse_rename(rule: str) -> RenameRule:
 def load_rename_file(path: str) -> dict[str, str]:
     """Read ``--rename-file``: a JSON object mapping exact old names to new ones."""
     import json
+    import stat
 
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the open forever
+            raise FormatError(f"--rename-file {path} is not a regular file; give a JSON file")
+    except FileNotFoundError:
+        pass  # reported by the open below
     try:
         with open(path, encoding="utf-8") as f:
             doc = json.load(f)

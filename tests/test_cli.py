@@ -282,3 +282,12 @@ def test_ls_and_export_never_hide_a_dtype_the_native_engine_cannot_carry(tmp_pat
     with ckptbridge.read(str(out)) as r:
         assert list(r) == ["w"] and "future" in r.metadata()["dropped"]
     assert cli("verify", prefix).stdout.startswith("ok: 2 tensors (1 of a dtype ckptbridge does not carry")
+
+
+def test_a_fifo_as_rename_file_is_refused_not_waited_on(tmp_path):
+    archive = tmp_path / "a.npz"
+    np.savez(archive, w=np.ones(3, np.float32))
+    fifo = tmp_path / "names.json"
+    os.mkfifo(fifo)
+    proc = cli("export", str(archive), str(tmp_path / "b.npz"), "--rename-file", str(fifo), timeout=60)
+    assert_one_line_error(proc, "--rename-file", "not a regular file")
