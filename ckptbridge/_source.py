@@ -75,6 +75,11 @@ class Source(abc.ABC):
         """The stored crc32c of a tensor's bytes, if the format records one."""
         return None
 
+    def object_key(self, name: str) -> str:
+        """The key under which this source's TF2 object graph (:meth:`extras`) knows tensor ``name``:
+        the name itself, except in views that rename."""
+        return name
+
     def spec(self, name: str) -> TensorSpec:
         try:
             return self.specs()[name]

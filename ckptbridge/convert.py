@@ -102,7 +102,7 @@ def transfer(
             for key, payload in source.extras().items():
                 if key == OBJECT_GRAPH:
                     # The graph must name exactly the keys written, or TensorFlow's restore fails.
-                    keys = objgraph.key_map(plan.mapping, plan.ema_swaps, getattr(source, "object_key", None))
+                    keys = objgraph.key_map(plan.mapping, plan.ema_swaps, source.object_key)
                     graph, graph_note = objgraph.carry(payload, keys)
                     if graph is None:
                         continue
