@@ -21,7 +21,8 @@ import numpy as np
 from .._atomic import AtomicFile
 from .._chunks import BlockStream, mmap_blocks
 from .._source import ArchiveSink, ArchiveSource, OBJECT_GRAPH
-from .._spec import BFLOAT16, STRING, TensorSpec, as_exchange_array, dtype_name, numpy_dtype
+from .. import _dtypes
+from .._spec import STRING, TensorSpec, as_exchange_array, dtype_name, numpy_dtype
 from ..errors import CkptBridgeError, CorruptError, FormatError, MismatchError, UnsafeArchiveError
 from . import meta
 from ._zip import ZipWriter
@@ -37,8 +38,7 @@ _LOCAL_HEADER = struct.Struct("<4s5H3L2H")
 
 def check_name(name: str, path: str) -> None:
     """Refuse names that cannot be stored, or would be unsafe to hand to an unzip tool."""
-    if not name or "\x00" in name:
-        raise FormatError(f"tensor name {name!r} cannot be stored in {path}: names must be non-empty and contain no NUL")
+    meta.check_name_to_write(name, path)  # empty, NUL and control characters, not UTF-8, too long
     if name in RESERVED:
         raise FormatError(f"tensor name {name!r} is reserved by ckptbridge's .npz format; rename it (--rename)")
 
@@ -61,6 +61,10 @@ class NpzSink(ArchiveSink):
         self._records: dict[str, dict[str, Any]] = {}
         self._source = source
 
+    def begin(self, specs: list[TensorSpec]) -> None:
+        for s in specs:  # every name refused before the first member is written
+            check_name(s.name, self.path)
+
     def write(self, name: str, array: np.ndarray) -> None:
         check_name(name, self.path)
         if name in self._records:
@@ -78,8 +82,8 @@ class NpzSink(ArchiveSink):
         if name in self._records:
             raise MismatchError(f"tensor {name!r} written twice to {self.path}")
         spec = stream.spec
-        bf16 = spec.dtype == BFLOAT16
-        stored = np.dtype(np.uint16) if bf16 else numpy_dtype(spec.dtype)
+        d = _dtypes.lookup(spec.dtype)
+        stored = d.storage
         header = {"descr": np.lib.format.dtype_to_descr(stored), "fortran_order": False, "shape": tuple(spec.shape)}
         with self._zip.member(name + ".npy", compress=self._compress) as f:
             try:
@@ -88,7 +92,7 @@ class NpzSink(ArchiveSink):
                 np.lib.format.write_array_header_2_0(f, header)
             f.write_stream(stream)
         assert stream.crc is not None
-        self._records[name] = meta.tensor_record(spec.dtype, tuple(spec.shape), meta.ENC_BF16 if bf16 else meta.ENC_RAW, stream.crc)
+        self._records[name] = meta.tensor_record(spec.dtype, tuple(spec.shape), d.encoding, stream.crc)
 
     def write_extra(self, key: str, payload: bytes) -> None:
         if key == OBJECT_GRAPH:
@@ -161,6 +165,9 @@ def _parse_npy_header(f: Any, where: str) -> tuple[np.dtype, tuple[int, ...], bo
         raise UnsafeArchiveError(f"{where}: member holds pickled Python objects; ckptbridge never unpickles archives. Re-save it with numeric arrays (np.savez without object arrays)")
     if dtype.fields is not None or dtype.subdtype is not None:
         raise FormatError(f"{where}: structured dtype {dtype} is not a tensor; ckptbridge reads plain numeric arrays")
+    if dtype.itemsize == 0:
+        # |S0, |V0, <U0: any number of elements in no bytes would pass every byte count.
+        raise UnsafeArchiveError(f"{where}: .npy header has dtype {dtype.str}, whose elements take no bytes; refusing it (the archive is damaged or crafted)")
     return dtype, shape, d["fortran_order"], pre + hlen
 
 
@@ -249,6 +256,10 @@ class NpzSource(ArchiveSource):
                 raise CorruptError(f"{where}: header claims {list(shape)} {dtype} ({need} bytes) but the member holds {info.file_size - hlen}; the archive is damaged or crafted")
             if max_tensor_bytes is not None and need > max_tensor_bytes:
                 raise UnsafeArchiveError(f"{where}: tensor of {need} bytes exceeds the limit of {max_tensor_bytes} bytes; raise --max-tensor-gb if it is genuine")
+            if dtype.kind == "S":  # read as one bytes object per element
+                meta.check_in_memory(count, need, info.compress_size, where, max_tensor_bytes, strings=True)
+            if info.filename in (META_MEMBER, OBJECT_GRAPH_MEMBER):
+                meta.check_metadata_size(need, where, "ckptbridge metadata" if info.filename == META_MEMBER else "the stored TF2 object graph")
             offset = start + hlen if info.compress_type == zipfile.ZIP_STORED else None
             members[name] = _Member(info, dtype, shape, fortran, offset)
         if META_MEMBER[:-4] in members:
@@ -268,7 +279,10 @@ class NpzSource(ArchiveSource):
             rec = records.get(name)
             if rec is not None:
                 dtype, shape = meta.record_spec(name, rec, m.dtype, m.shape, f"{path}: tensor {name!r}")
-                specs[name] = TensorSpec(name, dtype, shape)
+                specs[name] = TensorSpec(name, dtype, shape, stored_nbytes=int(m.shape[0]) if dtype == STRING else None)
+                if dtype == STRING:  # n lengths then the bytes, read as n bytes objects
+                    n = specs[name].size
+                    meta.check_in_memory(n, m.info.file_size - 8 * n, m.info.compress_size, f"{path}: tensor {name!r}", max_tensor_bytes, strings=True)
             else:
                 try:
                     specs[name] = TensorSpec(name, dtype_name(m.dtype), tuple(m.shape))
@@ -313,8 +327,8 @@ class NpzSource(ArchiveSource):
             if m.dtype != want:
                 return None
         else:
-            enc = rec.get("encoding", meta.ENC_RAW)
-            if enc not in (meta.ENC_RAW, meta.ENC_BF16) or m.dtype != (np.dtype(np.uint16) if enc == meta.ENC_BF16 else want):
+            d = _dtypes.lookup(spec.dtype)
+            if rec.get("encoding", meta.ENC_RAW) != d.encoding or m.dtype != d.storage:
                 return None
         where = f"{self.path}: tensor {name!r}"
         if self._map is None:
