@@ -18,7 +18,8 @@ import numpy as np
 from .._atomic import AtomicFile, checks_writes, raise_signals_after
 from .._chunks import BlockStream, block_shape, c_blocks, mmap_blocks, write_stream
 from .._source import ArchiveSink, ArchiveSource, OBJECT_GRAPH
-from .._spec import BFLOAT16, STRING, TensorSpec, as_exchange_array, dtype_name, numpy_dtype
+from .. import _dtypes
+from .._spec import STRING, TensorSpec, as_exchange_array, dtype_name, numpy_dtype
 from ..errors import CkptBridgeError, CorruptError, FormatError, MismatchError, UnsafeArchiveError
 from . import meta
 
@@ -77,6 +78,8 @@ class Hdf5Sink(ArchiveSink):
         self._escaped = 0
 
     def begin(self, specs: list[TensorSpec]) -> None:
+        for s in specs:  # refused before the first dataset is created
+            _check_writable(s.name, len(s.shape), self.path)
         names = {s.name for s in specs}
         prefixes = set()
         for n in names:
@@ -117,9 +120,8 @@ class Hdf5Sink(ArchiveSink):
     def write(self, name: str, array: np.ndarray) -> None:
         if name in self._records:
             raise MismatchError(f"tensor {name!r} written twice to {self.path}")
-        if not name:
-            raise FormatError(f"an empty tensor name cannot be stored in {self.path}")
         array = as_exchange_array(array)
+        _check_writable(name, array.ndim, self.path)
         dtype = dtype_name(array.dtype)
         stored, enc = meta.encode(array, dtype)
         stored = np.require(stored, requirements="C")
@@ -138,11 +140,10 @@ class Hdf5Sink(ArchiveSink):
         """Stream a numeric tensor into its dataset hyperslab by hyperslab (never whole in memory)."""
         if name in self._records:
             raise MismatchError(f"tensor {name!r} written twice to {self.path}")
-        if not name:
-            raise FormatError(f"an empty tensor name cannot be stored in {self.path}")
         spec = stream.spec
-        bf16 = spec.dtype == BFLOAT16
-        stored = np.dtype(np.uint16) if bf16 else numpy_dtype(spec.dtype)
+        _check_writable(name, len(spec.shape), self.path)
+        d = _dtypes.lookup(spec.dtype)
+        stored = d.storage
         path = self._place(name)
         kwargs: dict[str, Any] = {}
         if self._compress and spec.size > 0 and spec.shape:
@@ -163,7 +164,7 @@ class Hdf5Sink(ArchiveSink):
         ds.attrs[ATTR_NAME] = name
         ds.attrs[ATTR_DTYPE] = spec.dtype
         assert stream.crc is not None
-        self._records[name] = meta.tensor_record(spec.dtype, tuple(spec.shape), meta.ENC_BF16 if bf16 else meta.ENC_RAW, stream.crc, path=path)
+        self._records[name] = meta.tensor_record(spec.dtype, tuple(spec.shape), d.encoding, stream.crc, path=path)
 
     @staticmethod
     def _write_hyperslabs(ds: Any, stream: BlockStream, stored: np.dtype) -> None:
@@ -231,6 +232,8 @@ class Hdf5Source(ArchiveSource):
         datasets: dict[str, str] = {}
         own: dict[str, Any] = {}  # ckptbridge's metadata / object graph datasets, checked like tensors
         seen: dict[int, str] = {}  # object address -> the one path it may be reached by
+        spans: list[tuple[int, int, str]] = []  # file bytes each dataset's storage claims
+        vlen: list[tuple[Any, str]] = []
         soft: list[tuple[str, str, Any]] = []
 
         def visit(group: Any, prefix: str) -> None:
@@ -259,7 +262,9 @@ class Hdf5Source(ArchiveSource):
                 if isinstance(obj, h5py.Group):
                     visit(obj, full)
                 elif isinstance(obj, h5py.Dataset):
-                    self._check_dataset(obj, full, fsize, max_tensor_bytes)
+                    self._check_dataset(obj, full, fsize, max_tensor_bytes, spans)
+                    if obj.dtype.kind == "O" or h5py.check_vlen_dtype(obj.dtype) is not None:
+                        vlen.append((obj, full))
                     if full in (META_DATASET, OBJECT_GRAPH_DATASET):
                         own[full] = obj
                         continue
@@ -269,11 +274,15 @@ class Hdf5Source(ArchiveSource):
                     datasets[name] = full
 
         visit(f, "")
+        _check_spans(spans, path)
+        heap_refs = [self._check_vlen(ds, full, fsize, max_tensor_bytes) for ds, full in vlen]
+        _check_heap_refs(heap_refs, path)
         for full, target, group in soft:
             _resolve_soft(f, group, target, full, path)
         for key, obj in own.items():
             if obj.dtype != np.uint8 or obj.ndim != 1:
                 raise CorruptError(f"{path}: {key!r} is {obj.dtype}{list(obj.shape)}, expected a 1-d uint8 blob; the archive is damaged")
+            meta.check_metadata_size(int(obj.shape[0]), f"{path}: {key!r}", "ckptbridge metadata" if key == META_DATASET else "the stored TF2 object graph")
             raw = np.asarray(obj[()]).tobytes()
             if key == META_DATASET:
                 self._meta = meta.loads(raw, path)
@@ -290,15 +299,19 @@ class Hdf5Source(ArchiveSource):
             rec = records.get(name)
             if rec is not None:
                 dtype, shape = meta.record_spec(name, rec, ds.dtype, tuple(int(x) for x in ds.shape), f"{path}: tensor {name!r}")
-                specs[name] = TensorSpec(name, dtype, shape)
+                specs[name] = TensorSpec(name, dtype, shape, stored_nbytes=int(ds.shape[0]) if dtype == STRING else None)
+                if dtype == STRING:  # n lengths then the bytes, read as n bytes objects
+                    n = specs[name].size
+                    meta.check_in_memory(n, int(ds.shape[0]) - 8 * n, ds.id.get_storage_size(), f"{path}: tensor {name!r}", max_tensor_bytes, strings=True)
             else:
                 specs[name] = TensorSpec(name, _plain_dtype(ds, path, datasets[name]), tuple(int(x) for x in ds.shape))
         self._datasets = datasets
         self._specs = specs
 
-    def _check_dataset(self, ds: Any, full: str, fsize: int, max_tensor_bytes: int | None) -> None:
+    def _check_dataset(self, ds: Any, full: str, fsize: int, max_tensor_bytes: int | None, spans: list[tuple[int, int, str]]) -> None:
         """Refuse, before any value is read, a dataset whose bytes live outside the
-        archive or that would expand far beyond the bytes stored for it."""
+        archive or that would expand far beyond the bytes stored for it.  The file
+        bytes its storage claims are added to ``spans`` (see :func:`_check_spans`)."""
         import h5py
 
         path = self.path
@@ -323,18 +336,79 @@ class Hdf5Source(ArchiveSource):
         need = int(np.prod(ds.shape, dtype=object)) * ds.dtype.itemsize if ds.shape else ds.dtype.itemsize
         if max_tensor_bytes is not None and need > max_tensor_bytes:
             raise UnsafeArchiveError(f"{path}: dataset {full!r} claims {need} bytes, over the limit of {max_tensor_bytes}; raise --max-tensor-gb if it is genuine")
-        stored = ds.id.get_storage_size()
+        # The chunk index is untrusted: its entries are counted one by one against the file,
+        # and entries sharing bytes are refused by _check_spans (get_storage_size() would
+        # count one chunk once per entry that points at it).
+        stored = _chunk_bytes(ds, full, fsize, path, spans) if layout == h5py.h5d.CHUNKED else ds.id.get_storage_size()
         offset = ds.id.get_offset() if layout == h5py.h5d.CONTIGUOUS else None
         # Variable-length strings store a heap reference per element (16 bytes, not
-        # the 8 of a Python object pointer), so only their placement can be checked.
+        # the 8 of a Python object pointer); their heap objects are checked by _check_vlen.
         vlen = ds.dtype.kind == "O" or h5py.check_vlen_dtype(ds.dtype) is not None
         if offset is not None:
             if (stored != need and not vlen) or offset + stored > fsize:
                 raise CorruptError(f"{path}: dataset {full!r} claims {need} bytes at offset {offset} ({stored} stored) but the file has {fsize}; the archive is damaged or crafted")
+            spans.append((offset, offset + stored, full))
         elif layout != h5py.h5d.COMPACT and need > _MAX_EXPANSION * stored + _EXPANSION_SLACK:
             # Unwritten storage reads as the fill value and gzip cannot expand more
             # than ~1032:1, so a small file claiming a huge dataset is a memory bomb.
             raise UnsafeArchiveError(f"{path}: dataset {full!r} claims {need} bytes but only {stored} are stored in the file (unwritten chunks or an impossible compression ratio); refusing what looks like a memory bomb")
+        if ds.dtype.kind == "S":  # fixed-width strings: read as one bytes object per element
+            meta.check_in_memory(need // ds.dtype.itemsize, need, need if layout == h5py.h5d.COMPACT else stored, f"{path}: dataset {full!r}", max_tensor_bytes, strings=True)
+
+    def _check_vlen(self, ds: Any, full: str, fsize: int, max_tensor_bytes: int | None) -> np.ndarray:
+        """Refuse a variable-length dataset whose elements, once read, would take more
+        memory than the file holds: each element is a reference (length, heap
+        collection, index) to a heap object, and references are read from the file
+        without following them.  Returns the (collection, index) pairs of its non-empty
+        elements, which must be distinct across the file (see :func:`_check_heap_refs`)."""
+        import h5py
+
+        path = self.path
+        where = f"{path}: dataset {full!r}"
+        n = int(np.prod(ds.shape, dtype=object)) if ds.shape else 1
+        none = np.empty((0, 2), dtype=np.uint64)
+        if n == 0:
+            return none
+        base = h5py.check_vlen_dtype(ds.dtype)
+        unit = 1 if base in (None, bytes, str) else np.dtype(base).itemsize  # a vlen string's length is in bytes
+        addr_size = ds.file.id.get_create_plist().get_sizes()[0]
+        rec = np.dtype([("len", "<u4"), ("addr", f"<u{addr_size}"), ("idx", "<u4")]) if addr_size in (2, 4, 8) else None
+        dcpl = ds.id.get_create_plist()
+        layout = dcpl.get_layout()
+        codes = {dcpl.get_filter(i)[0] for i in range(dcpl.get_nfilters())}
+        if rec is None or layout == h5py.h5d.COMPACT or not codes <= _VLEN_FILTERS:
+            # References we cannot read ourselves (compact: at most 64 KiB of them; lzf, szip):
+            # the elements are read one at a time, and no further than the file's size.
+            if n > _MAX_VLEN_ONE_BY_ONE:
+                raise UnsafeArchiveError(f"{where}: {n} variable-length elements stored in a way ckptbridge reads only one by one (at most {_MAX_VLEN_ONE_BY_ONE}); re-save it with gzip or no compression")
+            total = 0
+            for i in range(n):
+                v = ds[np.unravel_index(i, ds.shape)] if ds.shape else ds[()]
+                total += len(v) if isinstance(v, (bytes, str, np.ndarray)) else 0
+                if total > fsize:
+                    raise UnsafeArchiveError(f"{where}: its variable-length elements hold more bytes than the whole file ({fsize}); refusing a crafted archive whose elements share heap objects")
+            meta.check_in_memory(n, total, fsize, where, max_tensor_bytes, strings=True)
+            return none
+        if layout == h5py.h5d.CONTIGUOUS:
+            offset = ds.id.get_offset()
+            if offset is None:
+                return none  # never written: every element is the (empty) fill value
+            with open(path, "rb") as fh:
+                fh.seek(offset)
+                raw = fh.read(n * rec.itemsize)
+            refs = [np.frombuffer(raw, dtype=rec)] if len(raw) == n * rec.itemsize else None
+            if refs is None:
+                raise CorruptError(f"{where}: its {n} references are not all in the file; the archive is damaged or crafted")
+        else:
+            refs = list(_chunk_refs(ds, dcpl, rec, where))
+        refs_all = np.concatenate(refs) if refs else np.empty(0, dtype=rec)
+        used = refs_all[refs_all["len"] > 0]
+        total = int(used["len"].astype(np.uint64).sum()) * unit
+        pairs = np.stack([used["addr"].astype(np.uint64), used["idx"].astype(np.uint64)], axis=1)
+        if total > fsize:
+            raise UnsafeArchiveError(f"{where}: its variable-length elements claim {total} bytes, more than the whole file ({fsize}); refusing a crafted archive whose elements share heap objects")
+        meta.check_in_memory(n, total, total + n * rec.itemsize, where, max_tensor_bytes, strings=True)
+        return pairs
 
     def read_blocks(self, name: str, chunk_bytes: int) -> BlockStream | None:
         """Stream a numeric dataset hyperslab by hyperslab into one reusable buffer; its
@@ -349,10 +423,10 @@ class Hdf5Source(ArchiveSource):
         stored = want
         rec = self._meta.get("tensors", {}).get(name)
         if rec is not None:
-            enc = rec.get("encoding", meta.ENC_RAW)
-            if enc not in (meta.ENC_RAW, meta.ENC_BF16):
+            d = _dtypes.lookup(spec.dtype)
+            if rec.get("encoding", meta.ENC_RAW) != d.encoding:
                 return None
-            stored = np.dtype(np.uint16) if enc == meta.ENC_BF16 else want
+            stored = d.storage
         if ds.dtype != stored:
             return None
         where = f"{self.path}: tensor {name!r}"
@@ -442,6 +516,119 @@ _MAX_EXPANSION = 1100
 _EXPANSION_SLACK = 16 << 20
 # HDF5 follows at most 16 soft links in a row; so do we.
 _MAX_SOFT_HOPS = 16
+# H5S_MAX_RANK: HDF5 cannot create a dataspace of more dimensions.
+# Filters whose output _unfilter undoes, to read variable-length references itself.
+_VLEN_FILTERS = {1, 2, 3}
+# Past this, elements read one by one (see _check_vlen) would take more than a few seconds.
+_MAX_VLEN_ONE_BY_ONE = 1 << 16
+_MAX_RANK = 32
+
+
+def _check_writable(name: str, ndim: int, path: str) -> None:
+    """Refuse, before it is created, a dataset HDF5 (or our reader) cannot hold."""
+    meta.check_name_to_write(name, path)
+    if ndim > _MAX_RANK:
+        raise FormatError(f"tensor {meta.shown_name(name)} has {ndim} dimensions but HDF5 stores at most {_MAX_RANK}, so it cannot be written to {path}; export it to .npz or .safetensors, or leave it out (--exclude)")
+
+
+def _chunk_infos(ds: Any) -> list[Any]:
+    """What the chunk index says of each stored chunk (offset, filter mask, address, size)."""
+    infos: list[Any] = []
+    try:
+        ds.id.chunk_iter(infos.append)
+    except (AttributeError, NotImplementedError):  # HDF5 before 1.12.3: one lookup per chunk
+        infos = [ds.id.get_chunk_info(i) for i in range(ds.id.get_num_chunks())]
+    return infos
+
+
+def _chunk_bytes(ds: Any, full: str, fsize: int, path: str, spans: list[tuple[int, int, str]]) -> int:
+    """Bytes the chunk index claims for a chunked dataset, each chunk checked to lie in the
+    file and its span recorded (chunks sharing bytes are refused by :func:`_check_spans`)."""
+    total = 0
+    for info in _chunk_infos(ds):
+        if info.byte_offset is None or info.size is None:
+            continue
+        if info.byte_offset + info.size > fsize:
+            raise CorruptError(f"{path}: dataset {full!r} has a chunk at offset {info.byte_offset} ({info.size} bytes) past the end of the file ({fsize}); the archive is damaged or crafted")
+        spans.append((info.byte_offset, info.byte_offset + info.size, full))
+        total += info.size
+    return total
+
+
+def _check_spans(spans: list[tuple[int, int, str]], path: str) -> None:
+    """Refuse storage that two datasets, or two chunks of one, share: a file HDF5 writes
+    stores every chunk once, and sharing is how a small file expands into a huge one."""
+    spans.sort()
+    prev: tuple[int, int, str] | None = None
+    for span in spans:
+        if span[0] == span[1]:
+            continue
+        if prev is not None and span[0] < prev[1]:
+            if prev[2] == span[2]:
+                raise UnsafeArchiveError(f"{path}: dataset {span[2]!r} names the same stored bytes (offset {span[0]}) for more than one chunk; refusing a crafted archive whose chunk index repeats its data")
+            raise UnsafeArchiveError(f"{path}: datasets {prev[2]!r} and {span[2]!r} share stored bytes (offset {span[0]}); refusing a crafted archive")
+        if prev is None or span[1] > prev[1]:
+            prev = span
+
+
+def _unfilter(data: bytes, filters: list[tuple[int, Any]], mask: int, size: int, where: str) -> bytes:
+    """Undo a chunk's filters (the ones we can: gzip, shuffle, fletcher32), never producing more than ``size`` bytes."""
+    import zlib
+
+    for i in reversed(range(len(filters))):
+        if mask & (1 << i):
+            continue
+        code, opts = filters[i]
+        if code == 1:
+            d = zlib.decompressobj()
+            try:
+                out = d.decompress(data, size)
+            except zlib.error as e:
+                raise CorruptError(f"{where}: a chunk does not decompress ({e}); the archive is damaged") from None
+            if d.unconsumed_tail:
+                raise UnsafeArchiveError(f"{where}: a chunk decompresses to more than its {size} bytes; the archive is damaged or crafted")
+            data = out
+        elif code == 2:
+            es = int(opts[0]) if opts else 1
+            k = len(data) // es if es > 0 else 0
+            if es > 1 and k > 1:
+                data = np.frombuffer(data[: k * es], np.uint8).reshape(es, k).T.tobytes() + data[k * es :]
+        elif code == 3:
+            data = data[:-4]
+        else:
+            name = _FILTERS.get(code, f"filter {code}")
+            raise UnsafeArchiveError(f"{where}: variable-length data compressed with {name} is not read from archives; re-save it with gzip or no compression")
+    return data
+
+
+def _chunk_refs(ds: Any, dcpl: Any, rec: np.dtype, where: str) -> Any:
+    """The heap references stored in each chunk of a chunked variable-length dataset."""
+    filters = [(c, o) for c, _f, o, _n in (dcpl.get_filter(i) for i in range(dcpl.get_nfilters()))]
+    size = int(np.prod(ds.chunks)) * rec.itemsize
+    for info in _chunk_infos(ds):
+        if info.byte_offset is None:
+            continue
+        try:
+            mask, data = ds.id.read_direct_chunk(info.chunk_offset)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise CorruptError(f"{where}: cannot read a chunk ({e}); the archive is damaged") from None
+        data = _unfilter(bytes(data), filters, mask, size, where)
+        if len(data) != size:
+            raise CorruptError(f"{where}: a chunk holds {len(data)} bytes of references, expected {size}; the archive is damaged or crafted")
+        yield np.frombuffer(data, dtype=rec)
+
+
+def _check_heap_refs(refs: list[np.ndarray], path: str) -> None:
+    """Refuse variable-length elements that share a heap object: HDF5 stores every
+    element's bytes once, and sharing is how a small file expands into a huge one."""
+    pairs = np.concatenate(refs) if refs else np.empty((0, 2), dtype=np.uint64)
+    if len(pairs) < 2:
+        return
+    order = np.lexsort((pairs[:, 1], pairs[:, 0]))
+    s = pairs[order]
+    dup = np.flatnonzero((s[1:] == s[:-1]).all(axis=1))
+    if dup.size:
+        raise UnsafeArchiveError(f"{path}: {dup.size} variable-length string elements point at heap objects that other elements already use; refusing a crafted archive (HDF5 stores every element once)")
 
 
 def _text(v: Any) -> str:
