@@ -15,11 +15,8 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import stat
 import struct
-import subprocess
-import sys
 import zipfile
 import zlib
 
@@ -31,75 +28,7 @@ h5py = pytest.importorskip("h5py")
 import ckptbridge  # noqa: E402
 from ckptbridge.errors import CorruptError, FormatError, UnsafeArchiveError  # noqa: E402
 
-AS_LIMIT = 2 << 30  # a refusal must come before anything near this is allocated
-SECRET = b"SECRET-7f3a9c1e-do-not-leak-"
-
-
-# --- helpers -------------------------------------------------------------------
-
-
-def _limit_as() -> None:
-    resource.setrlimit(resource.RLIMIT_AS, (AS_LIMIT, AS_LIMIT))
-
-
-def run_cli(*args: str, cwd: str, umask: int | None = None, limit: bool = True) -> subprocess.CompletedProcess[bytes]:
-    """``python -m ckptbridge ARGS`` in a fresh process, address space capped."""
-    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-
-    def pre() -> None:
-        if limit:
-            _limit_as()
-        if umask is not None:
-            os.umask(umask)
-
-    return subprocess.run([sys.executable, "-m", "ckptbridge", *args], cwd=cwd, env=env, capture_output=True, timeout=120, preexec_fn=pre)
-
-
-def tree(root: str) -> set[str]:
-    out = set()
-    for d, dirs, files in os.walk(root):
-        for n in dirs + files:
-            out.add(os.path.relpath(os.path.join(d, n), root))
-    return out
-
-
-@pytest.fixture()
-def secret(tmp_path) -> str:
-    """A file the archive must not be able to read: 4 KiB of a recognisable token."""
-    p = tmp_path / "secret.bin"
-    p.write_bytes((SECRET * 200)[:4096])
-    return str(p)
-
-
-@pytest.fixture()
-def good_npz(tmp_path) -> str:
-    p = str(tmp_path / "good.npz")
-    np.savez(p, w=np.arange(6, dtype=np.float32))
-    return p
-
-
-def assert_refused(archive: str, needles: list[str], good: str, *, commands: tuple[str, ...] = ("import", "ls", "diff", "verify")) -> None:
-    """Every reading command refuses ``archive`` with exit 2, a one-line message
-    containing every needle, no secret bytes anywhere, and no new files."""
-    root = os.path.dirname(archive)
-    before = tree(root)
-    argvs = {
-        "import": ["import", archive, os.path.join(root, "out", "model.ckpt")],
-        "ls": ["ls", "--json", archive],
-        "diff": ["diff", good, archive],
-        "verify": ["verify", archive],
-    }
-    for cmd in commands:
-        r = run_cli(*argvs[cmd], cwd=root)
-        err = r.stderr.decode("utf-8", "replace")
-        assert r.returncode == 2, (cmd, r.returncode, err)
-        lines = err.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("ckptbridge: error: "), (cmd, err)
-        assert "out of memory" not in err, (cmd, err)
-        for n in needles:
-            assert n in err, (cmd, n, err)
-        assert SECRET[:12] not in r.stdout and SECRET[:12] not in r.stderr, cmd
-        assert tree(root) == before, (cmd, tree(root) - before)
+from untrusted_helpers import SECRET, assert_refused, good_npz, npy_header, run_cli, secret, tree, write_zip  # noqa: E402,F401 - fixtures too
 
 
 # --- HDF5: data from outside the file ------------------------------------------------
@@ -282,18 +211,6 @@ def test_hdf5_reference_dataset_is_not_a_tensor(tmp_path, good_npz):
 # --- .npz --------------------------------------------------------------------------
 
 
-def _npy_header(descr: str, shape: tuple[int, ...]) -> bytes:
-    d = repr({"descr": descr, "fortran_order": False, "shape": shape}).encode("latin1")
-    d += b" " * (-(10 + len(d) + 1) % 64) + b"\n"
-    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(d)) + d
-
-
-def _zip(path: str, members: dict[str, bytes], compress: int = zipfile.ZIP_STORED) -> None:
-    with zipfile.ZipFile(path, "w", compression=compress) as z:
-        for n, b in members.items():
-            z.writestr(n, b)
-
-
 def test_npz_pickled_member_refused(tmp_path, good_npz):
     p = str(tmp_path / "pickle.npz")
     np.savez(p, w=np.array([{"x": 1}, print], dtype=object))  # np.savez pickles object arrays
@@ -303,14 +220,14 @@ def test_npz_pickled_member_refused(tmp_path, good_npz):
 def test_npz_header_claiming_more_than_the_member_holds_refused(tmp_path, good_npz):
     """An .npy header claiming 2^40 float64s (8 TiB) in front of 8 bytes."""
     p = str(tmp_path / "lie.npz")
-    _zip(p, {"w.npy": _npy_header("<f8", (1 << 40,)) + b"\0" * 8})
+    write_zip(p, {"w.npy": npy_header("<f8", (1 << 40,)) + b"\0" * 8})
     assert_refused(p, ["'w'", "header claims", str(8 << 40)], good_npz)
 
 
 def test_npz_header_claim_under_limit_but_not_backed_refused_in_memory_cap(tmp_path, good_npz):
     """Claims 16 GiB (under the 64 GB default): the size check, not the limit, refuses it."""
     p = str(tmp_path / "lie16.npz")
-    _zip(p, {"w.npy": _npy_header("|u1", (16 << 30,)) + b"\0" * 64}, zipfile.ZIP_DEFLATED)
+    write_zip(p, {"w.npy": npy_header("|u1", (16 << 30,)) + b"\0" * 64}, zipfile.ZIP_DEFLATED)
     assert_refused(p, ["'w'", "header claims"], good_npz)
 
 
@@ -318,8 +235,8 @@ def test_npz_impossible_deflate_ratio_refused(tmp_path, good_npz):
     """A deflated member whose zip directory claims 3 GiB from a few bytes (patched sizes)."""
     p = str(tmp_path / "bomb.npz")
     n = 3 << 30
-    hdr = _npy_header("|u1", (n,))
-    _zip(p, {"w.npy": hdr + b"\0" * 1024}, zipfile.ZIP_DEFLATED)
+    hdr = npy_header("|u1", (n,))
+    write_zip(p, {"w.npy": hdr + b"\0" * 1024}, zipfile.ZIP_DEFLATED)
     real = len(hdr) + 1024
     raw = bytearray(open(p, "rb").read())
     # Uncompressed size: local header at 22, central directory entry at 24.
@@ -342,7 +259,7 @@ def test_npz_genuine_compressed_zeros_read(tmp_path):
 def test_npz_overlapping_members_refused(tmp_path, good_npz):
     """Two directory entries over the same bytes (the overlapping-files zip bomb)."""
     p = str(tmp_path / "overlap.npz")
-    _zip(p, {"a.npy": _npy_header("<f4", (4,)) + b"\0" * 16})
+    write_zip(p, {"a.npy": npy_header("<f4", (4,)) + b"\0" * 16})
     raw = open(p, "rb").read()
     cd = raw.find(b"PK\x01\x02")
     eocd = raw.find(b"PK\x05\x06")
@@ -367,7 +284,7 @@ def test_npz_overlapping_members_refused(tmp_path, good_npz):
 def test_npz_hostile_headers_are_corrupt_not_crashes(tmp_path, good_npz, header):
     p = str(tmp_path / "hdr.npz")
     h = header.encode("latin1") + b"\n"
-    _zip(p, {"w.npy": b"\x93NUMPY\x02\x00" + struct.pack("<I", len(h)) + h + b"\0" * 8})
+    write_zip(p, {"w.npy": b"\x93NUMPY\x02\x00" + struct.pack("<I", len(h)) + h + b"\0" * 8})
     with pytest.raises(CorruptError):
         ckptbridge.read(p)
     assert_refused(p, ["'w'"], good_npz, commands=("ls",))
@@ -402,7 +319,7 @@ def test_control_characters_in_names_refused(tmp_path, good_npz, name):
 
 def test_empty_name_refused(tmp_path, good_npz):
     p = str(tmp_path / "empty.npz")
-    _zip(p, {".npy": _npy_header("<f4", (1,)) + b"\0" * 4})
+    write_zip(p, {".npy": npy_header("<f4", (1,)) + b"\0" * 4})
     assert_refused(p, ["empty name"], good_npz, commands=("import", "ls"))
 
 
