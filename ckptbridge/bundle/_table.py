@@ -22,9 +22,37 @@ SNAPPY_COMPRESSION = 1
 BLOCK_SIZE = 262144          # TensorFlow's table::Options default
 RESTART_INTERVAL = 16
 
+# Key memory.  A block entry stores only the bytes its key does not share with the
+# previous key, so a few bytes on disk can stand for a key of any length, and every
+# key read is kept.  Two bounds keep that proportional to the file:
+#  - MAX_KEY_BYTES for one key.  Keys are tensor names (a slice key adds at most
+#    about 20 bytes per dimension).  TensorFlow sets no limit of its own, but real
+#    names are paths of scope names: a few hundred bytes for deep TF2 object paths
+#    with optimizer slots.  64 times that is still far from any real checkpoint,
+#    and below zip's 65535-byte member names, so every key can be exported.
+#  - KEY_BYTES_PER_INDEX_BYTE for all keys together, relative to the file.  Every
+#    RESTART_INTERVAL-th entry stores its whole key, and each key is at most its
+#    predecessor plus its own stored bytes, so a table written with TensorFlow's
+#    interval of 16 holds at most 16 key bytes per stored byte (a real one about
+#    10: 1M tensors with 300-byte names take ~300 MB of keys in a ~40 MB index).
+#    Twice that, plus KEY_BYTES_SLACK for tiny tables, is refused before the keys
+#    are built.
+MAX_KEY_BYTES = 16384
+KEY_BYTES_PER_INDEX_BYTE = 32
+KEY_BYTES_SLACK = 1 << 20
+
 
 class SnappyBlock(Exception):
     """A block is snappy-compressed, which the native engine does not decode."""
+
+
+class KeyTooLong(_Bad):
+    """A key is longer than MAX_KEY_BYTES; ``head`` is its first bytes, ``length`` its length."""
+
+    def __init__(self, head: bytes, length: int) -> None:
+        super().__init__(f"a key of {length} bytes is longer than the {MAX_KEY_BYTES} bytes the native engine accepts")
+        self.head = head
+        self.length = length
 
 
 def has_magic(tail: bytes) -> bool:
@@ -52,7 +80,30 @@ def _read_block(data: bytes, offset: int, size: int, end: int, what: str) -> byt
     return contents
 
 
-def _block_entries(block: bytes, what: str) -> Iterator[tuple[bytes, bytes]]:
+class KeysTooLarge(_Bad):
+    """The keys together would take more memory than any real table of this size needs."""
+
+
+class _KeyBudget:
+    """The key bytes a table may still build (see KEY_BYTES_PER_INDEX_BYTE)."""
+
+    def __init__(self, table_size: int) -> None:
+        self.total = KEY_BYTES_PER_INDEX_BYTE * table_size + KEY_BYTES_SLACK
+        self.left = self.total
+
+    def spend(self, key: bytes, shared: int, non_shared: int, block: bytes, pos: int) -> None:
+        """Check a key of ``shared + non_shared`` bytes before it is built."""
+        length = shared + non_shared
+        if length > MAX_KEY_BYTES:
+            raise KeyTooLong(key[:min(shared, 64)] + block[pos:pos + max(0, 64 - shared)], length)
+        self.left -= length
+        if self.left < 0:
+            raise KeysTooLarge(f"its keys would take more than {self.total} bytes of memory ({KEY_BYTES_PER_INDEX_BYTE} per "
+                               "byte of the index: most of them are stored as a few bytes after a long shared prefix, "
+                               "which no table TensorFlow writes does)")
+
+
+def _block_entries(block: bytes, what: str, budget: _KeyBudget | None = None) -> Iterator[tuple[bytes, bytes]]:
     n = len(block)
     if n < 4:
         raise _Bad(f"{what} block is too short ({n} bytes) to hold its restart count")
@@ -76,6 +127,8 @@ def _block_entries(block: bytes, what: str) -> Iterator[tuple[bytes, bytes]]:
             raise _Bad(f"{what} block entry at a restart point shares key bytes")
         if non_shared > limit - pos or value_len > limit - pos - non_shared:
             raise _Bad(f"{what} block entry runs past the end of its block")
+        if budget is not None:
+            budget.spend(key, shared, non_shared, block, pos)
         key = key[:shared] + block[pos:pos + non_shared]
         pos += non_shared
         yield key, block[pos:pos + value_len]
@@ -92,9 +145,10 @@ def read_table(data: bytes) -> Iterator[tuple[bytes, bytes]]:
     _, _, pos = _handle(data, footer_at, footer_at + HANDLES_SIZE)   # metaindex: unused
     idx_off, idx_size, _ = _handle(data, pos, footer_at + HANDLES_SIZE)
     index = _read_block(data, idx_off, idx_size, footer_at, "index")
+    budget = _KeyBudget(len(data))
     last: bytes | None = None
     prev_index_key: bytes | None = None
-    for index_key, handle in _block_entries(index, "index"):
+    for index_key, handle in _block_entries(index, "index", budget):
         if prev_index_key is not None and index_key <= prev_index_key:
             raise _Bad("index block keys are out of order")
         prev_index_key = index_key
@@ -102,7 +156,7 @@ def read_table(data: bytes) -> Iterator[tuple[bytes, bytes]]:
         if used != len(handle):
             raise _Bad("index block entry holds trailing bytes after its block handle")
         block = _read_block(data, off, size, footer_at, "data")
-        for key, value in _block_entries(block, "data"):
+        for key, value in _block_entries(block, "data", budget):
             if last is not None and key <= last:
                 raise _Bad("table keys are out of order or repeated")
             if key > index_key:
