@@ -263,7 +263,7 @@ class Hdf5Source(ArchiveSource):
                     visit(obj, full)
                 elif isinstance(obj, h5py.Dataset):
                     self._check_dataset(obj, full, fsize, max_tensor_bytes, spans)
-                    if obj.dtype.kind == "O" or h5py.check_vlen_dtype(obj.dtype) is not None:
+                    if h5py.check_vlen_dtype(obj.dtype) is not None:  # not object references: refused as no tensor
                         vlen.append((obj, full))
                     if full in (META_DATASET, OBJECT_GRAPH_DATASET):
                         own[full] = obj

@@ -76,10 +76,7 @@ def check_specs(specs: "list[TensorSpec] | Any", path: str) -> None:
     for s in specs:
         if not s.name or s.name == RESERVED_NAME:
             raise FormatError(f"tensor name {s.name!r} cannot be stored in {path}; rename it (--rename)")
-        try:
-            meta.check_tensor_name(s.name, path)  # what every reader refuses, refused before writing
-        except CorruptError as e:
-            raise FormatError(f"{e}".replace("refusing the archive", "it cannot be written") + "; rename it (--rename)") from None
+        meta.check_name_to_write(s.name, path)  # what every reader refuses, refused before writing
     bad = [p for p in (_problem(s) for s in specs) if p]
     if bad:
         shown = "; ".join(bad[:10]) + (f"; and {len(bad) - 10} more" if len(bad) > 10 else "")
@@ -272,6 +269,7 @@ class SafetensorsSource(ArchiveSource):
         if META_KEY in header_meta:
             self._meta = meta.loads(header_meta[META_KEY].encode("utf-8"), path)
         if OBJECT_GRAPH_KEY in header_meta:
+            meta.check_metadata_size(len(header_meta[OBJECT_GRAPH_KEY]) * 3 // 4, path, "the stored TF2 object graph")
             try:
                 self._extras[OBJECT_GRAPH] = base64.b64decode(header_meta[OBJECT_GRAPH_KEY], validate=True)
             except ValueError:
