@@ -34,7 +34,7 @@ from .._source import uncarried_error
 from .._spec import STRING, TensorSpec, numpy_dtype
 from ..errors import CkptBridgeError, CorruptError, FormatError, NotFoundError
 from ._entries import BIG, DTYPE_BY_ENUM, HEADER_KEY, LITTLE, TENSOR_BUNDLE_VERSION, Entry, parse_entry, parse_header, slice_key
-from ._table import FOOTER_SIZE, SnappyBlock, has_magic, read_table
+from ._table import FOOTER_SIZE, MAX_KEY_BYTES, KeysTooLarge, KeyTooLong, SnappyBlock, has_magic, read_table
 from ._wire import _Bad, crc, get_varint, mask, unmask
 
 ENGINE_NAME = "native"
@@ -122,6 +122,13 @@ class BundleReader(Source):
         except SnappyBlock:
             raise FormatError(f"{self._index_file} has snappy-compressed table blocks, which the native engine does not read; "
                               "use the TensorFlow engine for this checkpoint") from None
+        except KeyTooLong as e:
+            head = _key_name(e.head)
+            raise FormatError(f"{self._index_file} (tensor {head!r}...): its name is {e.length} bytes long, more than the "
+                              f"{MAX_KEY_BYTES} bytes the native engine reads (real tensor names take a few hundred); "
+                              "if the checkpoint is genuine, rename the tensor in TensorFlow or use the TensorFlow engine") from None
+        except KeysTooLarge as e:
+            raise self._corrupt(str(e)) from None
         except _Bad as e:
             tensor = _key_name(key) if key else None
             raise self._corrupt(str(e), tensor=tensor) from None
@@ -174,6 +181,47 @@ class BundleReader(Source):
         elif e.size != count * numpy_dtype(dtype).itemsize:
             raise self._corrupt(f"{e.size} stored bytes do not match its {dtype}{list(e.shape)} shape", tensor=name)
 
+    def _check_exclusive(self) -> None:
+        """No two stored entries (tensors or slices) share a byte of a data file.
+
+        TensorFlow appends every entry to its shard, padded at most to an
+        alignment, so stored ranges never overlap.  Requiring that ties the bytes
+        all tensors claim together, partitioned ones included, to the size of the
+        data files: slices cannot all point at the same bytes to make a small
+        checkpoint expand without bound."""
+        stored = [(e.shard_id, e.offset, e.size, key) for key, e in self._entries.items() if not e.slices and e.size > 0]
+        if len(stored) < 2:
+            return
+        shard = np.array([t[0] for t in stored], dtype=np.int64)
+        start = np.array([t[1] for t in stored], dtype=np.int64)
+        end = start + np.array([t[2] for t in stored], dtype=np.int64)   # inside the shard: checked, no overflow
+        order = np.lexsort((start, shard))
+        shard, start, end = shard[order], start[order], end[order]
+        cuts = np.flatnonzero(shard[1:] != shard[:-1]) + 1
+        for lo, hi in zip(np.concatenate(([0], cuts)).tolist(), np.concatenate((cuts, [len(order)])).tolist()):
+            bad = np.flatnonzero(start[lo + 1:hi] < np.maximum.accumulate(end[lo:hi - 1]))
+            if len(bad):
+                break
+        else:
+            return
+        i = lo + int(bad[0]) + 1
+        j = lo + int(np.flatnonzero(end[lo:i] > start[i])[0])
+        first, second = stored[int(order[j])], stored[int(order[i])]
+        path = data_path(self.prefix, second[0], self._header.num_shards)
+        name, what = self._describe(second[3])
+        other_name, other = self._describe(first[3])
+        raise self._corrupt(f"its {what}bytes [{second[1]}, {second[1] + second[2]}) overlap bytes [{first[1]}, {first[1] + first[2]}) "
+                            f"of {other + 'of ' if other else ''}tensor {other_name!r}; every stored tensor and slice has bytes of its own",
+                            file=path, tensor=name)
+
+    def _describe(self, key: bytes) -> tuple[str, str]:
+        """The name of the tensor an entry holds, and "slice [...] " if the entry is one of its slices."""
+        for name, parts in self._slices.items():
+            for starts, lengths, skey in parts:
+                if skey == key:
+                    return name, f"slice {list(zip(starts, lengths))} "
+        return _key_name(key), ""
+
     def _check_shape(self, shape: tuple[int, ...], name: str) -> None:
         # Even a zero-size shape must be one NumPy can represent.
         if len(shape) > MAX_RANK or any(d < 0 for d in shape) or math.prod(d for d in shape if d) >= 1 << 58:
@@ -209,8 +257,15 @@ class BundleReader(Source):
                 claimed.add(skey)
                 parts.append((full_starts, full_lengths, skey))
                 total += math.prod(full_lengths)
-            if total != math.prod(e.shape) or _overlap(parts):
+            if total != math.prod(e.shape):
                 raise self._corrupt("its slices do not tile the full tensor exactly", tensor=name)
+            overlap = _overlap(parts, e.shape)
+            if overlap is None:
+                raise FormatError(f"{self._index_file} (tensor {name!r}): its {len(parts)} slices are cut too irregularly for "
+                                  "the native engine to check that they do not overlap (TensorFlow's partitioners cut one "
+                                  "axis); use the TensorFlow engine for this checkpoint")
+            if overlap:
+                raise self._corrupt("its slices do not tile the full tensor exactly (two of them overlap)", tensor=name)
             self._slices[name] = parts
         self._orphans = 0
         object_graph = None
@@ -234,6 +289,7 @@ class BundleReader(Source):
             spec = TensorSpec(name, d.name, tuple(e.shape), stored_nbytes=stored)
             (specs if d.carried else uncarried)[name] = spec
             self._keys[name] = key
+        self._check_exclusive()
         self._object_graph_key = object_graph
         order = lambda kv: kv[1].name.encode("utf-8", "surrogateescape")  # noqa: E731 - TensorFlow's key order
         self._specs = dict(sorted(specs.items(), key=order))
@@ -487,14 +543,78 @@ def _decode_varints(raw: np.ndarray, count: int) -> tuple[np.ndarray, int]:
     return values, int(ends[-1]) + 1
 
 
-def _overlap(parts: list[tuple[tuple[int, ...], tuple[int, ...], bytes]]) -> bool:
-    if len(parts) < 2:
+# Bounds of the slice overlap check for one tensor.  The corner count costs 2**rank
+# points per slice (rank coordinates each); the sweep, which takes what is left (rank
+# > ~16), a microsecond or so per comparison.  Real partitions (one axis cut, or a
+# grid of a rank-2..4 variable) stay far below both; past them the check gives up.
+MAX_CORNER_VALUES = 1 << 22
+MAX_SWEEP_WORK = 1 << 21
+
+
+def _overlap(parts: list[tuple[tuple[int, ...], tuple[int, ...], bytes]], shape: tuple[int, ...]) -> bool | None:
+    """Whether two of the slices share an element, given that they lie inside ``shape`` and
+    their sizes add up to its size; None if telling would cost more than the bounds above.
+
+    Exact for any boxes, near-linear in the number of slices."""
+    boxes = [(s, n) for s, n, _ in parts if all(n)]     # an empty slice holds no element
+    if len(boxes) < 2:
         return False
-    starts = np.array([p[0] for p in parts], dtype=object)
-    ends = np.array([[s + n for s, n in zip(p[0], p[1])] for p in parts], dtype=object)
-    for i in range(len(parts) - 1):
-        lo = np.maximum(starts[i], starts[i + 1:])
-        hi = np.minimum(ends[i], ends[i + 1:])
-        if bool((lo < hi).all(axis=1).any()):
+    rank = len(shape)
+    if rank == 0:
+        return True
+    starts = np.array([b[0] for b in boxes], dtype=np.int64).reshape(len(boxes), rank)
+    ends = starts + np.array([b[1] for b in boxes], dtype=np.int64).reshape(len(boxes), rank)
+    # An axis on which no two slices meet: TensorFlow's partitioners cut one axis.
+    for a in range(rank):
+        order = np.argsort(starts[:, a], kind="stable")
+        if bool((np.maximum.accumulate(ends[order[:-1], a]) <= starts[order[1:], a]).all()):
+            return False
+    if (len(boxes) << rank) * rank <= MAX_CORNER_VALUES:
+        return not _corners_match(starts, ends, shape)
+    return _sweep_overlap(starts, ends)
+
+
+def _corners_match(starts: np.ndarray, ends: np.ndarray, shape: tuple[int, ...]) -> bool:
+    """Whether the boxes cover each element of ``shape`` exactly once.
+
+    How many boxes cover an element is the running sum, along every axis, of
+    their corners counted with a sign (+ for an even number of end coordinates,
+    - for odd).  So the boxes cover the tensor exactly once if and only if those
+    signed counts, summed over all boxes, leave just the tensor's own corners."""
+    n, rank = starts.shape
+    pick = (np.arange(1 << rank)[:, None] >> np.arange(rank)) & 1          # corner k takes the end on axis j
+    signs = 1 - 2 * (pick.sum(axis=1) & 1)
+    points = np.where(pick[None] == 1, ends[:, None, :], starts[:, None, :]).reshape(-1, rank)
+    corners = pick * np.array(shape, dtype=np.int64)
+    if math.prod(d + 1 for d in shape) < 1 << 63:
+        # One integer per point (mixed radix, axis 0 most significant): a much faster unique.
+        radix = np.array([math.prod(d + 1 for d in shape[j + 1:]) for j in range(rank)], dtype=np.int64)
+        points, corners = points @ radix, corners @ radix
+        uniq, inverse = np.unique(points, return_inverse=True)
+    else:
+        uniq, inverse = np.unique(points, axis=0, return_inverse=True)
+    counts = np.bincount(inverse.reshape(-1), weights=np.tile(signs, n), minlength=len(uniq))
+    left = counts != 0
+    want = np.lexsort(corners.reshape(len(corners), -1).T[::-1])           # np.unique's order
+    return bool(left.sum() == 1 << rank and (uniq[left] == corners[want]).all() and (counts[left] == signs[want]).all())
+
+
+def _sweep_overlap(starts: np.ndarray, ends: np.ndarray) -> bool | None:
+    """Sweep along the axis with the most distinct starts, comparing each box with the
+    boxes still open there: every overlapping pair is met.  None past MAX_SWEEP_WORK."""
+    n, rank = starts.shape
+    a = max(range(rank), key=lambda k: len(np.unique(starts[:, k])))
+    order = np.argsort(starts[:, a], kind="stable")
+    starts, ends = starts[order], ends[order]
+    sweep_start, sweep_end = starts[:, a].tolist(), ends[:, a].tolist()
+    work = MAX_SWEEP_WORK
+    active: list[int] = []
+    for i in range(n):
+        active = [j for j in active if sweep_end[j] > sweep_start[i]]
+        work -= 16 + len(active)
+        if work < 0:
+            return None
+        if active and bool(((starts[active] < ends[i]) & (starts[i] < ends[active])).all(axis=1).any()):
             return True
+        active.append(i)
     return False
