@@ -544,9 +544,10 @@ def _decode_varints(raw: np.ndarray, count: int) -> tuple[np.ndarray, int]:
 
 
 # Bounds of the slice overlap check for one tensor.  The corner count costs 2**rank
-# points per slice (rank coordinates each); the sweep, which takes what is left (rank
-# > ~16), a microsecond or so per comparison.  Real partitions (one axis cut, or a
-# grid of a rank-2..4 variable) stay far below both; past them the check gives up.
+# points per slice, rank coordinates each (500k slices of rank 2, 2000 of rank 8);
+# the sweep, which takes what is left, a microsecond or so per comparison.  Real
+# partitions (one axis cut, sorted without either) stay far below both; past them
+# the check gives up with a message.
 MAX_CORNER_VALUES = 1 << 22
 MAX_SWEEP_WORK = 1 << 21
 
