@@ -21,7 +21,7 @@ from .errors import (
     UnsafeArchiveError,
 )
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 # The verbs and report types import NumPy, h5py and the rest (0.7 s): they load on
 # first use, so the command line can install its signal handlers before that

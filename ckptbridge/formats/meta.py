@@ -23,6 +23,7 @@ import crc32c
 import numpy as np
 
 from .. import _dtypes
+from .._version import __version__
 from .._spec import BFLOAT16, STRING
 from ..errors import CorruptError, FormatError, UnsafeArchiveError
 
@@ -111,8 +112,6 @@ def tensor_record(dtype: str, shape: tuple[int, ...], encoding: str, crc: int, *
 
 
 def provenance(source: str | None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    from .. import __version__
-
     doc: dict[str, Any] = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
