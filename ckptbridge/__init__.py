@@ -1,8 +1,10 @@
 """ckptbridge: TensorFlow (TF-Slim) checkpoints to NumPy archives and back, exactly.
 
-The public API is five verbs — :func:`read`, :func:`export`, :func:`rebuild`,
-:func:`diff`, :func:`verify` — and the error types.  Importing ckptbridge does
-not import TensorFlow; the verbs import it only when a path needs it.
+The public API: :func:`read` (lazy) and :func:`load` (eager) for any checkpoint or
+archive, :func:`save` for a dict of arrays, :func:`export` and :func:`rebuild`
+between checkpoints and archives, :func:`diff`, :func:`verify`, and the error
+types.  Importing ckptbridge does not import TensorFlow; the verbs import it only
+when a path needs it.
 """
 
 from __future__ import annotations
@@ -28,11 +30,12 @@ from ._version import __version__
 # (a Ctrl-C during start-up then ends with one line, not a traceback).
 _LAZY = {
     "read": "._api", "export": "._api", "rebuild": "._api", "diff": "._api", "verify": "._api", "Reader": "._api",
+    "save": "._api", "load": "._api",
     "TensorSpec": "._spec", "Report": ".convert", "DiffReport": ".convert", "VerifyReport": ".convert",
 }
 
 if TYPE_CHECKING:
-    from ._api import Reader, diff, export, read, rebuild, verify
+    from ._api import Reader, diff, export, load, read, rebuild, save, verify
     from ._spec import TensorSpec
     from .convert import DiffReport, Report, VerifyReport
 
@@ -52,6 +55,8 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "read",
+    "load",
+    "save",
     "export",
     "rebuild",
     "diff",

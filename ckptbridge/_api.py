@@ -12,7 +12,7 @@ from ._resolve import open_archive_sink, open_checkpoint_sink, open_source, requ
 from ._source import Source
 from ._spec import TensorSpec
 from .convert import DiffReport, Report, VerifyReport, diff_sources, require_some, transfer, verify_source
-from .errors import CkptBridgeError
+from .errors import CkptBridgeError, FormatError
 from .names import make_plan
 
 DEFAULT_MAX_TENSOR_GB = 64.0
@@ -91,6 +91,74 @@ def read(path: str, *, engine: str = "auto", verify: bool = True, max_tensor_gb:
     archive is opened (None: no limit).
     """
     return Reader(open_source(path, engine=engine, verify=verify, max_tensor_bytes=_max_bytes(max_tensor_gb)))
+
+
+def load(path: str, *, engine: str = "auto", verify: bool = True) -> dict[str, np.ndarray]:
+    """Every tensor of a checkpoint or an archive, read whole: ``{name: array}``.
+
+    The eager twin of :func:`read` (safetensors' ``load_file``), for models that fit in
+    memory.  Arrays come with their true dtypes, as :func:`read` gives them.  A checkpoint
+    holding a tensor ckptbridge cannot carry (a ``variant``) raises
+    :class:`UncarriedDtypeError` naming it: use :func:`read` to take the rest.
+
+    Example::
+
+        weights = ckptbridge.load("model.npz")
+        weights["vgg_16/fc8/weights"].shape
+    """
+    from ._dtypes import uncarried_error
+
+    with open_source(path, engine=engine, verify=verify, max_tensor_bytes=None) as src:
+        opaque = src.uncarried()
+        if opaque:
+            raise uncarried_error(src.path, {n: s.dtype for n, s in opaque.items()})
+        return {name: np.array(src.read(name), copy=True) for name in src.specs()}
+
+
+def save(
+    tensors: Mapping[str, np.ndarray],
+    path: str,
+    *,
+    metadata: Mapping[str, str] | None = None,
+    force: bool = False,
+    compress: bool = False,
+    fsync: bool = True,
+) -> Report:
+    """Write ``{name: array}`` exactly, to an archive or a TensorFlow checkpoint, without TensorFlow.
+
+    ``path``'s suffix picks the archive format (``.npz``, ``.h5``/``.hdf5``,
+    ``.safetensors``); any other path is a V2 checkpoint prefix (``out/model.ckpt``),
+    written by the native engine.  ``metadata`` (strings to strings) is kept in an
+    archive's metadata under ``"user"``; a checkpoint has no place for it.  The output
+    is read back and compared before it is renamed into place, as every write is.
+
+    Example::
+
+        ckptbridge.save({"w": np.ones((3, 4), np.float32)}, "out/model.ckpt")
+        ckptbridge.load("out/model.ckpt")["w"]
+    """
+    from ._resolve import archive_kind
+    from ._source import ArraySource
+
+    if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise FormatError("metadata must map strings to strings")
+    src = ArraySource(tensors)
+    plan = make_plan(list(src.specs()))
+    require_some(plan, "the tensors to save")
+    with durability(fsync):
+        if archive_kind(path) is not None:
+            sink = open_archive_sink(path, compress=compress, force=force, source=None)
+            doc: dict[str, Any] = {"engine": "arrays"}
+            if metadata:
+                doc["user"] = dict(metadata)
+            return transfer(src, sink, plan, metadata=doc, desc="save")
+        if metadata:
+            raise FormatError(f"{path} is a checkpoint prefix, and a TensorFlow checkpoint has no place for metadata; "
+                              "save to .npz, .h5 or .safetensors to keep it")
+        if compress:
+            raise FormatError(f"{path} is a checkpoint prefix; compression applies to .npz and .h5 archives only")
+        sink = open_checkpoint_sink(path, engine="native", force=force)
+        return transfer(src, sink, plan, desc="save")
 
 
 def _max_bytes(max_tensor_gb: float | None) -> int | None:

@@ -209,3 +209,44 @@ def iter_tensors(source: Source, names: Iterator[str] | None = None) -> Iterator
     for name in names if names is not None else source.specs():
         yield name, source.read(name)
 
+
+
+class ArraySource(Source):
+    """A source over arrays in memory: ``{name: array}``, what :func:`ckptbridge.save` writes.
+
+    Checked when it is made, so nothing is written from a mapping that cannot be
+    carried exactly: names must be non-empty strings, arrays of a dtype ckptbridge
+    carries (see ``_dtypes``), and object arrays must hold ``bytes`` only.
+    """
+
+    kind = "arrays"
+
+    def __init__(self, tensors: Mapping[str, Any], path: str = "<arrays>") -> None:
+        from ._spec import as_exchange_array, dtype_name
+        from .errors import FormatError
+
+        self.path = path
+        arrays: dict[str, np.ndarray] = {}
+        for name, value in tensors.items():
+            if not isinstance(name, str) or not name:
+                raise FormatError(f"tensor names must be non-empty strings, got {name!r}")
+            arr = as_exchange_array(value)
+            try:
+                dtype = dtype_name(arr.dtype)
+            except FormatError as e:
+                raise FormatError(f"tensor {name!r}: {e}") from None
+            if dtype == "string":
+                bad = next((type(v).__name__ for v in arr.reshape(-1) if type(v) is not bytes), None)
+                if bad is not None:
+                    raise FormatError(f"tensor {name!r}: an object array must hold bytes only (string tensors), found {bad}; "
+                                      "encode text to bytes first")
+            arrays[name] = arr
+        self._arrays = arrays
+        self._specs = {n: TensorSpec(n, dtype_name(a.dtype), tuple(a.shape)) for n, a in sorted(arrays.items(), key=lambda kv: kv[0].encode("utf-8", "surrogateescape"))}
+
+    def specs(self) -> Mapping[str, TensorSpec]:
+        return self._specs
+
+    def read(self, name: str) -> np.ndarray:
+        self.spec(name)
+        return self._arrays[name]

@@ -1,0 +1,86 @@
+"""``ckptbridge.save`` / ``ckptbridge.load``: a dict of arrays to any format and back, exactly, without TensorFlow."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import ckptbridge
+from ckptbridge import FormatError, OutputExistsError, UncarriedDtypeError
+
+ARRAYS = {
+    "net/w": np.arange(12, dtype=np.float32).reshape(3, 4),
+    "net/b": np.array([1.5, -0.0], dtype=ml_dtypes.bfloat16),
+    "net/f8": np.array([0.5, 448.0], dtype=ml_dtypes.float8_e4m3fn),
+    "net/q": np.array([[-128, 127]], dtype=np.int8).view([("qint8", "i1")]),
+    "step": np.array(7, dtype=np.int64),
+    "names": np.array([b"", b"\x00\xff"], dtype=object),
+}
+
+
+def same(a: np.ndarray, b: np.ndarray) -> bool:
+    if a.dtype == object:
+        return b.dtype == object and a.shape == b.shape and [type(x) for x in a.flat] == [bytes] * a.size and list(a.flat) == list(b.flat)
+    return a.dtype == b.dtype and a.shape == b.shape and np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b).tobytes()
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".h5", ".ckpt"])
+def test_save_then_load_is_bit_exact(tmp_path: Any, suffix: str) -> None:
+    path = str(tmp_path / f"out{suffix}")
+    report = ckptbridge.save(ARRAYS, path)
+    assert sorted(report.written) == sorted(ARRAYS)
+    got = ckptbridge.load(path)
+    assert sorted(got) == sorted(ARRAYS)
+    for name, want in ARRAYS.items():
+        assert same(got[name], want), name
+        assert got[name].flags.writeable  # load hands out arrays the caller owns
+
+
+def test_save_keeps_string_metadata_in_archives_and_refuses_it_for_checkpoints(tmp_path: Any) -> None:
+    path = str(tmp_path / "m.safetensors")
+    ckptbridge.save({"w": ARRAYS["net/w"], "f8": ARRAYS["net/f8"]}, path, metadata={"source": "unit test"})
+    with ckptbridge.read(path) as r:
+        assert r.metadata()["user"] == {"source": "unit test"}
+    with pytest.raises(FormatError, match="no place for metadata"):
+        ckptbridge.save({"w": ARRAYS["net/w"]}, str(tmp_path / "c" / "m.ckpt"), metadata={"a": "b"})
+    assert not os.path.exists(tmp_path / "c" / "m.ckpt.index")
+    with pytest.raises(FormatError, match="strings to strings"):
+        ckptbridge.save({"w": ARRAYS["net/w"]}, str(tmp_path / "x.npz"), metadata={"a": 1})  # type: ignore[dict-item]
+
+
+def test_save_refuses_what_it_cannot_write_exactly_and_writes_nothing(tmp_path: Any) -> None:
+    out = tmp_path / "x.npz"
+    with pytest.raises(FormatError, match="'s'.*bytes only"):
+        ckptbridge.save({"s": np.array(["text"], dtype=object)}, str(out))
+    with pytest.raises(FormatError, match="'u'"):
+        ckptbridge.save({"u": np.array(["text"])}, str(out))  # NumPy unicode: not a TensorFlow dtype
+    with pytest.raises(FormatError, match="non-empty strings"):
+        ckptbridge.save({"": np.zeros(1)}, str(out))
+    assert os.listdir(tmp_path) == []
+    ckptbridge.save({"w": np.zeros(1)}, str(out))
+    with pytest.raises(OutputExistsError):
+        ckptbridge.save({"w": np.ones(1)}, str(out))
+    ckptbridge.save({"w": np.ones(1)}, str(out), force=True)
+    assert same(ckptbridge.load(str(out))["w"], np.ones(1))
+
+
+def test_load_refuses_a_checkpoint_with_a_variant_by_name(tmp_path: Any) -> None:
+    from test_cli import _bundle
+
+    prefix = str(tmp_path / "m.ckpt")
+    _bundle(prefix, {b"w": (1, (1,), np.ones(1, np.float32).tobytes()), b"it": (21, (), b"")})
+    with pytest.raises(UncarriedDtypeError, match="'it' \\(variant"):
+        ckptbridge.load(prefix)
+    with ckptbridge.read(prefix) as r:
+        assert list(r) == ["w"]
+
+
+@pytest.mark.tf
+def test_tensorflow_reads_a_saved_checkpoint_as_saved(tmp_path: Any, assert_same_as_tf: Any) -> None:
+    path = str(tmp_path / "m.ckpt")
+    ckptbridge.save(ARRAYS, path)
+    assert assert_same_as_tf(ARRAYS, path) == len(ARRAYS)
