@@ -143,8 +143,9 @@ def save(
     if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise FormatError("metadata must map strings to strings")
     src = ArraySource(tensors)
+    if not src.specs():
+        raise FormatError(f"nothing to save to {path}: the mapping of tensors is empty")
     plan = make_plan(list(src.specs()))
-    require_some(plan, "the tensors to save")
     with durability(fsync):
         if archive_kind(path) is not None:
             sink = open_archive_sink(path, compress=compress, force=force, source=None)

@@ -127,6 +127,18 @@ def test_control_character_names_are_refused_before_writing(tmp_path: Any) -> No
     assert os.listdir(tmp_path) == []
 
 
+def test_a_sink_that_fails_to_open_its_temporary_leaves_nothing(tmp_path: Any, monkeypatch: Any) -> None:
+    import ckptbridge.formats.safetensors as st_mod
+
+    def failing_open(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(st_mod, "open", failing_open, raising=False)
+    with pytest.raises(OSError):
+        SafetensorsSink(str(tmp_path / "m.safetensors"))
+    assert os.listdir(tmp_path) == []
+
+
 def test_complex128_is_refused(tmp_path: Any) -> None:
     with pytest.raises(FormatError, match="'z' has dtype complex128"):
         _write(str(tmp_path / "m.safetensors"), {"z": np.ones(2, np.complex128)})

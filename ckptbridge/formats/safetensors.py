@@ -101,7 +101,11 @@ class SafetensorsSink(ArchiveSink):
         _require_package()
         self.path = path
         self._out = AtomicFile(path, force=force)
-        self._f = open(self._out.tmp, "r+b")
+        try:
+            self._f = open(self._out.tmp, "r+b")
+        except BaseException:
+            self._out.abort()  # the temporary exists from here on: never left behind, as no sink leaves one
+            raise
         self._source = source
         self._entries: dict[str, dict[str, Any]] | None = None
         self._specs: dict[str, TensorSpec] = {}
