@@ -149,7 +149,11 @@ def prepare_export(
         if already:
             raise FormatError(f"{src.path} is already in {layout} layout ({', '.join(already[:3])}...); export it without --layout")
         cand = {dst: dataclasses.replace(specs[s], name=dst) for dst, s in plan0.mapping.items()}
-        graph = lay.graph_kinds(model, num_classes, dict(specs)) if model is not None else None
+        graph = None
+        if model is not None:
+            from .tf.kernels import graph_kinds  # TensorFlow only when a net is named
+
+            graph = graph_kinds(model, num_classes, dict(specs))
         choices = lay.choose(cand, graph=graph)
 
     entries: dict[str, tuple[str, lay.Transform | None, bool]] = {}
