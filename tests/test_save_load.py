@@ -84,3 +84,33 @@ def test_tensorflow_reads_a_saved_checkpoint_as_saved(tmp_path: Any, assert_same
     path = str(tmp_path / "m.ckpt")
     ckptbridge.save(ARRAYS, path)
     assert assert_same_as_tf(ARRAYS, path) == len(ARRAYS)
+
+
+def _counting(tensors: dict[str, np.ndarray]) -> Any:
+    from ckptbridge._source import ArraySource
+
+    class Counting(ArraySource):
+        reads = 0
+
+        def read(self, name: str) -> np.ndarray:
+            type(self).reads += 1
+            return super().read(name)
+
+    return Counting(tensors)
+
+
+@pytest.mark.parametrize("engine", ["native", pytest.param("tf", marks=pytest.mark.tf)])
+def test_checkpoint_sinks_refuse_bad_keys_before_writing_anything(tmp_path: Any, engine: str) -> None:
+    """A key starting with NUL would read back as a slice and vanish; the object graph's key is taken."""
+    from ckptbridge._resolve import open_checkpoint_sink
+    from ckptbridge.convert import transfer
+    from ckptbridge.names import make_plan
+
+    src = _counting({"a": np.zeros(2, np.float32), "\x00hidden": np.ones(2, np.float32), "_CHECKPOINTABLE_OBJECT_GRAPH": np.zeros(1)})
+    prefix = str(tmp_path / "out" / "m.ckpt")
+    sink = open_checkpoint_sink(prefix, engine=engine)
+    with pytest.raises(FormatError, match="2 tensor name.*NUL byte.*object graph"):
+        transfer(src, sink, make_plan(list(src.specs())))
+    assert type(src).reads == 0
+    assert not os.path.exists(prefix + ".index")
+    assert os.listdir(tmp_path) == []  # the directory the sink made is gone too

@@ -8,8 +8,9 @@ import numpy as np
 
 from .._atomic import AtomicCheckpoint
 from .._source import Sink, Source
+from .._spec import TensorSpec
 from .reader import BundleReader
-from .writer import BundleWriter
+from .writer import BundleWriter, check_keys
 
 
 class NativeCheckpointSink(Sink):
@@ -25,6 +26,9 @@ class NativeCheckpointSink(Sink):
         except BaseException:
             self._out.abort()
             raise
+
+    def begin(self, specs: list[TensorSpec]) -> None:
+        check_keys([s.name for s in specs], self.path)  # every bad name refused before the first byte
 
     def write(self, name: str, array: np.ndarray) -> None:
         self._writer.write(name, array)

@@ -29,6 +29,32 @@ CHUNK_BYTES = 16 << 20
 _PART_SUFFIX = ".ckptbridge-part"
 
 
+
+def key_problem(name: object) -> str | None:
+    """Why ``name`` cannot be a tensor's key in a checkpoint, or None.
+
+    Any string TensorFlow can store is a key, but an empty one is the bundle's header,
+    one starting with a NUL byte reads as a slice of a partitioned tensor (so it would
+    vanish on reading), and ``_CHECKPOINTABLE_OBJECT_GRAPH`` is the TF2 object graph's.
+    """
+    if not isinstance(name, str) or not name:
+        return f"tensor names must be non-empty strings, got {name!r}"
+    if name.encode("utf-8", "surrogateescape").startswith(b"\x00"):
+        return f"tensor name {name!r} starts with a NUL byte, which TensorFlow reserves for the slices of partitioned tensors"
+    if name == OBJECT_GRAPH_KEY:
+        return f"{OBJECT_GRAPH_KEY} is the key of the TF2 object graph, not a tensor's"
+    return None
+
+
+def check_keys(names: "list[str]", prefix: str) -> None:
+    """Refuse, before anything is written, every name that cannot be a key of checkpoint ``prefix``."""
+    bad = [p for p in (key_problem(n) for n in names) if p is not None]
+    if bad:
+        more = f"; and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise FormatError(f"{len(bad)} tensor name(s) cannot be written to checkpoint {prefix}: {'; '.join(bad[:5])}{more}; "
+                          "rename them")
+
+
 class BundleWriter(Sink):
     """A :class:`Sink` writing a V2 checkpoint at exactly ``prefix``.
 
@@ -78,19 +104,16 @@ class BundleWriter(Sink):
     def _key(self, name: str) -> bytes:
         if self._state != "open":
             raise CkptBridgeError(f"checkpoint writer for {self.prefix} is already {self._state}")
-        if not isinstance(name, str) or not name:
-            raise FormatError(f"tensor names must be non-empty strings, got {name!r}")
+        problem = key_problem(name)
+        if problem is not None:
+            raise FormatError(problem)
         key = name.encode("utf-8", "surrogateescape")
-        if key.startswith(b"\x00"):
-            raise FormatError(f"tensor name {name!r} starts with a NUL byte, which TensorFlow reserves for slice keys")
         if key in self._entries:
             raise MismatchError(f"tensor {name!r} was written twice to {self.prefix}; names must be unique")
         return key
 
     def write(self, name: str, array: np.ndarray) -> None:
         """Write one tensor (exchange form); its bytes go straight to disk."""
-        if name == OBJECT_GRAPH_KEY:
-            raise FormatError(f"{OBJECT_GRAPH_KEY} is the TF2 object graph; pass it with write_extra({OBJECT_GRAPH!r}, payload)")
         key = self._key(name)
         arr = np.asarray(array)
         try:
@@ -217,7 +240,8 @@ class BundleWriter(Sink):
         k = OBJECT_GRAPH_KEY.encode()
         if k in self._entries:
             raise MismatchError(f"the object graph was written twice to {self.prefix}")
-        self._key(OBJECT_GRAPH_KEY)
+        if self._state != "open":
+            raise CkptBridgeError(f"checkpoint writer for {self.prefix} is already {self._state}")
         arr = np.empty((), dtype=object)
         arr[()] = bytes(payload)
         self._write_strings(k, OBJECT_GRAPH_KEY, arr)

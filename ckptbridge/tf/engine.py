@@ -115,11 +115,19 @@ class TfCheckpointSink(Sink):
         self._limit = max_shard_bytes or DEFAULT_BATCH_BYTES
         self._names: set[str] = set()
 
+    def begin(self, specs: list[TensorSpec]) -> None:
+        from ..bundle.writer import check_keys
+
+        check_keys([s.name for s in specs], self.path)  # every bad name refused before the first SaveV2
+
     def write(self, name: str, array: np.ndarray) -> None:
+        from ..bundle.writer import key_problem
+
+        problem = key_problem(name)
+        if problem is not None:
+            raise FormatError(problem)
         if name in self._names:
             raise MismatchError(f"tensor {name!r} written twice to {self.path}")
-        if not name:
-            raise FormatError(f"an empty tensor name cannot be stored in checkpoint {self.path}")
         self._names.add(name)
         array = as_exchange_array(array)
         size = array_nbytes(array)
