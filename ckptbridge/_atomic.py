@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from . import _state
+from ._ckptfiles import checkpoint_files, taken_names as _taken_names
 from ._threads import Job
 from .errors import CkptBridgeError, NotFoundError, OutputExistsError
 
@@ -531,23 +532,6 @@ class GuardedFile(io.FileIO):
             if isinstance(e, OSError) and e.filename is None:
                 e.filename = self.name
             raise e
-
-
-def checkpoint_files(prefix: str) -> list[str]:
-    """The files that make up the checkpoint at ``prefix`` (index, data shards, meta)."""
-    found = [prefix + ".index", prefix + ".meta", prefix]
-    found = [p for p in found if os.path.isfile(p)]
-    found += sorted(glob.glob(glob.escape(prefix) + ".data-?????-of-?????"))
-    return found
-
-
-def _taken_names(prefix: str) -> list[str]:
-    """Every name of a checkpoint at ``prefix`` that something occupies: a file, a FIFO, a dangling symlink."""
-    found = [p for p in (prefix + ".index", prefix + ".meta") if os.path.lexists(p)]
-    if os.path.lexists(prefix) and not (os.path.isdir(prefix) and not os.path.islink(prefix)):
-        found.append(prefix)
-    found += sorted(glob.glob(glob.escape(prefix) + ".data-?????-of-?????"))  # lists dangling symlinks too
-    return found
 
 
 PREVIOUS_DIR = "previous"

@@ -14,9 +14,8 @@ import os
 import re
 import stat
 
+from ._ckptfiles import STATE_NAME, state_path  # noqa: F401 - the file names live in _ckptfiles
 from .errors import FormatError
-
-STATE_NAME = "checkpoint"
 MAX_STATE_BYTES = 1 << 20  # TensorFlow's own files hold a few lines per checkpoint kept
 
 _STRING_FIELDS = ("model_checkpoint_path", "all_model_checkpoint_paths")
@@ -42,10 +41,6 @@ class CheckpointState:
     all_model_checkpoint_paths: list[str] = dataclasses.field(default_factory=list)
     all_model_checkpoint_timestamps: list[float] = dataclasses.field(default_factory=list)
     last_preserved_timestamp: float | None = None
-
-
-def state_path(directory: str) -> str:
-    return os.path.join(directory, STATE_NAME)
 
 
 def _unescape(body: str, where: str) -> str:

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from .._chunks import BlockStream, mmap_blocks
+from .._ckptfiles import data_path, index_path
 from .._source import OBJECT_GRAPH, OBJECT_GRAPH_KEY, Source
 from .. import _dtypes
 from .._source import uncarried_error
@@ -40,14 +41,6 @@ from ._wire import _Bad, crc, get_varint, mask, unmask
 ENGINE_NAME = "native"
 MAX_SHARDS = 1 << 20
 MAX_RANK = 254          # TensorShape's limit
-
-
-def index_path(prefix: str) -> str:
-    return prefix + ".index"
-
-
-def data_path(prefix: str, shard: int, num_shards: int) -> str:
-    return f"{prefix}.data-{shard:05d}-of-{num_shards:05d}"
 
 
 def is_bundle(prefix: str) -> bool:

@@ -23,7 +23,7 @@ from ..errors import CkptBridgeError, FormatError, MismatchError
 from ._entries import ENUM_BY_DTYPE, encode_entry, encode_header
 from ._table import BLOCK_SIZE, TableBuilder
 from ._wire import crc, mask, put_varint
-from .reader import data_path, index_path
+from .._ckptfiles import data_path, index_path
 
 CHUNK_BYTES = 16 << 20
 _PART_SUFFIX = ".ckptbridge-part"

@@ -1,0 +1,96 @@
+"""The names of a TensorFlow checkpoint's files, in one place.
+
+A V2 checkpoint at ``PREFIX`` is ``PREFIX.index`` (the table of entries) and
+``PREFIX.data-NNNNN-of-MMMMM`` (shard N of M, both five digits), often with
+``PREFIX.meta`` (the graph a ``Saver`` exports).  A V1 checkpoint is the one file
+``PREFIX`` (or ``PREFIX-NNNNN-of-MMMMM`` when sharded).  The directory's
+``checkpoint`` state file names the latest prefix (read and written by ``_state``).
+
+A leaf: it imports nothing from ckptbridge.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+
+INDEX = ".index"
+META = ".meta"
+#: the directory's state file (``tf.train.latest_checkpoint``)
+STATE_NAME = "checkpoint"
+
+#: a glob pattern (after ``glob.escape(prefix)``) for a V2 checkpoint's data shards
+DATA_GLOB = ".data-?????-of-?????"
+#: a glob pattern for a sharded V1 checkpoint's files
+V1_SHARD_GLOB = "-?????-of-?????"
+#: a data shard's name at the end of a path; group 1 is the shard count
+DATA_RE = re.compile(r"\.data-\d{5}-of-(\d{5})$")
+
+
+def index_path(prefix: str) -> str:
+    return prefix + INDEX
+
+
+def meta_path(prefix: str) -> str:
+    return prefix + META
+
+
+def data_path(prefix: str, shard: int, num_shards: int) -> str:
+    return f"{prefix}.data-{shard:05d}-of-{num_shards:05d}"
+
+
+def state_path(directory: str) -> str:
+    return os.path.join(directory, STATE_NAME)
+
+
+def is_index(path: str) -> bool:
+    return path.endswith(INDEX)
+
+
+def data_shards(prefix: str) -> list[str]:
+    """The data shards at ``prefix`` that exist (dangling symlinks included), sorted."""
+    return sorted(glob.glob(glob.escape(prefix) + DATA_GLOB))
+
+
+def v1_shards(prefix: str) -> list[str]:
+    """The files of a sharded V1 checkpoint at ``prefix``, sorted."""
+    return sorted(glob.glob(glob.escape(prefix) + V1_SHARD_GLOB))
+
+
+def prefix_of(path: str) -> str:
+    """The checkpoint prefix a file of it names (``.index``, ``.meta``, a ``.data`` shard); other paths unchanged.
+
+    ``.index`` and ``.meta`` are stripped only from files that exist, so a prefix that
+    itself ends in ``.meta`` stays whole.
+    """
+    for suffix in (INDEX, META):
+        if path.endswith(suffix) and os.path.isfile(path):
+            path = path[: -len(suffix)]
+    m = DATA_RE.search(path)
+    return path[: m.start()] if m else path
+
+
+def complete_v2(prefix: str) -> bool:
+    """True when the prefix has an index and every data shard it implies."""
+    if not os.path.isfile(index_path(prefix)):
+        return False
+    shards = data_shards(prefix)
+    if not shards:
+        return False
+    m = DATA_RE.search(shards[0])
+    return m is not None and len(shards) == int(m.group(1))
+
+
+def checkpoint_files(prefix: str) -> list[str]:
+    """The files that make up the checkpoint at ``prefix`` (index, meta, a V1 file, data shards)."""
+    found = [p for p in (index_path(prefix), meta_path(prefix), prefix) if os.path.isfile(p)]
+    return found + data_shards(prefix)
+
+
+def taken_names(prefix: str) -> list[str]:
+    """Every name of a checkpoint at ``prefix`` that something occupies: a file, a FIFO, a dangling symlink."""
+    found = [p for p in (index_path(prefix), meta_path(prefix)) if os.path.lexists(p)]
+    if os.path.lexists(prefix) and not (os.path.isdir(prefix) and not os.path.islink(prefix)):
+        found.append(prefix)
+    return found + data_shards(prefix)  # glob lists dangling symlinks too
