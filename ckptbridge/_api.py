@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from ._atomic import durability
-from ._resolve import open_archive_sink, open_checkpoint_sink, open_source, require_archive_kind
+from ._resolve import open_archive_sink, open_checkpoint_sink, open_source, require_archive_kind, source_label
 from ._source import Source
 from ._spec import TensorSpec
 from .convert import DiffReport, Report, VerifyReport, diff_sources, require_some, transfer, verify_source
@@ -211,7 +211,7 @@ def export(
             _check_dry_run_output(output, force, kind, prep.source)
             return _dry_report(output, prep)
         sink = open_archive_sink(output, compress=compress, force=force, source=src.path)
-        metadata = {"engine": type(src).__module__.split(".")[1], **prep.metadata}
+        metadata = {"engine": source_label(src), **prep.metadata}
         report = transfer(prep.source, sink, prep.plan, progress=progress, desc="export", metadata=metadata)
         report.renamed, report.layout = prep.renamed, prep.layout
         return report
@@ -225,10 +225,9 @@ def _check_dry_run_output(output: str, force: bool, kind: str, source: Source) -
 
     if os.path.lexists(output) and not force:
         raise OutputExistsError(f"output {output} already exists; pass --force to overwrite it")
-    if kind == "safetensors":
-        from .formats.safetensors import check_specs
+    from .formats import FORMATS
 
-        check_specs(source.specs().values(), output)
+    FORMATS[kind].check_specs(source.specs().values(), output)
 
 
 def _dry_report(output: str, prep: Any) -> Report:

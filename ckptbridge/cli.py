@@ -237,17 +237,24 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from . import __version__, _engines, formats
 
-    p = argparse.ArgumentParser(prog=PROG, description="Convert TensorFlow (TF-Slim) checkpoints to .npz / HDF5 archives and back, exactly.")
+    # Every format, suffix and engine named below comes from the two registries.
+    sufs = formats.suffixes()
+    shown = " / ".join(sufs)
+    listed = ", ".join(sufs[:-1]) + f" or {sufs[-1]}" if len(sufs) > 1 else sufs[0]
+    kinds = "\n".join(f"  {', '.join(f.suffixes):<22} {f.description}" for f in formats.FORMATS.values())
+    compressing = " / ".join(f"{f.compression} ({', '.join(f.suffixes)})" for f in formats.FORMATS.values() if f.compression)
+    p = argparse.ArgumentParser(prog=PROG, description=f"Convert TensorFlow (TF-Slim) checkpoints to {shown} archives and back, exactly.",
+                                epilog=f"archive formats, chosen by suffix:\n{kinds}", formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--engine", choices=("auto", "native", "tf"), default="auto", help="checkpoint engine: native (no TensorFlow) where it can, else TensorFlow (default: auto)")
+    common.add_argument("--engine", choices=_engines.choices(), default=_engines.AUTO, help=_engines.help_text())
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no report")
     common.add_argument("--debug", action="store_true", help="show a traceback on errors")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("ls", parents=[common], help="list the tensors of a checkpoint or archive")
+    s = sub.add_parser("ls", parents=[common], help=f"list the tensors of a checkpoint or archive ({shown})")
     s.add_argument("path")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.add_argument("--max-tensor-gb", type=float, default=_api.DEFAULT_MAX_TENSOR_GB, help="refuse archive tensors claiming more than this (default 64)")
@@ -266,18 +273,18 @@ def _parser() -> argparse.ArgumentParser:
                       help="skip the fsync before the output is renamed into place: as fast as the page cache, but a power "
                            "loss in the next half minute can leave it incomplete (the source is untouched)")
 
-    s = sub.add_parser("export", parents=[common, filt], help="checkpoint -> .npz / .h5 / .safetensors")
+    s = sub.add_parser("export", parents=[common, filt], help=f"checkpoint -> {shown}")
     s.add_argument("checkpoint", help="prefix, .index/.data file, directory, or V1 .ckpt file")
-    s.add_argument("output", help="output archive: .npz, .h5, .hdf5 or .safetensors")
+    s.add_argument("output", help=f"output archive, its format chosen by suffix: {listed}")
     s.add_argument("--weights-only", action="store_true", help="drop optimizer slots, global_step and save_counter")
-    s.add_argument("--compress", action="store_true", help="deflate (.npz) / gzip (HDF5)")
+    s.add_argument("--compress", action="store_true", help=compressing)
     s.add_argument("--layout", choices=("torch",), default=None, help="store conv/depthwise/dense kernels in PyTorch's layout (undone on import)")
     s.add_argument("--model", default=None, help="with --layout: the tf-slim net whose graph tells conv, depthwise and dense kernels apart")
     s.add_argument("--num-classes", type=int, default=None, help="with --model: classes of the net's logits")
     s.set_defaults(func=cmd_export)
 
-    s = sub.add_parser("import", parents=[common, filt], help="archive -> checkpoint (through a tf-slim graph, or graph-free)")
-    s.add_argument("archive")
+    s = sub.add_parser("import", parents=[common, filt], help=f"archive ({shown}) -> checkpoint (through a tf-slim graph, or graph-free)")
+    s.add_argument("archive", help=f"input archive: {listed}")
     s.add_argument("output_prefix", help="checkpoint prefix to write, e.g. out/model.ckpt")
     s.add_argument("--model", help="tf-slim net (vgg_16, resnet_v1_50, inception_v3, ...) or package.module:function")
     s.add_argument("--num-classes", type=int, default=None, help="classes of the net's logits (default: the archive's logits width, else the net's own)")

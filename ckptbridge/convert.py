@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from . import objgraph
+from . import _engines, objgraph
 from ._chunks import CHUNK_BYTES
 from ._source import OBJECT_GRAPH, Sink, Source
 from ._spec import STRING, TensorSpec, array_nbytes, dtype_name
@@ -282,7 +282,7 @@ def verify_source(source: Source, *, progress: bool | None = False) -> VerifyRep
             checked += 1
     finally:
         pbar.close()
-    has = source.kind == "checkpoint" or bool(source.metadata().get("tensors"))
+    has = _engines.is_checkpoint(source) or bool(source.metadata().get("tensors"))
     return VerifyReport(source.path, checked, True, has_checksums=has, checked_raw=len(opaque))
 
 
