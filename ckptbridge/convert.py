@@ -63,9 +63,14 @@ def transfer(
     verify: bool = True,
     metadata: dict[str, Any] | None = None,
     carry_extras: bool = True,
-    chunk_bytes: int = CHUNK_BYTES,
+    chunk_bytes: int | None = None,
 ) -> Report:
-    """Stream every planned tensor from ``source`` into ``sink``; read back; publish."""
+    """Stream every planned tensor from ``source`` into ``sink``; read back; publish.
+
+    ``chunk_bytes``: the most read or written at a time for one tensor (default: ``CHUNK_BYTES``).
+    """
+    if chunk_bytes is None:
+        chunk_bytes = CHUNK_BYTES
     specs = source.specs()
     out_specs = [dataclasses.replace(specs[src], name=dst) for dst, src in plan.mapping.items()]
     total = sum(s.nbytes for s in out_specs)
@@ -128,8 +133,10 @@ def transfer(
     return Report(sink.path, list(plan.mapping), dict(plan.dropped), dict(plan.ema_swaps), nbytes, object_graph=graph_note)
 
 
-def readback(sink: Sink, crcs: dict[str, int], chunk_bytes: int = CHUNK_BYTES) -> None:
+def readback(sink: Sink, crcs: dict[str, int], chunk_bytes: int | None = None) -> None:
     """Re-open what ``sink`` wrote and compare every tensor to what was sent."""
+    if chunk_bytes is None:
+        chunk_bytes = CHUNK_BYTES
     src = sink.open_readback()  # type: ignore[attr-defined]
     try:
         got = set(src.specs())

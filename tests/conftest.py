@@ -10,14 +10,34 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any
 
+import numpy as np
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
+
+
+@pytest.fixture()
+def secret(tmp_path: Any) -> str:
+    """A file a crafted archive must not be able to read: 4 KiB of a recognisable token (helpers.SECRET)."""
+    from helpers import SECRET
+
+    p = tmp_path / "secret.bin"
+    p.write_bytes((SECRET * 200)[:4096])
+    return str(p)
+
+
+@pytest.fixture()
+def good_npz(tmp_path: Any) -> str:
+    """A plain, valid .npz with one float32 tensor "w", beside a crafted archive to diff against."""
+    p = str(tmp_path / "good.npz")
+    np.savez(p, w=np.arange(6, dtype=np.float32))
+    return p
 
 
 @pytest.fixture(scope="session")

@@ -13,25 +13,7 @@ import pytest
 
 import ckptbridge
 
-ERR = "ckptbridge: error: "
-
-
-def cli(*args: str, cwd: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, "-m", "ckptbridge", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
-
-
-def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
-    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
-    assert "Traceback" not in proc.stderr
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith(ERR), lines[0]
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    assert proc.stdout == ""
-    return lines[0]
-
+from helpers import assert_one_line_error, cli
 
 # --------------------------------------------------------------------------- import hygiene
 

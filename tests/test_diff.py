@@ -19,9 +19,10 @@ import numpy as np
 import pytest
 
 import ckptbridge
-from ckptbridge import cli
 from ckptbridge.bundle import BundleWriter
 from ckptbridge.errors import CkptBridgeError, NotFoundError
+
+from helpers import in_process
 
 
 def _ckpt(path: Any, values: dict[str, np.ndarray]) -> str:
@@ -59,19 +60,13 @@ BASE = {
 }
 
 
-def run_cli(capsys: Any, *args: str) -> tuple[int, str, str]:
-    rc = cli.main(["diff", "-q", *args])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
 def test_identical_archive_and_checkpoint(tmp_path: Any, capsys: Any) -> None:
     a = _npz(tmp_path / "a.npz", BASE)
     b = _ckpt(tmp_path / "ck" / "model.ckpt", BASE)
     d = ckptbridge.diff(a, b)
     assert d.identical and d.compared == len(BASE)
     assert (d.only_a, d.only_b, d.spec_diffs, d.value_diffs) == ([], [], {}, {})
-    rc, out, err = run_cli(capsys, a, b)
+    rc, out, err = in_process("diff", "-q", a, b)
     assert rc == 0 and out == f"identical: {len(BASE)} tensors\n" and err == ""
 
 
@@ -95,7 +90,7 @@ def test_names_shapes_dtypes_and_values(tmp_path: Any, capsys: Any) -> None:
     assert d.value_diffs == {"conv/weights": (2, pytest.approx(3.0, rel=1e-6))}
     assert d.compared == 4  # conv/weights, conv/biases, ids, mask
 
-    rc, out, _ = run_cli(capsys, a, b)
+    rc, out, _ = in_process("diff", "-q", a, b)
     assert rc == 1
     lines = out.splitlines()
     assert "only in A: step" in lines and "only in B: extra/kernel" in lines
@@ -115,9 +110,9 @@ def test_atol_rtol(tmp_path: Any, capsys: Any) -> None:
     assert ckptbridge.diff(a, b, rtol=0.01, atol=0.5).identical
     assert ckptbridge.diff(a, b, rtol=0.0049, atol=0.5).value_diffs == {"x": (2, 2.0)}
     assert ckptbridge.diff(a, b, rtol=0.009).value_diffs == {"x": (3, 2.0)}
-    rc, out, _ = run_cli(capsys, a, b, "--atol", "2")
+    rc, out, _ = in_process("diff", "-q", a, b, "--atol", "2")
     assert rc == 0
-    rc, out, _ = run_cli(capsys, a, b, "--rtol", "0.01")
+    rc, out, _ = in_process("diff", "-q", a, b, "--rtol", "0.01")
     assert rc == 1 and "values differ: x: 1 elements, max abs diff 0.5" in out.splitlines()
 
 
@@ -174,7 +169,7 @@ def test_strings_bool_complex_bfloat16(tmp_path: Any, capsys: Any) -> None:
     b = _ckpt(tmp_path / "b" / "m.ckpt", b_vals)
     d = ckptbridge.diff(a, b)
     assert d.value_diffs == {"s": (2, None), "b": (2, None), "c": (1, 3.0)}
-    rc, out, _ = run_cli(capsys, a, b)
+    rc, out, _ = in_process("diff", "-q", a, b)
     assert rc == 1
     assert "values differ: s: 2 elements" in out.splitlines() and "values differ: b: 2 elements" in out.splitlines()
     assert "values differ: c: 1 elements, max abs diff 3" in out.splitlines()
@@ -186,11 +181,11 @@ def test_errors_exit_2(tmp_path: Any, capsys: Any) -> None:
     a = _npz(tmp_path / "a.npz", BASE)
     with pytest.raises(NotFoundError):
         ckptbridge.diff(a, str(tmp_path / "nope.npz"))
-    rc, out, err = run_cli(capsys, a, str(tmp_path / "nope" / "model.ckpt"))
+    rc, out, err = in_process("diff", "-q", a, str(tmp_path / "nope" / "model.ckpt"))
     assert rc == 2 and out == ""
     assert err.startswith("ckptbridge: error: ") and err.count("\n") == 1 and "nope" in err
     (tmp_path / "bad.npz").write_bytes(b"not a zip file")
-    rc, out, err = run_cli(capsys, a, str(tmp_path / "bad.npz"))
+    rc, out, err = in_process("diff", "-q", a, str(tmp_path / "bad.npz"))
     assert rc == 2 and err.startswith("ckptbridge: error: ") and err.count("\n") == 1
     with pytest.raises(CkptBridgeError):
         ckptbridge.diff(a, str(tmp_path / "bad.npz"))
@@ -225,7 +220,7 @@ def test_tf_checkpoint_vs_its_archive(dtypes_ckpt: str, fmt: str, tmp_path: Any,
         d = ckptbridge.diff(dtypes_ckpt, archive, engine=engine)
         assert d.identical, (d.only_a, d.only_b, d.spec_diffs, d.value_diffs)
         assert d.compared == 30
-    rc, out, _ = run_cli(capsys, dtypes_ckpt, archive)
+    rc, out, _ = in_process("diff", "-q", dtypes_ckpt, archive)
     assert rc == 0 and out == "identical: 30 tensors\n"
 
 
@@ -257,5 +252,5 @@ def test_tf_checkpoints_that_differ(ckpts: Any, tmp_path: Any, capsys: Any) -> N
     archive = str(tmp_path / "b.h5")
     ckptbridge.export(b, archive)
     assert ckptbridge.diff(a, archive).value_diffs == d.value_diffs
-    rc, out, _ = run_cli(capsys, a, archive)
+    rc, out, _ = in_process("diff", "-q", a, archive)
     assert rc == 1 and "only in A: global_step" in out.splitlines()

@@ -21,8 +21,8 @@ pytest.importorskip("tensorflow")
 
 import ckptbridge  # noqa: E402
 from ckptbridge import UncarriedDtypeError  # noqa: E402
-from ckptbridge._atomic import TMP_SUFFIX  # noqa: E402
-from test_cli import assert_one_line_error, cli  # noqa: E402
+
+from helpers import TMP_SUFFIX, assert_one_line_error, cli  # noqa: E402
 
 pytestmark = pytest.mark.tf
 

@@ -24,11 +24,12 @@ import ml_dtypes  # noqa: E402
 import ckptbridge  # noqa: E402
 from ckptbridge import CkptBridgeError, FormatError, OutputExistsError  # noqa: E402
 
+from helpers import TMP_SUFFIX, flip, offset_of  # noqa: E402
+
 pytestmark = pytest.mark.tf
 
 FORMATS = [".npz", ".h5"]
 EMA = "/ExponentialMovingAverage"
-TMP_MARK = ".ckptbridge-tmp"
 OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
 
 
@@ -45,7 +46,7 @@ def tf_tensor(prefix: str, name: str) -> object:
 
 
 def leftovers(directory: str) -> list[str]:
-    return [p for p in os.listdir(directory) if TMP_MARK in p]
+    return [p for p in os.listdir(directory) if TMP_SUFFIX in p]
 
 
 def export_and_compare(ckpt, out, assert_same_as_tf, *, oracle=None, **kw):
@@ -561,21 +562,14 @@ def test_provenance_and_checksums(which, fmt, request, tmp_path):
                 assert crc32c.crc32c(np.ascontiguousarray(f[rec["path"]][()]).tobytes()) == rec["crc32c"], name
 
 
-def _flip_byte_in(path, want: bytes) -> None:
-    data = bytearray(path.read_bytes())
-    at = data.find(want)
-    assert at > 0 and data.find(want, at + 1) < 0
-    data[at + len(want) // 2] ^= 0x40
-    path.write_bytes(bytes(data))
-
-
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_damaged_archive_is_caught_by_its_checksums(resnet_v2, fmt, tmp_path):
     name = "resnet_v1_50/conv1/weights"  # 37 KB: larger than zipfile's read-ahead, so only our crc32c sees it
     out = tmp_path / f"d{fmt}"
     ckptbridge.export(resnet_v2, str(out), include=["^resnet_v1_50/conv1/"])
     assert ckptbridge.verify(str(out)).ok
-    _flip_byte_in(out, tf_tensor(resnet_v2, name).tobytes())
+    value = tf_tensor(resnet_v2, name).tobytes()
+    flip(out, offset_of(out, value) + len(value) // 2, 0x40)
     v = ckptbridge.verify(str(out))
     assert not v.ok and v.bad == name
     with ckptbridge.read(str(out)) as r, pytest.raises(ckptbridge.CorruptError, match=re.escape(name)):
@@ -587,7 +581,8 @@ def test_damaged_small_tensor_is_caught(sharded_ckpt, fmt, tmp_path):
     """A small damaged tensor may already be noticed when the archive opens; either way it is named."""
     out = tmp_path / f"d{fmt}"
     ckptbridge.export(sharded_ckpt, str(out))
-    _flip_byte_in(out, tf_tensor(sharded_ckpt, "dev1/kernel").tobytes())
+    value = tf_tensor(sharded_ckpt, "dev1/kernel").tobytes()
+    flip(out, offset_of(out, value) + len(value) // 2, 0x40)
     try:
         v = ckptbridge.verify(str(out))
     except ckptbridge.CorruptError as e:

@@ -26,6 +26,8 @@ from ckptbridge._resolve import open_source
 from ckptbridge.bundle.writer import BundleWriter
 from ckptbridge.formats import _zip
 
+from helpers import TMP_SUFFIX, leftovers, same
+
 RNG = np.random.default_rng(7)
 TENSORS: dict[str, np.ndarray] = {
     "big/weights": RNG.standard_normal((300, 257)).astype(np.float32),  # several blocks at 64 KiB
@@ -41,16 +43,12 @@ TENSORS: dict[str, np.ndarray] = {
 SMALL_CHUNK = 64 << 10
 
 
-def _same(a: np.ndarray, b: np.ndarray) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
-
-
 def _check(path: str) -> None:
     with open_source(path) as src:
         assert set(src.specs()) == set(TENSORS)
         for name, want in TENSORS.items():
             got = src.read(name)
-            assert _same(got, want), name
+            assert same(got, want), name
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +66,7 @@ def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Blocks of 64 KiB, so that tensors here span several and the copy jobs overlap."""
     import ckptbridge.convert as convert
 
-    monkeypatch.setattr(convert, "CHUNK_BYTES", SMALL_CHUNK)
-    defaults = list(convert.transfer.__kwdefaults__.items())
-    monkeypatch.setattr(convert.transfer, "__kwdefaults__", {**dict(defaults), "chunk_bytes": SMALL_CHUNK})
+    monkeypatch.setattr(convert, "CHUNK_BYTES", SMALL_CHUNK)  # transfer's default, read when it is called
 
 
 def _copies(monkeypatch: pytest.MonkeyPatch, mode: str) -> list[int]:
@@ -133,7 +129,7 @@ def test_a_damaged_source_is_caught_even_when_the_kernel_copies(bundle: str, tmp
     with pytest.raises(ckptbridge.CorruptError):
         ckptbridge.export(str(bad / "model.ckpt"), str(tmp_path / "out.npz"))
     assert not (tmp_path / "out.npz").exists()
-    assert [p for p in os.listdir(tmp_path) if p.endswith("ckptbridge-tmp")] == []
+    assert leftovers(tmp_path) == []
 
 
 @pytest.mark.parametrize("compress", [False, True])
@@ -180,7 +176,7 @@ def test_npz_reads_with_numpy(bundle: str, tmp_path: Any, compress: bool) -> Non
             got = z[name]
             if want.dtype == ml_dtypes.bfloat16:
                 got = got.view(ml_dtypes.bfloat16)  # stored as its uint16 bits
-            assert _same(got, want), name
+            assert same(got, want), name
 
 
 def test_zip_crc_is_zlibs() -> None:
@@ -219,7 +215,7 @@ def test_outputs_are_fsynced_before_the_rename_unless_asked_not_to(bundle: str, 
             out = str(d / f"o.{fmt}")
             ckptbridge.export(bundle, out, fsync=fsync)
             _check(out)
-        files = [p for p in seen if p.endswith("ckptbridge-tmp") or "ckptbridge-tmp/" in p]
+        files = [p for p in seen if p.endswith(TMP_SUFFIX) or TMP_SUFFIX + "/" in p]
         if fsync:
             assert files, seen  # the temporary was synced (by its temporary name: before the rename)
             assert str(d) in seen  # and the directory after it

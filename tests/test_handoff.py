@@ -23,6 +23,8 @@ from ckptbridge.cli import main
 from ckptbridge.errors import CkptBridgeError, CorruptError, FormatError
 from ckptbridge.names import parse_rename, rename_map
 
+from helpers import same
+
 
 def _bits(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
     """float32 with arbitrary bit patterns (NaN payloads, -0.0, denormals): only exact copies survive."""
@@ -48,10 +50,6 @@ def src_npz(tmp_path: Any) -> str:
     path = str(tmp_path / "src.npz")
     np.savez(path, **TENSORS)
     return path
-
-
-def _same(a: np.ndarray, b: np.ndarray) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
 
 
 # --- rename rules -----------------------------------------------------------------
@@ -161,7 +159,7 @@ def test_renames_apply_after_filters_and_ema(src_npz: str, tmp_path: Any) -> Non
     assert report.renamed["net/fc/weights"] == "fc.weights"
     with ckptbridge.read(out) as r:
         assert sorted(r) == ["conv1.biases", "conv1.weights", "fc.biases", "fc.weights", "sep.depthwise_weights", "sep.pointwise_weights"]
-        assert _same(r["fc.weights"], TENSORS["net/fc/weights/ExponentialMovingAverage"])
+        assert same(r["fc.weights"], TENSORS["net/fc/weights/ExponentialMovingAverage"])
         md = r.metadata()
     assert md["original_names"]["fc.weights"] == "net/fc/weights"
     assert md["ema_swaps"] == {"fc.weights": "net/fc/weights/ExponentialMovingAverage"}
@@ -183,7 +181,7 @@ def test_original_names_restore_on_import(src_npz: str, tmp_path: Any, fmt: str)
     with ckptbridge.read(restored) as r:
         assert sorted(r) == sorted(TENSORS)
         for name, want in TENSORS.items():
-            assert _same(r[name], want), name
+            assert same(r[name], want), name
 
 
 def test_import_renames_after_original_names_and_filters(src_npz: str, tmp_path: Any) -> None:
@@ -223,22 +221,22 @@ def test_every_transform_inverts_bit_exact(kind: str, shape: tuple[int, ...], ra
     x = _bits(shape, seed)
     y = t.apply(x)
     assert y.shape == t.to_shape and y.flags.c_contiguous
-    assert _same(t.invert(y), x)
+    assert same(t.invert(y), x)
     assert lay.Transform.from_record(json.loads(json.dumps(t.to_record())), "x") == t
 
 
 def test_transforms_match_pytorch_conventions() -> None:
     w = _bits((3, 5, 4, 6))  # H W I O
     conv = lay.transform_for(lay.CONV, w.shape).apply(w)
-    assert conv.shape == (6, 4, 3, 5) and _same(conv[5, 3, 2, 4], w[2, 4, 3, 5])
+    assert conv.shape == (6, 4, 3, 5) and same(conv[5, 3, 2, 4], w[2, 4, 3, 5])
     d = _bits((3, 5, 4, 2))  # H W C M -> grouped conv: output channel c*M + m belongs to group c
     dw = lay.transform_for(lay.DEPTHWISE, d.shape).apply(d)
     assert dw.shape == (8, 1, 3, 5)
     for c in range(4):
         for m in range(2):
-            assert _same(dw[c * 2 + m, 0], d[:, :, c, m])
+            assert same(dw[c * 2 + m, 0], d[:, :, c, m])
     fc = _bits((7, 3))
-    assert _same(lay.transform_for(lay.DENSE, fc.shape).apply(fc), np.ascontiguousarray(fc.T))
+    assert same(lay.transform_for(lay.DENSE, fc.shape).apply(fc), np.ascontiguousarray(fc.T))
 
 
 @pytest.mark.parametrize(
@@ -273,7 +271,7 @@ def test_layout_recorded_and_undone_on_graph_free_import(src_npz: str, tmp_path:
     with ckptbridge.read(out) as r:
         assert r.specs["net/conv1/weights"].shape == (8, 3, 3, 3)
         assert r.specs["net/sep/depthwise_weights"].shape == (16, 1, 3, 3)
-        assert _same(r["net/fc/weights"], np.ascontiguousarray(TENSORS["net/fc/weights"].T))
+        assert same(r["net/fc/weights"], np.ascontiguousarray(TENSORS["net/fc/weights"].T))
         # The EMA shadow follows its variable's layout.
         assert r.specs["net/fc/weights/ExponentialMovingAverage"].shape == (10, 64)
         md = r.metadata()["layout"]
@@ -283,7 +281,7 @@ def test_layout_recorded_and_undone_on_graph_free_import(src_npz: str, tmp_path:
     ckptbridge.rebuild(out, back, engine="native")
     with ckptbridge.read(back) as r:
         for name, want in TENSORS.items():
-            assert _same(r[name], want), name
+            assert same(r[name], want), name
 
 
 def test_layout_survives_archive_to_archive_and_is_not_applied_twice(src_npz: str, tmp_path: Any) -> None:
@@ -300,7 +298,7 @@ def test_layout_survives_archive_to_archive_and_is_not_applied_twice(src_npz: st
     ckptbridge.rebuild(b, back, engine="native", original_names=True)
     with ckptbridge.read(back) as r:
         for name, want in TENSORS.items():
-            assert _same(r[name], want), name
+            assert same(r[name], want), name
 
 
 @pytest.mark.parametrize(
@@ -359,4 +357,4 @@ def test_graph_overrides_conventions(tmp_path: Any) -> None:
     ckptbridge.rebuild(str(tmp_path / "b.npz"), back, engine="native")
     with ckptbridge.read(back) as r:
         for name, want in arrays.items():
-            assert _same(r[name], want), name
+            assert same(r[name], want), name

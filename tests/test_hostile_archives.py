@@ -3,7 +3,7 @@ got past the size checks of the .npz, HDF5 and .safetensors readers, and the nam
 shapes that made the archive writers end in "internal error".
 
 Each case crafts its input here and runs the real command line in a subprocess under
-an address-space cap and a timeout (see untrusted_helpers), expecting one
+an address-space cap and a timeout (see helpers.assert_refused), expecting one
 ``ckptbridge: error:`` line, exit status 2 and nothing written.  Variants of a class
 that are refused when the archive is opened (before any value is read) are checked
 in this process, through the library, to keep the file fast:
@@ -39,7 +39,7 @@ from ckptbridge.bundle import BundleWriter  # noqa: E402
 from ckptbridge.errors import CkptBridgeError, CorruptError, FormatError, UnsafeArchiveError  # noqa: E402
 from ckptbridge.formats import meta  # noqa: E402
 
-from untrusted_helpers import assert_fails, assert_refused, good_npz, npy_header, write_zip  # noqa: E402,F401 - fixture too
+from helpers import assert_fails, assert_refused, npy_header, write_zip  # noqa: E402
 
 # Every case must be refused well inside these: the bombs below need several GB (or
 # minutes) when they are not.

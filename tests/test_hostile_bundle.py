@@ -2,7 +2,7 @@
 
 Each checkpoint is crafted here, byte by byte, with the bundle package's own table,
 entry and wire helpers (no TensorFlow), and fed to the real command line in a
-subprocess under an address-space cap and a timeout (see untrusted_helpers): one
+subprocess under an address-space cap and a timeout (see helpers.run_cli): one
 ``ckptbridge: error:`` line naming the file and tensor, exit status 2, nothing
 written, and no allocation or computation out of proportion to the files.
 
@@ -32,11 +32,11 @@ from hypothesis import strategies as st
 from ckptbridge.bundle import BundleReader
 from ckptbridge.bundle import reader as bundle_reader
 from ckptbridge.bundle._entries import encode_entry, encode_header, slice_key
-from ckptbridge.bundle._table import MAGIC, HANDLES_SIZE, TableBuilder
+from ckptbridge.bundle._table import HANDLES_SIZE, MAGIC, TableBuilder
 from ckptbridge.bundle._wire import crc, field_bytes, field_varint, mask, put_varint
 from ckptbridge.errors import FormatError
 
-from untrusted_helpers import assert_fails, run_cli  # noqa: E402
+from helpers import assert_fails, run_cli  # noqa: E402
 
 AS_LIMIT = 1 << 30      # the old reader needed 1.5-3 GB for the files below
 TIMEOUT = 60.0          # the old overlap check took minutes

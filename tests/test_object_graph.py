@@ -10,7 +10,6 @@ TensorFlow process.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
@@ -27,7 +26,8 @@ from hypothesis import strategies as st
 
 import ckptbridge
 from ckptbridge.bundle._wire import field_bytes, field_varint
-from test_cli import ERR, assert_one_line_error, cli
+
+from helpers import ERR, assert_one_line_error, cli, in_process
 
 V = "/.ATTRIBUTES/VARIABLE_VALUE"
 
@@ -426,16 +426,6 @@ _RESTORE = textwrap.dedent(
 )
 
 
-def _main(*argv: str) -> tuple[int, str]:
-    """The CLI's entry point, in this process (it imports no TensorFlow for these): (status, stderr)."""
-    from ckptbridge.cli import main
-
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        status = main(list(argv))
-    return status, err.getvalue()
-
-
 def _tf_env() -> dict[str, str]:
     return dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
 
@@ -469,7 +459,7 @@ def restored(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     for name, (kind, fmt, exp, imp, optimizer, check) in CASES.items():
         arc = str(d / f"{name}.{fmt}")
         prefix = str(d / name / "ckpt")
-        logs[name] = (_main("export", src[kind], arc, *exp), _main("import", arc, prefix, *imp))
+        logs[name] = (in_process("export", src[kind], arc, *exp), in_process("import", arc, prefix, *imp))  # no TensorFlow for these
         cases[name] = (prefix, optimizer, check)
     proc = subprocess.run([sys.executable, "-c", _RESTORE, json.dumps(cases), str(d)], capture_output=True, text=True,
                           env=_tf_env(), timeout=600)
@@ -485,7 +475,7 @@ def _weights(d: Any, name: str) -> list[np.ndarray]:
 @pytest.mark.tf
 @pytest.mark.parametrize("case", list(CASES))
 def test_tensorflow_restores_the_converted_checkpoint(restored, case):
-    (rc1, err1), (rc2, err2) = restored["logs"][case]
+    (rc1, _, err1), (rc2, _, err2) = restored["logs"][case]
     assert rc1 == 0 and rc2 == 0, (err1, err2)
     assert restored["result"][case] == "ok", restored["result"][case]
     kind, _, exp, imp, _, _ = CASES[case]
@@ -526,6 +516,6 @@ def test_rename_and_original_names_give_back_tensorflows_graph_bytes(restored):
     with ckptbridge.read(restored["src"]["legacy"]) as a:
         want = a.extras()["object_graph"]
     arc = str(d / "bytes.npz")
-    assert _main("export", restored["src"]["legacy"], arc, "--rename", "^model/=net/")[0] == 0
-    assert _main("import", arc, str(d / "bytes" / "ckpt"), "--original-names")[0] == 0
+    assert in_process("export", restored["src"]["legacy"], arc, "--rename", "^model/=net/")[0] == 0
+    assert in_process("import", arc, str(d / "bytes" / "ckpt"), "--original-names")[0] == 0
     assert _graph_of(str(d / "bytes" / "ckpt")) == want

@@ -14,8 +14,6 @@ import errno
 import glob
 import json
 import os
-import resource
-import shutil
 import signal
 import subprocess
 import sys
@@ -26,9 +24,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from ckptbridge import OutputExistsError, _atomic, cli as cli_module
+from ckptbridge import OutputExistsError, _atomic
+from ckptbridge import cli as cli_module
 from ckptbridge.bundle import BundleReader, BundleWriter
-from test_reliability import ENV, cli as _cli, error_line, leftovers, tree_digest
+
+from helpers import ENV, TMP_SUFFIX, error_line, in_process, leftovers, popen, run, tree_digest
+from helpers import cli as _cli
 
 AS_LIMIT = 4 << 30
 TIMEOUT = 60
@@ -39,25 +40,14 @@ NEW = {"w": np.zeros(3, np.float32)}
 # --------------------------------------------------------------------------- helpers
 
 
-def _bounded() -> None:
-    resource.setrlimit(resource.RLIMIT_AS, (AS_LIMIT, AS_LIMIT))
-
-
 def cli(*args: str, cwd: Any = None, timeout: float = TIMEOUT) -> subprocess.CompletedProcess[str]:
     """``python -m ckptbridge`` in a subprocess, under a time limit and RLIMIT_AS."""
-    return _cli(*args, cwd=str(cwd) if cwd is not None else None, preexec=_bounded, timeout=timeout)
+    return _cli(*args, cwd=cwd, env=ENV, default_sigint=True, as_limit=AS_LIMIT, timeout=timeout)
 
 
 def python(code: str, *args: str, cwd: Any = None, timeout: float = TIMEOUT) -> subprocess.CompletedProcess[str]:
     """A Python snippet in a subprocess, bounded as :func:`cli`."""
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=str(cwd) if cwd else None,
-                          env=ENV, timeout=timeout, preexec_fn=_bounded)
-
-
-def in_process(capsys: Any, *args: str) -> tuple[int, str]:
-    """``cli.main`` in this process (for faults injected with monkeypatch): (status, stderr)."""
-    rc = cli_module.main(list(args))
-    return rc, capsys.readouterr().err
+    return run([sys.executable, "-c", code, *args], cwd=cwd or None, env=ENV, timeout=timeout, as_limit=AS_LIMIT)
 
 
 def save_npz(path: Any, tensors: dict[str, np.ndarray]) -> str:
@@ -93,7 +83,7 @@ def write_state(directory: Any, *paths: str) -> str:
 
 
 def no_temporaries(root: Any) -> None:
-    found = [p for p in leftovers(str(root)) if _atomic.TMP_SUFFIX in os.path.basename(p)]
+    found = [p for p in leftovers(str(root)) if TMP_SUFFIX in os.path.basename(p)]
     assert not found, f"temporaries left behind: {found}"
 
 
@@ -105,7 +95,7 @@ def test_ls_into_a_pipe_closed_by_head_stops_quietly(tmp_path: Any) -> None:
     names = {f"layer_{i:05d}/" + "x" * 80: np.zeros(1, np.float32) for i in range(4000)}
     save_npz(tmp_path / "many.npz", names)
     script = f'set -o pipefail; "{sys.executable}" -m ckptbridge ls many.npz 2>err | head -1 >first; echo "${{PIPESTATUS[0]}}" >rc'
-    subprocess.run(["bash", "-c", script], cwd=str(tmp_path), env=ENV, timeout=TIMEOUT, preexec_fn=_bounded, check=False)
+    run(["bash", "-c", script], cwd=tmp_path, env=ENV, timeout=TIMEOUT, as_limit=AS_LIMIT)
     err = (tmp_path / "err").read_text()
     assert err == "", f"a closed pipe is not an error: {err!r}"
     assert int((tmp_path / "rc").read_text()) == cli_module.EXIT_BROKEN_PIPE
@@ -146,11 +136,11 @@ def test_no_space_for_the_state_file_writes_nothing(tmp_path: Any, monkeypatch: 
     save_npz(tmp_path / "new.npz", NEW)
     monkeypatch.chdir(tmp_path)
     if force:  # replacing a checkpoint, and asking for the state file to name it: the old one must stay
-        assert in_process(capsys, "import", "old.npz", "ck/model.ckpt", "-q")[0] == 0
+        assert in_process("import", "old.npz", "ck/model.ckpt", "-q")[0] == 0
         write_state(tmp_path / "ck", "model.ckpt", "model.ckpt-0")  # a later one is the latest
         before = tree_digest(str(tmp_path / "ck"))
     _fail_state_writes(monkeypatch)
-    rc, err = in_process(capsys, "import", "new.npz", "ck/model.ckpt", *(["--force"] if force else []))
+    rc, _, err = in_process("import", "new.npz", "ck/model.ckpt", *(["--force"] if force else []))
     assert rc == 2 and "no space left" in err and "nothing was written" in err, err
     if force:
         assert tree_digest(str(tmp_path / "ck")) == before
@@ -174,7 +164,7 @@ def test_state_file_rename_failure_says_what_is_on_disk(tmp_path: Any, monkeypat
         real_replace(src, dst, *a, **k)
 
     monkeypatch.setattr(os, "replace", eio)
-    rc, err = in_process(capsys, "import", "new.npz", "ck/model.ckpt-2", "--force")
+    rc, _, err = in_process("import", "new.npz", "ck/model.ckpt-2", "--force")
     assert rc == 2 and len(err.strip().splitlines()) == 1, err
     assert "nothing was written" not in err, err
     assert "ck/model.ckpt-2 was written and is complete" in err and "still names model.ckpt-1" in err, err
@@ -470,12 +460,7 @@ def _maps_numpy(pid: int) -> bool:
 def test_ctrl_c_while_python_imports_numpy_ends_with_one_line(tmp_path: Any) -> None:
     save_npz(tmp_path / "a.npz", NEW)
 
-    def pre() -> None:
-        _bounded()
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-    p = subprocess.Popen([sys.executable, "-m", "ckptbridge", "ls", "a.npz"], cwd=str(tmp_path), env=ENV, text=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=pre)
+    p = popen("ls", "a.npz", cwd=tmp_path, as_limit=AS_LIMIT)
     try:
         end = time.monotonic() + 30
         while not _maps_numpy(p.pid):  # start-up is well under way: NumPy is being imported

@@ -24,11 +24,14 @@ pytest.importorskip("tensorflow")
 pytest.importorskip("tf_slim")
 pytest.importorskip("tf_keras")
 
+from tf_slim.nets import inception, resnet_v1, vgg  # noqa: E402
+
 import ckptbridge  # noqa: E402
-import tf_checkpoints as C  # noqa: E402  (tests/ is on sys.path through conftest.py)
 from ckptbridge.errors import CorruptError, FormatError, MismatchError, OutputExistsError  # noqa: E402
 from ckptbridge.tf import slim as slim_mod  # noqa: E402
-from tf_slim.nets import inception, resnet_v1, vgg  # noqa: E402
+
+import tf_checkpoints as C  # noqa: E402  (tests/ is on sys.path through conftest.py)
+from helpers import leftovers  # noqa: E402
 
 pytestmark = pytest.mark.tf
 
@@ -84,8 +87,7 @@ def _build(model: str, num_classes: int = 10) -> tuple[Any, Any]:
 
 
 def _no_tmp_left(root: Any) -> None:
-    left = glob.glob(os.path.join(str(root), "**", "*.ckptbridge-tmp"), recursive=True)
-    left += glob.glob(os.path.join(str(root), "**", ".*.ckptbridge-tmp"), recursive=True)
+    left = leftovers(root)
     assert not left, f"temporary files left behind: {left}"
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import glob
-import hashlib
 import io
 import json
 import os
@@ -35,69 +34,20 @@ import pytest
 import ckptbridge
 from ckptbridge.bundle import BundleReader, BundleWriter
 
-TMP_RE = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]+\.ckptbridge-tmp$")
-ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONWARNINGS="ignore")
+from helpers import ENV, TMP_SUFFIX, error_line, flip, leftovers, offset_of, popen, sha, tree_digest
+from helpers import cli as _cli
 
-
-# --------------------------------------------------------------------------- running the CLI
-
-
-def _default_sigint() -> None:
-    # A child of a non-interactive shell may inherit SIGINT ignored; a user at a terminal has it.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+TMP_RE = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]+" + re.escape(TMP_SUFFIX) + "$")
 
 
 def cli(*args: str, cwd: str | None = None, preexec: Any = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    def pre() -> None:
-        _default_sigint()
-        if preexec is not None:
-            preexec()
-
-    return subprocess.run([sys.executable, "-m", "ckptbridge", *args], capture_output=True, text=True, cwd=cwd,
-                          preexec_fn=pre, timeout=timeout, env=ENV)
-
-
-def popen(*args: str, cwd: str | None = None) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "ckptbridge", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, cwd=cwd, preexec_fn=_default_sigint, env=ENV)
-
-
-def error_line(r: subprocess.CompletedProcess[str] | tuple[int, str], *needles: str, status: int = 2) -> str:
-    """The one stderr line of a failed command; checks status, shape and that there is no traceback."""
-    rc, err = (r.returncode, r.stderr) if isinstance(r, subprocess.CompletedProcess) else r
-    assert rc == status, f"exit {rc}, expected {status}; stderr:\n{err}"
-    assert "Traceback" not in err, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, f"expected exactly one stderr line, got:\n{err}"
-    line = lines[0]
-    assert line.startswith("ckptbridge: error: "), line
-    assert "internal error" not in line, f"an unexpected exception reached the CLI: {line}"
-    assert ";" in line, f"the message should say what to do after a ';': {line}"
-    for n in needles:
-        assert n in line, f"{n!r} not in {line!r}"
-    return line
-
-
-def leftovers(root: str) -> list[str]:
-    """Temporary files and directories anywhere under root."""
-    found = []
-    for d, dirs, files in os.walk(root):
-        found += [os.path.join(d, n) for n in dirs + files if "ckptbridge-tmp" in n or "ckptbridge-part" in n]
-    return found
+    """``python -m ckptbridge`` in a subprocess with SIGINT at its default, as at a terminal."""
+    return _cli(*args, cwd=cwd, env=ENV, default_sigint=True, preexec=preexec, timeout=timeout)
 
 
 def assert_nothing_written(root: str, dest: str) -> None:
     assert not glob.glob(glob.escape(dest) + "*"), f"something was written at {dest}: {glob.glob(glob.escape(dest) + '*')}"
     assert not leftovers(root), f"temporary files left behind: {leftovers(root)}"
-
-
-def sha(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
-def tree_digest(directory: str) -> dict[str, str]:
-    return {n: sha(os.path.join(directory, n)) for n in sorted(os.listdir(directory)) if os.path.isfile(os.path.join(directory, n))}
 
 
 def copy_ckpt(prefix: str, directory: str) -> str:
@@ -107,19 +57,6 @@ def copy_ckpt(prefix: str, directory: str) -> str:
     return os.path.join(directory, os.path.basename(prefix))
 
 
-def flip(path: str, offset: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        b = f.read(1)
-        f.seek(offset)
-        f.write(bytes([b[0] ^ 0x10]))
-
-
-def offset_of(path: str, needle: bytes) -> int:
-    with open(path, "rb") as f:
-        data = f.read()
-    assert data.count(needle) == 1, f"{len(needle)} bytes found {data.count(needle)} times in {path}"
-    return data.index(needle)
 
 
 def data_file(prefix: str) -> str:
@@ -507,7 +444,7 @@ def test_sigkill_leaves_only_a_recognisable_temporary(big_ckpt: str, big_npz: st
     assert p.returncode == -signal.SIGKILL
     dest = tmp_path / out
     assert not glob.glob(glob.escape(str(dest)) + "*"), "a partial output stands at the destination"
-    left = [os.path.basename(x) for x in leftovers(str(tmp_path)) if "ckptbridge-tmp" in os.path.basename(x)]
+    left = [os.path.basename(x) for x in leftovers(str(tmp_path)) if TMP_SUFFIX in os.path.basename(x)]
     assert left, "expected the killed run's temporary output"
     for name in left:
         m = TMP_RE.match(name)

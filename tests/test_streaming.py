@@ -30,6 +30,8 @@ from ckptbridge.errors import CorruptError
 from ckptbridge.formats.npz import NpzSink
 from ckptbridge.names import make_plan
 
+from helpers import assert_same_array, flip
+
 CHUNKS = [1, 7, 64, 1 << 20]
 
 
@@ -55,14 +57,6 @@ def _values() -> dict[str, np.ndarray]:
         "w/ExponentialMovingAverage": rng.standard_normal((3, 2)).astype(np.float32),
     }
     return out
-
-
-def _same(got: np.ndarray, want: np.ndarray, name: str) -> None:
-    assert isinstance(got, np.ndarray) and got.dtype == want.dtype and got.shape == want.shape, (name, got.dtype, got.shape)
-    if want.dtype == object:
-        assert [bytes(x) for x in got.reshape(-1)] == list(want.reshape(-1)), name
-    else:
-        assert np.ascontiguousarray(got).tobytes() == np.ascontiguousarray(want).tobytes(), name
 
 
 def _native_ckpt(directory: str, values: dict[str, np.ndarray]) -> str:
@@ -118,14 +112,14 @@ def test_export_and_import_stream_bit_exact(tmp_path, chunk: int, suffix: str) -
     with ckptbridge.read(out) as r:
         assert set(r) == set(values)
         for name, want in values.items():
-            _same(r[name], want, name)
+            assert_same_array(r[name], want, name)
     back = str(tmp_path / "back" / "model.ckpt")
     counts = _convert(out, back, chunk)
     assert counts["streamed"] == len(values) - 1
     with BundleReader(back) as r:
         assert set(r.specs()) == set(values)
         for name, want in values.items():
-            _same(r.read(name), want, name)
+            assert_same_array(r.read(name), want, name)
             if want.dtype != object:  # the stored crc32c is TensorFlow's, computed over the streamed bytes
                 stream = r.read_blocks(name, 5)
                 assert stream is not None and stream.drain() == r.checksum(name)
@@ -138,16 +132,8 @@ def test_streamed_npz_is_plain_numpy(tmp_path) -> None:
     _convert(prefix, out, 7)
     with np.load(out, allow_pickle=False) as z:
         for name in ("f32/3d", "bool", "c128", "scalar/f32", "empty", "u64"):
-            _same(z[name], values[name], name)
+            assert_same_array(z[name], values[name], name)
         assert z["bf16"].dtype == np.uint16 and z["bf16"].tobytes() == values["bf16"].tobytes()
-
-
-def _flip(path: str, offset: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        b = f.read(1)
-        f.seek(offset)
-        f.write(bytes([b[0] ^ 0x10]))
 
 
 @pytest.mark.parametrize("suffix", [".npz", ".h5"])
@@ -157,7 +143,7 @@ def test_damaged_checkpoint_fails_midstream_and_leaves_nothing(tmp_path, suffix:
     with BundleReader(prefix) as r:
         e = r._entries[b"big"]
         data = glob.glob(prefix + ".data-*")[0]
-    _flip(data, e.offset + 3000)  # inside a late block: earlier blocks are already written
+    flip(data, e.offset + 3000)  # inside a late block: earlier blocks are already written
     out = str(tmp_path / f"out{suffix}")
     with pytest.raises(CorruptError, match="big.*checksum mismatch"):
         _convert(prefix, out, 64)
@@ -173,7 +159,7 @@ def test_damaged_archive_fails_import(tmp_path) -> None:
     with open(out, "rb") as f:
         at = f.read().find(np.float32(3000).tobytes())
     assert at > 0
-    _flip(out, at)
+    flip(out, at)
     with pytest.raises(CorruptError, match="checksum mismatch"):
         _convert(out, str(tmp_path / "back" / "m.ckpt"), 64)
     assert not os.path.exists(str(tmp_path / "back" / "m.ckpt.index"))
@@ -188,7 +174,7 @@ def test_streamed_readback_catches_a_bad_disk(tmp_path, monkeypatch: pytest.Monk
         real_finish(self, metadata)
         with open(self.readback_path, "rb") as f:
             at = f.read().find(np.float32(1234).tobytes())
-        _flip(self.readback_path, at)
+        flip(self.readback_path, at)
 
     monkeypatch.setattr(NpzSink, "finish", finish_then_rot)
     out = str(tmp_path / "out.npz")

@@ -18,7 +18,6 @@ import os
 import stat
 import struct
 import zipfile
-import zlib
 
 import numpy as np
 import pytest
@@ -28,8 +27,7 @@ h5py = pytest.importorskip("h5py")
 import ckptbridge  # noqa: E402
 from ckptbridge.errors import CorruptError, FormatError, UnsafeArchiveError  # noqa: E402
 
-from untrusted_helpers import SECRET, assert_refused, good_npz, npy_header, run_cli, secret, tree, write_zip  # noqa: E402,F401 - fixtures too
-
+from helpers import SECRET, TMP_SUFFIX, assert_refused, leftovers, npy_header, run_cli, tree, write_zip  # noqa: E402
 
 # --- HDF5: data from outside the file ------------------------------------------------
 
@@ -442,25 +440,23 @@ def test_outputs_follow_the_umask(tmp_path, small_ckpt, good_npz, umask, mode):
 
 def test_temporary_files_are_exclusive_private_and_unpredictable(tmp_path, small_ckpt, monkeypatch):
     """Temporaries are created with O_CREAT|O_EXCL, mode 0600, under random names."""
-    from ckptbridge import _atomic
-
     seen: list[tuple[str, int, int]] = []
     real_open = os.open
 
     def spy(path, flags, mode=0o777, *a, **k):
-        if _atomic.TMP_SUFFIX in os.fspath(path):
+        if TMP_SUFFIX in os.fspath(path):
             seen.append((os.fspath(path), flags, mode))
         return real_open(path, flags, mode, *a, **k)
 
     monkeypatch.setattr(os, "open", spy)
-    for i in range(2):
+    for _ in range(2):
         ckptbridge.export(small_ckpt, str(tmp_path / "o.npz"), force=True)
     created = [(p, fl, m) for p, fl, m in seen if fl & os.O_CREAT]
     assert len(created) == 2
     for _, flags, mode in created:
         assert flags & os.O_EXCL and mode == 0o600
     assert created[0][0] != created[1][0]
-    assert not [n for n in os.listdir(tmp_path) if _atomic.TMP_SUFFIX in n]
+    assert not [n for n in os.listdir(tmp_path) if TMP_SUFFIX in n]
 
 
 def test_refused_import_leaves_no_temporaries(tmp_path, secret, good_npz):
@@ -471,7 +467,7 @@ def test_refused_import_leaves_no_temporaries(tmp_path, secret, good_npz):
     with pytest.raises(UnsafeArchiveError):
         ckptbridge.rebuild(p, str(tmp_path / "out" / "m.ckpt"))
     assert not os.path.exists(tmp_path / "out")
-    assert not [n for n in os.listdir(tmp_path) if "ckptbridge-tmp" in n]
+    assert not leftovers(tmp_path)
 
 
 def test_format_error_types():

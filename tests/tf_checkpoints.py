@@ -17,6 +17,8 @@ import numpy as np
 
 from ckptbridge.tf.compat import import_slim, import_tensorflow
 
+from helpers import assert_same_array  # noqa: F401 - tests use it as tf_checkpoints.assert_same_array too
+
 tf = import_tensorflow()
 slim = import_slim()
 
@@ -290,21 +292,6 @@ def _tf_value(reader: Any, name: str, dtype: Any, shape: tuple[int, ...]) -> np.
         # TensorFlow hands quantized values back as plain integers; its own NumPy type for them is this.
         return np.asarray(value).view(dtype.as_numpy_dtype)
     return np.asarray(value)
-
-
-def assert_same_array(got: Any, want: np.ndarray, name: str) -> None:
-    """Bit-exact equality of one tensor in the exchange form (ndarray, true dtype, bytes for strings)."""
-    assert isinstance(got, np.ndarray), f"{name}: got {type(got).__name__}, not an ndarray"
-    assert got.shape == want.shape, f"{name}: shape {got.shape} != {want.shape}"
-    assert got.dtype == want.dtype, f"{name}: dtype {got.dtype} != {want.dtype}"
-    if want.dtype == object:
-        g = list(got.reshape(-1))
-        assert all(type(x) is bytes for x in g), f"{name}: strings must come back as bytes, got {[type(x).__name__ for x in g][:3]}"
-        assert g == list(want.reshape(-1)), f"{name}: strings differ: {g[:4]} != {list(want.reshape(-1))[:4]}"
-        return
-    if want.dtype == np.dtype(ml_dtypes.bfloat16):
-        got, want = got.view(np.uint16), want.view(np.uint16)
-    assert np.ascontiguousarray(got).tobytes() == np.ascontiguousarray(want).tobytes(), f"{name}: values differ"
 
 
 def assert_same_as_tf(reader_or_mapping: Any, prefix: str, *, names: Any = None, rename: dict[str, str] | None = None) -> int:
