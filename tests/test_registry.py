@@ -25,6 +25,7 @@ from ckptbridge._source import ArchiveSource, Sink, Source
 from ckptbridge.bundle import BundleWriter
 from ckptbridge.errors import FormatError, OutputExistsError
 from ckptbridge.formats import Format, Holds, meta
+
 from helpers import same
 
 # --------------------------------------------------------------------------- a toy fourth format
