@@ -104,7 +104,9 @@ def ops_for(model: str, prefix: str, archive: str, big: bool) -> list[Op]:
     net = MODELS[model]
     if net is not None:
         ops += [
-            Op("import_model", f"import --model {net}", "ckptbridge", _cb("import", "-q", "--force", "--model", net, archive, f"{out}/i/model.ckpt"), out),
+            # The Saver path, named since the native writer became the default for --model (same row id as before).
+            Op("import_model", f"import --model {net} --engine tf", "ckptbridge",
+               _cb("import", "-q", "--force", "--engine", "tf", "--model", net, archive, f"{out}/i/model.ckpt"), out),
             Op("b", "(b) assign_from_values_fn + Saver", "baseline", _bl("b", archive, f"{out}/b/model.ckpt", net), out),
             Op("import_model_native", f"import --model {net} --engine native", "ckptbridge",
                _cb("import", "-q", "--force", "--engine", "native", "--model", net, archive, f"{out}/n/model.ckpt"), out),

@@ -248,7 +248,7 @@ def rebuild(
     use_ema: bool = False,
     allow_missing: bool = False,
     strict: bool = False,
-    chunk_mb: float = 64,
+    chunk_mb: float | None = None,
     max_shard_mb: float | None = None,
     engine: str = "auto",
     force: bool = False,
@@ -264,9 +264,12 @@ def rebuild(
     """Turn an archive (or any source) back into a TensorFlow checkpoint.
 
     With ``model`` (a tf-slim net name or ``package.module:function``) the slim
-    graph is built, its variables are matched by name and filled in chunks
-    through placeholders, and a ``Saver`` writes ``.index``/``.data``/``.meta``.
-    Without it, the checkpoint holds exactly the archive's tensors.
+    graph is built and its variables are matched by name, shape and dtype; the
+    native writer streams the checkpoint beside the graph's ``.meta``, or with
+    ``engine="tf"`` the variables are fed through placeholders (in slices of
+    ``chunk_mb`` for large ones) and a ``Saver`` writes it.  Without ``model``,
+    the checkpoint holds exactly the archive's tensors.  An option that does
+    not apply to the path taken is an error, never ignored.
 
     A layout change recorded in the archive (``export(layout="torch")``) is
     undone.  ``original_names`` restores the names recorded at export;
@@ -277,44 +280,35 @@ def rebuild(
     max_shard = None if max_shard_mb is None else int(max_shard_mb * (1 << 20))
     if max_shard is not None and max_shard <= 0:
         raise CkptBridgeError(f"--max-shard-mb must be positive, got {max_shard_mb}")
-    with durability(fsync), open_source(archive, max_tensor_bytes=_max_bytes(max_tensor_gb)) as src:
-        from .handoff import needs_import_view, prepare_import
+    chunk = None if chunk_mb is None else int(chunk_mb * (1 << 20))
+    if model is None:
+        given = [opt for opt, value in (("--chunk-mb", chunk_mb), ("--num-classes", num_classes), ("--image-size", image_size),
+                                        ("--allow-missing", allow_missing), ("--strict", strict)) if value]
+        if given:
+            raise CkptBridgeError(f"{', '.join(given)} {'apply' if len(given) > 1 else 'applies'} to a rebuild through a graph; "
+                                  "add --model, or leave them out")
+    with durability(fsync), open_source(archive, engine=engine, max_tensor_bytes=_max_bytes(max_tensor_gb)) as src:
+        from .handoff import prepare_import
 
-        if dry_run or needs_import_view(src, rename=rename, rename_file=rename_file, original_names=original_names):
-            prep = prepare_import(src, include=include, exclude=exclude, use_ema=use_ema, rename=rename,
-                                  rename_file=rename_file, original_names=original_names)
-            require_some(prep.plan, archive)
-            if dry_run:
-                return _dry_report(output_prefix, prep)
-            if model is not None:
-                from .tf.slim import rebuild_with_graph
-
-                report = rebuild_with_graph(
-                    prep.source, output_prefix, model=model, num_classes=num_classes, allow_missing=allow_missing,
-                    strict=strict, chunk_bytes=int(chunk_mb * (1 << 20)), engine=engine, force=force, progress=progress,
-                    image_size=image_size,
-                )
-                report.dropped = {**prep.plan.dropped, **report.dropped}
-                report.ema_swaps = {n: s for n, s in prep.plan.ema_swaps.items() if n in report.written}
-            else:
-                sink = open_checkpoint_sink(output_prefix, engine=engine, force=force, max_shard_bytes=max_shard)
-                report = transfer(prep.source, sink, prep.plan, progress=progress, desc="import")
-            report.renamed, report.layout = prep.renamed, prep.layout
-            return report
+        # One view of the archive (filters, EMA, original names, renames, layout undone), then one sink.
+        prep = prepare_import(src, include=include, exclude=exclude, use_ema=use_ema, rename=rename,
+                              rename_file=rename_file, original_names=original_names)
+        require_some(prep.plan, archive)
+        if dry_run:
+            return _dry_report(output_prefix, prep)
         if model is not None:
             from .tf.slim import rebuild_with_graph
 
-            return rebuild_with_graph(
-                src, output_prefix, model=model, num_classes=num_classes, include=include, exclude=exclude,
-                use_ema=use_ema, allow_missing=allow_missing, strict=strict, chunk_bytes=int(chunk_mb * (1 << 20)),
-                engine=engine, force=force, progress=progress,
+            report = rebuild_with_graph(
+                prep.source, output_prefix, model=model, plan=prep.plan, num_classes=num_classes, allow_missing=allow_missing,
+                strict=strict, chunk_bytes=chunk, max_shard_bytes=max_shard, engine=engine, force=force, progress=progress,
                 image_size=image_size,
             )
-        plan = make_plan(list(src.specs()), include=include, exclude=exclude, use_ema=use_ema,
-                         uncarried={n: s.dtype for n, s in src.uncarried().items()}, where=src.path)
-        require_some(plan, archive)
-        sink = open_checkpoint_sink(output_prefix, engine=engine, force=force, max_shard_bytes=max_shard)
-        return transfer(src, sink, plan, progress=progress, desc="import")
+        else:
+            sink = open_checkpoint_sink(output_prefix, engine=engine, force=force, max_shard_bytes=max_shard)
+            report = transfer(prep.source, sink, prep.plan, progress=progress, desc="import")
+        report.renamed, report.layout = prep.renamed, prep.layout
+        return report
 
 
 def diff(

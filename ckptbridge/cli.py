@@ -292,7 +292,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--allow-missing", action="store_true", help="leave graph variables absent from the archive at their initializer")
     s.add_argument("--strict", action="store_true", help="archive entries the graph lacks are an error")
     s.add_argument("--original-names", action="store_true", help="restore the tensor names recorded at export (undo its --rename)")
-    s.add_argument("--chunk-mb", type=float, default=64, help="feed tensors larger than this in slices (default 64)")
+    s.add_argument("--chunk-mb", type=float, default=None,
+                   help="with --model --engine tf: feed variables larger than this to the Saver in row slices (default 64)")
     s.add_argument("--max-shard-mb", type=float, default=None, help="split the checkpoint into .data shards of at most this size")
     s.add_argument("--max-tensor-gb", type=float, default=_api.DEFAULT_MAX_TENSOR_GB, help="refuse archive tensors claiming more than this (default 64)")
     s.set_defaults(func=cmd_import)

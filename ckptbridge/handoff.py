@@ -210,7 +210,8 @@ def prepare_import(
         if restored in stage:
             raise FormatError(f"two tensors of {src.path} restore to the same original name {restored!r}: {stage[restored]!r} and {name!r}")
         stage[restored] = name
-    plan0 = make_plan(list(stage), include=include, exclude=exclude, use_ema=use_ema)
+    plan0 = make_plan(list(stage), include=include, exclude=exclude, use_ema=use_ema,
+                      uncarried={n: s.dtype for n, s in src.uncarried().items()}, where=src.path)
     ren = _renames(list(plan0.mapping), list(stage), rename, rename_file)
     entries: dict[str, tuple[str, lay.Transform | None, bool]] = {}
     keys: dict[str, str] = {}
@@ -228,8 +229,3 @@ def prepare_import(
             renamed[stage[dst]] = new
     plan = Plan({n: n for n in entries}, {stage.get(k, k): v for k, v in plan0.dropped.items()}, {ren[k]: stage[v] for k, v in plan0.ema_swaps.items()})
     return Prepared(MappedSource(src, entries, keys), plan, {}, renamed, described)
-
-
-def needs_import_view(src: Source, *, rename: Sequence[str], rename_file: str | None, original_names: bool) -> bool:
-    """True when an import must go through :func:`prepare_import` (else the plain path is taken)."""
-    return bool(rename or rename_file or original_names or src.metadata().get("layout"))

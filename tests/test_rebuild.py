@@ -27,8 +27,7 @@ pytest.importorskip("tf_keras")
 from tf_slim.nets import inception, resnet_v1, vgg  # noqa: E402
 
 import ckptbridge  # noqa: E402
-from ckptbridge.errors import CorruptError, FormatError, MismatchError, OutputExistsError  # noqa: E402
-from ckptbridge.tf import slim as slim_mod  # noqa: E402
+from ckptbridge.errors import CkptBridgeError, CorruptError, FormatError, MismatchError, OutputExistsError  # noqa: E402
 
 import tf_checkpoints as C  # noqa: E402  (tests/ is on sys.path through conftest.py)
 from helpers import leftovers  # noqa: E402
@@ -192,9 +191,11 @@ def inception_random(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture
 def slice_spy(monkeypatch: Any) -> list[str]:
-    """The names of the variables rebuild_with_graph feeds in row slices."""
+    """The names of the variables the Saver path feeds in row slices."""
+    from ckptbridge.tf import graph_sinks
+
     sliced: list[str] = []
-    real = slim_mod._assign_ops
+    real = graph_sinks._assign_ops
 
     def spy(tf_: Any, var: Any, chunk_bytes: int) -> Any:
         out = real(tf_, var, chunk_bytes)
@@ -202,7 +203,7 @@ def slice_spy(monkeypatch: Any) -> list[str]:
             sliced.append(var.op.name)
         return out
 
-    monkeypatch.setattr(slim_mod, "_assign_ops", spy)
+    monkeypatch.setattr(graph_sinks, "_assign_ops", spy)
     return sliced
 
 
@@ -223,8 +224,8 @@ def test_rebuild_restores_and_logits_match(
     a_saver, a_native = archive_of(original, saver_fmt), archive_of(original, native_fmt)
     out_auto = str(tmp_path / "auto" / "model.ckpt")
     out_native = str(tmp_path / "native" / "model.ckpt")
-    r1 = ckptbridge.rebuild(a_saver, out_auto, model=model, chunk_mb=chunk_mb)  # num_classes inferred: 10, not the net's default
-    r2 = ckptbridge.rebuild(a_native, out_native, model=model, engine="native")
+    r1 = ckptbridge.rebuild(a_saver, out_auto, model=model, engine="tf", chunk_mb=chunk_mb)  # num_classes inferred: 10, not the net's default
+    r2 = ckptbridge.rebuild(a_native, out_native, model=model)  # the native writer, the default
     if chunk_mb < 1:
         assert f"{model}/block1/unit_1/bottleneck_v1/conv2/weights" in slice_spy  # [3, 3, 64, 64]: 3 slices
     else:
@@ -370,7 +371,7 @@ def _tiny_logits(model: str, prefix: str, num_classes: int = 3) -> np.ndarray:
             return sess.run(logits, {g.get_tensor_by_name("x:0"): x})
 
 
-@pytest.mark.parametrize("engine", ["auto", "native"])
+@pytest.mark.parametrize("engine", ["tf", "auto"])
 def test_user_model_function(user_model: str, engine: str, tmp_path: Any) -> None:
     values = tiny_values()
     extras = {
@@ -380,7 +381,7 @@ def test_user_model_function(user_model: str, engine: str, tmp_path: Any) -> Non
     }
     archive = _plain_npz(tmp_path / "tiny.npz", {**values, **extras})
     out = str(tmp_path / "out" / "model.ckpt")
-    report = ckptbridge.rebuild(archive, out, model=user_model, engine=engine, chunk_mb=0.05)
+    report = ckptbridge.rebuild(archive, out, model=user_model, engine=engine, chunk_mb=0.05 if engine == "tf" else None)
     assert sorted(report.written) == sorted(values)
     assert set(report.dropped) == set(extras)
     got = TfCheckpoint(out)
@@ -404,7 +405,7 @@ def test_user_model_function(user_model: str, engine: str, tmp_path: Any) -> Non
     assert not (tmp_path / "strict").exists()
 
 
-@pytest.mark.parametrize("engine", ["auto", "native"])
+@pytest.mark.parametrize("engine", ["tf", "auto"])
 def test_allow_missing_leaves_initializers(user_model: str, engine: str, tmp_path: Any) -> None:
     values = tiny_values()
     del values["tiny/logits/biases"], values["tiny/fc1/biases"]
@@ -461,7 +462,7 @@ def _tiny_ckptbridge_archive(tmp_path: Any, fmt: str) -> tuple[str, dict[str, np
     return archive, values
 
 
-@pytest.mark.parametrize("engine", ["auto", "native"])
+@pytest.mark.parametrize("engine", ["tf", "auto"])
 def test_failure_while_writing_leaves_nothing(user_model: str, engine: str, tmp_path: Any) -> None:
     archive, values = _tiny_ckptbridge_archive(tmp_path, "npz")
     _corrupt(archive, values["tiny/table"])
@@ -470,6 +471,21 @@ def test_failure_while_writing_leaves_nothing(user_model: str, engine: str, tmp_
         ckptbridge.rebuild(archive, str(out), model=user_model, engine=engine)
     assert not (tmp_path / "new").exists()
     _no_tmp_left(tmp_path)
+
+
+def test_options_of_another_path_are_errors_not_ignored(user_model: str, tmp_path: Any) -> None:
+    """Before, --chunk-mb was ignored without --model and --max-shard-mb with it, silently."""
+    archive = _plain_npz(tmp_path / "tiny.npz", tiny_values())
+    out = str(tmp_path / "out" / "model.ckpt")
+    with pytest.raises(CkptBridgeError, match="--chunk-mb, --num-classes apply to a rebuild through a graph"):
+        ckptbridge.rebuild(archive, out, chunk_mb=1, num_classes=3)
+    with pytest.raises(CkptBridgeError, match="--chunk-mb sizes the slices fed to TensorFlow's Saver"):
+        ckptbridge.rebuild(archive, out, model=user_model, chunk_mb=1)
+    with pytest.raises(CkptBridgeError, match="--max-shard-mb splits the native writer's output"):
+        ckptbridge.rebuild(archive, out, model=user_model, engine="tf", max_shard_mb=1)
+    assert not (tmp_path / "out").exists()
+    report = ckptbridge.rebuild(archive, out, model=user_model, max_shard_mb=0.02)  # native: 60 KB in several shards
+    assert len(glob.glob(out + ".data-*")) > 1 and sorted(report.written) == sorted(tiny_values())
 
 
 def test_existing_output_refused_without_force_with_model(user_model: str, tmp_path: Any) -> None:
