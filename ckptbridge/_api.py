@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from ._atomic import durability
+from ._durability import durability
 from ._resolve import open_archive_sink, open_checkpoint_sink, open_source, require_archive_kind, source_label
 from ._source import Source
 from ._spec import TensorSpec

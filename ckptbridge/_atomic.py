@@ -8,29 +8,29 @@ replaced, never written through.  Files end up with the user's umask.
 Without ``force`` the final step is a rename that refuses to replace anything
 (``renameat2(RENAME_NOREPLACE)``, else a hard link and an unlink), so of two
 runs racing to one output the second fails instead of replacing the first.
+
+The signal deferral these outputs rely on is :mod:`._signals`; fsync, writeback
+and the umask are :mod:`._durability`.  This module also keeps the process's
+ledger of outputs (pending temporaries, published outputs, state-file notes),
+which the CLI reads to say truthfully what was written when a command stops.
 """
 
 from __future__ import annotations
 
 import atexit
-import contextlib
-import contextvars
 import dataclasses
 import errno
-import functools
 import glob
-import io
 import os
 import shutil
-import signal
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import Any, Protocol
 
-from . import _state
+from . import _durability, _state
 from ._ckptfiles import checkpoint_files, taken_names as _taken_names
+from ._signals import raise_if_signalled, signals_deferred
 from ._threads import Job
 from .errors import CkptBridgeError, NotFoundError, OutputExistsError
 
@@ -53,44 +53,6 @@ def discard_pending() -> None:
 
 
 atexit.register(discard_pending)
-
-# The signal the CLI received, if any.  Its handler raises KeyboardInterrupt (or its
-# SIGTERM exception) at once, but an exception raised while Python runs inside a
-# C++ callback can be swallowed there (TensorFlow's pybind11 reader prints
-# "KeyboardInterrupt: <EMPTY MESSAGE>" and carries on).  So nothing is ever
-# committed once a signal has arrived: commit() raises again instead.
-_signal_exc: BaseException | None = None
-
-
-def note_signal(exc: BaseException) -> None:
-    """Record that the process was told to stop; every later commit raises ``exc`` instead."""
-    global _signal_exc, _signal_pending
-    _signal_exc = exc
-    _signal_pending = True
-
-
-def raising_signal() -> None:
-    """The handler is about to raise the recorded signal itself: it is no longer pending."""
-    global _signal_pending
-    _signal_pending = False
-
-
-def _raise_if_signalled() -> None:
-    if _signal_exc is not None:
-        raise _signal_exc
-
-
-def _raise_pending() -> None:
-    # Raise a signal recorded during a deferred block once, at its end; one that was
-    # already raised (and is unwinding the command) is not raised again by cleanups.
-    global _signal_pending
-    if _signal_pending and _signal_exc is not None:
-        _signal_pending = False
-        raise _signal_exc
-
-
-_signal_pending = False
-_defer_depth = 0
 
 # Destinations this process has published, so that a signal arriving during or
 # after the final rename is not reported as "nothing was written".
@@ -125,137 +87,6 @@ _state_notes: list[StateNote] = []
 def state_notes() -> list[StateNote]:
     """What every checkpoint commit of this process did with a state file, in order."""
     return list(_state_notes)
-
-
-def signals_deferred_to_python() -> bool:
-    """True inside :func:`raise_signals_after` or :func:`signals_deferred`: a signal handler should only record, not raise."""
-    return _defer_depth > 0
-
-
-@contextlib.contextmanager
-def raise_signals_after() -> Iterator[None]:
-    """Wrap a call into C++ that calls back into Python (TensorFlow's reader and ops).
-
-    pybind11 swallows an exception raised in such a callback (and prints it), so
-    inside this block the CLI's handler only records a signal; it is raised here,
-    once the call has returned.
-    """
-    global _defer_depth
-    _defer_depth += 1
-    try:
-        yield
-    finally:
-        _defer_depth -= 1
-    if _defer_depth == 0:
-        _raise_pending()
-
-
-# Whether outputs are made durable (fsync) before they are renamed into place.
-_durable: contextvars.ContextVar[bool] = contextvars.ContextVar("ckptbridge_durable", default=True)
-
-
-@contextlib.contextmanager
-def durability(fsync: bool) -> Iterator[None]:
-    """Within the block, outputs opened are fsynced before their rename (the default) or not.
-
-    Without the fsync a conversion runs at the speed of the page cache, like
-    ``cp``, but a power loss or a VM killed in the next half minute can leave
-    the new file incomplete under its final name (the source is untouched).
-    """
-    token = _durable.set(fsync)
-    try:
-        yield
-    finally:
-        _durable.reset(token)
-
-
-_libc: Any = None
-_SYNC_FILE_RANGE_WRITE = 2
-_kick_lock = threading.Lock()
-_kick_busy = False
-
-
-def _sync_file_range() -> Any:
-    global _libc
-    if _libc is None:
-        try:
-            import ctypes
-
-            lib = ctypes.CDLL(None, use_errno=True)
-            fn = lib.sync_file_range
-            fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-            fn.restype = ctypes.c_int
-            _libc = fn
-        except (OSError, AttributeError):
-            _libc = False
-    return _libc
-
-
-def _kick(paths: list[str]) -> None:
-    global _kick_busy
-    try:
-        for path in paths:
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except OSError:
-                continue  # already renamed or removed: nothing left to hurry
-            try:
-                _libc(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
-            finally:
-                os.close(fd)
-    finally:
-        with _kick_lock:
-            _kick_busy = False
-
-
-def start_writeback(*paths: str) -> None:
-    """Ask the kernel to start writing these files' dirty pages to disk, without waiting.
-
-    The fsync before the final rename then finds most of the file already on
-    disk: the disk works while we go on converting, instead of all at the end.
-    ``sync_file_range`` itself blocks while the disk's queue is full (over 1 s
-    of a 1.6 GB export on the benchmark VM), so it runs on a helper thread, one
-    call at a time: a kick asked for while one is running is dropped, since the
-    next one covers the same pages.  Linux only; elsewhere, and on any error, it
-    does nothing.
-    """
-    global _kick_busy
-    if not _sync_file_range():
-        return
-    with _kick_lock:
-        if _kick_busy:
-            return
-        _kick_busy = True
-    try:
-        Job(_kick, list(paths), name="ckptbridge-writeback")  # a daemon: exit never waits for it
-    except RuntimeError:  # the interpreter is shutting down
-        with _kick_lock:
-            _kick_busy = False
-
-
-def _fsync_files(paths: list[str]) -> None:
-    for path in paths:
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 _RENAME_NOREPLACE = 1
@@ -321,32 +152,6 @@ def _place(src: str, dst: str, force: bool) -> None:
         rename_noreplace(src, dst)
 
 
-@contextlib.contextmanager
-def signals_deferred() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM until the block is done, so a rename sequence or a cleanup is never cut in half.
-
-    A signal that arrives meanwhile raises right after the block.  Blocking the
-    signal in this thread's mask is not enough on its own: with other threads
-    alive (OpenBLAS's, tqdm's) the kernel hands the signal to one of them and
-    Python still runs its handler in the main thread at once.  So the block also
-    counts as deferred for the CLI's handler, which then only records the signal.
-    """
-    global _defer_depth
-    main = threading.current_thread() is threading.main_thread()
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM}) if main and hasattr(signal, "pthread_sigmask") else None
-    _defer_depth += 1
-    try:
-        yield
-    finally:
-        # Unblock while still deferred: a signal held by the mask is delivered here
-        # and only recorded, then raised below, after the block is whole.
-        if old is not None:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
-        _defer_depth -= 1
-    if _defer_depth == 0:
-        _raise_pending()
-
-
 def _check_parent(dest: str) -> str:
     parent = os.path.dirname(os.path.abspath(dest))
     if not os.path.isdir(parent):
@@ -366,6 +171,16 @@ def _check_parent(dest: str) -> str:
     return parent
 
 
+class AttachedFile(Protocol):
+    """A file object on an :class:`AtomicFile`'s temporary that records write failures for later."""
+
+    def check(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def fileno(self) -> int: ...
+
+
 class AtomicFile:
     """A temporary file that becomes ``dest`` on :meth:`commit`."""
 
@@ -379,9 +194,9 @@ class AtomicFile:
         parent = _check_parent(dest)
         # Every attribute abort() uses is set before the temporary exists: a signal
         # raised right after it is registered must find abort() able to run.
-        self._raw: GuardedFile | None = None
+        self._raw: AttachedFile | None = None
         self._sync: Job | None = None
-        self.durable = _durable.get()
+        self.durable = _durability.fsync_wanted()
         self._done = False
         with signals_deferred():
             fd, self.tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(dest)}.", suffix=TMP_SUFFIX)
@@ -389,36 +204,37 @@ class AtomicFile:
             _pending[self.tmp] = self.abort
 
     def start_writeback(self) -> None:
-        """Start writing what is written so far to disk (see :func:`start_writeback`)."""
+        """Start writing what is written so far to disk (see :func:`._durability.start_writeback`)."""
         if self.durable:  # without an fsync to shorten, it only slows the writing down
-            start_writeback(self.tmp)
+            _durability.start_writeback(self.tmp)
 
     def start_sync(self) -> None:
         """Start the fsync that :meth:`commit` needs, on a helper thread: the caller
         reads the file back meanwhile (the disk and the CPU work at the same time)."""
         if self._sync is None and not self._done:
-            os.chmod(self.tmp, 0o666 & ~_umask())
-            self._sync = Job(_fsync_files, [self.tmp] if self.durable else [], name="ckptbridge-fsync")
+            os.chmod(self.tmp, 0o666 & ~_durability.current_umask())
+            self._sync = Job(_durability.fsync_files, [self.tmp] if self.durable else [], name="ckptbridge-fsync")
 
-    def open_guarded(self) -> "GuardedFile":
-        """The temporary file as a :class:`GuardedFile`, for writers in C that cannot survive a failed write."""
-        self._raw = GuardedFile(self.tmp)
-        return self._raw
+    def attach(self, f: AttachedFile) -> None:
+        """Hand over a file object open on :attr:`tmp` (HDF5's ``formats._guarded.GuardedFile``):
+        :meth:`commit` raises the write failure it recorded, if any, then closes it;
+        :meth:`abort` closes it."""
+        self._raw = f
 
     def fileno(self) -> int:
-        """The descriptor of :meth:`open_guarded`'s file, for writing raw bytes at known offsets."""
+        """The descriptor of the :meth:`attach`-ed file, for writing raw bytes at known offsets."""
         assert self._raw is not None
         return self._raw.fileno()
 
     def check_writes(self) -> None:
-        """Raise the first failed write through :meth:`open_guarded`'s file, if any."""
+        """Raise the first failed write through the :meth:`attach`-ed file, if any."""
         if self._raw is not None:
             self._raw.check()
 
     def commit(self) -> None:
         if self._done:
             return
-        _raise_if_signalled()
+        raise_if_signalled()
         if self._raw is not None:
             self._raw.check()
             self._raw.close()
@@ -435,7 +251,7 @@ class AtomicFile:
             _published.append(self.dest)
             _pending.pop(self.tmp, None)
             if self.durable:
-                _fsync_dir(os.path.dirname(os.path.abspath(self.dest)))
+                _durability.fsync_dir(os.path.dirname(os.path.abspath(self.dest)))
             self._done = True
 
     def abort(self) -> None:
@@ -450,88 +266,6 @@ class AtomicFile:
                 os.unlink(self.tmp)
             except FileNotFoundError:
                 pass
-
-
-_M = TypeVar("_M", bound=Callable[..., Any])
-
-
-def checks_writes(method: _M) -> _M:
-    """Decorate a sink method so a write failure recorded by its ``self._out`` (an AtomicFile), or a signal, is raised when it returns.
-
-    The recorded failure (no space, file too large, an interrupt) replaces
-    whatever error the writing library raised afterwards, since that one is
-    only a consequence.
-    """
-
-    @functools.wraps(method)
-    def run(self: Any, *args: Any, **kwargs: Any) -> Any:
-        try:
-            # A KeyboardInterrupt raised in the middle of h5py's calls into HDF5 leaves
-            # HDF5 half-way through an operation (and the process segfaults at exit):
-            # signals are raised once the method is done.
-            with raise_signals_after():
-                return method(self, *args, **kwargs)
-        finally:
-            self._out.check_writes()
-
-    return run  # type: ignore[return-value]
-
-
-class GuardedFile(io.FileIO):
-    """A read/write file that never lets a failed write reach the library writing through it.
-
-    HDF5 (through h5py) cannot recover from a failed write: closing the file
-    afterwards crashes the process (h5py issue #914).  Handed to ``h5py.File``
-    as a file object, this records the first failure (ENOSPC, EFBIG, EIO, or a
-    signal's exception raised inside the write) and from then on pretends every
-    write, truncate and flush succeeds, so HDF5 closes cleanly.  The caller
-    then calls :meth:`check`, which raises the recorded failure; the file's
-    contents are garbage by then and must be discarded.
-    """
-
-    def __init__(self, path: str) -> None:
-        super().__init__(path, "r+")
-        self.error: BaseException | None = None
-
-    def write(self, b: "bytes | bytearray | memoryview") -> int:  # type: ignore[override]
-        n = memoryview(b).nbytes
-        if self.error is None and _signal_exc is not None:
-            self.error = _signal_exc
-        if self.error is None:
-            try:
-                done = 0
-                while done < n:
-                    # FileIO.write may write fewer bytes; HDF5's file-object driver does not retry.
-                    w = super().write(memoryview(b).cast("B")[done:])
-                    done += w or 0
-                    if not w:
-                        raise OSError(5, "short write")
-            except BaseException as e:  # noqa: BLE001 - re-raised by check()
-                self.error = e
-        return n
-
-    def truncate(self, size: int | None = None) -> int:
-        if self.error is None:
-            try:
-                return super().truncate(size)
-            except BaseException as e:  # noqa: BLE001
-                self.error = e
-        return size if size is not None else 0
-
-    def flush(self) -> None:
-        if self.error is None and not self.closed:
-            try:
-                super().flush()
-            except BaseException as e:  # noqa: BLE001
-                self.error = e
-
-    def check(self) -> None:
-        """Raise the first write failure, if there was one."""
-        e = self.error
-        if e is not None:
-            if isinstance(e, OSError) and e.filename is None:
-                e.filename = self.name
-            raise e
 
 
 PREVIOUS_DIR = "previous"
@@ -594,23 +328,23 @@ class AtomicCheckpoint:
             self.tmpdir = tempfile.mkdtemp(dir=self._parent, prefix=f".{os.path.basename(prefix)}.", suffix=TMP_SUFFIX)
             self.tmp_prefix = os.path.join(self.tmpdir, os.path.basename(prefix))
             self._sync: Job | None = None
-            self.durable = _durable.get()
+            self.durable = _durability.fsync_wanted()
             self._done = False
             _pending[self.tmpdir] = self.abort
 
     def start_writeback(self) -> None:
-        """Start writing the data shards written so far to disk (see :func:`start_writeback`)."""
+        """Start writing the data shards written so far to disk (see :func:`._durability.start_writeback`)."""
         if self.durable:
-            start_writeback(*(p for p in glob.glob(os.path.join(glob.escape(self.tmpdir), "*")) if os.path.isfile(p)))
+            _durability.start_writeback(*(p for p in glob.glob(os.path.join(glob.escape(self.tmpdir), "*")) if os.path.isfile(p)))
 
     def start_sync(self) -> None:
         """Start the fsync of every finished file on a helper thread (see :meth:`AtomicFile.start_sync`)."""
         if self._sync is None and not self._done:
             produced = checkpoint_files(self.tmp_prefix)
-            mask = _umask()
+            mask = _durability.current_umask()
             for src in produced:
                 os.chmod(src, 0o666 & ~mask)
-            self._sync = Job(_fsync_files, produced if self.durable else [], name="ckptbridge-fsync")
+            self._sync = Job(_durability.fsync_files, produced if self.durable else [], name="ckptbridge-fsync")
 
     def _plan_state(self) -> tuple[str, "_state.CheckpointState | None", str | None]:
         """(action, the state to write or None, the latest the file names now)."""
@@ -641,13 +375,13 @@ class AtomicCheckpoint:
             f.flush()
             if self.durable:
                 os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~_durability.current_umask())
         return tmp
 
     def commit(self) -> None:
         if self._done:
             return
-        _raise_if_signalled()
+        raise_if_signalled()
         produced = checkpoint_files(self.tmp_prefix)
         if not any(p.endswith(".index") for p in produced) and not os.path.isfile(self.tmp_prefix):
             raise CkptBridgeError(f"internal error: no checkpoint was written for {self.prefix}")
@@ -729,12 +463,12 @@ class AtomicCheckpoint:
                 os.replace(f, os.path.join(keep, os.path.basename(f)))
             return
         if self.durable:
-            _fsync_dir(keep)
+            _durability.fsync_dir(keep)
         os.unlink(old_index)
 
     def _finish(self) -> None:
         if self.durable:
-            _fsync_dir(self._parent)
+            _durability.fsync_dir(self._parent)
         shutil.rmtree(self.tmpdir, ignore_errors=True)
         _pending.pop(self.tmpdir, None)
         self._done = True

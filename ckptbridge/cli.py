@@ -58,7 +58,7 @@ def _on_signal(signum: int, frame: Any) -> None:
     if _signalled:
         return
     _signalled = True
-    from ._atomic import note_signal, raising_signal, signals_deferred_to_python
+    from ._signals import note_signal, raising_signal, signals_deferred_to_python
 
     exc: BaseException = KeyboardInterrupt() if signum == signal.SIGINT else _Terminated()
     note_signal(exc)

@@ -15,13 +15,15 @@ from typing import Any
 
 import numpy as np
 
-from .._atomic import AtomicFile, checks_writes, raise_signals_after
+from .._atomic import AtomicFile
+from .._signals import raise_signals_after
 from .._chunks import BlockStream, block_shape, c_blocks, mmap_blocks, write_stream
 from .._source import ArchiveSink, ArchiveSource, OBJECT_GRAPH
 from .. import _dtypes
 from .._spec import STRING, TensorSpec, as_exchange_array, dtype_name, numpy_dtype
 from ..errors import CkptBridgeError, CorruptError, FormatError, MismatchError, UnsafeArchiveError
 from . import meta
+from ._guarded import checks_writes, open_guarded
 
 META_GROUP = ".ckptbridge"
 META_DATASET = META_GROUP + "/metadata"
@@ -61,10 +63,10 @@ class Hdf5Sink(ArchiveSink):
 
         self.path = path
         self._out = AtomicFile(path, force=force)
-        # Through a guarded file object: HDF5 crashes on close after a failed write (see _atomic.GuardedFile).
+        # Through a guarded file object: HDF5 crashes on close after a failed write (see _guarded.GuardedFile).
         try:
             with raise_signals_after():  # HDF5 must not be interrupted half-way through creating the file
-                self._f = h5py.File(self._out.open_guarded(), "w")
+                self._f = h5py.File(open_guarded(self._out), "w")
         except BaseException:
             f = getattr(self, "_f", None)
             if f is not None:

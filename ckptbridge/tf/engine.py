@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from .._atomic import AtomicCheckpoint, raise_signals_after
+from .._atomic import AtomicCheckpoint
+from .._signals import raise_signals_after
 from .. import _dtypes
 from .._source import OBJECT_GRAPH, OBJECT_GRAPH_KEY, Sink, Source, uncarried_error
 from .._spec import STRING, TensorSpec, array_nbytes, as_exchange_array
