@@ -13,28 +13,13 @@ pytest.importorskip("tf_slim")
 pytest.importorskip("tf_keras")
 
 from ckptbridge.tf.compat import import_slim, import_tensorflow  # noqa: E402
+from ckptbridge.tf.slim import NETS  # noqa: E402
 
 pytestmark = pytest.mark.tf
 
-# net -> (module, function, arg_scope, input size, uses batch norm)
-NETS = {
-    "vgg_a": ("vgg", "vgg_a", "vgg_arg_scope", 224, False),
-    "vgg_16": ("vgg", "vgg_16", "vgg_arg_scope", 224, False),
-    "vgg_19": ("vgg", "vgg_19", "vgg_arg_scope", 224, False),
-    "resnet_v1_50": ("resnet_v1", "resnet_v1_50", "resnet_arg_scope", 64, True),
-    "resnet_v1_101": ("resnet_v1", "resnet_v1_101", "resnet_arg_scope", 64, True),
-    "resnet_v1_152": ("resnet_v1", "resnet_v1_152", "resnet_arg_scope", 64, True),
-    "resnet_v1_200": ("resnet_v1", "resnet_v1_200", "resnet_arg_scope", 64, True),
-    "resnet_v2_50": ("resnet_v2", "resnet_v2_50", "resnet_arg_scope", 64, True),
-    "resnet_v2_101": ("resnet_v2", "resnet_v2_101", "resnet_arg_scope", 64, True),
-    "resnet_v2_152": ("resnet_v2", "resnet_v2_152", "resnet_arg_scope", 64, True),
-    "resnet_v2_200": ("resnet_v2", "resnet_v2_200", "resnet_arg_scope", 64, True),
-    "inception_v1": ("inception", "inception_v1", "inception_v1_arg_scope", 224, True),
-    "inception_v2": ("inception", "inception_v2", "inception_v2_arg_scope", 224, True),
-    "inception_v3": ("inception", "inception_v3", "inception_v3_arg_scope", 299, True),
-    "alexnet_v2": ("alexnet", "alexnet_v2", "alexnet_v2_arg_scope", 224, False),
-    "overfeat": ("overfeat", "overfeat", "overfeat_arg_scope", 231, False),
-}
+# The families whose nets use batch norm; every family of slim.NETS must be in exactly one of these.
+BATCH_NORM = {"tf_slim.nets.resnet_v1", "tf_slim.nets.resnet_v2", "tf_slim.nets.inception"}
+NO_BATCH_NORM = {"tf_slim.nets.vgg", "tf_slim.nets.alexnet", "tf_slim.nets.overfeat"}
 
 # Conv/fc weights (plus the logits) each net must have: a floor that catches a net built half-way.
 MIN_WEIGHTS = {"vgg_a": 11, "vgg_16": 16, "vgg_19": 19, "alexnet_v2": 8, "overfeat": 8,
@@ -55,12 +40,13 @@ def test_every_slim_net_builds(net):
 
     tf = import_tensorflow()
     slim = import_slim()
-    modname, fn, scope_fn, size, uses_bn = NETS[net]
-    module = importlib.import_module(f"tf_slim.nets.{modname}")
+    info = NETS[net]
+    uses_bn = info.module in BATCH_NORM
+    module = importlib.import_module(info.module)
     with tf.Graph().as_default():
-        images = tf.compat.v1.placeholder(tf.float32, [1, size, size, 3])
-        with slim.arg_scope(getattr(module, scope_fn)()):
-            logits, ends = getattr(module, fn)(images, num_classes=10, is_training=False)
+        images = tf.compat.v1.placeholder(tf.float32, [1, info.image_size, info.image_size, 3])
+        with slim.arg_scope(getattr(module, info.arg_scope)()):
+            logits, ends = getattr(module, info.function)(images, num_classes=10, is_training=False)
         variables = tf.compat.v1.global_variables()
         names = [v.op.name for v in variables]
     assert len(variables) > 0
@@ -73,6 +59,12 @@ def test_every_slim_net_builds(net):
         assert moving, f"{net} should have batch-norm moving statistics"
     else:
         assert not moving
+
+
+def test_the_expectations_here_name_only_known_nets_and_families():
+    """A net added to slim.NETS gets a batch-norm expectation here; a stale name here fails."""
+    assert {info.module for info in NETS.values()} <= BATCH_NORM | NO_BATCH_NORM and not BATCH_NORM & NO_BATCH_NORM
+    assert set(MIN_WEIGHTS) <= set(NETS) and _SLOW <= set(NETS)
 
 
 def test_import_slim_is_idempotent():
