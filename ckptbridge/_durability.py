@@ -113,10 +113,33 @@ def fsync_files(paths: list[str]) -> None:
 
 
 def current_umask() -> int:
-    """The process's umask, for giving finished outputs the mode a plain ``open`` would."""
-    mask = os.umask(0)
-    os.umask(mask)
+    """The process's umask, for giving finished outputs the mode a plain ``open`` would.
+
+    Read without changing it: ckptbridge may run inside a host application, and
+    setting the umask even for an instant races with its threads (a file they
+    create in that instant gets the wrong mode).  Linux reports the umask in
+    ``/proc/self/status`` (since 4.7).  Elsewhere the fallback is the only portable
+    way, ``os.umask``'s set-and-restore, which has that race; it sets 0o077 for the
+    instant, never 0, so a file created meanwhile is too private rather than
+    world-writable.
+    """
+    mask = _umask_from_proc()
+    if mask is None:
+        mask = os.umask(0o077)
+        os.umask(mask)
     return mask
+
+
+def _umask_from_proc() -> int | None:
+    """The ``Umask:`` line of /proc/self/status, or None where there is none."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def fsync_dir(path: str) -> None:
