@@ -19,7 +19,6 @@ import pytest
 from ckptbridge import _atomic, _durability
 
 
-
 def _proc_reports_umask() -> bool:
     try:
         with open("/proc/self/status", encoding="ascii", errors="replace") as f:
