@@ -245,3 +245,13 @@ def test_tensorflow_checkpoint_exports_bit_exact(dtypes_ckpt: str, assert_same_a
     ckptbridge.rebuild(path, back)
     d = ckptbridge.diff(path, back)
     assert d.identical
+
+
+def test_compress_is_an_error_for_safetensors_not_ignored(tmp_path: Any) -> None:
+    """.safetensors has no compression; --compress used to be dropped without a word."""
+    src = str(tmp_path / "a.npz")
+    ckptbridge.save({"w": np.ones(4, np.float32)}, src)
+    out = tmp_path / "b.safetensors"
+    with pytest.raises(FormatError, match="safetensors archives are not compressed"):
+        ckptbridge.export(src, str(out), compress=True)
+    assert not out.exists()

@@ -82,6 +82,10 @@ class Format:
         kw: dict[str, Any] = {"force": force, "source": source}
         if self.compression is not None:
             kw["compress"] = compress
+        elif compress:
+            from ..errors import FormatError
+
+            raise FormatError(f"{self.name} archives are not compressed ({path}); write .npz or .h5 to compress")
         return load_object(self.sink)(path, **kw)  # type: ignore[no-any-return]
 
     def check_specs(self, specs: "Iterable[TensorSpec]", path: str) -> None:
