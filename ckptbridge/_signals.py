@@ -43,6 +43,13 @@ def signalled() -> BaseException | None:
     return _signal_exc
 
 
+def reset() -> None:
+    """Forget a signal that stopped an earlier command of this process (``cli.main`` run again)."""
+    global _signal_exc, _signal_pending
+    _signal_exc = None
+    _signal_pending = False
+
+
 def raise_if_signalled() -> None:
     """Raise the recorded signal, if one arrived: nothing is committed after it."""
     if _signal_exc is not None:

@@ -321,8 +321,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     SIGINT, 143 SIGTERM, and 141 without a message when the pipe it writes to
     was closed by its reader (``ckptbridge ls X | head -1``), as for ``cat``.
     """
-    from . import _atomic  # the standard library only: NumPy & co. are imported once the handlers are in
+    from . import _atomic, _signals  # the standard library only: NumPy & co. are imported once the handlers are in
 
+    # A command run earlier in this process (an embedding application, a test) may have been
+    # stopped by a signal: that signal was its, and this command starts clean.
+    global _signalled
+    _signalled = False
+    _signals.reset()
     since = len(_atomic.published_outputs()), len(_atomic.state_notes())
     old: dict[int, Any] = {}
     try:

@@ -273,3 +273,32 @@ def test_a_fifo_as_rename_file_is_refused_not_waited_on(tmp_path):
     os.mkfifo(fifo)
     proc = cli("export", str(archive), str(tmp_path / "b.npz"), "--rename-file", str(fifo), timeout=60)
     assert_one_line_error(proc, "--rename-file", "not a regular file")
+
+
+def test_main_run_twice_in_one_process_keeps_no_state_from_an_interrupted_run(tmp_path, monkeypatch, capsys):
+    """After a Ctrl-C stopped one command, the next main() in the same process works and tells the truth."""
+    import signal as _signal
+
+    from ckptbridge import cli as cli_mod
+    from ckptbridge.formats import npz as npz_mod
+
+    src = str(tmp_path / "a.npz")
+    ckptbridge.save({"w": np.arange(4, dtype=np.float32)}, src)
+    real = npz_mod.NpzSink.write_blocks
+    fired = []
+
+    def interrupted(self, name, stream):
+        if not fired:
+            fired.append(name)
+            _signal.raise_signal(_signal.SIGINT)  # what a user's Ctrl-C does, mid-export
+        return real(self, name, stream)
+
+    monkeypatch.setattr(npz_mod.NpzSink, "write_blocks", interrupted)
+    first = tmp_path / "first.npz"
+    assert cli_mod.main(["export", src, str(first), "-q"]) == 130 and not first.exists()
+    second = tmp_path / "second.npz"
+    assert cli_mod.main(["export", src, str(second), "-q"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("interrupted") == 1 and "nothing was written" in err
+    with ckptbridge.read(str(second)) as r:
+        assert r["w"].tobytes() == np.arange(4, dtype=np.float32).tobytes()
