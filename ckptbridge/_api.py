@@ -297,13 +297,16 @@ def rebuild(
         if dry_run:
             return _dry_report(output_prefix, prep)
         if model is not None:
-            from .tf.slim import rebuild_with_graph
+            from .tf.slim import plan_graph_import
 
-            report = rebuild_with_graph(
+            g = plan_graph_import(
                 prep.source, output_prefix, model=model, plan=prep.plan, num_classes=num_classes, allow_missing=allow_missing,
-                strict=strict, chunk_bytes=chunk, max_shard_bytes=max_shard, engine=engine, force=force, progress=progress,
-                image_size=image_size,
+                strict=strict, chunk_bytes=chunk, max_shard_bytes=max_shard, engine=engine, force=force, image_size=image_size,
             )
+            # The graph's checkpoint is name-based: a TF2 object graph of the archive has nothing to describe there.
+            report = transfer(g.source, g.sink, g.plan, progress=progress, desc="import", carry_extras=False, chunk_bytes=g.chunk_bytes)
+            report.written = [n for n in report.written if n not in g.missing]
+            report.dropped, report.ema_swaps, report.missing = g.dropped, g.ema_swaps, g.missing
         else:
             sink = open_checkpoint_sink(output_prefix, engine=engine, force=force, max_shard_bytes=max_shard)
             report = transfer(prep.source, sink, prep.plan, progress=progress, desc="import")

@@ -2,7 +2,7 @@
 
 Both are done by a :class:`MappedSource` that shows a source's tensors under
 new names and in a new layout, so the pipe (``convert.transfer``) and the
-graph rebuild (``tf.slim.rebuild_with_graph``) take it like any other source.
+graph rebuild (``tf.slim.plan_graph_import``) take it like any other source.
 
 Order of the name policies, on export: include/exclude, --weights-only and
 --use-ema act on the checkpoint's own names; then --rename-file, then each

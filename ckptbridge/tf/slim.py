@@ -28,7 +28,6 @@ import numpy as np
 
 from .._source import Sink, Source
 from .._spec import TensorSpec, dtype_name
-from ..convert import Report
 from ..errors import CkptBridgeError, FormatError, MismatchError
 from ..names import Plan
 from .compat import import_slim, import_tensorflow
@@ -124,7 +123,22 @@ def _describe(dtype: str, shape: Sequence[int]) -> str:
     return f"{dtype}{list(shape)}"
 
 
-def rebuild_with_graph(
+@dataclasses.dataclass
+class GraphImport:
+    """A graph rebuild, planned: what ``convert.transfer`` moves (``source`` through ``plan`` into
+    ``sink``), and what the report adds (``dropped``, ``ema_swaps``, ``missing``)."""
+
+    source: Source
+    sink: Sink
+    plan: Plan
+    dropped: dict[str, str]
+    ema_swaps: dict[str, str]
+    missing: list[str]
+    #: the block size the sink wants (rows for the Saver's placeholders), None for the default
+    chunk_bytes: int | None
+
+
+def plan_graph_import(
     src: Source,
     output_prefix: str,
     *,
@@ -137,17 +151,15 @@ def rebuild_with_graph(
     max_shard_bytes: int | None = None,
     engine: str = "auto",
     force: bool = False,
-    progress: bool | None = False,
     image_size: int | None = None,
-) -> Report:
-    """Rebuild a checkpoint for a tf-slim graph from ``src`` through the one pipe (see module docstring).
+) -> GraphImport:
+    """Build the graph, match it to ``src`` through ``plan`` and choose its sink (see module docstring).
 
     ``plan`` says which of ``src``'s tensors feed which variable names (the filters,
     EMA and renames already applied).  ``engine`` "auto"/"native": the native writer
     beside the graph's ``.meta``; "tf": a session fed through placeholders and the
     Saver (``chunk_bytes`` applies to it alone; ``max_shard_bytes`` to the native writer alone).
     """
-    from ..convert import transfer
     from .graph_sinks import NativeGraphSink, SaverSink
 
     tf = import_tensorflow()
@@ -211,10 +223,7 @@ def rebuild_with_graph(
                 source = _WithInitial(src, initial)
                 mapping = dict(sorted({**mapping, **{n: _INITIAL + n for n in missing}}.items()))
             sink = NativeGraphSink(tf, graph, saver, expected, output_prefix, force=force, max_shard_bytes=max_shard_bytes)
-    report = transfer(source, sink, Plan(mapping, {}, {}), progress=progress, desc="import", carry_extras=False,
-                      chunk_bytes=chunk if saver_path else None)
-    written = [n for n in report.written if n not in missing]
-    return Report(output_prefix, written, dropped, swaps, report.nbytes, missing=missing)
+    return GraphImport(source, sink, Plan(mapping, {}, {}), dropped, swaps, missing, chunk if saver_path else None)
 
 
 #: where :class:`_WithInitial` keeps the initial values of variables the archive lacks (no archive name starts with NUL)
