@@ -9,7 +9,7 @@ destination in one step, :meth:`Sink.abort` leaves nothing behind.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -203,11 +203,6 @@ class ArchiveSink(Sink):
 
     def publish(self) -> None:
         self._out.commit()
-
-
-def iter_tensors(source: Source, names: Iterator[str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
-    for name in names if names is not None else source.specs():
-        yield name, source.read(name)
 
 
 

@@ -5,7 +5,6 @@ walk two sources or one."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -296,7 +295,3 @@ def verify_source(source: Source, *, progress: bool | None = False) -> VerifyRep
 def require_some(plan: Plan, path: str) -> None:
     if not plan.mapping:
         raise CkptBridgeError(f"nothing to write: every tensor of {path} was filtered out; check --include/--exclude")
-
-
-def names_of(specs: Sequence[TensorSpec]) -> list[str]:
-    return [s.name for s in specs]

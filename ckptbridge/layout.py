@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -166,8 +166,3 @@ def parse_records(doc: Mapping[str, Any], where: str) -> dict[str, Transform]:
 def check_layout(layout: str | None) -> None:
     if layout is not None and layout not in LAYOUTS:
         raise FormatError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
-
-
-def candidates(specs: Iterable[TensorSpec]) -> list[str]:
-    """Names of tensors of rank >= 2 (worth mentioning when left alone)."""
-    return [s.name for s in specs if len(s.shape) >= 2]

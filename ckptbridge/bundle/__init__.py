@@ -10,6 +10,4 @@ from __future__ import annotations
 from .reader import ENGINE_NAME, BundleReader, data_path, index_path, is_bundle
 from .writer import BundleWriter
 
-engine_name = ENGINE_NAME
-
-__all__ = ["BundleReader", "BundleWriter", "is_bundle", "data_path", "index_path", "ENGINE_NAME", "engine_name"]
+__all__ = ["BundleReader", "BundleWriter", "is_bundle", "data_path", "index_path", "ENGINE_NAME"]
