@@ -260,3 +260,21 @@ def write_zip(path: str, members: dict[str, bytes], compress: int = zipfile.ZIP_
     with zipfile.ZipFile(path, "w", compression=compress) as z:
         for n, b in members.items():
             z.writestr(n, b)
+
+
+def raw_bundle(prefix: str, entries: dict[bytes, tuple[int, tuple[int, ...], bytes]]) -> None:
+    """A one-shard V2 checkpoint with raw keys: key -> (DataType enum, shape, stored bytes)."""
+    from ckptbridge.bundle import _entries, _table
+    from ckptbridge.bundle._wire import crc, mask
+
+    table = _table.TableBuilder()
+    table.add(b"", _entries.encode_header(1))
+    data = bytearray()
+    for key in sorted(entries):
+        enum, shape, blob = entries[key]
+        table.add(key, _entries.encode_entry(enum, shape, 0, len(data), len(blob), mask(crc(blob))))
+        data += blob
+    with open(prefix + ".data-00000-of-00001", "wb") as f:
+        f.write(bytes(data))
+    with open(prefix + ".index", "wb") as f:
+        f.write(table.finish())

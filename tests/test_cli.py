@@ -13,7 +13,7 @@ import pytest
 
 import ckptbridge
 
-from helpers import assert_one_line_error, cli
+from helpers import assert_one_line_error, cli, raw_bundle
 
 # --------------------------------------------------------------------------- import hygiene
 
@@ -220,28 +220,10 @@ def test_native_export_needs_no_tensorflow(sharded_ckpt, tmp_path):
 # --------------------------------------------------------------------------- names and dtypes as ls shows them
 
 
-def _bundle(prefix: str, entries: dict[bytes, tuple[int, tuple[int, ...], bytes]]) -> None:
-    """A one-shard V2 checkpoint with raw keys: key -> (DataType enum, shape, stored bytes)."""
-    from ckptbridge.bundle import _entries, _table
-    from ckptbridge.bundle._wire import crc, mask
-
-    table = _table.TableBuilder()
-    table.add(b"", _entries.encode_header(1))
-    data = bytearray()
-    for key in sorted(entries):
-        enum, shape, blob = entries[key]
-        table.add(key, _entries.encode_entry(enum, shape, 0, len(data), len(blob), mask(crc(blob))))
-        data += blob
-    with open(prefix + ".data-00000-of-00001", "wb") as f:
-        f.write(bytes(data))
-    with open(prefix + ".index", "wb") as f:
-        f.write(table.finish())
-
-
 def test_ls_escapes_control_characters_and_bytes_that_are_not_utf8(tmp_path):
     prefix = str(tmp_path / "m.ckpt")
     four = np.zeros(1, np.float32).tobytes()
-    _bundle(prefix, {b"\x1b[2J\x1b[31mPWNED": (1, (1,), four), b"w\xff": (1, (1,), four), b"ok": (1, (1,), four)})
+    raw_bundle(prefix, {b"\x1b[2J\x1b[31mPWNED": (1, (1,), four), b"w\xff": (1, (1,), four), b"ok": (1, (1,), four)})
     proc = cli("ls", prefix)
     assert proc.returncode == 0, proc.stderr
     assert "\x1b" not in proc.stdout and "\\x1b[2J\\x1b[31mPWNED" in proc.stdout
@@ -253,7 +235,7 @@ def test_ls_and_export_never_hide_a_dtype_the_native_engine_cannot_carry(tmp_pat
     """Without TensorFlow: a variant (enum 21) and a DataType newer than ckptbridge's table (enum 39)."""
     prefix = str(tmp_path / "m.ckpt")
     four = np.ones(1, np.float32).tobytes()
-    _bundle(prefix, {b"w": (1, (1,), four), b"future": (39, (2,), b"\x01\x02")})
+    raw_bundle(prefix, {b"w": (1, (1,), four), b"future": (39, (2,), b"\x01\x02")})
     proc = cli("ls", prefix, "--json")
     doc = json.loads(proc.stdout)
     assert [(t["name"], t["dtype"], t["carried"]) for t in doc["tensors"]] == [("future", "DataType 39", False), ("w", "float32", True)]

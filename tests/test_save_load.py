@@ -12,6 +12,8 @@ import pytest
 import ckptbridge
 from ckptbridge import FormatError, OutputExistsError, UncarriedDtypeError
 
+from helpers import raw_bundle, same
+
 ARRAYS = {
     "net/w": np.arange(12, dtype=np.float32).reshape(3, 4),
     "net/b": np.array([1.5, -0.0], dtype=ml_dtypes.bfloat16),
@@ -20,12 +22,6 @@ ARRAYS = {
     "step": np.array(7, dtype=np.int64),
     "names": np.array([b"", b"\x00\xff"], dtype=object),
 }
-
-
-def same(a: np.ndarray, b: np.ndarray) -> bool:
-    if a.dtype == object:
-        return b.dtype == object and a.shape == b.shape and [type(x) for x in a.flat] == [bytes] * a.size and list(a.flat) == list(b.flat)
-    return a.dtype == b.dtype and a.shape == b.shape and np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b).tobytes()
 
 
 @pytest.mark.parametrize("suffix", [".npz", ".h5", ".ckpt"])
@@ -69,10 +65,8 @@ def test_save_refuses_what_it_cannot_write_exactly_and_writes_nothing(tmp_path: 
 
 
 def test_load_refuses_a_checkpoint_with_a_variant_by_name(tmp_path: Any) -> None:
-    from test_cli import _bundle
-
     prefix = str(tmp_path / "m.ckpt")
-    _bundle(prefix, {b"w": (1, (1,), np.ones(1, np.float32).tobytes()), b"it": (21, (), b"")})
+    raw_bundle(prefix, {b"w": (1, (1,), np.ones(1, np.float32).tobytes()), b"it": (21, (), b"")})
     with pytest.raises(UncarriedDtypeError, match="'it' \\(variant"):
         ckptbridge.load(prefix)
     with ckptbridge.read(prefix) as r:
