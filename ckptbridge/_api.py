@@ -15,7 +15,8 @@ from .convert import DiffReport, Report, VerifyReport, diff_sources, require_som
 from .errors import CkptBridgeError, FormatError
 from .names import make_plan
 
-DEFAULT_MAX_TENSOR_GB = 64.0
+#: what one archive tensor may claim before it is refused as a likely memory bomb (64 GiB)
+DEFAULT_MAX_TENSOR_BYTES = 64 << 30
 
 
 class Reader(Mapping[str, np.ndarray]):
@@ -82,15 +83,15 @@ class Reader(Mapping[str, np.ndarray]):
         self.close()
 
 
-def read(path: str, *, engine: str = "auto", verify: bool = True, max_tensor_gb: float | None = DEFAULT_MAX_TENSOR_GB) -> Reader:
+def read(path: str, *, engine: str = "auto", verify: bool = True, max_tensor_bytes: int | None = DEFAULT_MAX_TENSOR_BYTES) -> Reader:
     """Open a checkpoint (prefix, file, or directory) or an archive for lazy reading.
 
     Arrays come with their true dtypes: bfloat16 as ``ml_dtypes.bfloat16``,
     strings as object arrays of ``bytes``, 0-d tensors as 0-d arrays.  An
-    archive tensor claiming more than ``max_tensor_gb`` is refused when the
+    archive tensor claiming more than ``max_tensor_bytes`` is refused when the
     archive is opened (None: no limit).
     """
-    return Reader(open_source(path, engine=engine, verify=verify, max_tensor_bytes=_max_bytes(max_tensor_gb)))
+    return Reader(open_source(path, engine=engine, verify=verify, max_tensor_bytes=max_tensor_bytes))
 
 
 def load(path: str, *, engine: str = "auto", verify: bool = True) -> dict[str, np.ndarray]:
@@ -162,10 +163,6 @@ def save(
         return transfer(src, sink, plan, desc="save")
 
 
-def _max_bytes(max_tensor_gb: float | None) -> int | None:
-    return None if max_tensor_gb is None else int(max_tensor_gb * (1 << 30))
-
-
 def export(
     checkpoint: str,
     output: str,
@@ -179,7 +176,7 @@ def export(
     engine: str = "auto",
     progress: bool | None = False,
     rename: Sequence[str] = (),
-    rename_file: str | None = None,
+    rename_map: Mapping[str, str] | None = None,
     layout: str | None = None,
     model: str | None = None,
     num_classes: int | None = None,
@@ -190,7 +187,7 @@ def export(
 
     The output's suffix picks the format.  It is written beside ``output`` under
     a temporary name, read back and compared, then renamed into place.
-    ``rename`` (``REGEX=REPLACEMENT`` rules) and ``rename_file`` (JSON, old ->
+    ``rename`` (``REGEX=REPLACEMENT`` rules) and ``rename_map`` (exact names, old ->
     new) rename tensors after the filters; ``layout="torch"`` stores kernels in
     PyTorch's layout, deciding which are conv/depthwise/dense from ``model``'s
     graph if given, else from names and ranks.  The archive records original
@@ -204,7 +201,7 @@ def export(
     with durability(fsync), open_source(checkpoint, engine=engine) as src:
         prep = prepare_export(
             src, include=include, exclude=exclude, weights_only=weights_only, use_ema=use_ema,
-            rename=rename, rename_file=rename_file, layout=layout, model=model, num_classes=num_classes,
+            rename=rename, rename_map=rename_map, layout=layout, model=model, num_classes=num_classes,
         )
         require_some(prep.plan, checkpoint)
         if dry_run:
@@ -248,14 +245,14 @@ def rebuild(
     use_ema: bool = False,
     allow_missing: bool = False,
     strict: bool = False,
-    chunk_mb: float | None = None,
-    max_shard_mb: float | None = None,
+    chunk_bytes: int | None = None,
+    max_shard_bytes: int | None = None,
     engine: str = "auto",
     force: bool = False,
-    max_tensor_gb: float | None = DEFAULT_MAX_TENSOR_GB,
+    max_tensor_bytes: int | None = DEFAULT_MAX_TENSOR_BYTES,
     progress: bool | None = False,
     rename: Sequence[str] = (),
-    rename_file: str | None = None,
+    rename_map: Mapping[str, str] | None = None,
     original_names: bool = False,
     dry_run: bool = False,
     image_size: int | None = None,
@@ -267,32 +264,30 @@ def rebuild(
     graph is built and its variables are matched by name, shape and dtype; the
     native writer streams the checkpoint beside the graph's ``.meta``, or with
     ``engine="tf"`` the variables are fed through placeholders (in slices of
-    ``chunk_mb`` for large ones) and a ``Saver`` writes it.  Without ``model``,
+    ``chunk_bytes`` for large ones) and a ``Saver`` writes it.  Without ``model``,
     the checkpoint holds exactly the archive's tensors.  An option that does
     not apply to the path taken is an error, never ignored.
 
     A layout change recorded in the archive (``export(layout="torch")``) is
     undone.  ``original_names`` restores the names recorded at export;
-    ``rename``/``rename_file`` rename after the filters.  ``dry_run`` plans
+    ``rename``/``rename_map`` rename after the filters.  ``dry_run`` plans
     the names, writes nothing (and does not build the graph).  ``fsync=False``
     skips making the output durable before the rename.
     """
-    max_shard = None if max_shard_mb is None else int(max_shard_mb * (1 << 20))
-    if max_shard is not None and max_shard <= 0:
-        raise CkptBridgeError(f"--max-shard-mb must be positive, got {max_shard_mb}")
-    chunk = None if chunk_mb is None else int(chunk_mb * (1 << 20))
+    if max_shard_bytes is not None and max_shard_bytes <= 0:
+        raise CkptBridgeError(f"the shard size must be positive, got {max_shard_bytes} bytes")
     if model is None:
-        given = [opt for opt, value in (("--chunk-mb", chunk_mb), ("--num-classes", num_classes), ("--image-size", image_size),
+        given = [opt for opt, value in (("--chunk-mb", chunk_bytes), ("--num-classes", num_classes), ("--image-size", image_size),
                                         ("--allow-missing", allow_missing), ("--strict", strict)) if value]
         if given:
             raise CkptBridgeError(f"{', '.join(given)} {'apply' if len(given) > 1 else 'applies'} to a rebuild through a graph; "
                                   "add --model, or leave them out")
-    with durability(fsync), open_source(archive, engine=engine, max_tensor_bytes=_max_bytes(max_tensor_gb)) as src:
+    with durability(fsync), open_source(archive, engine=engine, max_tensor_bytes=max_tensor_bytes) as src:
         from .handoff import prepare_import
 
         # One view of the archive (filters, EMA, original names, renames, layout undone), then one sink.
         prep = prepare_import(src, include=include, exclude=exclude, use_ema=use_ema, rename=rename,
-                              rename_file=rename_file, original_names=original_names)
+                              rename_map=rename_map, original_names=original_names)
         require_some(prep.plan, archive)
         if dry_run:
             return _dry_report(output_prefix, prep)
@@ -301,14 +296,14 @@ def rebuild(
 
             g = plan_graph_import(
                 prep.source, output_prefix, model=model, plan=prep.plan, num_classes=num_classes, allow_missing=allow_missing,
-                strict=strict, chunk_bytes=chunk, max_shard_bytes=max_shard, engine=engine, force=force, image_size=image_size,
+                strict=strict, chunk_bytes=chunk_bytes, max_shard_bytes=max_shard_bytes, engine=engine, force=force, image_size=image_size,
             )
             # The graph's checkpoint is name-based: a TF2 object graph of the archive has nothing to describe there.
             report = transfer(g.source, g.sink, g.plan, progress=progress, desc="import", carry_extras=False, chunk_bytes=g.chunk_bytes)
             report.written = [n for n in report.written if n not in g.missing]
             report.dropped, report.ema_swaps, report.missing = g.dropped, g.ema_swaps, g.missing
         else:
-            sink = open_checkpoint_sink(output_prefix, engine=engine, force=force, max_shard_bytes=max_shard)
+            sink = open_checkpoint_sink(output_prefix, engine=engine, force=force, max_shard_bytes=max_shard_bytes)
             report = transfer(prep.source, sink, prep.plan, progress=progress, desc="import")
         report.renamed, report.layout = prep.renamed, prep.layout
         return report
@@ -316,15 +311,15 @@ def rebuild(
 
 def diff(
     a: str, b: str, *, atol: float = 0.0, rtol: float = 0.0, engine: str = "auto", progress: bool | None = False,
-    max_tensor_gb: float | None = DEFAULT_MAX_TENSOR_GB,
+    max_tensor_bytes: int | None = DEFAULT_MAX_TENSOR_BYTES,
 ) -> DiffReport:
     """Compare two checkpoints or archives name by name; exact unless atol/rtol."""
-    limit = _max_bytes(max_tensor_gb)
+    limit = max_tensor_bytes
     with open_source(a, engine=engine, max_tensor_bytes=limit) as sa, open_source(b, engine=engine, max_tensor_bytes=limit) as sb:
         return diff_sources(sa, sb, atol=atol, rtol=rtol, progress=progress)
 
 
-def verify(path: str, *, engine: str = "auto", progress: bool | None = False, max_tensor_gb: float | None = DEFAULT_MAX_TENSOR_GB) -> VerifyReport:
+def verify(path: str, *, engine: str = "auto", progress: bool | None = False, max_tensor_bytes: int | None = DEFAULT_MAX_TENSOR_BYTES) -> VerifyReport:
     """Check every tensor's checksum (archive crc32c records, or the checkpoint's crc32c)."""
-    with open_source(path, engine=engine, verify=True, max_tensor_bytes=_max_bytes(max_tensor_gb)) as src:
+    with open_source(path, engine=engine, verify=True, max_tensor_bytes=max_tensor_bytes) as src:
         return verify_source(src, progress=progress)

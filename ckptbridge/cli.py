@@ -120,7 +120,23 @@ def _print_dry_run(report: Any, where: str) -> None:
 
 
 def _handoff_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return {"rename": args.rename, "rename_file": args.rename_file, "dry_run": args.dry_run}
+    from .names import load_rename_file
+
+    exact = load_rename_file(args.rename_file) if args.rename_file else None
+    return {"rename": args.rename, "rename_map": exact, "dry_run": args.dry_run}
+
+
+def _bytes(value: float | None, unit: int, option: str) -> int | None:
+    """An option given in MB or GB, as the byte count the library takes (positive)."""
+    if value is None:
+        return None
+    if not value > 0:
+        raise CkptBridgeError(f"{option} must be positive, got {value}")
+    return int(value * unit)
+
+
+def _max_tensor(args: argparse.Namespace) -> int:
+    return _bytes(args.max_tensor_gb, 1 << 30, "--max-tensor-gb")  # type: ignore[return-value]
 
 
 def _shown(name: str) -> str:
@@ -136,7 +152,7 @@ def _shown(name: str) -> str:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    with _api.read(args.path, engine=args.engine, max_tensor_gb=args.max_tensor_gb) as r:
+    with _api.read(args.path, engine=args.engine, max_tensor_bytes=_max_tensor(args)) as r:
         carried = r.specs
         opaque = r.uncarried
         specs = sorted([*carried.values(), *opaque.values()], key=lambda s: s.name.encode("utf-8", "surrogateescape"))
@@ -190,8 +206,8 @@ def cmd_import(args: argparse.Namespace) -> int:
     report = _api.rebuild(
         args.archive, args.output_prefix, model=args.model, num_classes=args.num_classes, include=args.include,
         exclude=args.exclude, use_ema=args.use_ema, allow_missing=args.allow_missing, strict=args.strict,
-        chunk_mb=args.chunk_mb, max_shard_mb=args.max_shard_mb, engine=args.engine, force=args.force,
-        max_tensor_gb=args.max_tensor_gb, progress=_progress(args), original_names=args.original_names,
+        chunk_bytes=_bytes(args.chunk_mb, 1 << 20, "--chunk-mb"), max_shard_bytes=_bytes(args.max_shard_mb, 1 << 20, "--max-shard-mb"),
+        engine=args.engine, force=args.force, max_tensor_bytes=_max_tensor(args), progress=_progress(args), original_names=args.original_names,
         image_size=args.image_size, fsync=args.fsync, **_handoff_kwargs(args),
     )
     if report.dry_run:
@@ -203,7 +219,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    d = _api.diff(args.a, args.b, atol=args.atol, rtol=args.rtol, engine=args.engine, progress=_progress(args), max_tensor_gb=args.max_tensor_gb)
+    d = _api.diff(args.a, args.b, atol=args.atol, rtol=args.rtol, engine=args.engine, progress=_progress(args), max_tensor_bytes=_max_tensor(args))
     for n in d.only_a:
         print(f"only in A: {n}")
     for n in d.only_b:
@@ -225,7 +241,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    v = _api.verify(args.path, engine=args.engine, progress=_progress(args), max_tensor_gb=args.max_tensor_gb)
+    v = _api.verify(args.path, engine=args.engine, progress=_progress(args), max_tensor_bytes=_max_tensor(args))
     if not v.ok:
         print(f"BAD: {v.bad}: {v.message}")
         return 1
@@ -257,7 +273,7 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("ls", parents=[common], help=f"list the tensors of a checkpoint or archive ({shown})")
     s.add_argument("path")
     s.add_argument("--json", action="store_true", help="machine-readable output")
-    s.add_argument("--max-tensor-gb", type=float, default=_api.DEFAULT_MAX_TENSOR_GB, help="refuse archive tensors claiming more than this (default 64)")
+    s.add_argument("--max-tensor-gb", type=float, default=_api.DEFAULT_MAX_TENSOR_BYTES / (1 << 30), help="refuse archive tensors claiming more than this (default 64)")
     s.set_defaults(func=cmd_ls)
 
     filt = argparse.ArgumentParser(add_help=False)
@@ -295,7 +311,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--chunk-mb", type=float, default=None,
                    help="with --model --engine tf: feed variables larger than this to the Saver in row slices (default 64)")
     s.add_argument("--max-shard-mb", type=float, default=None, help="split the checkpoint into .data shards of at most this size")
-    s.add_argument("--max-tensor-gb", type=float, default=_api.DEFAULT_MAX_TENSOR_GB, help="refuse archive tensors claiming more than this (default 64)")
+    s.add_argument("--max-tensor-gb", type=float, default=_api.DEFAULT_MAX_TENSOR_BYTES / (1 << 30), help="refuse archive tensors claiming more than this (default 64)")
     s.set_defaults(func=cmd_import)
 
     s = sub.add_parser("diff", parents=[common], help="compare two checkpoints or archives (exit 0 same, 1 different)")
@@ -303,12 +319,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("b")
     s.add_argument("--atol", type=float, default=0.0)
     s.add_argument("--rtol", type=float, default=0.0)
-    s.add_argument("--max-tensor-gb", type=float, default=_api.DEFAULT_MAX_TENSOR_GB, help="refuse archive tensors claiming more than this (default 64)")
+    s.add_argument("--max-tensor-gb", type=float, default=_api.DEFAULT_MAX_TENSOR_BYTES / (1 << 30), help="refuse archive tensors claiming more than this (default 64)")
     s.set_defaults(func=cmd_diff)
 
     s = sub.add_parser("verify", parents=[common], help="check every tensor's checksum (exit 0 good, 1 bad)")
     s.add_argument("path")
-    s.add_argument("--max-tensor-gb", type=float, default=_api.DEFAULT_MAX_TENSOR_GB, help="refuse archive tensors claiming more than this (default 64)")
+    s.add_argument("--max-tensor-gb", type=float, default=_api.DEFAULT_MAX_TENSOR_BYTES / (1 << 30), help="refuse archive tensors claiming more than this (default 64)")
     s.set_defaults(func=cmd_verify)
     return p
 

@@ -25,7 +25,8 @@ from ._source import Source
 from ._spec import TensorSpec
 from .errors import CorruptError, FormatError
 from .formats import meta
-from .names import Plan, load_rename_file, make_plan, rename_map
+from .names import Plan, make_plan
+from .names import rename_map as _rename_map
 
 ORIGINAL_NAMES = "original_names"
 
@@ -101,9 +102,11 @@ class Prepared:
     layout: dict[str, str]
 
 
-def _renames(names: Sequence[str], known: Sequence[str], rename: Sequence[str], rename_file: str | None) -> dict[str, str]:
-    exact = load_rename_file(rename_file) if rename_file else None
-    return rename_map(names, rules=rename, exact=exact, known=known)
+def _renames(names: Sequence[str], known: Sequence[str], rename: Sequence[str], rename_map: Mapping[str, str] | None) -> dict[str, str]:
+    if rename_map is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in rename_map.items()):
+        raise FormatError("the exact renames must map tensor names (strings) to new names (strings)")
+    exact = dict(rename_map) if rename_map else None
+    return _rename_map(names, rules=rename, exact=exact, known=known)
 
 
 def _original_names(doc: Mapping[str, Any], where: str) -> dict[str, str]:
@@ -126,7 +129,7 @@ def prepare_export(
     weights_only: bool = False,
     use_ema: bool = False,
     rename: Sequence[str] = (),
-    rename_file: str | None = None,
+    rename_map: Mapping[str, str] | None = None,
     layout: str | None = None,
     model: str | None = None,
     num_classes: int | None = None,
@@ -141,7 +144,7 @@ def prepare_export(
     prior_orig = _original_names(prior, src.path)
     plan0 = make_plan(list(specs), include=include, exclude=exclude, weights_only=weights_only, use_ema=use_ema,
                       uncarried={n: s.dtype for n, s in src.uncarried().items()}, where=src.path)
-    ren = _renames(list(plan0.mapping), list(specs), rename, rename_file)
+    ren = _renames(list(plan0.mapping), list(specs), rename, rename_map)
 
     choices: dict[str, tuple[lay.Transform | None, str]] = {}
     if layout is not None:
@@ -193,7 +196,7 @@ def prepare_import(
     exclude: Sequence[str] = (),
     use_ema: bool = False,
     rename: Sequence[str] = (),
-    rename_file: str | None = None,
+    rename_map: Mapping[str, str] | None = None,
     original_names: bool = False,
 ) -> Prepared:
     """Plan an import that undoes a recorded layout and applies renames (see module docstring)."""
@@ -212,7 +215,7 @@ def prepare_import(
         stage[restored] = name
     plan0 = make_plan(list(stage), include=include, exclude=exclude, use_ema=use_ema,
                       uncarried={n: s.dtype for n, s in src.uncarried().items()}, where=src.path)
-    ren = _renames(list(plan0.mapping), list(stage), rename, rename_file)
+    ren = _renames(list(plan0.mapping), list(stage), rename, rename_map)
     entries: dict[str, tuple[str, lay.Transform | None, bool]] = {}
     keys: dict[str, str] = {}
     described: dict[str, str] = {}

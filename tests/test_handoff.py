@@ -21,7 +21,7 @@ from ckptbridge import layout as lay
 from ckptbridge._spec import TensorSpec
 from ckptbridge.cli import main
 from ckptbridge.errors import CkptBridgeError, CorruptError, FormatError
-from ckptbridge.names import parse_rename, rename_map
+from ckptbridge.names import load_rename_file, parse_rename, rename_map
 
 from helpers import same
 
@@ -106,7 +106,9 @@ def test_rename_file_with_unknown_names_is_refused(src_npz: str, tmp_path: Any) 
     f = tmp_path / "r.json"
     f.write_text(json.dumps({"net/conv1/weightz": "x"}))
     with pytest.raises(FormatError, match="weightz"):
-        ckptbridge.export(src_npz, str(tmp_path / "o.npz"), rename_file=str(f))
+        ckptbridge.export(src_npz, str(tmp_path / "o.npz"), rename_map=json.loads(f.read_text()))
+    assert not os.path.exists(tmp_path / "o.npz")
+    assert main(["export", src_npz, str(tmp_path / "o.npz"), "--rename-file", str(f)]) == 2
     assert not os.path.exists(tmp_path / "o.npz")
 
 
@@ -115,7 +117,10 @@ def test_rename_file_must_be_a_json_object_of_strings(src_npz: str, tmp_path: An
     f = tmp_path / "r.json"
     f.write_text(text)
     with pytest.raises(FormatError, match="rename-file"):
-        ckptbridge.export(src_npz, str(tmp_path / "o.npz"), rename_file=str(f))
+        load_rename_file(str(f))
+    assert main(["export", src_npz, str(tmp_path / "o.npz"), "--rename-file", str(f)]) == 2
+    with pytest.raises(FormatError, match="strings"):
+        ckptbridge.export(src_npz, str(tmp_path / "o.npz"), rename_map={"a": 1})  # type: ignore[dict-item]
 
 
 def test_cli_malformed_rule_is_one_error_line(src_npz: str, tmp_path: Any, capsys: Any) -> None:

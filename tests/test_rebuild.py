@@ -208,15 +208,15 @@ def slice_spy(monkeypatch: Any) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    "model,fixture,saver_fmt,native_fmt,chunk_mb",
+    "model,fixture,saver_fmt,native_fmt,chunk_bytes",
     [
-        # chunk_mb=0.05: every variable over 52 KB goes through its placeholder in row slices
-        ("resnet_v1_50", "resnet_v2", "npz", "npz", 0.05),
-        ("inception_v3", "inception_random", "h5", "npz", 64),
+        # 52 KB: every variable over it goes through its placeholder in row slices
+        ("resnet_v1_50", "resnet_v2", "npz", "npz", 52 << 10),
+        ("inception_v3", "inception_random", "h5", "npz", 64 << 20),
     ],
 )
 def test_rebuild_restores_and_logits_match(
-    model: str, fixture: str, saver_fmt: str, native_fmt: str, chunk_mb: float, request: Any, archive_of: Any, tmp_path: Any, slice_spy: list[str]
+    model: str, fixture: str, saver_fmt: str, native_fmt: str, chunk_bytes: int, request: Any, archive_of: Any, tmp_path: Any, slice_spy: list[str]
 ) -> None:
     """One archive through the Saver path, the other through the native writer; both
     restore into a fresh graph with the archive's values and the original logits."""
@@ -224,9 +224,9 @@ def test_rebuild_restores_and_logits_match(
     a_saver, a_native = archive_of(original, saver_fmt), archive_of(original, native_fmt)
     out_auto = str(tmp_path / "auto" / "model.ckpt")
     out_native = str(tmp_path / "native" / "model.ckpt")
-    r1 = ckptbridge.rebuild(a_saver, out_auto, model=model, engine="tf", chunk_mb=chunk_mb)  # num_classes inferred: 10, not the net's default
+    r1 = ckptbridge.rebuild(a_saver, out_auto, model=model, engine="tf", chunk_bytes=chunk_bytes)  # num_classes inferred: 10, not the net's default
     r2 = ckptbridge.rebuild(a_native, out_native, model=model)  # the native writer, the default
-    if chunk_mb < 1:
+    if chunk_bytes < 1 << 20:
         assert f"{model}/block1/unit_1/bottleneck_v1/conv2/weights" in slice_spy  # [3, 3, 64, 64]: 3 slices
     else:
         assert slice_spy == []
@@ -325,7 +325,7 @@ USER_MODEL = textwrap.dedent(
         slim = import_slim()
         x = tf.compat.v1.placeholder(tf.float32, [None, 6], name="x")
         h = slim.fully_connected(x, 40, scope="tiny/fc1")
-        # a resource variable of 60 KB: sliced when chunk_mb is tiny
+        # a resource variable of 60 KB: sliced when chunk_bytes is tiny
         table = tf.compat.v1.get_variable("tiny/table", [300, 50], use_resource=True)
         h = h + tf.reduce_sum(table)
         return slim.fully_connected(h, num_classes, activation_fn=None, scope="tiny/logits")
@@ -381,7 +381,7 @@ def test_user_model_function(user_model: str, engine: str, tmp_path: Any) -> Non
     }
     archive = _plain_npz(tmp_path / "tiny.npz", {**values, **extras})
     out = str(tmp_path / "out" / "model.ckpt")
-    report = ckptbridge.rebuild(archive, out, model=user_model, engine=engine, chunk_mb=0.05 if engine == "tf" else None)
+    report = ckptbridge.rebuild(archive, out, model=user_model, engine=engine, chunk_bytes=52 << 10 if engine == "tf" else None)
     assert sorted(report.written) == sorted(values)
     assert set(report.dropped) == set(extras)
     got = TfCheckpoint(out)
@@ -478,13 +478,13 @@ def test_options_of_another_path_are_errors_not_ignored(user_model: str, tmp_pat
     archive = _plain_npz(tmp_path / "tiny.npz", tiny_values())
     out = str(tmp_path / "out" / "model.ckpt")
     with pytest.raises(CkptBridgeError, match="--chunk-mb, --num-classes apply to a rebuild through a graph"):
-        ckptbridge.rebuild(archive, out, chunk_mb=1, num_classes=3)
+        ckptbridge.rebuild(archive, out, chunk_bytes=1 << 20, num_classes=3)
     with pytest.raises(CkptBridgeError, match="--chunk-mb sizes the slices fed to TensorFlow's Saver"):
-        ckptbridge.rebuild(archive, out, model=user_model, chunk_mb=1)
+        ckptbridge.rebuild(archive, out, model=user_model, chunk_bytes=1 << 20)
     with pytest.raises(CkptBridgeError, match="--max-shard-mb splits the native writer's output"):
-        ckptbridge.rebuild(archive, out, model=user_model, engine="tf", max_shard_mb=1)
+        ckptbridge.rebuild(archive, out, model=user_model, engine="tf", max_shard_bytes=1 << 20)
     assert not (tmp_path / "out").exists()
-    report = ckptbridge.rebuild(archive, out, model=user_model, max_shard_mb=0.02)  # native: 60 KB in several shards
+    report = ckptbridge.rebuild(archive, out, model=user_model, max_shard_bytes=20 << 10)  # native: 60 KB in several shards
     assert len(glob.glob(out + ".data-*")) > 1 and sorted(report.written) == sorted(tiny_values())
 
 
@@ -579,7 +579,7 @@ def test_max_shard_mb_splits_into_shards_tf_reads(engine: str, tmp_path: Any) ->
     values["step"] = np.array(3, np.int64)
     archive = _plain_npz(tmp_path / "a.npz", values)
     out = str(tmp_path / "out" / "model.ckpt")
-    ckptbridge.rebuild(archive, out, engine=engine, max_shard_mb=0.6)
+    ckptbridge.rebuild(archive, out, engine=engine, max_shard_bytes=600 << 10)
     shards = sorted(glob.glob(out + ".data-*"))
     assert len(shards) >= 3, shards
     assert all(s.endswith(f"-of-{len(shards):05d}") for s in shards)
