@@ -19,21 +19,14 @@ import numpy as np
 import pytest
 
 import ckptbridge
-from ckptbridge.bundle import BundleWriter
 from ckptbridge.errors import CkptBridgeError, NotFoundError
 
-from helpers import in_process
+from helpers import in_process, write_checkpoint
 
 
 def _ckpt(path: Any, values: dict[str, np.ndarray]) -> str:
     """A V2 checkpoint at ``path`` (a prefix) holding ``values``."""
-    prefix = str(path)
-    os.makedirs(os.path.dirname(prefix), exist_ok=True)
-    w = BundleWriter(prefix)
-    for name in sorted(values):
-        w.write(name, values[name])
-    w.commit()
-    return prefix
+    return write_checkpoint(str(path), values)
 
 
 def _npz(path: Any, values: dict[str, np.ndarray]) -> str:

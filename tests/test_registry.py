@@ -22,11 +22,10 @@ import pytest
 import ckptbridge
 from ckptbridge import _ckptfiles, _engines, cli, formats
 from ckptbridge._source import ArchiveSource, Sink, Source
-from ckptbridge.bundle import BundleWriter
 from ckptbridge.errors import FormatError, OutputExistsError
 from ckptbridge.formats import Format, Holds, meta
 
-from helpers import same
+from helpers import same, write_checkpoint
 
 # --------------------------------------------------------------------------- a toy fourth format
 
@@ -119,13 +118,7 @@ TENSORS = {
 
 
 def _checkpoint(tmp_path: Any, tensors: dict[str, np.ndarray] = TENSORS) -> str:
-    prefix = str(tmp_path / "ck" / "model.ckpt")
-    os.makedirs(os.path.dirname(prefix), exist_ok=True)
-    w = BundleWriter(prefix)
-    for name in sorted(tensors):
-        w.write(name, tensors[name])
-    w.commit()
-    return prefix
+    return write_checkpoint(str(tmp_path / "ck" / "model.ckpt"), tensors)
 
 
 # --------------------------------------------------------------------------- the fourth format
