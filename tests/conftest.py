@@ -131,5 +131,11 @@ def lowbit_ckpt(ckpts: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> 
 
 @pytest.fixture(scope="session")
 def iterator_ckpts(ckpts: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """tf.data iterator checkpoints (a DT_VARIANT tensor): {"a", "a2" (same state), "b" (one step on)}."""
+    """A tf.data iterator checkpoint (a DT_VARIANT tensor whose shape varies from run to run): {"a"}."""
     return _build(tmp_path_factory, "iterators", ckpts.build_iterators)
+
+
+@pytest.fixture(scope="session")
+def tensor_list_ckpts(ckpts: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A scalar DT_VARIANT (a TensorList) that serializes the same way every run: {"a", "a2" (same), "b" (changed)}."""
+    return _build(tmp_path_factory, "tensor_lists", ckpts.build_tensor_lists)
