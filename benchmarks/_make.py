@@ -49,8 +49,8 @@ def make_slim(model: str, out_dir: str) -> str:
 
 
 def make_synthetic(out_dir: str) -> str:
-    from ckptbridge._spec import numpy_dtype
     from ckptbridge.bundle.writer import BundleWriter
+    from ckptbridge.spec import numpy_dtype
 
     prefix = os.path.join(out_dir, "model.ckpt")
     w = BundleWriter(prefix)

@@ -31,13 +31,13 @@ from ._version import __version__
 _LAZY = {
     "read": "._api", "export": "._api", "rebuild": "._api", "diff": "._api", "verify": "._api", "Reader": "._api",
     "save": "._api", "load": "._api",
-    "TensorSpec": "._spec", "Report": ".convert", "DiffReport": ".convert", "VerifyReport": ".convert",
+    "TensorSpec": ".spec", "Report": ".reports", "DiffReport": ".reports", "VerifyReport": ".reports",
 }
 
 if TYPE_CHECKING:
     from ._api import Reader, diff, export, load, read, rebuild, save, verify
-    from ._spec import TensorSpec
-    from .convert import DiffReport, Report, VerifyReport
+    from .spec import TensorSpec
+    from .reports import DiffReport, Report, VerifyReport
 
 
 def __getattr__(name: str) -> Any:

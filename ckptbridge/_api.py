@@ -10,10 +10,12 @@ import numpy as np
 from ._durability import durability
 from ._resolve import open_archive_sink, open_checkpoint_sink, open_source, require_archive_kind, source_label
 from ._source import Source
-from ._spec import TensorSpec
-from .convert import DiffReport, Report, VerifyReport, diff_sources, require_some, transfer, verify_source
+from .spec import TensorSpec
+from ._compare import diff_sources, verify_source
+from ._pipe import require_some, transfer
+from .reports import DiffReport, Report, VerifyReport
 from .errors import CkptBridgeError, FormatError
-from .names import make_plan
+from ._names import make_plan
 
 #: what one archive tensor may claim before it is refused as a likely memory bomb (64 GiB)
 DEFAULT_MAX_TENSOR_BYTES = 64 << 30
@@ -195,7 +197,7 @@ def export(
     plans everything, writes nothing, and returns the report.  ``fsync=False``
     skips making the output durable before the rename (see the README's Limits).
     """
-    from .handoff import prepare_export
+    from ._plans import prepare_export
 
     kind = require_archive_kind(output)
     with durability(fsync), open_source(checkpoint, engine=engine) as src:
@@ -283,7 +285,7 @@ def rebuild(
             raise CkptBridgeError(f"{', '.join(given)} {'apply' if len(given) > 1 else 'applies'} to a rebuild through a graph; "
                                   "add --model, or leave them out")
     with durability(fsync), open_source(archive, engine=engine, max_tensor_bytes=max_tensor_bytes) as src:
-        from .handoff import prepare_import
+        from ._plans import prepare_import
 
         # One view of the archive (filters, EMA, original names, renames, layout undone), then one sink.
         prep = prepare_import(src, include=include, exclude=exclude, use_ema=use_ema, rename=rename,

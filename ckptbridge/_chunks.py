@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 import crc32c
 import numpy as np
 
-from ._spec import TensorSpec
+from .spec import TensorSpec
 from ._threads import Job
 
 #: Default block size: large enough that per-call overhead vanishes, small enough for any RSS budget.

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ._spec import TensorSpec
+from .spec import TensorSpec
 from ._dtypes import uncarried_error  # noqa: F401 - re-exported for the sources
 from .errors import NotFoundError
 
@@ -42,7 +42,7 @@ class Source(abc.ABC):
 
     @abc.abstractmethod
     def read(self, name: str) -> np.ndarray:
-        """The tensor's values in the exchange form (see ``_spec``)."""
+        """The tensor's values in the exchange form (see :mod:`ckptbridge.spec`)."""
 
     def read_blocks(self, name: str, chunk_bytes: int) -> "BlockStream | None":
         """The tensor in C-order blocks of at most ``chunk_bytes`` (see ``_chunks``),
@@ -217,7 +217,7 @@ class ArraySource(Source):
     kind = "arrays"
 
     def __init__(self, tensors: Mapping[str, Any], path: str = "<arrays>") -> None:
-        from ._spec import as_exchange_array, dtype_name
+        from .spec import as_exchange_array, dtype_name
         from .errors import FormatError
 
         self.path = path

@@ -120,7 +120,7 @@ def _print_dry_run(report: Any, where: str) -> None:
 
 
 def _handoff_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    from .names import load_rename_file
+    from ._names import load_rename_file
 
     exact = load_rename_file(args.rename_file) if args.rename_file else None
     return {"rename": args.rename, "rename_map": exact, "dry_run": args.dry_run}

@@ -305,7 +305,7 @@ def test_native_write_read_by_saver_restore(tmp_path):
 
 
 def np_dtype_name(arr: np.ndarray) -> str:
-    from ckptbridge._spec import dtype_name
+    from ckptbridge.spec import dtype_name
     return dtype_name(arr.dtype)
 
 

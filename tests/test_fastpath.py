@@ -64,9 +64,9 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Blocks of 64 KiB, so that tensors here span several and the copy jobs overlap."""
-    import ckptbridge.convert as convert
+    import ckptbridge._pipe as pipe
 
-    monkeypatch.setattr(convert, "CHUNK_BYTES", SMALL_CHUNK)  # transfer's default, read when it is called
+    monkeypatch.setattr(pipe, "CHUNK_BYTES", SMALL_CHUNK)  # transfer's default, read when it is called
 
 
 def _copies(monkeypatch: pytest.MonkeyPatch, mode: str) -> list[int]:
@@ -246,7 +246,7 @@ def test_cli_no_fsync(bundle: str, tmp_path: Any) -> None:
 
 def test_write_stream_without_a_span_writes_the_views(tmp_path: Any) -> None:
     arr = RNG.standard_normal((100, 100)).astype(np.float32)
-    from ckptbridge._spec import TensorSpec
+    from ckptbridge.spec import TensorSpec
 
     spec = TensorSpec("x", "float32", arr.shape)
     blocks = ((sel, arr[sel].reshape(-1)) for _, _, sel in _chunks.c_blocks(arr.shape, 4, 4096))

@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 
 import ckptbridge
 from ckptbridge import TensorSpec, UnsafeArchiveError
-from ckptbridge._spec import ALL_DTYPES, numpy_dtype
 from ckptbridge.formats.hdf5 import Hdf5Sink, Hdf5Source
 from ckptbridge.formats.npz import NpzSink, NpzSource
+from ckptbridge.spec import ALL_DTYPES, numpy_dtype
 
 from helpers import TMP_SUFFIX, assert_same_array
 
@@ -63,7 +63,7 @@ def tensors(draw, dtype: str | None = None) -> np.ndarray:
 def write_archive(path: str, data: dict[str, np.ndarray], *, compress: bool = False) -> None:
     sink_cls, _ = SINKS[os.path.splitext(path)[1]]
     sink = sink_cls(path, compress=compress, source="hypothesis")
-    specs = [TensorSpec(n, ckptbridge._spec.dtype_name(a.dtype), a.shape) for n, a in data.items()]
+    specs = [TensorSpec(n, ckptbridge.spec.dtype_name(a.dtype), a.shape) for n, a in data.items()]
     try:
         sink.begin(specs)
         for n, a in data.items():

@@ -17,11 +17,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ckptbridge
-from ckptbridge import layout as lay
-from ckptbridge._spec import TensorSpec
+from ckptbridge import _layout as lay
+from ckptbridge._names import load_rename_file, parse_rename, rename_map
 from ckptbridge.cli import main
 from ckptbridge.errors import CkptBridgeError, CorruptError, FormatError
-from ckptbridge.names import load_rename_file, parse_rename, rename_map
+from ckptbridge.spec import TensorSpec
 
 from helpers import same
 

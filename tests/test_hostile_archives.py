@@ -381,9 +381,9 @@ def test_names_no_archive_holds_are_refused_on_export(tmp_path, odd_ckpts):
 def test_archive_sinks_refuse_names_before_writing(tmp_path, suffix):
     """Whatever the source (the TensorFlow engine reads keys of any length), every archive
     sink refuses a name no archive reader accepts when it is announced, and leaves nothing."""
-    from ckptbridge._spec import TensorSpec
     from ckptbridge.formats.hdf5 import Hdf5Sink
     from ckptbridge.formats.npz import NpzSink
+    from ckptbridge.spec import TensorSpec
 
     if suffix == ".safetensors":
         pytest.importorskip("safetensors")

@@ -8,7 +8,7 @@ import numpy as np
 
 from .._atomic import AtomicCheckpoint
 from .._source import Sink, Source
-from .._spec import TensorSpec
+from ..spec import TensorSpec
 from .reader import BundleReader
 from .writer import BundleWriter, check_keys
 

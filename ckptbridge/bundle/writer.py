@@ -18,7 +18,7 @@ import numpy as np
 
 from .._chunks import write_stream
 from .._source import OBJECT_GRAPH, OBJECT_GRAPH_KEY, Sink
-from .._spec import STRING, dtype_name, numpy_dtype
+from ..spec import STRING, dtype_name, numpy_dtype
 from ..errors import CkptBridgeError, FormatError, MismatchError
 from ._entries import ENUM_BY_DTYPE, encode_entry, encode_header
 from ._table import BLOCK_SIZE, TableBuilder

@@ -25,7 +25,7 @@ from .._lazy import load_object, refers_to
 if TYPE_CHECKING:
     from .._dtypes import DType
     from .._source import Sink, Source
-    from .._spec import TensorSpec
+    from ..spec import TensorSpec
 
 
 def _carried(d: "DType") -> bool:

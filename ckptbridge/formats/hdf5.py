@@ -20,7 +20,7 @@ from .._signals import raise_signals_after
 from .._chunks import BlockStream, block_shape, c_blocks, mmap_blocks, write_stream
 from .._source import ArchiveSink, ArchiveSource, OBJECT_GRAPH
 from .. import _dtypes
-from .._spec import STRING, TensorSpec, as_exchange_array, dtype_name, numpy_dtype
+from ..spec import STRING, TensorSpec, as_exchange_array, dtype_name, numpy_dtype
 from ..errors import CkptBridgeError, CorruptError, FormatError, MismatchError, UnsafeArchiveError
 from . import meta
 from ._guarded import checks_writes, open_guarded

@@ -24,7 +24,7 @@ import numpy as np
 
 from .. import _dtypes
 from .._version import __version__
-from .._spec import BFLOAT16, STRING
+from ..spec import BFLOAT16, STRING
 from ..errors import CorruptError, FormatError, UnsafeArchiveError
 
 FORMAT_NAME = "ckptbridge"

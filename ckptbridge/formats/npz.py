@@ -22,7 +22,7 @@ from .._atomic import AtomicFile
 from .._chunks import BlockStream, mmap_blocks
 from .._source import ArchiveSink, ArchiveSource, OBJECT_GRAPH
 from .. import _dtypes
-from .._spec import STRING, TensorSpec, as_exchange_array, dtype_name, numpy_dtype
+from ..spec import STRING, TensorSpec, as_exchange_array, dtype_name, numpy_dtype
 from ..errors import CkptBridgeError, CorruptError, FormatError, MismatchError, UnsafeArchiveError
 from . import meta
 from ._zip import ZipWriter

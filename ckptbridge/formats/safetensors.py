@@ -34,7 +34,7 @@ from .._atomic import AtomicFile
 from .._chunks import write_stream
 from .._source import ArchiveSink, ArchiveSource, OBJECT_GRAPH
 from .. import _dtypes
-from .._spec import BFLOAT16, STRING, TensorSpec, as_exchange_array, dtype_name, numpy_dtype
+from ..spec import BFLOAT16, STRING, TensorSpec, as_exchange_array, dtype_name, numpy_dtype
 from ..errors import CkptBridgeError, CorruptError, FormatError, MismatchError, MissingDependencyError, UnsafeArchiveError
 from . import meta
 

@@ -17,7 +17,7 @@ from .._atomic import AtomicCheckpoint
 from .._signals import raise_signals_after
 from .. import _dtypes
 from .._source import OBJECT_GRAPH, OBJECT_GRAPH_KEY, Sink, Source, uncarried_error
-from .._spec import STRING, TensorSpec, array_nbytes, as_exchange_array
+from ..spec import STRING, TensorSpec, array_nbytes, as_exchange_array
 from ..errors import CorruptError, FormatError, MismatchError, NotFoundError
 from .compat import import_tensorflow
 

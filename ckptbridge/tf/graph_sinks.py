@@ -1,6 +1,6 @@
 """Sinks that write the checkpoint of a built graph: what ``import --model`` hands to the one pipe.
 
-``convert.transfer`` drives them like any other sink (the same read, checksum,
+``_pipe.transfer`` drives them like any other sink (the same read, checksum,
 progress, read-back, publish and abort), so a graph rebuild has no loop of its own:
 
 * :class:`SaverSink` fills the graph's variables through placeholders (row
@@ -22,7 +22,7 @@ import numpy as np
 from .._atomic import AtomicCheckpoint
 from .._chunks import BlockStream, block_shape
 from .._source import Sink, Source
-from .._spec import TensorSpec, array_nbytes, numpy_dtype
+from ..spec import TensorSpec, array_nbytes, numpy_dtype
 from ..bundle import BundleReader
 from ..bundle.sink import NativeCheckpointSink
 from ..errors import CorruptError

@@ -3,7 +3,7 @@
 The graph is built with the net's own arg_scope (so batch norm, biases and
 names are those of the model zoo), its global variables are matched to the
 archive by name, shape and dtype, and then one of the sinks of
-``tf/graph_sinks.py`` is driven by ``convert.transfer`` like any other sink:
+``tf/graph_sinks.py`` is driven by ``_pipe.transfer`` like any other sink:
 
 * ``engine`` "auto"/"native": the bundle is streamed from the archive by
   ckptbridge's own writer, and TensorFlow builds the graph, writes its
@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 
 from .._source import Sink, Source
-from .._spec import TensorSpec, dtype_name
+from ..spec import TensorSpec, dtype_name
 from ..errors import CkptBridgeError, FormatError, MismatchError
-from ..names import Plan
+from .._names import Plan
 from .compat import import_slim, import_tensorflow
 from .engine import tf_dtype_name
 
@@ -125,7 +125,7 @@ def _describe(dtype: str, shape: Sequence[int]) -> str:
 
 @dataclasses.dataclass
 class GraphImport:
-    """A graph rebuild, planned: what ``convert.transfer`` moves (``source`` through ``plan`` into
+    """A graph rebuild, planned: what ``_pipe.transfer`` moves (``source`` through ``plan`` into
     ``sink``), and what the report adds (``dropped``, ``ema_swaps``, ``missing``)."""
 
     source: Source

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from ._spec import STRING, TensorSpec
+from .spec import STRING, TensorSpec
 from .errors import CorruptError, FormatError
 
 LAYOUTS = ("torch",)

@@ -1,7 +1,7 @@
 """Handing weights to another framework: renames and layout changes around the pipe.
 
 Both are done by a :class:`MappedSource` that shows a source's tensors under
-new names and in a new layout, so the pipe (``convert.transfer``) and the
+new names and in a new layout, so the pipe (``_pipe.transfer``) and the
 graph rebuild (``tf.slim.plan_graph_import``) take it like any other source.
 
 Order of the name policies, on export: include/exclude, --weights-only and
@@ -20,13 +20,13 @@ from typing import Any
 
 import numpy as np
 
-from . import layout as lay
+from . import _layout as lay
 from ._source import Source
-from ._spec import TensorSpec
+from .spec import TensorSpec
 from .errors import CorruptError, FormatError
 from .formats import meta
-from .names import Plan, make_plan
-from .names import rename_map as _rename_map
+from ._names import Plan, make_plan
+from ._names import rename_map as _rename_map
 
 ORIGINAL_NAMES = "original_names"
 

@@ -1,0 +1,137 @@
+"""The pipe: source -> name plan -> sink, with one progress bar, a read-back check
+of everything written, and an atomic publish."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from . import _objgraph
+from ._chunks import CHUNK_BYTES
+from ._source import OBJECT_GRAPH, Sink, Source
+from .spec import STRING, array_nbytes, dtype_name
+from .errors import CkptBridgeError, CorruptError
+from .formats import meta
+from ._names import Plan
+from ._progress import bar
+from .reports import Report
+
+
+_WRITEBACK_BYTES = 64 << 20
+
+
+def exchange_checksum(arr: np.ndarray) -> int:
+    """crc32c of a tensor's canonical bytes (strings: their length-prefixed blob)."""
+    dtype = dtype_name(arr.dtype)
+    stored, _ = meta.encode(arr, dtype)
+    return meta.checksum(stored)
+
+
+def transfer(
+    source: Source,
+    sink: Sink,
+    plan: Plan,
+    *,
+    progress: bool | None = False,
+    desc: str = "converting",
+    verify: bool = True,
+    metadata: dict[str, Any] | None = None,
+    carry_extras: bool = True,
+    chunk_bytes: int | None = None,
+) -> Report:
+    """Stream every planned tensor from ``source`` into ``sink``; read back; publish.
+
+    ``chunk_bytes``: the most read or written at a time for one tensor (default: ``CHUNK_BYTES``).
+    """
+    if chunk_bytes is None:
+        chunk_bytes = CHUNK_BYTES
+    specs = source.specs()
+    out_specs = [dataclasses.replace(specs[src], name=dst) for dst, src in plan.mapping.items()]
+    total = sum(s.nbytes for s in out_specs)
+    crcs: dict[str, int] = {}
+    nbytes = 0
+    pbar = bar(total, desc, progress)
+    try:
+        sink.begin(out_specs)
+        unsynced = 0
+        for dst, src in plan.mapping.items():
+            # Numeric tensors stream block by block where both ends can (any size in
+            # CHUNK_BYTES of memory, one crc32c pass); the rest are read whole.
+            stream = source.read_blocks(src, chunk_bytes) if sink.streams else None
+            if stream is not None:
+                sink.write_blocks(dst, stream)
+                assert stream.crc is not None
+                crcs[dst] = stream.crc
+                n = specs[src].nbytes
+            else:
+                arr = source.read(src)
+                if verify:
+                    crcs[dst] = exchange_checksum(arr)
+                sink.write(dst, arr)
+                n = array_nbytes(arr)
+                del arr
+            nbytes += n
+            unsynced += n
+            if unsynced >= _WRITEBACK_BYTES:
+                sink.start_writeback()  # the disk writes while we convert, not all at the final fsync
+                unsynced = 0
+            pbar.update(n if specs[src].dtype != STRING else 0)
+        graph_note = None
+        if carry_extras:
+            for key, payload in source.extras().items():
+                if key == OBJECT_GRAPH:
+                    # The graph must name exactly the keys written, or TensorFlow's restore fails.
+                    keys = _objgraph.key_map(plan.mapping, plan.ema_swaps, source.object_key)
+                    graph, graph_note = _objgraph.carry(payload, keys)
+                    if graph is None:
+                        continue
+                    payload = graph
+                sink.write_extra(key, payload)
+        doc = dict(metadata or {})
+        if graph_note:
+            doc["object_graph"] = graph_note
+        if plan.dropped:
+            doc["dropped"] = plan.dropped
+        if plan.ema_swaps:
+            doc["ema_swaps"] = plan.ema_swaps
+        sink.finish(doc)
+        sink.start_sync()  # the disk finishes writing while we read back
+        if verify:
+            readback(sink, crcs, chunk_bytes)
+        sink.publish()
+    except BaseException:
+        sink.abort()
+        raise
+    finally:
+        pbar.close()
+    return Report(sink.path, list(plan.mapping), dict(plan.dropped), dict(plan.ema_swaps), nbytes, object_graph=graph_note)
+
+
+def readback(sink: Sink, crcs: dict[str, int], chunk_bytes: int | None = None) -> None:
+    """Re-open what ``sink`` wrote and compare every tensor to what was sent."""
+    if chunk_bytes is None:
+        chunk_bytes = CHUNK_BYTES
+    src = sink.open_readback()  # type: ignore[attr-defined]
+    try:
+        got = set(src.specs())
+        if got != set(crcs):
+            lost = sorted(set(crcs) - got)
+            extra = sorted(got - set(crcs))
+            raise CorruptError(f"read-back of {sink.path} does not match what was written (missing {lost[:5]}, unexpected {extra[:5]}); output discarded")
+        for name, crc in crcs.items():
+            try:
+                stream = src.read_blocks(name, chunk_bytes)
+                actual = stream.drain() if stream is not None else exchange_checksum(src.read(name))
+            except CorruptError:
+                actual = None
+            if actual != crc:
+                raise CorruptError(f"read-back of {sink.path}: tensor {name!r} differs from what was written; output discarded (is the disk failing?)")
+    finally:
+        src.close()
+
+
+def require_some(plan: Plan, path: str) -> None:
+    if not plan.mapping:
+        raise CkptBridgeError(f"nothing to write: every tensor of {path} was filtered out; check --include/--exclude")

@@ -1,0 +1,69 @@
+"""What the verbs return: :class:`Report` (export, rebuild, save), :class:`DiffReport`
+and :class:`VerifyReport`."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from .spec import TensorSpec
+
+__all__ = ["Report", "DiffReport", "VerifyReport"]
+
+
+@dataclasses.dataclass
+class Report:
+    """What a conversion did: every name written, dropped or swapped."""
+
+    output: str
+    written: list[str]
+    dropped: dict[str, str]
+    ema_swaps: dict[str, str]
+    nbytes: int
+    #: graph variables the archive did not have (left at their initializer; rebuild only)
+    missing: list[str] = dataclasses.field(default_factory=list)
+    #: old name -> new name for every tensor renamed (--rename, --rename-file, --original-names)
+    renamed: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: output name -> the layout change made to it, or why a kernel-like tensor was left alone (--layout)
+    layout: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: True when nothing was written (--dry-run)
+    dry_run: bool = False
+    #: what became of a TF2 object graph that could not be carried as it was (rewritten, or left out and why)
+    object_graph: str | None = None
+
+
+
+@dataclasses.dataclass
+class DiffReport:
+    """How two sets of tensors differ."""
+
+    only_a: list[str]
+    only_b: list[str]
+    #: name -> (spec in a, spec in b) where shape or dtype differ
+    spec_diffs: dict[str, tuple[TensorSpec, TensorSpec]]
+    #: name -> (number of differing elements, max abs difference or None for strings/bools)
+    value_diffs: dict[str, tuple[int, float | None]]
+    compared: int
+    #: tensors of a dtype ckptbridge does not carry whose stored bytes differ: name -> dtype
+    raw_diffs: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: how many of ``compared`` were compared as stored bytes (dtypes not carried)
+    compared_raw: int = 0
+
+    @property
+    def identical(self) -> bool:
+        return not (self.only_a or self.only_b or self.spec_diffs or self.value_diffs or self.raw_diffs)
+
+
+@dataclasses.dataclass
+class VerifyReport:
+    """The outcome of checking every tensor's checksum."""
+
+    path: str
+    checked: int
+    ok: bool
+    bad: str | None = None
+    message: str | None = None
+    has_checksums: bool = True
+    #: how many of ``checked`` are of a dtype not carried, checked as stored bytes
+    checked_raw: int = 0
+
+
