@@ -189,7 +189,7 @@ def load_weights(path: str) -> dict[str, torch.Tensor]:
 
         return load_file(path)
     with np.load(path, allow_pickle=False) as z:
-        return {k: torch.from_numpy(np.ascontiguousarray(z[k])) for k in z.files}
+        return {k: torch.from_numpy(np.array(z[k], order="C")) for k in z.files}  # keeps 0-d arrays 0-d
 
 
 def random_state_dict(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
