@@ -30,12 +30,13 @@ from ._version import __version__
 # (a Ctrl-C during start-up then ends with one line, not a traceback).
 _LAZY = {
     "read": "._api", "export": "._api", "rebuild": "._api", "diff": "._api", "verify": "._api", "Reader": "._api",
-    "save": "._api", "load": "._api",
+    "save": "._api", "load": "._api", "port_maps": "._api", "port_map": "._api", "PortMap": "._ports",
     "TensorSpec": ".spec", "Report": ".reports", "DiffReport": ".reports", "VerifyReport": ".reports",
 }
 
 if TYPE_CHECKING:
-    from ._api import Reader, diff, export, load, read, rebuild, save, verify
+    from ._api import Reader, diff, export, load, port_map, port_maps, read, rebuild, save, verify
+    from ._ports import PortMap
     from .spec import TensorSpec
     from .reports import DiffReport, Report, VerifyReport
 
@@ -61,6 +62,9 @@ __all__ = [
     "rebuild",
     "diff",
     "verify",
+    "port_maps",
+    "port_map",
+    "PortMap",
     "Reader",
     "TensorSpec",
     "Report",

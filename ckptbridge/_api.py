@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -14,8 +14,11 @@ from .spec import TensorSpec
 from ._compare import diff_sources, verify_source
 from ._pipe import require_some, transfer
 from .reports import DiffReport, Report, VerifyReport
-from .errors import CkptBridgeError, FormatError
+from .errors import CkptBridgeError, FormatError, option
 from ._names import make_plan
+
+if TYPE_CHECKING:
+    from ._ports import PortMap
 
 #: what one archive tensor may claim before it is refused as a likely memory bomb (64 GiB)
 DEFAULT_MAX_TENSOR_BYTES = 64 << 30
@@ -184,6 +187,7 @@ def export(
     num_classes: int | None = None,
     dry_run: bool = False,
     fsync: bool = True,
+    port: "str | PortMap | None" = None,
 ) -> Report:
     """Write every (selected) tensor of a checkpoint to ``.npz``, HDF5 or ``.safetensors``, exactly.
 
@@ -196,24 +200,65 @@ def export(
     names and layout changes, so ``rebuild`` can undo them.  ``dry_run``
     plans everything, writes nothing, and returns the report.  ``fsync=False``
     skips making the output durable before the rename (see the README's Limits).
+
+    ``port`` (a built-in map's name such as ``"torchvision:vgg16"``, a map file,
+    or a :class:`PortMap`) writes the destination model's ``state_dict`` instead:
+    its names, layouts and classes, EMA values where the checkpoint has them, no
+    optimizer state.  The map decides every name, so it excludes the name
+    options.  Every tensor must be accounted for, or nothing is written.
+
+    Args:
+        checkpoint: a checkpoint prefix, its directory, or any archive.
+        output: the archive to write; its suffix picks the format.
+
+    Returns:
+        A :class:`Report` of every tensor written, dropped, swapped or renamed.
+
+    Example:
+        >>> ckptbridge.export("vgg_16.ckpt", "vgg16.safetensors", port="torchvision:vgg16")  # doctest: +SKIP
     """
     from ._plans import prepare_export
 
     kind = require_archive_kind(output)
+    if port is not None:
+        _refuse_with_port(rename=rename, rename_map=rename_map, layout=layout, model=model, num_classes=num_classes,
+                          include=include, exclude=exclude, weights_only=weights_only, use_ema=use_ema)
     with durability(fsync), open_source(checkpoint, engine=engine) as src:
-        prep = prepare_export(
-            src, include=include, exclude=exclude, weights_only=weights_only, use_ema=use_ema,
-            rename=rename, rename_map=rename_map, layout=layout, model=model, num_classes=num_classes,
-        )
+        prep: Any
+        if port is not None:
+            from . import _ports
+
+            prep = _ports.plan_export(src, _ports.load(port))
+        else:
+            prep = prepare_export(
+                src, include=include, exclude=exclude, weights_only=weights_only, use_ema=use_ema,
+                rename=rename, rename_map=rename_map, layout=layout, model=model, num_classes=num_classes,
+            )
         require_some(prep.plan, checkpoint)
         if dry_run:
             _check_dry_run_output(output, force, kind, prep.source)
-            return _dry_report(output, prep)
+            return _dry_report(output, prep, port)
         sink = open_archive_sink(output, compress=compress, force=force, source=src.path)
         metadata = {"engine": source_label(src), **prep.metadata}
-        report = transfer(prep.source, sink, prep.plan, progress=progress, desc="export", metadata=metadata)
-        report.renamed, report.layout = prep.renamed, prep.layout
+        report = transfer(prep.source, sink, prep.plan, progress=progress, desc="export", metadata=metadata,
+                          carry_extras=port is None)
+        _annotate(report, prep, port)
         return report
+
+
+def _refuse_with_port(**options: Any) -> None:
+    """Options that a port map decides by itself are errors beside it, never ignored."""
+    given = [option(k) for k, v in options.items() if v]
+    if given:
+        raise CkptBridgeError(f"{', '.join(given)} cannot be combined with {option('port')}: the port map decides every name, "
+                              "layout and class; leave them out, or write your own map")
+
+
+def _annotate(report: Report, prep: Any, port: Any) -> None:
+    report.renamed, report.layout = prep.renamed, prep.layout
+    if port is not None:
+        report.added, report.caveats = prep.added, prep.caveats
+        report.port = port if isinstance(port, str) else port.name
 
 
 def _check_dry_run_output(output: str, force: bool, kind: str, source: Source) -> None:
@@ -223,17 +268,18 @@ def _check_dry_run_output(output: str, force: bool, kind: str, source: Source) -
     from .errors import OutputExistsError
 
     if os.path.lexists(output) and not force:
-        raise OutputExistsError(f"output {output} already exists; pass --force to overwrite it")
+        raise OutputExistsError(f"output {output} already exists; pass {option('force', True)} to overwrite it")
     from .formats import FORMATS
 
     FORMATS[kind].check_specs(source.specs().values(), output)
 
 
-def _dry_report(output: str, prep: Any) -> Report:
+def _dry_report(output: str, prep: Any, port: Any = None) -> Report:
     specs = prep.source.specs()
     nbytes = sum(specs[n].nbytes for n in prep.plan.mapping)
-    return Report(output, list(prep.plan.mapping), dict(prep.plan.dropped), dict(prep.plan.ema_swaps), nbytes,
-                  renamed=prep.renamed, layout=prep.layout, dry_run=True)
+    report = Report(output, list(prep.plan.mapping), dict(prep.plan.dropped), dict(prep.plan.ema_swaps), nbytes, dry_run=True)
+    _annotate(report, prep, port)
+    return report
 
 
 def rebuild(
@@ -259,6 +305,7 @@ def rebuild(
     dry_run: bool = False,
     image_size: int | None = None,
     fsync: bool = True,
+    port: "str | PortMap | None" = None,
 ) -> Report:
     """Turn an archive (or any source) back into a TensorFlow checkpoint.
 
@@ -275,24 +322,50 @@ def rebuild(
     ``rename``/``rename_map`` rename after the filters.  ``dry_run`` plans
     the names, writes nothing (and does not build the graph).  ``fsync=False``
     skips making the output durable before the rename.
+
+    ``port`` reads a destination model's ``state_dict`` (written by
+    ``safetensors.torch.save_file``, or a ``.npz`` of it) through a port map,
+    back to the tf-slim names and layouts; with ``model`` the slim graph is
+    built and checked as for any archive.  A slim net with one class more than
+    the destination (``num_classes``, by default the map's) gets TensorFlow's
+    background class back as a row of zeros.
+
+    Args:
+        archive: an archive, or any source ckptbridge reads.
+        output_prefix: the checkpoint prefix to write (``dir/model.ckpt``).
+
+    Returns:
+        A :class:`Report`; ``missing`` lists graph variables the archive lacked.
+
+    Example:
+        >>> ckptbridge.rebuild("vgg16.safetensors", "out/model.ckpt", model="vgg_16", port="torchvision:vgg16")  # doctest: +SKIP
     """
     if max_shard_bytes is not None and max_shard_bytes <= 0:
         raise CkptBridgeError(f"the shard size must be positive, got {max_shard_bytes} bytes")
     if model is None:
-        given = [opt for opt, value in (("--chunk-mb", chunk_bytes), ("--num-classes", num_classes), ("--image-size", image_size),
-                                        ("--allow-missing", allow_missing), ("--strict", strict)) if value]
+        given = [option(opt) for opt, value in (("chunk_bytes", chunk_bytes), ("num_classes", num_classes), ("image_size", image_size),
+                                                ("allow_missing", allow_missing), ("strict", strict)) if value]
         if given:
             raise CkptBridgeError(f"{', '.join(given)} {'apply' if len(given) > 1 else 'applies'} to a rebuild through a graph; "
-                                  "add --model, or leave them out")
+                                  f"add {option('model')}, or leave them out")
+    if port is not None:
+        _refuse_with_port(rename=rename, rename_map=rename_map, original_names=original_names, include=include,
+                          exclude=exclude, use_ema=use_ema)
     with durability(fsync), open_source(archive, engine=engine, max_tensor_bytes=max_tensor_bytes) as src:
         from ._plans import prepare_import
 
-        # One view of the archive (filters, EMA, original names, renames, layout undone), then one sink.
-        prep = prepare_import(src, include=include, exclude=exclude, use_ema=use_ema, rename=rename,
-                              rename_map=rename_map, original_names=original_names)
+        # One view of the archive (filters, EMA, original names, renames, layout undone; or a port map), then one sink.
+        prep: Any
+        if port is not None:
+            from . import _ports
+
+            prep = _ports.plan_import(src, _ports.load(port), num_classes=num_classes)
+        else:
+            prep = prepare_import(src, include=include, exclude=exclude, use_ema=use_ema, rename=rename,
+                                  rename_map=rename_map, original_names=original_names)
         require_some(prep.plan, archive)
         if dry_run:
-            return _dry_report(output_prefix, prep)
+            return _dry_report(output_prefix, prep, port)
         if model is not None:
             from .tf.slim import plan_graph_import
 
@@ -303,12 +376,31 @@ def rebuild(
             # The graph's checkpoint is name-based: a TF2 object graph of the archive has nothing to describe there.
             report = transfer(g.source, g.sink, g.plan, progress=progress, desc="import", carry_extras=False, chunk_bytes=g.chunk_bytes)
             report.written = [n for n in report.written if n not in g.missing]
-            report.dropped, report.ema_swaps, report.missing = g.dropped, g.ema_swaps, g.missing
+            report.dropped, report.ema_swaps, report.missing = {**prep.plan.dropped, **g.dropped}, g.ema_swaps, g.missing
         else:
             sink = open_checkpoint_sink(output_prefix, engine=engine, force=force, max_shard_bytes=max_shard_bytes)
             report = transfer(prep.source, sink, prep.plan, progress=progress, desc="import")
-        report.renamed, report.layout = prep.renamed, prep.layout
+        _annotate(report, prep, port)
         return report
+
+
+def port_maps() -> "dict[str, PortMap]":
+    """The built-in port maps, by name (``"torchvision:vgg16"``...).
+
+    Example:
+        >>> sorted(ckptbridge.port_maps())[:2]  # doctest: +SKIP
+        ['timm:inception_v3', 'torchvision:googlenet']
+    """
+    from . import _ports
+
+    return {name: _ports.load(name) for name in _ports.builtin()}
+
+
+def port_map(name_or_path: str) -> "PortMap":
+    """One port map: a built-in one by name, or your own map file (checked; every problem listed)."""
+    from . import _ports
+
+    return _ports.load(name_or_path)
 
 
 def diff(

@@ -32,7 +32,7 @@ from . import _durability, _state
 from ._ckptfiles import checkpoint_files, taken_names as _taken_names
 from ._signals import raise_if_signalled, signals_deferred
 from ._threads import Job
-from .errors import CkptBridgeError, NotFoundError, OutputExistsError
+from .errors import CkptBridgeError, NotFoundError, OutputExistsError, option
 
 TMP_SUFFIX = ".ckptbridge-tmp"
 
@@ -190,7 +190,7 @@ class AtomicFile:
         if os.path.isdir(dest) and not os.path.islink(dest):
             raise OutputExistsError(f"output {dest} is a directory; name a file")
         if os.path.lexists(dest) and not force:
-            raise OutputExistsError(f"output {dest} already exists; pass --force to overwrite it")
+            raise OutputExistsError(f"output {dest} already exists; pass {option('force', True)} to overwrite it")
         parent = _check_parent(dest)
         # Every attribute abort() uses is set before the temporary exists: a signal
         # raised right after it is registered must find abort() able to run.
@@ -247,7 +247,7 @@ class AtomicFile:
                 _place(self.tmp, self.dest, self.force)
             except FileExistsError:
                 # Another run published it since our check in __init__: theirs stays.
-                raise OutputExistsError(f"output {self.dest} already exists (written meanwhile by another process); pass --force to overwrite it") from None
+                raise OutputExistsError(f"output {self.dest} already exists (written meanwhile by another process); pass {option('force', True)} to overwrite it") from None
             _published.append(self.dest)
             _pending.pop(self.tmp, None)
             if self.durable:
@@ -302,7 +302,7 @@ class AtomicCheckpoint:
         self.update_state = update_state
         existing = _taken_names(prefix)
         if existing and not force:
-            raise OutputExistsError(f"output checkpoint {prefix} already exists ({os.path.basename(existing[0])}); pass --force to overwrite it")
+            raise OutputExistsError(f"output checkpoint {prefix} already exists ({os.path.basename(existing[0])}); pass {option('force', True)} to overwrite it")
         if os.path.isdir(prefix) and not os.path.islink(prefix):
             raise OutputExistsError(f"output prefix {prefix} is a directory; name a checkpoint prefix such as {os.path.join(prefix, 'model.ckpt')}")
         # A checkpoint lives in a directory of its own, as with Saver.save: create it
@@ -446,7 +446,7 @@ class AtomicCheckpoint:
                 except OSError:
                     os.unlink(final)
             raise OutputExistsError(f"output checkpoint {self.prefix} already exists ({os.path.basename(e.filename or '')} written "
-                                    f"meanwhile by another process); pass --force to overwrite it") from None
+                                    f"meanwhile by another process); pass {option('force', True)} to overwrite it") from None
         return placed
 
     def _keep_previous(self, old: set[str], old_index: str) -> None:

@@ -7,11 +7,10 @@ drops or swaps and why, so that nothing disappears silently.
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 
-from .errors import FormatError
+from .errors import FormatError, option
 
 EMA_SUFFIX = "/ExponentialMovingAverage"
 
@@ -80,8 +79,8 @@ def make_plan(
     """
     from ._dtypes import uncarried_error
 
-    inc = compile_patterns(include, "--include")
-    exc = compile_patterns(exclude, "--exclude")
+    inc = compile_patterns(include, option("include"))
+    exc = compile_patterns(exclude, option("exclude"))
     opaque = dict(uncarried or {})
     if opaque:
         names = sorted([*names, *opaque], key=lambda n: n.encode("utf-8", "surrogateescape"))
@@ -91,16 +90,16 @@ def make_plan(
     swaps: dict[str, str] = {}
     for name in names:
         if inc and not any(p.search(name) for p in inc):
-            dropped[name] = "not matched by --include"
+            dropped[name] = "not matched by any include pattern"
             continue
         if any(p.search(name) for p in exc):
-            dropped[name] = "matched by --exclude"
+            dropped[name] = "matched by an exclude pattern"
             continue
         if weights_only and is_optimizer_state(name):
-            dropped[name] = "optimizer state (--weights-only)"
+            dropped[name] = "optimizer state (weights only)"
             continue
         if use_ema and name.endswith(EMA_SUFFIX) and name[: -len(EMA_SUFFIX)] in present:
-            dropped[name] = f"its value replaces {name[: -len(EMA_SUFFIX)]} (--use-ema)"
+            dropped[name] = f"its value replaces {name[: -len(EMA_SUFFIX)]} (EMA)"
             continue
         src = name
         if use_ema and name + EMA_SUFFIX in present:
@@ -127,7 +126,7 @@ class RenameRule:
         try:
             return self.pattern.sub(self.replacement, name)
         except (re.error, IndexError) as e:
-            raise FormatError(f"--rename {self.text!r}: the replacement cannot be applied to {name!r} ({e}); check its group references") from None
+            raise FormatError(f"{option('rename')} rule {self.text!r}: the replacement cannot be applied to {name!r} ({e}); check its group references") from None
 
 
 def parse_rename(rule: str) -> RenameRule:
@@ -139,38 +138,14 @@ def parse_rename(rule: str) -> RenameRule:
     """
     regex, sep, repl = rule.rpartition("=")
     if not sep:
-        raise FormatError(f"--rename {rule!r} has no '='; write it as REGEX=REPLACEMENT, e.g. --rename '/weights$=.weight'")
+        raise FormatError(f"{option('rename')} rule {rule!r} has no '='; write it as REGEX=REPLACEMENT, e.g. '/weights$=.weight'")
     if not regex:
-        raise FormatError(f"--rename {rule!r} has an empty regex before its last '='; write it as REGEX=REPLACEMENT")
+        raise FormatError(f"{option('rename')} rule {rule!r} has an empty regex before its last '='; write it as REGEX=REPLACEMENT")
     try:
         pattern = re.compile(regex)
     except re.error as e:
-        raise FormatError(f"--rename {rule!r}: {regex!r} (before the last '=') is not a valid regular expression ({e})") from None
+        raise FormatError(f"{option('rename')} rule {rule!r}: {regex!r} (before the last '=') is not a valid regular expression ({e})") from None
     return RenameRule(pattern, repl, rule)
-
-
-def load_rename_file(path: str) -> dict[str, str]:
-    """Read ``--rename-file``: a JSON object mapping exact old names to new ones."""
-    import json
-    import stat
-
-    try:
-        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the open forever
-            raise FormatError(f"--rename-file {path} is not a regular file; give a JSON file")
-    except FileNotFoundError:
-        pass  # reported by the open below
-    try:
-        with open(path, encoding="utf-8") as f:
-            doc = json.load(f)
-    except FileNotFoundError:
-        from .errors import NotFoundError
-
-        raise NotFoundError(f"--rename-file {path}: no such file") from None
-    except (UnicodeDecodeError, ValueError) as e:
-        raise FormatError(f"--rename-file {path} is not valid JSON ({e})") from None
-    if not isinstance(doc, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in doc.items()):
-        raise FormatError(f"--rename-file {path} must hold one JSON object of strings, old name -> new name")
-    return doc
 
 
 def rename_map(
@@ -192,7 +167,7 @@ def rename_map(
     unknown = sorted(k for k in exact if k not in universe)
     if unknown:
         shown = ", ".join(repr(u) for u in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
-        raise FormatError(f"--rename-file names tensors that do not exist: {shown}; check the names (ckptbridge ls)")
+        raise FormatError(f"{option('rename_map')} names tensors that do not exist: {shown}; check the names (ckptbridge ls)")
     out: dict[str, str] = {}
     taken: dict[str, str] = {}
     for name in names:
@@ -200,9 +175,9 @@ def rename_map(
         for r in parsed:
             new = r.apply(new)
         if not new:
-            raise FormatError(f"renaming {name!r} gives an empty name; check the --rename rules")
+            raise FormatError(f"renaming {name!r} gives an empty name; check the {option('rename')} rules")
         if new in taken:
-            raise FormatError(f"two tensors would be renamed to {new!r}: {taken[new]!r} and {name!r}; make the --rename rules tell them apart")
+            raise FormatError(f"two tensors would be renamed to {new!r}: {taken[new]!r} and {name!r}; make the {option('rename')} rules tell them apart")
         taken[new] = name
         out[name] = new
     return out

@@ -12,7 +12,7 @@ from . import _objgraph
 from ._chunks import CHUNK_BYTES
 from ._source import OBJECT_GRAPH, Sink, Source
 from .spec import STRING, array_nbytes, dtype_name
-from .errors import CkptBridgeError, CorruptError
+from .errors import CkptBridgeError, CorruptError, option
 from .formats import meta
 from ._names import Plan
 from ._progress import bar
@@ -134,4 +134,4 @@ def readback(sink: Sink, crcs: dict[str, int], chunk_bytes: int | None = None) -
 
 def require_some(plan: Plan, path: str) -> None:
     if not plan.mapping:
-        raise CkptBridgeError(f"nothing to write: every tensor of {path} was filtered out; check --include/--exclude")
+        raise CkptBridgeError(f"nothing to write: every tensor of {path} was filtered out; check {option('include')}/{option('exclude')}")

@@ -23,7 +23,7 @@ import numpy as np
 from . import _layout as lay
 from ._source import Source
 from .spec import TensorSpec
-from .errors import CorruptError, FormatError
+from .errors import CorruptError, FormatError, option
 from .formats import meta
 from ._names import Plan, make_plan
 from ._names import rename_map as _rename_map
@@ -137,7 +137,7 @@ def prepare_export(
     """Plan an export with renames and an optional layout change (see module docstring)."""
     lay.check_layout(layout)
     if model is not None and layout is None:
-        raise FormatError("--model on export only tells --layout which tensors are conv, depthwise or dense; add --layout torch")
+        raise FormatError(f"{option('model')} on export only tells {option('layout')} which tensors are conv, depthwise or dense; add {option('layout', 'torch')}")
     specs = src.specs()
     prior = src.metadata()
     prior_layout = lay.parse_records(prior, src.path)
@@ -150,7 +150,7 @@ def prepare_export(
     if layout is not None:
         already = sorted(n for n in plan0.mapping.values() if n in prior_layout)
         if already:
-            raise FormatError(f"{src.path} is already in {layout} layout ({', '.join(already[:3])}...); export it without --layout")
+            raise FormatError(f"{src.path} is already in {layout} layout ({', '.join(already[:3])}...); export it without {option('layout')}")
         cand = {dst: dataclasses.replace(specs[s], name=dst) for dst, s in plan0.mapping.items()}
         graph = None
         if model is not None:

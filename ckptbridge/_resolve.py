@@ -16,7 +16,7 @@ from typing import Any
 
 from . import _ckptfiles, _engines, _state, formats
 from ._source import Sink, Source
-from .errors import CkptBridgeError, FormatError, MissingDependencyError, NotFoundError
+from .errors import CkptBridgeError, FormatError, MissingDependencyError, NotFoundError, option
 
 
 def archive_kind(path: str) -> str | None:
@@ -128,7 +128,7 @@ def open_source(path: str, *, engine: str = "auto", verify: bool = True, max_ten
         able = _engines.for_reading(_engines.AUTO, version)
         need = f" (needs {able[0].install})" if able and able[0].install else ""
         raise FormatError(f"{prefix} is a {version.upper()} checkpoint, which the {engine} engine does not read; "
-                          f"use --engine {' or '.join(e.name for e in able)}{need}")
+                          f"use {' or '.join(option('engine', e.name) for e in able)}{need}")
     e = chosen[0]
     try:
         return _engines.open_source(e, prefix, verify=verify)
@@ -136,7 +136,7 @@ def open_source(path: str, *, engine: str = "auto", verify: bool = True, max_ten
         if e.needs is None:
             raise
         only = _engines.for_reading(_engines.AUTO, version) == [e]
-        what = f"a {version.upper()} checkpoint" if only else f"this checkpoint with --engine {e.name}"
+        what = f"a {version.upper()} checkpoint" if only else f"this checkpoint with {option('engine', e.name)}"
         raise MissingDependencyError(f"reading {what} ({prefix}) needs {e.needs}; install it with: {e.install}") from err
 
 

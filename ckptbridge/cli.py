@@ -11,7 +11,7 @@ import traceback
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from .errors import CkptBridgeError
+from .errors import CkptBridgeError, FormatError, NotFoundError
 
 PROG = "ckptbridge"
 #: Exit status when stdout or stderr is a pipe whose reader has gone (``ckptbridge ls X | head -1``):
@@ -102,6 +102,11 @@ def _report_plan(args: argparse.Namespace, report: Any) -> None:
         _say(args, f"layout {name}: {what}")
     if getattr(report, "object_graph", None):
         _say(args, f"TF2 object graph {report.object_graph}")
+    for name, what in getattr(report, "added", {}).items():
+        _say(args, f"added {name}: {what}")
+    for line in getattr(report, "caveats", []):
+        if not args.quiet:  # shown without --verbose: no weight fixes them
+            print(f"{PROG}: caveat of port map {report.port}: {line}", file=sys.stderr)
 
 
 def _print_dry_run(report: Any, where: str) -> None:
@@ -116,13 +121,37 @@ def _print_dry_run(report: Any, where: str) -> None:
         print(f"ema: {name} <- {src}")
     for name, what in report.layout.items():
         print(f"layout {name}: {what}")
+    for name, what in report.added.items():
+        print(f"add {name}: {what}")
+    for line in report.caveats:
+        print(f"caveat: {line}")
     print(f"dry run: would write {len(report.written)} tensors ({_human(report.nbytes)}) to {where}; nothing was written")
 
 
-def _handoff_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    from ._names import load_rename_file
+def _load_rename_file(path: str) -> dict[str, str]:
+    """Read a ``--rename-file``: a JSON object mapping exact old names to new ones."""
+    import json
+    import stat
 
-    exact = load_rename_file(args.rename_file) if args.rename_file else None
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the open forever
+            raise FormatError(f"--rename-file {path} is not a regular file; give a JSON file")
+    except FileNotFoundError:
+        pass  # reported by the open below
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except FileNotFoundError:
+        raise NotFoundError(f"--rename-file {path}: no such file") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise FormatError(f"--rename-file {path} is not valid JSON ({e})") from None
+    if not isinstance(doc, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in doc.items()):
+        raise FormatError(f"--rename-file {path} must hold one JSON object of strings, old name -> new name")
+    return doc
+
+
+def _handoff_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    exact = _load_rename_file(args.rename_file) if args.rename_file else None
     return {"rename": args.rename, "rename_map": exact, "dry_run": args.dry_run}
 
 
@@ -192,7 +221,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     report = _api.export(
         args.checkpoint, args.output, include=args.include, exclude=args.exclude, weights_only=args.weights_only,
         use_ema=args.use_ema, compress=args.compress, force=args.force, engine=args.engine, progress=_progress(args),
-        layout=args.layout, model=args.model, num_classes=args.num_classes, fsync=args.fsync, **_handoff_kwargs(args),
+        layout=args.layout, model=args.model, num_classes=args.num_classes, fsync=args.fsync, port=_port(args), **_handoff_kwargs(args),
     )
     if report.dry_run:
         _print_dry_run(report, report.output)
@@ -208,13 +237,42 @@ def cmd_import(args: argparse.Namespace) -> int:
         exclude=args.exclude, use_ema=args.use_ema, allow_missing=args.allow_missing, strict=args.strict,
         chunk_bytes=_bytes(args.chunk_mb, 1 << 20, "--chunk-mb"), max_shard_bytes=_bytes(args.max_shard_mb, 1 << 20, "--max-shard-mb"),
         engine=args.engine, force=args.force, max_tensor_bytes=_max_tensor(args), progress=_progress(args), original_names=args.original_names,
-        image_size=args.image_size, fsync=args.fsync, **_handoff_kwargs(args),
+        image_size=args.image_size, fsync=args.fsync, port=_port(args), **_handoff_kwargs(args),
     )
     if report.dry_run:
         _print_dry_run(report, f"checkpoint {report.output}")
         return 0
     _report_plan(args, report)
     _say(args, f"wrote {len(report.written)} tensors ({_human(report.nbytes)}) to checkpoint {report.output}")
+    return 0
+
+
+def _port(args: argparse.Namespace) -> str | None:
+    if args.port is not None and args.map_file is not None:
+        flag = "--to" if args.command == "export" else "--from"
+        raise CkptBridgeError(f"give either {flag} or --map, not both (--map FILE is {flag} with your own map)")
+    if args.map_file is not None and not os.path.isfile(args.map_file):
+        raise NotFoundError(f"port map {args.map_file}: no such file")
+    return args.map_file if args.map_file is not None else args.port
+
+
+def cmd_maps(args: argparse.Namespace) -> int:
+    maps = _api.port_maps()
+    if args.json:
+        print(json.dumps([{"name": m.name, "net": m.net, "destination": m.destination, "description": m.description,
+                           "image_size": m.image_size, "classes": {"source": m.source_classes, "destination": m.dest_classes},
+                           "caveats": [{"kind": c.kind, "text": c.text, "fix": c.fix} for c in m.caveats]}
+                          for m in maps.values()], indent=2))
+        return 0
+    for m in maps.values():
+        classes = (f"{m.source_classes} -> {m.dest_classes} classes (background class dropped)"
+                   if m.source_classes != m.dest_classes else f"{m.dest_classes} classes")
+        print(f"{m.name}\n  net:         {m.net} (tf-slim)\n  destination: {m.destination}\n  {classes}, {m.image_size}x{m.image_size} input")
+        for c in m.caveats:
+            print(f"  caveat ({c.kind}): {c.text}")
+        if not m.caveats:
+            print("  no architecture differences: the destination computes what the tf-slim net computes")
+    print(f"{len(maps)} built-in maps; pass your own with --map FILE (docs/porting.md)")
     return 0
 
 
@@ -297,6 +355,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--layout", choices=("torch",), default=None, help="store conv/depthwise/dense kernels in PyTorch's layout (undone on import)")
     s.add_argument("--model", default=None, help="with --layout: the tf-slim net whose graph tells conv, depthwise and dense kernels apart")
     s.add_argument("--num-classes", type=int, default=None, help="with --model: classes of the net's logits")
+    s.add_argument("--to", dest="port", metavar="MAP", default=None,
+                   help="write the state_dict of another framework's model through a port map: a built-in map "
+                        "(torchvision:vgg16, ...; see `ckptbridge maps`) or a map file")
+    s.add_argument("--map", dest="map_file", metavar="FILE", default=None, help="your own port map file (instead of --to)")
     s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("import", parents=[common, filt], help=f"archive ({shown}) -> checkpoint (through a tf-slim graph, or graph-free)")
@@ -312,7 +374,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="with --model --engine tf: feed variables larger than this to the Saver in row slices (default 64)")
     s.add_argument("--max-shard-mb", type=float, default=None, help="split the checkpoint into .data shards of at most this size")
     s.add_argument("--max-tensor-gb", type=float, default=_api.DEFAULT_MAX_TENSOR_BYTES / (1 << 30), help="refuse archive tensors claiming more than this (default 64)")
+    s.add_argument("--from", dest="port", metavar="MAP", default=None,
+                   help="the archive is another framework's state_dict: read it back to tf-slim names through a port map "
+                        "(torchvision:vgg16, ...; see `ckptbridge maps`) or a map file")
+    s.add_argument("--map", dest="map_file", metavar="FILE", default=None, help="your own port map file (instead of --from)")
     s.set_defaults(func=cmd_import)
+
+    s = sub.add_parser("maps", help="list the built-in port maps: source net, destination model, caveats")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument("--debug", action="store_true", help="show a traceback on errors")
+    s.add_argument("-q", "--quiet", action="store_true", help=argparse.SUPPRESS)
+    s.set_defaults(func=cmd_maps)
 
     s = sub.add_parser("diff", parents=[common], help="compare two checkpoints or archives (exit 0 same, 1 different)")
     s.add_argument("a")
@@ -395,7 +467,8 @@ def _run(argv: Sequence[str] | None, published_before: int, notes_before: int) -
         return 143
     except CkptBridgeError as e:
         _debug(args)
-        _err(str(e) + _how_to_fix(e, args))
+        command = getattr(args, "command", None)
+        _err(e.render(lambda k, v: _flag(k, v, command)) + _how_to_fix(e, args))
         return 2
     except OSError as e:
         _debug(args)
@@ -447,6 +520,20 @@ def _report_state(args: argparse.Namespace, notes: Sequence[Any]) -> None:
         elif n.action == "left":
             now = f"TensorFlow still restores {n.latest}" if n.latest else "its content was not read"
             _say(args, f"checkpoint state file {n.path} left as it was ({now}); pass --force to make {base} the latest")
+
+
+# The flag for each option the library's messages name (errors.option), where it is not
+# the keyword with dashes; sizes are given in other units on the command line.
+_FLAGS = {"max_tensor_bytes": "--max-tensor-gb", "chunk_bytes": "--chunk-mb", "max_shard_bytes": "--max-shard-mb",
+          "rename_map": "--rename-file"}
+
+
+def _flag(key: str, value: str | None, command: str | None = None) -> str:
+    """How the command line names an option: ``--force``, ``--engine tf``, ``--max-tensor-gb``."""
+    if key == "port":
+        return {"export": "--to", "import": "--from"}.get(command or "", "--to/--from")
+    flag = _FLAGS.get(key, "--" + key.replace("_", "-"))
+    return flag if value in (None, "True") else f"{flag} {value}"
 
 
 def _how_to_fix(e: CkptBridgeError, args: argparse.Namespace) -> str:

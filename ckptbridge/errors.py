@@ -3,9 +3,17 @@
 Every failure the library can foresee is a :class:`CkptBridgeError`; the CLI turns
 it into one ``ckptbridge: error: ...`` line and exit status 2.  Subclasses also
 subclass the matching built-in so callers can catch either.
+
+A message that names the option which gets past it names it in the library's
+own terms (``pass force=True to overwrite it``); the command line shows the same
+message with its flag (``pass --force to overwrite it``).  Messages mark the
+option with :func:`option`, and :meth:`CkptBridgeError.render` spells it.
 """
 
 from __future__ import annotations
+
+import re
+from collections.abc import Callable
 
 __all__ = [
     "CkptBridgeError",
@@ -20,8 +28,41 @@ __all__ = [
 ]
 
 
+_OPEN, _SEP, _CLOSE = "\ue000", "\ue002", "\ue001"  # private-use characters: repr() escapes them in names
+_MARK = re.compile(f"{_OPEN}([a-z_]+)(?:{_SEP}([^{_CLOSE}]*))?{_CLOSE}")
+
+
+def option(key: str, value: object = None) -> str:
+    """A mark in a message for the option ``key`` (an API keyword) set to ``value``.
+
+    Rendered as the keyword for library callers (``option("force", True)`` ->
+    ``force=True``, ``option("engine", "tf")`` -> ``engine='tf'``,
+    ``option("exclude")`` -> ``exclude``) and as a flag by the command line.
+    """
+    return _OPEN + key + ("" if value is None else _SEP + str(value)) + _CLOSE
+
+
+def api_spelling(key: str, value: str | None) -> str:
+    """How the Python API names an option: its keyword, with the value where one is given."""
+    if value is None:
+        return key
+    return f"{key}={value}" if value in ("True", "False") else f"{key}={value!r}"
+
+
+def render(message: str, spell: Callable[[str, str | None], str] = api_spelling) -> str:
+    """``message`` with every :func:`option` mark spelled by ``spell(key, value)``."""
+    return _MARK.sub(lambda m: spell(m.group(1), m.group(2)), message)
+
+
 class CkptBridgeError(Exception):
     """Base class of every error ckptbridge raises on purpose."""
+
+    def __str__(self) -> str:
+        return render(super().__str__())
+
+    def render(self, spell: Callable[[str, str | None], str]) -> str:
+        """The message with its options spelled by ``spell`` (the CLI passes its flags)."""
+        return render(super().__str__(), spell)
 
 
 class NotFoundError(CkptBridgeError, FileNotFoundError):

@@ -29,6 +29,12 @@ class Report:
     dry_run: bool = False
     #: what became of a TF2 object graph that could not be carried as it was (rewritten, or left out and why)
     object_graph: str | None = None
+    #: the port map used (export(port=...), rebuild(port=...)), or None
+    port: str | None = None
+    #: output name -> what it was filled with, for tensors the destination needs and the source lacks (ports)
+    added: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: the architecture differences the port map declares, which no weight can fix
+    caveats: list[str] = dataclasses.field(default_factory=list)
 
 
 

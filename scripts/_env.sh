@@ -8,12 +8,12 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 find_python() {
     for p in "${PYTHON:-}" python3.11 python3; do
         if [ -n "$p" ] && command -v "$p" >/dev/null 2>&1; then
-            if "$p" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else 1)' 2>/dev/null; then
+            if "$p" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' 2>/dev/null; then
                 echo "$p"; return 0
             fi
         fi
     done
-    echo "scripts: error: need Python 3.10 or newer (3.11 recommended); set PYTHON=/path/to/python" >&2
+    echo "scripts: error: need Python 3.11 or newer; set PYTHON=/path/to/python" >&2
     return 1
 }
 

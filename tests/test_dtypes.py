@@ -153,7 +153,7 @@ def test_excluding_the_variant_is_reported_and_recorded(iterator_ckpts: dict[str
     out = tmp_path / "out.npz"
     proc = cli("export", iterator_ckpts["a"], str(out), "--engine", engine, "--exclude", "ITERATOR_STATE")
     assert proc.returncode == 0, proc.stderr
-    assert f"dropped {ITERATOR}: matched by --exclude; its dtype variant is not carried" in proc.stderr
+    assert f"dropped {ITERATOR}: matched by an exclude pattern; its dtype variant is not carried" in proc.stderr
     with ckptbridge.read(str(out)) as r:
         assert list(r) == ["v/.ATTRIBUTES/VARIABLE_VALUE"]
         assert ITERATOR in r.metadata()["dropped"]

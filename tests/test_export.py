@@ -332,8 +332,8 @@ def test_include_exclude(resnet_v2, tmp_path, assert_same_as_tf):
     assert len(want) > 20
     assert sorted(report.written) == want
     assert set(report.dropped) == set(names) - set(want)
-    assert report.dropped["global_step"] == "not matched by --include"
-    assert report.dropped["resnet_v1_50/block1/unit_1/bottleneck_v1/conv1/weights/Momentum"] == "matched by --exclude"
+    assert report.dropped["global_step"] == "not matched by any include pattern"
+    assert report.dropped["resnet_v1_50/block1/unit_1/bottleneck_v1/conv1/weights/Momentum"] == "matched by an exclude pattern"
     with ckptbridge.read(str(out)) as r:
         assert_same_as_tf(r, resnet_v2, names=want)
         assert set(r.metadata()["dropped"]) == set(report.dropped)
@@ -342,7 +342,7 @@ def test_include_exclude(resnet_v2, tmp_path, assert_same_as_tf):
 def test_filtering_everything_is_an_error(sharded_ckpt, tmp_path):
     with pytest.raises(CkptBridgeError, match="filtered out"):
         ckptbridge.export(sharded_ckpt, str(tmp_path / "o.npz"), include=["^no-such-name$"])
-    with pytest.raises(FormatError, match="--exclude"):
+    with pytest.raises(FormatError, match=r"^exclude '\(unclosed'"):
         ckptbridge.export(sharded_ckpt, str(tmp_path / "o.npz"), exclude=["(unclosed"])
     assert os.listdir(tmp_path) == []
 

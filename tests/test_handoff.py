@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 
 import ckptbridge
 from ckptbridge import _layout as lay
-from ckptbridge._names import load_rename_file, parse_rename, rename_map
+from ckptbridge._names import parse_rename, rename_map
+from ckptbridge.cli import _load_rename_file as load_rename_file
 from ckptbridge.cli import main
 from ckptbridge.errors import CkptBridgeError, CorruptError, FormatError
 from ckptbridge.spec import TensorSpec
@@ -82,7 +83,7 @@ def test_malformed_rename_rules_are_refused(rule: str, words: str) -> None:
 
 
 def test_bad_group_reference_names_the_rule() -> None:
-    with pytest.raises(FormatError, match=r"--rename 'fc=\\\\2'.*group"):
+    with pytest.raises(FormatError, match=r"rename rule 'fc=\\\\2'.*group"):
         rename_map(["net/fc"], rules=[r"fc=\2"])
 
 
@@ -126,7 +127,7 @@ def test_rename_file_must_be_a_json_object_of_strings(src_npz: str, tmp_path: An
 def test_cli_malformed_rule_is_one_error_line(src_npz: str, tmp_path: Any, capsys: Any) -> None:
     assert main(["export", src_npz, str(tmp_path / "o.npz"), "--rename", "oops"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("ckptbridge: error: --rename 'oops'")
+    assert len(err) == 1 and err[0].startswith("ckptbridge: error: --rename rule 'oops'")
 
 
 # --- renames in export and import ---------------------------------------------------
@@ -141,7 +142,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(src_npz: str, tmp_path: Any,
     lines = capsys.readouterr().out.splitlines()
     assert "net/fc/weights -> fc.weight" in lines
     assert "net/conv1/biases -> conv1/biases" in lines
-    assert "drop global_step: optimizer state (--weights-only)" in lines
+    assert "drop global_step: optimizer state (weights only)" in lines
     assert "ema: fc.weight <- net/fc/weights/ExponentialMovingAverage" in lines
     assert any(line.startswith("layout conv1.weight: conv HWIO->OIHW [3, 3, 3, 8] -> [8, 3, 3, 3]") for line in lines)
     assert lines[-1].startswith("dry run: would write 7 tensors")
@@ -321,7 +322,7 @@ def test_damaged_layout_records_are_refused(rec: dict[str, Any]) -> None:
 
 
 def test_model_without_layout_is_refused(src_npz: str, tmp_path: Any) -> None:
-    with pytest.raises(FormatError, match="--layout torch"):
+    with pytest.raises(FormatError, match="add layout='torch'"):
         ckptbridge.export(src_npz, str(tmp_path / "o.npz"), model="vgg_16")
 
 

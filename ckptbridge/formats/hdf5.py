@@ -21,7 +21,7 @@ from .._chunks import BlockStream, block_shape, c_blocks, mmap_blocks, write_str
 from .._source import ArchiveSink, ArchiveSource, OBJECT_GRAPH
 from .. import _dtypes
 from ..spec import STRING, TensorSpec, as_exchange_array, dtype_name, numpy_dtype
-from ..errors import CkptBridgeError, CorruptError, FormatError, MismatchError, UnsafeArchiveError
+from ..errors import CkptBridgeError, CorruptError, FormatError, MismatchError, UnsafeArchiveError, option
 from . import meta
 from ._guarded import checks_writes, open_guarded
 
@@ -337,7 +337,7 @@ class Hdf5Source(ArchiveSource):
         meta.check_shape(list(ds.shape), f"{path}: dataset {full!r}")
         need = int(np.prod(ds.shape, dtype=object)) * ds.dtype.itemsize if ds.shape else ds.dtype.itemsize
         if max_tensor_bytes is not None and need > max_tensor_bytes:
-            raise UnsafeArchiveError(f"{path}: dataset {full!r} claims {need} bytes, over the limit of {max_tensor_bytes}; raise --max-tensor-gb if it is genuine")
+            raise UnsafeArchiveError(f"{path}: dataset {full!r} claims {need} bytes, over the limit of {max_tensor_bytes}; raise {option('max_tensor_bytes')} if it is genuine")
         # The chunk index is untrusted: its entries are counted one by one against the file,
         # and entries sharing bytes are refused by _check_spans (get_storage_size() would
         # count one chunk once per entry that points at it).
@@ -530,7 +530,7 @@ def _check_writable(name: str, ndim: int, path: str) -> None:
     """Refuse, before it is created, a dataset HDF5 (or our reader) cannot hold."""
     meta.check_name_to_write(name, path)
     if ndim > _MAX_RANK:
-        raise FormatError(f"tensor {meta.shown_name(name)} has {ndim} dimensions but HDF5 stores at most {_MAX_RANK}, so it cannot be written to {path}; export it to .npz or .safetensors, or leave it out (--exclude)")
+        raise FormatError(f"tensor {meta.shown_name(name)} has {ndim} dimensions but HDF5 stores at most {_MAX_RANK}, so it cannot be written to {path}; export it to .npz or .safetensors, or leave it out ({option('exclude')})")
 
 
 def _chunk_infos(ds: Any) -> list[Any]:

@@ -25,7 +25,7 @@ import numpy as np
 from .. import _dtypes
 from .._version import __version__
 from ..spec import BFLOAT16, STRING
-from ..errors import CorruptError, FormatError, UnsafeArchiveError
+from ..errors import CorruptError, FormatError, UnsafeArchiveError, option
 
 FORMAT_NAME = "ckptbridge"
 FORMAT_VERSION = 1
@@ -116,7 +116,7 @@ def provenance(source: str | None, extra: dict[str, Any] | None = None) -> dict[
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "ckptbridge_version": __version__,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "source": source,
     }
     tf = sys.modules.get("tensorflow")
@@ -223,7 +223,7 @@ def check_in_memory(count: int, nbytes: int, stored: int, where: str, max_bytes:
     need = nbytes + (count * STRING_ELEMENT_BYTES if strings else 0)
     what = f"{count} strings of {nbytes} bytes in all take about {need} bytes in memory" if strings else f"it takes {need} bytes in memory"
     if max_bytes is not None and need > max_bytes:
-        raise UnsafeArchiveError(f"{where}: {what}, over the limit of {max_bytes}; raise --max-tensor-gb if it is genuine")
+        raise UnsafeArchiveError(f"{where}: {what}, over the limit of {max_bytes}; raise {option('max_tensor_bytes')} if it is genuine")
     if need > MAX_EXPANSION * stored + EXPANSION_SLACK:
         raise UnsafeArchiveError(f"{where}: {what} but only {stored} bytes are stored for it; refusing what looks like a memory bomb (the archive is damaged or crafted)")
     return need
@@ -257,7 +257,7 @@ def check_name_to_write(name: str, path: str) -> None:
         check_tensor_name(name, path)
     except CorruptError as e:
         raise FormatError(str(e).replace(" (rename the tensor where it was made)", "").replace("; refusing the archive", ", so it cannot be written").replace("a tensor has an empty name", "an empty tensor name cannot be written")
-                          + "; rename it (--rename) or leave it out (--exclude)") from None
+                          + f"; rename it ({option('rename')}) or leave it out ({option('exclude')})") from None
 
 
 def shown_name(name: str, limit: int = 80) -> str:

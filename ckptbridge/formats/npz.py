@@ -23,7 +23,7 @@ from .._chunks import BlockStream, mmap_blocks
 from .._source import ArchiveSink, ArchiveSource, OBJECT_GRAPH
 from .. import _dtypes
 from ..spec import STRING, TensorSpec, as_exchange_array, dtype_name, numpy_dtype
-from ..errors import CkptBridgeError, CorruptError, FormatError, MismatchError, UnsafeArchiveError
+from ..errors import CkptBridgeError, CorruptError, FormatError, MismatchError, UnsafeArchiveError, option
 from . import meta
 from ._zip import ZipWriter
 
@@ -40,7 +40,7 @@ def check_name(name: str, path: str) -> None:
     """Refuse names that cannot be stored, or would be unsafe to hand to an unzip tool."""
     meta.check_name_to_write(name, path)  # empty, NUL and control characters, not UTF-8, too long
     if name in RESERVED:
-        raise FormatError(f"tensor name {name!r} is reserved by ckptbridge's .npz format; rename it (--rename)")
+        raise FormatError(f"tensor name {name!r} is reserved by ckptbridge's .npz format; rename it ({option('rename')})")
 
 
 class NpzSink(ArchiveSink):
@@ -255,7 +255,7 @@ class NpzSource(ArchiveSource):
             if hlen + need != info.file_size:
                 raise CorruptError(f"{where}: header claims {list(shape)} {dtype} ({need} bytes) but the member holds {info.file_size - hlen}; the archive is damaged or crafted")
             if max_tensor_bytes is not None and need > max_tensor_bytes:
-                raise UnsafeArchiveError(f"{where}: tensor of {need} bytes exceeds the limit of {max_tensor_bytes} bytes; raise --max-tensor-gb if it is genuine")
+                raise UnsafeArchiveError(f"{where}: tensor of {need} bytes exceeds the limit of {max_tensor_bytes} bytes; raise {option('max_tensor_bytes')} if it is genuine")
             if dtype.kind == "S":  # read as one bytes object per element
                 meta.check_in_memory(count, need, info.compress_size, where, max_tensor_bytes, strings=True)
             if info.filename in (META_MEMBER, OBJECT_GRAPH_MEMBER):

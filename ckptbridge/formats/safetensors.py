@@ -35,7 +35,7 @@ from .._chunks import write_stream
 from .._source import ArchiveSink, ArchiveSource, OBJECT_GRAPH
 from .. import _dtypes
 from ..spec import BFLOAT16, STRING, TensorSpec, as_exchange_array, dtype_name, numpy_dtype
-from ..errors import CkptBridgeError, CorruptError, FormatError, MismatchError, MissingDependencyError, UnsafeArchiveError
+from ..errors import CkptBridgeError, CorruptError, FormatError, MismatchError, MissingDependencyError, UnsafeArchiveError, option
 from . import meta
 
 #: canonical dtype -> safetensors dtype, for every carried dtype safetensors has an exact code for
@@ -75,14 +75,14 @@ def check_specs(specs: "list[TensorSpec] | Any", path: str) -> None:
     specs = list(specs)
     for s in specs:
         if not s.name or s.name == RESERVED_NAME:
-            raise FormatError(f"tensor name {s.name!r} cannot be stored in {path}; rename it (--rename)")
+            raise FormatError(f"tensor name {s.name!r} cannot be stored in {path}; rename it ({option('rename')})")
         meta.check_name_to_write(s.name, path)  # what every reader refuses, refused before writing
     bad = [p for p in (_problem(s) for s in specs) if p]
     if bad:
         shown = "; ".join(bad[:10]) + (f"; and {len(bad) - 10} more" if len(bad) > 10 else "")
         raise FormatError(
             f"{len(bad)} tensor(s) cannot be stored in .safetensors, which has no type for them: {shown}. "
-            "Leave them out (--exclude REGEX) or export to .npz / .h5, which keep every dtype"
+            f"Leave them out ({option('exclude')}) or export to .npz / .h5, which keep every dtype"
         )
 
 
@@ -290,7 +290,7 @@ class SafetensorsSource(ArchiveSource):
             shape = tuple(int(x) for x in sl.get_shape())
             spec = TensorSpec(name, dtype, shape)
             if max_tensor_bytes is not None and spec.nbytes > max_tensor_bytes:
-                raise UnsafeArchiveError(f"{path}: tensor {name!r} claims {spec.nbytes} bytes, over the limit of {max_tensor_bytes}; raise --max-tensor-gb if it is genuine")
+                raise UnsafeArchiveError(f"{path}: tensor {name!r} claims {spec.nbytes} bytes, over the limit of {max_tensor_bytes}; raise {option('max_tensor_bytes')} if it is genuine")
             rec = records.get(name)
             if rec is not None and (not isinstance(rec, dict) or type(rec.get("crc32c")) is not int):
                 raise CorruptError(f"{path}: tensor {name!r}: metadata record is malformed; the archive is damaged")

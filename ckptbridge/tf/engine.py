@@ -18,7 +18,7 @@ from .._signals import raise_signals_after
 from .. import _dtypes
 from .._source import OBJECT_GRAPH, OBJECT_GRAPH_KEY, Sink, Source, uncarried_error
 from ..spec import STRING, TensorSpec, array_nbytes, as_exchange_array
-from ..errors import CorruptError, FormatError, MismatchError, NotFoundError
+from ..errors import CorruptError, FormatError, MismatchError, NotFoundError, option
 from .compat import import_tensorflow
 
 DEFAULT_BATCH_BYTES = 512 << 20
@@ -165,7 +165,7 @@ class TfCheckpointSink(Sink):
         tf = self._tf
         self._flush()
         if not self._parts:
-            raise FormatError(f"no tensors to write to {self.path}; check --include/--exclude")
+            raise FormatError(f"no tensors to write to {self.path}; check {option('include')}/{option('exclude')}")
         with raise_signals_after():
             tf.raw_ops.MergeV2Checkpoints(checkpoint_prefixes=self._parts, destination_prefix=self._out.tmp_prefix, delete_old_dirs=True)
 

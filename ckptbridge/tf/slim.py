@@ -28,7 +28,7 @@ import numpy as np
 
 from .._source import Sink, Source
 from ..spec import TensorSpec, dtype_name
-from ..errors import CkptBridgeError, FormatError, MismatchError
+from ..errors import CkptBridgeError, FormatError, MismatchError, option
 from .._names import Plan
 from .compat import import_slim, import_tensorflow
 from .engine import tf_dtype_name
@@ -112,10 +112,10 @@ def _load_user_function(spec: str) -> Callable[..., Any]:
     try:
         mod = importlib.import_module(mod_name)
     except ImportError as e:
-        raise FormatError(f"cannot import {mod_name!r} for --model {spec} ({e}); check that it is on PYTHONPATH") from None
+        raise FormatError(f"cannot import {mod_name!r} for {option('model', spec)} ({e}); check that it is on PYTHONPATH") from None
     fn = getattr(mod, fn_name, None)
     if not callable(fn):
-        raise FormatError(f"{mod_name} has no function {fn_name!r} (--model {spec})")
+        raise FormatError(f"{mod_name} has no function {fn_name!r} ({option('model', spec)})")
     return fn
 
 
@@ -165,14 +165,14 @@ def plan_graph_import(
     tf = import_tensorflow()
     saver_path = engine == "tf"
     if chunk_bytes is not None and not saver_path:
-        raise CkptBridgeError("--chunk-mb sizes the slices fed to TensorFlow's Saver, which writes only with --engine tf; "
+        raise CkptBridgeError(f"{option('chunk_bytes')} sizes the slices fed to TensorFlow's Saver, which writes only with {option('engine', 'tf')}; "
                               "the native writer streams every tensor in bounded memory by itself")
     if max_shard_bytes is not None and saver_path:
-        raise CkptBridgeError("--max-shard-mb splits the native writer's output; TensorFlow's Saver writes one shard "
-                              "(leave out --engine tf to use the native writer)")
+        raise CkptBridgeError(f"{option('max_shard_bytes')} splits the native writer's output; TensorFlow's Saver writes one shard "
+                              f"(leave out {option('engine', 'tf')} to use the native writer)")
     chunk = (64 << 20) if chunk_bytes is None else chunk_bytes
     if chunk <= 0:
-        raise CkptBridgeError(f"--chunk-mb must be positive, got {chunk / (1 << 20)}")
+        raise CkptBridgeError(f"{option('chunk_bytes')} must be positive, got {chunk} bytes")
     specs = dict(src.specs())
     graph, _, _ = build_net(model, num_classes, {dst: specs[s] for dst, s in plan.mapping.items()}, image_size=image_size)
     with graph.as_default():
@@ -186,11 +186,11 @@ def plan_graph_import(
             shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
             raise MismatchError(
                 f"{len(missing)} variables of {model} are not in {src.path}: {shown}; "
-                "check --model/--num-classes, or pass --allow-missing to leave them at their initializer"
+                f"check {option('model')}/{option('num_classes')}, or pass {option('allow_missing', True)} to leave them at their initializer"
             )
         if unexpected and strict:
             shown = ", ".join(unexpected[:10]) + (f" and {len(unexpected) - 10} more" if len(unexpected) > 10 else "")
-            raise MismatchError(f"{len(unexpected)} entries of {src.path} are not variables of {model}: {shown} (--strict)")
+            raise MismatchError(f"{len(unexpected)} entries of {src.path} are not variables of {model}: {shown} ({option('strict', True)})")
         bad = []
         expected: dict[str, tuple[str, tuple[int, ...]]] = {}
         for name, var in by_name.items():

@@ -1,0 +1,602 @@
+"""Port maps: a tf-slim net's checkpoint <-> another framework's ``state_dict``, as data.
+
+A map (a TOML file, format 1; ``docs/porting.md``) names the tf-slim net, the
+destination model, the rules that take each slim tensor to one destination
+tensor (a name, an exact layout transform, the class axis), the tensors the
+destination needs that the source lacks (filled with a constant), and the
+architecture differences that no weight can fix.  This module reads maps and
+turns one, with a source, into a view the pipe writes like any other: on
+export a view under the destination's names and layouts, on import a view
+under the slim names, ready for the graph rebuild.
+
+Nothing is dropped without a word: every source tensor is used, skipped by the
+map, or optimizer state; every destination tensor is produced exactly once;
+anything else is one error that lists every problem.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from . import _layout as lay
+from ._names import EMA_SUFFIX, Plan, is_optimizer_state
+from ._source import Source
+from .errors import FormatError, MismatchError, NotFoundError
+from .spec import TensorSpec
+
+FORMAT = 1
+MAPS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "maps")
+TRANSFORMS = ("none", "conv", "depthwise", "dense", "fc_as_conv")
+CAVEAT_KINDS = ("padding", "pooling", "epsilon", "other")
+_SHOWN = 12  # names shown per kind of problem
+
+
+@dataclasses.dataclass(frozen=True)
+class Caveat:
+    """An architecture difference that weights cannot fix."""
+
+    kind: str
+    text: str
+    fix: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """One slim tensor -> one destination tensor."""
+
+    source: str
+    dest: str
+    transform: str = "none"
+    classes: bool = False
+    kernel: tuple[int, int] = (1, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Added:
+    """A destination tensor the source lacks, filled with ``fill``."""
+
+    dest: str
+    fill: float
+    like: str | None = None
+    dtype: str | None = None
+    shape: tuple[int, ...] | None = None
+    #: on import: the destination's value must equal ``fill`` (else it cannot be carried); False: dropped, reported
+    check: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class PortMap:
+    """One tf-slim net <-> one destination model."""
+
+    name: str
+    net: str
+    destination: str
+    description: str
+    image_size: int
+    source_classes: int
+    dest_classes: int
+    skip: tuple[str, ...]
+    caveats: tuple[Caveat, ...]
+    rules: tuple[Rule, ...]
+    added: tuple[Added, ...]
+    path: str
+
+    def caveat_lines(self) -> list[str]:
+        return [f"{c.kind}: {c.text}" + (f" (to match TensorFlow: {c.fix})" if c.fix else "") for c in self.caveats]
+
+
+# --------------------------------------------------------------------------- reading maps
+
+
+def builtin() -> dict[str, str]:
+    """Built-in map name -> its file (``torchvision:vgg16`` is ``maps/torchvision__vgg16.toml``)."""
+    try:
+        files = sorted(f for f in os.listdir(MAPS_DIR) if f.endswith(".toml"))
+    except FileNotFoundError:
+        return {}
+    return {f[: -len(".toml")].replace("__", ":"): os.path.join(MAPS_DIR, f) for f in files}
+
+
+def load(spec: str | PortMap) -> PortMap:
+    """A built-in map by name, or a map file by path."""
+    if isinstance(spec, PortMap):
+        return spec
+    maps = builtin()
+    if spec in maps:
+        return parse_file(maps[spec])
+    if os.path.isfile(spec):
+        return parse_file(spec)
+    if os.path.exists(spec):
+        raise FormatError(f"port map {spec} is not a regular file; give a TOML file")
+    raise NotFoundError(f"no port map named {spec!r}: the built-in maps are {', '.join(maps) or 'none'}, or give the path of a map file")
+
+
+def parse_file(path: str) -> PortMap:
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(1 << 20 + 1)
+    except OSError as e:
+        raise NotFoundError(f"cannot read port map {path}: {e.strerror}") from None
+    if len(raw) > 1 << 20:
+        raise FormatError(f"port map {path} is larger than 1 MiB; a map is a small text file")
+    try:
+        doc = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise FormatError(f"port map {path} is not valid TOML ({e})") from None
+    return parse(doc, path)
+
+
+class _Problems:
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.items: list[str] = []
+
+    def add(self, what: str) -> None:
+        self.items.append(what)
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            shown = "; ".join(self.items[:_SHOWN]) + (f"; and {len(self.items) - _SHOWN} more" if len(self.items) > _SHOWN else "")
+            raise FormatError(f"port map {self.where} is not valid: {shown}")
+
+
+def _keys(p: _Problems, table: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    for k in table:
+        if k not in allowed:
+            p.add(f"{where}: unknown key {k!r} (known: {', '.join(sorted(allowed))})")
+
+
+def _str(p: _Problems, table: Mapping[str, Any], key: str, where: str, *, required: bool = True) -> str | None:
+    v = table.get(key)
+    if v is None:
+        if required:
+            p.add(f"{where}: {key!r} is missing")
+        return None
+    if not isinstance(v, str) or not v:
+        p.add(f"{where}: {key!r} must be a non-empty string")
+        return None
+    return v
+
+
+def _int(p: _Problems, table: Mapping[str, Any], key: str, where: str) -> int | None:
+    v = table.get(key)
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        p.add(f"{where}: {key!r} must be a positive integer")
+        return None
+    return v
+
+
+def parse(doc: Mapping[str, Any], where: str) -> PortMap:
+    """Check a map document and expand its templates into rules; every problem is listed."""
+    p = _Problems(where)
+    _keys(p, doc, {"format", "name", "net", "destination", "description", "image_size", "classes", "skip", "caveats", "templates", "scopes"}, "top level")
+    if doc.get("format") != FORMAT:
+        p.add(f"'format' must be {FORMAT} (this ckptbridge reads format {FORMAT}), got {doc.get('format')!r}")
+        p.raise_if_any()
+    name = _str(p, doc, "name", "top level")
+    net = _str(p, doc, "net", "top level")
+    destination = _str(p, doc, "destination", "top level")
+    description = _str(p, doc, "description", "top level", required=False) or ""
+    image_size = _int(p, doc, "image_size", "top level")
+    classes = doc.get("classes")
+    src_classes = dst_classes = None
+    if not isinstance(classes, dict):
+        p.add("'classes' must be a table { source = N, destination = M }")
+    else:
+        _keys(p, classes, {"source", "destination"}, "classes")
+        src_classes, dst_classes = _int(p, classes, "source", "classes"), _int(p, classes, "destination", "classes")
+        if src_classes and dst_classes and src_classes not in (dst_classes, dst_classes + 1):
+            p.add(f"classes: source {src_classes} must equal destination {dst_classes}, or be one more (TensorFlow's background class)")
+    skip = doc.get("skip", [])
+    if not isinstance(skip, list) or not all(isinstance(s, str) for s in skip):
+        p.add("'skip' must be a list of regular expressions")
+        skip = []
+    for s in skip:
+        try:
+            re.compile(s)
+        except re.error as e:
+            p.add(f"skip: {s!r} is not a valid regular expression ({e})")
+    caveats = []
+    for i, c in enumerate(doc.get("caveats", [])):
+        w = f"caveats[{i}]"
+        if not isinstance(c, dict):
+            p.add(f"{w} must be a table")
+            continue
+        _keys(p, c, {"kind", "text", "fix"}, w)
+        kind, text, fix = _str(p, c, "kind", w), _str(p, c, "text", w), _str(p, c, "fix", w, required=False)
+        if kind is not None and kind not in CAVEAT_KINDS:
+            p.add(f"{w}: kind {kind!r} is not one of {', '.join(CAVEAT_KINDS)}")
+        if kind and text:
+            caveats.append(Caveat(kind, text, fix))
+    templates = doc.get("templates", {})
+    if not isinstance(templates, dict):
+        p.add("'templates' must be a table of tables")
+        templates = {}
+    rules: list[Rule] = []
+    added: list[Added] = []
+    scopes = doc.get("scopes", [])
+    if not isinstance(scopes, list) or not scopes:
+        p.add("'scopes' must be a non-empty array of tables")
+        scopes = []
+    for i, s in enumerate(scopes):
+        w = f"scopes[{i}]"
+        if not isinstance(s, dict):
+            p.add(f"{w} must be a table")
+            continue
+        _keys(p, s, {"from", "to", "template", "kernel"}, w)
+        src, dst, tname = _str(p, s, "from", w), s.get("to"), _str(p, s, "template", w)
+        if not isinstance(dst, str):
+            p.add(f"{w}: 'to' must be a string (empty for the top level)")
+            continue
+        kernel = s.get("kernel", [1, 1])
+        if not (isinstance(kernel, list) and len(kernel) == 2 and all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in kernel)):
+            p.add(f"{w}: 'kernel' must be [H, W], two positive integers")
+            kernel = [1, 1]
+        if src is None or tname is None:
+            continue
+        tpl = templates.get(tname)
+        if not isinstance(tpl, dict):
+            p.add(f"{w}: no template named {tname!r}")
+            continue
+        def join(leaf: str, dst: str = dst) -> str:
+            return f"{dst}.{leaf}" if dst else leaf
+
+        for key, r in tpl.items():
+            tw = f"templates.{tname}.{key}"
+            if key == "add":
+                if not isinstance(r, dict):
+                    p.add(f"{tw} must be a table")
+                    continue
+                for leaf, a in r.items():
+                    aw = f"templates.{tname}.add.{leaf}"
+                    if not isinstance(a, dict):
+                        p.add(f"{aw} must be a table")
+                        continue
+                    _keys(p, a, {"fill", "like", "dtype", "shape", "check"}, aw)
+                    fill = a.get("fill")
+                    if isinstance(fill, bool) or not isinstance(fill, (int, float)):
+                        p.add(f"{aw}: 'fill' must be a number")
+                        continue
+                    like = a.get("like")
+                    shape = a.get("shape")
+                    if (like is None) == (shape is None or a.get("dtype") is None):
+                        p.add(f"{aw}: give either 'like' (a destination tensor of the same scope) or both 'dtype' and 'shape'")
+                        continue
+                    if shape is not None and not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+                        p.add(f"{aw}: 'shape' must be a list of non-negative integers")
+                        continue
+                    check = a.get("check", True)
+                    if not isinstance(check, bool):
+                        p.add(f"{aw}: 'check' must be true or false")
+                        continue
+                    added.append(Added(join(leaf), float(fill), join(like) if isinstance(like, str) else None,
+                                       a.get("dtype"), tuple(shape) if shape is not None else None, check))
+                continue
+            if not isinstance(r, dict):
+                p.add(f"{tw} must be a table {{ to = ..., transform = ... }}")
+                continue
+            _keys(p, r, {"to", "transform", "classes"}, tw)
+            to = _str(p, r, "to", tw)
+            transform = r.get("transform", "none")
+            if transform not in TRANSFORMS:
+                p.add(f"{tw}: transform {transform!r} is not one of {', '.join(TRANSFORMS)}")
+                continue
+            if not isinstance(r.get("classes", False), bool):
+                p.add(f"{tw}: 'classes' must be true or false")
+                continue
+            if to is not None:
+                rules.append(Rule(f"{src}/{key}", join(to), transform, bool(r.get("classes", False)), (kernel[0], kernel[1])))
+    seen_src: dict[str, int] = {}
+    seen_dst: dict[str, int] = {}
+    for r in rules:
+        seen_src[r.source] = seen_src.get(r.source, 0) + 1
+        seen_dst[r.dest] = seen_dst.get(r.dest, 0) + 1
+    for a in added:
+        seen_dst[a.dest] = seen_dst.get(a.dest, 0) + 1
+        if a.like is not None and a.like not in {r.dest for r in rules}:
+            p.add(f"added {a.dest}: 'like' names {a.like}, which no rule produces")
+        if a.dtype is not None:
+            from . import _dtypes
+
+            if a.dtype not in _dtypes.BY_NAME or _dtypes.BY_NAME[a.dtype].memory is None or a.dtype == "string":
+                p.add(f"added {a.dest}: {a.dtype!r} is not a numeric dtype ckptbridge carries")
+    for n, k in seen_src.items():
+        if k > 1:
+            p.add(f"source tensor {n} is used by {k} rules")
+    for n, k in seen_dst.items():
+        if k > 1:
+            p.add(f"destination tensor {n} is produced {k} times")
+    p.raise_if_any()
+    assert name and net and destination and image_size and src_classes and dst_classes  # checked above
+    return PortMap(name, net, destination, description, image_size, src_classes, dst_classes, tuple(skip), tuple(caveats),
+                   tuple(rules), tuple(added), where)
+
+
+# --------------------------------------------------------------------------- transforms
+
+
+def _transform(rule: Rule, shape: tuple[int, ...]) -> tuple[lay.Transform | None, str | None]:
+    """The exact layout change of ``rule`` for a source tensor of ``shape`` (after the class axis), or why it does not fit."""
+    if rule.transform == "none":
+        return None, None
+    if rule.transform == "fc_as_conv":
+        if len(shape) != 4 or tuple(shape[:2]) != rule.kernel:
+            return None, f"is {list(shape)}, but a fully connected layer stored as a {rule.kernel[0]}x{rule.kernel[1]} conv is [{rule.kernel[0]}, {rule.kernel[1]}, in, out]"
+        h, w, i, o = shape
+        return lay.Transform("fc_as_conv", (3, 2, 0, 1), shape, (o, i * h * w)), None
+    t = lay.transform_for(rule.transform, shape)
+    if t is None:
+        return None, f"is {list(shape)}, which does not fit a {rule.transform} kernel"
+    return t, None
+
+
+def _describe(t: lay.Transform | None, classes: str | None) -> str:
+    parts = []
+    if classes:
+        parts.append(classes)
+    if t is not None:
+        what = "fully connected stored as conv [H,W,in,out] -> Linear [out, in*H*W] (C,H,W order)" if t.kind == "fc_as_conv" else t.describe()
+        parts.append(what if t.kind != "fc_as_conv" else f"{what} {list(t.from_shape)} -> {list(t.to_shape)}")
+    return "; ".join(parts)
+
+
+def _shown(names: Sequence[str]) -> str:
+    names = list(names)
+    return ", ".join(names[:_SHOWN]) + (f" and {len(names) - _SHOWN} more" if len(names) > _SHOWN else "")
+
+
+def _mismatch(pmap: PortMap, path: str, problems: Mapping[str, list[str]]) -> MismatchError:
+    parts = [f"{what} ({len(names)}): {_shown(names)}" for what, names in problems.items() if names]
+    return MismatchError(f"port map {pmap.name} does not fit {path}: " + "; ".join(parts))
+
+
+# --------------------------------------------------------------------------- the two views
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    inner: str | None          # the inner source's tensor (None: a filled tensor)
+    transform: lay.Transform | None
+    classes: str | None        # "drop" (export: remove the background class) / "insert" (import: add it back) / None
+    fill: float = 0.0
+
+
+class PortSource(Source):
+    """A view of ``inner`` under the other side's names, layouts and class axis."""
+
+    def __init__(self, inner: Source, entries: Mapping[str, _Entry], specs: Mapping[str, TensorSpec], *, invert: bool) -> None:
+        self._inner = inner
+        self.path = inner.path
+        self.kind = inner.kind
+        self._entries = dict(entries)
+        self._specs = {n: specs[n] for n in sorted(specs)}
+        self._invert = invert
+
+    def specs(self) -> Mapping[str, TensorSpec]:
+        return self._specs
+
+    def read(self, name: str) -> np.ndarray:
+        spec = self.spec(name)
+        e = self._entries[name]
+        if e.inner is None:
+            from ._dtypes import numpy_dtype
+
+            return np.full(spec.shape, e.fill, dtype=numpy_dtype(spec.dtype))
+        arr = self._inner.read(e.inner)
+        if not self._invert:
+            if e.classes == "drop":
+                arr = np.ascontiguousarray(arr[..., 1:])
+            return arr if e.transform is None else e.transform.apply(arr)
+        if e.transform is not None:
+            arr = e.transform.invert(arr)
+        if e.classes == "insert":
+            arr = np.concatenate([np.zeros(arr.shape[:-1] + (1,), arr.dtype), arr], axis=-1)
+        return arr
+
+    def read_blocks(self, name: str, chunk_bytes: int) -> Any:
+        e = self._entries[name]
+        inner = getattr(self._inner, "read_blocks", None)
+        if e.inner is None or e.transform is not None or e.classes or inner is None:
+            return None
+        return inner(e.inner, chunk_bytes)
+
+    def checksum(self, name: str) -> int | None:
+        e = self._entries[name]
+        return self._inner.checksum(e.inner) if e.inner is not None and e.transform is None and not e.classes else None
+
+    def object_key(self, name: str) -> str:
+        return self._entries[name].inner or name
+
+
+@dataclasses.dataclass
+class Ported:
+    """What the pipe needs for a port, and what the report tells."""
+
+    source: PortSource
+    plan: Plan
+    metadata: dict[str, Any]
+    #: source name -> destination name
+    renamed: dict[str, str]
+    #: output name -> the layout change and class-axis change made to it
+    layout: dict[str, str]
+    #: output name -> what it was filled with, and why
+    added: dict[str, str]
+    caveats: list[str]
+
+
+def _skipped(pmap: PortMap, name: str) -> bool:
+    return any(re.search(s, name) for s in pmap.skip)
+
+
+def plan_export(src: Source, pmap: PortMap) -> Ported:
+    """The view of a tf-slim checkpoint (or archive of one) that is the destination's ``state_dict``."""
+    specs = src.specs()
+    entries: dict[str, _Entry] = {}
+    out: dict[str, TensorSpec] = {}
+    used: set[str] = set()
+    missing: list[str] = []
+    misfit: list[str] = []
+    ema_swaps: dict[str, str] = {}
+    dropped: dict[str, str] = {}
+    layout: dict[str, str] = {}
+    for r in pmap.rules:
+        ema = r.source + EMA_SUFFIX
+        read = ema if ema in specs else r.source
+        if read not in specs:
+            missing.append(r.source)
+            continue
+        used.update({r.source, ema})
+        s = specs[read]
+        shape = s.shape
+        classes = None
+        if r.classes:
+            n = shape[-1] if shape else 0
+            if n != pmap.source_classes:
+                misfit.append(f"{read} has {n} classes on its last axis, the map {pmap.source_classes}")
+                continue
+            if pmap.source_classes == pmap.dest_classes + 1:
+                classes = "drop"
+                shape = shape[:-1] + (n - 1,)
+        t, why = _transform(r, shape)
+        if why is not None:
+            misfit.append(f"{read} {why}")
+            continue
+        entries[r.dest] = _Entry(read, t, classes)
+        out[r.dest] = TensorSpec(r.dest, s.dtype, t.to_shape if t is not None else shape)
+        if read != r.source:
+            ema_swaps[r.dest] = read
+            if r.source in specs:
+                dropped[r.source] = f"its EMA {read} is read instead"
+        if t is not None or classes:
+            layout[r.dest] = _describe(t, "background class (index 0 of the class axis) dropped" if classes else None)
+    added: dict[str, str] = {}
+    for a in pmap.added:
+        if a.like is not None:
+            if a.like not in out:
+                continue  # its rule failed: reported there
+            dtype, shape = out[a.like].dtype, out[a.like].shape
+        else:
+            assert a.dtype is not None and a.shape is not None
+            dtype, shape = a.dtype, a.shape
+        entries[a.dest] = _Entry(None, None, None, a.fill)
+        out[a.dest] = TensorSpec(a.dest, dtype, shape)
+        added[a.dest] = f"filled with {a.fill:g}" + (" (the tf-slim net has no such tensor)" if a.check else " (a counter tf-slim does not keep)")
+    unused = []
+    for name in list(specs) + list(src.uncarried()):
+        if name in used:
+            continue
+        if _skipped(pmap, name):
+            dropped[name] = f"skipped by port map {pmap.name}"
+        elif is_optimizer_state(name):
+            dropped[name] = "optimizer state (a port carries weights only)"
+        elif name.endswith(EMA_SUFFIX) and name[: -len(EMA_SUFFIX)] in used:
+            continue
+        else:
+            unused.append(name)
+    if missing or misfit or unused:
+        raise _mismatch(pmap, src.path, {"missing from the checkpoint": missing, "does not fit": misfit,
+                                         "not used by the map (a different net, or a map that is incomplete)": unused})
+    plan = Plan({n: n for n in sorted(out)}, dropped, ema_swaps)
+    renamed = {e.inner if e.inner and not e.inner.endswith(EMA_SUFFIX) else e.inner[: -len(EMA_SUFFIX)] if e.inner else n: n
+               for n, e in entries.items() if e.inner is not None}
+    doc = {"port": {"map": pmap.name, "direction": "export", "net": pmap.net, "destination": pmap.destination,
+                    "classes": {"source": pmap.source_classes, "destination": pmap.dest_classes}, "caveats": pmap.caveat_lines()}}
+    return Ported(PortSource(src, entries, out, invert=False), plan, doc, renamed, layout, added, pmap.caveat_lines())
+
+
+def plan_import(src: Source, pmap: PortMap, *, num_classes: int | None = None) -> Ported:
+    """The view of a destination-style archive (a ``state_dict``) under the tf-slim net's names and layouts.
+
+    ``num_classes`` is the class count of the slim net to build: the map's source
+    count by default.  One more than the destination's inserts TensorFlow's
+    background class as a row of zeros at index 0; equal to it takes the
+    destination's classes as they are.
+    """
+    classes = pmap.source_classes if num_classes is None else num_classes
+    if classes not in (pmap.dest_classes, pmap.dest_classes + 1):
+        raise MismatchError(f"port map {pmap.name} carries {pmap.dest_classes} classes; the tf-slim net can have {pmap.dest_classes} "
+                            f"or {pmap.dest_classes + 1} (with TensorFlow's background class), not {classes}")
+    specs = src.specs()
+    entries: dict[str, _Entry] = {}
+    out: dict[str, TensorSpec] = {}
+    used: set[str] = set()
+    missing: list[str] = []
+    misfit: list[str] = []
+    layout: dict[str, str] = {}
+    dropped: dict[str, str] = {}
+    for r in pmap.rules:
+        if r.dest not in specs:
+            missing.append(r.dest)
+            continue
+        used.add(r.dest)
+        s = specs[r.dest]
+        shape = _source_shape(r, s.shape)
+        if shape is None:
+            misfit.append(f"{r.dest} is {list(s.shape)}, which a {r.transform} layout cannot come from")
+            continue
+        t, why = _transform(r, shape)
+        if why is not None:
+            misfit.append(f"{r.dest} {why}")
+            continue
+        insert = None
+        if r.classes:
+            n = shape[-1] if shape else 0
+            if n != pmap.dest_classes:
+                misfit.append(f"{r.dest} has {n} classes, the map {pmap.dest_classes}")
+                continue
+            if classes == pmap.dest_classes + 1:
+                insert = "insert"
+                shape = shape[:-1] + (n + 1,)
+        entries[r.source] = _Entry(r.dest, t, insert)
+        out[r.source] = TensorSpec(r.source, s.dtype, shape)
+        undo = None if t is None else "undo " + _describe(t, None)
+        if undo or insert:
+            layout[r.source] = "; ".join(x for x in (undo, "background class inserted at index 0 as zeros" if insert else None) if x)
+    not_fill: list[str] = []
+    for a in pmap.added:
+        if a.dest not in specs:
+            if a.check:
+                missing.append(a.dest)
+            continue
+        used.add(a.dest)
+        if not a.check:
+            dropped[a.dest] = f"a counter the tf-slim net does not keep (port map {pmap.name})"
+            continue
+        arr = src.read(a.dest)
+        if not np.all(np.asarray(arr, dtype=np.float64) == a.fill):
+            not_fill.append(f"{a.dest} (must be all {a.fill:g})")
+        else:
+            dropped[a.dest] = f"all {a.fill:g}, as the tf-slim net assumes"
+    unused = [n for n in list(specs) + list(src.uncarried()) if n not in used]
+    if missing or misfit or unused or not_fill:
+        raise _mismatch(pmap, src.path, {
+            "missing from the archive": missing, "does not fit": misfit,
+            "not used by the map (a different model, or a map that is incomplete)": unused,
+            "values the tf-slim net cannot carry (it has no such tensor)": not_fill})
+    plan = Plan({n: n for n in sorted(out)}, dropped, {})
+    renamed = {e.inner: n for n, e in entries.items() if e.inner is not None}
+    return Ported(PortSource(src, entries, out, invert=True), plan, {}, renamed, layout, {}, pmap.caveat_lines())
+
+
+def _source_shape(rule: Rule, shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The slim shape (after the class axis) a destination tensor of ``shape`` comes from under ``rule``."""
+    if rule.transform == "none":
+        return shape
+    if rule.transform == "conv":
+        return (*shape[2:], shape[1], shape[0]) if len(shape) >= 3 else None
+    if rule.transform == "dense":
+        return (shape[1], shape[0]) if len(shape) == 2 else None
+    if rule.transform == "depthwise":
+        return None  # [C*M, 1, H, W] does not say M; no built-in map needs it on import
+    h, w = rule.kernel
+    if len(shape) != 2 or shape[1] % (h * w):
+        return None
+    return (h, w, shape[1] // (h * w), shape[0])
