@@ -343,7 +343,8 @@ def rebuild(
     if max_shard_bytes is not None and max_shard_bytes <= 0:
         raise CkptBridgeError(f"the shard size must be positive, got {max_shard_bytes} bytes")
     if model is None:
-        given = [option(opt) for opt, value in (("chunk_bytes", chunk_bytes), ("num_classes", num_classes), ("image_size", image_size),
+        # With a port map, num_classes also says whether the checkpoint gets TensorFlow's background class back.
+        given = [option(opt) for opt, value in (("chunk_bytes", chunk_bytes), ("num_classes", num_classes if port is None else None), ("image_size", image_size),
                                                 ("allow_missing", allow_missing), ("strict", strict)) if value]
         if given:
             raise CkptBridgeError(f"{', '.join(given)} {'apply' if len(given) > 1 else 'applies'} to a rebuild through a graph; "

@@ -365,7 +365,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("archive", help=f"input archive: {listed}")
     s.add_argument("output_prefix", help="checkpoint prefix to write, e.g. out/model.ckpt")
     s.add_argument("--model", help="tf-slim net (vgg_16, resnet_v1_50, inception_v3, ...) or package.module:function")
-    s.add_argument("--num-classes", type=int, default=None, help="classes of the net's logits (default: the archive's logits width, else the net's own)")
+    s.add_argument("--num-classes", type=int, default=None, help="classes of the net's logits (default: the archive's logits width, else the net's own); with --from, "
+                        "the destination's count leaves out TensorFlow's background class, one more puts it back as zeros (the map's default)")
     s.add_argument("--image-size", type=int, default=None, help="input size the net is built for (default: the net's own); inception_v3 names a layer after it")
     s.add_argument("--allow-missing", action="store_true", help="leave graph variables absent from the archive at their initializer")
     s.add_argument("--strict", action="store_true", help="archive entries the graph lacks are an error")
