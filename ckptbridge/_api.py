@@ -92,9 +92,24 @@ def read(path: str, *, engine: str = "auto", verify: bool = True, max_tensor_byt
     """Open a checkpoint (prefix, file, or directory) or an archive for lazy reading.
 
     Arrays come with their true dtypes: bfloat16 as ``ml_dtypes.bfloat16``,
-    strings as object arrays of ``bytes``, 0-d tensors as 0-d arrays.  An
-    archive tensor claiming more than ``max_tensor_bytes`` is refused when the
-    archive is opened (None: no limit).
+    strings as object arrays of ``bytes``, 0-d tensors as 0-d arrays.
+
+    Args:
+        path: a checkpoint prefix, one of its files, its directory, or an archive.
+        engine: ``"auto"``, ``"native"`` (no TensorFlow) or ``"tf"``.
+        verify: check each tensor's checksum as it is read.
+        max_tensor_bytes: an archive tensor claiming more is refused when the
+            archive is opened (None: no limit).
+
+    Returns:
+        A :class:`Reader`: a read-only mapping name -> array that reads nothing
+        until indexed; close it, or use it in a ``with`` block.
+
+    Example::
+
+        with ckptbridge.read("vgg_16.ckpt") as r:
+            r.specs["vgg_16/fc8/weights"].shape      # (1, 1, 4096, 1000), nothing read
+            w = r["vgg_16/fc8/weights"]              # this tensor read, checked
     """
     return Reader(open_source(path, engine=engine, verify=verify, max_tensor_bytes=max_tensor_bytes))
 
@@ -103,9 +118,19 @@ def load(path: str, *, engine: str = "auto", verify: bool = True) -> dict[str, n
     """Every tensor of a checkpoint or an archive, read whole: ``{name: array}``.
 
     The eager twin of :func:`read` (safetensors' ``load_file``), for models that fit in
-    memory.  Arrays come with their true dtypes, as :func:`read` gives them.  A checkpoint
-    holding a tensor ckptbridge cannot carry (a ``variant``) raises
-    :class:`UncarriedDtypeError` naming it: use :func:`read` to take the rest.
+    memory.  Arrays come with their true dtypes, as :func:`read` gives them.
+
+    Args:
+        path: a checkpoint (prefix, file, or directory) or an archive.
+        engine: ``"auto"``, ``"native"`` or ``"tf"``.
+        verify: check each tensor's checksum.
+
+    Returns:
+        A new dict of arrays the caller owns.
+
+    Raises:
+        UncarriedDtypeError: the checkpoint holds a tensor ckptbridge cannot carry
+            (a ``variant``), named in the error; use :func:`read` to take the rest.
 
     Example::
 
@@ -137,6 +162,18 @@ def save(
     written by the native engine.  ``metadata`` (strings to strings) is kept in an
     archive's metadata under ``"user"``; a checkpoint has no place for it.  The output
     is read back and compared before it is renamed into place, as every write is.
+
+    Args:
+        tensors: name -> array (bfloat16 and float8 as ``ml_dtypes``, strings as
+            object arrays of ``bytes``).
+        path: the output; its suffix picks the format.
+        metadata: strings kept in an archive (not a checkpoint).
+        force: overwrite an existing output.
+        compress: deflate (``.npz``) or gzip (HDF5) the archive.
+        fsync: make the output durable before it is renamed into place.
+
+    Returns:
+        A :class:`Report` of what was written.
 
     Example::
 
@@ -214,8 +251,10 @@ def export(
     Returns:
         A :class:`Report` of every tensor written, dropped, swapped or renamed.
 
-    Example:
-        >>> ckptbridge.export("vgg_16.ckpt", "vgg16.safetensors", port="torchvision:vgg16")  # doctest: +SKIP
+    Example::
+
+        ckptbridge.export("vgg_16.ckpt", "vgg_16.npz")                                  # TensorFlow's names
+        ckptbridge.export("vgg_16.ckpt", "vgg16.safetensors", port="torchvision:vgg16")  # a state_dict
     """
     from ._plans import prepare_export
 
@@ -337,8 +376,10 @@ def rebuild(
     Returns:
         A :class:`Report`; ``missing`` lists graph variables the archive lacked.
 
-    Example:
-        >>> ckptbridge.rebuild("vgg16.safetensors", "out/model.ckpt", model="vgg_16", port="torchvision:vgg16")  # doctest: +SKIP
+    Example::
+
+        ckptbridge.rebuild("vgg_16.npz", "out/model.ckpt", model="vgg_16")
+        ckptbridge.rebuild("vgg16.safetensors", "out/model.ckpt", model="vgg_16", port="torchvision:vgg16")
     """
     if max_shard_bytes is not None and max_shard_bytes <= 0:
         raise CkptBridgeError(f"the shard size must be positive, got {max_shard_bytes} bytes")
@@ -388,9 +429,10 @@ def rebuild(
 def port_maps() -> "dict[str, PortMap]":
     """The built-in port maps, by name (``"torchvision:vgg16"``...).
 
-    Example:
-        >>> sorted(ckptbridge.port_maps())[:2]  # doctest: +SKIP
-        ['timm:inception_v3', 'torchvision:googlenet']
+    Example::
+
+        for name, m in ckptbridge.port_maps().items():
+            print(name, m.net, [c.text for c in m.caveats])
     """
     from . import _ports
 
@@ -408,13 +450,36 @@ def diff(
     a: str, b: str, *, atol: float = 0.0, rtol: float = 0.0, engine: str = "auto", progress: bool | None = False,
     max_tensor_bytes: int | None = DEFAULT_MAX_TENSOR_BYTES,
 ) -> DiffReport:
-    """Compare two checkpoints or archives name by name; exact unless atol/rtol."""
+    """Compare two checkpoints or archives name by name; exact unless atol/rtol.
+
+    Tensors of a dtype ckptbridge does not carry are compared by their stored
+    bytes (native engine), never skipped.
+
+    Returns:
+        A :class:`DiffReport`; ``identical`` is True when names, dtypes, shapes and
+        every bit agree (or agree within ``atol + rtol * |b|``).
+
+    Example::
+
+        d = ckptbridge.diff("model.ckpt", "model.npz")
+        assert d.identical, (d.only_a, d.only_b, d.value_diffs)
+    """
     limit = max_tensor_bytes
     with open_source(a, engine=engine, max_tensor_bytes=limit) as sa, open_source(b, engine=engine, max_tensor_bytes=limit) as sb:
         return diff_sources(sa, sb, atol=atol, rtol=rtol, progress=progress)
 
 
 def verify(path: str, *, engine: str = "auto", progress: bool | None = False, max_tensor_bytes: int | None = DEFAULT_MAX_TENSOR_BYTES) -> VerifyReport:
-    """Check every tensor's checksum (archive crc32c records, or the checkpoint's crc32c)."""
+    """Check every tensor's checksum (archive crc32c records, or the checkpoint's crc32c).
+
+    Returns:
+        A :class:`VerifyReport`; ``ok`` is False with the first bad tensor named
+        in ``bad`` and ``message``.
+
+    Example::
+
+        report = ckptbridge.verify("archive.h5")
+        assert report.ok, report.message
+    """
     with open_source(path, engine=engine, verify=True, max_tensor_bytes=max_tensor_bytes) as src:
         return verify_source(src, progress=progress)
