@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from . import _durability, _state
+from . import _ckptfiles, _durability, _state
 from ._ckptfiles import checkpoint_files, taken_names as _taken_names
 from ._signals import raise_if_signalled, signals_deferred
 from ._threads import Job
@@ -383,7 +383,7 @@ class AtomicCheckpoint:
             return
         raise_if_signalled()
         produced = checkpoint_files(self.tmp_prefix)
-        if not any(p.endswith(".index") for p in produced) and not os.path.isfile(self.tmp_prefix):
+        if not any(_ckptfiles.is_index(p) for p in produced) and not os.path.isfile(self.tmp_prefix):
             raise CkptBridgeError(f"internal error: no checkpoint was written for {self.prefix}")
         if self._sync is None:
             self.start_sync()
@@ -398,7 +398,7 @@ class AtomicCheckpoint:
             placed = self._move_into_place(produced, old)
             _published.append(self.prefix)
             # The old index goes first: a V1 file just placed at the prefix takes over from it.
-            for stale in sorted(old - set(placed), key=lambda p: not p.endswith(".index")):
+            for stale in sorted(old - set(placed), key=lambda p: not _ckptfiles.is_index(p)):
                 try:
                     os.unlink(stale)
                 except FileNotFoundError:
@@ -430,9 +430,9 @@ class AtomicCheckpoint:
         since ``__init__``, what was moved goes back and OutputExistsError is raised.
         """
         dst = {src: self.prefix + src[len(self.tmp_prefix):] for src in produced}
-        ordered = sorted(produced, key=lambda p: p.endswith(".index"))  # index last
-        old_index = self.prefix + ".index"
-        if self.force and old_index in old and any(dst[s] in old for s in ordered if not s.endswith(".index")):
+        ordered = sorted(produced, key=_ckptfiles.is_index)  # index last
+        old_index = _ckptfiles.index_path(self.prefix)
+        if self.force and old_index in old and any(dst[s] in old for s in ordered if not _ckptfiles.is_index(s)):
             self._keep_previous(old, old_index)
         placed: list[str] = []
         try:
@@ -459,7 +459,7 @@ class AtomicCheckpoint:
         except OSError:
             # No hard links here: move the old files instead, index first (the prefix then
             # shows no checkpoint rather than a mix of old and new).
-            for f in sorted(old, key=lambda p: not p.endswith(".index")):
+            for f in sorted(old, key=lambda p: not _ckptfiles.is_index(p)):
                 os.replace(f, os.path.join(keep, os.path.basename(f)))
             return
         if self.durable:
@@ -503,6 +503,6 @@ def previous_kept_in(directory: str) -> list[str]:
 
 
 def _kept(directory: str, base_pattern: str) -> list[str]:
-    pattern = os.path.join(glob.escape(directory), ".*" + glob.escape(TMP_SUFFIX), PREVIOUS_DIR, base_pattern + ".index")
+    pattern = os.path.join(glob.escape(directory), ".*" + glob.escape(TMP_SUFFIX), PREVIOUS_DIR, base_pattern + _ckptfiles.INDEX)
     found = sorted(glob.glob(pattern), key=os.path.getmtime)
-    return [f[: -len(".index")] for f in found]
+    return [f[: -len(_ckptfiles.INDEX)] for f in found]

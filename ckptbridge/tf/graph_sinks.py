@@ -21,6 +21,7 @@ import numpy as np
 
 from .._atomic import AtomicCheckpoint
 from .._chunks import BlockStream, block_shape
+from .._ckptfiles import meta_path
 from .._source import Sink, Source
 from ..spec import TensorSpec, array_nbytes, numpy_dtype
 from ..bundle import BundleReader
@@ -58,7 +59,7 @@ class SaverSink(Sink):
     def begin(self, specs: list[TensorSpec]) -> None:
         tf = self._tf
         with self._graph.as_default():
-            self._saver.export_meta_graph(self._out.tmp_prefix + ".meta")  # before the feed ops: the .meta is the model alone
+            self._saver.export_meta_graph(meta_path(self._out.tmp_prefix))  # before the feed ops: the .meta is the model alone
             self._feeds = {s.name: _assign_ops(tf, self._vars[s.name], self._chunk) for s in specs}
             init_missing = tf.compat.v1.variables_initializer(self._missing) if self._missing else None
             chunked = [self._vars[n] for n, f in self._feeds.items() if f[2] is not None]
@@ -190,7 +191,7 @@ class NativeGraphSink(NativeCheckpointSink):
     def begin(self, specs: list[TensorSpec]) -> None:
         super().begin(specs)
         with self._graph.as_default():
-            self._saver.export_meta_graph(self.readback_path + ".meta")
+            self._saver.export_meta_graph(meta_path(self.readback_path))
 
     def finish(self, metadata: dict[str, Any] | None = None) -> None:
         super().finish(metadata)
