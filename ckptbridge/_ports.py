@@ -505,8 +505,7 @@ def plan_export(src: Source, pmap: PortMap) -> Ported:
         raise _mismatch(pmap, src.path, {"missing from the checkpoint": missing, "does not fit": misfit,
                                          "not used by the map (a different net, or a map that is incomplete)": unused})
     plan = Plan({n: n for n in sorted(out)}, dropped, ema_swaps)
-    renamed = {e.inner if e.inner and not e.inner.endswith(EMA_SUFFIX) else e.inner[: -len(EMA_SUFFIX)] if e.inner else n: n
-               for n, e in entries.items() if e.inner is not None}
+    renamed = {r.source: r.dest for r in pmap.rules if r.dest in out}
     doc = {"port": {"map": pmap.name, "direction": "export", "net": pmap.net, "destination": pmap.destination,
                     "classes": {"source": pmap.source_classes, "destination": pmap.dest_classes}, "caveats": pmap.caveat_lines()}}
     return Ported(PortSource(src, entries, out, invert=False), plan, doc, renamed, layout, added, pmap.caveat_lines())
