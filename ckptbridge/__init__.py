@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ._version import __version__
 from .errors import (
     CkptBridgeError,
     CorruptError,
@@ -22,8 +23,6 @@ from .errors import (
     UncarriedDtypeError,
     UnsafeArchiveError,
 )
-
-from ._version import __version__
 
 # The verbs and report types import NumPy, h5py and the rest (0.7 s): they load on
 # first use, so the command line can install its signal handlers before that
@@ -37,8 +36,8 @@ _LAZY = {
 if TYPE_CHECKING:
     from ._api import Reader, diff, export, load, port_map, port_maps, read, rebuild, save, verify
     from ._ports import PortMap
-    from .spec import TensorSpec
     from .reports import DiffReport, Report, VerifyReport
+    from .spec import TensorSpec
 
 
 def __getattr__(name: str) -> Any:

@@ -7,15 +7,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ._compare import diff_sources, verify_source
 from ._durability import durability
+from ._names import make_plan
+from ._pipe import require_some, transfer
 from ._resolve import open_archive_sink, open_checkpoint_sink, open_source, require_archive_kind, source_label
 from ._source import Source
-from .spec import TensorSpec
-from ._compare import diff_sources, verify_source
-from ._pipe import require_some, transfer
-from .reports import DiffReport, Report, VerifyReport
 from .errors import CkptBridgeError, FormatError, option
-from ._names import make_plan
+from .reports import DiffReport, Report, VerifyReport
+from .spec import TensorSpec
 
 if TYPE_CHECKING:
     from ._ports import PortMap
@@ -81,7 +81,7 @@ class Reader(Mapping[str, np.ndarray]):
     def close(self) -> None:
         self._source.close()
 
-    def __enter__(self) -> "Reader":
+    def __enter__(self) -> Reader:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -224,7 +224,7 @@ def export(
     num_classes: int | None = None,
     dry_run: bool = False,
     fsync: bool = True,
-    port: "str | PortMap | None" = None,
+    port: str | PortMap | None = None,
 ) -> Report:
     """Write every (selected) tensor of a checkpoint to ``.npz``, HDF5 or ``.safetensors``, exactly.
 
@@ -344,7 +344,7 @@ def rebuild(
     dry_run: bool = False,
     image_size: int | None = None,
     fsync: bool = True,
-    port: "str | PortMap | None" = None,
+    port: str | PortMap | None = None,
 ) -> Report:
     """Turn an archive (or any source) back into a TensorFlow checkpoint.
 
@@ -426,7 +426,7 @@ def rebuild(
         return report
 
 
-def port_maps() -> "dict[str, PortMap]":
+def port_maps() -> dict[str, PortMap]:
     """The built-in port maps, by name (``"torchvision:vgg16"``...).
 
     Example::
@@ -439,7 +439,7 @@ def port_maps() -> "dict[str, PortMap]":
     return {name: _ports.load(name) for name in _ports.builtin()}
 
 
-def port_map(name_or_path: str) -> "PortMap":
+def port_map(name_or_path: str) -> PortMap:
     """One port map: a built-in one by name, or your own map file (checked; every problem listed)."""
     from . import _ports
 

@@ -29,7 +29,8 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from . import _ckptfiles, _durability, _state
-from ._ckptfiles import checkpoint_files, taken_names as _taken_names
+from ._ckptfiles import checkpoint_files
+from ._ckptfiles import taken_names as _taken_names
 from ._signals import raise_if_signalled, signals_deferred
 from ._threads import Job
 from .errors import CkptBridgeError, NotFoundError, OutputExistsError, option
@@ -346,7 +347,7 @@ class AtomicCheckpoint:
                 os.chmod(src, 0o666 & ~mask)
             self._sync = Job(_durability.fsync_files, produced if self.durable else [], name="ckptbridge-fsync")
 
-    def _plan_state(self) -> tuple[str, "_state.CheckpointState | None", str | None]:
+    def _plan_state(self) -> tuple[str, _state.CheckpointState | None, str | None]:
         """(action, the state to write or None, the latest the file names now)."""
         if not self.update_state:
             return "off", None, None
@@ -368,7 +369,7 @@ class AtomicCheckpoint:
             return "updated", _state.with_latest(current, self._parent, basename, time.time()), latest
         return "left", None, latest
 
-    def _write_state_tmp(self, state: "_state.CheckpointState") -> str:
+    def _write_state_tmp(self, state: _state.CheckpointState) -> str:
         fd, tmp = tempfile.mkstemp(dir=self.tmpdir, prefix=f".{_state.STATE_NAME}.", suffix=TMP_SUFFIX)
         with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape") as f:
             f.write(_state.format_state(state))

@@ -104,10 +104,10 @@ def is_checkpoint(source: object) -> bool:
     return of_source(source) is not None
 
 
-def open_source(e: Engine, prefix: str, *, verify: bool = True) -> "Source":
+def open_source(e: Engine, prefix: str, *, verify: bool = True) -> Source:
     cls = load_object(e.source)
     return cls(prefix, verify=verify) if e.verifies else cls(prefix)  # type: ignore[no-any-return]
 
 
-def open_sink(e: Engine, prefix: str, **kw: Any) -> "Sink":
+def open_sink(e: Engine, prefix: str, **kw: Any) -> Sink:
     return load_object(e.sink)(prefix, **kw)  # type: ignore[no-any-return]

@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from .spec import STRING, TensorSpec
 from .errors import CorruptError, FormatError
+from .spec import STRING, TensorSpec
 
 LAYOUTS = ("torch",)
 
@@ -71,7 +71,7 @@ class Transform:
         return {"kind": self.kind, "perm": list(self.perm), "from_shape": list(self.from_shape), "to_shape": list(self.to_shape)}
 
     @classmethod
-    def from_record(cls, rec: Any, where: str) -> "Transform":
+    def from_record(cls, rec: Any, where: str) -> Transform:
         """Parse and check a metadata record (archives are not trusted)."""
         try:
             kind = str(rec["kind"])

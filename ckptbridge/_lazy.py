@@ -11,7 +11,7 @@ import importlib
 from typing import Any
 
 
-def load_object(ref: "str | Any") -> Any:
+def load_object(ref: str | Any) -> Any:
     """``"package.module:Name"`` imported now; anything else (a class itself) is returned as it is."""
     if not isinstance(ref, str):
         return ref
@@ -19,7 +19,7 @@ def load_object(ref: "str | Any") -> Any:
     return getattr(importlib.import_module(module), name)
 
 
-def refers_to(ref: "str | Any", obj: object) -> bool:
+def refers_to(ref: str | Any, obj: object) -> bool:
     """Whether ``obj`` is an instance of the class ``ref`` names (or is), without importing anything."""
     for cls in type(obj).__mro__:
         if ref is cls or ref == f"{cls.__module__}:{cls.__qualname__}":

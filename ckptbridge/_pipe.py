@@ -10,14 +10,13 @@ import numpy as np
 
 from . import _objgraph
 from ._chunks import CHUNK_BYTES
-from ._source import OBJECT_GRAPH, Sink, Source
-from .spec import STRING, array_nbytes, dtype_name
-from .errors import CkptBridgeError, CorruptError, option
-from .formats import meta
 from ._names import Plan
 from ._progress import bar
+from ._source import OBJECT_GRAPH, Sink, Source
+from .errors import CkptBridgeError, CorruptError, option
+from .formats import meta
 from .reports import Report
-
+from .spec import STRING, array_nbytes, dtype_name
 
 _WRITEBACK_BYTES = 64 << 20
 

@@ -21,12 +21,12 @@ from typing import Any
 import numpy as np
 
 from . import _layout as lay
-from ._source import Source
-from .spec import TensorSpec
-from .errors import CorruptError, FormatError, option
-from .formats import meta
 from ._names import Plan, make_plan
 from ._names import rename_map as _rename_map
+from ._source import Source
+from .errors import CorruptError, FormatError, option
+from .formats import meta
+from .spec import TensorSpec
 
 ORIGINAL_NAMES = "original_names"
 

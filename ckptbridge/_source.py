@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .spec import TensorSpec
 from ._dtypes import uncarried_error  # noqa: F401 - re-exported for the sources
 from .errors import NotFoundError
+from .spec import TensorSpec
 
 if TYPE_CHECKING:
     from ._chunks import BlockStream
@@ -44,7 +44,7 @@ class Source(abc.ABC):
     def read(self, name: str) -> np.ndarray:
         """The tensor's values in the exchange form (see :mod:`ckptbridge.spec`)."""
 
-    def read_blocks(self, name: str, chunk_bytes: int) -> "BlockStream | None":
+    def read_blocks(self, name: str, chunk_bytes: int) -> BlockStream | None:
         """The tensor in C-order blocks of at most ``chunk_bytes`` (see ``_chunks``),
         or None where this source cannot stream it (then :meth:`read` it whole)."""
         return None
@@ -89,7 +89,7 @@ class Source(abc.ABC):
     def close(self) -> None:
         """Release files; safe to call twice."""
 
-    def __enter__(self) -> "Source":
+    def __enter__(self) -> Source:
         return self
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
@@ -128,14 +128,14 @@ class Sink(abc.ABC):
     #: Whether :meth:`write_blocks` takes a numeric tensor block by block.
     streams: bool = False
 
-    def begin(self, specs: "list[TensorSpec]") -> None:
+    def begin(self, specs: list[TensorSpec]) -> None:
         """Told every spec before the first write; formats that lay out names up front use it."""
 
     @abc.abstractmethod
     def write(self, name: str, array: np.ndarray) -> None:
         """Write one tensor (exchange form).  Names are unique."""
 
-    def write_blocks(self, name: str, stream: "BlockStream") -> None:
+    def write_blocks(self, name: str, stream: BlockStream) -> None:
         """Write one numeric tensor from a :class:`BlockStream`, block by block.
 
         Only called when :attr:`streams` is true.  Records ``stream.crc`` (set
@@ -179,7 +179,7 @@ class Sink(abc.ABC):
     def abort(self) -> None:
         """Remove everything written so far; safe to call after commit or twice."""
 
-    def __enter__(self) -> "Sink":
+    def __enter__(self) -> Sink:
         return self
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
@@ -217,8 +217,8 @@ class ArraySource(Source):
     kind = "arrays"
 
     def __init__(self, tensors: Mapping[str, Any], path: str = "<arrays>") -> None:
-        from .spec import as_exchange_array, dtype_name
         from .errors import FormatError
+        from .spec import as_exchange_array, dtype_name
 
         self.path = path
         arrays: dict[str, np.ndarray] = {}

@@ -16,6 +16,7 @@ import stat
 
 from ._ckptfiles import STATE_NAME, state_path  # noqa: F401 - the file names live in _ckptfiles
 from .errors import FormatError
+
 MAX_STATE_BYTES = 1 << 20  # TensorFlow's own files hold a few lines per checkpoint kept
 
 _STRING_FIELDS = ("model_checkpoint_path", "all_model_checkpoint_paths")

@@ -27,13 +27,12 @@ from typing import Any
 
 import numpy as np
 
+from .. import _dtypes
 from .._chunks import BlockStream, mmap_blocks
 from .._ckptfiles import data_path, index_path
-from .._source import OBJECT_GRAPH, OBJECT_GRAPH_KEY, Source
-from .. import _dtypes
-from .._source import uncarried_error
-from ..spec import STRING, TensorSpec, numpy_dtype
+from .._source import OBJECT_GRAPH, OBJECT_GRAPH_KEY, Source, uncarried_error
 from ..errors import CkptBridgeError, CorruptError, FormatError, NotFoundError
+from ..spec import STRING, TensorSpec, numpy_dtype
 from ._entries import BIG, DTYPE_BY_ENUM, HEADER_KEY, LITTLE, TENSOR_BUNDLE_VERSION, Entry, parse_entry, parse_header, slice_key
 from ._table import FOOTER_SIZE, MAX_KEY_BYTES, KeysTooLarge, KeyTooLong, SnappyBlock, has_magic, read_table
 from ._wire import _Bad, crc, get_varint, mask, unmask

@@ -17,13 +17,13 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from .._chunks import write_stream
+from .._ckptfiles import data_path, index_path
 from .._source import OBJECT_GRAPH, OBJECT_GRAPH_KEY, Sink
-from ..spec import STRING, dtype_name, numpy_dtype
 from ..errors import CkptBridgeError, FormatError, MismatchError
+from ..spec import STRING, dtype_name, numpy_dtype
 from ._entries import ENUM_BY_DTYPE, encode_entry, encode_header
 from ._table import BLOCK_SIZE, TableBuilder
 from ._wire import crc, mask, put_varint
-from .._ckptfiles import data_path, index_path
 
 CHUNK_BYTES = 16 << 20
 _PART_SUFFIX = ".ckptbridge-part"
@@ -46,7 +46,7 @@ def key_problem(name: object) -> str | None:
     return None
 
 
-def check_keys(names: "list[str]", prefix: str) -> None:
+def check_keys(names: list[str], prefix: str) -> None:
     """Refuse, before anything is written, every name that cannot be a key of checkpoint ``prefix``."""
     bad = [p for p in (key_problem(n) for n in names) if p is not None]
     if bad:

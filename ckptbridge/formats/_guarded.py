@@ -41,7 +41,7 @@ def checks_writes(method: _M) -> _M:
     return run  # type: ignore[return-value]
 
 
-def open_guarded(out: AtomicFile) -> "GuardedFile":
+def open_guarded(out: AtomicFile) -> GuardedFile:
     """``out``'s temporary file as a :class:`GuardedFile`, attached to ``out`` so that its
     commit raises the first failed write and its abort closes the file."""
     f = GuardedFile(out.tmp)
@@ -65,7 +65,7 @@ class GuardedFile(io.FileIO):
         super().__init__(path, "r+")
         self.error: BaseException | None = None
 
-    def write(self, b: "bytes | bytearray | memoryview") -> int:  # type: ignore[override]
+    def write(self, b: bytes | bytearray | memoryview) -> int:  # type: ignore[override]
         n = memoryview(b).nbytes
         if self.error is None and signalled() is not None:
             self.error = signalled()

@@ -68,7 +68,7 @@ class ZipWriter:
         if at == self.pos:
             self.pos += len(view)
 
-    def member(self, name: str, *, compress: bool = False) -> "Member":
+    def member(self, name: str, *, compress: bool = False) -> Member:
         """Start member ``name``; write its bytes through the returned object, then close it."""
         if self._open is not None:
             raise RuntimeError("a zip member is still open")
@@ -78,7 +78,7 @@ class ZipWriter:
         self._open = Member(self, name, compress)
         return self._open
 
-    def _closed(self, m: "Member") -> None:
+    def _closed(self, m: Member) -> None:
         method = _DEFLATED if m.compress else _STORED
         flags = _UTF8 if not m.raw_name.isascii() else 0
         # The local header now gets its CRC and sizes (in its zip64 field).
@@ -151,7 +151,7 @@ class Member:
             self.z._write(tail)
         self.z._closed(self)
 
-    def __enter__(self) -> "Member":
+    def __enter__(self) -> Member:
         return self
 
     def __exit__(self, et: Any, ev: Any, tb: Any) -> None:

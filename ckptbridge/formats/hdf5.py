@@ -15,13 +15,13 @@ from typing import Any
 
 import numpy as np
 
-from .._atomic import AtomicFile
-from .._signals import raise_signals_after
-from .._chunks import BlockStream, block_shape, c_blocks, mmap_blocks, write_stream
-from .._source import ArchiveSink, ArchiveSource, OBJECT_GRAPH
 from .. import _dtypes
-from ..spec import STRING, TensorSpec, as_exchange_array, dtype_name, numpy_dtype
+from .._atomic import AtomicFile
+from .._chunks import BlockStream, block_shape, c_blocks, mmap_blocks, write_stream
+from .._signals import raise_signals_after
+from .._source import OBJECT_GRAPH, ArchiveSink, ArchiveSource
 from ..errors import CkptBridgeError, CorruptError, FormatError, MismatchError, UnsafeArchiveError, option
+from ..spec import STRING, TensorSpec, as_exchange_array, dtype_name, numpy_dtype
 from . import meta
 from ._guarded import checks_writes, open_guarded
 

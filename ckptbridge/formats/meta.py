@@ -24,8 +24,8 @@ import numpy as np
 
 from .. import _dtypes
 from .._version import __version__
-from ..spec import BFLOAT16, STRING
 from ..errors import CorruptError, FormatError, UnsafeArchiveError, option
+from ..spec import BFLOAT16, STRING
 
 FORMAT_NAME = "ckptbridge"
 FORMAT_VERSION = 1

@@ -30,12 +30,12 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from .. import _dtypes
 from .._atomic import AtomicFile
 from .._chunks import write_stream
-from .._source import ArchiveSink, ArchiveSource, OBJECT_GRAPH
-from .. import _dtypes
-from ..spec import BFLOAT16, STRING, TensorSpec, as_exchange_array, dtype_name, numpy_dtype
+from .._source import OBJECT_GRAPH, ArchiveSink, ArchiveSource
 from ..errors import CkptBridgeError, CorruptError, FormatError, MismatchError, MissingDependencyError, UnsafeArchiveError, option
+from ..spec import BFLOAT16, STRING, TensorSpec, as_exchange_array, dtype_name, numpy_dtype
 from . import meta
 
 #: canonical dtype -> safetensors dtype, for every carried dtype safetensors has an exact code for
@@ -70,7 +70,7 @@ def _problem(spec: TensorSpec) -> str | None:
     return None
 
 
-def check_specs(specs: "list[TensorSpec] | Any", path: str) -> None:
+def check_specs(specs: list[TensorSpec] | Any, path: str) -> None:
     """Refuse, before anything is written, every tensor .safetensors cannot hold, naming them all."""
     specs = list(specs)
     for s in specs:

@@ -13,12 +13,12 @@ from typing import Any
 
 import numpy as np
 
+from .. import _dtypes
 from .._atomic import AtomicCheckpoint
 from .._signals import raise_signals_after
-from .. import _dtypes
 from .._source import OBJECT_GRAPH, OBJECT_GRAPH_KEY, Sink, Source, uncarried_error
-from ..spec import STRING, TensorSpec, array_nbytes, as_exchange_array
 from ..errors import CorruptError, FormatError, MismatchError, NotFoundError, option
+from ..spec import STRING, TensorSpec, array_nbytes, as_exchange_array
 from .compat import import_tensorflow
 
 DEFAULT_BATCH_BYTES = 512 << 20

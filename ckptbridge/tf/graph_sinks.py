@@ -23,10 +23,10 @@ from .._atomic import AtomicCheckpoint
 from .._chunks import BlockStream, block_shape
 from .._ckptfiles import meta_path
 from .._source import Sink, Source
-from ..spec import TensorSpec, array_nbytes, numpy_dtype
 from ..bundle import BundleReader
 from ..bundle.sink import NativeCheckpointSink
 from ..errors import CorruptError
+from ..spec import TensorSpec, array_nbytes, numpy_dtype
 from .engine import tf_dtype_name
 
 

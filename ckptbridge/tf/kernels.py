@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..spec import TensorSpec
 from .._layout import CONV, DENSE, DEPTHWISE
+from ..spec import TensorSpec
 from .compat import import_tensorflow
 from .slim import build_net
 

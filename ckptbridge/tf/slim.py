@@ -26,10 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from .._source import Sink, Source
-from ..spec import TensorSpec, dtype_name
-from ..errors import CkptBridgeError, FormatError, MismatchError, option
 from .._names import Plan
+from .._source import Sink, Source
+from ..errors import CkptBridgeError, FormatError, MismatchError, option
+from ..spec import TensorSpec, dtype_name
 from .compat import import_slim, import_tensorflow
 from .engine import tf_dtype_name
 
