@@ -140,7 +140,8 @@ class _Problems:
         self.items: list[str] = []
 
     def add(self, what: str) -> None:
-        self.items.append(what)
+        if what not in self.items:
+            self.items.append(what)
 
     def raise_if_any(self) -> None:
         if self.items:
@@ -174,17 +175,80 @@ def _int(p: _Problems, table: Mapping[str, Any], key: str, where: str) -> int | 
     return v
 
 
+def _template(p: _Problems, name: str, tpl: Any) -> tuple[list[tuple[str, str, str, bool]], list[Added]]:
+    """One template, checked once whether or not a scope uses it: its rules (key, to, transform,
+    classes) and its added tensors (names relative to the scope)."""
+    rules: list[tuple[str, str, str, bool]] = []
+    adds: list[Added] = []
+    if not isinstance(tpl, dict):
+        p.add(f"templates.{name} must be a table")
+        return rules, adds
+    for key, r in tpl.items():
+        tw = f"templates.{name}.{key}"
+        if key == "add":
+            if not isinstance(r, dict):
+                p.add(f"{tw} must be a table")
+                continue
+            for leaf, a in r.items():
+                aw = f"templates.{name}.add.{leaf}"
+                if not isinstance(a, dict):
+                    p.add(f"{aw} must be a table")
+                    continue
+                _keys(p, a, {"fill", "like", "dtype", "shape", "check"}, aw)
+                fill = a.get("fill")
+                if isinstance(fill, bool) or not isinstance(fill, (int, float)):
+                    p.add(f"{aw}: 'fill' must be a number")
+                    continue
+                like, dtype, shape = a.get("like"), a.get("dtype"), a.get("shape")
+                if not ((isinstance(like, str) and dtype is None and shape is None) or (like is None and dtype is not None and shape is not None)):
+                    p.add(f"{aw}: give either 'like' (a destination tensor of the same scope) or both 'dtype' and 'shape'")
+                    continue
+                if shape is not None and not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+                    p.add(f"{aw}: 'shape' must be a list of non-negative integers")
+                    continue
+                if dtype is not None:
+                    from . import _dtypes
+
+                    if not isinstance(dtype, str) or dtype not in _dtypes.BY_NAME or _dtypes.BY_NAME[dtype].memory is None or dtype == "string":
+                        p.add(f"{aw}: {dtype!r} is not a numeric dtype ckptbridge carries")
+                        continue
+                check = a.get("check", True)
+                if not isinstance(check, bool):
+                    p.add(f"{aw}: 'check' must be true or false")
+                    continue
+                adds.append(Added(leaf, float(fill), like, dtype, tuple(shape) if shape is not None else None, check))
+            continue
+        if not isinstance(r, dict):
+            p.add(f"{tw} must be a table {{ to = ..., transform = ... }}")
+            continue
+        _keys(p, r, {"to", "transform", "classes"}, tw)
+        to = _str(p, r, "to", tw)
+        transform = r.get("transform", "none")
+        if transform not in TRANSFORMS:
+            p.add(f"{tw}: transform {transform!r} is not one of {', '.join(TRANSFORMS)}")
+            continue
+        if not isinstance(r.get("classes", False), bool):
+            p.add(f"{tw}: 'classes' must be true or false")
+            continue
+        if to is not None:
+            rules.append((key, to, transform, bool(r.get("classes", False))))
+    return rules, adds
+
+
 def parse(doc: Mapping[str, Any], where: str) -> PortMap:
     """Check a map document and expand its templates into rules; every problem is listed."""
     p = _Problems(where)
     _keys(p, doc, {"format", "name", "net", "destination", "description", "image_size", "classes", "skip", "caveats", "templates", "scopes"}, "top level")
-    if doc.get("format") != FORMAT:
+    if type(doc.get("format")) is not int or doc.get("format") != FORMAT:
         p.add(f"'format' must be {FORMAT} (this ckptbridge reads format {FORMAT}), got {doc.get('format')!r}")
         p.raise_if_any()
     name = _str(p, doc, "name", "top level")
     net = _str(p, doc, "net", "top level")
     destination = _str(p, doc, "destination", "top level")
-    description = _str(p, doc, "description", "top level", required=False) or ""
+    description = doc.get("description", "")
+    if not isinstance(description, str):
+        p.add("top level: 'description' must be a string")
+        description = ""
     image_size = _int(p, doc, "image_size", "top level")
     classes = doc.get("classes")
     src_classes = dst_classes = None
@@ -220,6 +284,7 @@ def parse(doc: Mapping[str, Any], where: str) -> PortMap:
     if not isinstance(templates, dict):
         p.add("'templates' must be a table of tables")
         templates = {}
+    parsed = {name: _template(p, name, tpl) for name, tpl in templates.items()}
     rules: list[Rule] = []
     added: list[Added] = []
     scopes = doc.get("scopes", [])
@@ -242,58 +307,16 @@ def parse(doc: Mapping[str, Any], where: str) -> PortMap:
             kernel = [1, 1]
         if src is None or tname is None:
             continue
-        tpl = templates.get(tname)
-        if not isinstance(tpl, dict):
+        if tname not in parsed:
             p.add(f"{w}: no template named {tname!r}")
             continue
+
         def join(leaf: str, dst: str = dst) -> str:
             return f"{dst}.{leaf}" if dst else leaf
 
-        for key, r in tpl.items():
-            tw = f"templates.{tname}.{key}"
-            if key == "add":
-                if not isinstance(r, dict):
-                    p.add(f"{tw} must be a table")
-                    continue
-                for leaf, a in r.items():
-                    aw = f"templates.{tname}.add.{leaf}"
-                    if not isinstance(a, dict):
-                        p.add(f"{aw} must be a table")
-                        continue
-                    _keys(p, a, {"fill", "like", "dtype", "shape", "check"}, aw)
-                    fill = a.get("fill")
-                    if isinstance(fill, bool) or not isinstance(fill, (int, float)):
-                        p.add(f"{aw}: 'fill' must be a number")
-                        continue
-                    like = a.get("like")
-                    shape = a.get("shape")
-                    if (like is None) == (shape is None or a.get("dtype") is None):
-                        p.add(f"{aw}: give either 'like' (a destination tensor of the same scope) or both 'dtype' and 'shape'")
-                        continue
-                    if shape is not None and not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
-                        p.add(f"{aw}: 'shape' must be a list of non-negative integers")
-                        continue
-                    check = a.get("check", True)
-                    if not isinstance(check, bool):
-                        p.add(f"{aw}: 'check' must be true or false")
-                        continue
-                    added.append(Added(join(leaf), float(fill), join(like) if isinstance(like, str) else None,
-                                       a.get("dtype"), tuple(shape) if shape is not None else None, check))
-                continue
-            if not isinstance(r, dict):
-                p.add(f"{tw} must be a table {{ to = ..., transform = ... }}")
-                continue
-            _keys(p, r, {"to", "transform", "classes"}, tw)
-            to = _str(p, r, "to", tw)
-            transform = r.get("transform", "none")
-            if transform not in TRANSFORMS:
-                p.add(f"{tw}: transform {transform!r} is not one of {', '.join(TRANSFORMS)}")
-                continue
-            if not isinstance(r.get("classes", False), bool):
-                p.add(f"{tw}: 'classes' must be true or false")
-                continue
-            if to is not None:
-                rules.append(Rule(f"{src}/{key}", join(to), transform, bool(r.get("classes", False)), (kernel[0], kernel[1])))
+        tpl_rules, tpl_adds = parsed[tname]
+        rules += [Rule(f"{src}/{key}", join(to), transform, classes, (kernel[0], kernel[1])) for key, to, transform, classes in tpl_rules]
+        added += [dataclasses.replace(a, dest=join(a.dest), like=join(a.like) if a.like is not None else None) for a in tpl_adds]
     seen_src: dict[str, int] = {}
     seen_dst: dict[str, int] = {}
     for r in rules:
@@ -303,11 +326,6 @@ def parse(doc: Mapping[str, Any], where: str) -> PortMap:
         seen_dst[a.dest] = seen_dst.get(a.dest, 0) + 1
         if a.like is not None and a.like not in {r.dest for r in rules}:
             p.add(f"added {a.dest}: 'like' names {a.like}, which no rule produces")
-        if a.dtype is not None:
-            from . import _dtypes
-
-            if a.dtype not in _dtypes.BY_NAME or _dtypes.BY_NAME[a.dtype].memory is None or a.dtype == "string":
-                p.add(f"added {a.dest}: {a.dtype!r} is not a numeric dtype ckptbridge carries")
     for n, k in seen_src.items():
         if k > 1:
             p.add(f"source tensor {n} is used by {k} rules")

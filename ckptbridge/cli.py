@@ -105,7 +105,7 @@ def _report_plan(args: argparse.Namespace, report: Any) -> None:
     for name, what in getattr(report, "added", {}).items():
         _say(args, f"added {name}: {what}")
     for line in getattr(report, "caveats", []):
-        if not args.quiet:  # shown without --verbose: no weight fixes them
+        if not args.quiet:  # shown by default, not only in the report: no weight fixes them
             print(f"{PROG}: caveat of port map {report.port}: {line}", file=sys.stderr)
 
 
@@ -114,7 +114,8 @@ def _print_dry_run(report: Any, where: str) -> None:
     renamed = report.renamed
     back = {new: old for old, new in renamed.items()}
     for name in report.written:
-        print(f"{back.get(name, name)} -> {name}")
+        if name not in report.added:  # shown on their "add" line: no source tensor became them
+            print(f"{back.get(name, name)} -> {name}")
     for name, why in report.dropped.items():
         print(f"drop {name}: {why}")
     for name, src in report.ema_swaps.items():
@@ -468,8 +469,7 @@ def _run(argv: Sequence[str] | None, published_before: int, notes_before: int) -
         return 143
     except CkptBridgeError as e:
         _debug(args)
-        command = getattr(args, "command", None)
-        _err(e.render(lambda k, v: _flag(k, v, command)) + _how_to_fix(e, args))
+        _err(e.render(lambda k, v: _flag(k, v, args)) + _how_to_fix(e, args))
         return 2
     except OSError as e:
         _debug(args)
@@ -529,10 +529,12 @@ _FLAGS = {"max_tensor_bytes": "--max-tensor-gb", "chunk_bytes": "--chunk-mb", "m
           "rename_map": "--rename-file"}
 
 
-def _flag(key: str, value: str | None, command: str | None = None) -> str:
+def _flag(key: str, value: str | None, args: argparse.Namespace | None = None) -> str:
     """How the command line names an option: ``--force``, ``--engine tf``, ``--max-tensor-gb``."""
     if key == "port":
-        return {"export": "--to", "import": "--from"}.get(command or "", "--to/--from")
+        if getattr(args, "map_file", None) is not None:
+            return "--map"
+        return {"export": "--to", "import": "--from"}.get(getattr(args, "command", None) or "", "--to/--from")
     flag = _FLAGS.get(key, "--" + key.replace("_", "-"))
     return flag if value in (None, "True") else f"{flag} {value}"
 

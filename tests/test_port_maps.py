@@ -231,7 +231,8 @@ def test_name_options_are_refused_beside_a_map(tiny: dict[str, Any]) -> None:
     with pytest.raises(CkptBridgeError, match="rename, layout cannot be combined with port"):
         ckptbridge.export(tiny["ckpt"], out, port=tiny["map"], rename=["a=b"], layout="torch")
     assert_one_line_error(cli("export", tiny["ckpt"], out, "--map", tiny["map"], "--weights-only"),
-                          "--weights-only cannot be combined with --to")
+                          "--weights-only cannot be combined with --map")
+    assert_one_line_error(cli("export", tiny["ckpt"], out, "--to", tiny["map"], "--rename", "a=b"), "--rename cannot be combined with --to")
     assert_one_line_error(cli("export", tiny["ckpt"], out, "--map", tiny["map"], "--to", "torchvision:vgg16"), "either --to or --map")
     assert_one_line_error(cli("export", tiny["ckpt"], out, "--to", "torchvision:nope"), "no port map named 'torchvision:nope'", "torchvision:vgg16")
     assert not os.path.exists(out)
@@ -246,6 +247,7 @@ def test_dry_run_prints_the_whole_mapping(tiny: dict[str, Any]) -> None:
     assert "drop global_step: skipped by port map tiny" in lines
     assert any(line.startswith("layout weight: background class (index 0 of the class axis) dropped; fully connected") for line in lines)
     assert "add 0.bn.weight: filled with 1 (the tf-slim net has no such tensor)" in lines
+    assert not any(line.endswith("-> 0.bn.weight") for line in lines)
     assert "caveat: padding: an example caveat (to match TensorFlow: none needed)" in lines
     assert not os.path.exists(out)
 
@@ -271,6 +273,10 @@ def test_maps_lists_the_builtin_maps() -> None:
     (lambda t: t.replace("source = 4, destination = 3", "source = 5, destination = 3"), ["must equal destination 3, or be one more"]),
     (lambda t: t + "\n[[caveats]]\nkind = \"speed\"\ntext = \"x\"\n", ["kind 'speed' is not one of"]),
     (lambda t: t.replace("format = 1", "format = 1\nformat = 1"), ["is not valid TOML"]),
+    (lambda t: t.replace("format = 1", "format = true"), ["'format' must be 1"]),
+    (lambda t: t.replace('like = "bn.running_mean" }', 'like = "bn.running_mean", dtype = "float16" }'), ["give either 'like'"]),
+    (lambda t: t + '\n[templates.unused]\n"w" = { to = "x", transform = "rotate" }\n', ["templates.unused.w: transform 'rotate'"]),
+    (lambda t: t.replace('description = "a conv', 'description = ""\nx = "a conv'), ["unknown key 'x'"]),
 ])
 def test_a_bad_map_gets_every_problem_at_once(tmp_path: Any, edit: Any, needles: list[str]) -> None:
     path = tmp_path / "m.toml"
