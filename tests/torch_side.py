@@ -4,6 +4,7 @@
                                       [--tf-semantics] [--aux-out Z.npy]
     python tests/torch_side.py random --map NAME --out FILE.safetensors [--seed N]
     python tests/torch_side.py keys   --map NAME
+    python tests/torch_side.py batch  --jobs JOBS.json
 
 This module never imports TensorFlow nor ckptbridge: with torch 2.14.1, importing TensorFlow
 first and torch second in one process segfaults, so the tests keep the two in separate
@@ -25,6 +26,12 @@ processes and run this file as a subprocess.
   (``AuxLogits`` applied to ``Mixed_6e``'s output, as in training).
 - ``random``: a state_dict with random weights and non-trivial batch-norm running statistics; BN
   weights stay 1 because a tf-slim batch norm without ``scale`` cannot carry gamma.
+- ``batch``: several of the above in one process (importing torch and building a model cost
+  seconds each): JOBS.json is a list of objects ``{"cmd": "logits" | "random" | "keys", ...}`` with
+  the options' names as keys (``map``, ``weights``, ``input``, ``out``, ``tf_semantics``,
+  ``aux_out``, ``seed``; ``keys`` writes its JSON to ``out``).  Jobs run in order; a model is
+  built once per map and patched when a job first asks for TensorFlow semantics (a later job
+  without them gets a fresh one).
 """
 
 from __future__ import annotations
@@ -189,7 +196,8 @@ def load_weights(path: str) -> dict[str, torch.Tensor]:
 
         return load_file(path)
     with np.load(path, allow_pickle=False) as z:
-        return {k: torch.from_numpy(np.array(z[k], order="C")) for k in z.files}  # keeps 0-d arrays 0-d
+        # ckptbridge's own members (__ckptbridge__: its metadata) are not the state_dict's: leave them out, as a user must.
+        return {k: torch.from_numpy(np.array(z[k], order="C")) for k in z.files if not k.startswith("__ckptbridge")}  # keeps 0-d arrays 0-d
 
 
 def random_state_dict(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
@@ -238,6 +246,42 @@ def logits(model: nn.Module, x_nhwc: np.ndarray, aux: bool = False) -> tuple[np.
     return outs[0].numpy(), aux_out
 
 
+def _keys_json(model: nn.Module) -> str:
+    keys = {k: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for k, t in model.state_dict().items()}
+    return "{\n" + ",\n".join(f" {json.dumps(k)}: {json.dumps(v)}" for k, v in keys.items()) + "\n}"  # one key a line
+
+
+def run_job(job: dict[str, Any], models: dict[str, tuple[nn.Module, bool]]) -> None:
+    """One job of ``batch`` (or of the single commands); ``models``: map -> (model, patched), reused."""
+    cmd, map_name = job["cmd"], job["map"]
+    want_tf = bool(job.get("tf_semantics", False))
+    cached = models.get(map_name)
+    if cached is None or (cmd == "logits" and cached[1] and not want_tf):
+        cached = models[map_name] = (build(map_name), False)
+    model, patched = cached
+    if cmd == "keys":
+        text = _keys_json(model)
+        if job.get("out"):
+            Path(job["out"]).write_text(text + "\n")
+        else:
+            print(text)
+    elif cmd == "random":
+        from safetensors.torch import save_file
+
+        save_file(random_state_dict(model, int(job.get("seed", 0))), job["out"])
+    elif cmd == "logits":
+        model.load_state_dict(load_weights(job["weights"]), strict=True)
+        if want_tf and not patched:
+            patch_tf_semantics(model, map_name)
+            models[map_name] = (model, True)
+        y, aux = logits(model, np.load(job["input"]), aux=bool(job.get("aux_out")))
+        np.save(job["out"], y)
+        if job.get("aux_out"):
+            np.save(job["aux_out"], aux)
+    else:
+        raise ValueError(f"unknown job {cmd!r}")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="torch_side.py", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -254,24 +298,21 @@ def main(argv: list[str] | None = None) -> None:
     rd.add_argument("--seed", type=int, default=0)
     ks = sub.add_parser("keys", help="print the destination's state_dict keys, shapes and dtypes as JSON")
     ks.add_argument("--map", required=True)
+    bt = sub.add_parser("batch", help="run a JSON list of jobs in this one process (see the module's doc)")
+    bt.add_argument("--jobs", required=True, help="a JSON file: a list of {\"cmd\": ..., option: value, ...}")
     args = p.parse_args(argv)
 
-    model = build(args.map)
-    if args.cmd == "keys":
-        keys = {k: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for k, t in model.state_dict().items()}
-        print("{\n" + ",\n".join(f" {json.dumps(k)}: {json.dumps(v)}" for k, v in keys.items()) + "\n}")  # one key a line
-    elif args.cmd == "random":
-        from safetensors.torch import save_file
-
-        save_file(random_state_dict(model, args.seed), args.out)
-    else:
-        model.load_state_dict(load_weights(args.weights), strict=True)
-        if args.tf_semantics:
-            patch_tf_semantics(model, args.map)
-        y, aux = logits(model, np.load(args.input), aux=bool(args.aux_out))
-        np.save(args.out, y)
-        if args.aux_out:
-            np.save(args.aux_out, aux)
+    if args.cmd == "batch":
+        with open(args.jobs) as f:
+            jobs = json.load(f)
+        if not isinstance(jobs, list) or not all(isinstance(j, dict) and "cmd" in j and "map" in j for j in jobs):
+            raise SystemExit(f"{args.jobs}: expected a JSON list of objects with 'cmd' and 'map'")
+        models: dict[str, tuple[nn.Module, bool]] = {}
+        for job in jobs:
+            run_job(job, models)
+        return
+    job = {k: v for k, v in vars(args).items() if v is not None}
+    run_job(job, {})
 
 
 if __name__ == "__main__":
