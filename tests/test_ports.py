@@ -1,0 +1,597 @@
+"""The proof of the port maps: a tf-slim net and the destination model a map names compute the same thing.
+
+For every built-in map (``ckptbridge.port_maps()``):
+
+1. TensorFlow builds the tf-slim net (``is_training=False``) with random weights, biases,
+   batch-norm betas and moving statistics away from 0 and 1, saves it, and computes its
+   logits (and inception_v3's auxiliary logits) on a fixed batch of 2 images;
+2. ``ckptbridge export --to MAP`` writes the destination's ``state_dict``;
+3. PyTorch (in a process of its own: tests/torch_side.py, never beside TensorFlow) builds the
+   destination with its own constructor, loads it with ``strict=True`` and runs the batch:
+   without caveats the logits agree within 1e-5 (relative to the largest); with caveats they
+   differ as shipped (the caveat is real) and agree once patched to TensorFlow's semantics;
+4. the other way: a random ``state_dict`` imported with ``--from MAP --model NET`` and restored
+   by TensorFlow's Saver in a fresh slim graph computes the patched destination's logits;
+5. export then import gives the checkpoint back bit for bit, but for TensorFlow's background
+   class, which a 1000-class destination cannot carry: it comes back as zeros, and nothing else
+   changes;
+6. what cannot be ported is refused with one line and nothing written.
+
+One torch subprocess computes every destination-side result (``torch_side.py batch``); each
+slim net is built once and shared by the maps that use it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorflow")
+pytest.importorskip("tf_slim")
+pytest.importorskip("tf_keras")
+pytest.importorskip("safetensors")
+
+import ckptbridge  # noqa: E402
+from ckptbridge import PortMap  # noqa: E402
+
+from helpers import assert_one_line_error, cli, leftovers, run, same, write_checkpoint  # noqa: E402
+
+pytestmark = pytest.mark.tf
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TORCH_SIDE = os.path.join(HERE, "torch_side.py")
+
+MAPS: dict[str, PortMap] = ckptbridge.port_maps()
+MAP_NAMES = sorted(MAPS)
+BATCH = 2
+AGREE = 1e-5     # logits that must agree: max|a - b| / max|b|
+DIFFER = 1e-3    # logits a caveat says differ: at least this much
+FORMATS_MAP = "torchvision:googlenet"  # the map whose .npz and .h5 exports are checked too: 25 MiB, not VGG's 528 MiB
+
+#: tf-slim net -> (module, function, arg scope), and a seed of its own
+SLIM = {
+    "vgg_16": ("tf_slim.nets.vgg", "vgg_16", "vgg_arg_scope"),
+    "vgg_19": ("tf_slim.nets.vgg", "vgg_19", "vgg_arg_scope"),
+    "inception_v1": ("tf_slim.nets.inception", "inception_v1", "inception_v1_arg_scope"),
+    "inception_v3": ("tf_slim.nets.inception", "inception_v3", "inception_v3_arg_scope"),
+}
+SEEDS = {"vgg_16": 16, "vgg_19": 19, "inception_v1": 1, "inception_v3": 3}
+
+
+def rel(a: np.ndarray, b: np.ndarray) -> float:
+    """max|a - b| / max|b|: how far ``a`` is from ``b``, on ``b``'s scale."""
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float(np.abs(a.astype(np.float64) - b).max() / np.abs(b).max())
+
+
+def has_background(pmap: PortMap) -> bool:
+    return pmap.source_classes == pmap.dest_classes + 1
+
+
+def destination_classes(pmap: PortMap, slim_logits: np.ndarray) -> np.ndarray:
+    """Slim's logits as the destination's classes: TensorFlow's background class (index 0) dropped."""
+    return slim_logits[:, 1:] if has_background(pmap) else slim_logits
+
+
+def key(map_name: str) -> str:
+    return map_name.replace(":", "__")
+
+
+def class_tensors(pmap: PortMap) -> list[str]:
+    """The slim tensors whose last axis is the class axis (logits, auxiliary logits)."""
+    return sorted(r.source for r in pmap.rules if r.classes)
+
+
+# --------------------------------------------------------------------------- the tf-slim side
+
+
+def _session_config() -> Any:
+    import tensorflow as tf
+
+    config = tf.compat.v1.ConfigProto()
+    config.graph_options.rewrite_options.disable_meta_optimizer = True  # each graph runs once or twice
+    return config
+
+
+def _random_value(name: str, shape: list[int], rng: np.random.Generator) -> np.ndarray:
+    """He-scaled kernels, small biases and betas, moving statistics away from 0 and 1."""
+    if name.endswith("moving_mean"):
+        return rng.uniform(-0.3, 0.3, shape).astype(np.float32)
+    if name.endswith("moving_variance"):
+        return rng.uniform(0.5, 2.0, shape).astype(np.float32)
+    if len(shape) >= 2:
+        return rng.standard_normal(shape, dtype=np.float32) * np.float32(np.sqrt(2.0 / np.prod(shape[:-1])))
+    return rng.standard_normal(shape, dtype=np.float32) * np.float32(0.1)
+
+
+@dataclasses.dataclass
+class SlimGraph:
+    """One tf-slim net in a graph of its own, with a session: its logits for a batch, any checkpoint restored."""
+
+    net: str
+    graph: Any
+    session: Any
+    images: Any
+    outputs: dict[str, Any]  # "logits", and "aux" for inception_v3
+    saver: Any
+
+    @classmethod
+    def build(cls, net: str, image_size: int, num_classes: int) -> SlimGraph:
+        import tensorflow as tf
+
+        from ckptbridge.tf.compat import import_slim
+
+        slim = import_slim()
+        module, function, arg_scope = SLIM[net]
+        mod = importlib.import_module(module)
+        graph = tf.Graph()
+        with graph.as_default():
+            images = tf.compat.v1.placeholder(tf.float32, [None, image_size, image_size, 3], name="images")
+            with slim.arg_scope(getattr(mod, arg_scope)()):
+                logits, end_points = getattr(mod, function)(images, num_classes=num_classes, is_training=False)
+            outputs = {"logits": logits}
+            if "AuxLogits" in end_points:
+                outputs["aux"] = end_points["AuxLogits"]
+            saver = tf.compat.v1.train.Saver()
+            session = tf.compat.v1.Session(graph=graph, config=_session_config())
+        return cls(net, graph, session, images, outputs, saver)
+
+    def randomize(self, seed: int) -> None:
+        import tensorflow as tf
+
+        rng = np.random.default_rng(seed)
+        with self.graph.as_default():
+            variables = tf.compat.v1.global_variables()
+            # One run: every initializer fed its random value instead of computing its own.
+            feeds = {v.initial_value: _random_value(v.op.name, v.shape.as_list(), rng) for v in variables}
+            self.session.run(tf.compat.v1.global_variables_initializer(), feeds)
+
+    def save(self, prefix: str) -> str:
+        with self.graph.as_default():  # the Saver works in graph mode only inside its graph
+            return self.saver.save(self.session, prefix, write_meta_graph=False)
+
+    def restore(self, prefix: str) -> None:
+        with self.graph.as_default():
+            self.saver.restore(self.session, prefix)  # every variable of the graph must be in the checkpoint
+
+    def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        return self.session.run(self.outputs, {self.images: x})
+
+    def close(self) -> None:
+        self.session.close()
+
+
+@dataclasses.dataclass
+class SlimNet:
+    """A saved tf-slim net: its checkpoint, the batch and what the net computes on it."""
+
+    net: str
+    prefix: str
+    x: np.ndarray
+    x_path: str
+    out: dict[str, np.ndarray]  # "logits", "aux"
+
+
+class SlimNets:
+    """Each tf-slim net built, randomized and saved once, on first use; a fresh graph per net for restores."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self._nets: dict[str, SlimNet] = {}
+        self._restore: dict[str, SlimGraph] = {}
+
+    @staticmethod
+    def _shape(net: str) -> tuple[int, int]:
+        pmap = next(m for m in MAPS.values() if m.net == net)
+        return pmap.image_size, pmap.source_classes
+
+    def get(self, net: str) -> SlimNet:
+        if net not in self._nets:
+            size, classes = self._shape(net)
+            d = os.path.join(self.root, net)
+            os.makedirs(d)
+            g = SlimGraph.build(net, size, classes)
+            try:
+                g.randomize(SEEDS[net])
+                x = np.random.default_rng(100 + SEEDS[net]).uniform(-1, 1, (BATCH, size, size, 3)).astype(np.float32)
+                out = g.run(x)
+                prefix = g.save(os.path.join(d, "model.ckpt"))
+            finally:
+                g.close()
+            x_path = os.path.join(d, "x.npy")
+            np.save(x_path, x)
+            self._nets[net] = SlimNet(net, prefix, x, x_path, out)
+        return self._nets[net]
+
+    def logits_of(self, net: str, prefix: str) -> dict[str, np.ndarray]:
+        """What the net computes on its batch with the weights of checkpoint ``prefix``, restored by TensorFlow's Saver."""
+        if net not in self._restore:
+            size, classes = self._shape(net)
+            self._restore[net] = SlimGraph.build(net, size, classes)
+        g = self._restore[net]
+        g.restore(prefix)
+        return g.run(self.get(net).x)
+
+    def close(self) -> None:
+        for g in self._restore.values():
+            g.close()
+
+
+@pytest.fixture(scope="module")
+def slim(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    nets = SlimNets(str(tmp_path_factory.mktemp("slim")))
+    yield nets
+    nets.close()
+
+
+# --------------------------------------------------------------------------- the destination side
+
+
+def torch_batch(jobs: list[dict[str, Any]], directory: str) -> None:
+    """Run jobs in one torch_side.py process (never torch in this one: TensorFlow is here)."""
+    path = os.path.join(directory, "jobs.json")
+    with open(path, "w") as f:
+        json.dump(jobs, f, indent=1)
+    r = run([sys.executable, TORCH_SIDE, "batch", "--jobs", path], timeout=900,
+            env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert r.returncode == 0, f"torch_side.py batch failed (exit {r.returncode}):\n{r.stderr[-4000:]}"
+
+
+@dataclasses.dataclass
+class Port:
+    """One map's results: the export, and what the destination computes."""
+
+    name: str
+    pmap: PortMap
+    slim: SlimNet
+    exported: str                           # the CLI's .safetensors
+    export_run: subprocess.CompletedProcess[str]
+    shipped: dict[str, np.ndarray]          # destination as shipped, exported weights
+    patched: dict[str, np.ndarray]          # destination with TensorFlow's semantics (= shipped without caveats)
+    random_weights: str                     # a random state_dict written by torch_side
+    random_patched: dict[str, np.ndarray]   # the patched destination on those weights
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+class Ports:
+    """Every map exported (the CLI) and run on the destination side, all maps in one torch process."""
+
+    def __init__(self, root: str, slim: SlimNets) -> None:
+        self.root = root
+        self.slim = slim
+        self._ports: dict[str, Port] | None = None
+
+    def __getitem__(self, name: str) -> Port:
+        if self._ports is None:
+            self._ports = self._run()
+        return self._ports[name]
+
+    def _run(self) -> dict[str, Port]:
+        jobs: list[dict[str, Any]] = []
+        pending: dict[str, dict[str, Any]] = {}
+        for name in MAP_NAMES:
+            pmap = MAPS[name]
+            s = self.slim.get(pmap.net)
+            out = os.path.join(self.root, key(name) + ".safetensors")
+            r = cli("export", s.prefix, out, "--to", name, "--no-fsync")
+            assert r.returncode == 0, f"export --to {name} failed: {r.stderr[-2000:]}"
+            aux = "aux" in s.out
+
+            def logits_job(weights: str, tag: str, tf_semantics: bool, name: str = name, aux: bool = aux, s: SlimNet = s) -> dict[str, Any]:
+                base = os.path.join(self.root, f"{key(name)}.{tag}")
+                job = {"cmd": "logits", "map": name, "weights": weights, "input": s.x_path, "out": base + ".logits.npy",
+                       "tf_semantics": tf_semantics}
+                if aux:
+                    job["aux_out"] = base + ".aux.npy"
+                jobs.append(job)
+                return job
+
+            p: dict[str, Any] = {"exported": out, "export_run": r}
+            caveats = bool(pmap.caveats)
+            # Order matters to torch_side: a map's model is patched by the first job that asks for it.
+            p["shipped"] = logits_job(out, "shipped", False)
+            p["patched"] = logits_job(out, "patched", True) if caveats else p["shipped"]
+            p["random_weights"] = os.path.join(self.root, key(name) + ".random.safetensors")
+            jobs.append({"cmd": "random", "map": name, "out": p["random_weights"], "seed": 1000 + MAP_NAMES.index(name)})
+            p["random_patched"] = logits_job(p["random_weights"], "random", caveats)
+            if name == FORMATS_MAP:
+                # The same state_dict as .npz and .h5 (the API this time); torch_side loads the .npz too.
+                for suffix in ("npz", "h5"):
+                    p[suffix] = os.path.join(self.root, f"{key(name)}.{suffix}")
+                    ckptbridge.export(s.prefix, p[suffix], port=name, fsync=False)
+                p["npz_patched"] = logits_job(p["npz"], "npz", caveats)
+            pending[name] = p
+        torch_batch(jobs, self.root)
+
+        def outputs(job: dict[str, Any]) -> dict[str, np.ndarray]:
+            got = {"logits": np.load(job["out"])}
+            if "aux_out" in job:
+                got["aux"] = np.load(job["aux_out"])
+            return got
+
+        ports = {}
+        for name, p in pending.items():
+            extra = {k: p[k] for k in ("npz", "h5") if k in p}
+            if "npz_patched" in p:
+                extra["npz_patched"] = outputs(p["npz_patched"])
+            ports[name] = Port(name, MAPS[name], self.slim.get(MAPS[name].net), p["exported"], p["export_run"], outputs(p["shipped"]),
+                               outputs(p["patched"]), p["random_weights"], outputs(p["random_patched"]), extra)
+        return ports
+
+
+@pytest.fixture(scope="module")
+def ports(slim: SlimNets, tmp_path_factory: pytest.TempPathFactory) -> Ports:
+    return Ports(str(tmp_path_factory.mktemp("ports")), slim)
+
+
+# --------------------------------------------------------------------------- the reference layouts
+
+
+def expected_state_dict(pmap: PortMap, tensors: Mapping[str, np.ndarray], *, ema: bool = False) -> dict[str, np.ndarray]:
+    """The destination tensors the map's rules make of slim ``tensors``, computed here with NumPy alone."""
+    out = {}
+    for r in pmap.rules:
+        name = r.source + "/ExponentialMovingAverage" if ema and r.source + "/ExponentialMovingAverage" in tensors else r.source
+        a = tensors[name]
+        if r.classes and has_background(pmap):
+            a = a[..., 1:]
+        if r.transform == "conv":
+            a = np.transpose(a, (3, 2, 0, 1))                       # HWIO -> OIHW
+        elif r.transform == "fc_as_conv":
+            a = np.transpose(a, (3, 2, 0, 1)).reshape(a.shape[3], -1)  # [H, W, in, out] -> [out, in*H*W], (C, H, W) order
+        else:
+            assert r.transform == "none", r.transform
+        out[r.dest] = np.ascontiguousarray(a)
+    return out
+
+
+def read_all(path: str) -> dict[str, np.ndarray]:
+    with ckptbridge.read(path) as r:
+        return {n: r[n] for n in r}
+
+
+# --------------------------------------------------------------------------- 2. export
+
+
+@pytest.mark.parametrize("name", MAP_NAMES)
+def test_export_writes_the_destination_state_dict(ports: Ports, name: str) -> None:
+    """The CLI export: one line per caveat, the destination's names and layouts, bit-exact values."""
+    port = ports[name]
+    pmap = port.pmap
+    r = port.export_run
+    assert "Traceback" not in r.stderr
+    caveat_lines = [ln for ln in r.stderr.splitlines() if ln.startswith(f"ckptbridge: caveat of port map {name}: ")]
+    assert len(caveat_lines) == len(pmap.caveats), r.stderr
+    assert f"wrote {len(pmap.rules) + len(pmap.added)} tensors" in r.stderr + r.stdout
+    assert leftovers(os.path.dirname(port.exported)) == []
+    got = read_all(port.exported)
+    want = expected_state_dict(pmap, read_all(port.slim.prefix))
+    assert sorted(got) == sorted([*want, *(a.dest for a in pmap.added)])
+    for n, w in want.items():
+        assert same(got[n], w), f"{n}: {got[n].dtype}{list(got[n].shape)} is not the map's layout of its slim tensor"
+    for a in pmap.added:
+        assert a.fill in (0.0, 1.0)
+        assert got[a.dest].dtype == (np.int64 if a.dtype == "int64" else np.float32), (a.dest, got[a.dest].dtype)
+        assert np.all(got[a.dest] == a.fill), a.dest
+
+
+# --------------------------------------------------------------------------- 3. the destination computes slim's logits
+
+
+@pytest.mark.parametrize("name", MAP_NAMES)
+def test_destination_as_shipped(ports: Ports, name: str) -> None:
+    """Without caveats the destination as shipped computes slim's logits; with caveats it does not (the caveat is real)."""
+    port = ports[name]
+    for what, slim_out in port.slim.out.items():
+        d = rel(port.shipped[what], destination_classes(port.pmap, slim_out))
+        print(f"{name} {what}: as shipped {d:.3g}")
+        if port.pmap.caveats:
+            assert d > DIFFER, f"{name} {what}: the caveats say the destination as shipped differs, yet it agrees ({d:.3g})"
+        else:
+            assert d <= AGREE, f"{name} {what}: destination as shipped is {d:.3g} from slim"
+
+
+@pytest.mark.parametrize("name", MAP_NAMES)
+def test_destination_with_tensorflow_semantics(ports: Ports, name: str) -> None:
+    """Patched to TensorFlow's semantics (the caveats' fixes), the destination computes slim's logits (and aux logits)."""
+    port = ports[name]
+    assert sorted(port.patched) == sorted(port.slim.out)
+    for what, slim_out in port.slim.out.items():
+        want = destination_classes(port.pmap, slim_out)
+        assert np.abs(want).max() > 1.0, f"{what}: logits this small prove little"
+        d = rel(port.patched[what], want)
+        print(f"{name} {what}: patched {d:.3g}")
+        assert d <= AGREE, f"{name} {what}: the patched destination is {d:.3g} from slim"
+
+
+# --------------------------------------------------------------------------- 4. the other way
+
+
+@pytest.mark.parametrize("name", MAP_NAMES)
+def test_import_from_destination_computes_the_same(ports: Ports, slim: SlimNets, name: str, tmp_path: Any) -> None:
+    """A random state_dict imported through the map and restored by TensorFlow computes the patched destination's logits."""
+    port = ports[name]
+    pmap = port.pmap
+    prefix = str(tmp_path / "out" / "model.ckpt")
+    report = ckptbridge.rebuild(port.random_weights, prefix, model=pmap.net, port=name, fsync=False)
+    assert report.missing == [] and report.port == name and report.caveats == pmap.caveat_lines()
+    assert leftovers(tmp_path) == []
+    back = read_all(prefix)
+    for n in class_tensors(pmap):
+        if has_background(pmap):
+            assert back[n].shape[-1] == pmap.source_classes
+            assert not np.any(back[n][..., 0]), f"{n}: the inserted background class must be zeros"
+    # The weights themselves, bit for bit: what the map's rules make of the checkpoint is the state_dict imported.
+    state = read_all(port.random_weights)
+    for dest, arr in expected_state_dict(pmap, back).items():
+        assert same(arr, state[dest]), dest
+    got = slim.logits_of(pmap.net, prefix)
+    for what, want in port.random_patched.items():
+        if has_background(pmap):
+            assert np.all(got[what][:, 0] == 0), f"{what}: the background class's logit must be 0 (zero weights and bias)"
+        d = rel(destination_classes(pmap, got[what]), want)
+        print(f"{name} {what}: reverse {d:.3g}")
+        assert np.abs(want).max() > 1.0
+        assert d <= AGREE, f"{name} {what}: slim restored from the imported checkpoint is {d:.3g} from the destination"
+
+
+# --------------------------------------------------------------------------- 5. round trip
+
+
+@pytest.mark.parametrize("name", MAP_NAMES)
+def test_round_trip_loses_only_the_background_class(ports: Ports, name: str, tmp_path: Any) -> None:
+    """export --to, then import --from --model: the original checkpoint, but the background class comes back as zeros."""
+    port = ports[name]
+    pmap = port.pmap
+    prefix = str(tmp_path / "back" / "model.ckpt")
+    ckptbridge.rebuild(port.exported, prefix, model=pmap.net, port=name, fsync=False)
+    r = cli("diff", port.slim.prefix, prefix)
+    a, b = read_all(port.slim.prefix), read_all(prefix)
+    assert sorted(a) == sorted(b)
+    if not has_background(pmap):
+        assert r.returncode == 0 and r.stdout.strip() == f"identical: {len(a)} tensors", r.stdout + r.stderr
+        assert all(same(a[n], b[n]) for n in a)
+        return
+    classes = class_tensors(pmap)
+    assert r.returncode == 1, r.stdout + r.stderr
+    differ = sorted(ln.split(": ")[1] for ln in r.stdout.splitlines() if ln.startswith("values differ: "))
+    assert differ == classes, r.stdout
+    assert r.stdout.splitlines()[-1] == f"different: 0 only in A, 0 only in B, 0 shape/dtype, {len(classes)} values ({len(a)} compared)"
+    for n in a:
+        if n not in classes:
+            assert same(a[n], b[n]), n
+            continue
+        # Everything but index 0 of the class axis is bit-exact; index 0 was the background class, now zeros.
+        assert same(a[n][..., 1:], b[n][..., 1:]), n
+        assert a[n].dtype == b[n].dtype and a[n].shape == b[n].shape
+        assert np.all(b[n][..., 0] == 0) and np.all(a[n][..., 0] != 0), n
+
+
+# --------------------------------------------------------------------------- archive formats
+
+
+def test_npz_and_h5_carry_the_same_state_dict(ports: Ports) -> None:
+    port = ports[FORMATS_MAP]
+    st = read_all(port.exported)
+    for suffix in ("npz", "h5"):
+        got = read_all(port.extra[suffix])
+        assert sorted(got) == sorted(st), suffix
+        for n in st:
+            assert same(got[n], st[n]), f"{suffix}: {n}"
+    # torch_side loads the .npz as it is (0-d num_batches_tracked included, strict=True) and computes slim's logits.
+    for what, slim_out in port.slim.out.items():
+        assert rel(port.extra["npz_patched"][what], destination_classes(port.pmap, slim_out)) <= AGREE
+
+
+# --------------------------------------------------------------------------- 6. what cannot be ported
+
+
+def test_export_of_another_net_is_refused(slim: SlimNets, tmp_path: Any) -> None:
+    """A vgg_19 checkpoint --to torchvision:vgg16: one line naming what the map does not use, nothing written."""
+    out = tmp_path / "vgg16.safetensors"
+    r = cli("export", slim.get("vgg_19").prefix, str(out), "--to", "torchvision:vgg16", "--no-fsync")
+    line = assert_one_line_error(r, "port map torchvision:vgg16 does not fit", "not used by the map", "(38): vgg_19/conv1/conv1_1/biases",
+                                 "vgg_19/conv1/conv1_1/weights", "missing from the checkpoint (32): vgg_16/conv1/conv1_1/weights")
+    assert "and 26 more" in line  # 38 unused, 12 named
+    assert os.listdir(tmp_path) == []
+
+
+def _state_dict(path: str) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(path)
+
+
+def _save_state_dict(tensors: Mapping[str, np.ndarray], path: str) -> str:
+    from safetensors.numpy import save_file
+
+    save_file(dict(tensors), path)
+    return path
+
+
+def _refused_import(archive: str, root: Any, *needles: str) -> str:
+    """``import ARCHIVE --model NET --from MAP`` fails with one line holding ``needles``; nothing is written."""
+    pmap = MAPS[FORMATS_MAP]
+    before = sorted(os.listdir(root))
+    r = cli("import", archive, str(root / "out" / "model.ckpt"), "--model", pmap.net, "--from", FORMATS_MAP, "--no-fsync")
+    line = assert_one_line_error(r, f"port map {FORMATS_MAP} does not fit {archive}", *needles)
+    assert sorted(os.listdir(root)) == before
+    return line
+
+
+def test_import_missing_a_tensor_is_refused(ports: Ports, tmp_path: Any) -> None:
+    state = _state_dict(ports[FORMATS_MAP].exported)
+    del state["inception4a.branch2.1.conv.weight"]
+    archive = _save_state_dict(state, str(tmp_path / "missing.safetensors"))
+    line = _refused_import(archive, tmp_path, "missing from the archive (1): inception4a.branch2.1.conv.weight")
+    assert line.count("inception4a.branch2.1.conv.weight") == 1
+
+
+def test_import_of_a_gamma_slim_cannot_carry_is_refused(ports: Ports, tmp_path: Any) -> None:
+    """slim's batch norm here has no gamma: a state_dict whose bn.weight is not all ones cannot be carried."""
+    state = _state_dict(ports[FORMATS_MAP].exported)
+    state["conv2.bn.weight"] = state["conv2.bn.weight"].copy()
+    state["conv2.bn.weight"][3] = 0.5
+    archive = _save_state_dict(state, str(tmp_path / "gamma.safetensors"))
+    _refused_import(archive, tmp_path, "cannot carry", "conv2.bn.weight (must be all 1)")
+
+
+def test_dry_run_prints_the_mapping_and_writes_nothing(slim: SlimNets, ports: Ports, tmp_path: Any) -> None:
+    pmap = MAPS[FORMATS_MAP]
+    s = slim.get(pmap.net)
+    out = tmp_path / "out.safetensors"
+    r = cli("export", s.prefix, str(out), "--to", FORMATS_MAP, "--dry-run")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    kinds = ("layout ", "add ", "caveat: ", "drop ", "ema: ", "dry run: ")
+    pairs = sorted(tuple(ln.split(" -> ")) for ln in lines if not ln.startswith(kinds))
+    assert pairs == sorted((r_.source, r_.dest) for r_ in pmap.rules)
+    assert sorted(ln for ln in lines if ln.startswith("add ")) == sorted(
+        f"add {a.dest}: filled with {a.fill:g} " + ("(the tf-slim net has no such tensor)" if a.check else "(a counter tf-slim does not keep)")
+        for a in pmap.added)
+    assert [ln for ln in lines if ln.startswith("caveat: ")] == [f"caveat: {c}" for c in pmap.caveat_lines()]
+    assert lines[-1].startswith(f"dry run: would write {len(pmap.rules) + len(pmap.added)} tensors")
+    assert os.listdir(tmp_path) == []
+    # The way back: destination names -> slim names, what the slim net drops, the same caveats; nothing written.
+    r = cli("import", ports[FORMATS_MAP].exported, str(tmp_path / "out" / "model.ckpt"), "--model", pmap.net, "--from", FORMATS_MAP,
+            "--dry-run")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    pairs = sorted(tuple(ln.split(" -> ")) for ln in lines if not ln.startswith(kinds))
+    assert pairs == sorted((r_.dest, r_.source) for r_ in pmap.rules)
+    assert sorted(ln.split(":")[0] for ln in lines if ln.startswith("drop ")) == sorted(f"drop {a.dest}" for a in pmap.added)
+    assert [ln for ln in lines if ln.startswith("caveat: ")] == [f"caveat: {c}" for c in pmap.caveat_lines()]
+    assert os.listdir(tmp_path) == []
+
+
+def test_export_reads_the_moving_averages(slim: SlimNets, tmp_path: Any) -> None:
+    """A checkpoint with X/ExponentialMovingAverage shadows exports the shadows' values, and says so."""
+    pmap = MAPS[FORMATS_MAP]
+    tensors = read_all(slim.get(pmap.net).prefix)
+    trainable = sorted(n for n in tensors if n.endswith(("/weights", "/biases", "/beta")))
+    assert len(trainable) > 100
+    for n in trainable:
+        tensors[n + "/ExponentialMovingAverage"] = (tensors[n] * np.float32(0.5) + np.float32(0.25)).astype(np.float32)
+    prefix = write_checkpoint(str(tmp_path / "ema" / "model.ckpt"), tensors)
+    out = str(tmp_path / "ema.safetensors")
+    report = ckptbridge.export(prefix, out, port=FORMATS_MAP, fsync=False)
+    by_source = {r.source: r.dest for r in pmap.rules}
+    assert report.ema_swaps == {by_source[n]: n + "/ExponentialMovingAverage" for n in trainable}
+    assert sorted(report.dropped) == trainable
+    assert all("EMA" in why for why in report.dropped.values())
+    got = read_all(out)
+    want = expected_state_dict(pmap, tensors, ema=True)
+    for dest, w in want.items():
+        assert same(got[dest], w), dest
+    # The moving statistics have no shadow: their own values, as the slim net uses them.
+    assert same(got["conv1.bn.running_mean"], tensors["InceptionV1/Conv2d_1a_7x7/BatchNorm/moving_mean"])
+    assert not same(got["conv1.conv.weight"], expected_state_dict(pmap, read_all(slim.get(pmap.net).prefix))["conv1.conv.weight"])
