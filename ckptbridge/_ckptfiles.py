@@ -58,6 +58,11 @@ def v1_shards(prefix: str) -> list[str]:
     return sorted(glob.glob(glob.escape(prefix) + V1_SHARD_GLOB))
 
 
+def version_of(prefix: str) -> str:
+    """"v2" when ``prefix.index`` exists (a V2 checkpoint), else "v1" (one table file, or its shards)."""
+    return "v2" if os.path.isfile(index_path(prefix)) else "v1"
+
+
 def prefix_of(path: str) -> str:
     """The checkpoint prefix a file of it names (``.index``, ``.meta``, a ``.data`` shard); other paths unchanged.
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
+from . import _ckptfiles
 from ._lazy import load_object, refers_to
 from .errors import FormatError
 
@@ -34,7 +35,7 @@ class Engine:
     description: str
     #: checkpoint versions it reads: "v2" (``.index`` + ``.data-*``), "v1" (one table file)
     reads: tuple[str, ...]
-    #: ``Source(prefix)`` (the native one also takes ``verify=``)
+    #: ``Source(prefix)`` (the native one also takes ``verify=``), for the first version of ``reads``
     source: str
     #: ``Sink(prefix, force=..., max_shard_bytes=..., update_state=...)``
     sink: str
@@ -44,14 +45,21 @@ class Engine:
     install: str | None = None
     #: whether its source checks checksums itself as it reads (takes ``verify=``)
     verifies: bool = False
+    #: version -> another source class, for versions ``source`` does not read ("v1": the native V1 reader)
+    sources: tuple[tuple[str, str], ...] = ()
+
+    def source_for(self, version: str) -> str:
+        """The source class that reads ``version``."""
+        return dict(self.sources).get(version, self.source)
 
 
 #: name -> engine, in the order "auto" tries them
 ENGINES: dict[str, Engine] = {
     e.name: e
     for e in (
-        Engine("native", "native", "ckptbridge's own reader and writer, no TensorFlow needed (V2 checkpoints)", ("v2",),
-               "ckptbridge.bundle.reader:BundleReader", "ckptbridge.bundle.sink:NativeCheckpointSink", verifies=True),
+        Engine("native", "native", "ckptbridge's own readers and writer, no TensorFlow needed (V2 and V1 checkpoints; writes V2)",
+               ("v2", "v1"), "ckptbridge.bundle.reader:BundleReader", "ckptbridge.bundle.sink:NativeCheckpointSink", verifies=True,
+               sources=(("v1", "ckptbridge.bundle.v1:V1Reader"),)),
         Engine("tf", "tensorflow", "TensorFlow's tf.train.load_checkpoint and SaveV2 (V1 and V2 checkpoints)", ("v2", "v1"),
                "ckptbridge.tf.engine:TfCheckpointSource", "ckptbridge.tf.engine:TfCheckpointSink",
                needs="TensorFlow", install="pip install 'ckptbridge[tf]'"),
@@ -94,7 +102,7 @@ def for_writing(engine: str) -> Engine:
 def of_source(source: object) -> Engine | None:
     """The engine whose source class ``source`` is an instance of; None for anything else (archives)."""
     for e in ENGINES.values():
-        if refers_to(e.source, source):
+        if any(refers_to(ref, source) for ref in (e.source, *(cls for _, cls in e.sources))):
             return e
     return None
 
@@ -104,8 +112,10 @@ def is_checkpoint(source: object) -> bool:
     return of_source(source) is not None
 
 
-def open_source(e: Engine, prefix: str, *, verify: bool = True) -> Source:
-    cls = load_object(e.source)
+def open_source(e: Engine, prefix: str, *, verify: bool = True, version: str | None = None) -> Source:
+    """``e``'s source for the checkpoint at ``prefix``; ``version`` defaults to what its files say
+    (``_ckptfiles.version_of``: "v2" where ``prefix.index`` exists, else "v1")."""
+    cls = load_object(e.source_for(version or _ckptfiles.version_of(prefix)))
     return cls(prefix, verify=verify) if e.verifies else cls(prefix)  # type: ignore[no-any-return]
 
 

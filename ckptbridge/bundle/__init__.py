@@ -1,13 +1,15 @@
-"""ckptbridge's native engine for TensorFlow V2 checkpoints (tensor bundles).
+"""ckptbridge's native engine for TensorFlow checkpoints.
 
-Reads and writes ``prefix.index`` + ``prefix.data-NNNNN-of-MMMMM`` with NumPy
-and crc32c only; importing this package never imports TensorFlow.  The format
-is described in docs/bundle-format.md.
+Reads and writes V2 checkpoints (tensor bundles: ``prefix.index`` +
+``prefix.data-NNNNN-of-MMMMM``) and reads V1 ones (one table file, ``v1``) with
+NumPy and crc32c only; importing this package never imports TensorFlow.  The
+formats are described in docs/bundle-format.md.
 """
 
 from __future__ import annotations
 
 from .reader import ENGINE_NAME, BundleReader, data_path, index_path, is_bundle
+from .v1 import V1Reader, is_v1
 from .writer import BundleWriter
 
-__all__ = ["BundleReader", "BundleWriter", "is_bundle", "data_path", "index_path", "ENGINE_NAME"]
+__all__ = ["BundleReader", "BundleWriter", "V1Reader", "is_bundle", "is_v1", "data_path", "index_path", "ENGINE_NAME"]

@@ -5,11 +5,24 @@ Each block is followed by a 5-byte trailer: a compression type byte and the
 masked crc32c of the block contents plus that type byte.  Block entries share
 key prefixes with their predecessor; restart points (fixed32 offsets at the
 block's end, then their count) mark entries that store their whole key.
+
+Blocks may be snappy-compressed (trailer type 1).  TensorFlow never writes
+them (its V1 and V2 writers both ask for no compression) but its readers accept
+them, so we decode them too, with the small decoder below: index blocks are a
+few hundred KiB at most, where pure Python takes milliseconds, and no new
+dependency is needed for files that hardly exist.
+
+Two readers: :func:`read_table` walks every entry of a small table (a V2
+``.index``); :class:`Table` opens a large one lazily (a V1 checkpoint, whose
+values are whole tensors): only its index block at first, then a data block when
+a key in it is looked up.
 """
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterator
+from typing import Any
 
 from ._wire import _Bad, crc, get_varint, mask, put_varint
 
@@ -43,7 +56,79 @@ KEY_BYTES_SLACK = 1 << 20
 
 
 class SnappyBlock(Exception):
-    """A block is snappy-compressed, which the native engine does not decode."""
+    """No longer raised: snappy blocks are decoded (:func:`snappy_decompress`).  Kept while
+    ``reader.py`` still names it in an ``except`` clause."""
+
+
+# --- snappy ------------------------------------------------------------------
+#
+# Snappy's block format (google/snappy, format_description.txt): a varint32 with the
+# uncompressed length, then elements, each starting with a tag byte whose low two
+# bits say what it is:
+#   0  literal: length-1 in the upper six bits; 60..63 there mean the length-1
+#      follows in 1..4 little-endian bytes; then that many bytes to copy out;
+#   1  copy, 1-byte offset: length 4..11 in bits 2-4, offset's high 3 bits in 5-7,
+#      its low 8 bits in the next byte;
+#   2  copy, 2-byte offset: length 1..64 in the upper six bits, offset in 2 bytes;
+#   3  copy, 4-byte offset: the same with a 4-byte offset.
+# A copy repeats ``length`` bytes starting ``offset`` bytes back in the output
+# (offset < length repeats a pattern).  The best ratio any element achieves is a
+# 3-byte copy of 64 bytes, so an honest stream never claims more than about 21.4
+# times its own size: a larger claim is refused before anything is allocated.
+SNAPPY_MAX_RATIO = 22
+
+
+def snappy_decompress(src: bytes | memoryview, what: str = "snappy") -> bytes:
+    """Decode one snappy block (raw format, no framing); raises _Bad on anything malformed."""
+    n = len(src)
+    length, pos = get_varint(src, 0, n, bits=32)
+    if length > SNAPPY_MAX_RATIO * n:
+        raise _Bad(f"{what} block claims {length} uncompressed bytes, more than its {n} compressed bytes can hold")
+    src = bytes(src)
+    out = bytearray()
+    while pos < n:
+        tag = src[pos]
+        pos += 1
+        kind = tag & 3
+        if kind == 0:
+            size = tag >> 2
+            if size >= 60:
+                extra = size - 59
+                if extra > n - pos:
+                    raise _Bad(f"{what} block: a literal's length runs past the block")
+                size = int.from_bytes(src[pos:pos + extra], "little")
+                pos += extra
+            size += 1
+            if size > n - pos or size > length - len(out):
+                raise _Bad(f"{what} block: a literal runs past the block or the claimed length")
+            out += src[pos:pos + size]
+            pos += size
+            continue
+        if kind == 1:
+            if pos >= n:
+                raise _Bad(f"{what} block: a copy runs past the block")
+            size = 4 + ((tag >> 2) & 7)
+            offset = ((tag >> 5) << 8) | src[pos]
+            pos += 1
+        else:
+            width = 2 if kind == 2 else 4
+            if width > n - pos:
+                raise _Bad(f"{what} block: a copy runs past the block")
+            size = 1 + (tag >> 2)
+            offset = int.from_bytes(src[pos:pos + width], "little")
+            pos += width
+        if offset == 0 or offset > len(out):
+            raise _Bad(f"{what} block: a copy reaches before the start of the output")
+        if size > length - len(out):
+            raise _Bad(f"{what} block: a copy runs past the claimed length")
+        start = len(out) - offset
+        if offset >= size:
+            out += out[start:start + size]
+        else:
+            out += (out[start:] * (size // offset + 1))[:size]
+    if len(out) != length:
+        raise _Bad(f"{what} block decodes to {len(out)} bytes, not the {length} it claims")
+    return bytes(out)
 
 
 class KeyTooLong(_Bad):
@@ -65,17 +150,25 @@ def _handle(buf: bytes, pos: int, limit: int) -> tuple[int, int, int]:
     return offset, size, pos
 
 
-def _read_block(data: bytes, offset: int, size: int, end: int, what: str) -> bytes:
+def _read_block(data: Any, offset: int, size: int, end: int, what: str, budget: _KeyBudget | None = None,
+                verify: bool = True) -> Any:
+    """A block's contents (decompressed), its trailer's crc checked unless ``verify`` is false.
+
+    ``data`` is bytes or a memoryview (then an uncompressed block comes back as a view, no copy).
+    A snappy block grants ``budget`` key bytes for what it adds by decompressing."""
     if offset > end or size > end - offset or TRAILER_SIZE > end - offset - size:
         raise _Bad(f"{what} block handle (offset {offset}, size {size}) points outside the table")
     contents = data[offset:offset + size]
     btype = data[offset + size]
-    stored = int.from_bytes(data[offset + size + 1:offset + size + TRAILER_SIZE], "little")
-    if mask(crc(bytes([btype]), crc(contents))) != stored:
-        raise _Bad(f"{what} block at offset {offset} fails its crc32c check")
+    if verify:
+        stored = int.from_bytes(data[offset + size + 1:offset + size + TRAILER_SIZE], "little")
+        if mask(crc(bytes([btype]), crc(contents))) != stored:
+            raise _Bad(f"{what} block at offset {offset} fails its crc32c check")
     if btype == SNAPPY_COMPRESSION:
-        raise SnappyBlock()
-    if btype != NO_COMPRESSION:
+        contents = snappy_decompress(contents, f"{what} block at offset {offset}: snappy-compressed")
+        if budget is not None:
+            budget.grant(len(contents) - size)
+    elif btype != NO_COMPRESSION:
         raise _Bad(f"{what} block at offset {offset} has unknown compression type {btype}")
     return contents
 
@@ -90,6 +183,12 @@ class _KeyBudget:
     def __init__(self, table_size: int) -> None:
         self.total = KEY_BYTES_PER_INDEX_BYTE * table_size + KEY_BYTES_SLACK
         self.left = self.total
+
+    def grant(self, extra_bytes: int) -> None:
+        """More table bytes to allow keys for: what a compressed block adds by decompressing
+        (so the bound is per byte of the uncompressed table; snappy's ratio keeps that finite)."""
+        self.total += KEY_BYTES_PER_INDEX_BYTE * max(0, extra_bytes)
+        self.left += KEY_BYTES_PER_INDEX_BYTE * max(0, extra_bytes)
 
     def spend(self, key: bytes, shared: int, non_shared: int, block: bytes, pos: int) -> None:
         """Check a key of ``shared + non_shared`` bytes before it is built."""
@@ -144,8 +243,8 @@ def read_table(data: bytes) -> Iterator[tuple[bytes, bytes]]:
         raise _Bad("the table footer's magic number is missing")
     _, _, pos = _handle(data, footer_at, footer_at + HANDLES_SIZE)   # metaindex: unused
     idx_off, idx_size, _ = _handle(data, pos, footer_at + HANDLES_SIZE)
-    index = _read_block(data, idx_off, idx_size, footer_at, "index")
     budget = _KeyBudget(len(data))
+    index = _read_block(data, idx_off, idx_size, footer_at, "index", budget)
     last: bytes | None = None
     prev_index_key: bytes | None = None
     for index_key, handle in _block_entries(index, "index", budget):
@@ -155,7 +254,7 @@ def read_table(data: bytes) -> Iterator[tuple[bytes, bytes]]:
         off, size, used = _handle(handle, 0, len(handle))
         if used != len(handle):
             raise _Bad("index block entry holds trailing bytes after its block handle")
-        block = _read_block(data, off, size, footer_at, "data")
+        block = _read_block(data, off, size, footer_at, "data", budget)
         for key, value in _block_entries(block, "data", budget):
             if last is not None and key <= last:
                 raise _Bad("table keys are out of order or repeated")
@@ -163,6 +262,90 @@ def read_table(data: bytes) -> Iterator[tuple[bytes, bytes]]:
                 raise _Bad("a data block holds a key beyond its index entry")
             last = key
             yield key, value
+
+
+class Table:
+    """A table opened lazily over ``data`` (bytes, or a memoryview of a memory-mapped file).
+
+    Opening reads the footer and the index block (its crc always checked).  A data
+    block is read, checked (unless ``verify`` is false) and parsed when one of its
+    keys is looked up; the last few parsed blocks are kept.  Values come back as
+    memoryviews of ``data`` (of the decompressed block for snappy blocks).
+
+    The checks :func:`read_table` makes over the whole table hold block by block:
+    keys strictly increase inside a block, stay at or below the block's index key
+    and above the previous block's, and every key is at most MAX_KEY_BYTES long,
+    with the keys of one block bounded by KEY_BYTES_PER_INDEX_BYTE per block byte.
+    """
+
+    KEEP_BLOCKS = 4
+
+    def __init__(self, data: Any, *, verify: bool = True) -> None:
+        if len(data) < FOOTER_SIZE:
+            raise _Bad(f"file is {len(data)} bytes, shorter than the {FOOTER_SIZE}-byte table footer")
+        self.data = data
+        self.verify = verify
+        self.end = len(data) - FOOTER_SIZE
+        if int.from_bytes(data[self.end + HANDLES_SIZE:], "little") != MAGIC:
+            raise _Bad("the table footer's magic number is missing")
+        _, _, pos = _handle(data, self.end, self.end + HANDLES_SIZE)   # metaindex: unused
+        idx_off, idx_size, _ = _handle(data, pos, self.end + HANDLES_SIZE)
+        budget = _KeyBudget(idx_size)
+        index = _read_block(data, idx_off, idx_size, self.end, "index", budget)
+        self.keys: list[bytes] = []
+        self.handles: list[tuple[int, int]] = []
+        for key, handle in _block_entries(index, "index", budget):
+            if self.keys and key <= self.keys[-1]:
+                raise _Bad("index block keys are out of order")
+            off, size, used = _handle(handle, 0, len(handle))
+            if used != len(handle):
+                raise _Bad("index block entry holds trailing bytes after its block handle")
+            if off > self.end or size > self.end - off or TRAILER_SIZE > self.end - off - size:
+                raise _Bad(f"data block handle (offset {off}, size {size}) points outside the table")
+            self.keys.append(bytes(key))
+            self.handles.append((off, size))
+        self._cache: dict[int, dict[bytes, Any]] = {}
+
+    def __len__(self) -> int:
+        """The number of data blocks."""
+        return len(self.keys)
+
+    def block(self, i: int) -> dict[bytes, Any]:
+        """Data block ``i``'s entries, key -> value, in stored order."""
+        found = self._cache.pop(i, None)
+        if found is None:
+            off, size = self.handles[i]
+            budget = _KeyBudget(size)
+            block = _read_block(self.data, off, size, self.end, "data", budget, verify=self.verify)
+            found = {}
+            last = self.keys[i - 1] if i else None
+            for key, value in _block_entries(block, "data", budget):
+                if last is not None and key <= last:
+                    raise _Bad("table keys are out of order or repeated")
+                if key > self.keys[i]:
+                    raise _Bad("a data block holds a key beyond its index entry")
+                last = key
+                found[key] = value
+            while len(self._cache) >= self.KEEP_BLOCKS:
+                self._cache.pop(next(iter(self._cache)))
+        self._cache[i] = found
+        return found
+
+    def get(self, key: bytes) -> Any | None:
+        """The value stored under ``key``, or None."""
+        i = bisect.bisect_left(self.keys, key)
+        if i == len(self.keys):
+            return None
+        return self.block(i).get(key)
+
+    def first(self) -> tuple[bytes, Any] | None:
+        """The table's first entry, or None for an empty table."""
+        for i in range(len(self.keys)):
+            entries = self.block(i)
+            if entries:
+                key = next(iter(entries))
+                return key, entries[key]
+        return None
 
 
 class TableBuilder:

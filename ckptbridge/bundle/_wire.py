@@ -7,6 +7,8 @@ tensor) instead of IndexError, struct.error or ValueError.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import crc32c as _crc32c
 
 _U64 = 1 << 64
@@ -84,35 +86,40 @@ def parse_message(buf: bytes | memoryview) -> list[tuple[int, int, object]]:
     Varints come back as unsigned ints, fixed32/64 as ints, length-delimited
     fields as ``bytes``.  Groups are rejected (nothing in a bundle uses them).
     """
-    fields: list[tuple[int, int, object]] = []
-    pos, n = 0, len(buf)
+    return [(number, wire, bytes(value) if isinstance(value, memoryview) else value) for number, wire, value in iter_fields(buf)]
+
+
+def iter_fields(buf: bytes | memoryview) -> Iterator[tuple[int, int, object]]:
+    """Like :func:`parse_message`, one field at a time, and length-delimited fields as
+    ``memoryview`` slices of ``buf`` (no copy: V1 checkpoints hold whole tensors in one field)."""
+    view = memoryview(buf)
+    pos, n = 0, len(view)
     while pos < n:
-        tag, pos = get_varint(buf, pos, n)
+        tag, pos = get_varint(view, pos, n)
         number, wire = tag >> 3, tag & 7
         if number == 0:
             raise _Bad("field number 0")
         if wire == 0:
-            value, pos = get_varint(buf, pos, n)
+            value, pos = get_varint(view, pos, n)
         elif wire == 1:
             if pos + 8 > n:
                 raise _Bad("truncated fixed64")
-            value = int.from_bytes(bytes(buf[pos:pos + 8]), "little")
+            value = int.from_bytes(view[pos:pos + 8], "little")
             pos += 8
         elif wire == 2:
-            length, pos = get_varint(buf, pos, n)
+            length, pos = get_varint(view, pos, n)
             if length > n - pos:
                 raise _Bad("length-delimited field runs past its message")
-            value = bytes(buf[pos:pos + length])
+            value = view[pos:pos + length]
             pos += length
         elif wire == 5:
             if pos + 4 > n:
                 raise _Bad("truncated fixed32")
-            value = int.from_bytes(bytes(buf[pos:pos + 4]), "little")
+            value = int.from_bytes(view[pos:pos + 4], "little")
             pos += 4
         else:
             raise _Bad(f"unsupported wire type {wire}")
-        fields.append((number, wire, value))
-    return fields
+        yield number, wire, value
 
 
 def field_varint(number: int, value: int) -> bytes:

@@ -1,0 +1,577 @@
+"""Read TensorFlow V1 checkpoints (``TensorSliceWriter``'s format) without TensorFlow.
+
+A V1 checkpoint is one file (``vgg_16.ckpt``), or the shards
+``PREFIX-SSSSS-of-NNNNN`` of one, each a table in the same SSTable layout as a V2
+``.index`` (``_table``).  Every value is a serialized ``SavedTensorSlices``
+(tensorflow/core/util/saved_tensor_slice.proto):
+
+- key ``""`` (the first entry): field 1 ``meta``, a ``SavedTensorSliceMeta``:
+  repeated 1 ``tensor`` (``SavedSliceMeta``: 1 name, 2 shape, 3 dtype,
+  repeated 4 slice) and 2 ``versions`` (a ``VersionDef``);
+- one entry per (tensor, slice), keyed by TensorFlow's ``EncodeTensorNameSlice``
+  (``_entries.slice_key``: OrderedCode of 0, the name, the rank, then each
+  dimension's start and length, -1 for a full extent): field 2 ``data``, a
+  ``SavedSlice``: 1 name, 2 slice, 3 ``TensorProto`` holding the slice's values.
+
+TensorFlow's writer fills the TensorProto's typed ``*_val`` field for the dtype
+(``float_val``, ``int_val`` for int8/16/32, uint8/16 and the quantized types,
+``half_val`` for float16, ``bool_val``, ``string_val``, ``scomplex_val`` ...);
+``tensor_content`` is read too.  The values of the slices a file's metadata lists
+must tile each tensor exactly; a tensor is assembled from them when it is read.
+
+Opening reads each file's table index and metadata only; a tensor's table block
+is read, its crc32c checked, when the tensor is read.  Every allocation follows
+what the file backs: a slice's values must decode to exactly the number of
+elements the slice covers before the tensor's array is allocated.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import os
+import re
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+from .. import _ckptfiles, _dtypes
+from .._source import OBJECT_GRAPH, OBJECT_GRAPH_KEY, Source, uncarried_error
+from ..errors import CkptBridgeError, CorruptError, FormatError, NotFoundError
+from ..spec import STRING, TensorSpec, numpy_dtype
+from ._entries import _parse_shape, _parse_slice, slice_key
+from ._table import FOOTER_SIZE, MAX_KEY_BYTES, KeysTooLarge, KeyTooLong, Table, has_magic
+from ._wire import _Bad, get_varint, iter_fields, to_int32, to_int64
+from .reader import MAX_RANK, _overlap
+
+ENGINE_NAME = "native"
+#: TensorFlow's TF_CHECKPOINT_VERSION: what its V1 writer records as the producer, and the newest reader it asks for
+CHECKPOINT_VERSION = 1
+MAX_FILES = 1 << 16
+
+# TensorProto fields (tensorflow/core/framework/tensor.proto).
+_TP_DTYPE = 1
+_TP_CONTENT = 4
+_FLOAT, _DOUBLE, _INT, _STRING, _SCOMPLEX, _INT64, _BOOL, _DCOMPLEX, _HALF = 5, 6, 7, 8, 9, 10, 11, 12, 13
+_UINT32, _UINT64, _FLOAT8 = 16, 17, 18
+
+# dtype -> (the typed field TensorFlow fills, how its values are stored): "f4"/"f8" fixed-width floats
+# (complex: two per element), "varint" with the range an element must lie in, "bytes" one byte per element.
+_VARINT_FIELDS: dict[str, tuple[int, int, int]] = {
+    # name: (field, lowest, highest).  int_val is an int32 field whatever the dtype; half_val holds the 16 bits.
+    "int32": (_INT, -(1 << 31), (1 << 31) - 1), "int16": (_INT, -(1 << 15), (1 << 15) - 1), "int8": (_INT, -128, 127),
+    "uint8": (_INT, 0, 255), "uint16": (_INT, 0, 65535),
+    "qint8": (_INT, -128, 127), "quint8": (_INT, 0, 255), "qint16": (_INT, -(1 << 15), (1 << 15) - 1),
+    "quint16": (_INT, 0, 65535), "qint32": (_INT, -(1 << 31), (1 << 31) - 1),
+    "int4": (_INT, -8, 7), "uint4": (_INT, 0, 15), "int2": (_INT, -2, 1), "uint2": (_INT, 0, 3),
+    "int64": (_INT64, -(1 << 63), (1 << 63) - 1), "uint32": (_UINT32, 0, (1 << 32) - 1), "uint64": (_UINT64, 0, (1 << 64) - 1),
+    "float16": (_HALF, 0, 65535), "bfloat16": (_HALF, 0, 65535), "bool": (_BOOL, 0, (1 << 64) - 1),
+}
+_FIXED_FIELDS: dict[str, tuple[int, str, int]] = {
+    # name: (field, little-endian element type, values per element)
+    "float32": (_FLOAT, "<f4", 1), "float64": (_DOUBLE, "<f8", 1), "complex64": (_SCOMPLEX, "<f4", 2), "complex128": (_DCOMPLEX, "<f8", 2),
+}
+_BYTE_FIELDS = {"float8_e5m2", "float8_e4m3fn", "float8_e4m3fnuz", "float8_e4m3b11fnuz", "float8_e5m2fnuz"}
+
+_SHARD_RE = re.compile(r"-(\d{5})-of-(\d{5})$")
+
+Slice = tuple[tuple[int, ...], tuple[int, ...]]
+
+
+def _name(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def is_v1(path: str) -> bool:
+    """Whether ``path`` is a file that ends with the table magic number (cheap; reads 8 bytes)."""
+    try:
+        if not os.path.isfile(path) or os.path.getsize(path) < FOOTER_SIZE:
+            return False
+        with open(path, "rb") as f:
+            f.seek(-8, os.SEEK_END)
+            return has_magic(f.read(8))
+    except OSError:
+        return False
+
+
+def v1_files(prefix: str) -> list[str]:
+    """The files of the V1 checkpoint at ``prefix``: the file itself, or every shard of a sharded one
+    (``prefix`` may also name one of the shards).  NotFoundError / CorruptError when none or some are missing."""
+    m = _SHARD_RE.search(prefix)
+    if os.path.isfile(prefix) and m is None:
+        return [prefix]
+    base = prefix[:m.start()] if m is not None and os.path.isfile(prefix) else prefix
+    found = _ckptfiles.v1_shards(base)
+    if not found:
+        raise NotFoundError(f"no checkpoint at {prefix}: no such file, and no shards {base}-NNNNN-of-NNNNN; check the path")
+    counts = {int(_SHARD_RE.search(p).group(2)) for p in found}  # type: ignore[union-attr]
+    if len(counts) != 1:
+        raise CorruptError(f"the V1 checkpoint {base} has shards of different counts ({sorted(counts)}); "
+                           "remove the files of the other checkpoint, or name one shard file")
+    total = counts.pop()
+    if not 1 <= total <= MAX_FILES:
+        raise CorruptError(f"the V1 checkpoint {base} claims {total} shards")
+    want = [f"{base}-{i:05d}-of-{total:05d}" for i in range(total)]
+    missing = [p for p in want if not os.path.isfile(p)]
+    if missing:
+        raise CorruptError(f"shard {missing[0]} of the V1 checkpoint {base} is missing ({len(missing)} of {total}); "
+                           "the checkpoint is incomplete; copy all its shard files")
+    return want
+
+
+class _Tensor:
+    """What the files' metadata say of one tensor."""
+
+    def __init__(self, name: str, raw: bytes, dtype: int, shape: tuple[int, ...]) -> None:
+        self.name = name
+        self.raw = raw
+        self.dtype = dtype
+        self.shape = shape
+        # (file index, the slice as stored (lengths -1 for full extents), its starts, its lengths)
+        self.slices: list[tuple[int, Slice, tuple[int, ...], tuple[int, ...]]] = []
+
+
+class V1Reader(Source):
+    """A lazy :class:`Source` over the V1 checkpoint at ``prefix`` (one file, or a sharded one's prefix).
+
+    ``verify`` checks the crc32c of each table block a tensor is read from, as
+    TensorFlow does (the index and metadata blocks are always checked).
+    Tensors come back as fresh arrays, except float32, float64 and complex tensors
+    stored in one slice, which are read-only views of the memory-mapped file (as
+    :class:`~ckptbridge.bundle.reader.BundleReader` gives).
+    """
+
+    kind = "checkpoint"
+    engine = ENGINE_NAME
+
+    def __init__(self, prefix: str, *, verify: bool = True) -> None:
+        self.path = self.prefix = os.fspath(prefix)
+        self.verify = verify
+        self._closed = False
+        self._maps: list[Any] = []
+        self._tables: list[Table] = []
+        self.files = v1_files(self.prefix)
+        try:
+            for path in self.files:
+                self._open(path)
+            self._tensors: dict[str, _Tensor] = {}
+            self._producer = CHECKPOINT_VERSION
+            for i, table in enumerate(self._tables):
+                self._read_meta(i, table)
+            self._check_tiling()
+        except BaseException:
+            self.close()
+            raise
+        specs: dict[str, TensorSpec] = {}
+        uncarried: dict[str, TensorSpec] = {}
+        for name, t in sorted(self._tensors.items(), key=lambda kv: kv[1].raw):
+            if name == OBJECT_GRAPH_KEY:
+                continue
+            d = _dtypes.by_enum(t.dtype)
+            assert d is not None
+            (specs if d.carried else uncarried)[name] = TensorSpec(name, d.name, t.shape)
+        self._specs = specs
+        self._uncarried = uncarried
+
+    # --- opening ------------------------------------------------------------
+
+    def _corrupt(self, what: str, file: str | None = None, tensor: str | None = None) -> CorruptError:
+        about = f" (tensor {tensor!r})" if tensor is not None else ""
+        return CorruptError(f"{file or self.prefix}{about}: {what}; the checkpoint is damaged; restore it from a good copy or re-save it")
+
+    def _open(self, path: str) -> None:
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size < FOOTER_SIZE:
+                    raise self._corrupt(f"it is {size} bytes, shorter than any table (truncated, or not a TensorFlow checkpoint)", path)
+                buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except IsADirectoryError:
+            raise FormatError(f"{path} is a directory, not a V1 checkpoint file") from None
+        except OSError as e:
+            raise CkptBridgeError(f"cannot read {path}: {e.strerror or e}; check that the file is readable (permissions, disk)") from None
+        self._maps.append(buf)
+        if not has_magic(buf[size - 8:]):
+            raise self._corrupt("it does not end with the table magic number (truncated, or not a TensorFlow checkpoint)", path)
+        with self._bad(path):
+            self._tables.append(Table(memoryview(buf), verify=self.verify))
+
+    def _bad(self, path: str, tensor: str | None = None) -> _Translate:
+        return _Translate(self, path, tensor)
+
+    def _read_meta(self, index: int, table: Table) -> None:
+        path = self.files[index]
+        with self._bad(path):
+            first = table.first()
+            if first is None or first[0] != b"":
+                raise self._corrupt("its first entry is not the checkpoint's metadata", path)
+            meta = b""
+            for number, wire, value in iter_fields(first[1]):
+                if number == 1:
+                    meta += _bytes(wire, value)    # repeated occurrences merge
+            versions = b""
+            tensors: list[bytes] = []
+            for number, wire, value in iter_fields(meta):
+                if number == 1:
+                    tensors.append(bytes(_bytes(wire, value)))
+                elif number == 2:
+                    versions += _bytes(wire, value)
+            self._check_versions(versions, path)
+            for raw in tensors:
+                self._add_tensor(index, raw, path)
+
+    def _check_versions(self, versions: bytes, path: str) -> None:
+        producer, min_consumer, bad = 0, 0, []
+        for number, wire, value in iter_fields(versions):
+            if number == 1:
+                producer = to_int32(_varint(wire, value))
+            elif number == 2:
+                min_consumer = to_int32(_varint(wire, value))
+            elif number == 3:
+                bad += [to_int32(v) for v in _varints(wire, value)]
+        if min_consumer > CHECKPOINT_VERSION or CHECKPOINT_VERSION in bad:
+            raise FormatError(f"{path} needs a newer checkpoint reader (min_consumer {min_consumer}); use the TensorFlow engine")
+        if producer < 0:
+            raise self._corrupt(f"its checkpoint version {producer} is negative", path)
+        self._producer = producer
+
+    def _add_tensor(self, index: int, raw: bytes, path: str) -> None:
+        name_raw, dtype, shape_raw = b"", 0, b""
+        slices: list[Slice] = []
+        for number, wire, value in iter_fields(raw):
+            if number == 1:
+                name_raw = bytes(_bytes(wire, value))
+            elif number == 2:
+                shape_raw += _bytes(wire, value)
+            elif number == 3:
+                dtype = to_int32(_varint(wire, value))
+            elif number == 4:
+                slices.append(_parse_slice(bytes(_bytes(wire, value))))
+        name = _name(name_raw)
+        if len(name_raw) > MAX_KEY_BYTES:
+            raise FormatError(f"{path} (tensor {name[:64]!r}...): its name is {len(name_raw)} bytes long, more than the "
+                              f"{MAX_KEY_BYTES} bytes the native engine reads; use the TensorFlow engine")
+        try:
+            shape = _parse_shape(shape_raw)
+        except _Bad as e:
+            raise self._corrupt(str(e), path, name) from None
+        if len(shape) > MAX_RANK or any(d < 0 for d in shape) or math.prod(d for d in shape if d) >= 1 << 58:
+            raise self._corrupt(f"invalid shape {list(shape)}", path, name)
+        if _dtypes.by_enum(dtype) is None:
+            raise self._corrupt(f"unknown dtype enum {dtype}", path, name)
+        t = self._tensors.get(name)
+        if t is None:
+            t = self._tensors[name] = _Tensor(name, name_raw, dtype, shape)
+        elif t.dtype != dtype or t.shape != shape:
+            raise self._corrupt(f"its files disagree on its dtype and shape ({_dtype_name(t.dtype)}{list(t.shape)} vs "
+                                f"{_dtype_name(dtype)}{list(shape)})", path, name)
+        for starts, lengths in slices:
+            if len(starts) != len(shape):
+                raise self._corrupt(f"a slice of rank {len(starts)} does not match the rank-{len(shape)} tensor", path, name)
+            full_starts = tuple(0 if n < 0 else s for s, n in zip(starts, lengths))
+            full_lengths = tuple(d if n < 0 else n for n, d in zip(lengths, shape))
+            if any(s < 0 or s > d or n > d - s for s, n, d in zip(full_starts, full_lengths, shape)):
+                raise self._corrupt(f"slice {list(zip(full_starts, full_lengths))} lies outside shape {list(shape)}", path, name)
+            t.slices.append((index, (starts, lengths), full_starts, full_lengths))
+
+    def _check_tiling(self) -> None:
+        for name, t in self._tensors.items():
+            total = sum(math.prod(n) for _, _, _, n in t.slices)
+            if total != math.prod(t.shape):
+                raise self._corrupt(f"its slices hold {total} of its {math.prod(t.shape)} elements: they do not tile it exactly",
+                                    tensor=name)
+            parts = [(s, n, b"") for _, _, s, n in t.slices]
+            overlap = _overlap(parts, t.shape)
+            if overlap is None:
+                raise FormatError(f"{self.prefix} (tensor {name!r}): its {len(parts)} slices are cut too irregularly for "
+                                  "the native engine to check that they do not overlap (TensorFlow's partitioners cut one "
+                                  "axis); use the TensorFlow engine for this checkpoint")
+            if overlap:
+                raise self._corrupt("its slices do not tile it exactly (two of them overlap)", tensor=name)
+
+    # --- Source -------------------------------------------------------------
+
+    def specs(self) -> Mapping[str, TensorSpec]:
+        return self._specs
+
+    def uncarried(self) -> Mapping[str, TensorSpec]:
+        return self._uncarried
+
+    def metadata(self) -> dict[str, Any]:
+        meta: dict[str, Any] = {"format": "tensorflow-v1-checkpoint", "engine": ENGINE_NAME, "files": len(self.files),
+                                "checkpoint_version": self._producer}
+        if self._uncarried:
+            meta["uncarried"] = {n: s.dtype for n, s in self._uncarried.items()}
+        return meta
+
+    def extras(self) -> dict[str, bytes]:
+        t = self._tensors.get(OBJECT_GRAPH_KEY)
+        if t is None:
+            return {}
+        if t.dtype != _dtypes.BY_NAME[STRING].tf_enum or t.shape != ():
+            raise self._corrupt("the object graph entry is not a scalar string", tensor=OBJECT_GRAPH_KEY)
+        return {OBJECT_GRAPH: bytes(self._assemble(t, STRING)[()])}
+
+    def read(self, name: str) -> np.ndarray:
+        """The tensor in the exchange form (see the class docstring about views)."""
+        if self._closed:
+            raise CkptBridgeError(f"checkpoint reader for {self.prefix} is closed")
+        if name not in self._specs:
+            if name in self._uncarried:
+                raise uncarried_error(self.prefix, {name: self._uncarried[name].dtype})
+            raise NotFoundError(f"no tensor named {name!r} in {self.prefix}")
+        return self._assemble(self._tensors[name], self._specs[name].dtype)
+
+    def close(self) -> None:
+        # Views handed out keep their mmap alive; we only drop our references.
+        self._tables.clear()
+        self._maps.clear()
+        self._closed = True
+
+    # --- values -------------------------------------------------------------
+
+    def _assemble(self, t: _Tensor, dtype: str) -> np.ndarray:
+        # First every slice's values are found and counted against the elements it covers,
+        # then the tensor is allocated: a file cannot make us allocate what it does not hold.
+        found = []
+        for index, stored, starts, lengths in t.slices:
+            path = self.files[index]
+            with self._bad(path, t.name):
+                values = self._slice_values(index, t, stored)
+                found.append((starts, lengths, _Values(values, dtype, math.prod(lengths))))
+        if len(found) == 1 and found[0][1] == t.shape:
+            with self._bad(self.files[t.slices[0][0]], t.name):
+                return found[0][2].decode().reshape(t.shape)
+        out = np.empty(t.shape, dtype=numpy_dtype(dtype))
+        for (starts, lengths, values), (index, _, _, _) in zip(found, t.slices):
+            with self._bad(self.files[index], t.name):
+                out[tuple(slice(s, s + n) for s, n in zip(starts, lengths))] = values.decode().reshape(lengths)
+        return out
+
+    def _slice_values(self, index: int, t: _Tensor, stored: Slice) -> Any:
+        """The TensorProto of one slice, checked to be the slice it says it is."""
+        key = slice_key(t.raw, *stored)
+        value = self._tables[index].get(key)
+        where = list(zip(*stored)) if stored[0] else "[]"
+        if value is None:
+            raise _Bad(f"the data of its slice {where} is missing from the table")
+        data = None
+        for number, wire, field in iter_fields(value):
+            if number == 2:
+                if data is not None:
+                    raise _Bad(f"the entry of its slice {where} holds two data records")
+                data = _bytes(wire, field)
+        if data is None:
+            raise _Bad(f"the entry of its slice {where} holds no data record")
+        proto = None
+        for number, wire, field in iter_fields(data):
+            if number == 1 and bytes(_bytes(wire, field)) != t.raw:
+                raise _Bad(f"the entry of its slice {where} names another tensor")
+            if number == 2:
+                got = _parse_slice(bytes(_bytes(wire, field)))
+                if _full(got, t.shape) != _full(stored, t.shape):
+                    raise _Bad(f"the entry of its slice {where} holds slice {list(zip(*got))}")
+            elif number == 3:
+                if proto is not None:
+                    raise _Bad(f"the entry of its slice {where} holds two tensors")
+                proto = _bytes(wire, field)
+        return b"" if proto is None else proto
+
+
+class _Translate:
+    """``with reader._bad(path, tensor):`` turns the wire and table errors into ckptbridge errors."""
+
+    def __init__(self, reader: V1Reader, path: str, tensor: str | None) -> None:
+        self.reader, self.path, self.tensor = reader, path, tensor
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, et: Any, ev: Any, tb: Any) -> None:
+        if isinstance(ev, KeyTooLong):
+            raise FormatError(f"{self.path} (tensor {_name(ev.head)!r}...): its key is {ev.length} bytes long, more than the "
+                              f"{MAX_KEY_BYTES} bytes the native engine reads; use the TensorFlow engine") from None
+        if isinstance(ev, (KeysTooLarge, _Bad)):
+            raise self.reader._corrupt(str(ev), self.path, self.tensor) from None
+
+
+class _Values:
+    """One slice's values in its TensorProto, counted on creation, decoded on demand."""
+
+    def __init__(self, proto: Any, dtype: str, count: int) -> None:
+        self.dtype = dtype
+        self.count = count
+        self.fields: dict[int, list[tuple[int, Any]]] = {}
+        declared = 0
+        for number, wire, value in iter_fields(proto):
+            if number == _TP_DTYPE:
+                declared = to_int32(_varint(wire, value))
+            elif number in (_TP_CONTENT, _FLOAT, _DOUBLE, _INT, _STRING, _SCOMPLEX, _INT64, _BOOL, _DCOMPLEX, _HALF, _UINT32, _UINT64, _FLOAT8):
+                self.fields.setdefault(number, []).append((wire, value))
+        want = _dtypes.BY_NAME[dtype].tf_enum
+        if declared and declared != want:
+            raise _Bad(f"its values are declared {_dtype_name(declared)}, the tensor is {dtype}")
+        content = b"".join(bytes(_bytes(w, v)) for w, v in self.fields.pop(_TP_CONTENT, [])) if _TP_CONTENT in self.fields else None
+        self.content = content or None
+        self.field = self._typed_field()
+        others = [n for n in self.fields if n != self.field]
+        if others or (self.content is not None and self.field in self.fields):
+            raise _Bad(f"its {dtype} values are stored in TensorProto fields {sorted(others + ([_TP_CONTENT] if self.content else []))}, "
+                       "not the one TensorFlow uses for them")
+        stored = self._count()
+        if stored != count:
+            raise _Bad(f"a slice of {count} elements holds {stored} values")
+
+    def _typed_field(self) -> int | None:
+        d = self.dtype
+        if d == STRING:
+            return _STRING
+        if d in _VARINT_FIELDS:
+            return _VARINT_FIELDS[d][0]
+        if d in _FIXED_FIELDS:
+            return _FIXED_FIELDS[d][0]
+        if d in _BYTE_FIELDS:
+            return _FLOAT8
+        return None
+
+    def _count(self) -> int:
+        itemsize = _dtypes.BY_NAME[self.dtype].itemsize
+        if self.content is not None:
+            if self.dtype == STRING or len(self.content) % itemsize:
+                raise _Bad(f"its tensor_content of {len(self.content)} bytes does not hold whole {self.dtype} elements")
+            return len(self.content) // itemsize
+        chunks = self.fields.get(self.field, []) if self.field is not None else []
+        if self.dtype == STRING:
+            if any(w != 2 for w, _ in chunks):
+                raise _Bad("a string value is not length-delimited")
+            return len(chunks)
+        if self.dtype in _BYTE_FIELDS:
+            return sum(len(_bytes(w, v)) for w, v in chunks)
+        if self.dtype in _FIXED_FIELDS:
+            _, code, per = _FIXED_FIELDS[self.dtype]
+            width = int(code[-1])
+            n = 0
+            for w, v in chunks:
+                if w == 2:
+                    if len(v) % width:
+                        raise _Bad(f"a packed field of {len(v)} bytes does not hold whole {width}-byte values")
+                    n += len(v) // width
+                elif w == (5 if width == 4 else 1):
+                    n += 1
+                else:
+                    raise _Bad("a float field has the wrong wire type")
+            if n % per:
+                raise _Bad(f"{n} values cannot be the real and imaginary parts of {self.dtype} elements")
+            return n // per
+        n = 0
+        for w, v in chunks:
+            if w == 2:
+                raw = np.frombuffer(v, dtype=np.uint8)
+                if len(raw) and raw[-1] >= 0x80:
+                    raise _Bad("a packed field ends inside a varint")
+                n += int(np.count_nonzero(raw < 0x80))
+            elif w == 0:
+                n += 1
+            else:
+                raise _Bad("an integer field has the wrong wire type")
+        return n
+
+    def decode(self) -> np.ndarray:
+        """The values as a flat array of the tensor's exchange dtype (count elements)."""
+        out_dtype = numpy_dtype(self.dtype)
+        if self.content is not None:
+            return np.frombuffer(self.content, dtype=out_dtype.newbyteorder("<") if out_dtype.kind in "iufc" else out_dtype).astype(out_dtype, copy=True)
+        chunks = self.fields.get(self.field, []) if self.field is not None else []
+        if self.dtype == STRING:
+            arr = np.empty(self.count, dtype=object)
+            for i, (_, v) in enumerate(chunks):
+                arr[i] = bytes(v)
+            return arr
+        if self.count == 0:
+            return np.empty(0, dtype=out_dtype)
+        if self.dtype in _BYTE_FIELDS:
+            return np.frombuffer(b"".join(bytes(v) for _, v in chunks), dtype=np.uint8).view(out_dtype)
+        if self.dtype in _FIXED_FIELDS:
+            _, code, _ = _FIXED_FIELDS[self.dtype]
+            if len(chunks) == 1 and chunks[0][0] == 2:
+                flat = np.frombuffer(chunks[0][1], dtype=code)     # a read-only view of the mapped file
+            else:
+                flat = np.concatenate([np.frombuffer(v, dtype=code) if w == 2 else
+                                       np.array([v], dtype=np.uint32 if code == "<f4" else np.uint64).view(code) for w, v in chunks])
+            little = flat.view(out_dtype.newbyteorder("<"))          # complex: (real, imaginary) pairs
+            return little if little.dtype == out_dtype else little.astype(out_dtype)
+        _, low, high = _VARINT_FIELDS[self.dtype]
+        parts = [_packed_varints(v) if w == 2 else np.array([v], dtype=np.uint64) for w, v in chunks]
+        values = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        if self.dtype == "bool":
+            return values != 0
+        signed = values.view(np.int64) if low < 0 else values
+        if self.dtype not in ("int64", "uint64"):
+            if bool((signed < low).any()) or bool((signed > high).any()):
+                raise _Bad(f"a {self.dtype} value lies outside [{low}, {high}]")
+        if self.dtype in ("float16", "bfloat16"):
+            return values.astype(np.uint16).view(out_dtype)
+        if out_dtype.names:                                      # quantized types: TensorFlow's structured form
+            storage = _dtypes.BY_NAME[self.dtype].storage
+            assert storage is not None
+            return signed.astype(storage).view(out_dtype)
+        return signed.astype(out_dtype)
+
+
+def _packed_varints(buf: Any) -> np.ndarray:
+    """Every varint of a packed field (already checked to end on a varint's last byte), vectorised."""
+    raw = np.frombuffer(buf, dtype=np.uint8)
+    if not len(raw):
+        return np.zeros(0, dtype=np.uint64)
+    ends = np.flatnonzero(raw < 0x80)
+    starts = np.empty(len(ends), dtype=np.int64)
+    starts[0] = 0
+    starts[1:] = ends[:-1] + 1
+    widths = ends - starts + 1
+    widest = int(widths.max())
+    if widest > 10:
+        raise _Bad("overlong varint")
+    values = np.zeros(len(ends), dtype=np.uint64)
+    for k in range(widest):
+        has = widths > k
+        byte = raw[starts[has] + k].astype(np.uint64)
+        if k == 9 and bool((byte > 1).any()):
+            raise _Bad("varint out of 64-bit range")
+        values[has] |= (byte & np.uint64(0x7F)) << np.uint64(7 * k)
+    return values
+
+
+def _full(s: Slice, shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    starts, lengths = s
+    return tuple((0, d) if n < 0 else (st, n) for st, n, d in zip(starts, lengths, shape))
+
+
+def _dtype_name(enum: int) -> str:
+    d = _dtypes.by_enum(enum)
+    return d.name if d is not None else f"DataType {enum}"
+
+
+def _varint(wire: int, value: object) -> int:
+    if wire != 0:
+        raise _Bad("expected a varint field")
+    return value  # type: ignore[return-value]
+
+
+def _varints(wire: int, value: object) -> Iterator[int]:
+    if wire == 0:
+        yield value  # type: ignore[misc]
+        return
+    if wire != 2:
+        raise _Bad("integer field with a non-integer wire type")
+    buf = value
+    pos = 0
+    while pos < len(buf):  # type: ignore[arg-type]
+        v, pos = get_varint(buf, pos, len(buf))  # type: ignore[arg-type]
+        yield to_int64(v)
+
+
+def _bytes(wire: int, value: object) -> Any:
+    if wire != 2:
+        raise _Bad("expected a length-delimited field")
+    return value
