@@ -16,7 +16,9 @@ EMA_SUFFIX = "/ExponentialMovingAverage"
 
 # Optimizer state written by tf.compat.v1 optimizers (slot suffixes), TF2 Keras
 # optimizers (under optimizer/ or .OPTIMIZER_SLOT), BERT-style AdamWeightDecay
-# (adam_m/adam_v), and step counters.
+# (adam_m/adam_v), and step counters; Keras files' optimizer weights (read as
+# optimizer/..., or under their HDF5 paths optimizer_weights/... and optimizer/vars/N)
+# and the metrics counters of Keras files (metrics/<metric>/<i>) and SavedModels (keras_api/metrics/).
 _SLOT_SUFFIXES = (
     "Momentum", "Adam", "Adam_1", "RMSProp", "RMSProp_1", "Adagrad", "AdagradDA",
     "Ftrl", "Ftrl_1", "LAMB", "LAMB_1", "Adadelta", "Adadelta_1", "ProximalAdagrad",
@@ -26,6 +28,9 @@ _OPTIMIZER_PATTERNS = [
     re.compile(r"(^|/)(" + "|".join(re.escape(s) for s in _SLOT_SUFFIXES) + r")$"),
     re.compile(r"(^|/)beta[12]_power(_\d+)?$"),
     re.compile(r"^optimizer/"),
+    re.compile(r"^optimizer_weights/"),
+    re.compile(r"(^|/)keras_api/metrics/"),
+    re.compile(r"^metrics/[^/]+/(vars/)?\d+$"),
     re.compile(r"/\.OPTIMIZER_SLOT/"),
     re.compile(r"(^|/)global_step$"),
     re.compile(r"^save_counter/\.ATTRIBUTES/VARIABLE_VALUE$"),
