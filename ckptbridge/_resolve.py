@@ -70,6 +70,9 @@ def latest_in_directory(directory: str) -> str:
         files = [p for p in glob.glob(os.path.join(glob.escape(directory), pattern)) if os.path.isfile(p) and not os.path.splitext(p)[1] in (_ckptfiles.META, _ckptfiles.INDEX)]
         if files:
             return max(files, key=os.path.getmtime)
+    refusal = _not_a_checkpoint(directory)
+    if refusal is not None:
+        raise FormatError(refusal)
     from ._atomic import previous_kept_in
 
     kept = previous_kept_in(directory)
@@ -79,8 +82,35 @@ def latest_in_directory(directory: str) -> str:
     raise NotFoundError(f"no checkpoint found in directory {directory} (no 'checkpoint' file and no *.index); pass the checkpoint prefix instead")
 
 
+# A SavedModel directory: its graph (one of the first two), files beside it, its weights a checkpoint at variables/variables.
+_SAVED_MODEL_GRAPHS = ("saved_model.pb", "saved_model.pbtxt")
+_SAVED_MODEL_FILES = (*_SAVED_MODEL_GRAPHS, "keras_metadata.pb", "fingerprint.pb")
+
+
+def _not_a_checkpoint(path: str) -> str | None:
+    """What to say when ``path``, given where a checkpoint was expected, is a SavedModel (its
+    directory or one of its files) or another TensorFlow graph file; None otherwise."""
+    is_dir = os.path.isdir(path)
+    if is_dir or os.path.basename(path) in _SAVED_MODEL_FILES:
+        directory = path if is_dir else os.path.dirname(path)
+        if not any(os.path.isfile(os.path.join(directory, n)) for n in _SAVED_MODEL_GRAPHS):
+            return None
+        what = "a SavedModel directory" if is_dir else f"a SavedModel's {os.path.basename(path)}"
+        variables = os.path.join(directory, "variables", "variables")
+        if _ckptfiles.complete_v2(variables):
+            return f"{path} is {what}, not a checkpoint; its weights are the checkpoint {variables}: pass that"
+        return f"{path} is {what}, not a checkpoint, and it has no complete variables checkpoint ({variables}.index); pass the checkpoint it was saved from"
+    if os.path.isfile(path) and os.path.splitext(path)[1].lower() in (".pb", ".pbtxt"):
+        return (f"{path} is a TensorFlow graph (a protocol buffer), not a checkpoint: a frozen graph holds its weights as constants, which "
+                "ckptbridge does not read; pass the checkpoint it was made from")
+    return None
+
+
 def resolve_checkpoint(path: str) -> tuple[str, str]:
     """(prefix, version) for a checkpoint path: version is "v2" or "v1"."""
+    refusal = None if os.path.isdir(path) else _not_a_checkpoint(path)
+    if refusal is not None:
+        raise FormatError(refusal)
     if os.path.isdir(path):
         path = latest_in_directory(path)
     path = _ckptfiles.prefix_of(path)
@@ -111,7 +141,9 @@ def open_source(path: str, *, engine: str = "auto", verify: bool = True, max_ten
     """A lazy source for a checkpoint or an archive."""
     _engines.check(engine)
     fmt = formats.for_path(path)
-    if fmt is not None:
+    known = formats.recognise(path)  # Keras files, by content, whatever their suffix
+    opener = known.open_source if known is not None else fmt.open_source if fmt is not None else None
+    if opener is not None:
         if not os.path.exists(path):
             raise NotFoundError(f"no such file: {path}; check the path")
         if os.path.isdir(path):
@@ -119,7 +151,7 @@ def open_source(path: str, *, engine: str = "auto", verify: bool = True, max_ten
         _require_regular(path, "archive")
         if not os.access(path, os.R_OK):
             raise CkptBridgeError(f"permission denied: cannot read {path}; check its permissions")
-        return fmt.open_source(path, verify=verify, max_tensor_bytes=max_tensor_bytes)
+        return opener(path, verify=verify, max_tensor_bytes=max_tensor_bytes)
     if not os.path.exists(path) and not glob.glob(glob.escape(path) + ".*") and not _ckptfiles.v1_shards(path):
         raise NotFoundError(f"no such file or checkpoint: {path}; check the path")
     prefix, version = resolve_checkpoint(path)
@@ -142,10 +174,12 @@ def open_source(path: str, *, engine: str = "auto", verify: bool = True, max_ten
 
 def source_label(source: Source) -> str:
     """What archive metadata records as the engine that read ``source``: the checkpoint engine's label
-    ("native", "tensorflow") or the archive format's name."""
+    ("native", "tensorflow"), the archive format's name, or the kind of a file recognised by content ("keras2-model")."""
     e = _engines.of_source(source)
     if e is not None:
         return e.label
+    if formats.recognised_of(source) is not None:
+        return source.kind  # before the formats: its reader may extend an archive format's
     fmt = formats.of_source(source)
     return fmt.name if fmt is not None else source.kind
 
@@ -160,4 +194,8 @@ def open_checkpoint_sink(prefix: str, *, engine: str = "auto", force: bool = Fal
     e = _engines.for_writing(engine)
     if formats.for_path(prefix) is not None:
         raise FormatError(f"output {prefix} looks like an archive; import writes a checkpoint prefix such as out/model.ckpt")
+    known = formats.named_by_suffix(prefix)
+    if known is not None:
+        raise FormatError(f"output {prefix} is named as a {os.path.splitext(prefix)[1]} file, which ckptbridge reads but does not write; "
+                          "import writes a checkpoint prefix such as out/model.ckpt")
     return _engines.open_sink(e, prefix, force=force, max_shard_bytes=max_shard_bytes, **kw)

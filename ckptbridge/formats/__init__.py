@@ -152,6 +152,50 @@ def require_for_path(path: str) -> Format:
     return fmt
 
 
+@dataclasses.dataclass(frozen=True)
+class Recognised:
+    """Files ckptbridge recognises by their content, whatever their suffix, and only reads: files
+    that other programs write (Keras's).  They are tried before the archive suffixes decide."""
+
+    #: short name for help texts; the source's ``kind`` says which variant it read
+    name: str
+    #: ``"module:function"`` ``(path) -> str | None``: the kind of file a regular file is, None when
+    #: it is none of these; reads headers only and never raises
+    detect: "str | Callable[[str], str | None]"
+    #: the :class:`~ckptbridge._source.Source` class, ``"module:Class"``, constructed as
+    #: ``Source(path, verify=..., max_tensor_bytes=...)``
+    source: "str | type[Source]"
+    #: one line for help texts and docs
+    description: str
+    #: suffixes that name such a file whatever its bytes (a damaged one is then reported as what it is)
+    suffixes: tuple[str, ...] = ()
+
+    def open_source(self, path: str, *, verify: bool = True, max_tensor_bytes: int | None = None) -> "Source":
+        return load_object(self.source)(path, verify=verify, max_tensor_bytes=max_tensor_bytes)  # type: ignore[no-any-return]
+
+
+#: name -> entry, in the order files are tested
+RECOGNISED: dict[str, Recognised] = {}
+
+
+def named_by_suffix(path: str) -> Recognised | None:
+    """The recognised kind of file a path's suffix names (``.keras``), whether or not it exists."""
+    ext = os.path.splitext(path)[1].lower()
+    return next((r for r in RECOGNISED.values() if ext in r.suffixes), None)
+
+
+def recognise(path: str) -> Recognised | None:
+    """The recognised kind of file at ``path`` (a regular file), by suffix or by content; None for anything else."""
+    if not os.path.isfile(path):
+        return None
+    return named_by_suffix(path) or next((r for r in RECOGNISED.values() if load_object(r.detect)(path) is not None), None)
+
+
+def recognised_of(source: object) -> Recognised | None:
+    """The recognised kind of file whose source class ``source`` is an instance of, if any."""
+    return next((r for r in RECOGNISED.values() if refers_to(r.source, source)), None)
+
+
 def of_source(source: object) -> Format | None:
     """The registered format whose source class ``source`` is an instance of, if any."""
     for f in FORMATS.values():
@@ -179,3 +223,9 @@ register(Format(
     Holds(dtypes=_has_safetensors_code, names="UTF-8 names without control characters, not '__metadata__'"),
     check="ckptbridge.formats.safetensors:check_specs",
 ))
+
+RECOGNISED["keras"] = Recognised(
+    "keras", "ckptbridge.formats.keras:detect", "ckptbridge.formats.keras:KerasSource",
+    "Keras weights and models, read only: Keras 2 HDF5 (save_weights, save), Keras 3 .weights.h5, .keras zips",
+    suffixes=(".keras",),
+)
