@@ -269,10 +269,17 @@ class Ports:
         self.root = root
         self.slim = slim
         self._ports: dict[str, Port] | None = None
+        self._failed: BaseException | None = None
 
     def __getitem__(self, name: str) -> Port:
+        if self._failed is not None:
+            pytest.fail(f"the ports fixture failed before: {self._failed!r}", pytrace=False)
         if self._ports is None:
-            self._ports = self._run()
+            try:
+                self._ports = self._run()
+            except BaseException as e:  # once: every test after this one fails at once instead of running it all again
+                self._failed = e
+                raise
         return self._ports[name]
 
     def _run(self) -> dict[str, Port]:
@@ -479,7 +486,7 @@ def test_round_trip_loses_only_the_background_class(ports: Ports, name: str, tmp
 # --------------------------------------------------------------------------- archive formats
 
 
-def test_npz_and_h5_carry_the_same_state_dict(ports: Ports) -> None:
+def test_npz_and_h5_carry_the_same_state_dict(ports: Ports, tmp_path: Any) -> None:
     port = ports[FORMATS_MAP]
     st = read_all(port.exported)
     for suffix in ("npz", "h5"):
@@ -490,6 +497,15 @@ def test_npz_and_h5_carry_the_same_state_dict(ports: Ports) -> None:
     # torch_side loads the .npz as it is (0-d num_batches_tracked included, strict=True) and computes slim's logits.
     for what, slim_out in port.slim.out.items():
         assert rel(port.extra["npz_patched"][what], destination_classes(port.pmap, slim_out)) <= AGREE
+    # And back: import --from reads each format to the same slim tensors.
+    back = {}
+    for suffix, archive in (("safetensors", port.exported), ("npz", port.extra["npz"]), ("h5", port.extra["h5"])):
+        back[suffix] = str(tmp_path / suffix / "model.ckpt")
+        report = ckptbridge.rebuild(archive, back[suffix], port=FORMATS_MAP, fsync=False)
+        assert len(report.written) == len(port.pmap.rules), suffix
+    for suffix in ("npz", "h5"):
+        d = ckptbridge.diff(back["safetensors"], back[suffix])
+        assert d.identical and d.compared == len(port.pmap.rules), (suffix, d)
 
 
 # --------------------------------------------------------------------------- 6. what cannot be ported
@@ -581,13 +597,23 @@ def test_export_reads_the_moving_averages(slim: SlimNets, tmp_path: Any) -> None
     assert len(trainable) > 100
     for n in trainable:
         tensors[n + "/ExponentialMovingAverage"] = (tensors[n] * np.float32(0.5) + np.float32(0.25)).astype(np.float32)
+    # What else a trained checkpoint holds: the step (the map skips it), an optimizer slot (never carried).
+    tensors["global_step"] = np.array(1000, np.int64)
+    slot = "InceptionV1/Conv2d_1a_7x7/weights/Momentum"
+    tensors[slot] = np.ones_like(tensors["InceptionV1/Conv2d_1a_7x7/weights"])
     prefix = write_checkpoint(str(tmp_path / "ema" / "model.ckpt"), tensors)
     out = str(tmp_path / "ema.safetensors")
     report = ckptbridge.export(prefix, out, port=FORMATS_MAP, fsync=False)
     by_source = {r.source: r.dest for r in pmap.rules}
     assert report.ema_swaps == {by_source[n]: n + "/ExponentialMovingAverage" for n in trainable}
-    assert sorted(report.dropped) == trainable
-    assert all("EMA" in why for why in report.dropped.values())
+    assert sorted(report.dropped) == sorted([*trainable, "global_step", slot])
+    assert all("EMA" in report.dropped[n] for n in trainable)
+    assert "skipped by port map" in report.dropped["global_step"] and "optimizer state" in report.dropped[slot]
+    # The command line tells it too: one "ema:" line per shadow read.
+    r = cli("export", prefix, str(tmp_path / "dry.safetensors"), "--to", FORMATS_MAP, "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert sorted(ln for ln in r.stdout.splitlines() if ln.startswith("ema: ")) == sorted(
+        f"ema: {by_source[n]} <- {n}/ExponentialMovingAverage" for n in trainable)
     got = read_all(out)
     want = expected_state_dict(pmap, tensors, ema=True)
     for dest, w in want.items():
