@@ -214,7 +214,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         if opaque:
             line += (f"; {len(opaque)} of a dtype ckptbridge cannot carry ({', '.join(sorted({s.dtype for s in opaque.values()}))}): "
                      "export refuses them unless excluded")
-        print(line)
+        print(f"{line} [read as {r.kind}]")
     return 0
 
 

@@ -175,7 +175,9 @@ def test_ls_export_diff_and_the_raw_paths_kept(keras_dir: str, name: str, tmp_pa
     assert rc == 0, err
     doc = json.loads(out)
     assert doc["kind"] == KINDS[name] and doc["total_tensors"] == len(_expected(keras_dir, name))
-    assert in_process("ls", path)[0] == 0
+    rc, out, err = in_process("ls", path)
+    assert rc == 0, err
+    assert out.splitlines()[-1].endswith(f"[read as {KINDS[name]}]")
     npz = str(tmp_path / "out.npz")
     rc, out, err = in_process("export", path, npz)
     assert rc == 0, err
