@@ -99,6 +99,11 @@ def _write_keras3(out: str) -> None:
                 walk(layer.layers, f"{prefix}{key}/")
 
     walk(model.layers, "")
+    # bfloat16 weights: Keras 3 stores them as 2-byte opaque data tagged dtype="bfloat16".
+    bf = keras.Sequential([keras.Input((4,)), L.Dense(3, dtype="bfloat16", name="d")])
+    bf.layers[0].kernel.assign(rng.normal(size=(4, 3)).astype(np.float32))
+    bf.save_weights(os.path.join(out, "k3_bf16.weights.h5"))
+    np.savez(os.path.join(out, "expected_k3_bf16.npz"), **{f"dense/{i}": np.asarray(v).view(np.uint16) for i, v in enumerate(bf.layers[0].weights)})
     model.save_weights(os.path.join(out, "k3.weights.h5"))
     model.save(os.path.join(out, "k3.keras"))
     np.savez(os.path.join(out, "expected_k3.weights.h5.npz"), **bare, **optimizer)
@@ -281,3 +286,15 @@ def test_models_that_are_not_checkpoints_say_what_to_pass(keras_dir: str, tmp_pa
 if __name__ == "__main__":
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     {"legacy": _write_legacy, "keras3": _write_keras3}[sys.argv[1]](sys.argv[2])
+
+
+def test_keras3_bfloat16_weights_are_read_exactly(keras_dir: str) -> None:
+    """Keras 3 writes bfloat16 as opaque 2-byte data with a dtype attribute: read as bfloat16, bit for bit."""
+    import ml_dtypes
+
+    got = ckptbridge.load(os.path.join(keras_dir, "k3_bf16.weights.h5"))
+    want = _expected(keras_dir, "k3_bf16")
+    assert sorted(got) == sorted(want) and want
+    for name, bits in want.items():
+        assert got[name].dtype == np.dtype(ml_dtypes.bfloat16), name
+        assert got[name].tobytes() == bits.tobytes(), name

@@ -688,14 +688,26 @@ def _plain_dtype(ds: Any, path: str, full: str) -> str:
         return "string"
     if ds.dtype.kind == "O":
         raise FormatError(f"{path}: dataset {full!r} holds HDF5 references or variable-length sequences, not a tensor")
+    if _is_tagged_bfloat16(ds):
+        return "bfloat16"
     try:
         return dtype_name(ds.dtype)
     except FormatError:
         raise FormatError(f"{path}: dataset {full!r} has dtype {ds.dtype}, which is not a tensor dtype ckptbridge carries") from None
 
 
+def _is_tagged_bfloat16(ds: Any) -> bool:
+    """Keras 3 stores bfloat16 as 2-byte opaque data with an attribute ``dtype="bfloat16"``."""
+    if ds.dtype.kind != "V" or ds.dtype.itemsize != 2 or ds.dtype.names is not None:
+        return False
+    tag = ds.attrs.get("dtype")
+    return (tag.decode("ascii", "replace") if isinstance(tag, bytes) else tag) == "bfloat16"
+
+
 def _plain_array(raw: np.ndarray, ds: Any) -> np.ndarray:
     """A dataset written by plain h5py, in exchange form (variable-length strings as bytes)."""
+    if _is_tagged_bfloat16(ds):
+        return np.ascontiguousarray(raw).view(numpy_dtype("bfloat16"))
     if raw.dtype.kind == "O" or raw.dtype.kind == "S":
         out = np.empty(raw.shape, dtype=object)
         flat = out.reshape(-1)
