@@ -32,7 +32,7 @@ from .spec import TensorSpec
 
 FORMAT = 1
 MAPS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "maps")
-TRANSFORMS = ("none", "conv", "depthwise", "dense", "fc_as_conv")
+TRANSFORMS = ("none", "conv", "depthwise", "dense", "fc_as_conv", "flatten")
 CAVEAT_KINDS = ("padding", "pooling", "epsilon", "other")
 _SHOWN = 12  # names shown per kind of problem
 
@@ -350,6 +350,12 @@ def _transform(rule: Rule, shape: tuple[int, ...]) -> tuple[lay.Transform | None
             return None, f"is {list(shape)}, but a fully connected layer stored as a {rule.kernel[0]}x{rule.kernel[1]} conv is [{rule.kernel[0]}, {rule.kernel[1]}, in, out]"
         h, w, i, o = shape
         return lay.Transform("fc_as_conv", (3, 2, 0, 1), shape, (o, i * h * w)), None
+    if rule.transform == "flatten":
+        # Keras: a fully connected layer stored as a conv -> Dense [H*W*in, out], flattened in H,W,C order.
+        if len(shape) != 4 or tuple(shape[:2]) != rule.kernel:
+            return None, f"is {list(shape)}, but a fully connected layer stored as a {rule.kernel[0]}x{rule.kernel[1]} conv is [{rule.kernel[0]}, {rule.kernel[1]}, in, out]"
+        h, w, i, o = shape
+        return lay.Transform("flatten", (0, 1, 2, 3), shape, (h * w * i, o)), None
     t = lay.transform_for(rule.transform, shape)
     if t is None:
         return None, f"is {list(shape)}, which does not fit a {rule.transform} kernel"
@@ -361,8 +367,9 @@ def _describe(t: lay.Transform | None, classes: str | None) -> str:
     if classes:
         parts.append(classes)
     if t is not None:
-        what = "fully connected stored as conv [H,W,in,out] -> Linear [out, in*H*W] (C,H,W order)" if t.kind == "fc_as_conv" else t.describe()
-        parts.append(what if t.kind != "fc_as_conv" else f"{what} {list(t.from_shape)} -> {list(t.to_shape)}")
+        whats = {"fc_as_conv": "fully connected stored as conv [H,W,in,out] -> Linear [out, in*H*W] (C,H,W order)",
+                 "flatten": "fully connected stored as conv [H,W,in,out] -> Dense [H*W*in, out] (H,W,C order)"}
+        parts.append(f"{whats[t.kind]} {list(t.from_shape)} -> {list(t.to_shape)}" if t.kind in whats else t.describe())
     return "; ".join(parts)
 
 
@@ -614,6 +621,10 @@ def _source_shape(rule: Rule, shape: tuple[int, ...]) -> tuple[int, ...] | None:
     if rule.transform == "depthwise":
         return None  # [C*M, 1, H, W] does not say M; no built-in map needs it on import
     h, w = rule.kernel
+    if rule.transform == "flatten":
+        if len(shape) != 2 or shape[0] % (h * w):
+            return None
+        return (h, w, shape[0] // (h * w), shape[1])
     if len(shape) != 2 or shape[1] % (h * w):
         return None
     return (h, w, shape[1] // (h * w), shape[0])

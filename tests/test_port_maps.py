@@ -294,3 +294,17 @@ def test_a_bad_map_gets_every_problem_at_once(tmp_path: Any, edit: Any, needles:
 def test_unknown_map_names_the_builtins() -> None:
     with pytest.raises(NotFoundError, match="built-in maps are .*torchvision:vgg16"):
         ckptbridge.port_map("torchvision:vgg17")
+
+
+def test_flatten_computes_what_the_conv_computed_in_keras_order() -> None:
+    """Keras' Flatten on an NHWC activation meets a [H*W*in, out] Dense kernel: a plain reshape of [H,W,in,out]."""
+    from ckptbridge import _ports
+
+    rng = np.random.default_rng(2)
+    k = rng.normal(size=(3, 2, 4, 5))
+    x = rng.normal(size=(3, 2, 4))
+    rule = _ports.Rule("s", "d", "flatten", kernel=(3, 2))
+    t, why = _ports._transform(rule, k.shape)
+    assert why is None and t is not None and t.to_shape == (24, 5)
+    np.testing.assert_allclose(x.reshape(-1) @ t.apply(k), np.einsum("hwc,hwco->o", x, k), rtol=1e-12)
+    assert _ports._source_shape(rule, t.to_shape) == k.shape and same(t.invert(t.apply(k)), k)
