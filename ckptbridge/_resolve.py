@@ -163,7 +163,7 @@ def open_source(path: str, *, engine: str = "auto", verify: bool = True, max_ten
                           f"use {' or '.join(option('engine', e.name) for e in able)}{need}")
     e = chosen[0]
     try:
-        return _engines.open_source(e, prefix, verify=verify)
+        return _engines.open_source(e, prefix, verify=verify, version=version)
     except MissingDependencyError as err:
         if e.needs is None:
             raise

@@ -522,7 +522,9 @@ def test_junk_files_and_missing_checkpoint(tmp_path):
             BundleReader(str(tmp_path / "junk"))
 
 
-def test_snappy_block_is_a_clear_format_error(small_ckpt):
+def test_block_marked_snappy_that_is_not_snappy_is_damage(small_ckpt):
+    """Snappy blocks are decoded natively (tests/test_v1_native.py reads a real one); a block whose
+    trailer says snappy but whose bytes are not is a clear error, not a crash."""
     from ckptbridge.bundle import _table
     from ckptbridge.bundle._wire import crc, get_varint, mask
     path = small_ckpt + ".index"
@@ -536,7 +538,7 @@ def test_snappy_block_is_a_clear_format_error(small_ckpt):
     blob[idx_off + idx_size] = _table.SNAPPY_COMPRESSION
     blob[idx_off + idx_size + 1:idx_off + idx_size + 5] = mask(crc(bytes([1]), crc(bytes(blob[idx_off:idx_off + idx_size])))).to_bytes(4, "little")
     open(path, "wb").write(bytes(blob))
-    with pytest.raises(FormatError, match="snappy"):
+    with pytest.raises(CorruptError, match="snappy"):
         BundleReader(small_ckpt)
 
 
