@@ -549,6 +549,14 @@ def plan_import(src: Source, pmap: PortMap, *, num_classes: int | None = None) -
         raise MismatchError(f"port map {pmap.name} carries {pmap.dest_classes} classes; the tf-slim net can have {pmap.dest_classes} "
                             f"or {pmap.dest_classes + 1} (with TensorFlow's background class), not {classes}")
     specs = src.specs()
+    # A source that shows readable names (a Keras file: conv2d/0) records the stored ones
+    # (layers/conv2d/vars/0) as its original names: a map may name either.
+    recorded = src.metadata().get("original_names", {})
+    stored = {raw: name for name, raw in recorded.items() if name in specs and isinstance(raw, str)} if isinstance(recorded, dict) else {}
+
+    def find(dest: str) -> str | None:
+        return dest if dest in specs else stored.get(dest)
+
     entries: dict[str, _Entry] = {}
     out: dict[str, TensorSpec] = {}
     used: set[str] = set()
@@ -557,11 +565,12 @@ def plan_import(src: Source, pmap: PortMap, *, num_classes: int | None = None) -
     layout: dict[str, str] = {}
     dropped: dict[str, str] = {}
     for r in pmap.rules:
-        if r.dest not in specs:
+        name = find(r.dest)
+        if name is None:
             missing.append(r.dest)
             continue
-        used.add(r.dest)
-        s = specs[r.dest]
+        used.add(name)
+        s = specs[name]
         shape = _source_shape(r, s.shape)
         if shape is None:
             misfit.append(f"{r.dest} is {list(s.shape)}, which a {r.transform} layout cannot come from")
@@ -579,26 +588,27 @@ def plan_import(src: Source, pmap: PortMap, *, num_classes: int | None = None) -
             if classes == pmap.dest_classes + 1:
                 insert = "insert"
                 shape = shape[:-1] + (n + 1,)
-        entries[r.source] = _Entry(r.dest, t, insert)
+        entries[r.source] = _Entry(name, t, insert)
         out[r.source] = TensorSpec(r.source, s.dtype, shape)
         undo = None if t is None else "undo " + _describe(t, None)
         if undo or insert:
             layout[r.source] = "; ".join(x for x in (undo, "background class inserted at index 0 as zeros" if insert else None) if x)
     not_fill: list[str] = []
     for a in pmap.added:
-        if a.dest not in specs:
+        name = find(a.dest)
+        if name is None:
             if a.check:
                 missing.append(a.dest)
             continue
-        used.add(a.dest)
+        used.add(name)
         if not a.check:
-            dropped[a.dest] = f"a counter the tf-slim net does not keep (port map {pmap.name})"
+            dropped[name] = f"a counter the tf-slim net does not keep (port map {pmap.name})"
             continue
-        arr = src.read(a.dest)
+        arr = src.read(name)
         if not np.all(np.asarray(arr, dtype=np.float64) == a.fill):
             not_fill.append(f"{a.dest} (must be all {a.fill:g})")
         else:
-            dropped[a.dest] = f"all {a.fill:g}, as the tf-slim net assumes"
+            dropped[name] = f"all {a.fill:g}, as the tf-slim net assumes"
     unused = [n for n in list(specs) + list(src.uncarried()) if n not in used]
     if missing or misfit or unused or not_fill:
         raise _mismatch(pmap, src.path, {

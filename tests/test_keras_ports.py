@@ -13,11 +13,10 @@ For every built-in ``keras:*`` map:
    --model NET``, restored by TensorFlow's Saver in a fresh slim graph: the same logits, and the
    background logit inserted by import is exactly 0.
 
-Step 4 from the file Keras wrote fails today (``test_import_from_keras_file``, xfail, strict):
-ckptbridge reads a Keras 3 ``.weights.h5`` under readable names (``conv2d/0``), keeping the HDF5 paths
-(``layers/conv2d/vars/0``) only as ``original_names`` metadata, and the port engine looks the map's
-destination names up among the readable ones only.  The proof of the map's reverse direction goes
-through an ``.npz`` holding the same arrays under the HDF5 paths.
+Step 4 reads the file Keras wrote: ckptbridge shows a Keras 3 ``.weights.h5`` under readable names
+(``conv2d/0``), keeping the HDF5 paths (``layers/conv2d/vars/0``) as ``original_names``, which the
+port engine looks the map's names up in (``test_import_from_keras_file``: the same checkpoint as
+through an ``.npz`` holding the arrays under the HDF5 paths).
 
 TensorFlow's graph mode (slim) and Keras 3 eager share this process: each slim net lives in a graph
 of its own.  Each net is built and saved once per module.
@@ -25,7 +24,6 @@ of its own.  Each net is built and saved once per module.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
@@ -195,11 +193,10 @@ def raw_npz(kfile: str, out: str) -> None:
 
 def test_import_from_keras_weights_restores_in_slim(case: dict[str, Any]) -> None:
     d = case["dir"]
-    npz = str(d / "keras_raw.npz")
-    raw_npz(case["kfile"], npz)
     back = str(d / "back" / "model.ckpt")
-    # Keras' InceptionV3 has no auxiliary head: slim's AuxLogits stay at their initializer (--allow-missing)
-    ckptbridge.rebuild(npz, back, model=case["net"], port=case["name"], allow_missing=case["net"] == "inception_v3")
+    # The file Keras wrote, as a user has it.  Keras' InceptionV3 has no auxiliary head: slim's
+    # AuxLogits stay at their initializer (--allow-missing).
+    ckptbridge.rebuild(case["kfile"], back, model=case["net"], port=case["name"], allow_missing=case["net"] == "inception_v3")
     got = slim_logits(case["net"], back, case["x"])
     kref = case["kref"]
     if got.shape[-1] == 1001:
@@ -211,15 +208,13 @@ def test_import_from_keras_weights_restores_in_slim(case: dict[str, Any]) -> Non
     assert diff < AGREE
 
 
-@pytest.mark.xfail(strict=True, raises=ckptbridge.MismatchError, reason=(
-    "engine: plan_import (ckptbridge/_ports.py:560) looks the map's destination names up in the source's "
-    "readable names (conv2d/0); a Keras 3 .weights.h5 keeps its HDF5 paths (layers/conv2d/vars/0) only "
-    "in metadata original_names"))
 def test_import_from_keras_file(case: dict[str, Any]) -> None:
+    """The file Keras itself wrote, read under its readable names, goes back through the map by its stored paths."""
+    npz = str(case["dir"] / "keras_raw.npz")
+    raw_npz(case["kfile"], npz)
     back = str(case["dir"] / "direct" / "model.ckpt")
-    try:
-        ckptbridge.rebuild(case["kfile"], back, port=case["name"])
-    except ckptbridge.MismatchError as e:
-        assert "missing from the archive" in str(e) and "layers/conv2d/vars/0" in str(e), e  # the bug, not another failure
-        raise
-    assert os.path.exists(back + ".index")
+    via_npz = str(case["dir"] / "direct_npz" / "model.ckpt")
+    ckptbridge.rebuild(case["kfile"], back, port=case["name"])
+    ckptbridge.rebuild(npz, via_npz, port=case["name"])
+    d = ckptbridge.diff(back, via_npz)
+    assert d.identical and d.compared > 30
