@@ -278,8 +278,15 @@ def test_main_run_twice_in_one_process_keeps_no_state_from_an_interrupted_run(tm
         return real(self, name, stream)
 
     monkeypatch.setattr(npz_mod.NpzSink, "write_blocks", interrupted)
-    first = tmp_path / "first.npz"
-    assert cli_mod.main(["export", src, str(first), "-q"]) == 130 and not first.exists()
+    # Run as a background job of a non-interactive shell (CI started with `cmd &`), this process
+    # inherits SIGINT ignored, and main() rightly leaves it so: give it the terminal's default.
+    previous = _signal.signal(_signal.SIGINT, _signal.default_int_handler)
+    try:
+        first = tmp_path / "first.npz"
+        code = cli_mod.main(["export", src, str(first), "-q"])
+    finally:
+        _signal.signal(_signal.SIGINT, previous)
+    assert code == 130 and not first.exists()
     second = tmp_path / "second.npz"
     assert cli_mod.main(["export", src, str(second), "-q"]) == 0
     err = capsys.readouterr().err
