@@ -620,7 +620,7 @@ def test_existing_output_refused_graph_free(engine: str, tmp_path: Any) -> None:
     b = _plain_npz(tmp_path / "b.npz", {"w": np.full(3, 2, np.float32)})
     out = str(tmp_path / "out" / "model.ckpt")
     ckptbridge.rebuild(a, out, engine=engine)
-    with pytest.raises(OutputExistsError, match="--force"):
+    with pytest.raises(OutputExistsError, match="pass force=True to overwrite"):
         ckptbridge.rebuild(b, out, engine=engine)
     C.assert_same_as_tf({"w": np.ones(3, np.float32)}, out)
     ckptbridge.rebuild(b, out, engine=engine, force=True)
