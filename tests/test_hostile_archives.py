@@ -25,6 +25,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import pathlib
 import struct
 import zipfile
 import zlib
@@ -422,3 +423,20 @@ def test_hdf5_rank_over_32_refused_before_writing(tmp_path):
             ckptbridge.export(prefix, str(tmp_path / "out.h5"))
         ckptbridge.export(prefix, str(tmp_path / f"out{rank}.npz"))  # .npz holds up to 64
     assert sorted(os.listdir(tmp_path)) == ["ck", "out33.npz", "out40.npz", "out64.npz"]
+
+
+def test_a_comment_length_that_hides_members_is_damage(tmp_path: pathlib.Path) -> None:
+    """Found by the fuzz suite: a central-directory entry whose comment length runs past the directory
+    made zipfile return only the entries before it, so the archive read as a smaller plain .npz
+    (ckptbridge's own record hidden too) and tensors went missing without an error."""
+    from helpers import assert_one_line_error, cli
+
+    path = str(tmp_path / "m.npz")
+    ckptbridge.save({f"t{i}": np.full(3, i, np.float32) for i in range(4)}, path)
+    data = bytearray(open(path, "rb").read())
+    cd = data.find(b"PK\x01\x02")
+    data[cd + 32:cd + 34] = b"\xff\xff"  # the first entry's comment: 65535 bytes, swallowing the rest
+    open(path, "wb").write(bytes(data))
+    with pytest.raises(CorruptError, match="lists 5 members but 1 can be read"):
+        ckptbridge.read(path)
+    assert_one_line_error(cli("ls", path), "damaged")

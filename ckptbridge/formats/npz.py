@@ -171,6 +171,15 @@ def _parse_npy_header(f: Any, where: str) -> tuple[np.dtype, tuple[int, ...], bo
     return dtype, shape, d["fortran_order"], pre + hlen
 
 
+def _entries_claimed(f: Any) -> int | None:
+    """The number of members a zip's end-of-central-directory record (zip64's, where used) claims."""
+    try:
+        end = zipfile._EndRecData(f)  # type: ignore[attr-defined]  # the stdlib's own parser of that record
+    except (OSError, struct.error, ValueError):
+        return None
+    return None if not end else int(end[zipfile._ECD_ENTRIES_TOTAL])  # type: ignore[attr-defined]
+
+
 class NpzSource(ArchiveSource):
     """A lazy view of an ``.npz``: headers are read up front, values on demand."""
 
@@ -207,6 +216,13 @@ class NpzSource(ArchiveSource):
         members: dict[str, _Member] = {}
         fsize = os.fstat(self._file.fileno()).st_size
         spans: list[tuple[int, int, str]] = []
+        # zipfile stops reading the central directory where an entry's lengths carry it past the
+        # directory's end, and returns the entries before it: a damaged comment length would hide
+        # the rest (ckptbridge's own record among them) and make a damaged archive look like a
+        # smaller plain one.  The end record says how many entries there are.
+        claimed = _entries_claimed(self._file)
+        if claimed is not None and claimed != len(self._zip.infolist()):
+            raise CorruptError(f"{path}: the zip directory lists {claimed} members but {len(self._zip.infolist())} can be read; the archive is damaged")
         for info in self._zip.infolist():
             if info.filename in seen:
                 raise CorruptError(f"{path}: member {info.filename!r} appears twice; refusing an ambiguous archive")
