@@ -144,6 +144,20 @@ def has_magic(tail: bytes) -> bool:
     return len(tail) >= 8 and int.from_bytes(tail[-8:], "little") == MAGIC
 
 
+def is_table_file(path: str) -> bool:
+    """Whether ``path`` is a file that ends with the table magic number (cheap; reads 8 bytes)."""
+    import os
+
+    try:
+        if not os.path.isfile(path) or os.path.getsize(path) < FOOTER_SIZE:
+            return False
+        with open(path, "rb") as f:
+            f.seek(-8, os.SEEK_END)
+            return has_magic(f.read(8))
+    except OSError:
+        return False
+
+
 def _handle(buf: bytes, pos: int, limit: int) -> tuple[int, int, int]:
     offset, pos = get_varint(buf, pos, limit)
     size, pos = get_varint(buf, pos, limit)

@@ -33,8 +33,9 @@ from .._ckptfiles import data_path, index_path
 from .._source import OBJECT_GRAPH, OBJECT_GRAPH_KEY, Source, uncarried_error
 from ..errors import CkptBridgeError, CorruptError, FormatError, NotFoundError
 from ..spec import STRING, TensorSpec, numpy_dtype
+from . import _table
 from ._entries import BIG, DTYPE_BY_ENUM, HEADER_KEY, LITTLE, TENSOR_BUNDLE_VERSION, Entry, parse_entry, parse_header, slice_key
-from ._table import FOOTER_SIZE, MAX_KEY_BYTES, KeysTooLarge, KeyTooLong, SnappyBlock, has_magic, read_table
+from ._table import MAX_KEY_BYTES, KeysTooLarge, KeyTooLong, SnappyBlock, has_magic, read_table
 from ._wire import _Bad, crc, get_varint, mask, unmask
 
 ENGINE_NAME = "native"
@@ -44,15 +45,7 @@ MAX_RANK = 254          # TensorShape's limit
 
 def is_bundle(prefix: str) -> bool:
     """Whether ``prefix.index`` exists and ends with the table magic number (cheap; reads 8 bytes)."""
-    path = index_path(prefix)
-    try:
-        if not os.path.isfile(path) or os.path.getsize(path) < FOOTER_SIZE:
-            return False
-        with open(path, "rb") as f:
-            f.seek(-8, os.SEEK_END)
-            return has_magic(f.read(8))
-    except OSError:
-        return False
+    return _table.is_table_file(index_path(prefix))
 
 
 def _key_name(key: bytes) -> str:

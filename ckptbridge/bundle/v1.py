@@ -41,7 +41,7 @@ from .._source import OBJECT_GRAPH, OBJECT_GRAPH_KEY, Source, uncarried_error
 from ..errors import CkptBridgeError, CorruptError, FormatError, NotFoundError
 from ..spec import STRING, TensorSpec, numpy_dtype
 from ._entries import _parse_shape, _parse_slice, slice_key
-from ._table import FOOTER_SIZE, MAX_KEY_BYTES, KeysTooLarge, KeyTooLong, Table, has_magic
+from ._table import FOOTER_SIZE, MAX_KEY_BYTES, KeysTooLarge, KeyTooLong, Table, has_magic, is_table_file
 from ._wire import _Bad, get_varint, iter_fields, to_int32, to_int64
 from .reader import MAX_RANK, _overlap
 
@@ -85,14 +85,7 @@ def _name(raw: bytes) -> str:
 
 def is_v1(path: str) -> bool:
     """Whether ``path`` is a file that ends with the table magic number (cheap; reads 8 bytes)."""
-    try:
-        if not os.path.isfile(path) or os.path.getsize(path) < FOOTER_SIZE:
-            return False
-        with open(path, "rb") as f:
-            f.seek(-8, os.SEEK_END)
-            return has_magic(f.read(8))
-    except OSError:
-        return False
+    return is_table_file(path)
 
 
 def v1_files(prefix: str) -> list[str]:
