@@ -92,7 +92,7 @@ class MappedSource(Source):
 class Prepared:
     """What the pipe needs, and what the report tells."""
 
-    source: MappedSource
+    source: Source
     plan: Plan
     #: entries for the archive's metadata document
     metadata: dict[str, Any]

@@ -26,6 +26,7 @@ import numpy as np
 
 from . import _layout as lay
 from ._names import EMA_SUFFIX, Plan, is_optimizer_state
+from ._plans import Prepared
 from ._source import Source
 from .errors import FormatError, MismatchError, NotFoundError
 from .spec import TensorSpec
@@ -442,19 +443,13 @@ class PortSource(Source):
 
 
 @dataclasses.dataclass
-class Ported:
-    """What the pipe needs for a port, and what the report tells."""
+class Ported(Prepared):
+    """What the pipe needs for a port (``renamed``: source name -> destination name), and what the
+    report tells besides."""
 
-    source: PortSource
-    plan: Plan
-    metadata: dict[str, Any]
-    #: source name -> destination name
-    renamed: dict[str, str]
-    #: output name -> the layout change and class-axis change made to it
-    layout: dict[str, str]
     #: output name -> what it was filled with, and why
-    added: dict[str, str]
-    caveats: list[str]
+    added: dict[str, str] = dataclasses.field(default_factory=dict)
+    caveats: list[str] = dataclasses.field(default_factory=list)
 
 
 def _skipped(pmap: PortMap, name: str) -> bool:
