@@ -9,8 +9,10 @@ TensorFlow still runs every other test.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -55,6 +57,24 @@ def ckpts() -> ModuleType:
 def assert_same_as_tf(ckpts: ModuleType) -> Callable[..., int]:
     """``assert_same_as_tf(reader_or_mapping, prefix)``: bit-exact against TensorFlow's reader."""
     return ckpts.assert_same_as_tf
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str], Path]]:
+    """``module_tmp(name)``: ``tmp_path_factory.mktemp`` for a module's fixtures, removed when the module is done.
+
+    The TensorFlow part writes several GB (VGG-sized nets and their exports), and CI shares its
+    disk; pytest itself would keep these directories until the session ends.
+    """
+    made: list[Path] = []
+
+    def mktemp(name: str) -> Path:
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+
+    yield mktemp
+    for d in made:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def _build(factory: Any, name: str, builder: Callable[[str], Any]) -> Any:

@@ -122,9 +122,9 @@ ALL_DTYPE_CASES = [(d, s) for d in DTYPES for s in [(), (0,), (3,), (2, 0, 3), (
 
 
 @pytest.fixture(scope="module")
-def all_dtypes_ckpt(tmp_path_factory):
+def all_dtypes_ckpt(module_tmp):
     pytest.importorskip("tensorflow")
-    prefix = str(tmp_path_factory.mktemp("dtypes") / "model.ckpt")
+    prefix = str(module_tmp("dtypes") / "model.ckpt")
     tensors = {f"{d}/{'x'.join(map(str, s)) or 'scalar'}": sample(d, s, i) for i, (d, s) in enumerate(ALL_DTYPE_CASES)}
     tensors["string/edge"] = np.array([b"", b"\x00", b"\xff\xfe"], dtype=object)
     tf_save(prefix, tensors)
@@ -164,9 +164,9 @@ def test_numeric_reads_are_readonly_views_that_outlive_close(all_dtypes_ckpt):
 
 
 @pytest.fixture(scope="module")
-def saver_partitioned_ckpt(tmp_path_factory):
+def saver_partitioned_ckpt(module_tmp):
     pytest.importorskip("tensorflow")
-    prefix = str(tmp_path_factory.mktemp("saver") / "model.ckpt")
+    prefix = str(module_tmp("saver") / "model.ckpt")
     v1 = tf.compat.v1
     with tf.Graph().as_default():
         part = v1.get_variable("layer/w", shape=[10, 6], dtype=tf.float32,
@@ -200,9 +200,9 @@ def test_saver_partitioned_variables_reassembled(saver_partitioned_ckpt):
 
 
 @pytest.fixture(scope="module")
-def merged_sharded_ckpt(tmp_path_factory):
+def merged_sharded_ckpt(module_tmp):
     pytest.importorskip("tensorflow")
-    d = tmp_path_factory.mktemp("sharded")
+    d = module_tmp("sharded")
     parts = [str(d / f"tmp{i}") for i in range(3)]
     tf.raw_ops.SaveV2(prefix=parts[0], tensor_names=["p", "a"], shape_and_slices=["10 4 0,4:-", ""],
                       tensors=[tf.reshape(tf.range(16.0), (4, 4)), tf.constant([1, 2], tf.int64)])
@@ -229,9 +229,9 @@ def test_sharded_and_sliced_across_shards(merged_sharded_ckpt):
 
 
 @pytest.fixture(scope="module")
-def tf2_keras_ckpt(tmp_path_factory):
+def tf2_keras_ckpt(module_tmp):
     tf_keras = pytest.importorskip("tf_keras")
-    d = tmp_path_factory.mktemp("tf2")
+    d = module_tmp("tf2")
 
     def build():
         model = tf_keras.Sequential([tf_keras.layers.Dense(4, input_shape=(3,)), tf_keras.layers.Dense(2)])
@@ -551,12 +551,12 @@ def _read_everything(prefix: str) -> None:
 
 
 @pytest.fixture(scope="module", params=["native", pytest.param("tf", marks=pytest.mark.tf)])
-def mutation_source(request, tmp_path_factory):
+def mutation_source(request, module_tmp):
     """The files of a real checkpoint to mutate: partitioned, strings, object graph, several shards."""
     if request.param == "tf":
         prefix, _ = request.getfixturevalue("saver_partitioned_ckpt")
     else:
-        prefix = str(tmp_path_factory.mktemp("mut") / "m")
+        prefix = str(module_tmp("mut") / "m")
         w = BundleWriter(prefix, max_shard_bytes=64, _block_size=96)
         w.write("a", np.arange(8, dtype=np.float32))
         w.write("a/ExponentialMovingAverage", np.arange(8, dtype=np.float32))

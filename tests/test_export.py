@@ -133,8 +133,8 @@ def test_read_checkpoint_matches_tf(which, engine, request, assert_same_as_tf, c
 
 
 @pytest.fixture(scope="module")
-def vgg_exports(vgg16_ckpt, tmp_path_factory):
-    d = tmp_path_factory.mktemp("vgg_out")
+def vgg_exports(vgg16_ckpt, module_tmp):
+    d = module_tmp("vgg_out")
     outs = {}
     for fmt in FORMATS:
         out = str(d / f"vgg_16{fmt}")
@@ -174,8 +174,8 @@ def test_vgg16_plain_np_load(vgg_exports, vgg16_ckpt):
 
 
 @pytest.fixture(scope="module")
-def dtype_exports(dtypes_ckpt, tmp_path_factory):
-    d = tmp_path_factory.mktemp("dtype_out")
+def dtype_exports(dtypes_ckpt, module_tmp):
+    d = module_tmp("dtype_out")
     outs = {}
     for fmt in FORMATS:
         outs[fmt] = str(d / f"dtypes{fmt}")

@@ -52,8 +52,8 @@ def _check(path: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> str:
-    prefix = str(tmp_path_factory.mktemp("fast") / "model.ckpt")
+def bundle(module_tmp: Any) -> str:
+    prefix = str(module_tmp("fast") / "model.ckpt")
     w = BundleWriter(prefix)
     for name, value in TENSORS.items():
         w.write(name, value)

@@ -191,9 +191,9 @@ def _native_values() -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def base(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+def base(request: pytest.FixtureRequest, module_tmp: Any) -> dict[str, str]:
     """A checkpoint (TensorFlow-written if TF is installed) and .npz/.h5/.safetensors exports of it."""
-    d = str(tmp_path_factory.mktemp("fuzz_base"))
+    d = str(module_tmp("fuzz_base"))
     try:
         import tensorflow  # noqa: F401
         import tf_keras  # noqa: F401
@@ -244,8 +244,8 @@ def base(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
 
 
 @pytest.fixture(scope="module")
-def worker(base: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
-    w = Worker(str(tmp_path_factory.mktemp("fuzz_worker")))
+def worker(base: dict[str, str], module_tmp: Any) -> Iterator[Worker]:
+    w = Worker(str(module_tmp("fuzz_worker")))
     try:
         for kind in ("ckpt", "npz", "h5", "npz_deflate", "safetensors", "v1"):
             assert w.ask({"op": "expect", "kind": kind, "path": base[kind]}, 120)["ok"]

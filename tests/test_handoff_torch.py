@@ -102,8 +102,8 @@ RENAMES = [
 
 
 @pytest.fixture(scope="module")
-def model_ckpt(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, np.ndarray, np.ndarray]:
-    return _build_checkpoint(str(tmp_path_factory.mktemp("torchnet")))
+def model_ckpt(module_tmp: Any) -> tuple[str, np.ndarray, np.ndarray]:
+    return _build_checkpoint(str(module_tmp("torchnet")))
 
 
 def _export(prefix: str, out: str, extra: list[str]) -> None:

@@ -24,6 +24,8 @@ of its own.  Each net is built and saved once per module.
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -125,11 +127,11 @@ def keras_logits(model: Any, x: np.ndarray) -> np.ndarray:
 
 
 @pytest.fixture(scope="module", params=[pytest.param(n, marks=pytest.mark.slow) if n == "keras:VGG19" else n for n in sorted(NETS)])
-def case(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def case(request: pytest.FixtureRequest, module_tmp: Any) -> Iterator[dict[str, Any]]:
     """One map: the random slim checkpoint, its logits, the export, and a random Keras model's save_weights."""
     name = request.param
     net, cls, size, seed = NETS[name]
-    d = tmp_path_factory.mktemp(name.replace(":", "_"))
+    d = module_tmp(name.replace(":", "_"))
     x = images(size)
     prefix = str(d / "slim" / "model.ckpt")
     ref = make_slim(net, prefix, x, seed)
@@ -152,8 +154,9 @@ def case(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     model.save_weights(kfile)
     kref = keras_logits(model, x)
     del model
-    return {"name": name, "net": net, "cls": cls, "x": x, "dir": d, "prefix": prefix, "ref": ref, "h5": h5,
-            "cli_out": out, "exported": exported, "kfile": kfile, "kref": kref}
+    yield {"name": name, "net": net, "cls": cls, "x": x, "dir": d, "prefix": prefix, "ref": ref, "h5": h5,
+           "cli_out": out, "exported": exported, "kfile": kfile, "kref": kref}
+    shutil.rmtree(d, ignore_errors=True)  # one net's files at a time (VGG16's are 3.7 GB)
 
 
 def test_export_loads_in_keras_with_the_slim_logits(case: dict[str, Any]) -> None:

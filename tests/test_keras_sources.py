@@ -111,12 +111,12 @@ def _write_keras3(out: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def keras_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+def keras_dir(module_tmp: Any) -> str:
     """The Keras files, written by tf_keras and Keras 3 in two processes at once."""
     pytest.importorskip("tensorflow")
     pytest.importorskip("tf_keras")
     pytest.importorskip("keras")
-    out = str(tmp_path_factory.mktemp("keras"))
+    out = str(module_tmp("keras"))
     env = dict(ENV, TF_USE_LEGACY_KERAS="1")
     procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), which, out], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for which in ("legacy", "keras3")]

@@ -445,12 +445,12 @@ CASES: dict[str, tuple[str, str, list[str], list[str], str | None, str]] = {
 
 
 @pytest.fixture(scope="module")
-def restored(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def restored(module_tmp: Any) -> dict[str, Any]:
     """Build both checkpoints in one TensorFlow process, convert each case with the CLI
     (export, then graph-free import), restore every result in one fresh TensorFlow process."""
     pytest.importorskip("tensorflow")
     pytest.importorskip("tf_keras")
-    d = tmp_path_factory.mktemp("objgraph")
+    d = module_tmp("objgraph")
     proc = subprocess.run([sys.executable, "-c", _BUILD, str(d)], capture_output=True, text=True, env=_tf_env(), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     src = {k: str(d / k / "ckpt-1") for k in ("adam", "legacy")}

@@ -245,8 +245,8 @@ class SlimNets:
 
 
 @pytest.fixture(scope="module")
-def slim(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    nets = SlimNets(str(tmp_path_factory.mktemp("slim")))
+def slim(module_tmp: Any) -> Any:
+    nets = SlimNets(str(module_tmp("slim")))
     yield nets
     nets.close()
 
@@ -393,11 +393,11 @@ class Ports:
 
 
 @pytest.fixture(scope="module")
-def ports(request: pytest.FixtureRequest, slim: SlimNets, tmp_path_factory: pytest.TempPathFactory) -> Any:
+def ports(request: pytest.FixtureRequest, slim: SlimNets, module_tmp: Any) -> Any:
     here = [item for item in request.session.items if item.module is request.module]
     asked = {item.callspec.params.get("name") for item in here if hasattr(item, "callspec")}
     wanted = [n for n in MAP_NAMES if n in asked or (n == FORMATS_MAP)] or [FORMATS_MAP]
-    p = Ports(str(tmp_path_factory.mktemp("ports")), slim, wanted)
+    p = Ports(str(module_tmp("ports")), slim, wanted)
     yield p
     p.close()
 

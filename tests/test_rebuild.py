@@ -149,10 +149,10 @@ def assert_state_file(prefix: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def archive_of(tmp_path_factory: pytest.TempPathFactory) -> Any:
+def archive_of(module_tmp: Any) -> Any:
     """``archive_of(checkpoint, "npz"|"h5")``: the checkpoint exported once per module."""
     cache: dict[tuple[str, str], str] = {}
-    root = tmp_path_factory.mktemp("archives")
+    root = module_tmp("archives")
 
     def get(checkpoint: str, fmt: str) -> str:
         key = (checkpoint, fmt)
@@ -169,14 +169,14 @@ def archive_of(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 
 @pytest.fixture(scope="module")
-def inception_random(tmp_path_factory: pytest.TempPathFactory) -> str:
+def inception_random(module_tmp: Any) -> str:
     """A random-init inception_v3 (num_classes=10) built for its usual 299x299 input.
 
     conftest's trained inception is built for 139x139 inputs, for which tf-slim
     names and shapes the AuxLogits head differently (Conv2d_2a_3x3 instead of
     Conv2d_2a_5x5), so that checkpoint does not fit the standard inception_v3 graph.
     """
-    prefix = str(tmp_path_factory.mktemp("inception_random") / "model.ckpt")
+    prefix = str(module_tmp("inception_random") / "model.ckpt")
     with tf.Graph().as_default():
         V1.set_random_seed(3)
         images = V1.placeholder(tf.float32, [None, 299, 299, 3])

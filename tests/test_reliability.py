@@ -75,9 +75,9 @@ SMALL = {
 
 
 @pytest.fixture(scope="module")
-def native_small(tmp_path_factory: pytest.TempPathFactory) -> str:
+def native_small(module_tmp: Any) -> str:
     """A small V2 checkpoint written by ckptbridge's own writer (TensorFlow-free runs)."""
-    prefix = str(tmp_path_factory.mktemp("native_small") / "model.ckpt")
+    prefix = str(module_tmp("native_small") / "model.ckpt")
     w = BundleWriter(prefix)
     for name, value in SMALL.items():
         w.write(name, value)
@@ -92,9 +92,9 @@ def tf_small(dtypes_ckpt: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def big_ckpt(tmp_path_factory: pytest.TempPathFactory) -> str:
+def big_ckpt(module_tmp: Any) -> str:
     """300 MB in six 50 MB tensors: long enough to write that a signal lands mid-write."""
-    prefix = str(tmp_path_factory.mktemp("big") / "model.ckpt")
+    prefix = str(module_tmp("big") / "model.ckpt")
     w = BundleWriter(prefix)
     for i in range(6):
         w.write(f"layer{i}/kernel", np.full(((50 << 20) // 4 // 1024, 1024), i + 0.5, dtype=np.float32))
@@ -103,8 +103,8 @@ def big_ckpt(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture(scope="module")
-def big_npz(big_ckpt: str, tmp_path_factory: pytest.TempPathFactory) -> str:
-    out = str(tmp_path_factory.mktemp("big_npz") / "big.npz")
+def big_npz(big_ckpt: str, module_tmp: Any) -> str:
+    out = str(module_tmp("big_npz") / "big.npz")
     ckptbridge.export(big_ckpt, out)
     return out
 

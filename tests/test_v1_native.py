@@ -593,10 +593,10 @@ def test_newer_checkpoint_version_is_a_format_error(tmp_path: Any) -> None:
 
 
 @pytest.fixture(scope="module")
-def fresh(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+def fresh(module_tmp: Any) -> dict[str, str]:
     pytest.importorskip("tensorflow")
     pytest.importorskip("tf_slim")
-    return build_fixtures(str(tmp_path_factory.mktemp("v1_fresh")))
+    return build_fixtures(str(module_tmp("v1_fresh")))
 
 
 @pytest.mark.tf
