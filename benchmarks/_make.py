@@ -5,7 +5,8 @@
 MODEL is a tf-slim net name (random-initialised weights, saved by
 ``tf.compat.v1.train.Saver``), ``vgg_16_train`` (vgg_16 plus one Momentum slot
 and one ExponentialMovingAverage shadow per weight, as a training job saves it)
-or ``synthetic`` (one 2.4 GB tensor and about 6 GB in all, written by
+``vgg_16_v1`` (vgg_16 saved as one V1 table file, as the 2016 model zoo
+ships it) or ``synthetic`` (one 2.4 GB tensor and about 6 GB in all, written by
 ckptbridge's native bundle writer in 16 MB pieces, never whole in memory).
 Prints the checkpoint prefix.
 """
@@ -33,7 +34,8 @@ def make_slim(model: str, out_dir: str) -> str:
     from ckptbridge.tf.slim import build_net
 
     tf = import_tensorflow()
-    base = model[: -len("_train")] if model.endswith("_train") else model
+    v1 = model.endswith("_v1")
+    base = model.removesuffix("_train").removesuffix("_v1")
     graph, _, logits = build_net(base, None)
     with graph.as_default():
         if model.endswith("_train"):
@@ -42,7 +44,7 @@ def make_slim(model: str, out_dir: str) -> str:
             loss = tf.reduce_mean(logits)
             tf.compat.v1.train.MomentumOptimizer(0.01, 0.9).minimize(loss, global_step=step, var_list=weights)
             tf.compat.v1.train.ExponentialMovingAverage(0.999).apply(weights)
-        saver = tf.compat.v1.train.Saver()
+        saver = tf.compat.v1.train.Saver(write_version=tf.compat.v1.train.SaverDef.V1 if v1 else tf.compat.v1.train.SaverDef.V2)
         with tf.compat.v1.Session(graph=graph) as sess:
             sess.run(tf.compat.v1.global_variables_initializer())
             return saver.save(sess, os.path.join(out_dir, "model.ckpt"), write_meta_graph=False)

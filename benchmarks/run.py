@@ -51,13 +51,17 @@ MODELS: dict[str, str | None] = {
     "vgg_16": "vgg_16",
     "vgg_16_train": "vgg_16",
     "synthetic": None,
+    "vgg_16_v1": None,
 }
+#: models saved as one V1 table file (the 2016 model zoo's format): read and exported only
+V1_MODELS = {"vgg_16_v1"}
 LABELS = {
     "inception_v3": "inception_v3",
     "resnet_v2_152": "resnet_v2_152",
     "vgg_16": "vgg_16",
     "vgg_16_train": "vgg_16 + Momentum + EMA",
     "synthetic": "synthetic (one 2.4 GB tensor)",
+    "vgg_16_v1": "vgg_16, V1 file (as the 2016 model zoo ships it)",
 }
 TARGET_MODEL = "vgg_16_train"
 TIMEOUT_S = 3600
@@ -85,7 +89,7 @@ def _bl(*args: str) -> list[str]:
 def ops_for(model: str, prefix: str, archive: str, big: bool) -> list[Op]:
     """Every measured operation for one model, ckptbridge and baselines alternating."""
     out = os.path.join(WORK, "out", model)
-    files = sorted(glob.glob(prefix + ".data-*")) + [prefix + ".index"]
+    files = checkpoint_files(model, prefix)
     huge = model == "synthetic" and not big
     over = "not run: would hold the whole 6 GB model in memory, over this shared machine's 6 GB budget (--big runs it)"
     ops = [
@@ -101,6 +105,10 @@ def ops_for(model: str, prefix: str, archive: str, big: bool) -> list[Op]:
         Op("export_npz_tf", "export .npz --engine tf", "ckptbridge", _cb("export", "-q", "--force", "--engine", "tf", prefix, f"{out}/t.npz"), out, over if huge else None),
         Op("export_h5_tf", "export .h5 --engine tf", "ckptbridge", _cb("export", "-q", "--force", "--engine", "tf", prefix, f"{out}/t.h5"), out, over if huge else None),
     ]
+    if model in V1_MODELS:
+        # Reading V1 is the new part: the native reader against TensorFlow's, and against (a).
+        # The import operations would repeat vgg_16's (their input is the same archive).
+        return [op for op in ops if op.key in V1_OPS]
     net = MODELS[model]
     if net is not None:
         ops += [
@@ -122,6 +130,16 @@ def ops_for(model: str, prefix: str, archive: str, big: bool) -> list[Op]:
         Op("cp_archive", "cp of the .npz", "floor", ["cp", archive, out + "/"], out),
     ]
     return ops
+
+
+V1_OPS = {"cp_ckpt", "cp_sync_ckpt", "export_npz", "a_npz", "export_h5", "a_h5", "export_npz_tf", "export_h5_tf"}
+
+
+def checkpoint_files(model: str, prefix: str) -> list[str]:
+    """The checkpoint's files: one table file for V1, data shards and index for V2."""
+    if model in V1_MODELS:
+        return [prefix]
+    return sorted(glob.glob(prefix + ".data-*")) + [prefix + ".index"]
 
 
 def _show(cmd: list[str]) -> str:
@@ -155,11 +173,13 @@ def prepare(model: str, env: dict[str, str]) -> tuple[str, str]:
     """The model's checkpoint and its .npz (the import input), built once."""
     d = os.path.join(WORK, "ckpt", model)
     prefix = os.path.join(d, "model.ckpt")
-    if not os.path.exists(prefix + ".index"):
+    if not os.path.exists(prefix if model in V1_MODELS else prefix + ".index"):
         print(f"[prepare] building {model} checkpoint ...", flush=True)
         shutil.rmtree(d, ignore_errors=True)
         subprocess.run([PY, os.path.join(HERE, "_make.py"), model, d], check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
     archive = os.path.join(WORK, "archives", f"{model}.npz")
+    if model in V1_MODELS:
+        return prefix, ""  # no import operations, so no import input
     if not os.path.exists(archive):
         print(f"[prepare] exporting {model} to .npz ...", flush=True)
         os.makedirs(os.path.dirname(archive), exist_ok=True)
@@ -167,7 +187,9 @@ def prepare(model: str, env: dict[str, str]) -> tuple[str, str]:
     return prefix, archive
 
 
-def model_bytes(prefix: str) -> int:
+def model_bytes(model: str, prefix: str) -> int:
+    if model in V1_MODELS:
+        return os.path.getsize(prefix)  # tensors and the table's index in one file
     return sum(os.path.getsize(p) for p in glob.glob(prefix + ".data-*"))
 
 
@@ -214,7 +236,8 @@ def run(models: list[str], runs: int, big: bool, out_json: str, append: bool = F
     for model in models:
         prefix, archive = prepare(model, env)
         ops = [op for op in ops_for(model, prefix, archive, big) if not only or op.key in only]
-        entry: dict[str, Any] = {"label": LABELS[model], "bytes": model_bytes(prefix), "archive_bytes": os.path.getsize(archive), "runs": runs, "ops": {}}
+        entry: dict[str, Any] = {"label": LABELS[model], "bytes": model_bytes(model, prefix),
+                                 "archive_bytes": os.path.getsize(archive) if archive else 0, "runs": runs, "ops": {}}
         if only and model in doc["models"]:
             entry = doc["models"][model]  # re-measure just these operations, keep the rest
         doc["models"][model] = entry
@@ -263,7 +286,7 @@ def summarize(doc: dict[str, Any]) -> None:
                      ("export_h5_nofsync", "cp_ckpt"), ("export_npz_nofsync", "a_npz"), ("export_h5_nofsync", "a_h5"),
                      ("graph", "b"), ("import_model_native", "graph"),
                      ("export_npz_tf", "a_npz"), ("import_model", "b"), ("import_model_native", "b"), ("import_model", "c"),
-                     ("import_free", "cp_archive")]:
+                     ("import_free", "cp_archive"), ("export_npz", "export_npz_tf"), ("export_h5", "export_h5_tf")]:
             if a in ops and b in ops and "wall_s" in ops[a] and "wall_s" in ops[b]:
                 ratios[f"{a}/{b}"] = {"wall": _paired(ops[a], ops[b], "wall_s"), "rss": _paired(ops[a], ops[b], "rss_mb")}
         entry["ratios"] = ratios
@@ -373,7 +396,8 @@ def plot(doc: dict[str, Any], path: str) -> None:
               ("import_free", "ckptbridge import, graph-free", "C2", "-o"), ("import_model", "ckptbridge import --model", "C2", "--s"),
               ("import_model_native", "ckptbridge import --model --engine native", "C2", "-.^"),
               ("b", "baseline (b) assign_from_values_fn", "C1", "-o"), ("c", "baseline (c) tf.assign", "C4", "-o")]
-    models = sorted(doc["models"].values(), key=lambda e: e["bytes"])
+    # V2 checkpoints only: the V1 file of vgg_16 would sit on vgg_16's size with other operations
+    models = sorted((e for k, e in doc["models"].items() if k not in V1_MODELS), key=lambda e: e["bytes"])
     fig, axes = plt.subplots(1, 2, figsize=(13, 6))
     for key, label, color, style in series:
         pts = [(e["bytes"] / 1e9, e["ops"][key]) for e in models if key in e["ops"] and "wall_s" in e["ops"][key]]
