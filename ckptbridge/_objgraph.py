@@ -198,6 +198,44 @@ def checkpoint_keys(payload: bytes) -> list[str]:
     return [a.key for node in nodes for a in node.attrs.values()]
 
 
+@dataclasses.dataclass(frozen=True)
+class Attribute:
+    """One serialized tensor of an object: its attribute name (``VARIABLE_VALUE``), TensorFlow's
+    ``full_name`` for it (``dense/kernel``; may be empty) and its checkpoint key."""
+
+    name: str
+    full_name: str
+    key: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectNode:
+    """What the names layer reads of one object: its children (local name, node id) and its attributes."""
+
+    children: tuple[tuple[str, int], ...]
+    attributes: tuple[Attribute, ...]
+
+
+def describe(payload: bytes) -> list[ObjectNode]:
+    """The graph's objects, by node id, for naming tensors (ValueError if unreadable)."""
+    try:
+        _, nodes = _parse(payload)
+        out = []
+        for n in nodes:
+            children = []
+            for i, child in n.children.items():
+                ref = _fields(bytes(n.fields[i].value))  # type: ignore[arg-type]
+                children.append((_text(_last(ref, _REF_LOCAL_NAME, 2)), child))
+            attrs = tuple(Attribute(_text(_last(a.parts, _ATTR_NAME, 2)), _text(_last(a.parts, _ATTR_FULL_NAME, 2)), a.key)
+                          for a in n.attrs.values())
+            out.append(ObjectNode(tuple(children), attrs))
+        return out
+    except _Bad as e:
+        raise ValueError(str(e)) from None
+    except _TooBig:
+        raise ValueError(f"more than {MAX_FIELDS} fields") from None
+
+
 def _with_values(seeds: set[int], edges: Mapping[int, list[int]]) -> set[int]:
     """``seeds`` and every node above one of them through ``edges`` (node -> its children)."""
     parents: dict[int, list[int]] = {}
