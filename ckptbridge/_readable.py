@@ -49,6 +49,8 @@ AUTO, READABLE, KEYS = "auto", "readable", "keys"
 #: what ``names=`` / ``--names`` takes
 CHOICES = (AUTO, READABLE, KEYS)
 ORIGINAL_NAMES = "original_names"
+#: the metadata entry that says where the names did not come from where they would have (``ls`` prints it)
+NOTE = "names_note"
 _VARIABLE_VALUE = "VARIABLE_VALUE"
 
 
@@ -106,6 +108,8 @@ class ReadableSource(Source):
         renamed = {n: k for n, k in self._key.items() if n != k}
         if renamed:
             doc[ORIGINAL_NAMES] = dict(sorted(renamed.items()))
+        if self.note:
+            doc[NOTE] = self.note
         return doc
 
     def extras(self) -> dict[str, bytes]:

@@ -157,6 +157,45 @@ def test_a_damaged_saved_model_pb_is_one_clear_error(tmp_path, damage):
     assert in_process("ls", str(d / "variables" / "variables"))[0] == 0
 
 
+def test_graphs_that_do_not_correspond_give_the_checkpoints_own_names_and_say_so(tmp_path):
+    """A saved_model.pb whose objects' children differ from the checkpoint's (here a child renamed, the
+    file still valid) is not trusted for names: the checkpoint's full_name names them, and ls says why."""
+    d = tmp_path / "sm"
+    shutil.copytree(MODEL, d)
+    pb = d / "saved_model.pb"
+    pb.write_bytes(pb.read_bytes().replace(b"layer_with_weights-0", b"layer_with_weightsX0"))
+    with ckptbridge.read(str(d)) as r, ckptbridge.read(VARIABLES, names="readable") as own:
+        assert list(r) == list(own) and "dense/kernel" in r
+        assert "does not match its checkpoint's" in r.metadata()["names_note"]
+    rc, out, _ = in_process("ls", str(d))
+    assert rc == 0 and "names: " in out and "does not match" in out
+    with ckptbridge.read(MODEL) as r:
+        assert "names_note" not in r.metadata()
+
+
+def test_damaged_saved_model_pbs_fail_only_with_corrupt_error(tmp_path):
+    """Seeded truncations and byte flips of the fixture's saved_model.pb: parsed, or one CorruptError."""
+    data = open(os.path.join(MODEL, "saved_model.pb"), "rb").read()
+    rng = np.random.default_rng(14)
+    pb = tmp_path / "saved_model.pb"
+    outcomes = {"parsed": 0, "refused": 0}
+    for i in range(200):
+        b = bytearray(data)
+        if i % 3 == 0:
+            b = b[: int(rng.integers(1, len(b)))]
+        else:
+            for at in rng.integers(0, len(b), size=int(rng.integers(1, 8))):
+                b[at] ^= int(rng.integers(1, 256))
+        pb.write_bytes(bytes(b))
+        try:
+            _savedmodel.read_objects(str(pb))
+            outcomes["parsed"] += 1
+        except CorruptError as e:
+            assert "saved_model.pb" in str(e)
+            outcomes["refused"] += 1
+    assert outcomes["refused"] > 50 and outcomes["parsed"] > 0, outcomes
+
+
 def test_the_parse_is_bounded(tmp_path, monkeypatch):
     monkeypatch.setattr(_savedmodel, "MAX_FIELDS", 100)
     with pytest.raises(CorruptError, match="more than 100 protobuf fields"):
