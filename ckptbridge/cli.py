@@ -219,9 +219,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
             line += (f"; {len(opaque)} of a dtype ckptbridge cannot carry ({', '.join(sorted({s.dtype for s in opaque.values()}))}): "
                      "export refuses them unless excluded")
         print(f"{line} [read as {r.kind}]")
-        note = r.metadata().get("names_note")
-        if isinstance(note, str):
-            print(f"names: {_shown(note)}")
+        names_note = r.metadata().get("names_note")
+        if isinstance(names_note, str):
+            print(f"names: {_shown(names_note)}")
     return 0
 
 
