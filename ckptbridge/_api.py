@@ -372,7 +372,9 @@ def rebuild(
     undone.  ``original_names`` restores the names recorded at export;
     ``rename``/``rename_map`` rename after the filters.  ``dry_run`` plans
     the names, writes nothing (and does not build the graph).  ``fsync=False``
-    skips making the output durable before the rename.
+    skips making the output durable before the rename.  ``names`` picks the
+    names when ``archive`` is a checkpoint or a SavedModel directory, as for
+    :func:`read` (an archive's names are its own: only ``"auto"``).
 
     ``port`` reads a destination model's ``state_dict`` (written by
     ``safetensors.torch.save_file``, or a ``.npz`` of it) through a port map,
@@ -465,7 +467,8 @@ def diff(
     """Compare two checkpoints or archives name by name; exact unless atol/rtol.
 
     Tensors of a dtype ckptbridge does not carry are compared by their stored
-    bytes (native engine), never skipped.
+    bytes (native engine), never skipped.  ``names`` picks the names of each side
+    that is a checkpoint, as for :func:`read` (an archive's names are its own).
 
     Returns:
         A :class:`DiffReport`; ``identical`` is True when names, dtypes, shapes and
@@ -489,6 +492,9 @@ def diff(
 def verify(path: str, *, engine: str = "auto", progress: bool | None = False, max_tensor_bytes: int | None = DEFAULT_MAX_TENSOR_BYTES,
            names: str = "auto") -> VerifyReport:
     """Check every tensor's checksum (archive crc32c records, or the checkpoint's crc32c).
+
+    A SavedModel or Hub directory is checked through its ``variables/`` checkpoint;
+    ``names`` picks the names a bad tensor is reported under, as for :func:`read`.
 
     Returns:
         A :class:`VerifyReport`; ``ok`` is False with the first bad tensor named
