@@ -331,6 +331,19 @@ def test_export_then_import_with_original_names_gives_back_the_variables_checkpo
     assert rc == 0 and "ok: 26 tensors" in out
 
 
+def test_import_reads_a_savedmodel_directory_as_its_source(tmp_path):
+    keys = tmp_path / "keys" / "variables"
+    rc, _, err = in_process("import", MODEL, str(keys), "--original-names")
+    assert rc == 0, err
+    assert ckptbridge.diff(str(keys), VARIABLES).identical
+    readable = tmp_path / "readable" / "ckpt"
+    rc, _, err = in_process("import", MODEL, str(readable), "--include", "^(dense|batch)")
+    assert rc == 0, err
+    assert "object graph left out" in err and "/.ATTRIBUTES/" in err  # TensorFlow could not restore it by object
+    with ckptbridge.read(str(readable)) as r:
+        assert sorted(r) == WEIGHTS and r.extras() == {}
+
+
 def test_names_readable_on_an_archive_is_refused(tmp_path):
     arc = tmp_path / "m.npz"
     ckptbridge.export(MODEL, str(arc))
