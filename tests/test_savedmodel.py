@@ -229,6 +229,18 @@ def test_the_parse_is_bounded(tmp_path, monkeypatch):
         ckptbridge.read(MODEL)
 
 
+def test_a_crafted_graph_of_millions_of_objects_is_refused(tmp_path):
+    """Three million empty objects in 6 MB: refused at the field budget, before they are all built."""
+    from ckptbridge.bundle._wire import field_bytes
+
+    d = tmp_path / "sm"
+    shutil.copytree(MODEL, d)
+    graph = b"\x0a\x00" * 3_000_000  # SavedObjectGraph.nodes, each an empty SavedObject
+    (d / "saved_model.pb").write_bytes(field_bytes(2, field_bytes(7, graph)))
+    line = error_line(_status("ls", str(d)), "more than 2,000,000 protobuf fields")
+    assert "saved_model.pb" in line
+
+
 def test_a_saved_model_without_variables_says_so(tmp_path):
     d = tmp_path / "sm"
     shutil.copytree(MODEL, d)
