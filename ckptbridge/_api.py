@@ -88,7 +88,8 @@ class Reader(Mapping[str, np.ndarray]):
         self.close()
 
 
-def read(path: str, *, engine: str = "auto", verify: bool = True, max_tensor_bytes: int | None = DEFAULT_MAX_TENSOR_BYTES) -> Reader:
+def read(path: str, *, engine: str = "auto", verify: bool = True, max_tensor_bytes: int | None = DEFAULT_MAX_TENSOR_BYTES,
+         names: str = "auto") -> Reader:
     """Open a checkpoint (prefix, file, or directory) or an archive for lazy reading.
 
     Arrays come with their true dtypes: bfloat16 as ``ml_dtypes.bfloat16``,
@@ -100,6 +101,10 @@ def read(path: str, *, engine: str = "auto", verify: bool = True, max_tensor_byt
         verify: check each tensor's checksum as it is read.
         max_tensor_bytes: an archive tensor claiming more is refused when the
             archive is opened (None: no limit).
+        names: a checkpoint's names: ``"auto"`` (readable for a SavedModel or
+            Hub directory, keys for a checkpoint), ``"readable"`` (also a TF2
+            checkpoint's, from its object graph) or ``"keys"``; a renamed
+            tensor's key is in ``metadata()["original_names"]``.
 
     Returns:
         A :class:`Reader`: a read-only mapping name -> array that reads nothing
@@ -111,10 +116,10 @@ def read(path: str, *, engine: str = "auto", verify: bool = True, max_tensor_byt
             r.specs["vgg_16/fc8/weights"].shape      # (1, 1, 4096, 1000), nothing read
             w = r["vgg_16/fc8/weights"]              # this tensor read, checked
     """
-    return Reader(open_source(path, engine=engine, verify=verify, max_tensor_bytes=max_tensor_bytes))
+    return Reader(open_source(path, engine=engine, verify=verify, max_tensor_bytes=max_tensor_bytes, names=names))
 
 
-def load(path: str, *, engine: str = "auto", verify: bool = True) -> dict[str, np.ndarray]:
+def load(path: str, *, engine: str = "auto", verify: bool = True, names: str = "auto") -> dict[str, np.ndarray]:
     """Every tensor of a checkpoint or an archive, read whole: ``{name: array}``.
 
     The eager twin of :func:`read` (safetensors' ``load_file``), for models that fit in
@@ -124,6 +129,7 @@ def load(path: str, *, engine: str = "auto", verify: bool = True) -> dict[str, n
         path: a checkpoint (prefix, file, or directory) or an archive.
         engine: ``"auto"``, ``"native"`` or ``"tf"``.
         verify: check each tensor's checksum.
+        names: a checkpoint's names, as for :func:`read`.
 
     Returns:
         A new dict of arrays the caller owns.
@@ -139,7 +145,7 @@ def load(path: str, *, engine: str = "auto", verify: bool = True) -> dict[str, n
     """
     from ._dtypes import uncarried_error
 
-    with open_source(path, engine=engine, verify=verify, max_tensor_bytes=None) as src:
+    with open_source(path, engine=engine, verify=verify, max_tensor_bytes=None, names=names) as src:
         opaque = src.uncarried()
         if opaque:
             raise uncarried_error(src.path, {n: s.dtype for n, s in opaque.items()})
@@ -225,6 +231,7 @@ def export(
     dry_run: bool = False,
     fsync: bool = True,
     port: str | PortMap | None = None,
+    names: str = "auto",
 ) -> Report:
     """Write every (selected) tensor of a checkpoint to ``.npz``, HDF5 or ``.safetensors``, exactly.
 
@@ -244,6 +251,10 @@ def export(
     optimizer state.  The map decides every name, so it excludes the name
     options.  Every tensor must be accounted for, or nothing is written.
 
+    ``names`` picks a checkpoint's names as for :func:`read`: a SavedModel's
+    readable names by default; the filters and renames see them, and the
+    archive records each one's checkpoint key (``original_names``).
+
     Args:
         checkpoint: a checkpoint prefix, its directory, or any archive.
         output: the archive to write; its suffix picks the format.
@@ -262,7 +273,7 @@ def export(
     if port is not None:
         _refuse_with_port(rename=rename, rename_map=rename_map, layout=layout, model=model, num_classes=num_classes,
                           include=include, exclude=exclude, weights_only=weights_only, use_ema=use_ema)
-    with durability(fsync), open_source(checkpoint, engine=engine) as src:
+    with durability(fsync), open_source(checkpoint, engine=engine, names=names) as src:
         prep: Any
         if port is not None:
             from . import _ports
@@ -345,6 +356,7 @@ def rebuild(
     image_size: int | None = None,
     fsync: bool = True,
     port: str | PortMap | None = None,
+    names: str = "auto",
 ) -> Report:
     """Turn an archive (or any source) back into a TensorFlow checkpoint.
 
@@ -360,7 +372,9 @@ def rebuild(
     undone.  ``original_names`` restores the names recorded at export;
     ``rename``/``rename_map`` rename after the filters.  ``dry_run`` plans
     the names, writes nothing (and does not build the graph).  ``fsync=False``
-    skips making the output durable before the rename.
+    skips making the output durable before the rename.  ``names`` picks the
+    names when ``archive`` is a checkpoint or a SavedModel directory, as for
+    :func:`read` (an archive's names are its own: only ``"auto"``).
 
     ``port`` reads a destination model's ``state_dict`` (written by
     ``safetensors.torch.save_file``, or a ``.npz`` of it) through a port map,
@@ -393,7 +407,7 @@ def rebuild(
     if port is not None:
         _refuse_with_port(rename=rename, rename_map=rename_map, original_names=original_names, include=include,
                           exclude=exclude, use_ema=use_ema)
-    with durability(fsync), open_source(archive, engine=engine, max_tensor_bytes=max_tensor_bytes) as src:
+    with durability(fsync), open_source(archive, engine=engine, max_tensor_bytes=max_tensor_bytes, names=names) as src:
         from ._plans import prepare_import
 
         # One view of the archive (filters, EMA, original names, renames, layout undone; or a port map), then one sink.
@@ -448,12 +462,13 @@ def port_map(name_or_path: str) -> PortMap:
 
 def diff(
     a: str, b: str, *, atol: float = 0.0, rtol: float = 0.0, engine: str = "auto", progress: bool | None = False,
-    max_tensor_bytes: int | None = DEFAULT_MAX_TENSOR_BYTES,
+    max_tensor_bytes: int | None = DEFAULT_MAX_TENSOR_BYTES, names: str = "auto",
 ) -> DiffReport:
     """Compare two checkpoints or archives name by name; exact unless atol/rtol.
 
     Tensors of a dtype ckptbridge does not carry are compared by their stored
-    bytes (native engine), never skipped.
+    bytes (native engine), never skipped.  ``names`` picks the names of each side
+    that is a checkpoint, as for :func:`read` (an archive's names are its own).
 
     Returns:
         A :class:`DiffReport`; ``identical`` is True when names, dtypes, shapes and
@@ -465,12 +480,21 @@ def diff(
         assert d.identical, (d.only_a, d.only_b, d.value_diffs)
     """
     limit = max_tensor_bytes
-    with open_source(a, engine=engine, max_tensor_bytes=limit) as sa, open_source(b, engine=engine, max_tensor_bytes=limit) as sb:
+    from ._resolve import archive_kind
+
+    # names applies to the checkpoint side(s); an archive's names are its own
+    na, nb = (names if archive_kind(p) is None else "auto" for p in (a, b))
+    with open_source(a, engine=engine, max_tensor_bytes=limit, names=na) as sa, \
+            open_source(b, engine=engine, max_tensor_bytes=limit, names=nb) as sb:
         return diff_sources(sa, sb, atol=atol, rtol=rtol, progress=progress)
 
 
-def verify(path: str, *, engine: str = "auto", progress: bool | None = False, max_tensor_bytes: int | None = DEFAULT_MAX_TENSOR_BYTES) -> VerifyReport:
+def verify(path: str, *, engine: str = "auto", progress: bool | None = False, max_tensor_bytes: int | None = DEFAULT_MAX_TENSOR_BYTES,
+           names: str = "auto") -> VerifyReport:
     """Check every tensor's checksum (archive crc32c records, or the checkpoint's crc32c).
+
+    A SavedModel or Hub directory is checked through its ``variables/`` checkpoint;
+    ``names`` picks the names a bad tensor is reported under, as for :func:`read`.
 
     Returns:
         A :class:`VerifyReport`; ``ok`` is False with the first bad tensor named
@@ -481,5 +505,5 @@ def verify(path: str, *, engine: str = "auto", progress: bool | None = False, ma
         report = ckptbridge.verify("archive.h5")
         assert report.ok, report.message
     """
-    with open_source(path, engine=engine, verify=True, max_tensor_bytes=max_tensor_bytes) as src:
+    with open_source(path, engine=engine, verify=True, max_tensor_bytes=max_tensor_bytes, names=names) as src:
         return verify_source(src, progress=progress)

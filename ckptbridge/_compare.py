@@ -111,7 +111,7 @@ def verify_source(source: Source, *, progress: bool | None = False) -> VerifyRep
             checked += 1
     finally:
         pbar.close()
-    has = _engines.is_checkpoint(source) or bool(source.metadata().get("tensors"))
+    has = _engines.is_checkpoint(source.origin()) or bool(source.metadata().get("tensors"))
     return VerifyReport(source.path, checked, True, has_checksums=has, checked_raw=len(opaque))
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 
 from .errors import FormatError, option
 
@@ -74,6 +74,7 @@ def make_plan(
     use_ema: bool = False,
     uncarried: Mapping[str, str] | None = None,
     where: str = "",
+    state: Collection[str] = (),
 ) -> Plan:
     """Apply include/exclude, --weights-only and --use-ema to ``names``.
 
@@ -81,6 +82,8 @@ def make_plan(
     cannot carry: they go through the same filters, so that leaving them out is
     reported like any other drop, and any the filters keep is refused by name
     (UncarriedDtypeError, naming ``where``): nothing is left out silently.
+    ``state`` names more tensors that weights-only leaves out, whatever their names
+    (the caller knows their checkpoint keys are optimizer state).
     """
     from ._dtypes import uncarried_error
 
@@ -100,7 +103,7 @@ def make_plan(
         if any(p.search(name) for p in exc):
             dropped[name] = "matched by an exclude pattern"
             continue
-        if weights_only and is_optimizer_state(name):
+        if weights_only and (name in state or is_optimizer_state(name)):
             dropped[name] = "optimizer state (weights only)"
             continue
         if use_ema and name.endswith(EMA_SUFFIX) and name[: -len(EMA_SUFFIX)] in present:

@@ -44,6 +44,9 @@ _SAVER_NAME = 1
 _BOOL_VALUE = 1
 
 
+#: What separates an object's path from its attribute in a TF2 checkpoint key (``dense/kernel/.ATTRIBUTES/VARIABLE_VALUE``).
+_ATTRIBUTES_PART = "/.ATTRIBUTES/"
+
 #: How many protobuf fields a graph may have before it is left out rather than rewritten:
 #: about 250,000 variables' worth, and a bound on the memory a hostile archive's graph can take.
 MAX_FIELDS = 2_000_000
@@ -198,6 +201,44 @@ def checkpoint_keys(payload: bytes) -> list[str]:
     return [a.key for node in nodes for a in node.attrs.values()]
 
 
+@dataclasses.dataclass(frozen=True)
+class Attribute:
+    """One serialized tensor of an object: its attribute name (``VARIABLE_VALUE``), TensorFlow's
+    ``full_name`` for it (``dense/kernel``; may be empty) and its checkpoint key."""
+
+    name: str
+    full_name: str
+    key: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectNode:
+    """What the names layer reads of one object: its children (local name, node id) and its attributes."""
+
+    children: tuple[tuple[str, int], ...]
+    attributes: tuple[Attribute, ...]
+
+
+def describe(payload: bytes) -> list[ObjectNode]:
+    """The graph's objects, by node id, for naming tensors (ValueError if unreadable)."""
+    try:
+        _, nodes = _parse(payload)
+        out = []
+        for n in nodes:
+            children = []
+            for i, child in n.children.items():
+                ref = _fields(bytes(n.fields[i].value))  # type: ignore[arg-type]
+                children.append((_text(_last(ref, _REF_LOCAL_NAME, 2)), child))
+            attrs = tuple(Attribute(_text(_last(a.parts, _ATTR_NAME, 2)), _text(_last(a.parts, _ATTR_FULL_NAME, 2)), a.key)
+                          for a in n.attrs.values())
+            out.append(ObjectNode(tuple(children), attrs))
+        return out
+    except _Bad as e:
+        raise ValueError(str(e)) from None
+    except _TooBig:
+        raise ValueError(f"more than {MAX_FIELDS} fields") from None
+
+
 def _with_values(seeds: set[int], edges: Mapping[int, list[int]]) -> set[int]:
     """``seeds`` and every node above one of them through ``edges`` (node -> its children)."""
     parents: dict[int, list[int]] = {}
@@ -219,14 +260,17 @@ def _had_values(nodes: list[_Node]) -> set[int]:
     return _with_values(seeds, {i: list(n.children.values()) for i, n in enumerate(nodes)})
 
 
-def rewrite(payload: bytes, keys: Mapping[str, str]) -> tuple[bytes, str | None]:
+def rewrite(payload: bytes, keys: Mapping[str, str], restorable: bool = False) -> tuple[bytes, str | None]:
     """The graph with each attribute's key renamed through ``keys`` (graph key -> output name).
 
     Attributes whose key is not in ``keys`` are dropped, and objects with no
     checkpoint value left below them are pruned (the root always stays; objects
     that never had a value stay unless all their parents go).  Returns the payload
     itself when nothing changes, else the new bytes and a sentence saying what
-    was pruned.  Raises :class:`Unusable` where that cannot give a true graph.
+    was pruned.  Raises :class:`Unusable` where that cannot give a true graph, and,
+    with ``restorable`` (the graph goes into a checkpoint), where a key would lose
+    its ``/.ATTRIBUTES/`` part, which TensorFlow's restore parses (an archive's
+    graph may: it is keyed by the archive's names, and an import maps them back).
     """
     try:
         top, nodes = _parse(payload)
@@ -235,6 +279,11 @@ def rewrite(payload: bytes, keys: Mapping[str, str]) -> tuple[bytes, str | None]
     except _TooBig:
         raise Unusable(f"it has more than {MAX_FIELDS:,} protobuf fields, more than ckptbridge checks") from None
     described = {a.key for n in nodes for a in n.attrs.values()}
+    lost = sorted(k for k in described & set(keys) if _ATTRIBUTES_PART not in keys[k])
+    if lost and restorable:
+        raise Unusable(f"{len(lost)} of the keys it would name lack {_ATTRIBUTES_PART!r} ({lost[0]!r} -> {keys[lost[0]]!r}), the part by which "
+                       f"TensorFlow's object-based restore finds each object (trackable_utils.extract_object_name); "
+                       "an import with the original names recorded at export writes the checkpoint keys back")
     if all(keys.get(k) == k for k in described):
         return payload, None
     savers = sorted({n.saver for n in nodes if n.saver is not None})
@@ -370,9 +419,9 @@ def key_map(
     return out
 
 
-def carry(payload: bytes, keys: Mapping[str, str]) -> tuple[bytes | None, str | None]:
+def carry(payload: bytes, keys: Mapping[str, str], restorable: bool = False) -> tuple[bytes | None, str | None]:
     """(graph to write or None, a note for the report or None when carried unchanged); see :func:`rewrite`."""
     try:
-        return rewrite(payload, keys)
+        return rewrite(payload, keys, restorable)
     except Unusable as e:
         return None, f"left out: {e}; tf.train.Checkpoint cannot restore the output by object (tf.train.load_checkpoint and name-based restore still work)"

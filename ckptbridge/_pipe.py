@@ -12,7 +12,7 @@ from . import _objgraph
 from ._chunks import CHUNK_BYTES
 from ._names import Plan
 from ._progress import bar
-from ._source import OBJECT_GRAPH, Sink, Source
+from ._source import OBJECT_GRAPH, ArchiveSink, Sink, Source
 from .errors import CkptBridgeError, CorruptError, option
 from .formats import meta
 from .reports import Report
@@ -83,7 +83,9 @@ def transfer(
                 if key == OBJECT_GRAPH:
                     # The graph must name exactly the keys written, or TensorFlow's restore fails.
                     keys = _objgraph.key_map(plan.mapping, plan.ema_swaps, source.object_key)
-                    graph, graph_note = _objgraph.carry(payload, keys)
+                    # An archive's graph is keyed by its own names (import maps them back); a checkpoint's must
+                    # keep the shape of key TensorFlow's object-based restore parses.
+                    graph, graph_note = _objgraph.carry(payload, keys, restorable=not isinstance(sink, ArchiveSink))
                     if graph is None:
                         continue
                     payload = graph

@@ -4,7 +4,9 @@ Archives are chosen by suffix from the format registry (``formats``), and an
 unknown output suffix is an error that lists the registry's suffixes; anything
 without an archive suffix is a checkpoint, resolved to its prefix (a directory's
 latest complete checkpoint, ``.index``/``.data``/``.meta`` files, or a V1 single
-file) and opened by an engine of the engine registry (``_engines``).
+file) and opened by an engine of the engine registry (``_engines``).  A SavedModel
+or TF1 Hub module directory is read through its ``variables/variables`` checkpoint,
+under readable names (``_savedmodel``, ``_readable``: :func:`_checkpoint_names`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import os
 import stat
 from typing import Any
 
-from . import _ckptfiles, _engines, _state, formats
+from . import _ckptfiles, _engines, _readable, _savedmodel, _state, formats
 from ._source import Sink, Source
 from .errors import CkptBridgeError, FormatError, MissingDependencyError, NotFoundError, option
 
@@ -95,11 +97,10 @@ def _not_a_checkpoint(path: str) -> str | None:
         directory = path if is_dir else os.path.dirname(path)
         if not any(os.path.isfile(os.path.join(directory, n)) for n in _SAVED_MODEL_GRAPHS):
             return None
-        what = "a SavedModel directory" if is_dir else f"a SavedModel's {os.path.basename(path)}"
-        variables = os.path.join(directory, "variables", "variables")
-        if _ckptfiles.complete_v2(variables):
-            return f"{path} is {what}, not a checkpoint; its weights are the checkpoint {variables}: pass that"
-        return f"{path} is {what}, not a checkpoint, and it has no complete variables checkpoint ({variables}.index); pass the checkpoint it was saved from"
+        if is_dir:
+            _savedmodel.find(path)  # one without weights says so
+            return f"{path} is a SavedModel directory, not a checkpoint prefix; open it as a source, which reads its variables/"
+        return f"{path} is a SavedModel's {os.path.basename(path)}, not a checkpoint; pass the SavedModel's directory {directory or '.'}"
     if os.path.isfile(path) and os.path.splitext(path)[1].lower() in (".pb", ".pbtxt"):
         return (f"{path} is a TensorFlow graph (a protocol buffer), not a checkpoint: a frozen graph holds its weights as constants, which "
                 "ckptbridge does not read; pass the checkpoint it was made from")
@@ -137,9 +138,12 @@ def resolve_checkpoint(path: str) -> tuple[str, str]:
     raise NotFoundError(f"no checkpoint at {path} (looked for {os.path.basename(_ckptfiles.index_path(path))} and a V1 file); check the path")
 
 
-def open_source(path: str, *, engine: str = "auto", verify: bool = True, max_tensor_bytes: int | None = None) -> Source:
-    """A lazy source for a checkpoint or an archive."""
+def open_source(path: str, *, engine: str = "auto", verify: bool = True, max_tensor_bytes: int | None = None,
+                names: str = _readable.AUTO) -> Source:
+    """A lazy source for a checkpoint, a SavedModel or Hub module directory, or an archive;
+    ``names`` picks a checkpoint's names (``_readable``)."""
     _engines.check(engine)
+    _readable.check(names)
     fmt = formats.for_path(path)
     known = formats.recognise(path)  # Keras files, by content, whatever their suffix
     opener = known.open_source if known is not None else fmt.open_source if fmt is not None else None
@@ -149,12 +153,16 @@ def open_source(path: str, *, engine: str = "auto", verify: bool = True, max_ten
         if os.path.isdir(path):
             raise FormatError(f"{path} is a directory, not an archive file; name the archive file")
         _require_regular(path, "archive")
+        if names != _readable.AUTO:
+            raise FormatError(f"{option('names', names)} applies to TensorFlow checkpoints and SavedModels; {path} is an archive, "
+                              "whose names are the ones it was written with")
         if not os.access(path, os.R_OK):
             raise CkptBridgeError(f"permission denied: cannot read {path}; check its permissions")
         return opener(path, verify=verify, max_tensor_bytes=max_tensor_bytes)
     if not os.path.exists(path) and not glob.glob(glob.escape(path) + ".*") and not _ckptfiles.v1_shards(path):
         raise NotFoundError(f"no such file or checkpoint: {path}; check the path")
-    prefix, version = resolve_checkpoint(path)
+    saved_model = _savedmodel.find(path)
+    prefix, version = resolve_checkpoint(saved_model.prefix if saved_model is not None else path)
     chosen = _engines.for_reading(engine, version)
     if not chosen:
         able = _engines.for_reading(_engines.AUTO, version)
@@ -163,7 +171,7 @@ def open_source(path: str, *, engine: str = "auto", verify: bool = True, max_ten
                           f"use {' or '.join(option('engine', e.name) for e in able)}{need}")
     e = chosen[0]
     try:
-        return _engines.open_source(e, prefix, verify=verify, version=version)
+        return _checkpoint_names(_engines.open_source(e, prefix, verify=verify, version=version), names, saved_model)
     except MissingDependencyError as err:
         if e.needs is None:
             raise
@@ -172,10 +180,19 @@ def open_source(path: str, *, engine: str = "auto", verify: bool = True, max_ten
         raise MissingDependencyError(f"reading {what} ({prefix}) needs {e.needs}; install it with: {e.install}") from err
 
 
+def _checkpoint_names(src: Source, names: str, saved_model: _savedmodel.SavedModelDir | None) -> Source:
+    """The opened checkpoint under the names asked for; closed again if naming fails."""
+    try:
+        return _readable.named(src, names, saved_model)
+    except BaseException:
+        src.close()
+        raise
+
+
 def source_label(source: Source) -> str:
     """What archive metadata records as the engine that read ``source``: the checkpoint engine's label
     ("native", "tensorflow"), the archive format's name, or the kind of a file recognised by content ("keras2-model")."""
-    e = _engines.of_source(source)
+    e = _engines.of_source(source.origin())
     if e is not None:
         return e.label
     if formats.recognised_of(source) is not None:

@@ -80,6 +80,10 @@ class Source(abc.ABC):
         the name itself, except in views that rename."""
         return name
 
+    def origin(self) -> Source:
+        """The source that reads the files: this one, or the one a view (readable names) shows."""
+        return self
+
     def spec(self, name: str) -> TensorSpec:
         try:
             return self.specs()[name]

@@ -182,17 +182,19 @@ def _shown(name: str) -> str:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    with _api.read(args.path, engine=args.engine, max_tensor_bytes=_max_tensor(args)) as r:
+    with _api.read(args.path, engine=args.engine, names=args.names, max_tensor_bytes=_max_tensor(args)) as r:
         carried = r.specs
         opaque = r.uncarried
         specs = sorted([*carried.values(), *opaque.values()], key=lambda s: s.name.encode("utf-8", "surrogateescape"))
+        keys = _original_names(r.metadata())  # readable name -> the checkpoint key (or the name it was exported from)
         sizes = [s.size_on_disk for s in specs]
         known = sum(n for n in sizes if n is not None)
         if args.json:
             doc = {
                 "path": r.path,
                 "kind": r.kind,
-                "tensors": [{"name": s.name, "dtype": s.dtype, "shape": list(s.shape), "bytes": n, "carried": s.name not in opaque}
+                "tensors": [{"name": s.name, "dtype": s.dtype, "shape": list(s.shape), "bytes": n, "carried": s.name not in opaque,
+                             **({"original_name": keys[s.name]} if s.name in keys else {})}
                             for s, n in zip(specs, sizes)],
                 "total_tensors": len(specs),
                 "total_bytes": known,
@@ -206,6 +208,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
         dwidth = max([10, *(len(s.dtype) for s in specs)])
         for s, name, n in zip(specs, names, sizes):
             note = "  (not carried)" if s.name in opaque else ""
+            if s.name in keys:
+                note += f"  <- {_shown(keys[s.name])}"
             print(f"{name:<{width}}  {s.dtype:<{dwidth}} {str(list(s.shape)):<22} {'?' if n is None else n:>12}{note}")
         line = f"{len(specs)} tensors, {known} bytes ({_human(known)})"
         unknown = sum(1 for n in sizes if n is None)
@@ -215,13 +219,24 @@ def cmd_ls(args: argparse.Namespace) -> int:
             line += (f"; {len(opaque)} of a dtype ckptbridge cannot carry ({', '.join(sorted({s.dtype for s in opaque.values()}))}): "
                      "export refuses them unless excluded")
         print(f"{line} [read as {r.kind}]")
+        names_note = r.metadata().get("names_note")
+        if isinstance(names_note, str):
+            print(f"names: {_shown(names_note)}")
     return 0
+
+
+def _original_names(doc: dict[str, Any]) -> dict[str, str]:
+    """A source's record of each renamed tensor's original name, where it is readable (``ls`` only shows it)."""
+    rec = doc.get("original_names")
+    if not isinstance(rec, dict):
+        return {}
+    return {k: v for k, v in rec.items() if isinstance(k, str) and isinstance(v, str)}
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     report = _api.export(
         args.checkpoint, args.output, include=args.include, exclude=args.exclude, weights_only=args.weights_only,
-        use_ema=args.use_ema, compress=args.compress, force=args.force, engine=args.engine, progress=_progress(args),
+        use_ema=args.use_ema, compress=args.compress, force=args.force, engine=args.engine, names=args.names, progress=_progress(args),
         layout=args.layout, model=args.model, num_classes=args.num_classes, fsync=args.fsync, port=_port(args), **_handoff_kwargs(args),
     )
     if report.dry_run:
@@ -237,7 +252,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         args.archive, args.output_prefix, model=args.model, num_classes=args.num_classes, include=args.include,
         exclude=args.exclude, use_ema=args.use_ema, allow_missing=args.allow_missing, strict=args.strict,
         chunk_bytes=_bytes(args.chunk_mb, 1 << 20, "--chunk-mb"), max_shard_bytes=_bytes(args.max_shard_mb, 1 << 20, "--max-shard-mb"),
-        engine=args.engine, force=args.force, max_tensor_bytes=_max_tensor(args), progress=_progress(args), original_names=args.original_names,
+        engine=args.engine, names=args.names, force=args.force, max_tensor_bytes=_max_tensor(args), progress=_progress(args), original_names=args.original_names,
         image_size=args.image_size, fsync=args.fsync, port=_port(args), **_handoff_kwargs(args),
     )
     if report.dry_run:
@@ -278,7 +293,7 @@ def cmd_maps(args: argparse.Namespace) -> int:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    d = _api.diff(args.a, args.b, atol=args.atol, rtol=args.rtol, engine=args.engine, progress=_progress(args), max_tensor_bytes=_max_tensor(args))
+    d = _api.diff(args.a, args.b, atol=args.atol, rtol=args.rtol, engine=args.engine, names=args.names, progress=_progress(args), max_tensor_bytes=_max_tensor(args))
     for n in d.only_a:
         print(f"only in A: {n}")
     for n in d.only_b:
@@ -300,7 +315,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    v = _api.verify(args.path, engine=args.engine, progress=_progress(args), max_tensor_bytes=_max_tensor(args))
+    v = _api.verify(args.path, engine=args.engine, names=args.names, progress=_progress(args), max_tensor_bytes=_max_tensor(args))
     if not v.ok:
         print(f"BAD: {v.bad}: {v.message}")
         return 1
@@ -312,7 +327,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from . import __version__, _engines, formats
+    from . import __version__, _engines, _readable, formats
 
     # Every format, suffix and engine named below comes from the two registries.
     sufs = formats.suffixes()
@@ -325,6 +340,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--engine", choices=_engines.choices(), default=_engines.AUTO, help=_engines.help_text())
+    common.add_argument("--names", choices=_readable.CHOICES, default=_readable.AUTO,
+                        help="a checkpoint's tensor names: auto (default): readable names for a SavedModel or TF-Hub directory, "
+                             "the checkpoint's keys otherwise; readable: also a TF2 checkpoint's, from its object graph "
+                             "(dense/kernel for model/layer_with_weights-0/kernel/.ATTRIBUTES/VARIABLE_VALUE); keys: always the keys. "
+                             "A renamed tensor's key is kept (ls shows it, an archive records it for import --original-names)")
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no report")
     common.add_argument("--debug", action="store_true", help="show a traceback on errors")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
