@@ -237,7 +237,8 @@ def run(models: list[str], runs: int, big: bool, out_json: str, append: bool = F
         prefix, archive = prepare(model, env)
         ops = [op for op in ops_for(model, prefix, archive, big) if not only or op.key in only]
         entry: dict[str, Any] = {"label": LABELS[model], "bytes": model_bytes(model, prefix),
-                                 "archive_bytes": os.path.getsize(archive) if archive else 0, "runs": runs, "ops": {}}
+                                 "archive_bytes": os.path.getsize(archive) if archive else 0, "runs": runs, "ops": {},
+                                 "commit": machine()["commit"]}  # --append: models may be measured at different commits
         if only and model in doc["models"]:
             entry = doc["models"][model]  # re-measure just these operations, keep the rest
         doc["models"][model] = entry
@@ -258,7 +259,11 @@ def run(models: list[str], runs: int, big: bool, out_json: str, append: bool = F
         summarize(doc)
         with open(out_json, "w") as f:
             json.dump(doc, f, indent=1)
-    doc["machine"]["loadavg_end"] = os.getloadavg()
+    if append:
+        for model in models:  # the machine's record is the first run's; these models' own load goes with them
+            doc["models"][model]["loadavg_end"] = os.getloadavg()
+    else:
+        doc["machine"]["loadavg_end"] = os.getloadavg()
     summarize(doc)
     with open(out_json, "w") as f:
         json.dump(doc, f, indent=1)
@@ -371,7 +376,8 @@ def report_markdown(doc: dict[str, Any]) -> str:
         met = "—" if t["met"] is None else ("yes" if t["met"] else "**no**")
         lines.append(f"| {t['target']} | {val} | {lim} | {met} |")
     for model, entry in doc["models"].items():
-        lines += ["", f"### {entry['label']}: {entry['bytes'] / 1e6:.0f} MB of tensors ({entry.get('runs', doc['runs'])} run(s), medians)", "",
+        at = f", at commit `{entry['commit']}`" if entry.get("commit") and entry["commit"] != m["commit"] else ""
+        lines += ["", f"### {entry['label']}: {entry['bytes'] / 1e6:.0f} MB of tensors ({entry.get('runs', doc['runs'])} run(s), medians{at})", "",
                   "| operation | | wall s | peak RSS MB | MB/s |", "|---|---|---:|---:|---:|"]
         for rec in entry["ops"].values():
             wall, rss, mbs = _fmt(rec)
