@@ -50,6 +50,39 @@ def reset() -> None:
     _signal_pending = False
 
 
+def release() -> None:
+    """The command the signal stopped has returned: free what its unwinding still holds.
+
+    The recorded exception was raised through the whole command, so its traceback
+    holds every frame of it and, through their locals, the sources, the sinks and
+    their open files.  A sink that the signal caught before the converter's
+    ``try`` (just after its temporary appeared) was never aborted: its HDF5 file is
+    still open, on a file that :func:`._atomic.discard_pending` closes and deletes.
+    Kept alive by this module, that HDF5 file was closed only in the interpreter's
+    last teardown, through the closed file: h5py's deallocator reported the
+    ValueError with PyErr_PrintEx and, sys.excepthook and sys.stderr being None by
+    then, CPython printed "Error in sys.excepthook:" and "Original exception was:"
+    with nothing under either, after the CLI's one line.
+
+    Called before the temporaries are discarded, so each object closes itself while
+    its file is still open and the process is whole.  The signal stays recorded
+    (whatever closes now still refuses to write or commit) but is no longer
+    pending, so no cleanup run by a deallocator raises it.
+    """
+    global _signal_pending
+    _signal_pending = False
+    exc = _signal_exc
+    if exc is None:
+        return
+    tb, exc.__traceback__ = exc.__traceback__, None
+    while tb is not None:
+        try:
+            tb.tb_frame.clear()  # its locals, even if something else still holds the frame
+        except RuntimeError:
+            pass  # a frame still running: not once the command has returned
+        tb = tb.tb_next
+
+
 def raise_if_signalled() -> None:
     """Raise the recorded signal, if one arrived: nothing is committed after it."""
     if _signal_exc is not None:

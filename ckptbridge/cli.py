@@ -449,6 +449,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         _quiet_closed_pipes()
         return EXIT_BROKEN_PIPE
     finally:
+        # First free what a signal's traceback holds of the command (a sink it caught before
+        # the converter could abort it, with an open HDF5 file), while its files are still
+        # open; left to the interpreter's teardown, that prints "Error in sys.excepthook:"
+        # after our one line (see _signals.release).
+        _signals.release()
         try:
             _atomic.discard_pending()  # temporaries of a sink whose constructor was interrupted
         except BaseException:  # noqa: BLE001 - a signal recorded during the sweep: we are leaving anyway

@@ -424,6 +424,38 @@ def test_signal_mid_write_leaves_nothing(big_ckpt: str, big_npz: str, tmp_path: 
     assert os.listdir(tmp_path) == [], os.listdir(tmp_path)
 
 
+# The signal handled the moment the sink exists, before the converter's try: that sink is never
+# aborted, its HDF5 file still open when the temporaries are discarded.  It used to be freed only
+# at interpreter teardown (held by the recorded signal's traceback), where h5py's deallocator failed
+# on the closed file and CPython printed "Error in sys.excepthook:" / "Original exception was:"
+# after the one line, every time; the tf engine's SIGINT case hit this window now and then.
+_SIGNAL_ONCE_SINK_OPENS = """
+import os, signal, sys
+from ckptbridge import _api, cli
+opened = _api.open_archive_sink
+def open_then_signal(*args, **kwargs):
+    sink = opened(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGINT)  # handled before this returns: the sink never reaches the converter
+    return sink
+_api.open_archive_sink = open_then_signal
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_signal_before_the_converter_aborts_its_sink(tmp_path: Any) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    w = BundleWriter(str(src / "m.ckpt"))
+    w.write("a", np.arange(6, dtype=np.float32))
+    w.commit()
+    out = tmp_path / "out"
+    out.mkdir()
+    r = subprocess.run([sys.executable, "-c", _SIGNAL_ONCE_SINK_OPENS, "export", str(src / "m.ckpt"), "out.h5"], cwd=str(out), env=ENV,
+                       capture_output=True, text=True, timeout=120, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    error_line(r, "out.h5", "nothing was written", status=130)
+    assert os.listdir(out) == []
+
+
 def test_second_signal_does_not_cut_cleanup_short(big_ckpt: str, tmp_path: Any) -> None:
     p = popen("export", big_ckpt, "out.npz", cwd=str(tmp_path))
     _wait_for_tmp(p, str(tmp_path))
