@@ -12,9 +12,19 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import re
+import subprocess
+import sys
 import tomllib
+from collections.abc import Iterator
+from typing import Any
 
+import numpy as np
 import pytest
+
+from ckptbridge import _remote, errors
+
+from helpers import write_checkpoint
+from servers import RangeHTTPServer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -74,3 +84,148 @@ def test_tf_venv_has_exactly_one_tensorflow_distribution() -> None:
 def test_remote_extra_names_fsspec_and_aiohttp() -> None:
     extra = _pyproject()["project"]["optional-dependencies"]["remote"]
     assert sorted(_req_name(r) for r in extra) == ["aiohttp", "fsspec"]
+
+
+# --------------------------------------------------------------------------- the remote module (no TensorFlow)
+
+SECRETS = ("hunter2", "s3cr3t-token", "alice")
+
+
+@pytest.fixture()
+def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_remote, "BACKOFF", 0.0)
+
+
+@pytest.fixture()
+def remote_extra() -> None:
+    """Skips where the [remote] extra (fsspec, aiohttp) is not installed."""
+    pytest.importorskip("fsspec", reason="the [remote] extra (fsspec, aiohttp) is not installed")
+    pytest.importorskip("aiohttp", reason="the [remote] extra (fsspec, aiohttp) is not installed")
+
+
+@pytest.fixture()
+def served(tmp_path: Any, remote_extra: None) -> Iterator[tuple[RangeHTTPServer, str]]:
+    """(server, local root): an HTTP server on 127.0.0.1 over a directory holding run/model.ckpt-7 (V2, ~4 MB)."""
+    root = tmp_path / "www"
+    rng = np.random.default_rng(15)
+    write_checkpoint(str(root / "run" / "model.ckpt-7"), {
+        "net/big": rng.standard_normal((1000, 1000)).astype(np.float32),
+        "net/bias": np.arange(10, dtype=np.float32),
+        "global_step": np.array(7, dtype=np.int64),
+    })
+    (root / "run" / "checkpoint").write_text('model_checkpoint_path: "/old/machine/train/model.ckpt-7"\n'
+                                             'all_model_checkpoint_paths: "/old/machine/train/model.ckpt-7"\n')
+    server = RangeHTTPServer(str(root)).start()
+    try:
+        yield server, str(root)
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("url, want", [
+    ("https://alice:hunter2@host:8443/a/b.ckpt?X-Amz-Signature=s3cr3t-token#frag", "https://host:8443/a/b.ckpt"),
+    ("http://127.0.0.1:9/run/model.ckpt-7", "http://127.0.0.1:9/run/model.ckpt-7"),
+    ("s3://bucket/runs/model.ckpt-100?versionId=3", "s3://bucket/runs/model.ckpt-100"),
+    ("gs://bucket", "gs://bucket"),
+    ("http://alice@[::1]:8080/x", "http://[::1]:8080/x"),
+    ("http://alice:hunter2@host:notaport/x?t=s3cr3t-token", "http://host:notaport/x"),
+])
+def test_redact_drops_userinfo_query_and_fragment(url: str, want: str) -> None:
+    assert _remote.redact(url) == want
+
+
+def test_importing_ckptbridge_imports_no_fsspec() -> None:
+    code = ("import sys, ckptbridge, ckptbridge._remote, ckptbridge.cli; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('fsspec', 'aiohttp')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_open_place_tells_file_prefix_and_directory(served: tuple[RangeHTTPServer, str]) -> None:
+    server, _ = served
+    base = server.url + "/run"
+    cases = {
+        base + "/model.ckpt-7": "model.ckpt-7",                        # a prefix: its .index exists
+        base + "/model.ckpt-7.index": "model.ckpt-7.index",            # a file
+        base + "/model.ckpt-7.data-00000-of-00001": "model.ckpt-7.data-00000-of-00001",
+        base + "/": "model.ckpt-7",                                    # a directory: its state file (an absolute path of another machine)
+        base: "model.ckpt-7",                                          # the same without the slash
+    }
+    for url, name in cases.items():
+        place, got = _remote.open_place(url, progress=False)
+        assert (place.name, got) == (base, name), url
+        assert place.listdir() is None  # plain HTTP cannot list
+        assert place.exists("model.ckpt-7.index") and not place.exists("model.ckpt-8.index")
+    with pytest.raises(errors.NotFoundError, match="no checkpoint at"):
+        _remote.open_place(base + "/model.ckpt-8", progress=False)
+
+
+def test_pread_fetches_only_the_range_asked_for(served: tuple[RangeHTTPServer, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    server, root = served
+    monkeypatch.setattr(_remote, "CHUNK", 1 << 20)
+    place, prefix = _remote.open_place(server.url + "/run/model.ckpt-7", progress=False)
+    local = open(os.path.join(root, "run", prefix + ".data-00000-of-00001"), "rb").read()
+    server.reset()
+    before = _remote.fetched()[0]
+    with place.open(prefix + ".data-00000-of-00001") as f:
+        assert f.size == len(local) > 3_000_000
+        got = f.pread(1_000_003, 2_500_000)  # three requests of at most CHUNK
+        assert got == local[1_000_003:3_500_003]
+        gets = [e for e in server.log if e.method == "GET"]
+        assert [e.range for e in gets] == ["bytes=1000003-2048578", "bytes=2048579-3097154", "bytes=3097155-3500002"]
+        assert server.sent == 2_500_000 == f.bytes_fetched == _remote.fetched()[0] - before
+        small = f.pread(10, 40)  # a small read fetches READAHEAD and serves the next small reads from it
+        assert small == local[10:50] and f.pread(100, 8) == local[100:108]
+        assert server.sent == 2_500_000 + _remote.READAHEAD
+        with pytest.raises(errors.FormatError, match="truncated"):
+            f.pread(f.size - 4, 8)
+    assert place.bytes_fetched == server.sent
+
+
+def test_a_dropped_connection_is_retried_then_reads_exactly(served: tuple[RangeHTTPServer, str], fast_retries: None) -> None:
+    server, root = served
+    place, prefix = _remote.open_place(server.url + "/run/model.ckpt-7", progress=False)
+    local = open(os.path.join(root, "run", prefix + ".data-00000-of-00001"), "rb").read()
+    server.fault(".data-00000-of-00001", "drop", times=_remote.ATTEMPTS - 1)
+    f = place.open(prefix + ".data-00000-of-00001")
+    assert f.pread(0, f.size) == local
+    assert [e.status for e in server.log if e.method == "GET"] == [206] * _remote.ATTEMPTS
+
+
+@pytest.mark.parametrize("kind, error, needle", [
+    ("drop", _remote.RemoteError, f"failed {_remote.ATTEMPTS} times"),
+    ("404", errors.NotFoundError, "no such remote file"),
+    ("403", _remote.RemotePermissionError, "permission denied"),
+])
+def test_faults_become_one_clear_error(served: tuple[RangeHTTPServer, str], fast_retries: None, kind: str, error: type, needle: str) -> None:
+    server, _ = served
+    place, prefix = _remote.open_place(server.url + "/run/model.ckpt-7", progress=False)
+    server.fault(".data-00000-of-00001", kind)
+    with pytest.raises(error, match=needle) as e:
+        place.open(prefix + ".data-00000-of-00001").pread(0, 3_000_000)
+    assert isinstance(e.value, errors.CkptBridgeError)
+    assert "model.ckpt-7.data-00000-of-00001" in str(e.value) and ";" in str(e.value)
+    ranged = [x for x in server.log if x.method == "GET" and x.range is not None]
+    assert len(ranged) == (_remote.ATTEMPTS if kind == "drop" else 0)  # only what may pass is retried
+
+
+def test_credentials_are_sent_and_never_shown(served: tuple[RangeHTTPServer, str], fast_retries: None) -> None:
+    server, root = served
+    server.require(query="token=s3cr3t-token", auth=("alice", "hunter2"))
+    host = server.url.split("://", 1)[1]
+    url = f"http://alice:hunter2@{host}/run/model.ckpt-7?token=s3cr3t-token"
+    place, prefix = _remote.open_place(url, progress=False)
+    f = place.open(prefix + ".index")
+    assert f.pread(0, f.size) == open(os.path.join(root, "run", prefix + ".index"), "rb").read()
+    shown = [place.name, f.name, repr(place), repr(f)]
+    server.fault(".index", "drop")
+    with pytest.raises(_remote.RemoteError) as e:
+        place.open(prefix + ".index").pread(0, f.size)
+    shown.append(str(e.value))
+    with pytest.raises(_remote.RemotePermissionError) as e2:  # a wrong token: refused, and the message holds neither
+        _remote.open_place(f"http://alice:hunter2@{host}/run/model.ckpt-7.index?token=wrong-s3cr3t-token", progress=False)
+    shown.append(str(e2.value))
+    for text in shown:
+        for secret in SECRETS:
+            assert secret not in text, text
+    assert all(e.path.endswith("?token=s3cr3t-token") for e in server.log if "wrong" not in e.path)
