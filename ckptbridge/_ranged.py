@@ -18,10 +18,11 @@ import mmap
 import os
 import stat
 from types import TracebackType
+from typing import Any
 
 from . import errors
 
-__all__ = ["RangedFile", "Place", "LocalFile", "LocalPlace", "read_exact"]
+__all__ = ["RangedFile", "Place", "LocalFile", "LocalPlace", "SliceableFile", "read_exact", "where"]
 
 
 class RangedFile(abc.ABC):
@@ -103,6 +104,36 @@ def read_exact(f: RangedFile, offset: int, n: int) -> bytes:
     if offset + n > f.size:
         raise errors.FormatError(f"{f.name} is truncated: needed bytes {offset}..{offset + n} of a {f.size}-byte file")
     return f.pread(offset, n)
+
+
+def where(place: Place, relpath: str) -> str:
+    """How messages name the file ``relpath`` of ``place`` (a local path for local places)."""
+    if isinstance(place, LocalPlace):
+        return os.path.join(place.name, *relpath.split("/")) if relpath else place.name
+    return f"{place.name.rstrip('/')}/{relpath}" if relpath else place.name
+
+
+class SliceableFile:
+    """A :class:`RangedFile` seen as a read-only byte sequence: ``len()``, ``[i]`` and ``[a:b]``
+    (step 1) read by range, so code written for bytes or a memoryview reads it unchanged."""
+
+    def __init__(self, f: RangedFile) -> None:
+        self.file = f
+
+    def __len__(self) -> int:
+        return self.file.size
+
+    def __getitem__(self, key: int | slice) -> Any:
+        size = self.file.size
+        if isinstance(key, slice):
+            start, stop, step = key.indices(size)
+            if step != 1:
+                raise ValueError("SliceableFile slices take no step")
+            return self.file.pread(start, max(0, stop - start))
+        i = key + size if key < 0 else key
+        if not 0 <= i < size:
+            raise IndexError(f"byte {key} is outside {self.file.name} ({size} bytes)")
+        return self.file.pread(i, 1)[0]
 
 
 class LocalFile(RangedFile):

@@ -28,7 +28,6 @@ elements the slice covers before the tensor's array is allocated.
 from __future__ import annotations
 
 import math
-import mmap
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -37,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from .. import _ckptfiles, _dtypes
+from .._ranged import LocalPlace, Place, RangedFile, SliceableFile, where
 from .._source import OBJECT_GRAPH, OBJECT_GRAPH_KEY, Source, uncarried_error
 from ..errors import CkptBridgeError, CorruptError, FormatError, NotFoundError
 from ..spec import STRING, TensorSpec, numpy_dtype
@@ -113,6 +113,34 @@ def v1_files(prefix: str) -> list[str]:
     return want
 
 
+def v1_files_in(place: Place, rel: str) -> list[str]:
+    """:func:`v1_files` for a checkpoint named ``rel`` inside ``place``: relative names.
+
+    Shards are found by listing ``rel``'s directory; a place that cannot list
+    (plain https) reads single-file V1 checkpoints only."""
+    m = _SHARD_RE.search(rel)
+    if m is None and place.exists(rel):
+        return [rel]
+    base = rel[:m.start()] if m is not None and place.exists(rel) else rel
+    head, _, tail = base.rpartition("/")
+    names = place.listdir(head) or []
+    found = sorted(f"{head}/{n}" if head else n for n in names if n.startswith(tail) and _SHARD_RE.fullmatch(n[len(tail):]))
+    if not found:
+        raise NotFoundError(f"no checkpoint at {where(place, rel)}: no such file, and no shards {tail}-NNNNN-of-NNNNN; check the path")
+    counts = {int(_SHARD_RE.search(p).group(2)) for p in found}  # type: ignore[union-attr]
+    if len(counts) != 1:
+        raise CorruptError(f"the V1 checkpoint {where(place, base)} has shards of different counts ({sorted(counts)}); name one shard file")
+    total = counts.pop()
+    if not 1 <= total <= MAX_FILES:
+        raise CorruptError(f"the V1 checkpoint {where(place, base)} claims {total} shards")
+    want = [f"{base}-{i:05d}-of-{total:05d}" for i in range(total)]
+    missing = [p for p in want if p not in found]
+    if missing:
+        raise CorruptError(f"shard {where(place, missing[0])} of the V1 checkpoint {where(place, base)} is missing "
+                           f"({len(missing)} of {total}); the checkpoint is incomplete; copy all its shard files")
+    return want
+
+
 class _Tensor:
     """What the files' metadata say of one tensor."""
 
@@ -132,22 +160,35 @@ class V1Reader(Source):
     TensorFlow does (the index and metadata blocks are always checked).
     Tensors come back as fresh arrays, except float32, float64 and complex tensors
     stored in one slice, which are read-only views of the memory-mapped file (as
-    :class:`~ckptbridge.bundle.reader.BundleReader` gives).
+    :class:`~ckptbridge.bundle.reader.BundleReader` gives).  With ``place``,
+    ``prefix`` is the checkpoint's name inside it and the reader owns the place;
+    files that are not local are read by range, a tensor's table block when it is read.
     """
 
     kind = "checkpoint"
     engine = ENGINE_NAME
 
-    def __init__(self, prefix: str, *, verify: bool = True) -> None:
-        self.path = self.prefix = os.fspath(prefix)
+    def __init__(self, prefix: str, *, verify: bool = True, place: Place | None = None) -> None:
+        prefix = os.fspath(prefix)
         self.verify = verify
         self._closed = False
         self._maps: list[Any] = []
+        self._opened: list[RangedFile] = []
         self._tables: list[Table] = []
-        self.files = v1_files(self.prefix)
         try:
-            for path in self.files:
-                self._open(path)
+            if place is None:
+                self.path = self.prefix = prefix
+                self.files = v1_files(self.prefix)
+                directory = os.path.dirname(prefix) or "."
+                self._place: Place = LocalPlace(directory)
+                rels = [os.path.relpath(p, directory).replace(os.sep, "/") for p in self.files]
+            else:
+                self._place = place
+                self.path = self.prefix = where(place, prefix)
+                rels = v1_files_in(place, prefix)
+                self.files = [where(place, r) for r in rels]
+            for rel, path in zip(rels, self.files):
+                self._open(rel, path)
             self._tensors: dict[str, _Tensor] = {}
             self._producer = CHECKPOINT_VERSION
             for i, table in enumerate(self._tables):
@@ -173,22 +214,25 @@ class V1Reader(Source):
         about = f" (tensor {tensor!r})" if tensor is not None else ""
         return CorruptError(f"{file or self.prefix}{about}: {what}; the checkpoint is damaged; restore it from a good copy or re-save it")
 
-    def _open(self, path: str) -> None:
+    def _open(self, rel: str, path: str) -> None:
+        if os.path.isdir(path) and self._place.local_dir() is not None:
+            raise FormatError(f"{path} is a directory, not a V1 checkpoint file")
         try:
-            with open(path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                if size < FOOTER_SIZE:
-                    raise self._corrupt(f"it is {size} bytes, shorter than any table (truncated, or not a TensorFlow checkpoint)", path)
-                buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        except IsADirectoryError:
-            raise FormatError(f"{path} is a directory, not a V1 checkpoint file") from None
+            f = self._place.open(rel)
+            self._opened.append(f)
+            size = f.size
+            if size < FOOTER_SIZE:
+                raise self._corrupt(f"it is {size} bytes, shorter than any table (truncated, or not a TensorFlow checkpoint)", path)
+            mapped = f.buffer()
+            data: Any = memoryview(mapped) if mapped is not None else SliceableFile(f)
+            tail = data[size - 8:]
         except OSError as e:
             raise CkptBridgeError(f"cannot read {path}: {e.strerror or e}; check that the file is readable (permissions, disk)") from None
-        self._maps.append(buf)
-        if not has_magic(buf[size - 8:]):
+        self._maps.append(mapped)
+        if not has_magic(tail):
             raise self._corrupt("it does not end with the table magic number (truncated, or not a TensorFlow checkpoint)", path)
         with self._bad(path):
-            self._tables.append(Table(memoryview(buf), verify=self.verify))
+            self._tables.append(Table(data, verify=self.verify))
 
     def _bad(self, path: str, tensor: str | None = None) -> _Translate:
         return _Translate(self, path, tensor)
@@ -320,7 +364,13 @@ class V1Reader(Source):
         # Views handed out keep their mmap alive; we only drop our references.
         self._tables.clear()
         self._maps.clear()
+        for f in self._opened:
+            f.close()
+        self._opened.clear()
         self._closed = True
+        place = getattr(self, "_place", None)
+        if place is not None:
+            place.close()
 
     # --- values -------------------------------------------------------------
 
