@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -88,18 +89,22 @@ class Reader(Mapping[str, np.ndarray]):
         self.close()
 
 
-def read(path: str, *, engine: str = "auto", verify: bool = True, max_tensor_bytes: int | None = DEFAULT_MAX_TENSOR_BYTES) -> Reader:
+def read(path: str, *, engine: str = "auto", verify: bool = True, max_tensor_bytes: int | None = DEFAULT_MAX_TENSOR_BYTES,
+         member: str | None = None) -> Reader:
     """Open a checkpoint (prefix, file, or directory) or an archive for lazy reading.
 
     Arrays come with their true dtypes: bfloat16 as ``ml_dtypes.bfloat16``,
     strings as object arrays of ``bytes``, 0-d tensors as 0-d arrays.
 
     Args:
-        path: a checkpoint prefix, one of its files, its directory, or an archive.
+        path: a checkpoint prefix, one of its files, its directory, an archive, an
+            archive of checkpoints (``.tar``, ``.tar.gz``/``.tgz``, ``.zip``) or a URL.
         engine: ``"auto"``, ``"native"`` (no TensorFlow) or ``"tf"``.
         verify: check each tensor's checksum as it is read.
         max_tensor_bytes: an archive tensor claiming more is refused when the
             archive is opened (None: no limit).
+        member: the checkpoint to read inside an archive of checkpoints that holds
+            several (its prefix there, e.g. ``"run/model.ckpt-100"``).
 
     Returns:
         A :class:`Reader`: a read-only mapping name -> array that reads nothing
@@ -111,10 +116,10 @@ def read(path: str, *, engine: str = "auto", verify: bool = True, max_tensor_byt
             r.specs["vgg_16/fc8/weights"].shape      # (1, 1, 4096, 1000), nothing read
             w = r["vgg_16/fc8/weights"]              # this tensor read, checked
     """
-    return Reader(open_source(path, engine=engine, verify=verify, max_tensor_bytes=max_tensor_bytes))
+    return Reader(open_source(path, engine=engine, verify=verify, max_tensor_bytes=max_tensor_bytes, member=member))
 
 
-def load(path: str, *, engine: str = "auto", verify: bool = True) -> dict[str, np.ndarray]:
+def load(path: str, *, engine: str = "auto", verify: bool = True, member: str | None = None) -> dict[str, np.ndarray]:
     """Every tensor of a checkpoint or an archive, read whole: ``{name: array}``.
 
     The eager twin of :func:`read` (safetensors' ``load_file``), for models that fit in
@@ -124,6 +129,7 @@ def load(path: str, *, engine: str = "auto", verify: bool = True) -> dict[str, n
         path: a checkpoint (prefix, file, or directory) or an archive.
         engine: ``"auto"``, ``"native"`` or ``"tf"``.
         verify: check each tensor's checksum.
+        member: the checkpoint inside an archive of checkpoints, as :func:`read` takes it.
 
     Returns:
         A new dict of arrays the caller owns.
@@ -139,7 +145,7 @@ def load(path: str, *, engine: str = "auto", verify: bool = True) -> dict[str, n
     """
     from ._dtypes import uncarried_error
 
-    with open_source(path, engine=engine, verify=verify, max_tensor_bytes=None) as src:
+    with open_source(path, engine=engine, verify=verify, max_tensor_bytes=None, member=member) as src:
         opaque = src.uncarried()
         if opaque:
             raise uncarried_error(src.path, {n: s.dtype for n, s in opaque.items()})
@@ -225,6 +231,7 @@ def export(
     dry_run: bool = False,
     fsync: bool = True,
     port: str | PortMap | None = None,
+    member: str | None = None,
 ) -> Report:
     """Write every (selected) tensor of a checkpoint to ``.npz``, HDF5 or ``.safetensors``, exactly.
 
@@ -245,8 +252,11 @@ def export(
     options.  Every tensor must be accounted for, or nothing is written.
 
     Args:
-        checkpoint: a checkpoint prefix, its directory, or any archive.
+        checkpoint: a checkpoint prefix, its directory, any archive, an archive of
+            checkpoints or a URL.  A compressed archive of checkpoints is unpacked
+            into temporary space beside ``output``, removed afterwards.
         output: the archive to write; its suffix picks the format.
+        member: the checkpoint inside an archive of checkpoints, as :func:`read` takes it.
 
     Returns:
         A :class:`Report` of every tensor written, dropped, swapped or renamed.
@@ -262,7 +272,7 @@ def export(
     if port is not None:
         _refuse_with_port(rename=rename, rename_map=rename_map, layout=layout, model=model, num_classes=num_classes,
                           include=include, exclude=exclude, weights_only=weights_only, use_ema=use_ema)
-    with durability(fsync), open_source(checkpoint, engine=engine) as src:
+    with durability(fsync), open_source(checkpoint, engine=engine, member=member, scratch_dir=_scratch_beside(output)) as src:
         prep: Any
         if port is not None:
             from . import _ports
@@ -283,6 +293,13 @@ def export(
                           carry_extras=port is None)
         _annotate(report, prep, port)
         return report
+
+
+def _scratch_beside(output: str) -> str | None:
+    """Where a compressed archive of checkpoints is unpacked for a command writing ``output``: its
+    directory (the space the user chose for the result), or the system temp if it does not exist yet."""
+    directory = os.path.dirname(os.path.abspath(output))
+    return directory if os.path.isdir(directory) else None
 
 
 def _refuse_with_port(**options: Any) -> None:
@@ -345,6 +362,7 @@ def rebuild(
     image_size: int | None = None,
     fsync: bool = True,
     port: str | PortMap | None = None,
+    member: str | None = None,
 ) -> Report:
     """Turn an archive (or any source) back into a TensorFlow checkpoint.
 
@@ -393,7 +411,8 @@ def rebuild(
     if port is not None:
         _refuse_with_port(rename=rename, rename_map=rename_map, original_names=original_names, include=include,
                           exclude=exclude, use_ema=use_ema)
-    with durability(fsync), open_source(archive, engine=engine, max_tensor_bytes=max_tensor_bytes) as src:
+    with durability(fsync), open_source(archive, engine=engine, max_tensor_bytes=max_tensor_bytes, member=member,
+                                        scratch_dir=_scratch_beside(output_prefix)) as src:
         from ._plans import prepare_import
 
         # One view of the archive (filters, EMA, original names, renames, layout undone; or a port map), then one sink.
@@ -448,12 +467,13 @@ def port_map(name_or_path: str) -> PortMap:
 
 def diff(
     a: str, b: str, *, atol: float = 0.0, rtol: float = 0.0, engine: str = "auto", progress: bool | None = False,
-    max_tensor_bytes: int | None = DEFAULT_MAX_TENSOR_BYTES,
+    max_tensor_bytes: int | None = DEFAULT_MAX_TENSOR_BYTES, member_a: str | None = None, member_b: str | None = None,
 ) -> DiffReport:
     """Compare two checkpoints or archives name by name; exact unless atol/rtol.
 
     Tensors of a dtype ckptbridge does not carry are compared by their stored
-    bytes (native engine), never skipped.
+    bytes (native engine), never skipped.  ``member_a``/``member_b`` choose the
+    checkpoint inside ``a``/``b`` where either is an archive of checkpoints.
 
     Returns:
         A :class:`DiffReport`; ``identical`` is True when names, dtypes, shapes and
@@ -465,11 +485,13 @@ def diff(
         assert d.identical, (d.only_a, d.only_b, d.value_diffs)
     """
     limit = max_tensor_bytes
-    with open_source(a, engine=engine, max_tensor_bytes=limit) as sa, open_source(b, engine=engine, max_tensor_bytes=limit) as sb:
+    with open_source(a, engine=engine, max_tensor_bytes=limit, member=member_a, member_key="member_a") as sa, \
+            open_source(b, engine=engine, max_tensor_bytes=limit, member=member_b, member_key="member_b") as sb:
         return diff_sources(sa, sb, atol=atol, rtol=rtol, progress=progress)
 
 
-def verify(path: str, *, engine: str = "auto", progress: bool | None = False, max_tensor_bytes: int | None = DEFAULT_MAX_TENSOR_BYTES) -> VerifyReport:
+def verify(path: str, *, engine: str = "auto", progress: bool | None = False, max_tensor_bytes: int | None = DEFAULT_MAX_TENSOR_BYTES,
+           member: str | None = None) -> VerifyReport:
     """Check every tensor's checksum (archive crc32c records, or the checkpoint's crc32c).
 
     Returns:
@@ -481,5 +503,5 @@ def verify(path: str, *, engine: str = "auto", progress: bool | None = False, ma
         report = ckptbridge.verify("archive.h5")
         assert report.ok, report.message
     """
-    with open_source(path, engine=engine, verify=True, max_tensor_bytes=max_tensor_bytes) as src:
+    with open_source(path, engine=engine, verify=True, max_tensor_bytes=max_tensor_bytes, member=member) as src:
         return verify_source(src, progress=progress)
