@@ -453,8 +453,11 @@ def open_place(url: str, *, progress: bool | None = None) -> tuple[RemotePlace, 
     dparent, _ = _split(display)
     place = RemotePlace(fs, parent, dparent, http=http, query=query, progress=progress)
     refused: errors.CkptBridgeError | None = None
-    probes = ([base] if _FILE_SUFFIXES.search(base) else []) + [base + INDEX, base]
-    for probe in dict.fromkeys(probes):
+    # A file's name (x.index, x.tar.gz) is probed as that file alone; anything else (a .ckpt may be a V1 file
+    # or a V2 prefix) as a prefix, a file, then a directory.
+    named_file = bool(_FILE_SUFFIXES.search(base))
+    probes = [base] if named_file and not base.endswith(".ckpt") else [base, base + INDEX] if named_file else [base + INDEX, base]
+    for probe in probes:
         try:
             if place.exists(probe):
                 return place, (base if probe == base + INDEX else probe)
@@ -462,7 +465,7 @@ def open_place(url: str, *, progress: bool | None = None) -> tuple[RemotePlace, 
             refused = refused or e  # a bucket that may not be listed answers 403 for a missing key: try the other names
     inner = RemotePlace(fs, path, display, http=http, query=query, progress=progress)
     try:
-        if inner.exists(STATE_NAME) or inner.listdir() is not None:
+        if not named_file and (inner.exists(STATE_NAME) or inner.listdir() is not None):
             return inner, _in_directory(inner)
     except RemotePermissionError as e:
         refused = refused or e
@@ -470,5 +473,5 @@ def open_place(url: str, *, progress: bool | None = None) -> tuple[RemotePlace, 
         pass
     if refused is not None:
         raise refused
-    raise errors.NotFoundError(f"no checkpoint at {display} (looked for {base}, {base + INDEX} and a directory with a "
-                               f"'{STATE_NAME}' file); check the URL")
+    looked = ", ".join(probes) + ("" if named_file else f" and a directory with a '{STATE_NAME}' file")
+    raise errors.NotFoundError(f"no checkpoint at {display} (looked for {looked}); check the URL")

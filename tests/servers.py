@@ -70,17 +70,25 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self._serve(body=True)
 
-    def _record(self, status: int, sent: int, rng: str | None) -> None:
+    def _record(self, status: int, rng: str | None) -> Logged:
+        """Log the request before any of its answer goes out, so a client that has its answer always finds it logged."""
+        st = self.server.state
+        entry = Logged(self.command, self.path, rng, status, 0)
+        with st.lock:
+            st.log.append(entry)
+        return entry
+
+    def _count(self, entry: Logged, n: int) -> None:
         st = self.server.state
         with st.lock:
-            st.sent += sent
-            st.log.append(Logged(self.command, self.path, rng, status, sent))
+            st.sent += n
+            entry.sent += n
 
     def _empty(self, status: int) -> None:
+        self._record(status, self.headers.get("Range"))
         self.send_response(status)
         self.send_header("Content-Length", "0")
         self.end_headers()
-        self._record(status, 0, self.headers.get("Range"))
 
     def _fault(self, path: str) -> str | None:
         st = self.server.state
@@ -129,9 +137,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/octet-stream")
         if status == 206:
             self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
+        entry = self._record(status, rng)
         self.end_headers()
         if not body:
-            return self._record(status, 0, rng)
+            return
         limit = n // 2 if fault == "drop" else n
         sent = 0
         with open(full, "rb") as f:
@@ -140,9 +149,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 chunk = f.read(min(1 << 20, limit - sent))
                 if not chunk:
                     break
+                self._count(entry, len(chunk))  # counted before it is written: a client never holds more than the count
                 self.wfile.write(chunk)
                 sent += len(chunk)
-        self._record(status, sent, rng)
         if fault == "drop":
             self.wfile.flush()
             self.close_connection = True
@@ -237,6 +246,9 @@ class MotoS3:
         self._counter: _CountingApp | None = None
 
     def start(self) -> MotoS3:
+        import logging
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request on stderr
         self._moto.start()
         server = self._moto._server
         assert server is not None

@@ -229,3 +229,77 @@ def test_credentials_are_sent_and_never_shown(served: tuple[RangeHTTPServer, str
         for secret in SECRETS:
             assert secret not in text, text
     assert all(e.path.endswith("?token=s3cr3t-token") for e in server.log if "wrong" not in e.path)
+
+
+# --------------------------------------------------------------------------- S3 (moto's server, s3fs), TensorFlow's files
+
+
+@pytest.fixture(scope="module")
+def moto_s3() -> Iterator[Any]:
+    """moto's standalone S3 server on 127.0.0.1, found by s3fs through the usual AWS variables; stopped after."""
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto.server")
+    from servers import MotoS3
+
+    server = MotoS3().start()
+    with pytest.MonkeyPatch.context() as mp:
+        # Where s3fs (botocore) looks by default: no credential or endpoint is passed in code.
+        for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                     "AWS_ENDPOINT_URL": server.endpoint}.items():
+            mp.setenv(k, v)
+        mp.delenv("AWS_PROFILE", raising=False)
+        import fsspec
+
+        fs = fsspec.filesystem("s3")  # the instance open_place gets too (fsspec caches them): one listing cache
+        fs.mkdir("ckpts")
+        try:
+            yield server, fs
+        finally:
+            fsspec.filesystem("s3").clear_instance_cache()
+            server.stop()
+
+
+def _upload(fs: Any, local_dir: str, key: str) -> None:
+    for name in sorted(os.listdir(local_dir)):
+        fs.put_file(os.path.join(local_dir, name), f"{key}/{name}")
+    fs.invalidate_cache()
+
+
+@pytest.mark.tf
+def test_s3_prefix_directory_and_listing(moto_s3: Any, ckpts: Any, tmp_path: Any) -> None:
+    server, fs = moto_s3
+    os.makedirs(tmp_path / "run")
+    prefix = ckpts.build_sharded(str(tmp_path / "run"))  # three data shards, written by TensorFlow
+    base = os.path.basename(prefix)
+    _upload(fs, str(tmp_path / "run"), "ckpts/sharded")
+    for url in ("s3://ckpts/sharded/" + base, "s3://ckpts/sharded/" + base + ".index", "s3://ckpts/sharded", "s3://ckpts/sharded/"):
+        place, name = _remote.open_place(url, progress=False)
+        assert place.name == "s3://ckpts/sharded"
+        assert name == (base + ".index" if url.endswith(".index") else base), url  # the state file, or the one *.index
+    listed = place.listdir()
+    assert listed is not None and base + ".index" in listed and len([n for n in listed if ".data-" in n]) == 3
+    for fname in listed:
+        local = open(os.path.join(str(tmp_path / "run"), fname), "rb").read()
+        with place.open(fname) as f:
+            assert f.size == len(local) and f.pread(0, f.size) == local
+    # a second prefix and no state file: the listing is ambiguous, and the error lists both
+    fs.rm_file("ckpts/sharded/checkpoint")
+    fs.pipe_file(f"ckpts/sharded/other.ckpt{'.index'}", b"x")
+    fs.invalidate_cache()
+    with pytest.raises(errors.FormatError, match="2 checkpoints"):
+        _remote.open_place("s3://ckpts/sharded", progress=False)
+    with pytest.raises(errors.NotFoundError, match="no checkpoint at s3://ckpts/sharded/nothing"):
+        _remote.open_place("s3://ckpts/sharded/nothing", progress=False)
+
+
+@pytest.mark.tf
+def test_s3_reads_are_ranged(moto_s3: Any, tmp_path: Any) -> None:
+    server, fs = moto_s3
+    blob = np.random.default_rng(0).bytes(3_000_000)
+    fs.pipe_file("ckpts/blob/model.ckpt-1.data-00000-of-00001", blob)
+    fs.invalidate_cache()
+    place, name = _remote.open_place("s3://ckpts/blob/model.ckpt-1.data-00000-of-00001", progress=False)
+    f = place.open(name)
+    before = server.sent
+    assert f.pread(1_234_567, 1_000_000) == blob[1_234_567:2_234_567]
+    assert server.sent - before == 1_000_000 == f.bytes_fetched
