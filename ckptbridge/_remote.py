@@ -260,6 +260,7 @@ class RemotePlace(Place):
         self._bar: Any = None
         self._bar_total = 0
         self._lock = threading.Lock()
+        self._found: dict[str, dict[str, Any]] = {}
         #: bytes and requests fetched through this place's files
         self.bytes_fetched = 0
         self.requests = 0
@@ -278,8 +279,15 @@ class RemotePlace(Place):
     # --- the Place interface ------------------------------------------------
 
     def _info(self, relpath: str) -> dict[str, Any] | None:
-        """The object's info, or None where it does not exist (or is a directory)."""
+        """The object's info, or None where it does not exist (or is a directory).
+
+        A file found is remembered for the place's life: resolution asks about the same
+        few names several times, and each question is a request."""
         path, name = self._fs_path(relpath), self.display(relpath)
+        with self._lock:
+            known = self._found.get(path)
+        if known is not None:
+            return known
 
         def call() -> dict[str, Any] | None:
             try:
@@ -292,6 +300,8 @@ class RemotePlace(Place):
         info: dict[str, Any] | None = _retrying("looking up", name, self._http, call)
         if info is None or info.get("type", "file") != "file":
             return None
+        with self._lock:
+            self._found[path] = info
         return info
 
     def open(self, relpath: str) -> RemoteFile:

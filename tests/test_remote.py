@@ -10,20 +10,24 @@ with TensorFlow reading the same files locally.
 from __future__ import annotations
 
 import importlib.metadata
+import io
 import os
 import re
 import subprocess
 import sys
+import tarfile
 import tomllib
+import zipfile
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
 
+import ckptbridge
 from ckptbridge import _remote, errors
 
-from helpers import write_checkpoint
+from helpers import error_line, in_process, leftovers, tree, write_checkpoint
 from servers import RangeHTTPServer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -303,3 +307,209 @@ def test_s3_reads_are_ranged(moto_s3: Any, tmp_path: Any) -> None:
     before = server.sent
     assert f.pread(1_234_567, 1_000_000) == blob[1_234_567:2_234_567]
     assert server.sent - before == 1_000_000 == f.bytes_fetched
+
+
+# --------------------------------------------------------------------------- the CLI over HTTP (no TensorFlow)
+
+BIG_TENSORS = 12          # 12 x 8 MB: a ~100 MB checkpoint
+BIG_ELEMENTS = 2_000_000
+
+
+@pytest.fixture()
+def big_served(tmp_path: Any, remote_extra: None) -> Iterator[tuple[RangeHTTPServer, str]]:
+    """(server, local prefix): a ~100 MB V2 checkpoint (native writer) on an HTTP server on 127.0.0.1."""
+    rng = np.random.default_rng(7)
+    tensors = {f"net/layer{i:02d}/weights": rng.random(BIG_ELEMENTS, dtype=np.float32) for i in range(BIG_TENSORS)}
+    tensors["net/logits/biases"] = rng.random(1000, dtype=np.float32)
+    prefix = write_checkpoint(str(tmp_path / "www" / "big" / "model.ckpt-100"), tensors)
+    server = RangeHTTPServer(str(tmp_path / "www")).start()
+    try:
+        yield server, prefix
+    finally:
+        server.stop()
+
+
+def _local(prefix: str, suffix: str) -> int:
+    return os.path.getsize(prefix + suffix)
+
+
+def test_ls_fetches_the_index_only(big_served: tuple[RangeHTTPServer, str]) -> None:
+    server, prefix = big_served
+    server.reset()
+    rc, out, err = in_process("ls", server.url + "/big/model.ckpt-100")
+    assert rc == 0, err
+    assert "net/layer11/weights" in out and f"{BIG_TENSORS + 1} tensors" in out
+    index = _local(prefix, ".index")
+    data = _local(prefix, ".data-00000-of-00001")
+    assert not [e for e in server.log if e.method == "GET" and ".data-" in e.path]
+    assert server.sent == index < data // 1000
+
+
+def test_export_include_fetches_the_tensor_and_the_index(big_served: tuple[RangeHTTPServer, str], tmp_path: Any) -> None:
+    server, prefix = big_served
+    out = str(tmp_path / "out" / "one.npz")
+    os.makedirs(os.path.dirname(out))
+    server.reset()
+    rc, _, err = in_process("export", server.url + "/big/model.ckpt-100", out, "--include", "^net/layer05/weights$")
+    assert rc == 0, err
+    with ckptbridge.read(out) as r, ckptbridge.read(prefix) as local:
+        assert list(r.keys()) == ["net/layer05/weights"]
+        got, want = r["net/layer05/weights"], local["net/layer05/weights"]
+        assert got.dtype == want.dtype and got.tobytes() == want.tobytes()
+    tensor = BIG_ELEMENTS * 4
+    index = _local(prefix, ".index")
+    # the tensor and the index, give or take one readahead block; the file is 100 MB
+    assert tensor + index <= server.sent <= tensor + index + _remote.READAHEAD, server.sent
+    assert _local(prefix, ".data-00000-of-00001") > 10 * server.sent
+
+
+@pytest.mark.parametrize("fault, needle", [
+    ("drop", f"failed {_remote.ATTEMPTS} times"),
+    ("404", "model.ckpt-7.data-00000-of-00001"),
+    ("403", "permission denied"),
+])
+def test_cli_faults_are_one_line_exit_2_and_nothing_written(served: tuple[RangeHTTPServer, str], fast_retries: None, tmp_path: Any,
+                                                            fault: str, needle: str) -> None:
+    server, _ = served
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    server.fault(".data-00000-of-00001", fault)
+    rc, out, err = in_process("export", server.url + "/run/model.ckpt-7", str(dest / "out.npz"))
+    error_line((rc, err), needle)
+    assert out == "" and tree(str(dest)) == set() and leftovers(str(dest)) == []
+
+
+def test_cli_never_shows_or_records_the_urls_credentials(served: tuple[RangeHTTPServer, str], fast_retries: None, tmp_path: Any) -> None:
+    server, _ = served
+    server.require(query="token=s3cr3t-token", auth=("alice", "hunter2"))
+    host = server.url.split("://", 1)[1]
+    url = f"http://alice:hunter2@{host}/run/model.ckpt-7?token=s3cr3t-token"
+    out = str(tmp_path / "out.h5")
+    shown = []
+    for argv in (("ls", url), ("export", url, out), ("ls", out), ("verify", url)):
+        rc, so, se = in_process(*argv)
+        assert rc == 0, se
+        shown += [so, se]
+    with open(out, "rb") as f:
+        archive = f.read().decode("latin-1")
+    assert f"http://{host}/run/model.ckpt-7" in archive  # the recorded source, without its secrets
+    shown.append(archive)
+    with ckptbridge.read(out) as r:
+        assert "net/big" in r.keys()
+    server.fault(".index", "drop")
+    rc, so, se = in_process("export", url, str(tmp_path / "again.npz"))
+    error_line((rc, se), "failed")
+    shown += [so, se]
+    for text in shown:
+        for secret in SECRETS:
+            assert secret not in text
+    assert f"http://{host}/run/model.ckpt-7" in shown[-1]  # the message names the URL, without its secrets
+
+
+def test_a_stored_zip_over_http_is_read_by_range(tmp_path: Any, remote_extra: None) -> None:
+    rng = np.random.default_rng(3)
+    big = rng.random(4_000_000, dtype=np.float32)
+    ckpt = write_checkpoint(str(tmp_path / "src" / "model.ckpt-9"), {"big": big, "small": np.arange(10, dtype=np.int64)})
+    (tmp_path / "www").mkdir()
+    with zipfile.ZipFile(tmp_path / "www" / "run.zip", "w") as z:  # stored: members are read in place
+        for name in sorted(os.listdir(os.path.dirname(ckpt))):
+            z.write(os.path.join(os.path.dirname(ckpt), name), arcname="run/" + name)
+    size = os.path.getsize(tmp_path / "www" / "run.zip")
+    server = RangeHTTPServer(str(tmp_path / "www")).start()
+    try:
+        rc, out, err = in_process("export", server.url + "/run.zip", str(tmp_path / "small.npz"), "--include", "^small$")
+        sent = server.sent
+    finally:
+        server.stop()
+    assert rc == 0, err
+    with ckptbridge.read(str(tmp_path / "small.npz")) as r:
+        assert list(r.keys()) == ["small"] and r["small"].tobytes() == np.arange(10, dtype=np.int64).tobytes()
+    assert sent < size // 10, (sent, size)  # the index, the small tensor and the zip's directory: not the 16 MB member
+
+
+def test_a_truncated_tarball_over_http_is_one_line_and_nothing_written(tmp_path: Any, remote_extra: None) -> None:
+    ckpt = write_checkpoint(str(tmp_path / "src" / "model.ckpt-1"), {"w": np.arange(50_000, dtype=np.float32)})
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name in sorted(os.listdir(os.path.dirname(ckpt))):
+            tar.add(os.path.join(os.path.dirname(ckpt), name), arcname=name)
+    whole = buf.getvalue()
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / "model_2016.tar.gz").write_bytes(whole[: len(whole) * 2 // 3])
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    server = RangeHTTPServer(str(tmp_path / "www")).start()
+    try:
+        rc, out, err = in_process("export", server.url + "/model_2016.tar.gz", str(dest / "out.npz"))
+    finally:
+        server.stop()
+    error_line((rc, err), "model_2016.tar.gz")
+    assert out == "" and tree(str(dest)) == set()
+
+
+# --------------------------------------------------------------------------- bit-exact against TensorFlow, remote sources
+
+
+def _tf_checkpoint(prefix: str, version: str) -> str:
+    """A small checkpoint written by TensorFlow's Saver (``version`` "v1": one table file, as the model zoo's 2016 releases)."""
+    import tensorflow as tf
+
+    v1 = tf.compat.v1
+    os.makedirs(os.path.dirname(prefix), exist_ok=True)
+    rng = np.random.default_rng(21)
+    with tf.Graph().as_default():
+        v1.Variable(rng.standard_normal((3, 3, 3, 16)).astype(np.float32), name="vgg_16/conv1/conv1_1/weights")
+        v1.Variable(rng.integers(-9, 9, 16, dtype=np.int32), name="vgg_16/conv1/conv1_1/biases")
+        v1.Variable(rng.standard_normal((64, 10)), name="vgg_16/fc8/weights")
+        v1.Variable(np.array([True, False, True]), name="flags")
+        v1.Variable(np.int64(12345), name="global_step")
+        write_version = v1.train.SaverDef.V1 if version == "v1" else v1.train.SaverDef.V2
+        saver = v1.train.Saver(write_version=write_version)
+        with v1.Session() as sess:
+            sess.run(v1.global_variables_initializer())
+            return str(saver.save(sess, prefix, write_meta_graph=False))
+
+
+def _export_and_compare(url: str, out: str, oracle: str, assert_same_as_tf: Any, *extra: str) -> None:
+    rc, _, err = in_process("export", url, out, *extra)
+    assert rc == 0, err
+    with ckptbridge.read(out) as r:
+        assert assert_same_as_tf(r, oracle) == 5
+
+
+@pytest.mark.tf
+def test_export_from_http_and_s3_is_bit_exact_with_tensorflow(ckpts: Any, assert_same_as_tf: Any, moto_s3: Any, tmp_path: Any) -> None:
+    prefix = _tf_checkpoint(str(tmp_path / "www" / "run" / "model.ckpt-3"), "v2")
+    moto, fs = moto_s3
+    _upload(fs, str(tmp_path / "www" / "run"), "ckpts/tfrun")
+    server = RangeHTTPServer(str(tmp_path / "www")).start()
+    try:
+        _export_and_compare(server.url + "/run/model.ckpt-3", str(tmp_path / "http.npz"), prefix, assert_same_as_tf)
+        _export_and_compare(server.url + "/run/model.ckpt-3", str(tmp_path / "http-tf.npz"), prefix, assert_same_as_tf, "--engine", "tf")
+        sent_http = server.sent
+    finally:
+        server.stop()
+    before = moto.sent
+    _export_and_compare("s3://ckpts/tfrun/model.ckpt-3", str(tmp_path / "s3.h5"), prefix, assert_same_as_tf)
+    files = sum(os.path.getsize(os.path.join(os.path.dirname(prefix), n)) for n in os.listdir(os.path.dirname(prefix)))
+    assert 0 < moto.sent - before <= files and 0 < sent_http <= 2 * files  # two exports over HTTP, each at most the files once
+
+
+@pytest.mark.tf
+def test_model_zoo_tarball_and_zip_over_http_are_bit_exact_with_tensorflow(ckpts: Any, assert_same_as_tf: Any, tmp_path: Any) -> None:
+    v1 = _tf_checkpoint(str(tmp_path / "v1" / "vgg_16.ckpt"), "v1")
+    v2 = _tf_checkpoint(str(tmp_path / "v2" / "model.ckpt-5"), "v2")
+    www = tmp_path / "www"
+    www.mkdir()
+    with tarfile.open(www / "vgg_16_2016_08_28.tar.gz", "w:gz") as tar:  # as the tf-slim model zoo ships them
+        tar.add(v1, arcname="vgg_16.ckpt")
+    with zipfile.ZipFile(www / "run.zip", "w") as z:
+        for name in sorted(os.listdir(os.path.dirname(v2))):
+            z.write(os.path.join(os.path.dirname(v2), name), arcname="run/" + name)
+    server = RangeHTTPServer(str(www)).start()
+    try:
+        _export_and_compare(server.url + "/vgg_16_2016_08_28.tar.gz", str(tmp_path / "zoo.npz"), v1, assert_same_as_tf)
+        _export_and_compare(server.url + "/run.zip", str(tmp_path / "zip.npz"), v2, assert_same_as_tf)
+    finally:
+        server.stop()
+    assert leftovers(str(tmp_path)) == []
