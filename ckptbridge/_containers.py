@@ -45,8 +45,10 @@ __all__ = ["CONTAINERS", "container_kind", "open_container", "ArchivePlace", "Sc
 
 #: Unpacking stops with an error rather than leave less than this much free space on the scratch file system.
 RESERVE_BYTES = 64 << 20
-#: Read-ahead over the outer file when scanning headers or unpacking a stream.
-_READ_AHEAD = 1 << 20
+#: Read-ahead over the outer file: unpacking a stream reads large ranges; scanning the headers
+#: of a tar read in place, or a zip's directory, small ones (each header costs one ranged read).
+_STREAM_READ_AHEAD = 1 << 20
+_SCAN_READ_AHEAD = 64 << 10
 _COPY_BYTES = 4 << 20
 
 
@@ -221,8 +223,8 @@ class _RawReader(io.RawIOBase):
         return n
 
 
-def _stream(f: RangedFile) -> io.BufferedReader:
-    return io.BufferedReader(_RawReader(f), buffer_size=_READ_AHEAD)
+def _stream(f: RangedFile, read_ahead: int) -> io.BufferedReader:
+    return io.BufferedReader(_RawReader(f), buffer_size=read_ahead)
 
 
 def _truncated(name: str, err: BaseException) -> FormatError:
@@ -255,7 +257,7 @@ def _open_tar(f: RangedFile, compressed: bool, wanted: Callable[[str], bool], sc
     scratch = Scratch(scratch_dir) if compressed else None
     try:
         try:
-            with tarfile.open(fileobj=_stream(f), mode="r|gz" if compressed else "r:") as tar:  # type: ignore[call-overload]
+            with tarfile.open(fileobj=_stream(f, _STREAM_READ_AHEAD if compressed else _SCAN_READ_AHEAD), mode="r|gz" if compressed else "r:") as tar:  # type: ignore[call-overload]
                 for info in tar:
                     raise_if_signalled()
                     name = _safe_name(f.name, info.name)
@@ -297,7 +299,7 @@ _LOCAL_MAGIC = b"PK\x03\x04"
 
 def _open_zip(f: RangedFile, wanted: Callable[[str], bool], scratch_dir: str | None) -> ArchivePlace:
     try:
-        zf = zipfile.ZipFile(_stream(f))
+        zf = zipfile.ZipFile(_stream(f, _SCAN_READ_AHEAD))
     except (zipfile.BadZipFile, EOFError, OSError) as e:
         raise _truncated(f.name, e) from None
     members: dict[str, _Member] = {}

@@ -143,7 +143,8 @@ class LocalFile(RangedFile):
         self.path = os.fspath(path)
         self.name = name if name is not None else self.path
         try:
-            self._fd: int | None = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            # O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused below (no effect on regular files).
+            self._fd: int | None = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0))
         except FileNotFoundError:
             raise errors.NotFoundError(f"{self.name} does not exist") from None
         except IsADirectoryError:
