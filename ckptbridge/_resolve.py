@@ -181,6 +181,10 @@ def _url_step(path: str, member: str | None, scratch_dir: str | None) -> tuple[P
         return None
     place, name = _remote_place(path)
     if _containers.container_kind(name) is None:
+        if formats.for_path(name) is not None or formats.named_by_suffix(name) is not None:
+            place.close()
+            raise FormatError(f"{redacted(path)} is an archive ({os.path.splitext(name)[1]}); ckptbridge reads checkpoints and "
+                              f"archives of checkpoints ({', '.join(_containers.CONTAINERS)}) from URLs; download it first")
         return place, name
     try:
         archive = _containers.open_container(place.open(name), member=member, scratch_dir=scratch_dir)

@@ -381,6 +381,56 @@ def test_unpacking_refuses_to_fill_the_disk(v2_dir: str, tmp_path: Any, tmpdir_e
     no_scratch(tmpdir_env)
 
 
+class Interrupting(RangedFile):
+    """A local file whose reads stop with Ctrl-C once ``after`` bytes are read (as a signal would arrive)."""
+
+    def __init__(self, path: str, after: int) -> None:
+        self._f, self.name, self.after, self.read = LocalFile(path), path, after, 0
+        self.size = self._f.size
+
+    def pread(self, offset: int, n: int) -> bytes:
+        self.read += n
+        if self.read > self.after:
+            raise KeyboardInterrupt
+        return self._f.pread(offset, n)
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def test_ctrl_c_while_unpacking_removes_the_scratch(tmp_path: Any) -> None:
+    rng = np.random.default_rng(1)
+    write_checkpoint(str(tmp_path / "ck" / "model.ckpt"), {"w": rng.standard_normal(1 << 20, dtype=np.float32)})  # 4 MiB
+    archive = make_tar(str(tmp_path / "run.tar.gz"), ckpt_entries(str(tmp_path / "ck"), "run"), "w:gz")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    f = Interrupting(archive, os.path.getsize(archive) // 2)
+    with pytest.raises(KeyboardInterrupt):
+        _containers.open_container(f, scratch_dir=str(scratch))
+    assert f.read > f.after and os.listdir(scratch) == []               # it was unpacking, and it left nothing
+
+
+def test_a_tar_at_a_url_is_read_by_range(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A remote uncompressed tar: listing reads its headers and the index, one tensor about its bytes."""
+    from ckptbridge import _resolve
+
+    rng = np.random.default_rng(2)
+    big = rng.standard_normal(1 << 21, dtype=np.float32)                  # 8 MiB
+    write_checkpoint(str(tmp_path / "ck" / "model.ckpt"), {"big": big, "small": np.arange(4, dtype=np.int16)})
+    archive = make_tar(str(tmp_path / "run.tar"), ckpt_entries(str(tmp_path / "ck"), "run"))
+    place = MemoryPlace({"run.tar": open(archive, "rb").read()}, name="mem://bucket")
+    monkeypatch.setattr(_resolve, "_remote_place", lambda url: (place, "run.tar"))
+    with ckptbridge.read("mem://bucket/run.tar") as r:
+        assert r.path == "mem://bucket/run.tar/run/model.ckpt"
+        assert sorted(r.specs) == ["big", "small"]
+        listed = place.fetched()
+        assert listed < 512 << 10                                         # headers and the index, not the 8 MiB
+        assert r["small"].tobytes() == np.arange(4, dtype=np.int16).tobytes()
+        assert place.fetched() - listed == 8                              # exactly that tensor's bytes
+        assert r["big"].tobytes() == big.tobytes()
+    assert place.closed == 1
+
+
 def test_scratch_is_in_the_ledger_the_cli_sweeps(tmp_path: Any) -> None:
     from ckptbridge import _atomic
 
