@@ -48,6 +48,7 @@ from ._wire import _Bad, crc, get_varint, mask, unmask
 ENGINE_NAME = "native"
 MAX_SHARDS = 1 << 20
 MAX_RANK = 254          # TensorShape's limit
+KEEP_OPEN = 64          # data shards kept open after opening checks their sizes; more are reopened when read
 
 
 def is_bundle(prefix: str) -> bool:
@@ -164,8 +165,12 @@ class BundleReader(Source):
                                     tensor=names[0] if names else None)
             path = data_path(self.prefix, shard, self._header.num_shards)
             try:
-                f = self._files[shard] = self._place.open(data_path(self._rel, shard, self._header.num_shards))
+                f = self._place.open(data_path(self._rel, shard, self._header.num_shards))
                 self._shard_sizes[shard] = f.size
+                if len(self._files) < KEEP_OPEN:
+                    self._files[shard] = f
+                else:
+                    f.close()   # reopened when read: thousands of shards must not hold thousands of descriptors
             except (FileNotFoundError, NotFoundError):
                 raise CorruptError(f"data file {path} of checkpoint {self.prefix} is missing; "
                                    "the checkpoint is incomplete; copy all its .data-* files along with the .index") from None
@@ -402,7 +407,7 @@ class BundleReader(Source):
         buf = self._buffer(e.shard_id)
         check = (lambda c: self._check_crc(key, e, name, c)) if self.verify else None
         if buf is None:  # not mapped (an archive member, a remote object): read block by block
-            f = self._files[e.shard_id]
+            f = self._file(e.shard_id)
             return BlockStream(self._specs[name], _pread_blocks(f, e.offset, self._specs[name], dtype, chunk_bytes), check)
         blocks = mmap_blocks(buf, e.offset, self._specs[name], dtype, chunk_bytes)
         local = self._files.get(e.shard_id)
@@ -420,12 +425,27 @@ class BundleReader(Source):
 
     # --- values -------------------------------------------------------------
 
+    def _file(self, shard: int) -> RangedFile:
+        """The shard's open file (opened again if it was closed after its size was checked)."""
+        f = self._files.get(shard)
+        if f is None:
+            path = data_path(self.prefix, shard, self._header.num_shards)
+            try:
+                f = self._place.open(data_path(self._rel, shard, self._header.num_shards))
+            except (OSError, NotFoundError) as e:
+                raise CkptBridgeError(f"cannot read {path}: {e}; check that the file is readable") from None
+            if f.size != self._shard_sizes[shard]:
+                f.close()
+                raise CorruptError(f"data file {path} changed size while the checkpoint was open")
+            self._files[shard] = f
+        return f
+
     def _buffer(self, shard: int) -> mmap.mmap | bytes | None:
         """The shard's whole-file buffer (a local file's map), or None: read it by range."""
         if shard in self._maps:
             return self._maps[shard]  # type: ignore[no-any-return]
         path = data_path(self.prefix, shard, self._header.num_shards)
-        f = self._files[shard]
+        f = self._file(shard)
         try:
             buf = f.buffer()
         except OSError as e:
@@ -441,7 +461,7 @@ class BundleReader(Source):
         if buf is not None:
             return memoryview(buf)[e.offset:e.offset + e.size]
         try:
-            return memoryview(self._files[e.shard_id].pread(e.offset, e.size))
+            return memoryview(self._file(e.shard_id).pread(e.offset, e.size))
         except OSError as err:
             path = data_path(self.prefix, e.shard_id, self._header.num_shards)
             raise CkptBridgeError(f"cannot read {path}: {err.strerror or err}; check that the file is readable") from None
