@@ -455,9 +455,15 @@ def one_line(r: subprocess.CompletedProcess[str], *needles: str) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("suffix,mode", [(".tar.gz", "w:gz"), (".tar", "w")])
+@pytest.mark.parametrize("suffix,mode", [(".tar.gz", "w:gz"), (".tar", "w"), (".zip", "zip")])
 def test_cli_truncated_tarball(v2_dir: str, tmp_path: Any, tmpdir_env: str, suffix: str, mode: str) -> None:
-    whole = make_tar(str(tmp_path / f"whole{suffix}"), ckpt_entries(v2_dir, "run"), mode)
+    whole = str(tmp_path / f"whole{suffix}")
+    if mode == "zip":
+        with zipfile.ZipFile(whole, "w", zipfile.ZIP_DEFLATED) as z:
+            for arc, local in ckpt_entries(v2_dir, "run").items():
+                z.write(local, arc)
+    else:
+        make_tar(whole, ckpt_entries(v2_dir, "run"), mode)
     data = open(whole, "rb").read()
     cut = str(tmp_path / f"cut{suffix}")
     with open(cut, "wb") as f:
@@ -484,6 +490,9 @@ def test_cli_member_and_escape(v2_dir: str, tmp_path: Any, tmpdir_env: str) -> N
     out = tmp_path / "out"
     out.mkdir()
     one_line(cli("export", evil, str(out / "w.npz"), cwd=str(tmp_path), tmpdir=tmpdir_env), "outside the archive")
+    r = cli("diff", archive, v2_dir, "--member-a", "a/model.ckpt", cwd=str(tmp_path), tmpdir=tmpdir_env)
+    assert r.returncode == 0 and r.stdout.startswith("identical: 4 tensors"), (r.stdout, r.stderr)
+    one_line(cli("diff", v2_dir, archive, cwd=str(tmp_path), tmpdir=tmpdir_env), "--member-b")
     assert os.listdir(out) == [] and os.listdir(tmpdir_env) == []
     assert not os.path.exists(tmp_path.parent / "x")
 
