@@ -157,12 +157,11 @@ class Scratch:
 
 def _safe_name(archive: str, name: str) -> str:
     """A member's name as a clean relative path, or UnsafeArchiveError when it could land outside."""
-    clean = name.replace("\\", "/") if "\\" in name and "/" not in name else name
-    parts = clean.split("/")
-    if clean.startswith("/") or (len(parts[0]) == 2 and parts[0][1] == ":") or ".." in parts or "\x00" in clean:
+    parts = name.replace("\\", "/").split("/")   # a backslash counts as a separator too (archives made on Windows)
+    if parts[0] == "" or (len(parts[0]) == 2 and parts[0][1] == ":") or ".." in parts or "\x00" in name:
         raise UnsafeArchiveError(f"{archive}: member {name!r} points outside the archive (an absolute path or '..'); "
                                  "ckptbridge refuses archives with such members; unpack it yourself after checking it")
-    return "/".join(p for p in parts if p not in ("", "."))
+    return "/".join(p for p in name.split("/") if p not in ("", "."))
 
 
 def _link_target(archive: str, name: str, target: str, hard: bool) -> str:

@@ -279,6 +279,9 @@ def open_source(path: str, *, engine: str = "auto", verify: bool = True, max_ten
             continue
         place, name = found
         try:
+            if member is not None and not isinstance(place, _containers.ArchivePlace):
+                raise FormatError(f"{option(member_key)} chooses a checkpoint inside an archive ({', '.join(_containers.CONTAINERS)}); "
+                                  f"{place.name} is not one")
             prefix, version = _checkpoint_in_place(place, name, member, member_key)
             e = _engine_for(engine, where(place, prefix), version)
         except BaseException:
