@@ -52,7 +52,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .. import _ckptfiles, _dtypes
-from .._chunks import BlockStream, c_blocks
+from .._chunks import CHUNK_BYTES, BlockStream, c_blocks
 from .._ranged import LocalFile, LocalPlace, Place, RangedFile, SliceableFile, where
 from .._source import OBJECT_GRAPH, OBJECT_GRAPH_KEY, Source, uncarried_error
 from ..errors import CkptBridgeError, CorruptError, FormatError, NotFoundError
@@ -261,7 +261,7 @@ class V1Reader(Source):
     def _read_meta(self, index: int, table: Table) -> None:
         path = self.files[index]
         with self._bad(path):
-            first = table.first()
+            first = self._first(index, table)
             if first is None or first[0] != b"":
                 raise self._corrupt("its first entry is not the checkpoint's metadata", path)
             meta = b""
@@ -536,17 +536,16 @@ class V1Reader(Source):
             return self._find(index, i, key, t, stored, spec)
         except _Bad:
             if self.verify:
-                c = self._crc_span(index, off, off + size + 1, 0, chunk_bytes)
-                if mask(c) != int.from_bytes(read(off + size + 1, 4), "little"):
-                    raise _Bad(f"data block at offset {off} fails its crc32c check") from None
+                self._check_block(index, off, size, chunk_bytes)
             raise
 
-    def _find(self, index: int, i: int, key: bytes, t: _Tensor, stored: Slice, spec: TensorSpec) -> _Plan | None:
-        """:meth:`_locate` without the crc: walk block ``i``'s entries (every key checked as
-        ``Table.block`` checks it), then the SavedTensorSlices, SavedSlice and TensorProto fields."""
+    def _walk(self, index: int, i: int, w: _Window, key: bytes) -> tuple[int, int] | None:
+        """(file offset, length) of ``key``'s value in data block ``i`` of file ``index``, from small
+        reads through ``w``: every entry is walked and checked as ``Table.block`` checks it (restart
+        points, shared prefixes, key lengths and budget, order, the index key).  None if the key is
+        not there, or the block has more restart points than any real one (then read it whole)."""
         table = self._tables[index]
         off, size = table.handles[i]
-        w = _Window(self._ranges(index), off + size)
         if size < 4:
             raise _Bad(f"data block is too short ({size} bytes) to hold its restart count")
         num_restarts = int.from_bytes(w.get(off + size - 4, 4), "little")
@@ -586,8 +585,48 @@ class V1Reader(Source):
             if prev == key:
                 found = (pos, value_len)
             pos += value_len
+        return found
+
+    def _check_block(self, index: int, off: int, size: int, chunk_bytes: int) -> None:
+        """The crc32c of the (uncompressed) block at ``off``, computed a chunk at a time; _Bad if it
+        does not match its trailer, with read()'s words."""
+        c = self._crc_span(index, off, off + size + 1, 0, chunk_bytes)
+        if mask(c) != int.from_bytes(self._ranges(index)(off + size + 1, 4), "little"):
+            raise _Bad(f"data block at offset {off} fails its crc32c check")
+
+    def _first(self, index: int, table: Table) -> tuple[bytes, Any] | None:
+        """The table's first entry, the metadata: ``Table.first``, except that a first block larger
+        than WHOLE_BLOCK_BYTES (a big tensor right after the metadata) is not read whole: the entry
+        is found from small reads and the block's crc32c computed a chunk at a time."""
+        if not len(table):
+            return table.first()
+        off, size = table.handles[0]
+        read = self._ranges(index)
+        if size + TRAILER_SIZE <= WHOLE_BLOCK_BYTES or bytes(read(off + size, 1))[0] != NO_COMPRESSION:
+            return table.first()
+        w = _Window(read, off + size)
+        try:
+            found = self._walk(index, 0, w, b"")
+            value = None if found is None else bytes(w.get(*found))
+        except _Bad:
+            if self.verify:
+                self._check_block(index, off, size, CHUNK_BYTES)
+            raise
+        if value is None:
+            return table.first()
+        if self.verify:
+            self._check_block(index, off, size, CHUNK_BYTES)
+        _release(self._maps[index], off, off + size + TRAILER_SIZE)
+        return b"", value
+
+    def _find(self, index: int, i: int, key: bytes, t: _Tensor, stored: Slice, spec: TensorSpec) -> _Plan | None:
+        """:meth:`_locate` without the crc: the entry (:meth:`_walk`), then the SavedTensorSlices,
+        SavedSlice and TensorProto fields."""
+        w = _Window(self._ranges(index), sum(self._tables[index].handles[i]))
+        found = self._walk(index, i, w, key)
         if found is None:
             return None                                   # read() says the slice's data is missing
+        off, size = self._tables[index].handles[i]
         where = list(zip(*stored)) if stored[0] else "[]"
         data: tuple[int, int] | None = None
         for number, wire, value in _fields_at(w, found[0], found[0] + found[1]):
@@ -668,6 +707,9 @@ class V1Reader(Source):
 #: restart points (TensorFlow writes one per 16 entries) and the bytes of a TensorSliceProto.
 MAX_STREAM_RESTARTS = 1 << 16
 MAX_SLICE_BYTES = 1 << 20
+#: A first block up to this size is read whole when the metadata is read at opening (it is then
+#: cached for the tensors in it); a larger one holds a big tensor, and only the metadata is read.
+WHOLE_BLOCK_BYTES = 1 << 20
 
 
 class _Plan(NamedTuple):
