@@ -42,10 +42,6 @@ BACKOFF = 0.5
 CHUNK = 16 << 20
 #: Reads smaller than this fetch this much and keep it (readahead for a table's small blocks and adjacent small tensors).
 READAHEAD = 256 << 10
-#: A read of at least this much that starts where the file's previous read ended (a tensor streamed in
-#: blocks) starts fetching the next range of its size in the background: the network works while the
-#: caller checksums and writes.  One range ahead per file, so at most one block is fetched unasked.
-PREFETCH_MIN = 1 << 20
 #: The ``checkpoint`` state file is a few lines; a larger one is not read.
 MAX_STATE_BYTES = 1 << 20
 
@@ -187,25 +183,6 @@ def _retrying(what: str, name: str, http: bool, call: Any) -> Any:
 # --------------------------------------------------------------------------- files and places
 
 
-class _Ahead:
-    """One range fetched in the background, on a daemon thread (it never holds up the process's exit)."""
-
-    def __init__(self, offset: int, n: int, fetch: Any) -> None:
-        self.offset, self.n = offset, n
-        self.done = threading.Event()
-        self.data: bytes | None = None
-        self.error: BaseException | None = None
-        threading.Thread(target=self._run, args=(fetch,), name="ckptbridge-prefetch", daemon=True).start()
-
-    def _run(self, fetch: Any) -> None:
-        try:
-            self.data = fetch(self.offset, self.n)
-        except BaseException as e:  # noqa: BLE001 - handed to the reader that takes this range
-            self.error = e
-        finally:
-            self.done.set()
-
-
 class RemoteFile(RangedFile):
     """One remote object, read by byte-range requests (never whole unless asked for all of it)."""
 
@@ -216,8 +193,6 @@ class RemoteFile(RangedFile):
         self.size = size
         self._lock = threading.Lock()
         self._cache: tuple[int, bytes] | None = None  # (offset, bytes) of the last readahead
-        self._ahead: _Ahead | None = None             # the next range of a sequential read, being fetched
-        self._last_end: int | None = None             # where the last large read ended
         #: bytes and requests this file fetched
         self.bytes_fetched = 0
         self.requests = 0
@@ -239,18 +214,6 @@ class RemoteFile(RangedFile):
             with self._lock:
                 self._cache = (offset, block)
             return block[:n]
-        data = self._take_ahead(offset, n)
-        if data is None:
-            data = self._fetch_range(offset, n)
-        with self._lock:
-            sequential, self._last_end = self._last_end == offset, offset + n
-            after = offset + n
-            if sequential and n >= PREFETCH_MIN and after < self.size:
-                self._ahead = _Ahead(after, min(n, self.size - after), self._fetch_range)
-        return data
-
-    def _fetch_range(self, offset: int, n: int) -> bytes:
-        """``n`` bytes at ``offset`` in requests of at most :data:`CHUNK`."""
         parts = []
         pos, end = offset, offset + n
         while pos < end:
@@ -258,22 +221,6 @@ class RemoteFile(RangedFile):
             parts.append(self._fetch(pos, step))
             pos += step
         return parts[0] if len(parts) == 1 else b"".join(parts)
-
-    def _take_ahead(self, offset: int, n: int) -> bytes | None:
-        """The bytes at ``offset`` from the range fetched ahead, if it starts there; None otherwise."""
-        with self._lock:
-            ahead, self._ahead = self._ahead, None
-        if ahead is None or ahead.offset != offset:
-            return None  # another range: a fetch under way ends unheeded (its bytes count as fetched: they were)
-        ahead.done.wait()
-        if ahead.error is not None:
-            if isinstance(ahead.error, errors.CkptBridgeError):
-                raise ahead.error  # already retried as far as it goes
-            return None
-        assert ahead.data is not None
-        if ahead.n >= n:
-            return ahead.data if ahead.n == n else ahead.data[:n]
-        return ahead.data + self._fetch_range(offset + ahead.n, n - ahead.n)
 
     def _fetch(self, offset: int, n: int) -> bytes:
         """Exactly ``n`` bytes at ``offset`` in one request, retried."""
@@ -298,7 +245,6 @@ class RemoteFile(RangedFile):
 
     def close(self) -> None:
         self._cache = None
-        self._ahead = None
 
 
 class RemotePlace(Place):

@@ -514,24 +514,3 @@ def test_model_zoo_tarball_and_zip_over_http_are_bit_exact_with_tensorflow(ckpts
         server.stop()
     assert leftovers(str(tmp_path)) == []
 
-
-def test_a_sequential_large_read_fetches_the_next_range_ahead(served: tuple[RangeHTTPServer, str]) -> None:
-    server, root = served
-    place, prefix = _remote.open_place(server.url + "/run/model.ckpt-7", progress=False)
-    data = prefix + ".data-00000-of-00001"
-    local = open(os.path.join(root, "run", data), "rb").read()
-    step = _remote.PREFETCH_MIN
-    f = place.open(data)
-    server.reset()
-    assert f.pread(0, step) == local[:step] and f._ahead is None  # a first read: nothing fetched ahead
-    assert f.pread(step, step) == local[step:2 * step]               # where it ended: the next range goes ahead
-    ahead = f._ahead
-    assert ahead is not None and (ahead.offset, ahead.n) == (2 * step, step)
-    assert ahead.done.wait(60)
-    assert f.pread(2 * step, step) == local[2 * step:3 * step]       # served by the range fetched ahead
-    assert f._ahead is not None and f._ahead.done.wait(60)
-    gets = [e.range for e in server.log if e.method == "GET"]
-    assert gets == [f"bytes={a}-{min(a + step, len(local)) - 1}" for a in range(0, 4 * step, step)]  # each range once
-    assert 3 * step < len(local) <= 4 * step  # so the four ranges are the whole file
-    assert f.pread(10, 20) == local[10:30]    # elsewhere: a small read of its own, the range ahead unused
-    assert server.sent == len(local) + _remote.READAHEAD
