@@ -282,7 +282,8 @@ def export(
     if port is not None:
         _refuse_with_port(rename=rename, rename_map=rename_map, layout=layout, model=model, num_classes=num_classes,
                           include=include, exclude=exclude, weights_only=weights_only, use_ema=use_ema)
-    with durability(fsync), open_source(checkpoint, engine=engine, names=names, member=member, scratch_dir=_scratch_beside(output)) as src:
+    with durability(fsync), open_source(checkpoint, engine=engine, names=names, member=member, scratch_dir=_scratch_beside(output),
+                                            progress=progress) as src:
         prep: Any
         if port is not None:
             from . import _ports
@@ -425,7 +426,7 @@ def rebuild(
         _refuse_with_port(rename=rename, rename_map=rename_map, original_names=original_names, include=include,
                           exclude=exclude, use_ema=use_ema)
     with durability(fsync), open_source(archive, engine=engine, max_tensor_bytes=max_tensor_bytes, names=names, member=member,
-                                        scratch_dir=_scratch_beside(output_prefix)) as src:
+                                        scratch_dir=_scratch_beside(output_prefix), progress=progress) as src:
         from ._plans import prepare_import
 
         # One view of the archive (filters, EMA, original names, renames, layout undone; or a port map), then one sink.
@@ -505,8 +506,10 @@ def diff(
 
     # names applies to the checkpoint side(s); an archive's names are its own
     na, nb = (names if archive_kind(p) is None else "auto" for p in (a, b))
-    with open_source(a, engine=engine, max_tensor_bytes=limit, names=na, member=member_a, member_key="member_a") as sa, \
-            open_source(b, engine=engine, max_tensor_bytes=limit, names=nb, member=member_b, member_key="member_b") as sb:
+    with open_source(a, engine=engine, max_tensor_bytes=limit, names=na, member=member_a, member_key="member_a",
+                     progress=progress) as sa, \
+            open_source(b, engine=engine, max_tensor_bytes=limit, names=nb, member=member_b, member_key="member_b",
+                         progress=progress) as sb:
         return diff_sources(sa, sb, atol=atol, rtol=rtol, progress=progress)
 
 
@@ -526,5 +529,6 @@ def verify(path: str, *, engine: str = "auto", progress: bool | None = False, ma
         report = ckptbridge.verify("archive.h5")
         assert report.ok, report.message
     """
-    with open_source(path, engine=engine, verify=True, max_tensor_bytes=max_tensor_bytes, names=names, member=member) as src:
+    with open_source(path, engine=engine, verify=True, max_tensor_bytes=max_tensor_bytes, names=names, member=member,
+                     progress=progress) as src:
         return verify_source(src, progress=progress)

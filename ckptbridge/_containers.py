@@ -135,7 +135,7 @@ class Scratch:
     def __init__(self, directory: str | None) -> None:
         self.path = tempfile.mkdtemp(prefix=".ckptbridge-unpack.", suffix=_atomic.TMP_SUFFIX, dir=directory)
         self.used = 0
-        _atomic._pending[self.path] = self.remove  # the ledger _atomic.discard_pending sweeps
+        _atomic.track_pending(self.path, self.remove)  # the ledger _atomic.discard_pending sweeps
 
     def reserve(self, nbytes: int, what: str) -> None:
         """Refuse to unpack ``nbytes`` more when that would leave less than RESERVE_BYTES free."""
@@ -148,7 +148,7 @@ class Scratch:
 
     def remove(self) -> None:
         with signals_deferred():
-            _atomic._pending.pop(self.path, None)
+            _atomic.untrack_pending(self.path)
             shutil.rmtree(self.path, ignore_errors=True)
 
 

@@ -32,6 +32,7 @@ from typing import Any
 from . import _state, errors
 from ._progress import bar
 from ._ranged import Place, RangedFile, _check_relpath
+from .errors import RemoteError, RemotePermissionError
 
 __all__ = ["RemoteError", "RemotePermissionError", "RemoteFile", "RemotePlace", "is_url", "open_place", "redact", "fetched"]
 
@@ -50,14 +51,6 @@ _URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
 _HTTP = ("http", "https")
 # Suffixes of files a URL names directly: probed as a file first (no prefix or directory probes).
 _FILE_SUFFIXES = re.compile(r"(\.index|\.meta|\.data-\d{5}-of-\d{5}|\.tar|\.tar\.gz|\.tgz|\.zip|\.ckpt)$")
-
-
-class RemoteError(errors.CkptBridgeError, ConnectionError):
-    """A remote read failed, after its retries where a retry could help."""
-
-
-class RemotePermissionError(errors.CkptBridgeError, PermissionError):
-    """The server refused access to a remote object (HTTP 401/403, or the storage library's PermissionError)."""
 
 
 def is_url(path: str) -> bool:

@@ -22,6 +22,7 @@ from typing import Any
 
 from . import _ckptfiles, _containers, _engines, _readable, _savedmodel, _state, formats
 from ._ranged import LocalFile, Place, where
+from ._remote import is_url, redact
 from ._source import Sink, Source
 from .bundle._table import FOOTER_SIZE as _FOOTER
 from .bundle._table import has_magic
@@ -152,39 +153,21 @@ def resolve_checkpoint(path: str) -> tuple[str, str]:
 # the local checkpoint and archive-format resolution below.
 
 
-def is_url(path: str) -> bool:
-    """Whether ``path`` is a URL (``scheme://...``) other than ``file://``."""
-    scheme, sep, _ = path.partition("://")
-    return bool(sep) and scheme.isascii() and scheme.replace("+", "").replace("-", "").replace(".", "").isalnum() and scheme.lower() != "file"
+def _remote_place(url: str, progress: bool | None) -> tuple[Place, str]:
+    from ._remote import open_place  # the standard library only; fsspec is imported by open_place
+
+    return open_place(url, progress=progress)
 
 
-def _remote_place(url: str) -> tuple[Place, str]:
-    try:
-        from ._remote import open_place
-    except ImportError as e:
-        raise MissingDependencyError(f"reading {redacted(url)} needs fsspec; install it with: pip install 'ckptbridge[remote]' ({e})") from None
-    return open_place(url)
-
-
-def redacted(url: str) -> str:
-    """A URL without userinfo, query or fragment, for messages."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return url
-    host, slash, tail = rest.partition("/")
-    host = host.rpartition("@")[2]
-    return f"{scheme}://{host}{slash}{tail.split('?', 1)[0].split('#', 1)[0]}"
-
-
-def _url_step(path: str, member: str | None, scratch_dir: str | None) -> tuple[Place, str] | None:
+def _url_step(path: str, member: str | None, scratch_dir: str | None, progress: bool | None) -> tuple[Place, str] | None:
     """A remote URL (fsspec): its directory and the name in it; an archive there is opened by range."""
     if not is_url(path):
         return None
-    place, name = _remote_place(path)
+    place, name = _remote_place(path, progress)
     if _containers.container_kind(name) is None:
         if formats.for_path(name) is not None or formats.named_by_suffix(name) is not None:
             place.close()
-            raise FormatError(f"{redacted(path)} is an archive ({os.path.splitext(name)[1]}); ckptbridge reads checkpoints and "
+            raise FormatError(f"{redact(path)} is an archive ({os.path.splitext(name)[1]}); ckptbridge reads checkpoints and "
                               f"archives of checkpoints ({', '.join(_containers.CONTAINERS)}) from URLs; download it first")
         return place, name
     try:
@@ -196,7 +179,7 @@ def _url_step(path: str, member: str | None, scratch_dir: str | None) -> tuple[P
     return archive, ""
 
 
-def _container_step(path: str, member: str | None, scratch_dir: str | None) -> tuple[Place, str] | None:
+def _container_step(path: str, member: str | None, scratch_dir: str | None, progress: bool | None) -> tuple[Place, str] | None:
     """A local ``.tar``/``.tar.gz``/``.tgz``/``.zip`` of checkpoints."""
     if _containers.container_kind(path) is None or os.path.isdir(path):
         return None
@@ -265,7 +248,7 @@ def _open_with(e: _engines.Engine, prefix: str, version: str, *, verify: bool, p
 
 def open_source(path: str, *, engine: str = "auto", verify: bool = True, max_tensor_bytes: int | None = None,
                 member: str | None = None, scratch_dir: str | None = None, member_key: str = "member",
-                names: str = _readable.AUTO) -> Source:
+                names: str = _readable.AUTO, progress: bool | None = False) -> Source:
     """A lazy source for a checkpoint, a SavedModel or Hub module directory, or an archive: a local
     path, an archive of checkpoints (``member``: which checkpoint inside, where it holds several)
     or a URL.
@@ -273,13 +256,14 @@ def open_source(path: str, *, engine: str = "auto", verify: bool = True, max_ten
     What must be unpacked (a compressed archive's members) goes to temporary space
     in ``scratch_dir`` (None: the system temp), removed when the source closes.
     ``member_key``: the option messages name for ``member`` (``diff`` has two).
-    ``names`` picks a checkpoint's names (``_readable``)."""
+    ``names`` picks a checkpoint's names (``_readable``); ``progress``: a bar of the bytes
+    fetched from a URL (None: when stderr is a terminal)."""
     _engines.check(engine)
     _readable.check(names)
     if path.startswith("file://"):
         path = path[len("file://"):]
     for step in _PLACE_STEPS:
-        found = step(path, member, scratch_dir)
+        found = step(path, member, scratch_dir, progress)
         if found is None:
             continue
         place, name = found

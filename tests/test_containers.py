@@ -193,7 +193,7 @@ def test_open_source_on_a_place_like_a_remote_one(v2_dir: str, monkeypatch: pyte
     from ckptbridge import _resolve
 
     place = MemoryPlace(load_dir(v2_dir))
-    monkeypatch.setattr(_resolve, "_remote_place", lambda url: (place, "model.ckpt.index"))
+    monkeypatch.setattr(_resolve, "_remote_place", lambda url, progress: (place, "model.ckpt.index"))
     with ckptbridge.read("mem://bucket/run/model.ckpt.index") as r:
         assert r.path == "mem://bucket/run/model.ckpt"
         for name, want in tensors().items():
@@ -202,7 +202,9 @@ def test_open_source_on_a_place_like_a_remote_one(v2_dir: str, monkeypatch: pyte
 
 
 def test_a_url_without_fsspec_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "ckptbridge._remote", None)       # import fails as without the extra
+    for name in [m for m in sys.modules if m == "fsspec" or m.startswith("fsspec.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "fsspec", None)                   # import fails as without the extra
     with pytest.raises(errors.MissingDependencyError, match=r"ckptbridge\[remote\]") as e:
         ckptbridge.read("s3://user:pw@bucket/run/model.ckpt?token=abc")
     assert "pw" not in str(e.value) and "token" not in str(e.value)
@@ -419,7 +421,7 @@ def test_a_tar_at_a_url_is_read_by_range(tmp_path: Any, monkeypatch: pytest.Monk
     write_checkpoint(str(tmp_path / "ck" / "model.ckpt"), {"big": big, "small": np.arange(4, dtype=np.int16)})
     archive = make_tar(str(tmp_path / "run.tar"), ckpt_entries(str(tmp_path / "ck"), "run"))
     place = MemoryPlace({"run.tar": open(archive, "rb").read()}, name="mem://bucket")
-    monkeypatch.setattr(_resolve, "_remote_place", lambda url: (place, "run.tar"))
+    monkeypatch.setattr(_resolve, "_remote_place", lambda url, progress: (place, "run.tar"))
     with ckptbridge.read("mem://bucket/run.tar") as r:
         assert r.path == "mem://bucket/run.tar/run/model.ckpt"
         assert sorted(r.specs) == ["big", "small"]
