@@ -194,7 +194,11 @@ class LocalFile(RangedFile):
 def _check_relpath(relpath: str, where: str) -> str:
     """``relpath`` if it is a plain relative "/" path that stays inside its place."""
     parts = relpath.split("/")
-    if relpath.startswith("/") or "\\" in relpath or any(p in ("..",) for p in parts):
+    # A backslash is an ordinary character of a POSIX file name (TensorFlow writes prefixes with
+    # them) and of an object key; only where the OS takes it as a separator could it leave the place.
+    # Archive members are checked more strictly, where they are listed (_containers).
+    native_seps = {os.sep, os.altsep} - {None, "/"}
+    if relpath.startswith("/") or any(sep in relpath for sep in native_seps) or ".." in parts:
         raise errors.FormatError(f"{relpath!r} is not a relative path inside {where}")
     return "/".join(p for p in parts if p not in ("", "."))
 
