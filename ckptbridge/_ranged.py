@@ -197,7 +197,7 @@ def _check_relpath(relpath: str, where: str) -> str:
     # A backslash is an ordinary character of a POSIX file name (TensorFlow writes prefixes with
     # them) and of an object key; only where the OS takes it as a separator could it leave the place.
     # Archive members are checked more strictly, where they are listed (_containers).
-    native_seps = {os.sep, os.altsep} - {None, "/"}
+    native_seps = [sep for sep in (os.sep, os.altsep) if sep and sep != "/"]
     if relpath.startswith("/") or any(sep in relpath for sep in native_seps) or ".." in parts:
         raise errors.FormatError(f"{relpath!r} is not a relative path inside {where}")
     return "/".join(p for p in parts if p not in ("", "."))
