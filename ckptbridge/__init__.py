@@ -20,6 +20,8 @@ from .errors import (
     MissingDependencyError,
     NotFoundError,
     OutputExistsError,
+    RemoteError,
+    RemotePermissionError,
     UncarriedDtypeError,
     UnsafeArchiveError,
 )
@@ -76,6 +78,8 @@ __all__ = [
     "MissingDependencyError",
     "NotFoundError",
     "OutputExistsError",
+    "RemoteError",
+    "RemotePermissionError",
     "UncarriedDtypeError",
     "UnsafeArchiveError",
     "__version__",

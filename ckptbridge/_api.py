@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -89,14 +90,15 @@ class Reader(Mapping[str, np.ndarray]):
 
 
 def read(path: str, *, engine: str = "auto", verify: bool = True, max_tensor_bytes: int | None = DEFAULT_MAX_TENSOR_BYTES,
-         names: str = "auto") -> Reader:
+         names: str = "auto", member: str | None = None) -> Reader:
     """Open a checkpoint (prefix, file, or directory) or an archive for lazy reading.
 
     Arrays come with their true dtypes: bfloat16 as ``ml_dtypes.bfloat16``,
     strings as object arrays of ``bytes``, 0-d tensors as 0-d arrays.
 
     Args:
-        path: a checkpoint prefix, one of its files, its directory, or an archive.
+        path: a checkpoint prefix, one of its files, its directory, an archive, an
+            archive of checkpoints (``.tar``, ``.tar.gz``/``.tgz``, ``.zip``) or a URL.
         engine: ``"auto"``, ``"native"`` (no TensorFlow) or ``"tf"``.
         verify: check each tensor's checksum as it is read.
         max_tensor_bytes: an archive tensor claiming more is refused when the
@@ -105,6 +107,8 @@ def read(path: str, *, engine: str = "auto", verify: bool = True, max_tensor_byt
             Hub directory, keys for a checkpoint), ``"readable"`` (also a TF2
             checkpoint's, from its object graph) or ``"keys"``; a renamed
             tensor's key is in ``metadata()["original_names"]``.
+        member: the checkpoint to read inside an archive of checkpoints that holds
+            several (its prefix there, e.g. ``"run/model.ckpt-100"``).
 
     Returns:
         A :class:`Reader`: a read-only mapping name -> array that reads nothing
@@ -116,10 +120,10 @@ def read(path: str, *, engine: str = "auto", verify: bool = True, max_tensor_byt
             r.specs["vgg_16/fc8/weights"].shape      # (1, 1, 4096, 1000), nothing read
             w = r["vgg_16/fc8/weights"]              # this tensor read, checked
     """
-    return Reader(open_source(path, engine=engine, verify=verify, max_tensor_bytes=max_tensor_bytes, names=names))
+    return Reader(open_source(path, engine=engine, verify=verify, max_tensor_bytes=max_tensor_bytes, names=names, member=member))
 
 
-def load(path: str, *, engine: str = "auto", verify: bool = True, names: str = "auto") -> dict[str, np.ndarray]:
+def load(path: str, *, engine: str = "auto", verify: bool = True, names: str = "auto", member: str | None = None) -> dict[str, np.ndarray]:
     """Every tensor of a checkpoint or an archive, read whole: ``{name: array}``.
 
     The eager twin of :func:`read` (safetensors' ``load_file``), for models that fit in
@@ -130,6 +134,7 @@ def load(path: str, *, engine: str = "auto", verify: bool = True, names: str = "
         engine: ``"auto"``, ``"native"`` or ``"tf"``.
         verify: check each tensor's checksum.
         names: a checkpoint's names, as for :func:`read`.
+        member: the checkpoint inside an archive of checkpoints, as :func:`read` takes it.
 
     Returns:
         A new dict of arrays the caller owns.
@@ -145,7 +150,7 @@ def load(path: str, *, engine: str = "auto", verify: bool = True, names: str = "
     """
     from ._dtypes import uncarried_error
 
-    with open_source(path, engine=engine, verify=verify, max_tensor_bytes=None, names=names) as src:
+    with open_source(path, engine=engine, verify=verify, max_tensor_bytes=None, names=names, member=member) as src:
         opaque = src.uncarried()
         if opaque:
             raise uncarried_error(src.path, {n: s.dtype for n, s in opaque.items()})
@@ -232,6 +237,7 @@ def export(
     fsync: bool = True,
     port: str | PortMap | None = None,
     names: str = "auto",
+    member: str | None = None,
 ) -> Report:
     """Write every (selected) tensor of a checkpoint to ``.npz``, HDF5 or ``.safetensors``, exactly.
 
@@ -256,8 +262,11 @@ def export(
     archive records each one's checkpoint key (``original_names``).
 
     Args:
-        checkpoint: a checkpoint prefix, its directory, or any archive.
+        checkpoint: a checkpoint prefix, its directory, any archive, an archive of
+            checkpoints or a URL.  A compressed archive of checkpoints is unpacked
+            into temporary space beside ``output``, removed afterwards.
         output: the archive to write; its suffix picks the format.
+        member: the checkpoint inside an archive of checkpoints, as :func:`read` takes it.
 
     Returns:
         A :class:`Report` of every tensor written, dropped, swapped or renamed.
@@ -273,7 +282,8 @@ def export(
     if port is not None:
         _refuse_with_port(rename=rename, rename_map=rename_map, layout=layout, model=model, num_classes=num_classes,
                           include=include, exclude=exclude, weights_only=weights_only, use_ema=use_ema)
-    with durability(fsync), open_source(checkpoint, engine=engine, names=names) as src:
+    with durability(fsync), open_source(checkpoint, engine=engine, names=names, member=member, scratch_dir=_scratch_beside(output),
+                                            progress=progress) as src:
         prep: Any
         if port is not None:
             from . import _ports
@@ -294,6 +304,13 @@ def export(
                           carry_extras=port is None)
         _annotate(report, prep, port)
         return report
+
+
+def _scratch_beside(output: str) -> str | None:
+    """Where a compressed archive of checkpoints is unpacked for a command writing ``output``: its
+    directory (the space the user chose for the result), or the system temp if it does not exist yet."""
+    directory = os.path.dirname(os.path.abspath(output))
+    return directory if os.path.isdir(directory) else None
 
 
 def _refuse_with_port(**options: Any) -> None:
@@ -357,6 +374,7 @@ def rebuild(
     fsync: bool = True,
     port: str | PortMap | None = None,
     names: str = "auto",
+    member: str | None = None,
 ) -> Report:
     """Turn an archive (or any source) back into a TensorFlow checkpoint.
 
@@ -407,7 +425,8 @@ def rebuild(
     if port is not None:
         _refuse_with_port(rename=rename, rename_map=rename_map, original_names=original_names, include=include,
                           exclude=exclude, use_ema=use_ema)
-    with durability(fsync), open_source(archive, engine=engine, max_tensor_bytes=max_tensor_bytes, names=names) as src:
+    with durability(fsync), open_source(archive, engine=engine, max_tensor_bytes=max_tensor_bytes, names=names, member=member,
+                                        scratch_dir=_scratch_beside(output_prefix), progress=progress) as src:
         from ._plans import prepare_import
 
         # One view of the archive (filters, EMA, original names, renames, layout undone; or a port map), then one sink.
@@ -462,13 +481,16 @@ def port_map(name_or_path: str) -> PortMap:
 
 def diff(
     a: str, b: str, *, atol: float = 0.0, rtol: float = 0.0, engine: str = "auto", progress: bool | None = False,
-    max_tensor_bytes: int | None = DEFAULT_MAX_TENSOR_BYTES, names: str = "auto",
+    max_tensor_bytes: int | None = DEFAULT_MAX_TENSOR_BYTES, names: str = "auto", member_a: str | None = None,
+    member_b: str | None = None,
 ) -> DiffReport:
     """Compare two checkpoints or archives name by name; exact unless atol/rtol.
 
     Tensors of a dtype ckptbridge does not carry are compared by their stored
     bytes (native engine), never skipped.  ``names`` picks the names of each side
     that is a checkpoint, as for :func:`read` (an archive's names are its own).
+    ``member_a``/``member_b`` choose the checkpoint inside ``a``/``b`` where either
+    is an archive of checkpoints.
 
     Returns:
         A :class:`DiffReport`; ``identical`` is True when names, dtypes, shapes and
@@ -484,13 +506,15 @@ def diff(
 
     # names applies to the checkpoint side(s); an archive's names are its own
     na, nb = (names if archive_kind(p) is None else "auto" for p in (a, b))
-    with open_source(a, engine=engine, max_tensor_bytes=limit, names=na) as sa, \
-            open_source(b, engine=engine, max_tensor_bytes=limit, names=nb) as sb:
+    with open_source(a, engine=engine, max_tensor_bytes=limit, names=na, member=member_a, member_key="member_a",
+                     progress=progress) as sa, \
+            open_source(b, engine=engine, max_tensor_bytes=limit, names=nb, member=member_b, member_key="member_b",
+                         progress=progress) as sb:
         return diff_sources(sa, sb, atol=atol, rtol=rtol, progress=progress)
 
 
 def verify(path: str, *, engine: str = "auto", progress: bool | None = False, max_tensor_bytes: int | None = DEFAULT_MAX_TENSOR_BYTES,
-           names: str = "auto") -> VerifyReport:
+           names: str = "auto", member: str | None = None) -> VerifyReport:
     """Check every tensor's checksum (archive crc32c records, or the checkpoint's crc32c).
 
     A SavedModel or Hub directory is checked through its ``variables/`` checkpoint;
@@ -505,5 +529,6 @@ def verify(path: str, *, engine: str = "auto", progress: bool | None = False, ma
         report = ckptbridge.verify("archive.h5")
         assert report.ok, report.message
     """
-    with open_source(path, engine=engine, verify=True, max_tensor_bytes=max_tensor_bytes, names=names) as src:
+    with open_source(path, engine=engine, verify=True, max_tensor_bytes=max_tensor_bytes, names=names, member=member,
+                     progress=progress) as src:
         return verify_source(src, progress=progress)

@@ -43,6 +43,16 @@ TMP_SUFFIX = ".ckptbridge-tmp"
 _pending: dict[str, Callable[[], None]] = {}
 
 
+def track_pending(path: str, abort: Callable[[], None]) -> None:
+    """Put a temporary this process made (``path``) in the ledger, with the call that removes it."""
+    _pending[path] = abort
+
+
+def untrack_pending(path: str) -> None:
+    """Take a temporary out of the ledger: it was committed or removed."""
+    _pending.pop(path, None)
+
+
 def discard_pending() -> None:
     """Abort every temporary output this process started and did not finish (safe to call any time)."""
     with signals_deferred():

@@ -14,6 +14,7 @@ from __future__ import annotations
 import glob
 import os
 import re
+from collections.abc import Callable
 
 INDEX = ".index"
 META = ".meta"
@@ -99,3 +100,44 @@ def taken_names(prefix: str) -> list[str]:
     if os.path.lexists(prefix) and not (os.path.isdir(prefix) and not os.path.islink(prefix)):
         found.append(prefix)
     return found + data_shards(prefix)  # glob lists dangling symlinks too
+
+
+def strip_file_suffix(name: str) -> str:
+    """The prefix a checkpoint file's name implies (``.index``, ``.meta``, a ``.data`` shard stripped), by name alone."""
+    for suffix in (INDEX, META):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    m = DATA_RE.search(name)
+    return name[: m.start()] if m else name
+
+
+_V1_SHARD_RE = re.compile(r"-\d{5}-of-\d{5}$")
+
+
+def checkpoints_among(names: list[str], is_table: Callable[[str], bool]) -> list[tuple[str, str]]:
+    """The checkpoints a list of file names holds, as sorted (prefix, version) pairs.
+
+    A V2 checkpoint is a ``.index`` with at least one data shard beside it; a
+    V1 checkpoint is any other file for which ``is_table(name)`` holds (it ends
+    with the table magic number), a sharded one named by its prefix.  For the
+    files of an archive or a directory listing, where there are no paths to glob."""
+    have = set(names)
+    found: dict[str, str] = {}
+    v2_files = set()
+    for n in names:
+        if n.endswith(INDEX):
+            prefix = n[: -len(INDEX)]
+            shards = [m for m in names if m.startswith(prefix + ".data-") and DATA_RE.search(m)]
+            if shards:
+                found[prefix] = "v2"
+                v2_files.update([n, *shards])
+                if prefix + META in have:
+                    v2_files.add(prefix + META)
+    for n in names:
+        base = n.rsplit("/", 1)[-1]
+        if n in v2_files or n.endswith((INDEX, META)) or DATA_RE.search(n) or base == STATE_NAME or base.startswith("."):
+            continue
+        if is_table(n):
+            m = _V1_SHARD_RE.search(n)
+            found.setdefault(n[: m.start()] if m else n, "v1")
+    return sorted(found.items())

@@ -18,6 +18,7 @@ from ._lazy import load_object, refers_to
 from .errors import FormatError
 
 if TYPE_CHECKING:
+    from ._ranged import Place
     from ._source import Sink, Source
 
 AUTO = "auto"
@@ -35,7 +36,7 @@ class Engine:
     description: str
     #: checkpoint versions it reads: "v2" (``.index`` + ``.data-*``), "v1" (one table file)
     reads: tuple[str, ...]
-    #: ``Source(prefix)`` (the native one also takes ``verify=``), for the first version of ``reads``
+    #: ``Source(prefix, place=None)`` (the native one also takes ``verify=``), for the first version of ``reads``
     source: str
     #: ``Sink(prefix, force=..., max_shard_bytes=..., update_state=...)``
     sink: str
@@ -112,11 +113,19 @@ def is_checkpoint(source: object) -> bool:
     return of_source(source) is not None
 
 
-def open_source(e: Engine, prefix: str, *, verify: bool = True, version: str | None = None) -> Source:
+def open_source(e: Engine, prefix: str, *, verify: bool = True, version: str | None = None, place: Place | None = None) -> Source:
     """``e``'s source for the checkpoint at ``prefix``; ``version`` defaults to what its files say
-    (``_ckptfiles.version_of``: "v2" where ``prefix.index`` exists, else "v1")."""
+    (``_ckptfiles.version_of``: "v2" where ``prefix.index`` exists, else "v1").
+
+    With ``place`` (a local directory, an archive, a remote prefix), ``prefix`` is the
+    checkpoint's name inside it, ``version`` must be given, and the source owns the place."""
+    if place is not None and version is None:
+        raise ValueError("a checkpoint in a place needs its version")
     cls = load_object(e.source_for(version or _ckptfiles.version_of(prefix)))
-    return cls(prefix, verify=verify) if e.verifies else cls(prefix)  # type: ignore[no-any-return]
+    kw: dict[str, Any] = {} if place is None else {"place": place}
+    if e.verifies:
+        kw["verify"] = verify
+    return cls(prefix, **kw)  # type: ignore[no-any-return]
 
 
 def open_sink(e: Engine, prefix: str, **kw: Any) -> Sink:

@@ -1,4 +1,8 @@
-"""From a path the user typed to a source or sink, through the two registries.
+"""From a path or URL the user typed to a source or sink, through the registries.
+
+Where the bytes are comes first: a URL (``_remote``) or an archive of checkpoints
+(``_containers``) resolves to a place and the checkpoint's name in it, which
+the engine then reads there.
 
 Archives are chosen by suffix from the format registry (``formats``), and an
 unknown output suffix is an error that lists the registry's suffixes; anything
@@ -16,8 +20,12 @@ import os
 import stat
 from typing import Any
 
-from . import _ckptfiles, _engines, _readable, _savedmodel, _state, formats
+from . import _ckptfiles, _containers, _engines, _readable, _savedmodel, _state, formats
+from ._ranged import LocalFile, Place, where
+from ._remote import is_url, redact
 from ._source import Sink, Source
+from .bundle._table import FOOTER_SIZE as _FOOTER
+from .bundle._table import has_magic
 from .errors import CkptBridgeError, FormatError, MissingDependencyError, NotFoundError, option
 
 
@@ -138,12 +146,141 @@ def resolve_checkpoint(path: str) -> tuple[str, str]:
     raise NotFoundError(f"no checkpoint at {path} (looked for {os.path.basename(_ckptfiles.index_path(path))} and a V1 file); check the path")
 
 
+# --- where the bytes are: a path or URL -> (Place, name inside it) ------------------------------
+#
+# Each step takes (path, member, scratch_dir) and returns the place a checkpoint is in and its
+# name there, or None when the path is not of its kind.  open_source tries them in order before
+# the local checkpoint and archive-format resolution below.
+
+
+def _remote_place(url: str, progress: bool | None) -> tuple[Place, str]:
+    from ._remote import open_place  # the standard library only; fsspec is imported by open_place
+
+    return open_place(url, progress=progress)
+
+
+def _url_step(path: str, member: str | None, scratch_dir: str | None, progress: bool | None) -> tuple[Place, str] | None:
+    """A remote URL (fsspec): its directory and the name in it; an archive there is opened by range."""
+    if not is_url(path):
+        return None
+    place, name = _remote_place(path, progress)
+    if _containers.container_kind(name) is None:
+        if formats.for_path(name) is not None or formats.named_by_suffix(name) is not None:
+            place.close()
+            raise FormatError(f"{redact(path)} is an archive ({os.path.splitext(name)[1]}); ckptbridge reads checkpoints and "
+                              f"archives of checkpoints ({', '.join(_containers.CONTAINERS)}) from URLs; download it first")
+        return place, name
+    try:
+        archive = _containers.open_container(place.open(name), member=member, scratch_dir=scratch_dir)
+    except BaseException:
+        place.close()
+        raise
+    archive.owner = place
+    return archive, ""
+
+
+def _container_step(path: str, member: str | None, scratch_dir: str | None, progress: bool | None) -> tuple[Place, str] | None:
+    """A local ``.tar``/``.tar.gz``/``.tgz``/``.zip`` of checkpoints."""
+    if _containers.container_kind(path) is None or os.path.isdir(path):
+        return None
+    if not os.path.exists(path):
+        raise NotFoundError(f"no such file: {path}; check the path")
+    _require_regular(path, "archive")
+    return _containers.open_container(LocalFile(path), member=member, scratch_dir=scratch_dir), ""
+
+
+_PLACE_STEPS = (_url_step, _container_step)
+
+
+def _is_table(place: Place, relpath: str) -> bool:
+    """Whether a file of ``place`` ends with the table magic number (a V1 checkpoint or an index)."""
+    with place.open(relpath) as f:
+        return f.size >= _FOOTER and has_magic(f.pread(f.size - 8, 8))
+
+
+def _checkpoint_in_place(place: Place, name: str, member: str | None, member_key: str = "member") -> tuple[str, str]:
+    """(prefix, version) of the checkpoint ``name`` names in ``place``; with ``name`` empty, the one
+    checkpoint the place holds (``member`` chooses among several)."""
+    if name:
+        prefix = _ckptfiles.strip_file_suffix(name)
+        if place.exists(_ckptfiles.index_path(prefix)):
+            return prefix, "v2"
+        return name, "v1"
+    names = list(_containers.names_in(place))
+    found = _ckptfiles.checkpoints_among(names, lambda n: _is_table(place, n))
+    if member is not None:
+        want = _ckptfiles.strip_file_suffix(member.strip("/"))
+        chosen = [c for c in found if c[0] == want]
+        if not chosen:
+            listed = ", ".join(p for p, _ in found) or "none"
+            raise NotFoundError(f"{place.name} holds no checkpoint {member!r}; the checkpoints in it: {listed}")
+        return chosen[0]
+    if not found:
+        shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+        raise NotFoundError(f"no checkpoint in {place.name} (no V2 .index with its data, no V1 file); it holds: {shown or 'nothing'}")
+    if len(found) > 1:
+        raise FormatError(f"{place.name} holds {len(found)} checkpoints: {', '.join(p for p, _ in found)}; "
+                          f"choose one with {option(member_key)}")
+    return found[0]
+
+
+def _engine_for(engine: str, prefix: str, version: str) -> _engines.Engine:
+    chosen = _engines.for_reading(engine, version)
+    if not chosen:
+        able = _engines.for_reading(_engines.AUTO, version)
+        need = f" (needs {able[0].install})" if able and able[0].install else ""
+        raise FormatError(f"{prefix} is a {version.upper()} checkpoint, which the {engine} engine does not read; "
+                          f"use {' or '.join(option('engine', e.name) for e in able)}{need}")
+    return chosen[0]
+
+
+def _open_with(e: _engines.Engine, prefix: str, version: str, *, verify: bool, place: Place | None = None) -> Source:
+    try:
+        return _engines.open_source(e, prefix, verify=verify, version=version, place=place)
+    except MissingDependencyError as err:
+        if e.needs is None:
+            raise
+        only = _engines.for_reading(_engines.AUTO, version) == [e]
+        what = f"a {version.upper()} checkpoint" if only else f"this checkpoint with {option('engine', e.name)}"
+        shown = prefix if place is None else where(place, prefix)
+        raise MissingDependencyError(f"reading {what} ({shown}) needs {e.needs}; install it with: {e.install}") from err
+
+
 def open_source(path: str, *, engine: str = "auto", verify: bool = True, max_tensor_bytes: int | None = None,
-                names: str = _readable.AUTO) -> Source:
-    """A lazy source for a checkpoint, a SavedModel or Hub module directory, or an archive;
-    ``names`` picks a checkpoint's names (``_readable``)."""
+                member: str | None = None, scratch_dir: str | None = None, member_key: str = "member",
+                names: str = _readable.AUTO, progress: bool | None = False) -> Source:
+    """A lazy source for a checkpoint, a SavedModel or Hub module directory, or an archive: a local
+    path, an archive of checkpoints (``member``: which checkpoint inside, where it holds several)
+    or a URL.
+
+    What must be unpacked (a compressed archive's members) goes to temporary space
+    in ``scratch_dir`` (None: the system temp), removed when the source closes.
+    ``member_key``: the option messages name for ``member`` (``diff`` has two).
+    ``names`` picks a checkpoint's names (``_readable``); ``progress``: a bar of the bytes
+    fetched from a URL (None: when stderr is a terminal)."""
     _engines.check(engine)
     _readable.check(names)
+    if path.startswith("file://"):
+        path = path[len("file://"):]
+    for step in _PLACE_STEPS:
+        found = step(path, member, scratch_dir, progress)
+        if found is None:
+            continue
+        place, name = found
+        try:
+            if member is not None and not isinstance(place, _containers.ArchivePlace):
+                raise FormatError(f"{option(member_key)} chooses a checkpoint inside an archive ({', '.join(_containers.CONTAINERS)}); "
+                                  f"{place.name} is not one")
+            prefix, version = _checkpoint_in_place(place, name, member, member_key)
+            e = _engine_for(engine, where(place, prefix), version)
+        except BaseException:
+            place.close()
+            raise
+        # the source owns the place and closes it on failure; a SavedModel directory is recognised locally only
+        return _checkpoint_names(_open_with(e, prefix, version, verify=verify, place=place), names, None)
+    if member is not None:
+        raise FormatError(f"{option(member_key)} chooses a checkpoint inside an archive ({', '.join(_containers.CONTAINERS)}); "
+                          f"{path} is not one")
     fmt = formats.for_path(path)
     known = formats.recognise(path)  # Keras files, by content, whatever their suffix
     opener = known.open_source if known is not None else fmt.open_source if fmt is not None else None
@@ -163,21 +300,7 @@ def open_source(path: str, *, engine: str = "auto", verify: bool = True, max_ten
         raise NotFoundError(f"no such file or checkpoint: {path}; check the path")
     saved_model = _savedmodel.find(path)
     prefix, version = resolve_checkpoint(saved_model.prefix if saved_model is not None else path)
-    chosen = _engines.for_reading(engine, version)
-    if not chosen:
-        able = _engines.for_reading(_engines.AUTO, version)
-        need = f" (needs {able[0].install})" if able and able[0].install else ""
-        raise FormatError(f"{prefix} is a {version.upper()} checkpoint, which the {engine} engine does not read; "
-                          f"use {' or '.join(option('engine', e.name) for e in able)}{need}")
-    e = chosen[0]
-    try:
-        return _checkpoint_names(_engines.open_source(e, prefix, verify=verify, version=version), names, saved_model)
-    except MissingDependencyError as err:
-        if e.needs is None:
-            raise
-        only = _engines.for_reading(_engines.AUTO, version) == [e]
-        what = f"a {version.upper()} checkpoint" if only else f"this checkpoint with {option('engine', e.name)}"
-        raise MissingDependencyError(f"reading {what} ({prefix}) needs {e.needs}; install it with: {e.install}") from err
+    return _checkpoint_names(_open_with(_engine_for(engine, prefix, version), prefix, version, verify=verify), names, saved_model)
 
 
 def _checkpoint_names(src: Source, names: str, saved_model: _savedmodel.SavedModelDir | None) -> Source:

@@ -182,7 +182,7 @@ def _shown(name: str) -> str:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    with _api.read(args.path, engine=args.engine, names=args.names, max_tensor_bytes=_max_tensor(args)) as r:
+    with _api.read(args.path, engine=args.engine, names=args.names, max_tensor_bytes=_max_tensor(args), member=args.member) as r:
         carried = r.specs
         opaque = r.uncarried
         specs = sorted([*carried.values(), *opaque.values()], key=lambda s: s.name.encode("utf-8", "surrogateescape"))
@@ -237,7 +237,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     report = _api.export(
         args.checkpoint, args.output, include=args.include, exclude=args.exclude, weights_only=args.weights_only,
         use_ema=args.use_ema, compress=args.compress, force=args.force, engine=args.engine, names=args.names, progress=_progress(args),
-        layout=args.layout, model=args.model, num_classes=args.num_classes, fsync=args.fsync, port=_port(args), **_handoff_kwargs(args),
+        layout=args.layout, model=args.model, num_classes=args.num_classes, fsync=args.fsync, port=_port(args), member=args.member,
+        **_handoff_kwargs(args),
     )
     if report.dry_run:
         _print_dry_run(report, report.output)
@@ -252,8 +253,9 @@ def cmd_import(args: argparse.Namespace) -> int:
         args.archive, args.output_prefix, model=args.model, num_classes=args.num_classes, include=args.include,
         exclude=args.exclude, use_ema=args.use_ema, allow_missing=args.allow_missing, strict=args.strict,
         chunk_bytes=_bytes(args.chunk_mb, 1 << 20, "--chunk-mb"), max_shard_bytes=_bytes(args.max_shard_mb, 1 << 20, "--max-shard-mb"),
-        engine=args.engine, names=args.names, force=args.force, max_tensor_bytes=_max_tensor(args), progress=_progress(args), original_names=args.original_names,
-        image_size=args.image_size, fsync=args.fsync, port=_port(args), **_handoff_kwargs(args),
+        engine=args.engine, names=args.names, force=args.force, max_tensor_bytes=_max_tensor(args), progress=_progress(args),
+        original_names=args.original_names, image_size=args.image_size, fsync=args.fsync, port=_port(args), member=args.member,
+        **_handoff_kwargs(args),
     )
     if report.dry_run:
         _print_dry_run(report, f"checkpoint {report.output}")
@@ -293,7 +295,8 @@ def cmd_maps(args: argparse.Namespace) -> int:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    d = _api.diff(args.a, args.b, atol=args.atol, rtol=args.rtol, engine=args.engine, names=args.names, progress=_progress(args), max_tensor_bytes=_max_tensor(args))
+    d = _api.diff(args.a, args.b, atol=args.atol, rtol=args.rtol, engine=args.engine, names=args.names, progress=_progress(args),
+                  max_tensor_bytes=_max_tensor(args), member_a=args.member_a, member_b=args.member_b)
     for n in d.only_a:
         print(f"only in A: {n}")
     for n in d.only_b:
@@ -315,7 +318,8 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    v = _api.verify(args.path, engine=args.engine, names=args.names, progress=_progress(args), max_tensor_bytes=_max_tensor(args))
+    v = _api.verify(args.path, engine=args.engine, names=args.names, progress=_progress(args), max_tensor_bytes=_max_tensor(args),
+                    member=args.member)
     if not v.ok:
         print(f"BAD: {v.bad}: {v.message}")
         return 1
@@ -347,9 +351,12 @@ def _parser() -> argparse.ArgumentParser:
                              "A renamed tensor's key is kept (ls shows it, an archive records it for import --original-names)")
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no report")
     common.add_argument("--debug", action="store_true", help="show a traceback on errors")
+    member = argparse.ArgumentParser(add_help=False)
+    member.add_argument("--member", metavar="NAME", default=None,
+                        help="the checkpoint inside a .tar/.tar.gz/.tgz/.zip that holds several (its prefix there, e.g. run/model.ckpt-100)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("ls", parents=[common], help=f"list the tensors of a checkpoint or archive ({shown})")
+    s = sub.add_parser("ls", parents=[common, member], help=f"list the tensors of a checkpoint or archive ({shown})")
     s.add_argument("path")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.add_argument("--max-tensor-gb", type=float, default=_api.DEFAULT_MAX_TENSOR_BYTES / (1 << 30), help="refuse archive tensors claiming more than this (default 64)")
@@ -368,8 +375,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="skip the fsync before the output is renamed into place: as fast as the page cache, but a power "
                            "loss in the next half minute can leave it incomplete (the source is untouched)")
 
-    s = sub.add_parser("export", parents=[common, filt], help=f"checkpoint -> {shown}")
-    s.add_argument("checkpoint", help="prefix, .index/.data file, directory, or V1 .ckpt file")
+    s = sub.add_parser("export", parents=[common, filt, member], help=f"checkpoint -> {shown}")
+    s.add_argument("checkpoint", help="prefix, .index/.data file, directory, V1 .ckpt file, a .tar/.tar.gz/.tgz/.zip of one, or a URL")
     s.add_argument("output", help=f"output archive, its format chosen by suffix: {listed}")
     s.add_argument("--weights-only", action="store_true", help="drop optimizer slots, global_step and save_counter")
     s.add_argument("--compress", action="store_true", help=compressing)
@@ -382,7 +389,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--map", dest="map_file", metavar="FILE", default=None, help="your own port map file (instead of --to)")
     s.set_defaults(func=cmd_export)
 
-    s = sub.add_parser("import", parents=[common, filt], help=f"archive ({shown}) -> checkpoint (through a tf-slim graph, or graph-free)")
+    s = sub.add_parser("import", parents=[common, filt, member], help=f"archive ({shown}) -> checkpoint (through a tf-slim graph, or graph-free)")
     s.add_argument("archive", help=f"input archive: {listed}")
     s.add_argument("output_prefix", help="checkpoint prefix to write, e.g. out/model.ckpt")
     s.add_argument("--model", help="tf-slim net (vgg_16, resnet_v1_50, inception_v3, ...) or package.module:function")
@@ -413,10 +420,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("b")
     s.add_argument("--atol", type=float, default=0.0)
     s.add_argument("--rtol", type=float, default=0.0)
+    s.add_argument("--member-a", default=None, metavar="NAME", help="the checkpoint inside A where A is an archive of checkpoints holding several")
+    s.add_argument("--member-b", default=None, metavar="NAME", help="the same for B")
     s.add_argument("--max-tensor-gb", type=float, default=_api.DEFAULT_MAX_TENSOR_BYTES / (1 << 30), help="refuse archive tensors claiming more than this (default 64)")
     s.set_defaults(func=cmd_diff)
 
-    s = sub.add_parser("verify", parents=[common], help="check every tensor's checksum (exit 0 good, 1 bad)")
+    s = sub.add_parser("verify", parents=[common, member], help="check every tensor's checksum (exit 0 good, 1 bad)")
     s.add_argument("path")
     s.add_argument("--max-tensor-gb", type=float, default=_api.DEFAULT_MAX_TENSOR_BYTES / (1 << 30), help="refuse archive tensors claiming more than this (default 64)")
     s.set_defaults(func=cmd_verify)

@@ -25,6 +25,8 @@ __all__ = [
     "UncarriedDtypeError",
     "OutputExistsError",
     "MissingDependencyError",
+    "RemoteError",
+    "RemotePermissionError",
 ]
 
 
@@ -103,3 +105,11 @@ class OutputExistsError(CkptBridgeError, FileExistsError):
 
 class MissingDependencyError(CkptBridgeError, ImportError):
     """An optional dependency (TensorFlow, safetensors...) is needed but not installed."""
+
+
+class RemoteError(CkptBridgeError, ConnectionError):
+    """A remote read failed, after its retries where a retry could help."""
+
+
+class RemotePermissionError(CkptBridgeError, PermissionError):
+    """The server refused access to a remote object (HTTP 401/403, or the storage library's PermissionError)."""

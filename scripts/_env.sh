@@ -31,12 +31,15 @@ make_venv() {
     rm -rf "$dir"
     "$py" -m venv "$dir"
     "$dir/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
-    "$dir/bin/python" -m pip install --quiet --disable-pip-version-check -e "$ROOT[test]"
+    # Both venvs: the test tools and the [remote] extra (the TensorFlow-free suite reads over HTTP).
+    "$dir/bin/python" -m pip install --quiet --disable-pip-version-check -e "$ROOT[test,remote]" -c "$ROOT/requirements/remote.txt"
     if [ "$flavour" = with-tf ]; then
-        "$dir/bin/python" -m pip install --quiet --disable-pip-version-check -r "$ROOT/requirements/tf.txt"
-        "$dir/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps -r "$ROOT/requirements/tf-keras.txt"
+        # What `pip install 'ckptbridge[tf]'` gives a user (one TensorFlow, the one tf-keras requires),
+        # pinned by the constraints file; then the test-only packages in one resolve, held to the same pins.
+        local pins=(-c "$ROOT/requirements/tf.txt" -c "$ROOT/requirements/remote.txt")
+        "$dir/bin/python" -m pip install --quiet --disable-pip-version-check -e "$ROOT[test,remote,tf]" "${pins[@]}"
         if [ -f "$ROOT/requirements/test-extra.txt" ]; then
-            "$dir/bin/python" -m pip install --quiet --disable-pip-version-check -r "$ROOT/requirements/test-extra.txt"
+            "$dir/bin/python" -m pip install --quiet --disable-pip-version-check -r "$ROOT/requirements/test-extra.txt" "${pins[@]}"
         fi
     fi
     echo "$want" > "$stamp"

@@ -172,10 +172,11 @@ def _read_block(data: Any, offset: int, size: int, end: int, what: str, budget: 
     A snappy block grants ``budget`` key bytes for what it adds by decompressing."""
     if offset > end or size > end - offset or TRAILER_SIZE > end - offset - size:
         raise _Bad(f"{what} block handle (offset {offset}, size {size}) points outside the table")
-    contents = data[offset:offset + size]
-    btype = data[offset + size]
+    raw = data[offset:offset + size + TRAILER_SIZE]   # one read: a ranged file fetches the block and its trailer at once
+    contents = raw[:size]
+    btype = raw[size]
     if verify:
-        stored = int.from_bytes(data[offset + size + 1:offset + size + TRAILER_SIZE], "little")
+        stored = int.from_bytes(raw[size + 1:size + TRAILER_SIZE], "little")
         if mask(crc(bytes([btype]), crc(contents))) != stored:
             raise _Bad(f"{what} block at offset {offset} fails its crc32c check")
     if btype == SNAPPY_COMPRESSION:
@@ -279,7 +280,8 @@ def read_table(data: bytes) -> Iterator[tuple[bytes, bytes]]:
 
 
 class Table:
-    """A table opened lazily over ``data`` (bytes, or a memoryview of a memory-mapped file).
+    """A table opened lazily over ``data`` (bytes, a memoryview of a memory-mapped file, or
+    ``_ranged.SliceableFile``: anything with ``len`` and slicing to bytes).
 
     Opening reads the footer and the index block (its crc always checked).  A data
     block is read, checked (unless ``verify`` is false) and parsed when one of its
@@ -300,10 +302,11 @@ class Table:
         self.data = data
         self.verify = verify
         self.end = len(data) - FOOTER_SIZE
-        if int.from_bytes(data[self.end + HANDLES_SIZE:], "little") != MAGIC:
+        footer = bytes(data[self.end:])   # one read, then parsed from memory
+        if int.from_bytes(footer[HANDLES_SIZE:], "little") != MAGIC:
             raise _Bad("the table footer's magic number is missing")
-        _, _, pos = _handle(data, self.end, self.end + HANDLES_SIZE)   # metaindex: unused
-        idx_off, idx_size, _ = _handle(data, pos, self.end + HANDLES_SIZE)
+        _, _, pos = _handle(footer, 0, HANDLES_SIZE)   # metaindex: unused
+        idx_off, idx_size, _ = _handle(footer, pos, HANDLES_SIZE)
         budget = _KeyBudget(idx_size)
         index = _read_block(data, idx_off, idx_size, self.end, "index", budget)
         self.keys: list[bytes] = []

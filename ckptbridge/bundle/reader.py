@@ -5,8 +5,14 @@ shard, offset and size must lie inside its data file and agree with its dtype
 and shape, and every partitioned tensor's slices must tile it exactly.  Values
 are read on demand from memory-mapped data shards.
 
-Memory: numeric tensors of a little-endian bundle come back as **read-only
-views of the memory map** (no copy).  A view keeps its mapping alive by itself
+The files are read through a :class:`~ckptbridge._ranged.Place` (a local
+directory, a tar or zip archive, a remote prefix): the index is read whole, a
+tensor's bytes by range when it is read, in blocks when it is streamed, so a
+remote or archived checkpoint costs what the tensors asked for, never the whole
+data file.  Local files are memory-mapped, the fast path.
+
+Memory: numeric tensors of a little-endian local bundle come back as **read-only
+views of the memory map** (no copy); elsewhere as read-only arrays over the bytes read.  A view keeps its mapping alive by itself
 (NumPy holds a reference to the mmap), so it stays valid after :meth:`close`;
 closing only drops the reader's own references.  The one hazard of any
 memory-mapped reader remains: if another program truncates or rewrites a data
@@ -22,14 +28,15 @@ from __future__ import annotations
 import math
 import mmap
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
 
 from .. import _dtypes
-from .._chunks import BlockStream, mmap_blocks
+from .._chunks import BlockStream, c_blocks, mmap_blocks
 from .._ckptfiles import data_path, index_path
+from .._ranged import LocalFile, LocalPlace, Place, RangedFile, where
 from .._source import OBJECT_GRAPH, OBJECT_GRAPH_KEY, Source, uncarried_error
 from ..errors import CkptBridgeError, CorruptError, FormatError, NotFoundError
 from ..spec import STRING, TensorSpec, numpy_dtype
@@ -41,6 +48,7 @@ from ._wire import _Bad, crc, get_varint, mask, unmask
 ENGINE_NAME = "native"
 MAX_SHARDS = 1 << 20
 MAX_RANK = 254          # TensorShape's limit
+KEEP_OPEN = 64          # data shards kept open after opening checks their sizes; more are reopened when read
 
 
 def is_bundle(prefix: str) -> bool:
@@ -56,21 +64,34 @@ class BundleReader(Source):
     """A lazy :class:`Source` over the V2 checkpoint at ``prefix`` (the path without ``.index``).
 
     ``verify`` checks each tensor's crc32c when it is read, as TensorFlow does.
+    With ``place``, ``prefix`` is the checkpoint's name inside it (``model.ckpt-100``)
+    and the reader owns the place: :meth:`close` closes it.
     """
 
     kind = "checkpoint"
     engine = ENGINE_NAME
 
-    def __init__(self, prefix: str, *, verify: bool = True) -> None:
-        self.path = self.prefix = os.fspath(prefix)
+    def __init__(self, prefix: str, *, verify: bool = True, place: Place | None = None) -> None:
+        prefix = os.fspath(prefix)
+        if place is None:
+            self._place: Place = LocalPlace(os.path.dirname(prefix) or ".")
+            self._rel = os.path.basename(prefix)
+            self.path = self.prefix = prefix
+        else:
+            self._place, self._rel = place, prefix
+            self.path = self.prefix = where(place, prefix)
         self.verify = verify
         self._index_file = index_path(self.prefix)
         self._maps: dict[int, Any] = {}
-        self._files: dict[int, Any] = {}  # kept open beside each map: streams copy from their descriptors
+        self._files: dict[int, RangedFile] = {}  # the used data shards, opened once their sizes are checked
         self._verified: set[bytes] = set()
         self._closed = False
-        data = self._read_index()
-        self._parse(data)
+        try:
+            data = self._read_index()
+            self._parse(data)
+        except BaseException:
+            self.close()
+            raise
 
     # --- opening ------------------------------------------------------------
 
@@ -81,12 +102,14 @@ class BundleReader(Source):
 
     def _read_index(self) -> bytes:
         try:
-            with open(self._index_file, "rb") as f:
-                return f.read()
-        except FileNotFoundError:
+            with self._place.open(index_path(self._rel)) as f:
+                return f.pread(0, f.size)
+        except NotFoundError:
             raise NotFoundError(f"no checkpoint at {self.prefix}: {self._index_file} does not exist") from None
-        except IsADirectoryError:
-            raise FormatError(f"{self._index_file} is a directory, not a checkpoint index") from None
+        except FormatError:
+            if os.path.isdir(self._index_file) and self._place.local_dir() is not None:
+                raise FormatError(f"{self._index_file} is a directory, not a checkpoint index") from None
+            raise
         except OSError as e:
             raise CkptBridgeError(f"cannot read {self._index_file}: {e.strerror or e}; check that the file is readable (permissions, disk)") from None
 
@@ -142,8 +165,13 @@ class BundleReader(Source):
                                     tensor=names[0] if names else None)
             path = data_path(self.prefix, shard, self._header.num_shards)
             try:
-                self._shard_sizes[shard] = os.stat(path).st_size
-            except FileNotFoundError:
+                f = self._place.open(data_path(self._rel, shard, self._header.num_shards))
+                self._shard_sizes[shard] = f.size
+                if len(self._files) < KEEP_OPEN:
+                    self._files[shard] = f
+                else:
+                    f.close()   # reopened when read: thousands of shards must not hold thousands of descriptors
+            except (FileNotFoundError, NotFoundError):
                 raise CorruptError(f"data file {path} of checkpoint {self.prefix} is missing; "
                                    "the checkpoint is incomplete; copy all its .data-* files along with the .index") from None
             except OSError as e:
@@ -321,7 +349,7 @@ class BundleReader(Source):
         e = self._entries[key]
         if e.slices:
             return None
-        region = memoryview(self._buffer(e.shard_id))[e.offset:e.offset + e.size]
+        region = self._region(e)
         if self.verify:
             if e.dtype == _dtypes.BY_NAME[_dtypes.VARIANT].tf_enum:
                 try:
@@ -376,10 +404,15 @@ class BundleReader(Source):
         dtype = numpy_dtype(dtype_name)
         if self._big and dtype.itemsize > 1:
             return None
-        blocks = mmap_blocks(self._buffer(e.shard_id), e.offset, self._specs[name], dtype, chunk_bytes)
+        buf = self._buffer(e.shard_id)
         check = (lambda c: self._check_crc(key, e, name, c)) if self.verify else None
-        f = self._files.get(e.shard_id)
-        return BlockStream(self._specs[name], blocks, check, span=(f.fileno(), e.offset) if f is not None else None)
+        if buf is None:  # not mapped (an archive member, a remote object): read block by block
+            f = self._file(e.shard_id)
+            return BlockStream(self._specs[name], _pread_blocks(f, e.offset, self._specs[name], dtype, chunk_bytes), check)
+        blocks = mmap_blocks(buf, e.offset, self._specs[name], dtype, chunk_bytes)
+        local = self._files.get(e.shard_id)
+        span = (local.fileno(), e.offset) if isinstance(local, LocalFile) else None
+        return BlockStream(self._specs[name], blocks, check, span=span)
 
     def close(self) -> None:
         # Views handed out keep their mmap alive; we only drop our references.
@@ -388,35 +421,53 @@ class BundleReader(Source):
             f.close()
         self._files.clear()
         self._closed = True
+        self._place.close()
 
     # --- values -------------------------------------------------------------
 
-    def _buffer(self, shard: int) -> Any:
-        buf = self._maps.get(shard)
-        if buf is None:
+    def _file(self, shard: int) -> RangedFile:
+        """The shard's open file (opened again if it was closed after its size was checked)."""
+        f = self._files.get(shard)
+        if f is None:
             path = data_path(self.prefix, shard, self._header.num_shards)
             try:
-                f = open(path, "rb")
-            except OSError as e:
-                raise CkptBridgeError(f"cannot read {path}: {e.strerror or e}; check that the file is readable (permissions, disk)") from None
-            try:
-                size = os.fstat(f.fileno()).st_size
-                if size != self._shard_sizes[shard]:
-                    raise CorruptError(f"data file {path} changed size while the checkpoint was open")
-                buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
-            except OSError as e:
+                f = self._place.open(data_path(self._rel, shard, self._header.num_shards))
+            except (OSError, NotFoundError) as e:
+                raise CkptBridgeError(f"cannot read {path}: {e}; check that the file is readable") from None
+            if f.size != self._shard_sizes[shard]:
                 f.close()
-                raise CkptBridgeError(f"cannot read {path}: {e.strerror or e}; check that the file is readable (permissions, disk)") from None
-            except BaseException:
-                f.close()
-                raise
-            self._maps[shard] = buf
+                raise CorruptError(f"data file {path} changed size while the checkpoint was open")
             self._files[shard] = f
+        return f
+
+    def _buffer(self, shard: int) -> mmap.mmap | bytes | None:
+        """The shard's whole-file buffer (a local file's map), or None: read it by range."""
+        if shard in self._maps:
+            return self._maps[shard]  # type: ignore[no-any-return]
+        path = data_path(self.prefix, shard, self._header.num_shards)
+        f = self._file(shard)
+        try:
+            buf = f.buffer()
+        except OSError as e:
+            raise CkptBridgeError(f"cannot read {path}: {e.strerror or e}; check that the file is readable (permissions, disk)") from None
+        if buf is not None and len(buf) != self._shard_sizes[shard]:
+            raise CorruptError(f"data file {path} changed size while the checkpoint was open")
+        self._maps[shard] = buf
         return buf
 
-    def _read_stored(self, key: bytes, e: Entry, name: str, *, copy: bool) -> np.ndarray:
+    def _region(self, e: Entry) -> memoryview:
+        """An entry's stored bytes: a view of the mapped shard, or read by range."""
         buf = self._buffer(e.shard_id)
-        region = memoryview(buf)[e.offset:e.offset + e.size]
+        if buf is not None:
+            return memoryview(buf)[e.offset:e.offset + e.size]
+        try:
+            return memoryview(self._file(e.shard_id).pread(e.offset, e.size))
+        except OSError as err:
+            path = data_path(self.prefix, e.shard_id, self._header.num_shards)
+            raise CkptBridgeError(f"cannot read {path}: {err.strerror or err}; check that the file is readable") from None
+
+    def _read_stored(self, key: bytes, e: Entry, name: str, *, copy: bool) -> np.ndarray:
+        region = self._region(e)
         dtype_name = DTYPE_BY_ENUM[e.dtype]
         if dtype_name == STRING:
             return self._read_strings(key, e, name, region)
@@ -473,6 +524,15 @@ class BundleReader(Source):
             # The entry crc continues over the stored length checksum and the string bytes.
             self._check_crc(key, e, name, crc(region[used:pos], c))
         return out
+
+
+def _pread_blocks(f: RangedFile, offset: int, spec: TensorSpec, dtype: np.dtype, chunk_bytes: int) -> Iterator[tuple[Any, np.ndarray]]:
+    """Blocks of a tensor stored as raw C-order bytes at ``offset`` of ``f``, each read by one
+    ranged read when it is asked for: a streamed remote tensor costs about one block of memory."""
+    if math.prod(spec.shape) == 0:
+        return
+    for start, n, sel in c_blocks(spec.shape, dtype.itemsize, chunk_bytes):
+        yield sel, np.frombuffer(f.pread(offset + start * dtype.itemsize, n * dtype.itemsize), dtype=np.uint8).view(dtype)
 
 
 def _variant_crc(region: memoryview, count: int, big: bool) -> int:

@@ -23,26 +23,43 @@ Opening reads each file's table index and metadata only; a tensor's table block
 is read, its crc32c checked, when the tensor is read.  Every allocation follows
 what the file backs: a slice's values must decode to exactly the number of
 elements the slice covers before the tensor's array is allocated.
+
+Streaming (:meth:`V1Reader.read_blocks`).  TensorFlow's table writer gives an entry
+larger than its 256 KiB block size a block of its own (vgg_16's fc6: one 411 MB
+block), so reading such a tensor the way :meth:`V1Reader.read` does (map or read
+the whole block, check its crc32c, then decode) holds the whole block in memory.
+A tensor in one slice whose values are one raw little-endian run (``tensor_content``,
+or a packed fixed-width field: ``float_val``, ``double_val``, ``scomplex_val``,
+``dcomplex_val``) is streamed instead: the block entry, then the SavedTensorSlices,
+SavedSlice and TensorProto field headers are parsed from small reads to find the
+values' byte range in the file, and the block is then read once in file order,
+its crc32c computed over the bytes before the values, each block of values as it
+is yielded, and the bytes after; a mismatch raises at the end of the stream (the
+sinks are atomic: nothing is published).  Snappy-compressed blocks cannot be read
+in part: they take the whole-block path.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 import mmap
 import os
 import re
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from .. import _ckptfiles, _dtypes
+from .._chunks import CHUNK_BYTES, BlockStream, c_blocks
+from .._ranged import LocalFile, LocalPlace, Place, RangedFile, SliceableFile, where
 from .._source import OBJECT_GRAPH, OBJECT_GRAPH_KEY, Source, uncarried_error
 from ..errors import CkptBridgeError, CorruptError, FormatError, NotFoundError
 from ..spec import STRING, TensorSpec, numpy_dtype
 from ._entries import _parse_shape, _parse_slice, slice_key
-from ._table import FOOTER_SIZE, MAX_KEY_BYTES, KeysTooLarge, KeyTooLong, Table, has_magic, is_table_file
-from ._wire import _Bad, get_varint, iter_fields, to_int32, to_int64
+from ._table import FOOTER_SIZE, MAX_KEY_BYTES, NO_COMPRESSION, TRAILER_SIZE, KeysTooLarge, KeyTooLong, Table, _KeyBudget, has_magic, is_table_file
+from ._wire import _Bad, crc, get_varint, iter_fields, mask, to_int32, to_int64
 from .reader import MAX_RANK, _overlap
 
 ENGINE_NAME = "native"
@@ -73,6 +90,8 @@ _FIXED_FIELDS: dict[str, tuple[int, str, int]] = {
     "float32": (_FLOAT, "<f4", 1), "float64": (_DOUBLE, "<f8", 1), "complex64": (_SCOMPLEX, "<f4", 2), "complex128": (_DCOMPLEX, "<f8", 2),
 }
 _BYTE_FIELDS = {"float8_e5m2", "float8_e4m3fn", "float8_e4m3fnuz", "float8_e4m3b11fnuz", "float8_e5m2fnuz"}
+#: The TensorProto fields that hold values.
+_VALUE_FIELDS = (_TP_CONTENT, _FLOAT, _DOUBLE, _INT, _STRING, _SCOMPLEX, _INT64, _BOOL, _DCOMPLEX, _HALF, _UINT32, _UINT64, _FLOAT8)
 
 _SHARD_RE = re.compile(r"-(\d{5})-of-(\d{5})$")
 
@@ -113,6 +132,34 @@ def v1_files(prefix: str) -> list[str]:
     return want
 
 
+def v1_files_in(place: Place, rel: str) -> list[str]:
+    """:func:`v1_files` for a checkpoint named ``rel`` inside ``place``: relative names.
+
+    Shards are found by listing ``rel``'s directory; a place that cannot list
+    (plain https) reads single-file V1 checkpoints only."""
+    m = _SHARD_RE.search(rel)
+    if m is None and place.exists(rel):
+        return [rel]
+    base = rel[:m.start()] if m is not None and place.exists(rel) else rel
+    head, _, tail = base.rpartition("/")
+    names = place.listdir(head) or []
+    found = sorted(f"{head}/{n}" if head else n for n in names if n.startswith(tail) and _SHARD_RE.fullmatch(n[len(tail):]))
+    if not found:
+        raise NotFoundError(f"no checkpoint at {where(place, rel)}: no such file, and no shards {tail}-NNNNN-of-NNNNN; check the path")
+    counts = {int(_SHARD_RE.search(p).group(2)) for p in found}  # type: ignore[union-attr]
+    if len(counts) != 1:
+        raise CorruptError(f"the V1 checkpoint {where(place, base)} has shards of different counts ({sorted(counts)}); name one shard file")
+    total = counts.pop()
+    if not 1 <= total <= MAX_FILES:
+        raise CorruptError(f"the V1 checkpoint {where(place, base)} claims {total} shards")
+    want = [f"{base}-{i:05d}-of-{total:05d}" for i in range(total)]
+    missing = [p for p in want if p not in found]
+    if missing:
+        raise CorruptError(f"shard {where(place, missing[0])} of the V1 checkpoint {where(place, base)} is missing "
+                           f"({len(missing)} of {total}); the checkpoint is incomplete; copy all its shard files")
+    return want
+
+
 class _Tensor:
     """What the files' metadata say of one tensor."""
 
@@ -132,22 +179,37 @@ class V1Reader(Source):
     TensorFlow does (the index and metadata blocks are always checked).
     Tensors come back as fresh arrays, except float32, float64 and complex tensors
     stored in one slice, which are read-only views of the memory-mapped file (as
-    :class:`~ckptbridge.bundle.reader.BundleReader` gives).
+    :class:`~ckptbridge.bundle.reader.BundleReader` gives).  With ``place``,
+    ``prefix`` is the checkpoint's name inside it and the reader owns the place;
+    files that are not local are read by range, a tensor's table block when it is read.
+    :meth:`read_blocks` streams a tensor without holding its whole block (see the
+    module docstring).
     """
 
     kind = "checkpoint"
     engine = ENGINE_NAME
 
-    def __init__(self, prefix: str, *, verify: bool = True) -> None:
-        self.path = self.prefix = os.fspath(prefix)
+    def __init__(self, prefix: str, *, verify: bool = True, place: Place | None = None) -> None:
+        prefix = os.fspath(prefix)
         self.verify = verify
         self._closed = False
         self._maps: list[Any] = []
+        self._opened: list[RangedFile] = []
         self._tables: list[Table] = []
-        self.files = v1_files(self.prefix)
         try:
-            for path in self.files:
-                self._open(path)
+            if place is None:
+                self.path = self.prefix = prefix
+                self.files = v1_files(self.prefix)
+                directory = os.path.dirname(prefix) or "."
+                self._place: Place = LocalPlace(directory)
+                rels = [os.path.relpath(p, directory).replace(os.sep, "/") for p in self.files]
+            else:
+                self._place = place
+                self.path = self.prefix = where(place, prefix)
+                rels = v1_files_in(place, prefix)
+                self.files = [where(place, r) for r in rels]
+            for rel, path in zip(rels, self.files):
+                self._open(rel, path)
             self._tensors: dict[str, _Tensor] = {}
             self._producer = CHECKPOINT_VERSION
             for i, table in enumerate(self._tables):
@@ -173,22 +235,25 @@ class V1Reader(Source):
         about = f" (tensor {tensor!r})" if tensor is not None else ""
         return CorruptError(f"{file or self.prefix}{about}: {what}; the checkpoint is damaged; restore it from a good copy or re-save it")
 
-    def _open(self, path: str) -> None:
+    def _open(self, rel: str, path: str) -> None:
+        if os.path.isdir(path) and self._place.local_dir() is not None:
+            raise FormatError(f"{path} is a directory, not a V1 checkpoint file")
         try:
-            with open(path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                if size < FOOTER_SIZE:
-                    raise self._corrupt(f"it is {size} bytes, shorter than any table (truncated, or not a TensorFlow checkpoint)", path)
-                buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        except IsADirectoryError:
-            raise FormatError(f"{path} is a directory, not a V1 checkpoint file") from None
+            f = self._place.open(rel)
+            self._opened.append(f)
+            size = f.size
+            if size < FOOTER_SIZE:
+                raise self._corrupt(f"it is {size} bytes, shorter than any table (truncated, or not a TensorFlow checkpoint)", path)
+            mapped = f.buffer()
+            data: Any = memoryview(mapped) if mapped is not None else SliceableFile(f)
+            tail = data[size - 8:]
         except OSError as e:
             raise CkptBridgeError(f"cannot read {path}: {e.strerror or e}; check that the file is readable (permissions, disk)") from None
-        self._maps.append(buf)
-        if not has_magic(buf[size - 8:]):
+        self._maps.append(mapped)
+        if not has_magic(tail):
             raise self._corrupt("it does not end with the table magic number (truncated, or not a TensorFlow checkpoint)", path)
         with self._bad(path):
-            self._tables.append(Table(memoryview(buf), verify=self.verify))
+            self._tables.append(Table(data, verify=self.verify))
 
     def _bad(self, path: str, tensor: str | None = None) -> _Translate:
         return _Translate(self, path, tensor)
@@ -196,7 +261,7 @@ class V1Reader(Source):
     def _read_meta(self, index: int, table: Table) -> None:
         path = self.files[index]
         with self._bad(path):
-            first = table.first()
+            first = self._first(index, table)
             if first is None or first[0] != b"":
                 raise self._corrupt("its first entry is not the checkpoint's metadata", path)
             meta = b""
@@ -316,11 +381,59 @@ class V1Reader(Source):
             raise NotFoundError(f"no tensor named {name!r} in {self.prefix}")
         return self._assemble(self._tensors[name], self._specs[name].dtype)
 
+    def read_blocks(self, name: str, chunk_bytes: int) -> BlockStream | None:
+        """Stream a numeric tensor held in one slice in C-order blocks of at most ``chunk_bytes``,
+        so a tensor of any size costs about one block of memory (see the module docstring).
+
+        A table block larger than ``chunk_bytes`` whose entry holds the values as one raw
+        little-endian run is streamed from the file (mapped pages are released as the stream
+        moves on; a file that is not mapped is read block by block), its crc32c checked at
+        the end.  A smaller block of a mapped file is read as :meth:`read` reads it, and its
+        pages are released once the stream ends.  None (then :meth:`read` the tensor whole)
+        for strings, partitioned and empty tensors, compressed blocks, values stored as
+        varints (``int_val``, ``half_val``, ``bool_val`` ...) or in an unusual layout (where
+        :meth:`read` says what is wrong), and small blocks of files that are not mapped
+        (reading such a block whole costs no more than one block of the stream).
+        """
+        if self._closed:
+            raise CkptBridgeError(f"checkpoint reader for {self.prefix} is closed")
+        spec = self._specs.get(name)
+        if spec is None or spec.dtype == STRING:
+            return None
+        t = self._tensors[name]
+        if len(t.slices) != 1 or t.slices[0][3] != t.shape or math.prod(t.shape) == 0:
+            return None
+        index, stored, _, _ = t.slices[0]
+        table = self._tables[index]
+        key = slice_key(t.raw, *stored)
+        i = bisect.bisect_left(table.keys, key)
+        if i == len(table.keys):
+            return None                                  # read() says the slice's data is missing
+        off, size = table.handles[i]
+        buf = self._maps[index]
+        if size + TRAILER_SIZE <= chunk_bytes:
+            if not isinstance(buf, mmap.mmap):
+                return None
+            return BlockStream(spec, self._small_block(t, spec, buf, off, off + size + TRAILER_SIZE, chunk_bytes))
+        with self._bad(self.files[index], name):
+            plan = self._locate(index, i, key, t, stored, spec, chunk_bytes)
+        if plan is None:
+            return None
+        f = self._opened[index]
+        span = (f.fileno(), plan.start) if isinstance(f, LocalFile) and isinstance(buf, mmap.mmap) else None
+        return BlockStream(spec, self._stream(plan, spec, chunk_bytes), span=span)
+
     def close(self) -> None:
         # Views handed out keep their mmap alive; we only drop our references.
         self._tables.clear()
         self._maps.clear()
+        for f in self._opened:
+            f.close()
+        self._opened.clear()
         self._closed = True
+        place = getattr(self, "_place", None)
+        if place is not None:
+            place.close()
 
     # --- values -------------------------------------------------------------
 
@@ -372,6 +485,323 @@ class V1Reader(Source):
         return b"" if proto is None else proto
 
 
+    # --- streaming ----------------------------------------------------------
+
+    def _ranges(self, index: int) -> Callable[[int, int], Any]:
+        """``read(offset, n)`` for file ``index``: a view of its map, or a ranged read."""
+        buf = self._maps[index]
+        if buf is not None:
+            view = memoryview(buf)
+            return lambda off, n: view[off:off + n]
+        return self._opened[index].pread
+
+    def _crc_span(self, index: int, lo: int, hi: int, c: int, chunk_bytes: int) -> int:
+        """The crc32c of bytes [lo, hi) of file ``index`` continued from ``c``, read a chunk at a
+        time (mapped pages are released as it goes)."""
+        buf = self._maps[index]
+        read = self._ranges(index)
+        pos = lo
+        while pos < hi:
+            n = min(chunk_bytes, hi - pos)
+            c = crc(read(pos, n), c)
+            _release(buf, pos, pos + n)
+            pos += n
+        return c
+
+    def _small_block(self, t: _Tensor, spec: TensorSpec, buf: mmap.mmap, lo: int, hi: int,
+                     chunk_bytes: int) -> Iterator[tuple[Any, np.ndarray]]:
+        """A tensor of a block no larger than one chunk of a mapped file: read as read() does
+        (the block checked and cached by the table), then its pages released, so a checkpoint
+        of many such tensors does not leave the whole file resident."""
+        flat = np.ascontiguousarray(self._assemble(t, spec.dtype)).reshape(-1)
+        for first, n, sel in c_blocks(spec.shape, flat.itemsize, chunk_bytes):
+            yield sel, flat[first:first + n]
+        del flat
+        _release(buf, lo, hi)
+
+    def _locate(self, index: int, i: int, key: bytes, t: _Tensor, stored: Slice, spec: TensorSpec,
+                chunk_bytes: int) -> _Plan | None:
+        """Where the values of ``t``'s one slice lie in file ``index`` (its data block ``i``), from
+        small reads of the block's entries and the value's field headers, checked as read() checks
+        them; None where only read() can take them (a compressed block, an unusual layout).
+
+        A malformed block whose crc32c (when verified) does not match is reported as that, as
+        read() reports it: the crc tells damage from a writer's mistake."""
+        off, size = self._tables[index].handles[i]
+        read = self._ranges(index)
+        if bytes(read(off + size, 1))[0] != NO_COMPRESSION:
+            # Snappy: a compressed block can only be decoded whole (an unknown type: read() says so).
+            return None
+        try:
+            return self._find(index, i, key, t, stored, spec)
+        except _Bad:
+            if self.verify:
+                self._check_block(index, off, size, chunk_bytes)
+            raise
+
+    def _walk(self, index: int, i: int, w: _Window, key: bytes) -> tuple[int, int] | None:
+        """(file offset, length) of ``key``'s value in data block ``i`` of file ``index``, from small
+        reads through ``w``: every entry is walked and checked as ``Table.block`` checks it (restart
+        points, shared prefixes, key lengths and budget, order, the index key).  None if the key is
+        not there, or the block has more restart points than any real one (then read it whole)."""
+        table = self._tables[index]
+        off, size = table.handles[i]
+        if size < 4:
+            raise _Bad(f"data block is too short ({size} bytes) to hold its restart count")
+        num_restarts = int.from_bytes(w.get(off + size - 4, 4), "little")
+        if num_restarts > (size - 4) // 4:
+            raise _Bad(f"data block claims {num_restarts} restart points, more than fit in {size} bytes")
+        if num_restarts > MAX_STREAM_RESTARTS:
+            return None
+        limit = size - 4 - 4 * num_restarts
+        raw = bytes(w.get(off + limit, 4 * num_restarts))
+        restarts = {int.from_bytes(raw[4 * k:4 * k + 4], "little") for k in range(num_restarts)}
+        if any(r >= limit and not (r == 0 and limit == 0) for r in restarts):
+            raise _Bad("data block has a restart point outside its entries")
+        budget = _KeyBudget(size)
+        last = table.keys[i - 1] if i else None
+        prev = b""
+        found: tuple[int, int] | None = None
+        pos, end = off, off + limit
+        while pos < end:
+            start = pos
+            shared, pos = w.varint(pos, end, bits=32)
+            non_shared, pos = w.varint(pos, end, bits=32)
+            value_len, pos = w.varint(pos, end, bits=32)
+            if shared > len(prev):
+                raise _Bad(f"data block entry shares {shared} key bytes but the previous key has {len(prev)}")
+            if start - off in restarts and shared:
+                raise _Bad("data block entry at a restart point shares key bytes")
+            if non_shared > end - pos or value_len > end - pos - non_shared:
+                raise _Bad("data block entry runs past the end of its block")
+            budget.spend(prev, shared, non_shared, w.get(pos, min(non_shared, 64)), 0)
+            prev = prev[:shared] + bytes(w.get(pos, non_shared))
+            pos += non_shared
+            if last is not None and prev <= last:
+                raise _Bad("table keys are out of order or repeated")
+            if prev > table.keys[i]:
+                raise _Bad("a data block holds a key beyond its index entry")
+            last = prev
+            if prev == key:
+                found = (pos, value_len)
+            pos += value_len
+        return found
+
+    def _check_block(self, index: int, off: int, size: int, chunk_bytes: int) -> None:
+        """The crc32c of the (uncompressed) block at ``off``, computed a chunk at a time; _Bad if it
+        does not match its trailer, with read()'s words."""
+        c = self._crc_span(index, off, off + size + 1, 0, chunk_bytes)
+        if mask(c) != int.from_bytes(self._ranges(index)(off + size + 1, 4), "little"):
+            raise _Bad(f"data block at offset {off} fails its crc32c check")
+
+    def _first(self, index: int, table: Table) -> tuple[bytes, Any] | None:
+        """The table's first entry, the metadata: ``Table.first``, except that a first block larger
+        than WHOLE_BLOCK_BYTES (a big tensor right after the metadata) is not read whole: the entry
+        is found from small reads and the block's crc32c computed a chunk at a time."""
+        if not len(table):
+            return table.first()
+        off, size = table.handles[0]
+        read = self._ranges(index)
+        if size + TRAILER_SIZE <= WHOLE_BLOCK_BYTES or bytes(read(off + size, 1))[0] != NO_COMPRESSION:
+            return table.first()
+        w = _Window(read, off + size)
+        try:
+            found = self._walk(index, 0, w, b"")
+            value = None if found is None else bytes(w.get(*found))
+        except _Bad:
+            if self.verify:
+                self._check_block(index, off, size, CHUNK_BYTES)
+            raise
+        if value is None:
+            return table.first()
+        if self.verify:
+            self._check_block(index, off, size, CHUNK_BYTES)
+        _release(self._maps[index], off, off + size + TRAILER_SIZE)
+        return b"", value
+
+    def _find(self, index: int, i: int, key: bytes, t: _Tensor, stored: Slice, spec: TensorSpec) -> _Plan | None:
+        """:meth:`_locate` without the crc: the entry (:meth:`_walk`), then the SavedTensorSlices,
+        SavedSlice and TensorProto fields."""
+        w = _Window(self._ranges(index), sum(self._tables[index].handles[i]))
+        found = self._walk(index, i, w, key)
+        if found is None:
+            return None                                   # read() says the slice's data is missing
+        off, size = self._tables[index].handles[i]
+        where = list(zip(*stored)) if stored[0] else "[]"
+        data: tuple[int, int] | None = None
+        for number, wire, value in _fields_at(w, found[0], found[0] + found[1]):
+            if number == 2:
+                if data is not None:
+                    raise _Bad(f"the entry of its slice {where} holds two data records")
+                data = _range(wire, value)
+        if data is None:
+            raise _Bad(f"the entry of its slice {where} holds no data record")
+        proto: tuple[int, int] | None = None
+        for number, wire, value in _fields_at(w, data[0], data[0] + data[1]):
+            if number == 1:
+                at, n = _range(wire, value)
+                if n != len(t.raw) or bytes(w.get(at, n)) != t.raw:
+                    raise _Bad(f"the entry of its slice {where} names another tensor")
+            if number == 2:
+                at, n = _range(wire, value)
+                if n > MAX_SLICE_BYTES:
+                    return None
+                got = _parse_slice(bytes(w.get(at, n)))
+                if _full(got, t.shape) != _full(stored, t.shape):
+                    raise _Bad(f"the entry of its slice {where} holds slice {list(zip(*got))}")
+            elif number == 3:
+                if proto is not None:
+                    raise _Bad(f"the entry of its slice {where} holds two tensors")
+                proto = _range(wire, value)
+        if proto is None:
+            return None
+        declared = 0
+        values: list[tuple[int, int, Any]] = []
+        for number, wire, value in _fields_at(w, proto[0], proto[0] + proto[1]):
+            if number == _TP_DTYPE:
+                declared = to_int32(_varint(wire, value))
+            elif number in _VALUE_FIELDS:
+                values.append((number, wire, value))
+        if declared and declared != _dtypes.BY_NAME[spec.dtype].tf_enum:
+            raise _Bad(f"its values are declared {_dtype_name(declared)}, the tensor is {spec.dtype}")
+        raw_field = _FIXED_FIELDS[spec.dtype][0] if spec.dtype in _FIXED_FIELDS else _FLOAT8 if spec.dtype in _BYTE_FIELDS else None
+        if len(values) != 1 or values[0][1] != 2 or values[0][0] not in (_TP_CONTENT, raw_field):
+            return None                                   # varints, pieces, several fields: read() takes them
+        at, n = values[0][2]
+        out = numpy_dtype(spec.dtype)
+        view = out.newbyteorder("<") if out.kind in "iufc" else out
+        if view != out or n != math.prod(t.shape) * out.itemsize:
+            return None                                   # a big-endian machine; or a miscount, which read() reports
+        return _Plan(index, off, size, at, n, view)
+
+    def _stream(self, plan: _Plan, spec: TensorSpec, chunk_bytes: int) -> Iterator[tuple[Any, np.ndarray]]:
+        """The blocks of a located tensor; the table block's crc32c computed in file order (the
+        bytes before the values, each block as it is yielded, the bytes after and the trailer's
+        type byte) and compared at the end."""
+        buf = self._maps[plan.file]
+        f = self._opened[plan.file]
+        read = self._ranges(plan.file)
+        trailer = plan.block + plan.size
+        itemsize = plan.dtype.itemsize
+        with self._bad(self.files[plan.file], spec.name):
+            c = self._crc_span(plan.file, plan.block, plan.start, 0, chunk_bytes) if self.verify else 0
+            for first, n, sel in c_blocks(spec.shape, itemsize, chunk_bytes):
+                pos, want = plan.start + first * itemsize, n * itemsize
+                if isinstance(buf, mmap.mmap):
+                    arr = np.frombuffer(buf, dtype=np.uint8, count=want, offset=pos)
+                else:
+                    arr = np.frombuffer(f.pread(pos, want), dtype=np.uint8)
+                if self.verify:
+                    c = crc(arr, c)
+                yield sel, arr.view(plan.dtype)
+                _release(buf, pos, pos + want)
+            if self.verify:
+                c = self._crc_span(plan.file, plan.start + plan.nbytes, trailer + 1, c, chunk_bytes)
+                stored = int.from_bytes(read(trailer + 1, 4), "little")
+                if mask(c) != stored:
+                    raise _Bad(f"data block at offset {plan.block} fails its crc32c check")
+            _release(buf, plan.block, trailer + TRAILER_SIZE)
+
+
+#: Bounds past which a block is left to the whole-block path (no real block comes near them):
+#: restart points (TensorFlow writes one per 16 entries) and the bytes of a TensorSliceProto.
+MAX_STREAM_RESTARTS = 1 << 16
+MAX_SLICE_BYTES = 1 << 20
+#: A first block up to this size is read whole when the metadata is read at opening (it is then
+#: cached for the tensors in it); a larger one holds a big tensor, and only the metadata is read.
+WHOLE_BLOCK_BYTES = 1 << 20
+
+
+class _Plan(NamedTuple):
+    """Where a streamed tensor's values lie: ``file`` (an index into the reader's files), its table block (contents at
+    ``block``, ``size`` bytes, then the trailer), the values' ``nbytes`` at ``start``, and
+    the dtype to view them as."""
+
+    file: int
+    block: int
+    size: int
+    start: int
+    nbytes: int
+    dtype: np.dtype
+
+
+class _Window:
+    """Small reads inside one table block through a read-ahead window: walking a block's
+    entries and a value's field headers costs a few ranged reads, not one per varint."""
+
+    AHEAD = 64 << 10
+
+    def __init__(self, read: Callable[[int, int], Any], end: int) -> None:
+        self._read, self._end = read, end
+        self._at, self._buf = 0, b""
+
+    def get(self, pos: int, n: int) -> Any:
+        """``n`` bytes at file offset ``pos`` (the caller has checked that they lie before ``end``)."""
+        at = self._at
+        if not (at <= pos and pos + n <= at + len(self._buf)):
+            self._buf = self._read(pos, min(self._end - pos, max(n, self.AHEAD)))
+            self._at = at = pos
+        return self._buf[pos - at:pos - at + n]
+
+    def varint(self, pos: int, limit: int, *, bits: int = 64) -> tuple[int, int]:
+        """The varint at ``pos`` (ending before ``limit``) and the offset after it."""
+        window = self.get(pos, min(limit - pos, 10))
+        value, used = get_varint(window, 0, len(window), bits=bits)
+        return value, pos + used
+
+
+def _fields_at(w: _Window, lo: int, hi: int) -> Iterator[tuple[int, int, Any]]:
+    """:func:`~._wire.iter_fields` over the message at file bytes [lo, hi), the same checks, but
+    length-delimited values come back as (offset, length), unread."""
+    pos = lo
+    while pos < hi:
+        tag, pos = w.varint(pos, hi)
+        number, wire = tag >> 3, tag & 7
+        if number == 0:
+            raise _Bad("field number 0")
+        value: Any
+        if wire == 0:
+            value, pos = w.varint(pos, hi)
+        elif wire == 1:
+            if pos + 8 > hi:
+                raise _Bad("truncated fixed64")
+            value = int.from_bytes(w.get(pos, 8), "little")
+            pos += 8
+        elif wire == 2:
+            length, pos = w.varint(pos, hi)
+            if length > hi - pos:
+                raise _Bad("length-delimited field runs past its message")
+            value = (pos, length)
+            pos += length
+        elif wire == 5:
+            if pos + 4 > hi:
+                raise _Bad("truncated fixed32")
+            value = int.from_bytes(w.get(pos, 4), "little")
+            pos += 4
+        else:
+            raise _Bad(f"unsupported wire type {wire}")
+        yield number, wire, value
+
+
+def _range(wire: int, value: Any) -> tuple[int, int]:
+    if wire != 2:
+        raise _Bad("expected a length-delimited field")
+    return value  # type: ignore[no-any-return]
+
+
+def _release(buf: Any, lo: int, hi: int) -> None:
+    """Drop the pages of bytes [lo, hi) of a mapped file from this process (MADV_DONTNEED), so
+    what was streamed does not stay in its RSS; they stay in the page cache, and a view touched
+    again faults them back.  Nothing for a file that is not mapped."""
+    if not isinstance(buf, mmap.mmap) or hi <= lo:
+        return
+    page = mmap.PAGESIZE
+    lo -= lo % page
+    hi = min(hi + (-hi % page), len(buf) + (-len(buf) % page))
+    if hi > lo:
+        buf.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+
 class _Translate:
     """``with reader._bad(path, tensor):`` turns the wire and table errors into ckptbridge errors."""
 
@@ -400,7 +830,7 @@ class _Values:
         for number, wire, value in iter_fields(proto):
             if number == _TP_DTYPE:
                 declared = to_int32(_varint(wire, value))
-            elif number in (_TP_CONTENT, _FLOAT, _DOUBLE, _INT, _STRING, _SCOMPLEX, _INT64, _BOOL, _DCOMPLEX, _HALF, _UINT32, _UINT64, _FLOAT8):
+            elif number in _VALUE_FIELDS:
                 self.fields.setdefault(number, []).append((wire, value))
         want = _dtypes.BY_NAME[dtype].tf_enum
         if declared and declared != want:

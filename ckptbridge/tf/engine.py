@@ -15,6 +15,8 @@ import numpy as np
 
 from .. import _dtypes
 from .._atomic import AtomicCheckpoint
+from .._containers import Scratch, stage
+from .._ranged import Place, where
 from .._signals import raise_signals_after
 from .._source import OBJECT_GRAPH, OBJECT_GRAPH_KEY, Sink, Source, uncarried_error
 from ..errors import CorruptError, FormatError, MismatchError, NotFoundError, option
@@ -42,20 +44,61 @@ def _tf_error(e: Exception, path: str) -> Exception:
     return CorruptError(f"{path}: TensorFlow cannot read the checkpoint ({msg}); the checkpoint is damaged or incomplete")
 
 
+def _files_of(place: Place, prefix: str) -> list[str]:
+    """The files of the checkpoint ``prefix`` in ``place``: a V2 index and the data shards its
+    header counts, or a V1 checkpoint's file(s)."""
+    from .._ckptfiles import data_path, index_path
+    from ..bundle._entries import parse_header
+    from ..bundle._table import read_table
+    from ..bundle.v1 import v1_files_in
+
+    if not place.exists(index_path(prefix)):
+        return v1_files_in(place, prefix)
+    with place.open(index_path(prefix)) as f:
+        data = f.pread(0, f.size)
+    try:
+        header = parse_header(next(iter(read_table(data)))[1])
+    except Exception as e:  # noqa: BLE001 - any damage: TensorFlow's own reader will say what is wrong
+        raise CorruptError(f"{where(place, index_path(prefix))}: cannot read the checkpoint index ({e})") from None
+    return [index_path(prefix)] + [data_path(prefix, i, header.num_shards) for i in range(header.num_shards)]
+
+
 class TfCheckpointSource(Source):
-    """A checkpoint read through ``tf.train.load_checkpoint``."""
+    """A checkpoint read through ``tf.train.load_checkpoint``.
+
+    With ``place``, ``prefix`` is the checkpoint's name inside it, and the source
+    owns the place.  TensorFlow reads real files: a place without a local
+    directory (an archive's members, a remote prefix) has the checkpoint's files
+    copied into bounded temporary space first, removed on close."""
 
     kind = "checkpoint"
 
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str, *, place: Place | None = None) -> None:
         tf = import_tensorflow()
-        self.path = prefix
+        self._place = place
+        self._scratch: Scratch | None = None
+        if place is not None:
+            self.path = where(place, prefix)
+            try:
+                local = place.local_dir()
+                if local is None:
+                    self._scratch, local = stage(place, _files_of(place, prefix))
+            except BaseException:
+                self.close()
+                raise
+            prefix = os.path.join(local, *prefix.split("/"))
+        else:
+            self.path = prefix
         try:
             self._reader = tf.train.load_checkpoint(prefix)
             shapes = self._reader.get_variable_to_shape_map()
             dtypes = self._reader.get_variable_to_dtype_map()
         except _TF_READ_ERRORS + (tf.errors.OpError,) as e:
-            raise _tf_error(e, prefix) from None
+            self.close()
+            raise _tf_error(e, self.path) from None
+        except BaseException:
+            self.close()
+            raise
         specs = {n: TensorSpec(n, tf_dtype_name(dtypes[n]), tuple(int(x) for x in shapes[n])) for n in sorted(shapes) if n != OBJECT_GRAPH_KEY}
         self._specs = {n: s for n, s in specs.items() if s.carried}
         self._uncarried = {n: s for n, s in specs.items() if not s.carried}
@@ -101,6 +144,12 @@ class TfCheckpointSource(Source):
 
     def close(self) -> None:
         self._reader = None
+        if self._scratch is not None:
+            self._scratch.remove()
+            self._scratch = None
+        if self._place is not None:
+            self._place.close()
+            self._place = None
 
 
 class TfCheckpointSink(Sink):

@@ -1,0 +1,431 @@
+"""Where the bytes are, part two: checkpoints inside ``.tar``, ``.tar.gz``/``.tgz`` and ``.zip`` archives.
+
+The tf-slim model zoo ships ``vgg_16_2016_08_28.tar.gz`` holding ``vgg_16.ckpt``;
+people zip a V2 prefix to mail it.  An archive of checkpoints opens as a
+:class:`~ckptbridge._ranged.Place` whose files are its members:
+
+- an uncompressed tar member and a stored zip member are read **in place, by
+  range** (a member is an offset+size view of the outer file, local or remote):
+  nothing is copied;
+- a compressed tar (gzip) and a deflated zip member cannot be read by range, so
+  they are unpacked, as one stream, into **bounded temporary space**: a
+  directory beside the output (or the system temp), checked against free space
+  before each member, registered with the process's ledger of temporaries
+  (``_atomic``) so an error, Ctrl-C or SIGTERM removes it, and removed when the
+  place closes.
+
+A member whose name is absolute or has a ``..`` component, or a link whose
+target leaves the archive, is refused before anything is read or unpacked: one
+:class:`~ckptbridge.errors.UnsafeArchiveError` names it.  Links inside the
+archive are followed to their target member.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import posixpath
+import shutil
+import stat
+import struct
+import tarfile
+import tempfile
+import zipfile
+import zlib
+from collections.abc import Callable, Iterable
+from typing import IO
+
+from . import _atomic
+from ._ranged import LocalFile, Place, RangedFile
+from ._signals import raise_if_signalled, signals_deferred
+from .errors import CkptBridgeError, FormatError, NotFoundError, UnsafeArchiveError
+
+__all__ = ["CONTAINERS", "container_kind", "open_container", "ArchivePlace", "Scratch", "RESERVE_BYTES", "stage"]
+
+#: Unpacking stops with an error rather than leave less than this much free space on the scratch file system.
+RESERVE_BYTES = 64 << 20
+#: Read-ahead over the outer file: unpacking a stream reads large ranges; scanning the headers
+#: of a tar read in place, or a zip's directory, small ones (each header costs one ranged read).
+_STREAM_READ_AHEAD = 1 << 20
+_SCAN_READ_AHEAD = 64 << 10
+_COPY_BYTES = 4 << 20
+
+
+@dataclasses.dataclass
+class _Member:
+    """A member file: ``(offset, size)`` of the outer file, or a local path it was unpacked to."""
+
+    size: int
+    offset: int | None = None
+    path: str | None = None
+
+
+class MemberFile(RangedFile):
+    """An offset+size view of another ranged file (an uncompressed tar member, a stored zip member)."""
+
+    def __init__(self, outer: RangedFile, offset: int, size: int, name: str) -> None:
+        self.outer, self.offset, self.size, self.name = outer, offset, size, name
+
+    def pread(self, offset: int, n: int) -> bytes:
+        if offset < 0 or n < 0:
+            raise ValueError(f"bad range ({offset}, {n}) of {self.name}")
+        if offset + n > self.size:
+            raise FormatError(f"{self.name} is truncated: needed bytes {offset}..{offset + n} of a {self.size}-byte member")
+        return self.outer.pread(self.offset + offset, n)
+
+
+class ArchivePlace(Place):
+    """The files of a tar or zip archive: members read by range or unpacked to scratch space."""
+
+    def __init__(self, name: str, outer: RangedFile, members: dict[str, _Member], scratch: Scratch | None) -> None:
+        self.name = name
+        self._outer = outer
+        self.owner: Place | None = None  # the place the outer file came from (a remote directory), closed with this one
+        self._members = members
+        self._scratch = scratch
+
+    def files(self) -> list[str]:
+        """Every member file's relative path, sorted."""
+        return sorted(self._members)
+
+    def _get(self, relpath: str) -> _Member:
+        m = self._members.get(relpath.strip("/"))
+        if m is None:
+            raise NotFoundError(f"{self.name} has no member {relpath}")
+        return m
+
+    def open(self, relpath: str) -> RangedFile:
+        m = self._get(relpath)
+        label = f"{self.name}/{relpath}"
+        if m.path is not None:
+            return LocalFile(m.path, name=label)
+        assert m.offset is not None
+        return MemberFile(self._outer, m.offset, m.size, label)
+
+    def exists(self, relpath: str) -> bool:
+        return relpath.strip("/") in self._members
+
+    def listdir(self, reldir: str = "") -> list[str]:
+        d = reldir.strip("/")
+        return sorted(posixpath.basename(n) for n in self._members if posixpath.dirname(n) == d)
+
+    def local_dir(self) -> str | None:
+        """The scratch directory when every member was unpacked there (a gzip tarball)."""
+        if self._scratch is not None and all(m.path is not None for m in self._members.values()):
+            return self._scratch.path
+        return None
+
+    def close(self) -> None:
+        if self._scratch is not None:
+            self._scratch.remove()
+        self._outer.close()
+        if self.owner is not None:
+            self.owner.close()
+
+
+class Scratch:
+    """A temporary directory for unpacked members, removed on close, errors and signals.
+
+    It is named like every temporary of ckptbridge (``_atomic.TMP_SUFFIX``) and
+    sits in the process's ledger of pending temporaries, which the CLI sweeps
+    when a command stops and the interpreter sweeps at exit.
+    """
+
+    def __init__(self, directory: str | None) -> None:
+        self.path = tempfile.mkdtemp(prefix=".ckptbridge-unpack.", suffix=_atomic.TMP_SUFFIX, dir=directory)
+        self.used = 0
+        _atomic.track_pending(self.path, self.remove)  # the ledger _atomic.discard_pending sweeps
+
+    def reserve(self, nbytes: int, what: str) -> None:
+        """Refuse to unpack ``nbytes`` more when that would leave less than RESERVE_BYTES free."""
+        free = shutil.disk_usage(self.path).free
+        if nbytes > free - RESERVE_BYTES:
+            raise CkptBridgeError(f"not enough free space to unpack {what}: it needs {nbytes} bytes and "
+                                  f"{os.path.dirname(self.path)} has {free} free (keeping {RESERVE_BYTES} spare); "
+                                  "free some space, or unpack the archive yourself and pass the checkpoint")
+        self.used += nbytes
+
+    def remove(self) -> None:
+        with signals_deferred():
+            _atomic.untrack_pending(self.path)
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
+# --- member names --------------------------------------------------------------
+
+
+def _safe_name(archive: str, name: str) -> str:
+    """A member's name as a clean relative path, or UnsafeArchiveError when it could land outside."""
+    parts = name.replace("\\", "/").split("/")   # a backslash counts as a separator too (archives made on Windows)
+    if parts[0] == "" or (len(parts[0]) == 2 and parts[0][1] == ":") or ".." in parts or "\x00" in name:
+        raise UnsafeArchiveError(f"{archive}: member {name!r} points outside the archive (an absolute path or '..'); "
+                                 "ckptbridge refuses archives with such members; unpack it yourself after checking it")
+    return "/".join(p for p in name.split("/") if p not in ("", "."))
+
+
+def _link_target(archive: str, name: str, target: str, hard: bool) -> str:
+    """Where a link member points, as a member name; UnsafeArchiveError when it leaves the archive."""
+    joined = target if hard else posixpath.join(posixpath.dirname(name), target)
+    norm = posixpath.normpath(joined) if joined else ""
+    if target.startswith("/") or norm.startswith("../") or norm in ("..", ".", ""):
+        raise UnsafeArchiveError(f"{archive}: member {name!r} is a link to {target!r}, outside the archive; "
+                                 "ckptbridge refuses archives with such members; unpack it yourself after checking it")
+    return norm
+
+
+def _resolve_links(archive: str, members: dict[str, _Member], links: dict[str, str]) -> None:
+    """Add each link that ends at a member file as another name of it (chains followed, loops refused)."""
+    for name in links:
+        seen = {name}
+        target = links[name]
+        while target in links:
+            if target in seen:
+                raise FormatError(f"{archive}: member {name!r} is a link in a loop")
+            seen.add(target)
+            target = links[target]
+        if target in members:
+            members[name] = members[target]
+
+
+# --- reading the outer file as a stream ------------------------------------------
+
+
+class _RawReader(io.RawIOBase):
+    """A seekable raw stream over a RangedFile, so tarfile and zipfile can read it."""
+
+    def __init__(self, f: RangedFile) -> None:
+        self.f = f
+        self.pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.f.size}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        n = min(len(b), max(0, self.f.size - self.pos))
+        if n == 0:
+            return 0
+        data = self.f.pread(self.pos, n)
+        b[:n] = data
+        self.pos += n
+        return n
+
+
+def _stream(f: RangedFile, read_ahead: int) -> io.BufferedReader:
+    return io.BufferedReader(_RawReader(f), buffer_size=read_ahead)
+
+
+def _truncated(name: str, err: BaseException) -> FormatError:
+    return FormatError(f"{name} is truncated or damaged ({err or type(err).__name__}); download or copy it again")
+
+
+def _copy_out(src: IO[bytes], dest: str, size: int, what: str) -> None:
+    """Copy exactly ``size`` bytes of an unpacking stream to ``dest``."""
+    done = 0
+    with open(dest, "wb") as out:
+        while True:
+            raise_if_signalled()
+            chunk = src.read(_COPY_BYTES)
+            if not chunk:
+                break
+            done += len(chunk)
+            if done > size:
+                raise FormatError(f"{what} holds more bytes than its header says ({size})")
+            out.write(chunk)
+    if done != size:
+        raise FormatError(f"{what} is truncated: {done} of its {size} bytes")
+
+
+# --- tar ---------------------------------------------------------------------------
+
+
+def _open_tar(f: RangedFile, compressed: bool, wanted: Callable[[str], bool], scratch_dir: str | None) -> ArchivePlace:
+    members: dict[str, _Member] = {}
+    links: dict[str, str] = {}
+    scratch = Scratch(scratch_dir) if compressed else None
+    try:
+        try:
+            with tarfile.open(fileobj=_stream(f, _STREAM_READ_AHEAD if compressed else _SCAN_READ_AHEAD), mode="r|gz" if compressed else "r:") as tar:  # type: ignore[call-overload]
+                for info in tar:
+                    raise_if_signalled()
+                    name = _safe_name(f.name, info.name)
+                    if info.issym() or info.islnk():
+                        links[name] = _link_target(f.name, name, info.linkname, info.islnk())
+                    elif info.isdir():
+                        continue
+                    elif not info.isreg() or info.issparse():
+                        continue  # devices, FIFOs, sparse files: never a checkpoint's file
+                    elif not compressed:
+                        if info.offset_data + info.size > f.size:
+                            raise FormatError(f"{f.name} is truncated: member {name!r} runs past its end "
+                                              f"({info.offset_data + info.size} > {f.size} bytes); download or copy it again")
+                        members[name] = _Member(info.size, offset=info.offset_data)
+                    elif wanted(name):
+                        assert scratch is not None
+                        scratch.reserve(info.size, f"{f.name}/{name}")
+                        dest = os.path.join(scratch.path, *name.split("/"))
+                        os.makedirs(os.path.dirname(dest), exist_ok=True)
+                        src = tar.extractfile(info)
+                        assert src is not None
+                        _copy_out(src, dest, info.size, f"{f.name}/{name}")
+                        members[name] = _Member(info.size, path=dest)
+        except (tarfile.TarError, EOFError, zlib.error) as e:
+            raise _truncated(f.name, e) from None
+        _resolve_links(f.name, members, links)
+        return ArchivePlace(f.name, f, members, scratch)
+    except BaseException:
+        if scratch is not None:
+            scratch.remove()
+        raise
+
+
+# --- zip ---------------------------------------------------------------------------
+
+_LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
+_LOCAL_MAGIC = b"PK\x03\x04"
+
+
+def _open_zip(f: RangedFile, wanted: Callable[[str], bool], scratch_dir: str | None) -> ArchivePlace:
+    try:
+        zf = zipfile.ZipFile(_stream(f, _SCAN_READ_AHEAD))
+    except (zipfile.BadZipFile, EOFError, OSError) as e:
+        raise _truncated(f.name, e) from None
+    members: dict[str, _Member] = {}
+    links: dict[str, str] = {}
+    scratch: Scratch | None = None
+    try:
+        infos = zf.infolist()
+        for info in infos:
+            _safe_name(f.name, info.filename)   # every member checked before any is read
+        for info in infos:
+            name = _safe_name(f.name, info.filename)
+            mode = info.external_attr >> 16
+            if info.is_dir():
+                continue
+            if stat.S_ISLNK(mode):
+                if info.file_size > 4096:
+                    raise FormatError(f"{f.name}: link member {name!r} is {info.file_size} bytes long")
+                links[name] = _link_target(f.name, name, zf.read(info).decode("utf-8", "surrogateescape"), False)
+                continue
+            if info.flag_bits & 0x1:
+                raise FormatError(f"{f.name}: member {name!r} is encrypted; ckptbridge reads unencrypted zip archives only")
+            if info.compress_type == zipfile.ZIP_STORED:
+                header = f.pread(info.header_offset, _LOCAL_HEADER.size)
+                fields = _LOCAL_HEADER.unpack(header)
+                if fields[0] != _LOCAL_MAGIC:
+                    raise FormatError(f"{f.name}: member {name!r} has no local header where the directory says; the zip is damaged")
+                offset = info.header_offset + _LOCAL_HEADER.size + fields[9] + fields[10]
+                if offset + info.file_size > f.size:
+                    raise FormatError(f"{f.name} is truncated: member {name!r} runs past its end")
+                members[name] = _Member(info.file_size, offset=offset)
+            elif wanted(name):
+                if scratch is None:
+                    scratch = Scratch(scratch_dir)
+                scratch.reserve(info.file_size, f"{f.name}/{name}")
+                dest = os.path.join(scratch.path, *name.split("/"))
+                os.makedirs(os.path.dirname(dest), exist_ok=True)
+                try:
+                    with zf.open(info) as src:
+                        _copy_out(src, dest, info.file_size, f"{f.name}/{name}")
+                except (zipfile.BadZipFile, EOFError, NotImplementedError, zlib.error) as e:
+                    raise _truncated(f"{f.name}/{name}", e) from None
+                members[name] = _Member(info.file_size, path=dest)
+        _resolve_links(f.name, members, links)
+        return ArchivePlace(f.name, f, members, scratch)
+    except BaseException:
+        if scratch is not None:
+            scratch.remove()
+        raise
+    finally:
+        zf.close()
+
+
+# --- the registry ---------------------------------------------------------------------
+
+#: suffix -> how to open an archive of checkpoints of that kind: (outer file, wanted(member), scratch dir) -> place
+CONTAINERS: dict[str, Callable[[RangedFile, Callable[[str], bool], str | None], ArchivePlace]] = {
+    ".tar": lambda f, wanted, scratch: _open_tar(f, False, wanted, scratch),
+    ".tar.gz": lambda f, wanted, scratch: _open_tar(f, True, wanted, scratch),
+    ".tgz": lambda f, wanted, scratch: _open_tar(f, True, wanted, scratch),
+    ".zip": _open_zip,
+}
+
+
+def container_kind(name: str) -> str | None:
+    """The registered archive-of-checkpoints suffix ``name`` ends with (``.tar.gz`` before ``.gz``); None otherwise."""
+    low = name.lower().rstrip("/")
+    for suffix in sorted(CONTAINERS, key=len, reverse=True):
+        if low.endswith(suffix):
+            return suffix
+    return None
+
+
+def member_files(member: str) -> Callable[[str], bool]:
+    """Which member files belong to the checkpoint ``member`` names (its prefix, or one of its files)."""
+    from ._ckptfiles import strip_file_suffix
+
+    prefix = strip_file_suffix(member.strip("/"))
+    return lambda name: name == prefix or name.startswith(prefix + ".") or name.startswith(prefix + "-")
+
+
+def open_container(f: RangedFile, *, member: str | None = None, scratch_dir: str | None = None) -> ArchivePlace:
+    """The archive ``f`` (of a kind :func:`container_kind` knows) as a place.
+
+    Compressed members are unpacked into a temporary directory in ``scratch_dir``
+    (None: the system temp): all of them, or with ``member`` only that
+    checkpoint's files.  The place owns ``f`` and closes it."""
+    kind = container_kind(f.name)
+    if kind is None:
+        raise FormatError(f"{f.name} is not an archive ckptbridge opens; archives of checkpoints end with {', '.join(CONTAINERS)}")
+    wanted = member_files(member) if member else (lambda name: True)
+    try:
+        return CONTAINERS[kind](f, wanted, scratch_dir)
+    except BaseException:
+        f.close()
+        raise
+
+
+def names_in(place: Place) -> Iterable[str]:
+    """Every file of ``place`` as a relative path: an archive's members, or a local directory walked."""
+    if isinstance(place, ArchivePlace):
+        return place.files()
+    top = place.local_dir()
+    if top is None:
+        return place.listdir("") or []
+    found = []
+    for root, _, files in os.walk(top):
+        rel = os.path.relpath(root, top).replace(os.sep, "/")
+        found += [n if rel == "." else f"{rel}/{n}" for n in files]
+    return sorted(found)
+
+
+def stage(place: Place, relpaths: list[str], scratch_dir: str | None = None) -> tuple[Scratch, str]:
+    """Copy ``relpaths`` of ``place`` into a new scratch directory (for engines that need real files).
+
+    Returns the scratch (its caller removes it) and the directory the files keep their relative paths in."""
+    scratch = Scratch(scratch_dir)
+    try:
+        for rel in relpaths:
+            with place.open(rel) as f:
+                scratch.reserve(f.size, f.name)
+                dest = os.path.join(scratch.path, *rel.split("/"))
+                os.makedirs(os.path.dirname(dest), exist_ok=True)
+                with open(dest, "wb") as out:
+                    for pos in range(0, f.size, _COPY_BYTES):
+                        raise_if_signalled()
+                        out.write(f.pread(pos, min(_COPY_BYTES, f.size - pos)))
+        return scratch, scratch.path
+    except BaseException:
+        scratch.remove()
+        raise
