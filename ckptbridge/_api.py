@@ -298,8 +298,8 @@ def export(
         if dry_run:
             _check_dry_run_output(output, force, kind, prep.source)
             return _dry_report(output, prep, port)
-        sink = open_archive_sink(output, compress=compress, force=force, source=src.path)
         metadata = {"engine": source_label(src), **prep.metadata}
+        sink = open_archive_sink(output, compress=compress, force=force, source=src.path)  # transfer aborts it on any failure
         report = transfer(prep.source, sink, prep.plan, progress=progress, desc="export", metadata=metadata,
                           carry_extras=port is None)
         _annotate(report, prep, port)

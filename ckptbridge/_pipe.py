@@ -46,13 +46,15 @@ def transfer(
     """
     if chunk_bytes is None:
         chunk_bytes = CHUNK_BYTES
-    specs = source.specs()
-    out_specs = [dataclasses.replace(specs[src], name=dst) for dst, src in plan.mapping.items()]
-    total = sum(s.nbytes for s in out_specs)
     crcs: dict[str, int] = {}
     nbytes = 0
-    pbar = bar(total, desc, progress)
+    pbar = None
+    # The sink is ours from the first line: whatever stops us (a signal included) aborts it, so no
+    # open file outlives the command to be closed by the interpreter's shutdown.
     try:
+        specs = source.specs()
+        out_specs = [dataclasses.replace(specs[src], name=dst) for dst, src in plan.mapping.items()]
+        pbar = bar(sum(s.nbytes for s in out_specs), desc, progress)
         sink.begin(out_specs)
         unsynced = 0
         for dst, src in plan.mapping.items():
@@ -106,7 +108,8 @@ def transfer(
         sink.abort()
         raise
     finally:
-        pbar.close()
+        if pbar is not None:
+            pbar.close()
     return Report(sink.path, list(plan.mapping), dict(plan.dropped), dict(plan.ema_swaps), nbytes, object_graph=graph_note)
 
 
