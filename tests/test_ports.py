@@ -63,9 +63,11 @@ def _torch_destination(pmap: PortMap) -> bool:
 MAPS: dict[str, PortMap] = {n: m for n, m in ckptbridge.port_maps().items() if _torch_destination(m)}
 MAP_NAMES = sorted(MAPS)
 #: Proofs that scripts/test leaves to --slow (the suite's time budget): vgg19 whole (vgg16 proves the
-#: same layer kinds), and vgg16's 528 MB round trip and reverse import (the inception nets prove both).
-SLOW_MAPS = {"torchvision:vgg19"}
-SLOW_BOTH_WAYS = {"torchvision:vgg16", "torchvision:vgg19"}
+#: same layer kinds), vgg16's 528 MB round trip and reverse import (the inception nets prove both), and
+#: timm:inception_v3 whole (about a minute): its rules are torchvision:inception_v3's, line for line;
+#: only the destination model differs.
+SLOW_MAPS = {"torchvision:vgg19", "timm:inception_v3"}
+SLOW_BOTH_WAYS = {"torchvision:vgg16", "torchvision:vgg19", "timm:inception_v3"}
 
 
 def _params(slow: set[str]) -> list[Any]:
