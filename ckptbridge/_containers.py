@@ -18,11 +18,15 @@ A member whose name is absolute or has a ``..`` component, or a link whose
 target leaves the archive, is refused before anything is read or unpacked: one
 :class:`~ckptbridge.errors.UnsafeArchiveError` names it.  Links inside the
 archive are followed to their target member.
+
+What a crafted archive can cost is bounded by its bytes: a gzip of several
+members is read to its end (as ``gzip -d`` reads it).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import io
 import os
 import posixpath
@@ -50,6 +54,8 @@ RESERVE_BYTES = 64 << 20
 _STREAM_READ_AHEAD = 1 << 20
 _SCAN_READ_AHEAD = 64 << 10
 _COPY_BYTES = 4 << 20
+#: How far past a tar's end a .tar.gz is read to reach the end of its gzip (records pad it by up to 10 KiB).
+_GZIP_TAIL = 1 << 20
 
 
 @dataclasses.dataclass
@@ -256,7 +262,15 @@ def _open_tar(f: RangedFile, compressed: bool, wanted: Callable[[str], bool], sc
     scratch = Scratch(scratch_dir) if compressed else None
     try:
         try:
-            with tarfile.open(fileobj=_stream(f, _STREAM_READ_AHEAD if compressed else _SCAN_READ_AHEAD), mode="r|gz" if compressed else "r:") as tar:  # type: ignore[call-overload]
+            gz = gzip.GzipFile(fileobj=_stream(f, _STREAM_READ_AHEAD), mode="rb") if compressed else None
+            if gz is not None:
+                # GzipFile reads every gzip member, as gzip -d does (tarfile's own "r|gz" stops at the
+                # end of the first: a .tar.gz written in parts, by pigz or by concatenation, lost the rest).
+                # It is read as a stream, once, in bounded reads.
+                tar = tarfile.open(fileobj=gz, mode="r|")
+            else:
+                tar = tarfile.open(fileobj=_stream(f, _SCAN_READ_AHEAD), mode="r:")
+            with tar:
                 for info in tar:
                     raise_if_signalled()
                     name = _safe_name(f.name, info.name)
@@ -280,7 +294,11 @@ def _open_tar(f: RangedFile, compressed: bool, wanted: Callable[[str], bool], sc
                         assert src is not None
                         _copy_out(src, dest, info.size, f"{f.name}/{name}")
                         members[name] = _Member(info.size, path=dest)
-        except (tarfile.TarError, EOFError, zlib.error) as e:
+                if gz is not None:
+                    # On past the tar's end to the gzip's, so the last member's CRC-32 is checked too;
+                    # a crafted archive can put gigabytes there, so not further than _GZIP_TAIL.
+                    gz.read(_GZIP_TAIL)
+        except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
             raise _truncated(f.name, e) from None
         _resolve_links(f.name, members, links)
         return ArchivePlace(f.name, f, members, scratch)

@@ -9,6 +9,7 @@ truncated archives and the temporary space.
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import os
@@ -499,6 +500,57 @@ def test_cli_member_and_escape(v2_dir: str, tmp_path: Any, tmpdir_env: str) -> N
     assert not os.path.exists(tmp_path.parent / "x")
 
 
+def tar_bytes(entries: dict[str, str]) -> tuple[bytes, dict[str, int]]:
+    """An uncompressed tar of ``entries`` (archive name -> local path) and where each member's header starts."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as t:
+        for arc, local in entries.items():
+            t.add(local, arcname=arc)
+    with tarfile.open(fileobj=io.BytesIO(buf.getvalue())) as t:
+        offsets = {m.name: m.offset for m in t.getmembers()}
+    return buf.getvalue(), offsets
+
+
+def gzip_parts(data: bytes, cuts: list[int]) -> bytes:
+    """``data`` as one gzip member per part between ``cuts``: what pigz, bgzip or ``cat a.gz b.gz`` write."""
+    bounds = [0, *cuts, len(data)]
+    out = b"".join(gzip.compress(data[a:b]) for a, b in zip(bounds, bounds[1:]))
+    assert gzip.decompress(out) == data                                  # a valid gzip file: gzip -d reads it all
+    return out
+
+
+@pytest.mark.parametrize("where", ["between-checkpoints", "inside-a-file", "every-4k"])
+def test_a_gzip_of_several_members_reads_like_one(v2_dir: str, tmp_path: Any, tmpdir_env: str, where: str) -> None:
+    """tarfile's "r|gz" stopped at the end of the first gzip member: the archive then held a's checkpoint only."""
+    other = str(tmp_path / "other" / "other.ckpt")
+    write_checkpoint(other, {"x": np.arange(3, dtype=np.int32)})
+    data, offsets = tar_bytes({**ckpt_entries(v2_dir, "a"), **ckpt_entries(os.path.dirname(other), "b")})
+    cuts = {"between-checkpoints": [offsets["b/other.ckpt.data-00000-of-00001"]],
+            "inside-a-file": [offsets["a/model.ckpt.data-00000-of-00001"] + 700_001],
+            "every-4k": list(range(4096, len(data), 4096))}[where]
+    single, multi = tmp_path / "one.tar.gz", tmp_path / "parts.tar.gz"
+    single.write_bytes(gzip.compress(data))
+    multi.write_bytes(gzip_parts(data, cuts))
+    for archive in (str(single), str(multi)):
+        with pytest.raises(errors.FormatError, match=r"holds 2 checkpoints: a/model.ckpt, b/other.ckpt; choose one"):
+            ckptbridge.read(archive)
+        check_tensors(archive, member="a/model.ckpt")
+        with ckptbridge.read(archive, member="b/other.ckpt") as r:
+            assert r["x"].tobytes() == np.arange(3, dtype=np.int32).tobytes()
+    no_scratch(tmpdir_env)
+
+
+def test_a_damaged_later_gzip_member_is_damage(v2_dir: str, tmp_path: Any, tmpdir_env: str) -> None:
+    data, offsets = tar_bytes(ckpt_entries(v2_dir, "a"))
+    blob = bytearray(gzip_parts(data, [offsets["a/model.ckpt.index"]]))
+    blob[-6] ^= 0xFF                                                      # the last member's CRC-32
+    archive = tmp_path / "bad.tar.gz"
+    archive.write_bytes(bytes(blob))
+    with pytest.raises(errors.FormatError, match="truncated or damaged"):
+        ckptbridge.read(str(archive))
+    no_scratch(tmpdir_env)
+
+
 # --------------------------------------------------------------------------- with TensorFlow
 
 
@@ -582,3 +634,27 @@ def test_tf_v1_through_a_place_reads_the_blocks_a_tensor_needs(tf_ckpts: dict[st
         assert place.fetched("net.ckpt") - opened < size // 4            # that tensor's block, not fc6's 2 MiB
         assert small.shape == (8,)
         assert assert_same_as_tf({n: r.read(n) for n in r.specs()}, tf_ckpts["v1"]) == 5
+
+
+@pytest.mark.tf
+@pytest.mark.parametrize("engine", ["native", "tf"])
+def test_tf_tar_gz_of_several_gzip_members(tf_ckpts: dict[str, str], tmp_path: Any, tmpdir_env: str, assert_same_as_tf: Any,
+                                           engine: str) -> None:
+    """A .tar.gz written as two gzip members (gzip -t passes, GNU tar lists both): its first part alone held
+    step 100's V2 checkpoint, which was read without a word about the V1 one after it."""
+    directory = os.path.dirname(tf_ckpts["v2"])
+    entries = {f"v2/{n}": os.path.join(directory, n) for n in sorted(os.listdir(directory))}
+    data, offsets = tar_bytes({**entries, "v1/net.ckpt": tf_ckpts["v1"]})
+    archive = str(tmp_path / "both.tar.gz")
+    with open(archive, "wb") as f:
+        f.write(gzip_parts(data, [offsets["v1/net.ckpt"]]))
+    with pytest.raises(errors.FormatError, match="holds 2 checkpoints: v1/net.ckpt, v2/model.ckpt-100"):
+        ckptbridge.read(archive, engine=engine)
+    with ckptbridge.read(archive, engine=engine, member="v1/net.ckpt") as r:
+        assert assert_same_as_tf(r, tf_ckpts["v1"]) == 5
+    with ckptbridge.read(archive, engine=engine, member="v2/model.ckpt-100") as r:
+        assert assert_same_as_tf(r, tf_ckpts["v2"]) == 5
+    out = tmp_path / "out"
+    out.mkdir()
+    one_line(cli("export", archive, str(out / "w.npz"), cwd=str(tmp_path), tmpdir=tmpdir_env), "holds 2 checkpoints", "--member")
+    assert os.listdir(out) == [] and os.listdir(tmpdir_env) == []
