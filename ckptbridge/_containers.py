@@ -20,12 +20,14 @@ target leaves the archive, is refused before anything is read or unpacked: one
 archive are followed to their target member.
 
 What a crafted archive can cost is bounded by its bytes: a gzip of several
-members is read to its end (as ``gzip -d`` reads it).
+members is read to its end (as ``gzip -d`` reads it); member names are at most
+:data:`MAX_NAME_BYTES` long and :data:`MAX_NAME_DEPTH` segments deep.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import gzip
 import io
 import os
@@ -54,6 +56,10 @@ RESERVE_BYTES = 64 << 20
 _STREAM_READ_AHEAD = 1 << 20
 _SCAN_READ_AHEAD = 64 << 10
 _COPY_BYTES = 4 << 20
+#: The longest member name taken, in bytes (Linux's PATH_MAX: no file system path is longer), and the
+#: most path segments in one: each unpacked directory costs a mkdir, and a name of 10,000 segments is crafted.
+MAX_NAME_BYTES = 4096
+MAX_NAME_DEPTH = 128
 #: How far past a tar's end a .tar.gz is read to reach the end of its gzip (records pad it by up to 10 KiB).
 _GZIP_TAIL = 1 << 20
 
@@ -141,7 +147,45 @@ class Scratch:
     def __init__(self, directory: str | None) -> None:
         self.path = tempfile.mkdtemp(prefix=".ckptbridge-unpack.", suffix=_atomic.TMP_SUFFIX, dir=directory)
         self.used = 0
+        self._tree: dict[str, object] = {}  # what was unpacked: directory name -> its tree, file name -> _FILE
         _atomic.track_pending(self.path, self.remove)  # the ledger _atomic.discard_pending sweeps
+
+    def dest(self, name: str, archive: str) -> str:
+        """Where the member ``name`` (a clean relative path) of ``archive`` is unpacked, its directories made.
+
+        A name that is a file here and a directory there (``m`` and ``m/x``) cannot both be unpacked, and would
+        otherwise fail as a "File exists" that says nothing about the archive; directories are made one by one
+        (``os.makedirs`` recurses once per level)."""
+        parts = name.split("/")
+        node = self._tree
+        made = len(parts) - 1
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is _FILE:
+                raise self._clash(archive, "/".join(parts[:i + 1]))
+            if child is None:
+                made = min(made, i)
+                child = node[part] = {}
+            assert isinstance(child, dict)
+            node = child
+        if isinstance(node.get(parts[-1]), dict):
+            raise self._clash(archive, name)
+        node[parts[-1]] = _FILE
+        path = os.path.join(self.path, *parts)
+        try:
+            for i in range(made, len(parts) - 1):
+                os.mkdir(os.path.join(self.path, *parts[:i + 1]))
+        except OSError as e:
+            if e.errno != errno.ENAMETOOLONG:
+                raise
+            raise FormatError(f"{archive}: member {name[:80]!r}... is too long a path to unpack under {self.path} "
+                              f"({len(path)} characters); unpack the archive yourself into a shorter directory") from None
+        return path
+
+    @staticmethod
+    def _clash(archive: str, both: str) -> FormatError:
+        return FormatError(f"{archive} holds both a file and a directory named {both!r} (a member {both!r} and members under "
+                           f"{both + '/'!r}); no file system unpacks both, so ckptbridge refuses the archive; remove one of them and retry")
 
     def reserve(self, nbytes: int, what: str) -> None:
         """Refuse to unpack ``nbytes`` more when that would leave less than RESERVE_BYTES free."""
@@ -158,12 +202,23 @@ class Scratch:
             shutil.rmtree(self.path, ignore_errors=True)
 
 
+_FILE = object()
+
+
 # --- member names --------------------------------------------------------------
 
 
 def _safe_name(archive: str, name: str) -> str:
     """A member's name as a clean relative path, or UnsafeArchiveError when it could land outside."""
+    if len(name) > MAX_NAME_BYTES or len(name.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
+        raise UnsafeArchiveError(f"{archive}: a member name of {len(name.encode('utf-8', 'surrogateescape'))} bytes "
+                                 f"(starting {name[:60]!r}) is longer than any file system path ({MAX_NAME_BYTES} bytes); "
+                                 "the archive is damaged or crafted and ckptbridge refuses it; re-create it with shorter names")
     parts = name.replace("\\", "/").split("/")   # a backslash counts as a separator too (archives made on Windows)
+    if len(parts) > MAX_NAME_DEPTH:
+        raise UnsafeArchiveError(f"{archive}: member {name[:60]!r}... is {len(parts)} path segments deep, over the "
+                                 f"{MAX_NAME_DEPTH} ckptbridge takes; the archive is damaged or crafted and ckptbridge refuses it; "
+                                 "re-create it with a shallower tree")
     if parts[0] == "" or (len(parts[0]) == 2 and parts[0][1] == ":") or ".." in parts or "\x00" in name:
         raise UnsafeArchiveError(f"{archive}: member {name!r} points outside the archive (an absolute path or '..'); "
                                  "ckptbridge refuses archives with such members; unpack it yourself after checking it")
@@ -288,8 +343,7 @@ def _open_tar(f: RangedFile, compressed: bool, wanted: Callable[[str], bool], sc
                     elif wanted(name):
                         assert scratch is not None
                         scratch.reserve(info.size, f"{f.name}/{name}")
-                        dest = os.path.join(scratch.path, *name.split("/"))
-                        os.makedirs(os.path.dirname(dest), exist_ok=True)
+                        dest = scratch.dest(name, f.name)
                         src = tar.extractfile(info)
                         assert src is not None
                         _copy_out(src, dest, info.size, f"{f.name}/{name}")
@@ -351,8 +405,7 @@ def _open_zip(f: RangedFile, wanted: Callable[[str], bool], scratch_dir: str | N
                 if scratch is None:
                     scratch = Scratch(scratch_dir)
                 scratch.reserve(info.file_size, f"{f.name}/{name}")
-                dest = os.path.join(scratch.path, *name.split("/"))
-                os.makedirs(os.path.dirname(dest), exist_ok=True)
+                dest = scratch.dest(name, f.name)
                 try:
                     with zf.open(info) as src:
                         _copy_out(src, dest, info.file_size, f"{f.name}/{name}")
@@ -437,8 +490,7 @@ def stage(place: Place, relpaths: list[str], scratch_dir: str | None = None) -> 
         for rel in relpaths:
             with place.open(rel) as f:
                 scratch.reserve(f.size, f.name)
-                dest = os.path.join(scratch.path, *rel.split("/"))
-                os.makedirs(os.path.dirname(dest), exist_ok=True)
+                dest = scratch.dest(rel, place.name)
                 with open(dest, "wb") as out:
                     for pos in range(0, f.size, _COPY_BYTES):
                         raise_if_signalled()

@@ -551,6 +551,55 @@ def test_a_damaged_later_gzip_member_is_damage(v2_dir: str, tmp_path: Any, tmpdi
     no_scratch(tmpdir_env)
 
 
+@pytest.mark.parametrize("order", ["file-first", "directory-first"])
+def test_a_file_and_a_directory_of_one_name(v2_dir: str, tmp_path: Any, tmpdir_env: str, order: str) -> None:
+    """The clash is in the archive: it used to surface as "File exists: o/x.npz", blaming the output."""
+    archive = str(tmp_path / "clash.tgz")
+    with tarfile.open(archive, "w:gz") as t:
+        if order == "file-first":
+            t.addfile(_info("m"), io.BytesIO(b"x"))
+        for arc, local in ckpt_entries(v2_dir, "m").items():
+            t.add(local, arcname=arc)
+        if order == "directory-first":
+            t.addfile(_info("m"), io.BytesIO(b"x"))
+    out = tmp_path / "o"
+    out.mkdir()
+    line = one_line(cli("export", archive, str(out / "x.npz"), cwd=str(tmp_path), tmpdir=tmpdir_env),
+                    "clash.tgz holds both a file and a directory named 'm'")
+    assert "x.npz" not in line and "internal error" not in line
+    assert os.listdir(out) == [] and leftovers(str(tmp_path)) == []
+    zipped = str(tmp_path / "clash.zip")
+    with zipfile.ZipFile(zipped, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("m", b"x")
+        for arc, local in ckpt_entries(v2_dir, "m").items():
+            z.write(local, arc)
+    with pytest.raises(errors.FormatError, match="clash.zip holds both a file and a directory named 'm'"):
+        ckptbridge.read(zipped)
+    no_scratch(tmpdir_env)
+
+
+@pytest.mark.parametrize("segments,needle", [(10_000, "longer than any file system path"), (1_500, "1501 path segments deep")])
+def test_member_names_no_file_system_holds(tmp_path: Any, tmpdir_env: str, segments: int, needle: str) -> None:
+    """10,000 segments ended in "internal error: maximum recursion depth" (os.makedirs recurses per level)."""
+    deep = "/".join(["a"] * segments) + "/model.ckpt.index"
+    for suffix in (".tar.gz", ".tar"):
+        archive = str(tmp_path / f"deep{suffix}")
+        with tarfile.open(archive, "w:gz" if suffix == ".tar.gz" else "w", format=tarfile.PAX_FORMAT) as t:
+            info = tarfile.TarInfo(deep)
+            info.size = 1
+            t.addfile(info, io.BytesIO(b"x"))
+        line = one_line(cli("ls", archive, cwd=str(tmp_path), tmpdir=tmpdir_env), needle)
+        assert "internal error" not in line and len(line) < 1000
+    no_scratch(tmpdir_env)
+
+
+def test_a_deep_name_within_the_bounds_unpacks(v2_dir: str, tmp_path: Any, tmpdir_env: str) -> None:
+    under = "/".join(f"d{i}" for i in range(_containers.MAX_NAME_DEPTH - 1))
+    archive = make_tar(str(tmp_path / "deep.tgz"), {f"{under}/{n}": os.path.join(v2_dir, n) for n in os.listdir(v2_dir)}, "w:gz")
+    check_tensors(archive)
+    no_scratch(tmpdir_env)
+
+
 # --------------------------------------------------------------------------- with TensorFlow
 
 
