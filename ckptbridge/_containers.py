@@ -21,7 +21,8 @@ archive are followed to their target member.
 
 What a crafted archive can cost is bounded by its bytes: a gzip of several
 members is read to its end (as ``gzip -d`` reads it); member names are at most
-:data:`MAX_NAME_BYTES` long and :data:`MAX_NAME_DEPTH` segments deep.
+:data:`MAX_NAME_BYTES` long and :data:`MAX_NAME_DEPTH` segments deep, tar's
+extended headers at most ``_MAX_EXT_HEADER``.
 """
 
 from __future__ import annotations
@@ -60,6 +61,9 @@ _COPY_BYTES = 4 << 20
 #: most path segments in one: each unpacked directory costs a mkdir, and a name of 10,000 segments is crafted.
 MAX_NAME_BYTES = 4096
 MAX_NAME_DEPTH = 128
+#: tarfile reads a pax extended header or a GNU long name whole into memory: a crafted .tar.gz can
+#: claim gigabytes of one.  Real ones hold a long name and a few attributes.
+_MAX_EXT_HEADER = 1 << 20
 #: How far past a tar's end a .tar.gz is read to reach the end of its gzip (records pad it by up to 10 KiB).
 _GZIP_TAIL = 1 << 20
 
@@ -236,17 +240,26 @@ def _link_target(archive: str, name: str, target: str, hard: bool) -> str:
 
 
 def _resolve_links(archive: str, members: dict[str, _Member], links: dict[str, str]) -> None:
-    """Add each link that ends at a member file as another name of it (chains followed, loops refused)."""
+    """Add each link that ends at a member file as another name of it (chains followed, loops refused).
+
+    Each link is followed once: a chain's end is remembered for every link on it (a chain of
+    100,000 links followed from each of them would take minutes)."""
+    end: dict[str, str] = {}
     for name in links:
-        seen = {name}
-        target = links[name]
-        while target in links:
-            if target in seen:
+        chain: list[str] = []
+        on_chain: set[str] = set()
+        target = name
+        while target in links and target not in end:
+            if target in on_chain:
                 raise FormatError(f"{archive}: member {name!r} is a link in a loop")
-            seen.add(target)
+            chain.append(target)
+            on_chain.add(target)
             target = links[target]
-        if target in members:
-            members[name] = members[target]
+        final = end.get(target, target)
+        for link in chain:
+            end[link] = final
+        if final in members:
+            members[name] = members[final]
 
 
 # --- reading the outer file as a stream ------------------------------------------
@@ -311,6 +324,23 @@ def _copy_out(src: IO[bytes], dest: str, size: int, what: str) -> None:
 # --- tar ---------------------------------------------------------------------------
 
 
+class _BoundedTarInfo(tarfile.TarInfo):
+    """A tar header whose extended header (pax records, a GNU long name) is refused over ``_MAX_EXT_HEADER``
+    before tarfile reads it whole into memory."""
+
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type in _EXT_HEADERS and self.size > _MAX_EXT_HEADER:
+            raise _ExtHeaderTooLarge(self.size)
+        return super()._proc_member(tarfile_)  # type: ignore[misc,no-any-return]
+
+
+class _ExtHeaderTooLarge(Exception):
+    """Raised inside tarfile's parsing; _open_tar names the archive."""
+
+
+_EXT_HEADERS = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE)
+
+
 def _open_tar(f: RangedFile, compressed: bool, wanted: Callable[[str], bool], scratch_dir: str | None) -> ArchivePlace:
     members: dict[str, _Member] = {}
     links: dict[str, str] = {}
@@ -322,9 +352,9 @@ def _open_tar(f: RangedFile, compressed: bool, wanted: Callable[[str], bool], sc
                 # GzipFile reads every gzip member, as gzip -d does (tarfile's own "r|gz" stops at the
                 # end of the first: a .tar.gz written in parts, by pigz or by concatenation, lost the rest).
                 # It is read as a stream, once, in bounded reads.
-                tar = tarfile.open(fileobj=gz, mode="r|")
+                tar = tarfile.open(fileobj=gz, mode="r|", tarinfo=_BoundedTarInfo)
             else:
-                tar = tarfile.open(fileobj=_stream(f, _SCAN_READ_AHEAD), mode="r:")
+                tar = tarfile.open(fileobj=_stream(f, _SCAN_READ_AHEAD), mode="r:", tarinfo=_BoundedTarInfo)
             with tar:
                 for info in tar:
                     raise_if_signalled()
@@ -354,6 +384,10 @@ def _open_tar(f: RangedFile, compressed: bool, wanted: Callable[[str], bool], sc
                     gz.read(_GZIP_TAIL)
         except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
             raise _truncated(f.name, e) from None
+        except _ExtHeaderTooLarge as e:
+            raise UnsafeArchiveError(f"{f.name}: an extended tar header (pax records or a GNU long name) of {e.args[0]} bytes, "
+                                     f"over the {_MAX_EXT_HEADER} ckptbridge reads (real ones hold a long name and a few "
+                                     "attributes); the archive is damaged or crafted and ckptbridge refuses it") from None
         _resolve_links(f.name, members, links)
         return ArchivePlace(f.name, f, members, scratch)
     except BaseException:

@@ -27,6 +27,8 @@ import json
 import os
 import pathlib
 import struct
+import tarfile
+import time
 import zipfile
 import zlib
 
@@ -36,6 +38,8 @@ import pytest
 h5py = pytest.importorskip("h5py")
 
 import ckptbridge  # noqa: E402
+from ckptbridge import _containers  # noqa: E402
+from ckptbridge._ranged import LocalFile  # noqa: E402
 from ckptbridge.bundle import BundleWriter  # noqa: E402
 from ckptbridge.errors import CkptBridgeError, CorruptError, FormatError, UnsafeArchiveError  # noqa: E402
 from ckptbridge.formats import meta  # noqa: E402
@@ -440,3 +444,55 @@ def test_a_comment_length_that_hides_members_is_damage(tmp_path: pathlib.Path) -
     with pytest.raises(CorruptError, match="lists 5 members but 1 can be read"):
         ckptbridge.read(path)
     assert_one_line_error(cli("ls", path), "damaged")
+
+
+# --- archives of checkpoints: headers that ask for memory, chains of links -------------
+
+
+def _tgz_with_pax_header(path: str, size: int) -> None:
+    """A .tar.gz whose first header is a pax extended header of ``size`` zero bytes (tarfile reads it whole)."""
+    info = tarfile.TarInfo("././@PaxHeader")
+    info.type, info.size = tarfile.XHDTYPE, size
+    c = zlib.compressobj(9, zlib.DEFLATED, -15)
+    head = c.compress(info.tobuf(format=tarfile.USTAR_FORMAT)) + c.flush(zlib.Z_FULL_FLUSH)
+    block = bytes(16 << 20)
+    piece = c.compress(block) + c.flush(zlib.Z_FULL_FLUSH)                # byte-aligned and reset: it can be repeated
+    tail = c.compress(bytes(1024)) + c.flush()
+    n = size // len(block)
+    crc = zlib.crc32(info.tobuf(format=tarfile.USTAR_FORMAT))
+    for _ in range(n):
+        crc = zlib.crc32(block, crc)
+    crc = zlib.crc32(bytes(1024), crc)
+    total = 512 + n * len(block) + 1024
+    with open(path, "wb") as f:
+        f.write(b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff" + head + piece * n + tail + struct.pack("<II", crc, total & 0xFFFFFFFF))
+
+
+def test_tar_extended_header_asking_for_gigabytes_refused(tmp_path, good_npz):
+    p = str(tmp_path / "pax.tar.gz")
+    _tgz_with_pax_header(p, 1200 << 20)
+    assert os.path.getsize(p) < 2 << 20
+    refused(p, ["extended tar header", "1258291200 bytes"], good_npz, commands=("ls",))
+
+
+def test_a_long_chain_of_links_is_followed_once(tmp_path):
+    """Each link was followed to the chain's end on its own: 20,000 links took 28 s, 40,000 four times that."""
+    p = str(tmp_path / "chain.tar")
+    n = 40_000
+    with open(p, "wb") as f:
+        with tarfile.open(fileobj=f, mode="w") as t:
+            target = tarfile.TarInfo("f")
+            target.size = 1
+            t.addfile(target, io.BytesIO(b"x"))
+            for k in range(n):
+                link = tarfile.TarInfo(f"l{k}")
+                link.type, link.linkname = tarfile.SYMTYPE, f"l{k + 1}" if k + 1 < n else "f"
+                t.addfile(link)
+    started = time.monotonic()
+    place = _containers.open_container(LocalFile(p))
+    try:
+        assert time.monotonic() - started < 20
+        with place.open("l0") as m:
+            assert m.pread(0, 1) == b"x"
+    finally:
+        place.close()
