@@ -22,7 +22,9 @@ archive are followed to their target member.
 What a crafted archive can cost is bounded by its bytes: a gzip of several
 members is read to its end (as ``gzip -d`` reads it); member names are at most
 :data:`MAX_NAME_BYTES` long and :data:`MAX_NAME_DEPTH` segments deep, tar's
-extended headers at most ``_MAX_EXT_HEADER``.
+extended headers at most ``_MAX_EXT_HEADER``; a zip's directory must describe
+members that lie, without overlapping, in the bytes before it, and that can
+inflate to what they claim.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from typing import IO
 from . import _atomic
 from ._ranged import LocalFile, Place, RangedFile
 from ._signals import raise_if_signalled, signals_deferred
-from .errors import CkptBridgeError, FormatError, NotFoundError, UnsafeArchiveError
+from .errors import CkptBridgeError, CorruptError, FormatError, NotFoundError, UnsafeArchiveError
 
 __all__ = ["CONTAINERS", "container_kind", "open_container", "ArchivePlace", "Scratch", "RESERVE_BYTES", "stage"]
 
@@ -66,6 +68,8 @@ MAX_NAME_DEPTH = 128
 _MAX_EXT_HEADER = 1 << 20
 #: How far past a tar's end a .tar.gz is read to reach the end of its gzip (records pad it by up to 10 KiB).
 _GZIP_TAIL = 1 << 20
+#: Deflate cannot expand more than 1032:1; a zip member claiming more is crafted.
+_MAX_DEFLATE_RATIO = 1100
 
 
 @dataclasses.dataclass
@@ -402,9 +406,88 @@ _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
 _LOCAL_MAGIC = b"PK\x03\x04"
 
 
-def _open_zip(f: RangedFile, wanted: Callable[[str], bool], scratch_dir: str | None) -> ArchivePlace:
+def _raw_name_length(info: zipfile.ZipInfo) -> int:
+    """How many bytes the member's name takes in its local header (zipfile checks that it equals the directory's)."""
     try:
-        zf = zipfile.ZipFile(_stream(f, _SCAN_READ_AHEAD))
+        return len(info.orig_filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437"))
+    except UnicodeEncodeError:
+        return 0
+
+
+def _zip_bounds(f: RangedFile, zf: zipfile.ZipFile, stream: IO[bytes]) -> dict[int, int]:
+    """Check that the directory describes bytes that exist, each once; return, for each member's header
+    offset, where the next member (or the directory) starts: its data must end there.
+
+    Python 3.11's zipfile checks none of it: 400 directory entries naming one deflated member
+    unpack it 400 times, and a directory offset past the end gives negative member offsets.
+    Each member's local header and data take at least 30 + its name's bytes + its compressed
+    size; those spans must not overlap and must end before the directory, so the members
+    together claim no more bytes than the file holds, and each inflates at most _MAX_DEFLATE_RATIO-fold."""
+    start_dir = int(getattr(zf, "start_dir", f.size))
+    try:
+        end = zipfile._EndRecData(stream)  # type: ignore[attr-defined]  # the stdlib's own parser of that record
+    except (OSError, struct.error, ValueError):
+        end = None
+    if end:
+        offset_cd = int(end[zipfile._ECD_OFFSET])  # type: ignore[attr-defined]
+        if offset_cd > start_dir:  # zipfile then shifts every member's offset down, below 0
+            where = (f"past the end of the {f.size}-byte file" if offset_cd >= f.size
+                     else f"but it is at byte {start_dir}")
+            raise CorruptError(f"{f.name}: its end record puts the zip directory at byte {offset_cd}, {where}; "
+                               "the archive is damaged; download or copy it again")
+    infos = zf.infolist()
+    claimed = int(end[zipfile._ECD_ENTRIES_TOTAL]) if end else len(infos)  # type: ignore[attr-defined]
+    if claimed != len(infos):  # zipfile stops at an entry whose lengths run past the directory, and returns the rest
+        raise CorruptError(f"{f.name}: the zip directory lists {claimed} members but {len(infos)} can be read; "
+                           "the archive is damaged; download or copy it again")
+    seen: set[str] = set()
+    spans = []
+    for info in infos:
+        if info.filename in seen:
+            raise CorruptError(f"{f.name}: member {info.filename!r} appears twice in the zip directory; "
+                               "refusing an ambiguous (damaged or crafted) archive")
+        seen.add(info.filename)
+        lo = info.header_offset
+        hi = lo + _LOCAL_HEADER.size + _raw_name_length(info) + info.compress_size
+        if lo < 0 or hi > start_dir:
+            raise CorruptError(f"{f.name}: the zip directory puts member {info.filename!r} at bytes {lo}..{hi}, outside the "
+                               f"{start_dir} bytes before the directory (a {f.size}-byte file); the archive is damaged or "
+                               "truncated; download or copy it again")
+        if info.compress_type == zipfile.ZIP_DEFLATED and info.file_size > _MAX_DEFLATE_RATIO * max(info.compress_size, 1) + 4096:
+            raise UnsafeArchiveError(f"{f.name}: member {info.filename!r} claims {info.file_size} bytes from {info.compress_size} "
+                                     "compressed, more than deflate can give; refusing a crafted archive")
+        if info.compress_type == zipfile.ZIP_STORED and info.file_size != info.compress_size:
+            raise CorruptError(f"{f.name}: stored member {info.filename!r} claims {info.file_size} bytes but holds "
+                               f"{info.compress_size}; the archive is damaged; download or copy it again")
+        spans.append((lo, hi, info.filename))
+    spans.sort()
+    limits = {}
+    for (lo, hi, name), nxt in zip(spans, spans[1:] + [(start_dir, start_dir, "")]):
+        if hi > nxt[0]:
+            raise UnsafeArchiveError(f"{f.name}: members {name!r} and {nxt[2]!r} share bytes in the file; "
+                                     "refusing an overlapping (crafted) archive")
+        limits[lo] = nxt[0]
+    return limits
+
+
+def _local_data(f: RangedFile, info: zipfile.ZipInfo, name: str, limit: int) -> int:
+    """Where ``info``'s data starts, from its local header; refused when the data would run past ``limit``."""
+    fields = _LOCAL_HEADER.unpack(f.pread(info.header_offset, _LOCAL_HEADER.size))
+    if fields[0] != _LOCAL_MAGIC:
+        raise CorruptError(f"{f.name}: member {name!r} has no local header where the directory says; the zip is damaged")
+    offset = info.header_offset + _LOCAL_HEADER.size + fields[9] + fields[10]
+    if offset + info.compress_size > f.size:
+        raise FormatError(f"{f.name} is truncated: member {name!r} runs past its end")
+    if offset + info.compress_size > limit:
+        raise UnsafeArchiveError(f"{f.name}: member {name!r}'s data runs into the next member's bytes; "
+                                 "refusing an overlapping (crafted) archive")
+    return offset
+
+
+def _open_zip(f: RangedFile, wanted: Callable[[str], bool], scratch_dir: str | None) -> ArchivePlace:
+    stream = _stream(f, _SCAN_READ_AHEAD)
+    try:
+        zf = zipfile.ZipFile(stream)
     except (zipfile.BadZipFile, EOFError, OSError) as e:
         raise _truncated(f.name, e) from None
     members: dict[str, _Member] = {}
@@ -414,6 +497,7 @@ def _open_zip(f: RangedFile, wanted: Callable[[str], bool], scratch_dir: str | N
         infos = zf.infolist()
         for info in infos:
             _safe_name(f.name, info.filename)   # every member checked before any is read
+        limits = _zip_bounds(f, zf, stream)
         for info in infos:
             name = _safe_name(f.name, info.filename)
             mode = info.external_attr >> 16
@@ -422,20 +506,16 @@ def _open_zip(f: RangedFile, wanted: Callable[[str], bool], scratch_dir: str | N
             if stat.S_ISLNK(mode):
                 if info.file_size > 4096:
                     raise FormatError(f"{f.name}: link member {name!r} is {info.file_size} bytes long")
+                _local_data(f, info, name, limits[info.header_offset])
                 links[name] = _link_target(f.name, name, zf.read(info).decode("utf-8", "surrogateescape"), False)
                 continue
             if info.flag_bits & 0x1:
                 raise FormatError(f"{f.name}: member {name!r} is encrypted; ckptbridge reads unencrypted zip archives only")
             if info.compress_type == zipfile.ZIP_STORED:
-                header = f.pread(info.header_offset, _LOCAL_HEADER.size)
-                fields = _LOCAL_HEADER.unpack(header)
-                if fields[0] != _LOCAL_MAGIC:
-                    raise FormatError(f"{f.name}: member {name!r} has no local header where the directory says; the zip is damaged")
-                offset = info.header_offset + _LOCAL_HEADER.size + fields[9] + fields[10]
-                if offset + info.file_size > f.size:
-                    raise FormatError(f"{f.name} is truncated: member {name!r} runs past its end")
+                offset = _local_data(f, info, name, limits[info.header_offset])
                 members[name] = _Member(info.file_size, offset=offset)
             elif wanted(name):
+                _local_data(f, info, name, limits[info.header_offset])
                 if scratch is None:
                     scratch = Scratch(scratch_dir)
                 scratch.reserve(info.file_size, f"{f.name}/{name}")

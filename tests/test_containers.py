@@ -13,6 +13,7 @@ import gzip
 import io
 import json
 import os
+import struct
 import subprocess
 import sys
 import tarfile
@@ -598,6 +599,64 @@ def test_a_deep_name_within_the_bounds_unpacks(v2_dir: str, tmp_path: Any, tmpdi
     archive = make_tar(str(tmp_path / "deep.tgz"), {f"{under}/{n}": os.path.join(v2_dir, n) for n in os.listdir(v2_dir)}, "w:gz")
     check_tensors(archive)
     no_scratch(tmpdir_env)
+
+
+def _with_directory_offset(src: str, dest: str, offset: int) -> None:
+    data = bytearray(open(src, "rb").read())
+    end = data.rindex(b"PK\x05\x06")
+    data[end + 16:end + 20] = struct.pack("<I", offset)
+    open(dest, "wb").write(bytes(data))
+
+
+@pytest.mark.parametrize("compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED])
+def test_a_zip_directory_offset_that_points_elsewhere(v2_dir: str, tmp_path: Any, tmpdir_env: str, compression: int) -> None:
+    """An end record pointing past the end gave negative offsets: "internal error: ValueError: bad range"."""
+    whole = str(tmp_path / "whole.zip")
+    with zipfile.ZipFile(whole, "w", compression) as z:
+        for arc, local in ckpt_entries(v2_dir, "m").items():
+            z.write(local, arc)
+    size = os.path.getsize(whole)
+    with zipfile.ZipFile(whole) as z:
+        start = z.start_dir
+    cases = [(size + 100, f"byte {size + 100}, past the end of the {size}-byte file"),
+             (0xFFFFFFF0, f"byte {0xFFFFFFF0}, past the end of the {size}-byte file"),
+             (start + 10, f"byte {start + 10}, but it is at byte {start}")]
+    for offset, needle in cases:
+        bad = str(tmp_path / "bad.zip")
+        _with_directory_offset(whole, bad, offset)
+        with pytest.raises(errors.CorruptError, match="damaged"):
+            ckptbridge.read(bad)
+        line = one_line(cli("ls", bad, cwd=str(tmp_path), tmpdir=tmpdir_env), needle, "damaged")
+        assert "internal error" not in line
+    no_scratch(tmpdir_env)
+
+
+def test_a_zip_member_placed_outside_the_file(v2_dir: str, tmp_path: Any, tmpdir_env: str) -> None:
+    archive = str(tmp_path / "moved.zip")
+    with zipfile.ZipFile(archive, "w") as z:
+        for arc, local in ckpt_entries(v2_dir, "m").items():
+            z.write(local, arc)
+    data = bytearray(open(archive, "rb").read())
+    cd = data.index(b"PK\x01\x02")
+    data[cd + 42:cd + 46] = struct.pack("<I", len(data) + 4096)          # the first member's local header offset
+    open(archive, "wb").write(bytes(data))
+    with pytest.raises(errors.CorruptError, match=rf"outside the \d+ bytes before the directory \(a {len(data)}-byte file\)"):
+        ckptbridge.read(archive)
+
+
+def test_a_zip_directory_that_hides_members_is_damage(v2_dir: str, tmp_path: Any, tmpdir_env: str) -> None:
+    """zipfile returns the entries before one whose comment length runs past the directory: the checkpoint's
+    .index then went missing and the archive read as one without a checkpoint."""
+    archive = str(tmp_path / "hidden.zip")
+    with zipfile.ZipFile(archive, "w") as z:
+        for arc, local in ckpt_entries(v2_dir, "m").items():
+            z.write(local, arc)
+    data = bytearray(open(archive, "rb").read())
+    cd = data.index(b"PK\x01\x02")
+    data[cd + 32:cd + 34] = b"\xff\xff"                                    # the first entry's comment swallows the rest
+    open(archive, "wb").write(bytes(data))
+    with pytest.raises(errors.CorruptError, match="lists 2 members but 1 can be read"):
+        ckptbridge.read(archive)
 
 
 # --------------------------------------------------------------------------- with TensorFlow
