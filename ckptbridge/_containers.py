@@ -18,11 +18,20 @@ A member whose name is absolute or has a ``..`` component, or a link whose
 target leaves the archive, is refused before anything is read or unpacked: one
 :class:`~ckptbridge.errors.UnsafeArchiveError` names it.  Links inside the
 archive are followed to their target member.
+
+What a crafted archive can cost is bounded by its bytes: a gzip of several
+members is read to its end (as ``gzip -d`` reads it); member names are at most
+:data:`MAX_NAME_BYTES` long and :data:`MAX_NAME_DEPTH` segments deep, tar's
+extended headers at most ``_MAX_EXT_HEADER``; a zip's directory must describe
+members that lie, without overlapping, in the bytes before it, and that can
+inflate to what they claim.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
+import gzip
 import io
 import os
 import posixpath
@@ -39,7 +48,7 @@ from typing import IO
 from . import _atomic
 from ._ranged import LocalFile, Place, RangedFile
 from ._signals import raise_if_signalled, signals_deferred
-from .errors import CkptBridgeError, FormatError, NotFoundError, UnsafeArchiveError
+from .errors import CkptBridgeError, CorruptError, FormatError, NotFoundError, UnsafeArchiveError
 
 __all__ = ["CONTAINERS", "container_kind", "open_container", "ArchivePlace", "Scratch", "RESERVE_BYTES", "stage"]
 
@@ -50,6 +59,17 @@ RESERVE_BYTES = 64 << 20
 _STREAM_READ_AHEAD = 1 << 20
 _SCAN_READ_AHEAD = 64 << 10
 _COPY_BYTES = 4 << 20
+#: The longest member name taken, in bytes (Linux's PATH_MAX: no file system path is longer), and the
+#: most path segments in one: each unpacked directory costs a mkdir, and a name of 10,000 segments is crafted.
+MAX_NAME_BYTES = 4096
+MAX_NAME_DEPTH = 128
+#: tarfile reads a pax extended header or a GNU long name whole into memory: a crafted .tar.gz can
+#: claim gigabytes of one.  Real ones hold a long name and a few attributes.
+_MAX_EXT_HEADER = 1 << 20
+#: How far past a tar's end a .tar.gz is read to reach the end of its gzip (records pad it by up to 10 KiB).
+_GZIP_TAIL = 1 << 20
+#: Deflate cannot expand more than 1032:1; a zip member claiming more is crafted.
+_MAX_DEFLATE_RATIO = 1100
 
 
 @dataclasses.dataclass
@@ -135,7 +155,45 @@ class Scratch:
     def __init__(self, directory: str | None) -> None:
         self.path = tempfile.mkdtemp(prefix=".ckptbridge-unpack.", suffix=_atomic.TMP_SUFFIX, dir=directory)
         self.used = 0
+        self._tree: dict[str, object] = {}  # what was unpacked: directory name -> its tree, file name -> _FILE
         _atomic.track_pending(self.path, self.remove)  # the ledger _atomic.discard_pending sweeps
+
+    def dest(self, name: str, archive: str) -> str:
+        """Where the member ``name`` (a clean relative path) of ``archive`` is unpacked, its directories made.
+
+        A name that is a file here and a directory there (``m`` and ``m/x``) cannot both be unpacked, and would
+        otherwise fail as a "File exists" that says nothing about the archive; directories are made one by one
+        (``os.makedirs`` recurses once per level)."""
+        parts = name.split("/")
+        node = self._tree
+        made = len(parts) - 1
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is _FILE:
+                raise self._clash(archive, "/".join(parts[:i + 1]))
+            if child is None:
+                made = min(made, i)
+                child = node[part] = {}
+            assert isinstance(child, dict)
+            node = child
+        if isinstance(node.get(parts[-1]), dict):
+            raise self._clash(archive, name)
+        node[parts[-1]] = _FILE
+        path = os.path.join(self.path, *parts)
+        try:
+            for i in range(made, len(parts) - 1):
+                os.mkdir(os.path.join(self.path, *parts[:i + 1]))
+        except OSError as e:
+            if e.errno != errno.ENAMETOOLONG:
+                raise
+            raise FormatError(f"{archive}: member {name[:80]!r}... is too long a path to unpack under {self.path} "
+                              f"({len(path)} characters); unpack the archive yourself into a shorter directory") from None
+        return path
+
+    @staticmethod
+    def _clash(archive: str, both: str) -> FormatError:
+        return FormatError(f"{archive} holds both a file and a directory named {both!r} (a member {both!r} and members under "
+                           f"{both + '/'!r}); no file system unpacks both, so ckptbridge refuses the archive; remove one of them and retry")
 
     def reserve(self, nbytes: int, what: str) -> None:
         """Refuse to unpack ``nbytes`` more when that would leave less than RESERVE_BYTES free."""
@@ -152,12 +210,23 @@ class Scratch:
             shutil.rmtree(self.path, ignore_errors=True)
 
 
+_FILE = object()
+
+
 # --- member names --------------------------------------------------------------
 
 
 def _safe_name(archive: str, name: str) -> str:
     """A member's name as a clean relative path, or UnsafeArchiveError when it could land outside."""
+    if len(name) > MAX_NAME_BYTES or len(name.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
+        raise UnsafeArchiveError(f"{archive}: a member name of {len(name.encode('utf-8', 'surrogateescape'))} bytes "
+                                 f"(starting {name[:60]!r}) is longer than any file system path ({MAX_NAME_BYTES} bytes); "
+                                 "the archive is damaged or crafted and ckptbridge refuses it; re-create it with shorter names")
     parts = name.replace("\\", "/").split("/")   # a backslash counts as a separator too (archives made on Windows)
+    if len(parts) > MAX_NAME_DEPTH:
+        raise UnsafeArchiveError(f"{archive}: member {name[:60]!r}... is {len(parts)} path segments deep, over the "
+                                 f"{MAX_NAME_DEPTH} ckptbridge takes; the archive is damaged or crafted and ckptbridge refuses it; "
+                                 "re-create it with a shallower tree")
     if parts[0] == "" or (len(parts[0]) == 2 and parts[0][1] == ":") or ".." in parts or "\x00" in name:
         raise UnsafeArchiveError(f"{archive}: member {name!r} points outside the archive (an absolute path or '..'); "
                                  "ckptbridge refuses archives with such members; unpack it yourself after checking it")
@@ -175,17 +244,26 @@ def _link_target(archive: str, name: str, target: str, hard: bool) -> str:
 
 
 def _resolve_links(archive: str, members: dict[str, _Member], links: dict[str, str]) -> None:
-    """Add each link that ends at a member file as another name of it (chains followed, loops refused)."""
+    """Add each link that ends at a member file as another name of it (chains followed, loops refused).
+
+    Each link is followed once: a chain's end is remembered for every link on it (a chain of
+    100,000 links followed from each of them would take minutes)."""
+    end: dict[str, str] = {}
     for name in links:
-        seen = {name}
-        target = links[name]
-        while target in links:
-            if target in seen:
+        chain: list[str] = []
+        on_chain: set[str] = set()
+        target = name
+        while target in links and target not in end:
+            if target in on_chain:
                 raise FormatError(f"{archive}: member {name!r} is a link in a loop")
-            seen.add(target)
+            chain.append(target)
+            on_chain.add(target)
             target = links[target]
-        if target in members:
-            members[name] = members[target]
+        final = end.get(target, target)
+        for link in chain:
+            end[link] = final
+        if final in members:
+            members[name] = members[final]
 
 
 # --- reading the outer file as a stream ------------------------------------------
@@ -250,13 +328,38 @@ def _copy_out(src: IO[bytes], dest: str, size: int, what: str) -> None:
 # --- tar ---------------------------------------------------------------------------
 
 
+class _BoundedTarInfo(tarfile.TarInfo):
+    """A tar header whose extended header (pax records, a GNU long name) is refused over ``_MAX_EXT_HEADER``
+    before tarfile reads it whole into memory."""
+
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type in _EXT_HEADERS and self.size > _MAX_EXT_HEADER:
+            raise _ExtHeaderTooLarge(self.size)
+        return super()._proc_member(tarfile_)  # type: ignore[misc,no-any-return]
+
+
+class _ExtHeaderTooLarge(Exception):
+    """Raised inside tarfile's parsing; _open_tar names the archive."""
+
+
+_EXT_HEADERS = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE)
+
+
 def _open_tar(f: RangedFile, compressed: bool, wanted: Callable[[str], bool], scratch_dir: str | None) -> ArchivePlace:
     members: dict[str, _Member] = {}
     links: dict[str, str] = {}
     scratch = Scratch(scratch_dir) if compressed else None
     try:
         try:
-            with tarfile.open(fileobj=_stream(f, _STREAM_READ_AHEAD if compressed else _SCAN_READ_AHEAD), mode="r|gz" if compressed else "r:") as tar:  # type: ignore[call-overload]
+            gz = gzip.GzipFile(fileobj=_stream(f, _STREAM_READ_AHEAD), mode="rb") if compressed else None
+            if gz is not None:
+                # GzipFile reads every gzip member, as gzip -d does (tarfile's own "r|gz" stops at the
+                # end of the first: a .tar.gz written in parts, by pigz or by concatenation, lost the rest).
+                # It is read as a stream, once, in bounded reads.
+                tar = tarfile.open(fileobj=gz, mode="r|", tarinfo=_BoundedTarInfo)
+            else:
+                tar = tarfile.open(fileobj=_stream(f, _SCAN_READ_AHEAD), mode="r:", tarinfo=_BoundedTarInfo)
+            with tar:
                 for info in tar:
                     raise_if_signalled()
                     name = _safe_name(f.name, info.name)
@@ -274,14 +377,21 @@ def _open_tar(f: RangedFile, compressed: bool, wanted: Callable[[str], bool], sc
                     elif wanted(name):
                         assert scratch is not None
                         scratch.reserve(info.size, f"{f.name}/{name}")
-                        dest = os.path.join(scratch.path, *name.split("/"))
-                        os.makedirs(os.path.dirname(dest), exist_ok=True)
+                        dest = scratch.dest(name, f.name)
                         src = tar.extractfile(info)
                         assert src is not None
                         _copy_out(src, dest, info.size, f"{f.name}/{name}")
                         members[name] = _Member(info.size, path=dest)
-        except (tarfile.TarError, EOFError, zlib.error) as e:
+                if gz is not None:
+                    # On past the tar's end to the gzip's, so the last member's CRC-32 is checked too;
+                    # a crafted archive can put gigabytes there, so not further than _GZIP_TAIL.
+                    gz.read(_GZIP_TAIL)
+        except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
             raise _truncated(f.name, e) from None
+        except _ExtHeaderTooLarge as e:
+            raise UnsafeArchiveError(f"{f.name}: an extended tar header (pax records or a GNU long name) of {e.args[0]} bytes, "
+                                     f"over the {_MAX_EXT_HEADER} ckptbridge reads (real ones hold a long name and a few "
+                                     "attributes); the archive is damaged or crafted and ckptbridge refuses it") from None
         _resolve_links(f.name, members, links)
         return ArchivePlace(f.name, f, members, scratch)
     except BaseException:
@@ -296,9 +406,88 @@ _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
 _LOCAL_MAGIC = b"PK\x03\x04"
 
 
-def _open_zip(f: RangedFile, wanted: Callable[[str], bool], scratch_dir: str | None) -> ArchivePlace:
+def _raw_name_length(info: zipfile.ZipInfo) -> int:
+    """How many bytes the member's name takes in its local header (zipfile checks that it equals the directory's)."""
     try:
-        zf = zipfile.ZipFile(_stream(f, _SCAN_READ_AHEAD))
+        return len(info.orig_filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437"))
+    except UnicodeEncodeError:
+        return 0
+
+
+def _zip_bounds(f: RangedFile, zf: zipfile.ZipFile, stream: IO[bytes]) -> dict[int, int]:
+    """Check that the directory describes bytes that exist, each once; return, for each member's header
+    offset, where the next member (or the directory) starts: its data must end there.
+
+    Python 3.11's zipfile checks none of it: 400 directory entries naming one deflated member
+    unpack it 400 times, and a directory offset past the end gives negative member offsets.
+    Each member's local header and data take at least 30 + its name's bytes + its compressed
+    size; those spans must not overlap and must end before the directory, so the members
+    together claim no more bytes than the file holds, and each inflates at most _MAX_DEFLATE_RATIO-fold."""
+    start_dir = int(getattr(zf, "start_dir", f.size))
+    try:
+        end = zipfile._EndRecData(stream)  # type: ignore[attr-defined]  # the stdlib's own parser of that record
+    except (OSError, struct.error, ValueError):
+        end = None
+    if end:
+        offset_cd = int(end[zipfile._ECD_OFFSET])  # type: ignore[attr-defined]
+        if offset_cd > start_dir:  # zipfile then shifts every member's offset down, below 0
+            where = (f"past the end of the {f.size}-byte file" if offset_cd >= f.size
+                     else f"but it is at byte {start_dir}")
+            raise CorruptError(f"{f.name}: its end record puts the zip directory at byte {offset_cd}, {where}; "
+                               "the archive is damaged; download or copy it again")
+    infos = zf.infolist()
+    claimed = int(end[zipfile._ECD_ENTRIES_TOTAL]) if end else len(infos)  # type: ignore[attr-defined]
+    if claimed != len(infos):  # zipfile stops at an entry whose lengths run past the directory, and returns the rest
+        raise CorruptError(f"{f.name}: the zip directory lists {claimed} members but {len(infos)} can be read; "
+                           "the archive is damaged; download or copy it again")
+    seen: set[str] = set()
+    spans = []
+    for info in infos:
+        if info.filename in seen:
+            raise CorruptError(f"{f.name}: member {info.filename!r} appears twice in the zip directory; "
+                               "refusing an ambiguous (damaged or crafted) archive")
+        seen.add(info.filename)
+        lo = info.header_offset
+        hi = lo + _LOCAL_HEADER.size + _raw_name_length(info) + info.compress_size
+        if lo < 0 or hi > start_dir:
+            raise CorruptError(f"{f.name}: the zip directory puts member {info.filename!r} at bytes {lo}..{hi}, outside the "
+                               f"{start_dir} bytes before the directory (a {f.size}-byte file); the archive is damaged or "
+                               "truncated; download or copy it again")
+        if info.compress_type == zipfile.ZIP_DEFLATED and info.file_size > _MAX_DEFLATE_RATIO * max(info.compress_size, 1) + 4096:
+            raise UnsafeArchiveError(f"{f.name}: member {info.filename!r} claims {info.file_size} bytes from {info.compress_size} "
+                                     "compressed, more than deflate can give; refusing a crafted archive")
+        if info.compress_type == zipfile.ZIP_STORED and info.file_size != info.compress_size:
+            raise CorruptError(f"{f.name}: stored member {info.filename!r} claims {info.file_size} bytes but holds "
+                               f"{info.compress_size}; the archive is damaged; download or copy it again")
+        spans.append((lo, hi, info.filename))
+    spans.sort()
+    limits = {}
+    for (lo, hi, name), nxt in zip(spans, spans[1:] + [(start_dir, start_dir, "")]):
+        if hi > nxt[0]:
+            raise UnsafeArchiveError(f"{f.name}: members {name!r} and {nxt[2]!r} share bytes in the file; "
+                                     "refusing an overlapping (crafted) archive")
+        limits[lo] = nxt[0]
+    return limits
+
+
+def _local_data(f: RangedFile, info: zipfile.ZipInfo, name: str, limit: int) -> int:
+    """Where ``info``'s data starts, from its local header; refused when the data would run past ``limit``."""
+    fields = _LOCAL_HEADER.unpack(f.pread(info.header_offset, _LOCAL_HEADER.size))
+    if fields[0] != _LOCAL_MAGIC:
+        raise CorruptError(f"{f.name}: member {name!r} has no local header where the directory says; the zip is damaged")
+    offset = info.header_offset + _LOCAL_HEADER.size + fields[9] + fields[10]
+    if offset + info.compress_size > f.size:
+        raise FormatError(f"{f.name} is truncated: member {name!r} runs past its end")
+    if offset + info.compress_size > limit:
+        raise UnsafeArchiveError(f"{f.name}: member {name!r}'s data runs into the next member's bytes; "
+                                 "refusing an overlapping (crafted) archive")
+    return offset
+
+
+def _open_zip(f: RangedFile, wanted: Callable[[str], bool], scratch_dir: str | None) -> ArchivePlace:
+    stream = _stream(f, _SCAN_READ_AHEAD)
+    try:
+        zf = zipfile.ZipFile(stream)
     except (zipfile.BadZipFile, EOFError, OSError) as e:
         raise _truncated(f.name, e) from None
     members: dict[str, _Member] = {}
@@ -308,6 +497,7 @@ def _open_zip(f: RangedFile, wanted: Callable[[str], bool], scratch_dir: str | N
         infos = zf.infolist()
         for info in infos:
             _safe_name(f.name, info.filename)   # every member checked before any is read
+        limits = _zip_bounds(f, zf, stream)
         for info in infos:
             name = _safe_name(f.name, info.filename)
             mode = info.external_attr >> 16
@@ -316,25 +506,20 @@ def _open_zip(f: RangedFile, wanted: Callable[[str], bool], scratch_dir: str | N
             if stat.S_ISLNK(mode):
                 if info.file_size > 4096:
                     raise FormatError(f"{f.name}: link member {name!r} is {info.file_size} bytes long")
+                _local_data(f, info, name, limits[info.header_offset])
                 links[name] = _link_target(f.name, name, zf.read(info).decode("utf-8", "surrogateescape"), False)
                 continue
             if info.flag_bits & 0x1:
                 raise FormatError(f"{f.name}: member {name!r} is encrypted; ckptbridge reads unencrypted zip archives only")
             if info.compress_type == zipfile.ZIP_STORED:
-                header = f.pread(info.header_offset, _LOCAL_HEADER.size)
-                fields = _LOCAL_HEADER.unpack(header)
-                if fields[0] != _LOCAL_MAGIC:
-                    raise FormatError(f"{f.name}: member {name!r} has no local header where the directory says; the zip is damaged")
-                offset = info.header_offset + _LOCAL_HEADER.size + fields[9] + fields[10]
-                if offset + info.file_size > f.size:
-                    raise FormatError(f"{f.name} is truncated: member {name!r} runs past its end")
+                offset = _local_data(f, info, name, limits[info.header_offset])
                 members[name] = _Member(info.file_size, offset=offset)
             elif wanted(name):
+                _local_data(f, info, name, limits[info.header_offset])
                 if scratch is None:
                     scratch = Scratch(scratch_dir)
                 scratch.reserve(info.file_size, f"{f.name}/{name}")
-                dest = os.path.join(scratch.path, *name.split("/"))
-                os.makedirs(os.path.dirname(dest), exist_ok=True)
+                dest = scratch.dest(name, f.name)
                 try:
                     with zf.open(info) as src:
                         _copy_out(src, dest, info.file_size, f"{f.name}/{name}")
@@ -419,8 +604,7 @@ def stage(place: Place, relpaths: list[str], scratch_dir: str | None = None) -> 
         for rel in relpaths:
             with place.open(rel) as f:
                 scratch.reserve(f.size, f.name)
-                dest = os.path.join(scratch.path, *rel.split("/"))
-                os.makedirs(os.path.dirname(dest), exist_ok=True)
+                dest = scratch.dest(rel, place.name)
                 with open(dest, "wb") as out:
                     for pos in range(0, f.size, _COPY_BYTES):
                         raise_if_signalled()

@@ -9,9 +9,11 @@ truncated archives and the temporary space.
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import os
+import struct
 import subprocess
 import sys
 import tarfile
@@ -499,6 +501,164 @@ def test_cli_member_and_escape(v2_dir: str, tmp_path: Any, tmpdir_env: str) -> N
     assert not os.path.exists(tmp_path.parent / "x")
 
 
+def tar_bytes(entries: dict[str, str]) -> tuple[bytes, dict[str, int]]:
+    """An uncompressed tar of ``entries`` (archive name -> local path) and where each member's header starts."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as t:
+        for arc, local in entries.items():
+            t.add(local, arcname=arc)
+    with tarfile.open(fileobj=io.BytesIO(buf.getvalue())) as t:
+        offsets = {m.name: m.offset for m in t.getmembers()}
+    return buf.getvalue(), offsets
+
+
+def gzip_parts(data: bytes, cuts: list[int]) -> bytes:
+    """``data`` as one gzip member per part between ``cuts``: what pigz, bgzip or ``cat a.gz b.gz`` write."""
+    bounds = [0, *cuts, len(data)]
+    out = b"".join(gzip.compress(data[a:b]) for a, b in zip(bounds, bounds[1:]))
+    assert gzip.decompress(out) == data                                  # a valid gzip file: gzip -d reads it all
+    return out
+
+
+@pytest.mark.parametrize("where", ["between-checkpoints", "inside-a-file", "every-4k"])
+def test_a_gzip_of_several_members_reads_like_one(v2_dir: str, tmp_path: Any, tmpdir_env: str, where: str) -> None:
+    """tarfile's "r|gz" stopped at the end of the first gzip member: the archive then held a's checkpoint only."""
+    other = str(tmp_path / "other" / "other.ckpt")
+    write_checkpoint(other, {"x": np.arange(3, dtype=np.int32)})
+    data, offsets = tar_bytes({**ckpt_entries(v2_dir, "a"), **ckpt_entries(os.path.dirname(other), "b")})
+    cuts = {"between-checkpoints": [offsets["b/other.ckpt.data-00000-of-00001"]],
+            "inside-a-file": [offsets["a/model.ckpt.data-00000-of-00001"] + 700_001],
+            "every-4k": list(range(4096, len(data), 4096))}[where]
+    single, multi = tmp_path / "one.tar.gz", tmp_path / "parts.tar.gz"
+    single.write_bytes(gzip.compress(data))
+    multi.write_bytes(gzip_parts(data, cuts))
+    for archive in (str(single), str(multi)):
+        with pytest.raises(errors.FormatError, match=r"holds 2 checkpoints: a/model.ckpt, b/other.ckpt; choose one"):
+            ckptbridge.read(archive)
+        check_tensors(archive, member="a/model.ckpt")
+        with ckptbridge.read(archive, member="b/other.ckpt") as r:
+            assert r["x"].tobytes() == np.arange(3, dtype=np.int32).tobytes()
+    no_scratch(tmpdir_env)
+
+
+def test_a_damaged_later_gzip_member_is_damage(v2_dir: str, tmp_path: Any, tmpdir_env: str) -> None:
+    data, offsets = tar_bytes(ckpt_entries(v2_dir, "a"))
+    blob = bytearray(gzip_parts(data, [offsets["a/model.ckpt.index"]]))
+    blob[-6] ^= 0xFF                                                      # the last member's CRC-32
+    archive = tmp_path / "bad.tar.gz"
+    archive.write_bytes(bytes(blob))
+    with pytest.raises(errors.FormatError, match="truncated or damaged"):
+        ckptbridge.read(str(archive))
+    no_scratch(tmpdir_env)
+
+
+@pytest.mark.parametrize("order", ["file-first", "directory-first"])
+def test_a_file_and_a_directory_of_one_name(v2_dir: str, tmp_path: Any, tmpdir_env: str, order: str) -> None:
+    """The clash is in the archive: it used to surface as "File exists: o/x.npz", blaming the output."""
+    archive = str(tmp_path / "clash.tgz")
+    with tarfile.open(archive, "w:gz") as t:
+        if order == "file-first":
+            t.addfile(_info("m"), io.BytesIO(b"x"))
+        for arc, local in ckpt_entries(v2_dir, "m").items():
+            t.add(local, arcname=arc)
+        if order == "directory-first":
+            t.addfile(_info("m"), io.BytesIO(b"x"))
+    out = tmp_path / "o"
+    out.mkdir()
+    line = one_line(cli("export", archive, str(out / "x.npz"), cwd=str(tmp_path), tmpdir=tmpdir_env),
+                    "clash.tgz holds both a file and a directory named 'm'")
+    assert "x.npz" not in line and "internal error" not in line
+    assert os.listdir(out) == [] and leftovers(str(tmp_path)) == []
+    zipped = str(tmp_path / "clash.zip")
+    with zipfile.ZipFile(zipped, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("m", b"x")
+        for arc, local in ckpt_entries(v2_dir, "m").items():
+            z.write(local, arc)
+    with pytest.raises(errors.FormatError, match="clash.zip holds both a file and a directory named 'm'"):
+        ckptbridge.read(zipped)
+    no_scratch(tmpdir_env)
+
+
+@pytest.mark.parametrize("segments,needle", [(10_000, "longer than any file system path"), (1_500, "1501 path segments deep")])
+def test_member_names_no_file_system_holds(tmp_path: Any, tmpdir_env: str, segments: int, needle: str) -> None:
+    """10,000 segments ended in "internal error: maximum recursion depth" (os.makedirs recurses per level)."""
+    deep = "/".join(["a"] * segments) + "/model.ckpt.index"
+    for suffix in (".tar.gz", ".tar"):
+        archive = str(tmp_path / f"deep{suffix}")
+        with tarfile.open(archive, "w:gz" if suffix == ".tar.gz" else "w", format=tarfile.PAX_FORMAT) as t:
+            info = tarfile.TarInfo(deep)
+            info.size = 1
+            t.addfile(info, io.BytesIO(b"x"))
+        line = one_line(cli("ls", archive, cwd=str(tmp_path), tmpdir=tmpdir_env), needle)
+        assert "internal error" not in line and len(line) < 1000
+    no_scratch(tmpdir_env)
+
+
+def test_a_deep_name_within_the_bounds_unpacks(v2_dir: str, tmp_path: Any, tmpdir_env: str) -> None:
+    under = "/".join(f"d{i}" for i in range(_containers.MAX_NAME_DEPTH - 1))
+    archive = make_tar(str(tmp_path / "deep.tgz"), {f"{under}/{n}": os.path.join(v2_dir, n) for n in os.listdir(v2_dir)}, "w:gz")
+    check_tensors(archive)
+    no_scratch(tmpdir_env)
+
+
+def _with_directory_offset(src: str, dest: str, offset: int) -> None:
+    data = bytearray(open(src, "rb").read())
+    end = data.rindex(b"PK\x05\x06")
+    data[end + 16:end + 20] = struct.pack("<I", offset)
+    open(dest, "wb").write(bytes(data))
+
+
+@pytest.mark.parametrize("compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED])
+def test_a_zip_directory_offset_that_points_elsewhere(v2_dir: str, tmp_path: Any, tmpdir_env: str, compression: int) -> None:
+    """An end record pointing past the end gave negative offsets: "internal error: ValueError: bad range"."""
+    whole = str(tmp_path / "whole.zip")
+    with zipfile.ZipFile(whole, "w", compression) as z:
+        for arc, local in ckpt_entries(v2_dir, "m").items():
+            z.write(local, arc)
+    size = os.path.getsize(whole)
+    with zipfile.ZipFile(whole) as z:
+        start = z.start_dir
+    cases = [(size + 100, f"byte {size + 100}, past the end of the {size}-byte file"),
+             (0xFFFFFFF0, f"byte {0xFFFFFFF0}, past the end of the {size}-byte file"),
+             (start + 10, f"byte {start + 10}, but it is at byte {start}")]
+    for offset, needle in cases:
+        bad = str(tmp_path / "bad.zip")
+        _with_directory_offset(whole, bad, offset)
+        with pytest.raises(errors.CorruptError, match="damaged"):
+            ckptbridge.read(bad)
+        line = one_line(cli("ls", bad, cwd=str(tmp_path), tmpdir=tmpdir_env), needle, "damaged")
+        assert "internal error" not in line
+    no_scratch(tmpdir_env)
+
+
+def test_a_zip_member_placed_outside_the_file(v2_dir: str, tmp_path: Any, tmpdir_env: str) -> None:
+    archive = str(tmp_path / "moved.zip")
+    with zipfile.ZipFile(archive, "w") as z:
+        for arc, local in ckpt_entries(v2_dir, "m").items():
+            z.write(local, arc)
+    data = bytearray(open(archive, "rb").read())
+    cd = data.index(b"PK\x01\x02")
+    data[cd + 42:cd + 46] = struct.pack("<I", len(data) + 4096)          # the first member's local header offset
+    open(archive, "wb").write(bytes(data))
+    with pytest.raises(errors.CorruptError, match=rf"outside the \d+ bytes before the directory \(a {len(data)}-byte file\)"):
+        ckptbridge.read(archive)
+
+
+def test_a_zip_directory_that_hides_members_is_damage(v2_dir: str, tmp_path: Any, tmpdir_env: str) -> None:
+    """zipfile returns the entries before one whose comment length runs past the directory: the checkpoint's
+    .index then went missing and the archive read as one without a checkpoint."""
+    archive = str(tmp_path / "hidden.zip")
+    with zipfile.ZipFile(archive, "w") as z:
+        for arc, local in ckpt_entries(v2_dir, "m").items():
+            z.write(local, arc)
+    data = bytearray(open(archive, "rb").read())
+    cd = data.index(b"PK\x01\x02")
+    data[cd + 32:cd + 34] = b"\xff\xff"                                    # the first entry's comment swallows the rest
+    open(archive, "wb").write(bytes(data))
+    with pytest.raises(errors.CorruptError, match="lists 2 members but 1 can be read"):
+        ckptbridge.read(archive)
+
+
 # --------------------------------------------------------------------------- with TensorFlow
 
 
@@ -582,3 +742,27 @@ def test_tf_v1_through_a_place_reads_the_blocks_a_tensor_needs(tf_ckpts: dict[st
         assert place.fetched("net.ckpt") - opened < size // 4            # that tensor's block, not fc6's 2 MiB
         assert small.shape == (8,)
         assert assert_same_as_tf({n: r.read(n) for n in r.specs()}, tf_ckpts["v1"]) == 5
+
+
+@pytest.mark.tf
+@pytest.mark.parametrize("engine", ["native", "tf"])
+def test_tf_tar_gz_of_several_gzip_members(tf_ckpts: dict[str, str], tmp_path: Any, tmpdir_env: str, assert_same_as_tf: Any,
+                                           engine: str) -> None:
+    """A .tar.gz written as two gzip members (gzip -t passes, GNU tar lists both): its first part alone held
+    step 100's V2 checkpoint, which was read without a word about the V1 one after it."""
+    directory = os.path.dirname(tf_ckpts["v2"])
+    entries = {f"v2/{n}": os.path.join(directory, n) for n in sorted(os.listdir(directory))}
+    data, offsets = tar_bytes({**entries, "v1/net.ckpt": tf_ckpts["v1"]})
+    archive = str(tmp_path / "both.tar.gz")
+    with open(archive, "wb") as f:
+        f.write(gzip_parts(data, [offsets["v1/net.ckpt"]]))
+    with pytest.raises(errors.FormatError, match="holds 2 checkpoints: v1/net.ckpt, v2/model.ckpt-100"):
+        ckptbridge.read(archive, engine=engine)
+    with ckptbridge.read(archive, engine=engine, member="v1/net.ckpt") as r:
+        assert assert_same_as_tf(r, tf_ckpts["v1"]) == 5
+    with ckptbridge.read(archive, engine=engine, member="v2/model.ckpt-100") as r:
+        assert assert_same_as_tf(r, tf_ckpts["v2"]) == 5
+    out = tmp_path / "out"
+    out.mkdir()
+    one_line(cli("export", archive, str(out / "w.npz"), cwd=str(tmp_path), tmpdir=tmpdir_env), "holds 2 checkpoints", "--member")
+    assert os.listdir(out) == [] and os.listdir(tmpdir_env) == []

@@ -15,7 +15,10 @@ in this process, through the library, to keep the file fast:
 * HDF5 variable-length strings whose heap references share one heap object;
 * metadata JSON too large, too deep or with too many values (npz, h5, safetensors);
 * ``format_version`` of the wrong type, string lengths that wrap around in uint64;
-* names and ranks an archive cannot hold, refused before the output is created.
+* names and ranks an archive cannot hold, refused before the output is created;
+* archives of checkpoints (issue #21): zip directories that name the same bytes many
+  times (a 82 KB zip that unpacked 20 GB), members claiming more than deflate gives, tar
+  extended headers that ask for gigabytes of memory, chains of links.
 
 No TensorFlow needed.
 """
@@ -27,6 +30,8 @@ import json
 import os
 import pathlib
 import struct
+import tarfile
+import time
 import zipfile
 import zlib
 
@@ -36,6 +41,8 @@ import pytest
 h5py = pytest.importorskip("h5py")
 
 import ckptbridge  # noqa: E402
+from ckptbridge import _containers  # noqa: E402
+from ckptbridge._ranged import LocalFile  # noqa: E402
 from ckptbridge.bundle import BundleWriter  # noqa: E402
 from ckptbridge.errors import CkptBridgeError, CorruptError, FormatError, UnsafeArchiveError  # noqa: E402
 from ckptbridge.formats import meta  # noqa: E402
@@ -440,3 +447,126 @@ def test_a_comment_length_that_hides_members_is_damage(tmp_path: pathlib.Path) -
     with pytest.raises(CorruptError, match="lists 5 members but 1 can be read"):
         ckptbridge.read(path)
     assert_one_line_error(cli("ls", path), "damaged")
+
+
+# --- archives of checkpoints: bytes named many times, headers that ask for memory -------------
+
+
+def _zip_naming_one_member(path: str, copies: int, size: int) -> None:
+    """A zip whose directory lists one deflated member of ``size`` zero bytes ``copies`` times (Python 3.11's
+    zipfile has no overlap check: each entry unpacks the same bytes again)."""
+    one = io.BytesIO()
+    with zipfile.ZipFile(one, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("run/model.ckpt.data-00000-of-00001", bytes(size))
+    data = one.getvalue()
+    end = data.rindex(b"PK\x05\x06")
+    start, = struct.unpack("<I", data[end + 16:end + 20])
+    entry = data[start:end]
+    with open(path, "wb") as f:
+        f.write(data[:start] + entry * copies + struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, copies, copies, len(entry) * copies, start, 0))
+
+
+def test_zip_directory_naming_one_member_many_times_refused(tmp_path, good_npz):
+    """400 entries of one 50 MB member: ls unpacked 20 GB in 75 s."""
+    p = str(tmp_path / "dup.zip")
+    _zip_naming_one_member(p, 400, 50 << 20)
+    assert os.path.getsize(p) < 100_000
+    refused(p, ["appears twice", "dup.zip"], good_npz, commands=("ls", "export"))
+
+
+def _overlapping_zip(path: str, n: int, kernel_bytes: int) -> None:
+    """David Fifield's overlapping zip: member k's deflate stream quotes the local headers of the members
+    after it (stored blocks) and ends in the one kernel they all share.  Every CRC-32 is right."""
+    c = zlib.compressobj(9, zlib.DEFLATED, -15)
+    kernel = c.compress(bytes(kernel_bytes)) + c.flush()
+    names = [f"run/part{k:04d}".encode() for k in range(n)]
+    headers: list[bytes] = [b""] * n
+    csize, usize, out = len(kernel), kernel_bytes, b""
+    for k in range(n - 1, -1, -1):
+        crc = zlib.crc32(bytes(kernel_bytes), zlib.crc32(out))
+        headers[k] = struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0, 8, 0, 0x21, crc, csize, usize, len(names[k]), 0) + names[k]
+        out = headers[k] + out
+        csize += 5 + len(headers[k])
+        usize += len(headers[k])
+    body, offsets = bytearray(), []
+    for k, h in enumerate(headers):
+        if k:
+            body += struct.pack("<BHH", 0, len(h), len(h) ^ 0xFFFF)       # member k-1 quotes member k's header
+        offsets.append(len(body))
+        body += h
+    body += kernel
+    cd = b"".join(struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, 0, 8, 0, 0x21, *struct.unpack("<III", h[14:26]),
+                              len(names[k]), 0, 0, 0, 0, 0o100644 << 16, offsets[k]) + names[k] for k, h in enumerate(headers))
+    with open(path, "wb") as f:
+        f.write(bytes(body) + cd + struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, n, n, len(cd), len(body), 0))
+
+
+def test_zip_members_sharing_bytes_refused(tmp_path):
+    p = str(tmp_path / "overlap.zip")
+    _overlapping_zip(p, 20, 1 << 20)
+    with zipfile.ZipFile(p) as z:                                         # a genuine bomb: the stdlib unpacks it
+        assert sum(len(z.read(i)) for i in z.infolist()) > 20 << 20 > 200 * os.path.getsize(p)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    with pytest.raises(UnsafeArchiveError, match="'run/part0000' and 'run/part0001' share bytes"):
+        _containers.open_container(LocalFile(p), scratch_dir=str(scratch))
+    assert os.listdir(scratch) == []
+
+
+def test_zip_member_claiming_more_than_deflate_gives_refused(tmp_path):
+    p = str(tmp_path / "claim.zip")
+    write_zip(p, {"run/model.ckpt.data-00000-of-00001": bytes(1000)}, zipfile.ZIP_DEFLATED)
+    data = bytearray(open(p, "rb").read())
+    cd = data.rindex(b"PK\x01\x02")
+    data[cd + 24:cd + 28] = struct.pack("<I", 0xFFFFFFF0)                # the directory's uncompressed size: 4 GB
+    open(p, "wb").write(bytes(data))
+    refused_on_open(p, "claims 4294967280 bytes from .* compressed, more than deflate can give")
+
+
+def _tgz_with_pax_header(path: str, size: int) -> None:
+    """A .tar.gz whose first header is a pax extended header of ``size`` zero bytes (tarfile reads it whole)."""
+    info = tarfile.TarInfo("././@PaxHeader")
+    info.type, info.size = tarfile.XHDTYPE, size
+    c = zlib.compressobj(9, zlib.DEFLATED, -15)
+    head = c.compress(info.tobuf(format=tarfile.USTAR_FORMAT)) + c.flush(zlib.Z_FULL_FLUSH)
+    block = bytes(16 << 20)
+    piece = c.compress(block) + c.flush(zlib.Z_FULL_FLUSH)                # byte-aligned and reset: it can be repeated
+    tail = c.compress(bytes(1024)) + c.flush()
+    n = size // len(block)
+    crc = zlib.crc32(info.tobuf(format=tarfile.USTAR_FORMAT))
+    for _ in range(n):
+        crc = zlib.crc32(block, crc)
+    crc = zlib.crc32(bytes(1024), crc)
+    total = 512 + n * len(block) + 1024
+    with open(path, "wb") as f:
+        f.write(b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff" + head + piece * n + tail + struct.pack("<II", crc, total & 0xFFFFFFFF))
+
+
+def test_tar_extended_header_asking_for_gigabytes_refused(tmp_path, good_npz):
+    p = str(tmp_path / "pax.tar.gz")
+    _tgz_with_pax_header(p, 1200 << 20)
+    assert os.path.getsize(p) < 2 << 20
+    refused(p, ["extended tar header", "1258291200 bytes"], good_npz, commands=("ls",))
+
+
+def test_a_long_chain_of_links_is_followed_once(tmp_path):
+    """Each link was followed to the chain's end on its own: 20,000 links took 28 s, 40,000 four times that."""
+    p = str(tmp_path / "chain.tar")
+    n = 40_000
+    with open(p, "wb") as f:
+        with tarfile.open(fileobj=f, mode="w") as t:
+            target = tarfile.TarInfo("f")
+            target.size = 1
+            t.addfile(target, io.BytesIO(b"x"))
+            for k in range(n):
+                link = tarfile.TarInfo(f"l{k}")
+                link.type, link.linkname = tarfile.SYMTYPE, f"l{k + 1}" if k + 1 < n else "f"
+                t.addfile(link)
+    started = time.monotonic()
+    place = _containers.open_container(LocalFile(p))
+    try:
+        assert time.monotonic() - started < 20
+        with place.open("l0") as m:
+            assert m.pread(0, 1) == b"x"
+    finally:
+        place.close()
