@@ -24,7 +24,7 @@ Field numbers are those of tensorflow/core/protobuf/trackable_object_graph.proto
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from .bundle._wire import _Bad, field_bytes, field_varint, get_varint, to_int32
 
@@ -260,10 +260,48 @@ def _had_values(nodes: list[_Node]) -> set[int]:
     return _with_values(seeds, {i: list(n.children.values()) for i, n in enumerate(nodes)})
 
 
-def rewrite(payload: bytes, keys: Mapping[str, str], restorable: bool = False) -> tuple[bytes, str | None]:
+def parts(described: set[str], held: set[str]) -> dict[str, dict[str, str]]:
+    """For each attribute key the graph names: the keys of the tensors that hold its value, each with
+    its suffix after the attribute's key ("" for a variable's one tensor).
+
+    Most attributes are one tensor under their own key.  An object saved through one
+    SaveableObject of several tensors (a lookup table: attribute ``table``, key
+    ``t/.ATTRIBUTES/table``) is listed once, and its tensors are written under that key plus
+    each tensor's local name (``-keys``, ``-values``): TensorFlow restores them by that
+    concatenation (restore.py, ``_extract_saveable_name`` and the saveable's spec names).
+    A held key goes to the longest attribute key it extends by a suffix without ``/`` (local
+    names are escaped, so they have none) and is nobody's part if it is an attribute's own key.
+    Raises :class:`_TooBig` past MAX_FIELDS steps.
+    """
+    out: dict[str, dict[str, str]] = {k: {k: ""} for k in described if k in held}
+    # A part's attribute key ends in the part's last segment, after the same directory: group the
+    # keys not held by directory, and try only the lengths the group has (longest first), so
+    # the work is bounded by MAX_FIELDS however the keys are made.
+    groups: dict[str, dict[int, set[str]]] = {}
+    for k in described - held:
+        groups.setdefault(k[:k.rfind("/") + 1], {}).setdefault(len(k), set()).add(k)
+    budget = MAX_FIELDS
+    for h in sorted(held - described):
+        group = groups.get(h[:h.rfind("/") + 1])
+        if group is None:
+            continue
+        budget -= len(group)
+        if budget < 0:
+            raise _TooBig
+        for n in sorted((n for n in group if n < len(h)), reverse=True):
+            if h[:n] in group[n]:
+                out.setdefault(h[:n], {})[h] = h[n:]
+                break
+    return out
+
+
+def rewrite(payload: bytes, keys: Mapping[str, str], restorable: bool = False,
+            held: Iterable[str] | None = None) -> tuple[bytes, str | None]:
     """The graph with each attribute's key renamed through ``keys`` (graph key -> output name).
 
-    Attributes whose key is not in ``keys`` are dropped, and objects with no
+    ``held`` is every graph key the source holds, written or not (default: those of ``keys``);
+    an attribute whose value is several tensors (see :func:`parts`) is kept only if all of
+    them are written, renamed alike.  Attributes not written are dropped, and objects with no
     checkpoint value left below them are pruned (the root always stays; objects
     that never had a value stay unless all their parents go).  Returns the payload
     itself when nothing changes, else the new bytes and a sentence saying what
@@ -279,21 +317,40 @@ def rewrite(payload: bytes, keys: Mapping[str, str], restorable: bool = False) -
     except _TooBig:
         raise Unusable(f"it has more than {MAX_FIELDS:,} protobuf fields, more than ckptbridge checks") from None
     described = {a.key for n in nodes for a in n.attrs.values()}
-    lost = sorted(k for k in described & set(keys) if _ATTRIBUTES_PART not in keys[k])
+    try:
+        of = parts(described, set(keys) if held is None else set(held) | set(keys))
+    except _TooBig:
+        raise Unusable(f"matching its keys to the tensors takes more than {MAX_FIELDS:,} steps, more than ckptbridge checks") from None
+    # attribute key -> its new key, for every attribute whose tensors are all written
+    new_key: dict[str, str] = {}
+    partly = []
+    for k, tensors in of.items():
+        written = [h for h in tensors if h in keys]
+        if len(written) < len(tensors):
+            if written:
+                partly.append(k)
+            continue
+        prefixes = {keys[h][:len(keys[h]) - len(sfx)] for h, sfx in tensors.items() if keys[h].endswith(sfx)}
+        if len(prefixes) != 1 or not all(keys[h].endswith(sfx) for h, sfx in tensors.items()):
+            shown = ", ".join(f"{h!r} -> {keys[h]!r}" for h in sorted(tensors))
+            raise Unusable(f"the tensors of its object attribute {k!r} are renamed apart ({shown}); TensorFlow finds them as one key "
+                           f"plus each one's suffix ({', '.join(repr(s) for s in sorted(tensors.values()))}), so rename them alike")
+        new_key[k] = prefixes.pop()
+    lost = sorted(k for k in new_key if _ATTRIBUTES_PART not in new_key[k])
     if lost and restorable:
-        raise Unusable(f"{len(lost)} of the keys it would name lack {_ATTRIBUTES_PART!r} ({lost[0]!r} -> {keys[lost[0]]!r}), the part by which "
+        raise Unusable(f"{len(lost)} of the keys it would name lack {_ATTRIBUTES_PART!r} ({lost[0]!r} -> {new_key[lost[0]]!r}), the part by which "
                        f"TensorFlow's object-based restore finds each object (trackable_utils.extract_object_name); "
                        "an import with the original names recorded at export writes the checkpoint keys back")
-    if all(keys.get(k) == k for k in described):
+    if all(new_key.get(k) == k for k in described):
         return payload, None
     savers = sorted({n.saver for n in nodes if n.saver is not None})
     if savers:
         raise Unusable(f"objects in it use registered savers ({', '.join(savers[:3])}), whose tensors it does not list, so it cannot be pruned or renamed")
-    if not described & set(keys):
+    if not new_key:
         raise Unusable("it describes none of the tensors written")
 
     before = _had_values(nodes)
-    kept_attrs = {i: {j for j, a in n.attrs.items() if a.key in keys} for i, n in enumerate(nodes)}
+    kept_attrs = {i: {j for j, a in n.attrs.items() if a.key in new_key} for i, n in enumerate(nodes)}
     valued = {i for i in range(len(nodes)) if kept_attrs[i]}
     # A slot variable restores through its optimizer and the variable it is a slot of:
     # both stay while the slot's value is written, even if their own values are not.
@@ -323,7 +380,7 @@ def rewrite(payload: bytes, keys: Mapping[str, str], restorable: bool = False) -
                     out += _renumber(f, _REF_NODE_ID, n.children[i], new_id[n.children[i]])
             elif i in n.attrs:
                 if i in kept_attrs[old]:
-                    out += _rekey(n.attrs[i], keys[n.attrs[i].key])
+                    out += _rekey(n.attrs[i], new_key[n.attrs[i].key])
             elif i in n.slots:
                 if i in live_slots[old] and n.slots[i][0] in new_id:
                     orig, slot = n.slots[i]
@@ -347,13 +404,16 @@ def rewrite(payload: bytes, keys: Mapping[str, str], restorable: bool = False) -
                 result += field_bytes(_NODES, body)
         else:
             result += f.raw
-    dropped_keys = len(described - set(keys))
-    renamed = sum(1 for k in described & set(keys) if keys[k] != k)
+    dropped_keys = len(described) - len(new_key) - len(partly)
+    renamed = sum(1 for k, v in new_key.items() if v != k)
     what = []
     if len(keep) < len(nodes):
         what.append(f"pruned to {len(keep)} of its {len(nodes)} objects")
     if dropped_keys:
         what.append(f"{dropped_keys} value{'s' if dropped_keys != 1 else ''} not written left out")
+    if partly:
+        what.append(f"{len(partly)} value{'s' if len(partly) != 1 else ''} only partly written left out ({partly[0]!r}: "
+                    f"{', '.join(repr(h) for h in sorted(of[partly[0]]) if h not in keys)} not written)")
     if renamed:
         what.append(f"{renamed} key{'s' if renamed != 1 else ''} renamed")
     return bytes(result), "rewritten to match the tensors written: " + ", ".join(what)
@@ -419,9 +479,10 @@ def key_map(
     return out
 
 
-def carry(payload: bytes, keys: Mapping[str, str], restorable: bool = False) -> tuple[bytes | None, str | None]:
+def carry(payload: bytes, keys: Mapping[str, str], restorable: bool = False,
+          held: Iterable[str] | None = None) -> tuple[bytes | None, str | None]:
     """(graph to write or None, a note for the report or None when carried unchanged); see :func:`rewrite`."""
     try:
-        return rewrite(payload, keys, restorable)
+        return rewrite(payload, keys, restorable, held)
     except Unusable as e:
         return None, f"left out: {e}; tf.train.Checkpoint cannot restore the output by object (tf.train.load_checkpoint and name-based restore still work)"

@@ -87,7 +87,7 @@ def transfer(
                     keys = _objgraph.key_map(plan.mapping, plan.ema_swaps, source.object_key)
                     # An archive's graph is keyed by its own names (import maps them back); a checkpoint's must
                     # keep the shape of key TensorFlow's object-based restore parses.
-                    graph, graph_note = _objgraph.carry(payload, keys, restorable=not isinstance(sink, ArchiveSink))
+                    graph, graph_note = _objgraph.carry(payload, keys, restorable=not isinstance(sink, ArchiveSink), held=held_keys(source))
                     if graph is None:
                         continue
                     payload = graph
@@ -111,6 +111,13 @@ def transfer(
         if pbar is not None:
             pbar.close()
     return Report(sink.path, list(plan.mapping), dict(plan.dropped), dict(plan.ema_swaps), nbytes, object_graph=graph_note)
+
+
+def held_keys(source: Source) -> set[str]:
+    """Every key the source's object graph can name that the files hold, written or not (the origin's
+    tensors, uncarried ones included): an object whose value is several tensors is carried only whole."""
+    base = source.origin()
+    return {base.object_key(n) for n in [*base.specs(), *base.uncarried()]}
 
 
 def readback(sink: Sink, crcs: dict[str, int], chunk_bytes: int | None = None) -> None:
