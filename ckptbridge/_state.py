@@ -199,6 +199,55 @@ def read_state(directory: str, fix: str = "fix or remove it, or name the checkpo
     return parse_state(data.decode("utf-8", "surrogateescape"), path, fix)
 
 
+def state_basename(named: str) -> str:
+    """The base name a state file's path gives its checkpoint, whose files sit beside the state file.
+
+    TensorFlow records the path the checkpoint was saved under: an absolute one of the machine
+    that saved it (``/home/u/run/model.ckpt-7``, ``C:\\run\\model.ckpt-7``) or one relative to
+    the directory.  ``Saver.save(sess, "run/")`` names a prefix with an empty base name
+    (``run/.index``...), recorded as ``/home/u/run/`` or ``.``; a trailing ``/``, ``.`` and ``..``
+    give that empty base name.  The one rule for local and remote directories: whatever the path,
+    the checkpoint is looked for by this name in the directory itself, never outside it.
+    """
+    base = _slashed(named).rsplit("/", 1)[-1]
+    return "" if base in (".", "..") else base
+
+
+_WINDOWS_ABSOLUTE = re.compile(r"^(?:[A-Za-z]:[\\/]|\\\\)")
+
+
+def _slashed(named: str) -> str:
+    """``named`` with ``/`` between its parts: a Windows absolute path's backslashes are separators,
+    anywhere else a backslash is part of a POSIX file name (``we\\ird.ckpt``)."""
+    return named.replace("\\", "/") if _WINDOWS_ABSOLUTE.match(named) else named
+
+
+def confined(directory: str, named: str) -> tuple[str, bool]:
+    """(the prefix in ``directory`` a state file's path ``named`` stands for, whether ``named``
+    pointed outside ``directory``): see :func:`state_basename`."""
+    base = state_basename(named)
+    return os.path.join(directory, base), not _names_directory(directory, named)
+
+
+def _names_directory(directory: str, named: str) -> bool:
+    """Whether the directory part of ``named`` (resolved against ``directory``) is ``directory`` itself."""
+    path = _slashed(named)
+    head, _, last = path.rpartition("/")
+    if last in (".", ".."):
+        head = path
+    elif not head:
+        if not path.startswith("/"):
+            return True  # a bare base name, as TensorFlow writes for a checkpoint beside its state file
+        head = "/"
+    where = os.path.join(directory, head)
+    if os.path.normpath(os.path.abspath(where)) == os.path.normpath(os.path.abspath(directory)):
+        return True
+    try:
+        return os.path.samefile(where, directory)  # the same directory by another name (a symlink)
+    except (OSError, ValueError):  # no such directory, a name too long, a NUL byte
+        return False
+
+
 def describe_mode(mode: int) -> str:
     """'a directory', 'a FIFO', ... for a file type that is not a regular file."""
     for test, what in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
