@@ -18,6 +18,8 @@ from ._ckptfiles import STATE_NAME, state_path  # noqa: F401 - the file names li
 from .errors import FormatError
 
 MAX_STATE_BYTES = 1 << 20  # TensorFlow's own files hold a few lines per checkpoint kept
+#: how the state file names a checkpoint with an empty base name (``dir/.index``), see :func:`with_latest`
+EMPTY_BASENAME = "./"
 
 _STRING_FIELDS = ("model_checkpoint_path", "all_model_checkpoint_paths")
 _FLOAT_FIELDS = ("all_model_checkpoint_timestamps", "last_preserved_timestamp")
@@ -262,7 +264,11 @@ def with_latest(state: CheckpointState | None, directory: str, basename: str, no
 
     As ``tf.train.update_checkpoint_state`` does, the latest is also the last of
     ``all_model_checkpoint_paths``; timestamps are kept aligned where the file has them.
+    An empty base name (``out/.index``...) is recorded as ``./``: ``tf.train.latest_checkpoint``
+    ignores an empty path, and misreads ``.`` (what its Saver records for ``"out/"``) as the
+    directory, but restores ``out/./``.
     """
+    basename = basename or EMPTY_BASENAME
     if state is None:
         return CheckpointState(basename, [basename])
     paths = list(state.all_model_checkpoint_paths)

@@ -553,7 +553,7 @@ def _quiet_closed_pipes() -> None:
 def _report_state(args: argparse.Namespace, notes: Sequence[Any]) -> None:
     """Say what a checkpoint import did with its directory's ``checkpoint`` state file."""
     for n in notes:
-        base = os.path.basename(n.prefix)
+        base = os.path.basename(n.prefix) or n.prefix  # out/: a checkpoint with an empty base name
         if n.action == "created":
             _say(args, f"checkpoint state file {n.path} created: TensorFlow restores {base} from its directory")
         elif n.action == "updated":

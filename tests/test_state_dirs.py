@@ -20,7 +20,7 @@ import pytest
 
 import ckptbridge
 from ckptbridge import _state
-from ckptbridge.errors import NotFoundError
+from ckptbridge.errors import NotFoundError, OutputExistsError
 
 from helpers import SECRET, assert_one_line_error, assert_same_array, cli, write_checkpoint
 
@@ -165,6 +165,34 @@ def test_a_remote_directory_with_an_empty_base_name_checkpoint(tmp_path: Any) ->
         server.stop()
 
 
+# --------------------------------------------------------------------------- import to out/
+
+
+def test_import_to_a_directory_prefix_writes_an_empty_base_name(tmp_path: Any) -> None:
+    values = {"a": np.arange(4, dtype=np.float32), "s": np.array([b"x", b""], dtype=object)}
+    archive = str(tmp_path / "a.npz")
+    ckptbridge.save(values, archive)
+    out = str(tmp_path / "out") + "/"
+    report = ckptbridge.rebuild(archive, out)
+    assert report.output == out and sorted(os.listdir(out)) == [".data-00000-of-00001", ".index", "checkpoint"]
+    assert _state.read_state(out) == _state.CheckpointState("./", ["./"])
+    for path in (out, out[:-1]):
+        with ckptbridge.read(path) as r:
+            assert r.path == out and r.notes == []
+            for name, want in values.items():
+                assert_same_array(r[name], want, name)
+    with pytest.raises(OutputExistsError, match=r"already exists \(\.index\)"):
+        ckptbridge.rebuild(archive, out)
+    ckptbridge.rebuild(archive, out, force=True)
+    assert _state.read_state(out) == _state.CheckpointState("./", ["./"])
+    # an existing empty directory takes one too; named without its slash it stays an error
+    (tmp_path / "empty").mkdir()
+    proc = cli("import", archive, str(tmp_path / "empty") + "/")
+    assert proc.returncode == 0, proc.stderr
+    assert f"TensorFlow restores {tmp_path / 'empty'}/ from its directory" in proc.stderr
+    assert_one_line_error(cli("import", archive, str(tmp_path / "out")), "is a directory; name a checkpoint prefix")
+
+
 # --------------------------------------------------------------------------- TensorFlow as the oracle
 
 
@@ -212,6 +240,28 @@ def test_saver_dir_checkpoint_with_a_foreign_state_file(ckpts: Any, tmp_path: An
         proc = cli("ls", d, "--engine", engine)
         assert proc.returncode == 0 and proc.stderr == "", proc.stderr  # nothing from TensorFlow's logger either
         assert "4 tensors" in proc.stdout and len([x for x in proc.stdout.splitlines() if x.startswith("note: ")]) == 1
+
+
+@pytest.mark.tf
+@pytest.mark.parametrize("engine", ["native", "tf"])
+def test_import_to_a_directory_prefix_restores_in_tensorflow(ckpts: Any, tmp_path: Any, engine: str) -> None:
+    tf = ckpts.tf
+    V1 = tf.compat.v1
+    values = {"net/w": np.arange(6, dtype=np.float32).reshape(2, 3), "net/b": np.array([7, 8], dtype=np.int64)}
+    archive = str(tmp_path / "a.npz")
+    ckptbridge.save(values, archive)
+    out = str(tmp_path / "out")
+    proc = cli("import", archive, out + "/", "--engine", engine)
+    assert proc.returncode == 0, proc.stderr
+    assert tf.train.latest_checkpoint(out) == out + "/./"
+    for path in (out, out + "/"):
+        _assert_same_as_reader(values, tf.train.load_checkpoint(path), ckpts)
+    with tf.Graph().as_default():
+        got = {n: V1.get_variable(n, shape=v.shape, dtype=tf.as_dtype(v.dtype)) for n, v in values.items()}
+        with V1.Session() as sess:
+            V1.train.Saver().restore(sess, out + "/")
+            for name, v in sess.run(got).items():
+                assert_same_array(v, values[name], name)
 
 
 # --------------------------------------------------------------------------- --engine tf: what TensorFlow's reader cannot do
