@@ -64,6 +64,12 @@ class Reader(Mapping[str, np.ndarray]):
         """The archive's provenance and per-tensor records (empty for checkpoints)."""
         return self._source.metadata()
 
+    @property
+    def notes(self) -> list[str]:
+        """What finding the source decided that you should know (a directory's ``checkpoint``
+        file naming a path outside the directory, which was not followed); usually empty."""
+        return list(self._source.notes)
+
     def extras(self) -> dict[str, bytes]:
         """Non-tensor payloads carried along, e.g. ``{"object_graph": ...}`` of a TF2 checkpoint."""
         return self._source.extras()
@@ -297,12 +303,12 @@ def export(
         require_some(prep.plan, checkpoint)
         if dry_run:
             _check_dry_run_output(output, force, kind, prep.source)
-            return _dry_report(output, prep, port)
+            return _dry_report(output, prep, port, src)
         metadata = {"engine": source_label(src), **prep.metadata}
         sink = open_archive_sink(output, compress=compress, force=force, source=src.path)  # transfer aborts it on any failure
         report = transfer(prep.source, sink, prep.plan, progress=progress, desc="export", metadata=metadata,
                           carry_extras=port is None)
-        _annotate(report, prep, port)
+        _annotate(report, prep, port, src)
         return report
 
 
@@ -321,8 +327,9 @@ def _refuse_with_port(**options: Any) -> None:
                               "layout and class; leave them out, or write your own map")
 
 
-def _annotate(report: Report, prep: Any, port: Any) -> None:
+def _annotate(report: Report, prep: Any, port: Any, src: Source) -> None:
     report.renamed, report.layout = prep.renamed, prep.layout
+    report.notes = list(src.notes)
     if port is not None:
         report.added, report.caveats = prep.added, prep.caveats
         report.port = port if isinstance(port, str) else port.name
@@ -341,11 +348,11 @@ def _check_dry_run_output(output: str, force: bool, kind: str, source: Source) -
     FORMATS[kind].check_specs(source.specs().values(), output)
 
 
-def _dry_report(output: str, prep: Any, port: Any = None) -> Report:
+def _dry_report(output: str, prep: Any, port: Any, src: Source) -> Report:
     specs = prep.source.specs()
     nbytes = sum(specs[n].nbytes for n in prep.plan.mapping)
     report = Report(output, list(prep.plan.mapping), dict(prep.plan.dropped), dict(prep.plan.ema_swaps), nbytes, dry_run=True)
-    _annotate(report, prep, port)
+    _annotate(report, prep, port, src)
     return report
 
 
@@ -440,7 +447,7 @@ def rebuild(
                                   rename_map=rename_map, original_names=original_names)
         require_some(prep.plan, archive)
         if dry_run:
-            return _dry_report(output_prefix, prep, port)
+            return _dry_report(output_prefix, prep, port, src)
         if model is not None:
             from .tf.slim import plan_graph_import
 
@@ -455,7 +462,7 @@ def rebuild(
         else:
             sink = open_checkpoint_sink(output_prefix, engine=engine, force=force, max_shard_bytes=max_shard_bytes)
             report = transfer(prep.source, sink, prep.plan, progress=progress, desc="import")
-        _annotate(report, prep, port)
+        _annotate(report, prep, port, src)
         return report
 
 

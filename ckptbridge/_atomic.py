@@ -164,7 +164,7 @@ def _place(src: str, dst: str, force: bool) -> None:
 
 
 def _check_parent(dest: str) -> str:
-    parent = os.path.dirname(os.path.abspath(dest))
+    parent = _parent_of(dest)
     if not os.path.isdir(parent):
         up = parent
         while up and not os.path.exists(up) and os.path.dirname(up) != up:
@@ -180,6 +180,12 @@ def _check_parent(dest: str) -> str:
         what = "read-only file system" if read_only else "permission denied"
         raise CkptBridgeError(f"{what}: cannot write in {parent}; choose another output location")
     return parent
+
+
+def _parent_of(dest: str) -> str:
+    """The directory ``dest``'s files go in: ``out/`` (a prefix with an empty base name, as
+    ``Saver.save(sess, "out/")`` writes ``out/.index``) is in ``out``."""
+    return os.path.abspath(os.path.dirname(dest) or os.curdir)
 
 
 class AttachedFile(Protocol):
@@ -314,12 +320,12 @@ class AtomicCheckpoint:
         existing = _taken_names(prefix)
         if existing and not force:
             raise OutputExistsError(f"output checkpoint {prefix} already exists ({os.path.basename(existing[0])}); pass {option('force', True)} to overwrite it")
-        if os.path.isdir(prefix) and not os.path.islink(prefix):
+        if os.path.isdir(prefix) and not os.path.islink(prefix) and os.path.basename(prefix):
             raise OutputExistsError(f"output prefix {prefix} is a directory; name a checkpoint prefix such as {os.path.join(prefix, 'model.ckpt')}")
         # A checkpoint lives in a directory of its own, as with Saver.save: create it
         # (and remove it again if nothing is published).
         self._created: list[str] = []
-        d = os.path.dirname(os.path.abspath(prefix))
+        d = _parent_of(prefix)
         while not os.path.exists(d):
             self._created.append(d)
             d = os.path.dirname(d)

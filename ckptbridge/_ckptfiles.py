@@ -27,6 +27,9 @@ DATA_GLOB = ".data-?????-of-?????"
 V1_SHARD_GLOB = "-?????-of-?????"
 #: a data shard's name at the end of a path; group 1 is the shard count
 DATA_RE = re.compile(r"\.data-\d{5}-of-(\d{5})$")
+#: the pattern a sharded V1 checkpoint's ``Saver.save`` returns, and its state file names
+#: (``model.ckpt-?????-of-00003``), at the end of a path
+V1_PATTERN_RE = re.compile(r"-\?{5}-of-\d{5}$")
 
 
 def index_path(prefix: str) -> str:
@@ -57,6 +60,12 @@ def data_shards(prefix: str) -> list[str]:
 def v1_shards(prefix: str) -> list[str]:
     """The files of a sharded V1 checkpoint at ``prefix``, sorted."""
     return sorted(glob.glob(glob.escape(prefix) + V1_SHARD_GLOB))
+
+
+def v1_pattern_prefix(path: str) -> str | None:
+    """The prefix of a sharded V1 checkpoint that ``path``, its shards' pattern, names; None for any other path."""
+    m = V1_PATTERN_RE.search(path)
+    return path[: m.start()] if m else None
 
 
 def version_of(prefix: str) -> str:

@@ -70,6 +70,7 @@ class ReadableSource(Source):
         self._inner = inner
         self.path = inner.path
         self.kind = kind or inner.kind
+        self.notes = inner.notes
         self._key = dict(keys)  # readable name -> key, for every tensor (renamed or not)
         self._name = {k: n for n, k in self._key.items()}
         self.note = note

@@ -408,7 +408,7 @@ def _state_prefix(place: RemotePlace) -> str | None:
     if not p:
         return None
     # TensorFlow may record an absolute path of the machine that trained; the files are beside the state file.
-    return p.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+    return _state.state_basename(p)
 
 
 def _in_directory(place: RemotePlace) -> str:
@@ -416,7 +416,9 @@ def _in_directory(place: RemotePlace) -> str:
     from ._ckptfiles import INDEX
 
     prefix = _state_prefix(place)
-    if prefix is not None:
+    if prefix == "" and place.exists(INDEX):
+        return INDEX  # Saver.save(sess, "dir/"): an empty base name, named by its index
+    if prefix:
         if place.exists(prefix + INDEX) or place.exists(prefix):
             return prefix
         raise errors.NotFoundError(f"the checkpoint state file in {place.name} names {prefix}, which is not there; "
@@ -427,7 +429,7 @@ def _in_directory(place: RemotePlace) -> str:
                                    f"{place.name}; name the checkpoint prefix or file in the URL")
     prefixes = sorted(n[: -len(INDEX)] for n in names if n.endswith(INDEX))
     if len(prefixes) == 1:
-        return prefixes[0]
+        return prefixes[0] or INDEX
     if prefixes:
         shown = ", ".join(prefixes[:8]) + (" ..." if len(prefixes) > 8 else "")
         raise errors.FormatError(f"{place.name} holds {len(prefixes)} checkpoints and no state file names one ({shown}); "

@@ -40,12 +40,15 @@ def require_archive_kind(path: str) -> str:
     return formats.require_for_path(path).name
 
 
-def _state_prefix(directory: str) -> str | None:
+def _state_prefix(directory: str) -> tuple[str | None, str | None]:
+    """(the prefix the directory's state file names, inside the directory, or None; the path it
+    names where that was outside the directory, else None)."""
     state = _state.read_state(directory)  # a malformed or non-regular state file is an error, never a guess
     if state is None or not state.model_checkpoint_path:
-        return None
-    p = state.model_checkpoint_path
-    return p if os.path.isabs(p) else os.path.join(directory, p)
+        return None, None
+    named = state.model_checkpoint_path
+    prefix, elsewhere = _state.confined(directory, named)
+    return prefix, named if elsewhere else None
 
 
 def _require_regular(path: str, what: str) -> None:
@@ -59,18 +62,57 @@ def _require_regular(path: str, what: str) -> None:
         raise FormatError(f"{what} {path} is {kind}, not a regular file; ckptbridge reads only regular files, copy it to one first")
 
 
-def latest_in_directory(directory: str) -> str:
-    """The latest complete checkpoint in a directory.
+def latest_in_directory(directory: str) -> tuple[str, str | None]:
+    """The latest complete checkpoint in a directory, and a note for the user or None.
 
     The ``checkpoint`` state file is trusted only when the prefix it names is
     whole (a training job may be writing the next one); otherwise the newest
-    complete prefix by modification time wins.
+    complete prefix by modification time wins.  A path the state file names
+    outside the directory is never followed (``_state.confined``): its base
+    name is looked for in the directory, and the note says so.
     """
-    named = _state_prefix(directory)
+    named, foreign = _state_prefix(directory)
+    prefix = _newest_in(directory, named)
+    if prefix is None:
+        refusal = _not_a_checkpoint(directory)
+        if refusal is not None:
+            raise FormatError(refusal)
+        from ._atomic import previous_kept_in
+
+        kept = previous_kept_in(directory)
+        if kept:
+            raise NotFoundError(f"no complete checkpoint in directory {directory}: a forced replace was killed midway, and the previous "
+                                f"checkpoint is whole in {os.path.dirname(kept[-1])}; move its files back into {directory}")
+        if foreign is not None:
+            raise NotFoundError(f"no checkpoint found in directory {directory}: its 'checkpoint' file names {foreign!r}, outside the directory, "
+                                f"which ckptbridge does not follow, and {_shown_prefix(named or directory)} is not in it; "
+                                "pass the checkpoint prefix instead")
+        raise NotFoundError(f"no checkpoint found in directory {directory} (no 'checkpoint' file and no *.index); pass the checkpoint prefix instead")
+    note = None
+    if foreign is not None:
+        instead = (f"read {_shown_prefix(prefix)} from the directory instead" if prefix == named else
+                   f"{_shown_prefix(named or directory)} is not in it either, so read its latest complete checkpoint, {_shown_prefix(prefix)}")
+        note = (f"the 'checkpoint' file in {directory} names {foreign!r}, outside the directory, which ckptbridge does not follow; "
+                + instead)
+    return prefix, note
+
+
+def _shown_prefix(prefix: str) -> str:
+    """A prefix as messages show it; one with an empty base name (``dir/``) is said to be one."""
+    return prefix if os.path.basename(prefix) else f"{prefix} (a prefix with an empty base name, as Saver.save(sess, {prefix!r}) writes)"
+
+
+def _newest_in(directory: str, named: str | None) -> str | None:
+    """The state file's prefix where it is whole, else the newest complete V2 prefix, else the newest V1 file; None if none."""
     if named and (_ckptfiles.complete_v2(named) or os.path.isfile(named)):
         return named
+    sharded = _ckptfiles.v1_pattern_prefix(named) if named else None
+    if sharded is not None and _ckptfiles.v1_shards(sharded):
+        return sharded  # a sharded V1 checkpoint, named by its shards' pattern (model.ckpt-?????-of-00003)
     candidates = []
-    for index in glob.glob(os.path.join(glob.escape(directory), "*" + _ckptfiles.INDEX)):
+    indexes = glob.glob(os.path.join(glob.escape(directory), "*" + _ckptfiles.INDEX))
+    empty = _ckptfiles.index_path(os.path.join(directory, ""))  # Saver.save(sess, "dir/") writes dir/.index, which * skips
+    for index in [*indexes, *([empty] if os.path.isfile(empty) else [])]:
         prefix = index[: -len(_ckptfiles.INDEX)]
         if _ckptfiles.complete_v2(prefix):
             candidates.append((os.path.getmtime(index), prefix))
@@ -80,16 +122,7 @@ def latest_in_directory(directory: str) -> str:
         files = [p for p in glob.glob(os.path.join(glob.escape(directory), pattern)) if os.path.isfile(p) and not os.path.splitext(p)[1] in (_ckptfiles.META, _ckptfiles.INDEX)]
         if files:
             return max(files, key=os.path.getmtime)
-    refusal = _not_a_checkpoint(directory)
-    if refusal is not None:
-        raise FormatError(refusal)
-    from ._atomic import previous_kept_in
-
-    kept = previous_kept_in(directory)
-    if kept:
-        raise NotFoundError(f"no complete checkpoint in directory {directory}: a forced replace was killed midway, and the previous "
-                            f"checkpoint is whole in {os.path.dirname(kept[-1])}; move its files back into {directory}")
-    raise NotFoundError(f"no checkpoint found in directory {directory} (no 'checkpoint' file and no *.index); pass the checkpoint prefix instead")
+    return None
 
 
 # A SavedModel directory: its graph (one of the first two), files beside it, its weights a checkpoint at variables/variables.
@@ -115,28 +148,30 @@ def _not_a_checkpoint(path: str) -> str | None:
     return None
 
 
-def resolve_checkpoint(path: str) -> tuple[str, str]:
-    """(prefix, version) for a checkpoint path: version is "v2" or "v1"."""
+def resolve_checkpoint(path: str) -> tuple[str, str, str | None]:
+    """(prefix, version, note) for a checkpoint path: version is "v2" or "v1"; the note, for the
+    user, says where a directory's state file was not followed (None: nothing to say)."""
     refusal = None if os.path.isdir(path) else _not_a_checkpoint(path)
     if refusal is not None:
         raise FormatError(refusal)
+    note = None
     if os.path.isdir(path):
-        path = latest_in_directory(path)
+        path, note = latest_in_directory(path)
     path = _ckptfiles.prefix_of(path)
     if os.path.lexists(_ckptfiles.index_path(path)):
         _require_regular(_ckptfiles.index_path(path), "checkpoint index")
     if os.path.isfile(_ckptfiles.index_path(path)):
         for shard in _ckptfiles.data_shards(path):
             _require_regular(shard, "checkpoint data file")
-        return path, "v2"
+        return path, "v2", note
     if os.path.exists(path) and not os.path.isdir(path):
         _require_regular(path, "checkpoint file")
-        return path, "v1"
+        return path, "v1", note
     shards = _ckptfiles.v1_shards(path)
     if shards:
         for shard in shards:
             _require_regular(shard, "checkpoint file")
-        return path, "v1"  # a sharded V1 checkpoint
+        return path, "v1", note  # a sharded V1 checkpoint
     from ._atomic import previous_kept
 
     kept = previous_kept(path)
@@ -299,8 +334,11 @@ def open_source(path: str, *, engine: str = "auto", verify: bool = True, max_ten
     if not os.path.exists(path) and not glob.glob(glob.escape(path) + ".*") and not _ckptfiles.v1_shards(path):
         raise NotFoundError(f"no such file or checkpoint: {path}; check the path")
     saved_model = _savedmodel.find(path)
-    prefix, version = resolve_checkpoint(saved_model.prefix if saved_model is not None else path)
-    return _checkpoint_names(_open_with(_engine_for(engine, prefix, version), prefix, version, verify=verify), names, saved_model)
+    prefix, version, note = resolve_checkpoint(saved_model.prefix if saved_model is not None else path)
+    src = _open_with(_engine_for(engine, prefix, version), prefix, version, verify=verify)
+    if note is not None:
+        src.notes = (*src.notes, note)
+    return _checkpoint_names(src, names, saved_model)
 
 
 def _checkpoint_names(src: Source, names: str, saved_model: _savedmodel.SavedModelDir | None) -> Source:

@@ -35,6 +35,9 @@ class Source(abc.ABC):
     path: str
     #: Short name of the format, for messages and ``ls``: "checkpoint", "npz", "hdf5"...
     kind: str = "?"
+    #: What finding the source decided that the user should be told (a directory's state file that
+    #: was not followed); ``ls`` shows them, reports carry them.
+    notes: tuple[str, ...] = ()
 
     @abc.abstractmethod
     def specs(self) -> Mapping[str, TensorSpec]:

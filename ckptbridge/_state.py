@@ -18,6 +18,8 @@ from ._ckptfiles import STATE_NAME, state_path  # noqa: F401 - the file names li
 from .errors import FormatError
 
 MAX_STATE_BYTES = 1 << 20  # TensorFlow's own files hold a few lines per checkpoint kept
+#: how the state file names a checkpoint with an empty base name (``dir/.index``), see :func:`with_latest`
+EMPTY_BASENAME = "./"
 
 _STRING_FIELDS = ("model_checkpoint_path", "all_model_checkpoint_paths")
 _FLOAT_FIELDS = ("all_model_checkpoint_timestamps", "last_preserved_timestamp")
@@ -199,6 +201,55 @@ def read_state(directory: str, fix: str = "fix or remove it, or name the checkpo
     return parse_state(data.decode("utf-8", "surrogateescape"), path, fix)
 
 
+def state_basename(named: str) -> str:
+    """The base name a state file's path gives its checkpoint, whose files sit beside the state file.
+
+    TensorFlow records the path the checkpoint was saved under: an absolute one of the machine
+    that saved it (``/home/u/run/model.ckpt-7``, ``C:\\run\\model.ckpt-7``) or one relative to
+    the directory.  ``Saver.save(sess, "run/")`` names a prefix with an empty base name
+    (``run/.index``...), recorded as ``/home/u/run/`` or ``.``; a trailing ``/``, ``.`` and ``..``
+    give that empty base name.  The one rule for local and remote directories: whatever the path,
+    the checkpoint is looked for by this name in the directory itself, never outside it.
+    """
+    base = _slashed(named).rsplit("/", 1)[-1]
+    return "" if base in (".", "..") else base
+
+
+_WINDOWS_ABSOLUTE = re.compile(r"^(?:[A-Za-z]:[\\/]|\\\\)")
+
+
+def _slashed(named: str) -> str:
+    """``named`` with ``/`` between its parts: a Windows absolute path's backslashes are separators,
+    anywhere else a backslash is part of a POSIX file name (``we\\ird.ckpt``)."""
+    return named.replace("\\", "/") if _WINDOWS_ABSOLUTE.match(named) else named
+
+
+def confined(directory: str, named: str) -> tuple[str, bool]:
+    """(the prefix in ``directory`` a state file's path ``named`` stands for, whether ``named``
+    pointed outside ``directory``): see :func:`state_basename`."""
+    base = state_basename(named)
+    return os.path.join(directory, base), not _names_directory(directory, named)
+
+
+def _names_directory(directory: str, named: str) -> bool:
+    """Whether the directory part of ``named`` (resolved against ``directory``) is ``directory`` itself."""
+    path = _slashed(named)
+    head, _, last = path.rpartition("/")
+    if last in (".", ".."):
+        head = path
+    elif not head:
+        if not path.startswith("/"):
+            return True  # a bare base name, as TensorFlow writes for a checkpoint beside its state file
+        head = "/"
+    where = os.path.join(directory, head)
+    if os.path.normpath(os.path.abspath(where)) == os.path.normpath(os.path.abspath(directory)):
+        return True
+    try:
+        return os.path.samefile(where, directory)  # the same directory by another name (a symlink)
+    except (OSError, ValueError):  # no such directory, a name too long, a NUL byte
+        return False
+
+
 def describe_mode(mode: int) -> str:
     """'a directory', 'a FIFO', ... for a file type that is not a regular file."""
     for test, what in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
@@ -213,7 +264,11 @@ def with_latest(state: CheckpointState | None, directory: str, basename: str, no
 
     As ``tf.train.update_checkpoint_state`` does, the latest is also the last of
     ``all_model_checkpoint_paths``; timestamps are kept aligned where the file has them.
+    An empty base name (``out/.index``...) is recorded as ``./``: ``tf.train.latest_checkpoint``
+    ignores an empty path, and misreads ``.`` (what its Saver records for ``"out/"``) as the
+    directory, but restores ``out/./``.
     """
+    basename = basename or EMPTY_BASENAME
     if state is None:
         return CheckpointState(basename, [basename])
     paths = list(state.all_model_checkpoint_paths)

@@ -104,6 +104,8 @@ def _report_plan(args: argparse.Namespace, report: Any) -> None:
         _say(args, f"TF2 object graph {report.object_graph}")
     for name, what in getattr(report, "added", {}).items():
         _say(args, f"added {name}: {what}")
+    for line in getattr(report, "notes", []):
+        _say(args, f"note: {_shown(line)}")
     for line in getattr(report, "caveats", []):
         if not args.quiet:  # shown by default, not only in the report: no weight fixes them
             print(f"{PROG}: caveat of port map {report.port}: {line}", file=sys.stderr)
@@ -126,6 +128,8 @@ def _print_dry_run(report: Any, where: str) -> None:
         print(f"add {name}: {what}")
     for line in report.caveats:
         print(f"caveat: {line}")
+    for line in report.notes:
+        print(f"note: {_shown(line)}")
     print(f"dry run: would write {len(report.written)} tensors ({_human(report.nbytes)}) to {where}; nothing was written")
 
 
@@ -201,6 +205,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
             }
             if opaque:
                 doc["uncarried"] = sorted(opaque)
+            if r.notes:
+                doc["notes"] = r.notes
             print(json.dumps(doc, indent=2))
             return 0
         names = [_shown(s.name) for s in specs]
@@ -222,6 +228,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
         names_note = r.metadata().get("names_note")
         if isinstance(names_note, str):
             print(f"names: {_shown(names_note)}")
+        for line in r.notes:
+            print(f"note: {_shown(line)}")
     return 0
 
 
@@ -545,7 +553,7 @@ def _quiet_closed_pipes() -> None:
 def _report_state(args: argparse.Namespace, notes: Sequence[Any]) -> None:
     """Say what a checkpoint import did with its directory's ``checkpoint`` state file."""
     for n in notes:
-        base = os.path.basename(n.prefix)
+        base = os.path.basename(n.prefix) or n.prefix  # out/: a checkpoint with an empty base name
         if n.action == "created":
             _say(args, f"checkpoint state file {n.path} created: TensorFlow restores {base} from its directory")
         elif n.action == "updated":

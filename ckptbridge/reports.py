@@ -35,6 +35,8 @@ class Report:
     added: dict[str, str] = dataclasses.field(default_factory=dict)
     #: the architecture differences the port map declares, which no weight can fix
     caveats: list[str] = dataclasses.field(default_factory=list)
+    #: what finding the source decided that the user should know (a state file's path not followed)
+    notes: list[str] = dataclasses.field(default_factory=list)
 
 
 

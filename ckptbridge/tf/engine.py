@@ -1,14 +1,18 @@
 """Reading and writing checkpoints through TensorFlow itself.
 
-Reading uses ``tf.train.load_checkpoint`` (V1 and V2, sharded, partitioned);
+Reading uses TensorFlow's checkpoint reader (``NewCheckpointReader``, what
+``tf.train.load_checkpoint`` opens once it has a prefix; V1 and V2, sharded, partitioned);
 writing, graph-free, uses ``SaveV2`` on batches of tensors that are merged with
 ``MergeV2Checkpoints``, so memory stays bounded by one batch.
 """
 
 from __future__ import annotations
 
+import contextlib
+import glob
+import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -41,6 +45,11 @@ def _tf_error(e: Exception, path: str) -> Exception:
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     if isinstance(e, tf.errors.NotFoundError):
         return NotFoundError(f"{path}: TensorFlow cannot find the checkpoint ({msg}); check the path")
+    if isinstance(e, (tf.errors.UnimplementedError, NotImplementedError)):
+        # What TensorFlow's reader does not do (a V1 tensor saved in slices, a dtype it reads from V1 files
+        # only through Saver.restore), not damage: the native engine reads these.
+        return FormatError(f"{path}: TensorFlow's checkpoint reader cannot read this ({msg}), a limit of the reader, "
+                           f"not damage; read it with {option('engine', 'native')}")
     return CorruptError(f"{path}: TensorFlow cannot read the checkpoint ({msg}); the checkpoint is damaged or incomplete")
 
 
@@ -63,8 +72,37 @@ def _files_of(place: Place, prefix: str) -> list[str]:
     return [index_path(prefix)] + [data_path(prefix, i, header.num_shards) for i in range(header.num_shards)]
 
 
+@contextlib.contextmanager
+def _tf_logging_off() -> Iterator[None]:
+    """TensorFlow's Python logger silenced: what it would log ("ERROR:tensorflow:...") is raised and
+    reported as one error instead."""
+    log = logging.getLogger("tensorflow")
+    was = log.disabled
+    log.disabled = True
+    try:
+        yield
+    finally:
+        log.disabled = was
+
+
+def _reader_path(prefix: str) -> str:
+    """What TensorFlow's reader opens for the local checkpoint at ``prefix``: the prefix (a V2
+    checkpoint, or one V1 file), or for a sharded V1 checkpoint (named by its prefix or by one
+    shard) the pattern of all its shards, which the reader merges."""
+    from .._ckptfiles import index_path
+    from ..bundle.v1 import v1_files
+
+    if os.path.isfile(index_path(prefix)):
+        return prefix
+    files = v1_files(prefix)
+    if len(files) == 1:
+        return files[0]
+    base, _, total = files[0].rpartition("-of-")
+    return glob.escape(base[: -len("-00000")]) + f"-?????-of-{total}"
+
+
 class TfCheckpointSource(Source):
-    """A checkpoint read through ``tf.train.load_checkpoint``.
+    """A checkpoint read through TensorFlow's checkpoint reader.
 
     With ``place``, ``prefix`` is the checkpoint's name inside it, and the source
     owns the place.  TensorFlow reads real files: a place without a local
@@ -90,7 +128,10 @@ class TfCheckpointSource(Source):
         else:
             self.path = prefix
         try:
-            self._reader = tf.train.load_checkpoint(prefix)
+            # The prefix is resolved already: tf.train.load_checkpoint would take a prefix that names a
+            # directory (Saver.save(sess, "dir/") writes dir/.index) for a directory to search.
+            with _tf_logging_off():
+                self._reader = tf.compat.v1.train.NewCheckpointReader(_reader_path(prefix))
             shapes = self._reader.get_variable_to_shape_map()
             dtypes = self._reader.get_variable_to_dtype_map()
         except _TF_READ_ERRORS + (tf.errors.OpError,) as e:
