@@ -394,12 +394,17 @@ def rebuild(
     not apply to the path taken is an error, never ignored.
 
     A layout change recorded in the archive (``export(layout="torch")``) is
-    undone.  ``original_names`` restores the names recorded at export;
-    ``rename``/``rename_map`` rename after the filters.  ``dry_run`` plans
+    undone.  A readable name an export gave (a SavedModel's, ``names=``) goes
+    back to its checkpoint key, unless a rename changed it: ``names="auto"``
+    does this graph-free (so TensorFlow restores the checkpoint by object)
+    and not with ``model`` (whose variables are matched by name); ``"keys"``
+    always, ``"readable"`` never.  ``original_names`` restores every name
+    recorded at export, undoing its renames too; ``rename``/``rename_map``
+    rename after the filters.  ``dry_run`` plans
     the names, writes nothing (and does not build the graph).  ``fsync=False``
-    skips making the output durable before the rename.  ``names`` picks the
+    skips making the output durable before the rename.  ``names`` also picks the
     names when ``archive`` is a checkpoint or a SavedModel directory, as for
-    :func:`read` (an archive's names are its own: only ``"auto"``).
+    :func:`read`.
 
     ``port`` reads a destination model's ``state_dict`` (written by
     ``safetensors.torch.save_file``, or a ``.npz`` of it) through a port map,
@@ -432,7 +437,11 @@ def rebuild(
     if port is not None:
         _refuse_with_port(rename=rename, rename_map=rename_map, original_names=original_names, include=include,
                           exclude=exclude, use_ema=use_ema)
-    with durability(fsync), open_source(archive, engine=engine, max_tensor_bytes=max_tensor_bytes, names=names, member=member,
+    from ._resolve import archive_kind
+
+    # names reads a checkpoint as for read(); an archive's are its own, and prepare_import decides which are written
+    with durability(fsync), open_source(archive, engine=engine, max_tensor_bytes=max_tensor_bytes, member=member,
+                                        names=names if archive_kind(archive) is None else "auto",
                                         scratch_dir=_scratch_beside(output_prefix), progress=progress) as src:
         from ._plans import prepare_import
 
@@ -444,7 +453,7 @@ def rebuild(
             prep = _ports.plan_import(src, _ports.load(port), num_classes=num_classes)
         else:
             prep = prepare_import(src, include=include, exclude=exclude, use_ema=use_ema, rename=rename,
-                                  rename_map=rename_map, original_names=original_names)
+                                  rename_map=rename_map, original_names=original_names, names=names, by_graph=model is not None)
         require_some(prep.plan, archive)
         if dry_run:
             return _dry_report(output_prefix, prep, port, src)

@@ -8,7 +8,10 @@ Order of the name policies, on export: include/exclude, --weights-only and
 --use-ema act on the checkpoint's own names; then --rename-file, then each
 --rename rule in order.  The layout is chosen from the checkpoint's names (or
 its graph), before renames.  On import: --original-names first (restoring the
-names recorded at export), then include/exclude/--use-ema, then the renames;
+names recorded at export), then include/exclude/--use-ema, then the renames,
+then the names layer undone: a name the names layer gave (``readable_names``,
+see ``_readable``) that no rename touched, on export or import, goes back to
+its checkpoint key unless ``names`` keeps it (``_readable.keys_on_import``);
 a recorded layout is always undone.
 """
 
@@ -21,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from . import _layout as lay
+from . import _readable
 from ._names import Plan, is_optimizer_state, make_plan
 from ._names import rename_map as _rename_map
 from ._source import Source
@@ -28,7 +32,8 @@ from .errors import CorruptError, FormatError, option
 from .formats import meta
 from .spec import TensorSpec
 
-ORIGINAL_NAMES = "original_names"
+ORIGINAL_NAMES = _readable.ORIGINAL_NAMES
+READABLE_NAMES = _readable.READABLE_NAMES
 
 
 class MappedSource(Source):
@@ -112,15 +117,16 @@ def _renames(names: Sequence[str], known: Sequence[str], rename: Sequence[str], 
     return _rename_map(names, rules=rename, exact=exact, known=known)
 
 
-def _original_names(doc: Mapping[str, Any], where: str) -> dict[str, str]:
-    """The archive's record of names before export renamed them, checked as its tensor names are:
-    they become checkpoint keys and are printed."""
-    rec = doc.get(ORIGINAL_NAMES, {})
+def _original_names(doc: Mapping[str, Any], where: str, entry: str = ORIGINAL_NAMES) -> dict[str, str]:
+    """The archive's record of names before export renamed them (``entry``: all of them, or those of
+    the names layer), checked as its tensor names are: they become checkpoint keys and are printed."""
+    what, one = ("original names", "original name") if entry == ORIGINAL_NAMES else ("checkpoint keys of the readable names", "checkpoint key")
+    rec = doc.get(entry, {})
     if not isinstance(rec, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in rec.items()):
-        raise CorruptError(f"{where}: the recorded original names are not readable; the archive is damaged")
+        raise CorruptError(f"{where}: the recorded {what} are not readable; the archive is damaged")
     for name, original in rec.items():
-        meta.check_tensor_name(name, f"{where}: recorded original names")
-        meta.check_tensor_name(original, f"{where}: recorded original name of {name!r}")
+        meta.check_tensor_name(name, f"{where}: recorded {what}")
+        meta.check_tensor_name(original, f"{where}: recorded {one} of {name!r}")
     return rec
 
 
@@ -145,6 +151,7 @@ def prepare_export(
     prior = src.metadata()
     prior_layout = lay.parse_records(prior, src.path)
     prior_orig = _original_names(prior, src.path)
+    prior_readable = _original_names(prior, src.path, READABLE_NAMES)
     opaque = src.uncarried()
     # Optimizer state is told by the checkpoint's key where a readable name hides it (a SavedModel's
     # optimizer "iteration", a TF2 slot "Adam/m/dense/kernel"): the object key, or the recorded original.
@@ -170,6 +177,7 @@ def prepare_export(
     keys: dict[str, str] = {}
     records: dict[str, lay.Transform] = {}
     originals: dict[str, str] = {}
+    readable: dict[str, str] = {}  # the names layer's names no rename touched: import writes their keys back
     described: dict[str, str] = {}
     for dst, s in plan0.mapping.items():
         new = ren[dst]
@@ -186,9 +194,13 @@ def prepare_export(
         orig = prior_orig.get(dst, dst)
         if orig != new:
             originals[new] = orig
+        if new == dst and dst in prior_readable:
+            readable[new] = prior_readable[dst]
     doc: dict[str, Any] = {}
     if originals:
         doc[ORIGINAL_NAMES] = originals
+    if readable:
+        doc[READABLE_NAMES] = readable
     if layout is not None or records:
         doc["layout"] = lay.records(records)
     plan = Plan({n: n for n in entries}, dict(plan0.dropped), {ren[k]: v for k, v in plan0.ema_swaps.items()})
@@ -205,8 +217,17 @@ def prepare_import(
     rename: Sequence[str] = (),
     rename_map: Mapping[str, str] | None = None,
     original_names: bool = False,
+    names: str = _readable.AUTO,
+    by_graph: bool = False,
 ) -> Prepared:
-    """Plan an import that undoes a recorded layout and applies renames (see module docstring)."""
+    """Plan an import that undoes a recorded layout and applies renames (see module docstring).
+
+    ``names`` says whether the names layer's readable names go back to their checkpoint keys
+    (``by_graph``: the names are matched to a graph's variables), as ``_readable.keys_on_import``.
+    """
+    if original_names and names == _readable.READABLE:
+        raise FormatError(f"{option('original_names')} restores the names recorded at export, the checkpoint keys among them; "
+                          f"{option('names', _readable.READABLE)} keeps the readable ones: give one of them")
     specs = src.specs()
     doc = src.metadata()
     inverse = lay.parse_records(doc, src.path)
@@ -214,6 +235,8 @@ def prepare_import(
         if name in specs and specs[name].shape != t.to_shape:
             raise CorruptError(f"{src.path}: tensor {name!r} is {list(specs[name].shape)} but its layout record says {list(t.to_shape)}; the archive is damaged")
     recorded = _original_names(doc, src.path) if original_names else {}
+    # without original_names, each readable name that no rename touches goes back to its key (below)
+    keys_back = _original_names(doc, src.path, READABLE_NAMES) if not original_names and _readable.keys_on_import(names, by_graph) else {}
     stage: dict[str, str] = {}  # name after --original-names -> archive name
     for name in specs:
         restored = recorded.get(name, name)
@@ -227,9 +250,19 @@ def prepare_import(
     keys: dict[str, str] = {}
     described: dict[str, str] = {}
     renamed: dict[str, str] = {}
+    final: dict[str, str] = {}  # name after the renames -> the name written
+    by_out: dict[str, str] = {}
+    for dst in plan0.mapping:
+        new = ren[dst]
+        out = keys_back.get(dst, new) if new == dst else new
+        if out in by_out:
+            raise FormatError(f"two tensors of {src.path} would be written as {out!r}: {stage[by_out[out]]!r} and {stage[dst]!r}; "
+                              f"rename one of them, or keep the readable names with {option('names', _readable.READABLE)}")
+        final[dst] = out
+        by_out[out] = dst
     for dst, s in plan0.mapping.items():
         archive_name = stage[s]
-        new = ren[dst]
+        new = final[dst]
         t = inverse.get(archive_name)
         entries[new] = (archive_name, t, True)
         keys[new] = stage[dst]
@@ -237,5 +270,5 @@ def prepare_import(
             described[new] = f"undo {t.describe()}"
         if new != stage[dst]:
             renamed[stage[dst]] = new
-    plan = Plan({n: n for n in entries}, {stage.get(k, k): v for k, v in plan0.dropped.items()}, {ren[k]: stage[v] for k, v in plan0.ema_swaps.items()})
+    plan = Plan({n: n for n in entries}, {stage.get(k, k): v for k, v in plan0.dropped.items()}, {final[k]: stage[v] for k, v in plan0.ema_swaps.items()})
     return Prepared(MappedSource(src, entries, keys), plan, {}, renamed, described)

@@ -5,8 +5,11 @@ each tensor by the path of attributes that leads to it from the root object:
 ``layer_with_weights-0/kernel/.ATTRIBUTES/VARIABLE_VALUE``.  Those keys are
 what TensorFlow restores by, but they say nothing of the variable to a person.
 This module shows such a checkpoint under readable names, and keeps the key of
-each in the source's ``original_names`` metadata (readable name -> key), which
-an export records, so ``import --original-names`` writes the exact keys back.
+each in the source's metadata (readable name -> key): under ``original_names``,
+with every other name a tensor had before (``import --original-names`` restores
+them all), and under ``readable_names``, which only this layer writes and an
+export keeps for the names a ``--rename`` left alone, so a plain ``import``
+writes exactly those keys back and keeps the user's own renames.
 
 Where a readable name comes from:
 
@@ -49,6 +52,8 @@ AUTO, READABLE, KEYS = "auto", "readable", "keys"
 #: what ``names=`` / ``--names`` takes
 CHOICES = (AUTO, READABLE, KEYS)
 ORIGINAL_NAMES = "original_names"
+#: the metadata entry of the names this layer gave (readable name -> checkpoint key), which import writes back
+READABLE_NAMES = "readable_names"
 #: the metadata entry that says where the names did not come from where they would have (``ls`` prints it)
 NOTE = "names_note"
 _VARIABLE_VALUE = "VARIABLE_VALUE"
@@ -57,6 +62,16 @@ _VARIABLE_VALUE = "VARIABLE_VALUE"
 def check(names: str) -> None:
     if names not in CHOICES:
         raise FormatError(f"unknown names choice {names!r}; choose one of {', '.join(CHOICES)}")
+
+
+def keys_on_import(names: str, by_graph: bool) -> bool:
+    """Whether an import writes each readable name's checkpoint key (:data:`READABLE_NAMES`) back.
+
+    "keys" always does, "readable" never; "auto" does for a graph-free import (TensorFlow restores
+    a TF2 checkpoint by its keys) and not through a graph, whose variables are matched by name.
+    """
+    check(names)
+    return names == KEYS or (names == AUTO and not by_graph)
 
 
 def _utf8(name: str) -> bytes:
@@ -109,6 +124,7 @@ class ReadableSource(Source):
         renamed = {n: k for n, k in self._key.items() if n != k}
         if renamed:
             doc[ORIGINAL_NAMES] = dict(sorted(renamed.items()))
+            doc[READABLE_NAMES] = dict(sorted(renamed.items()))
         if self.note:
             doc[NOTE] = self.note
         return doc

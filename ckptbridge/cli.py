@@ -356,7 +356,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="a checkpoint's tensor names: auto (default): readable names for a SavedModel or TF-Hub directory, "
                              "the checkpoint's keys otherwise; readable: also a TF2 checkpoint's, from its object graph "
                              "(dense/kernel for model/layer_with_weights-0/kernel/.ATTRIBUTES/VARIABLE_VALUE); keys: always the keys. "
-                             "A renamed tensor's key is kept (ls shows it, an archive records it for import --original-names)")
+                             "A renamed tensor's key is kept (ls shows it, an archive records it). On import: auto (default) writes each key "
+                             "back, except for names a --rename changed and through --model; keys: always; readable: keeps the readable names")
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no report")
     common.add_argument("--debug", action="store_true", help="show a traceback on errors")
     member = argparse.ArgumentParser(add_help=False)
@@ -406,7 +407,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--image-size", type=int, default=None, help="input size the net is built for (default: the net's own); inception_v3 names a layer after it")
     s.add_argument("--allow-missing", action="store_true", help="leave graph variables absent from the archive at their initializer")
     s.add_argument("--strict", action="store_true", help="archive entries the graph lacks are an error")
-    s.add_argument("--original-names", action="store_true", help="restore the tensor names recorded at export (undo its --rename)")
+    s.add_argument("--original-names", action="store_true", help="restore every tensor name recorded at export, undoing its --rename too (without it, only "
+                        "the readable names --names gave go back to their checkpoint keys)")
     s.add_argument("--chunk-mb", type=float, default=None,
                    help="with --model --engine tf: feed variables larger than this to the Saver in row slices (default 64)")
     s.add_argument("--max-shard-mb", type=float, default=None, help="split the checkpoint into .data shards of at most this size")

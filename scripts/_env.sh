@@ -1,6 +1,7 @@
 # Shared by scripts/demo and scripts/test: make (or reuse) a virtual environment
 # with ckptbridge installed from this checkout.  Sourced, not run.
-#   make_venv DIR with-tf|no-tf
+#   make_venv DIR with-tf|no-tf|demo
+# with-tf and no-tf are the test venvs; demo is what `pip install 'ckptbridge[tf]'` gives a user.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -31,7 +32,13 @@ make_venv() {
     rm -rf "$dir"
     "$py" -m venv "$dir"
     "$dir/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
-    # Both venvs: the test tools and the [remote] extra (the TensorFlow-free suite reads over HTTP).
+    if [ "$flavour" = demo ]; then
+        # scripts/demo: the [tf] extra at the tested pins, and nothing of the tests (no torch, timm, moto).
+        "$dir/bin/python" -m pip install --quiet --disable-pip-version-check -e "$ROOT[tf]" -c "$ROOT/requirements/tf.txt"
+        echo "$want" > "$stamp"
+        return 0
+    fi
+    # Both test venvs: the test tools and the [remote] extra (the TensorFlow-free suite reads over HTTP).
     "$dir/bin/python" -m pip install --quiet --disable-pip-version-check -e "$ROOT[test,remote]" -c "$ROOT/requirements/remote.txt"
     if [ "$flavour" = with-tf ]; then
         # What `pip install 'ckptbridge[tf]'` gives a user (one TensorFlow, the one tf-keras requires),

@@ -325,11 +325,11 @@ def test_cli_says_when_the_graph_is_left_out(tmp_path):
 # --------------------------------------------------------------------------- --original-names (hostile finding 9)
 
 
-def _archive_with_original_names(path: str, originals: dict[str, str]) -> None:
+def _archive_with_original_names(path: str, originals: dict[str, str], **entries: Any) -> None:
     import crc32c
 
     w = np.zeros(3, np.float32)
-    doc = {"format": "ckptbridge", "format_version": 1, "original_names": originals,
+    doc = {"format": "ckptbridge", "format_version": 1, "original_names": originals, **entries,
            "tensors": {"w": {"dtype": "float32", "shape": [3], "encoding": "raw", "crc32c": crc32c.crc32c(w.tobytes())}}}
 
     def npy(a: np.ndarray) -> bytes:
@@ -374,6 +374,30 @@ def test_every_unsafe_original_name_is_refused_before_anything_is_written(tmp_pa
     assert sorted(os.listdir(tmp_path)) == ["e.npz"]
     with ckptbridge.read(arc) as r:  # names are only refused where they are used
         assert list(r) == ["w"]
+
+
+@pytest.mark.parametrize("record", [{"w": "a\x00b"}, {"w": "x\ty"}, {"w": ""}, {"\x1b[2Jw": "w"}, ["w"]])
+def test_every_unsafe_readable_name_record_is_refused_by_a_plain_import(tmp_path, record):
+    """A plain import writes the recorded keys of readable names (readable_names): checked as original names are."""
+    arc = str(tmp_path / "e.npz")
+    _archive_with_original_names(arc, {}, readable_names=record)
+    for dry_run in (False, True):
+        with pytest.raises(ckptbridge.CorruptError, match="recorded checkpoint key"):
+            ckptbridge.rebuild(arc, str(tmp_path / "ck" / "model.ckpt"), dry_run=dry_run)
+        with pytest.raises(ckptbridge.CorruptError, match="recorded checkpoint key"):
+            ckptbridge.export(arc, str(tmp_path / "out.npz"), dry_run=dry_run)
+    assert sorted(os.listdir(tmp_path)) == ["e.npz"]
+    report = ckptbridge.rebuild(arc, str(tmp_path / "ck" / "model.ckpt"), names="readable", dry_run=True)
+    assert report.written == ["w"]  # the record is only read where it is used
+
+
+def test_a_hostile_readable_name_record_is_one_clean_line(tmp_path):
+    arc = str(tmp_path / "e.npz")
+    _archive_with_original_names(arc, {}, readable_names={"w": HOSTILE})
+    proc = cli("import", arc, str(tmp_path / "ck" / "model.ckpt"))
+    line = assert_one_line_error(proc, "e.npz", "recorded checkpoint key")
+    assert "\x1b" not in proc.stderr and "\x07" not in proc.stderr and line.startswith(ERR)
+    assert sorted(os.listdir(tmp_path)) == ["e.npz"]
 
 
 # --------------------------------------------------------------------------- restored by TensorFlow

@@ -78,7 +78,8 @@ def test_diff_of_a_checkpoint_and_its_readable_export_applies_names_to_the_check
 @pytest.fixture(scope="module")
 def restored(module_tmp: Any) -> dict[str, Any]:
     """test_object_graph's two TF2 checkpoints (Adam, legacy Adam), exported with readable names and imported
-    graph-free with and without --original-names, each restored by tf.train.Checkpoint in a fresh process."""
+    graph-free with --original-names, with no flags (keys written back) and with --names readable, each restored
+    by tf.train.Checkpoint in a fresh process."""
     pytest.importorskip("tensorflow")
     pytest.importorskip("tf_keras")
     d = module_tmp("readable")
@@ -90,7 +91,7 @@ def restored(module_tmp: Any) -> dict[str, Any]:
     for kind, prefix in src.items():
         arc = str(d / f"{kind}.npz")
         logs[kind] = in_process("export", prefix, arc, "--names", "readable")
-        for how, extra in (("keys", ["--original-names"]), ("readable", [])):
+        for how, extra in (("keys", ["--original-names"]), ("plain", []), ("readable", ["--names", "readable"])):
             out = str(d / f"{kind}_{how}" / "ckpt")
             logs[f"{kind}_{how}"] = in_process("import", arc, out, *extra)
             cases[f"{kind}_{how}"] = (out, kind, "consumed")
@@ -120,8 +121,10 @@ def test_readable_names_are_the_variables_names_and_bit_exact(restored, kind):
 
 @pytest.mark.tf
 @pytest.mark.parametrize("kind", ["adam", "legacy"])
-def test_tensorflow_restores_the_original_names_import_of_a_readable_export(restored, kind):
-    case = f"{kind}_keys"
+@pytest.mark.parametrize("how", ["keys", "plain"])
+def test_tensorflow_restores_the_import_of_a_readable_export(restored, kind, how):
+    """--original-names, or no flag at all: the keys go back and TensorFlow restores by object."""
+    case = f"{kind}_{how}"
     rc, _, err = restored["logs"][case]
     assert rc == 0, err
     assert restored["result"][f"original_{kind}"] == "ok"

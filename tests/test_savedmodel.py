@@ -325,14 +325,16 @@ def test_filters_and_renames_see_the_readable_names(tmp_path):
         assert r.metadata()["original_names"]["head/kernel"] == "layer_with_weights-2/kernel/.ATTRIBUTES/VARIABLE_VALUE"
 
 
+@pytest.mark.parametrize("flags", [[], ["--original-names"], ["--names", "keys"]])
 @pytest.mark.parametrize("fmt", ["npz", "h5", "safetensors"])
-def test_export_then_import_with_original_names_gives_back_the_variables_checkpoint(tmp_path, fmt):
+def test_export_then_import_gives_back_the_variables_checkpoint(tmp_path, fmt, flags):
+    """A plain import writes the keys of the names --names gave back, as --original-names does."""
     arc = tmp_path / f"m.{fmt}"
     assert in_process("export", MODEL, str(arc))[0] == 0
     with ckptbridge.read(str(arc)) as r:
         assert "dense/kernel" in r and r.metadata()["engine"] == "native"
     prefix = tmp_path / "variables" / "variables"
-    assert in_process("import", str(arc), str(prefix), "--original-names")[0] == 0
+    assert in_process("import", str(arc), str(prefix), *flags)[0] == 0
     d = ckptbridge.diff(str(prefix), VARIABLES)
     assert d.identical, (d.only_a, d.only_b, d.value_diffs)
     with ckptbridge.read(str(prefix)) as a, ckptbridge.read(VARIABLES) as b:
@@ -344,16 +346,55 @@ def test_export_then_import_with_original_names_gives_back_the_variables_checkpo
 
 
 def test_import_reads_a_savedmodel_directory_as_its_source(tmp_path):
-    keys = tmp_path / "keys" / "variables"
-    rc, _, err = in_process("import", MODEL, str(keys), "--original-names")
-    assert rc == 0, err
-    assert ckptbridge.diff(str(keys), VARIABLES).identical
+    for flags in ([], ["--original-names"]):
+        keys = tmp_path / f"keys{len(flags)}" / "variables"
+        rc, _, err = in_process("import", MODEL, str(keys), *flags)
+        assert rc == 0, err
+        assert ckptbridge.diff(str(keys), VARIABLES).identical
     readable = tmp_path / "readable" / "ckpt"
-    rc, _, err = in_process("import", MODEL, str(readable), "--include", "^(dense|batch)")
+    rc, _, err = in_process("import", MODEL, str(readable), "--include", "^(dense|batch)", "--names", "readable")
     assert rc == 0, err
     assert "object graph left out" in err and "/.ATTRIBUTES/" in err  # TensorFlow could not restore it by object
     with ckptbridge.read(str(readable)) as r:
         assert sorted(r) == WEIGHTS and r.extras() == {}
+
+
+def test_import_keeps_an_export_rename_and_writes_the_other_keys_back(tmp_path):
+    """Only the names the names layer gave go back to their keys: the user's --rename survives."""
+    arc = tmp_path / "m.npz"
+    assert in_process("export", MODEL, str(arc), "--rename", "^dense_1/=head/")[0] == 0
+    prefix = tmp_path / "ck" / "variables"
+    rc, _, err = in_process("import", str(arc), str(prefix))
+    assert rc == 0, err
+    head = {"head/kernel": "layer_with_weights-2/kernel/.ATTRIBUTES/VARIABLE_VALUE",
+            "head/bias": "layer_with_weights-2/bias/.ATTRIBUTES/VARIABLE_VALUE"}
+    with ckptbridge.read(str(prefix)) as got, ckptbridge.read(VARIABLES) as want:
+        assert sorted(got) == sorted([*head, *(k for k in want if k not in head.values())])
+        for name in got:
+            assert same(got[name], want[head.get(name, name)]), name
+    # an import --rename is the user's too; --original-names undoes every rename
+    report = ckptbridge.rebuild(str(arc), str(tmp_path / "x" / "ckpt"), rename=["^dense/=first/"], dry_run=True)
+    assert {"first/kernel", "head/kernel", "layer_with_weights-1/gamma/.ATTRIBUTES/VARIABLE_VALUE"} <= set(report.written)
+    report = ckptbridge.rebuild(str(arc), str(tmp_path / "x" / "ckpt"), original_names=True, dry_run=True)
+    assert set(report.written) == set(expected()["tensors"])
+    # through a graph, whose variables are matched by name, the readable names stay
+    report = ckptbridge.rebuild(str(arc), str(tmp_path / "x" / "ckpt"), model="vgg_16", dry_run=True)
+    assert "dense/kernel" in report.written and "head/kernel" in report.written
+
+
+def test_import_names_readable_keeps_the_readable_names(tmp_path):
+    arc = tmp_path / "m.safetensors"
+    assert in_process("export", MODEL, str(arc))[0] == 0
+    prefix = tmp_path / "ck" / "ckpt"
+    rc, _, err = in_process("import", str(arc), str(prefix), "--names", "readable")
+    assert rc == 0, err
+    assert "object graph left out" in err
+    with ckptbridge.read(str(prefix)) as got, ckptbridge.read(str(arc)) as want:
+        assert list(got) == list(want) and "dense/kernel" in got
+        assert all(same(got[n], want[n]) for n in got)
+    line = error_line(_status("import", str(arc), str(tmp_path / "y" / "ckpt"), "--names", "readable", "--original-names"),
+                      "--original-names", "--names readable")
+    assert "give one of them" in line and not (tmp_path / "y").exists()
 
 
 def test_names_readable_on_an_archive_is_refused(tmp_path):
@@ -429,6 +470,39 @@ def test_a_fresh_savedmodel_round_trips_graph_free_and_runs_identically(tmp_path
     (y,) = tf.saved_model.load(other).signatures["serving_default"](x).values()  # its output is named by its own layer
     (want,) = outs[0].values()
     assert y.numpy().tobytes() != want.numpy().tobytes()
+
+
+def _variables(tf: Any, model_dir: str) -> list[Any]:
+    """Every variable ``tf.saved_model.load`` restores of a SavedModel, in its object graph's order."""
+    loaded = tf.saved_model.load(model_dir)
+    return [o for o in tf.train.TrackableView(loaded).descendants() if isinstance(o, tf.Variable)]
+
+
+@pytest.mark.tf
+def test_a_plain_export_and_import_restores_every_variable_bit_exact(tmp_path):
+    """Export a fresh SavedModel (readable names), import the archive with no flags into a copy of it:
+    tf.saved_model.load restores every variable of the copy, bit for bit.  (A tf.Module's would restore
+    by name without its object graph; tf_keras's metrics share the names total and count.)"""
+    tf = _tf()
+    how = "model.save"
+    src = str(tmp_path / "sm")
+    _build(how, src, seed=13)
+    arc = tmp_path / "m.h5"
+    assert in_process("export", src, str(arc))[0] == 0
+    with ckptbridge.read(str(arc)) as r:
+        assert any("/.ATTRIBUTES/" not in n for n in r)  # the archive holds readable names
+    copy = tmp_path / "copy"
+    shutil.copytree(src, copy, ignore=shutil.ignore_patterns("variables"))
+    rc, _, err = in_process("import", str(arc), str(copy / "variables" / "variables"))
+    assert rc == 0, err
+    want, got = _variables(tf, src), _variables(tf, str(copy))
+    n = len(tf.train.load_checkpoint(os.path.join(src, "variables", "variables")).get_variable_to_shape_map()) - 1
+    assert len(want) == len(got) == n  # every tensor of the checkpoint but its object graph is a variable restored
+    for a, b in zip(want, got):
+        assert a.name == b.name and same(b.numpy(), a.numpy()), a.name
+    _build(how, str(tmp_path / "other"), seed=14)
+    other = _variables(tf, str(tmp_path / "other"))
+    assert not all(same(a.numpy(), b.numpy()) for a, b in zip(want, other))  # the comparison can fail
 
 
 HUB_MODULE_DEF = b"\x08\x03"  # tensorflow_hub's ModuleDef {format: FORMAT_V3}
