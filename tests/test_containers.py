@@ -223,6 +223,14 @@ def make_tar(path: str, entries: dict[str, str], mode: str = "w") -> str:
     return path
 
 
+def make_zip(path: str, entries: dict[str, str], compression: int = zipfile.ZIP_STORED) -> str:
+    """A zip of ``entries`` (name in the archive -> local file), every member stored with ``compression``."""
+    with zipfile.ZipFile(path, "w", compression) as z:
+        for arc, local in entries.items():
+            z.write(local, arc)
+    return path
+
+
 def ckpt_entries(directory: str, under: str) -> dict[str, str]:
     return {f"{under}/{n}": os.path.join(directory, n) for n in sorted(os.listdir(directory))}
 
@@ -294,9 +302,7 @@ def test_gzip_tar_is_unpacked_and_the_space_removed(v2_dir: str, tmp_path: Any, 
 @pytest.mark.parametrize("compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED])
 def test_zip_of_a_v2_prefix(v2_dir: str, tmp_path: Any, tmpdir_env: str, compression: int) -> None:
     archive = str(tmp_path / "model.zip")
-    with zipfile.ZipFile(archive, "w", compression) as z:
-        for arc, local in ckpt_entries(v2_dir, "m").items():
-            z.write(local, arc)
+    make_zip(archive, ckpt_entries(v2_dir, "m"), compression)
     check_tensors(archive)
     no_scratch(tmpdir_env)
 
@@ -463,9 +469,7 @@ def one_line(r: subprocess.CompletedProcess[str], *needles: str) -> str:
 def test_cli_truncated_tarball(v2_dir: str, tmp_path: Any, tmpdir_env: str, suffix: str, mode: str) -> None:
     whole = str(tmp_path / f"whole{suffix}")
     if mode == "zip":
-        with zipfile.ZipFile(whole, "w", zipfile.ZIP_DEFLATED) as z:
-            for arc, local in ckpt_entries(v2_dir, "run").items():
-                z.write(local, arc)
+        make_zip(whole, ckpt_entries(v2_dir, "run"), zipfile.ZIP_DEFLATED)
     else:
         make_tar(whole, ckpt_entries(v2_dir, "run"), mode)
     data = open(whole, "rb").read()
@@ -612,9 +616,7 @@ def _with_directory_offset(src: str, dest: str, offset: int) -> None:
 def test_a_zip_directory_offset_that_points_elsewhere(v2_dir: str, tmp_path: Any, tmpdir_env: str, compression: int) -> None:
     """An end record pointing past the end gave negative offsets: "internal error: ValueError: bad range"."""
     whole = str(tmp_path / "whole.zip")
-    with zipfile.ZipFile(whole, "w", compression) as z:
-        for arc, local in ckpt_entries(v2_dir, "m").items():
-            z.write(local, arc)
+    make_zip(whole, ckpt_entries(v2_dir, "m"), compression)
     size = os.path.getsize(whole)
     with zipfile.ZipFile(whole) as z:
         start = z.start_dir
@@ -633,9 +635,7 @@ def test_a_zip_directory_offset_that_points_elsewhere(v2_dir: str, tmp_path: Any
 
 def test_a_zip_member_placed_outside_the_file(v2_dir: str, tmp_path: Any, tmpdir_env: str) -> None:
     archive = str(tmp_path / "moved.zip")
-    with zipfile.ZipFile(archive, "w") as z:
-        for arc, local in ckpt_entries(v2_dir, "m").items():
-            z.write(local, arc)
+    make_zip(archive, ckpt_entries(v2_dir, "m"))
     data = bytearray(open(archive, "rb").read())
     cd = data.index(b"PK\x01\x02")
     data[cd + 42:cd + 46] = struct.pack("<I", len(data) + 4096)          # the first member's local header offset
@@ -648,9 +648,7 @@ def test_a_zip_directory_that_hides_members_is_damage(v2_dir: str, tmp_path: Any
     """zipfile returns the entries before one whose comment length runs past the directory: the checkpoint's
     .index then went missing and the archive read as one without a checkpoint."""
     archive = str(tmp_path / "hidden.zip")
-    with zipfile.ZipFile(archive, "w") as z:
-        for arc, local in ckpt_entries(v2_dir, "m").items():
-            z.write(local, arc)
+    make_zip(archive, ckpt_entries(v2_dir, "m"))
     data = bytearray(open(archive, "rb").read())
     cd = data.index(b"PK\x01\x02")
     data[cd + 32:cd + 34] = b"\xff\xff"                                    # the first entry's comment swallows the rest
