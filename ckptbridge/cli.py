@@ -463,9 +463,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(argv: Sequence[str] | None, published_before: int, notes_before: int) -> int:
-    from ._atomic import published_outputs, state_notes
+    from ._atomic import published_outputs, stale_notes, state_notes
     from ._signals import interruptible
 
+    stale_before = len(stale_notes())
 
     args: argparse.Namespace | None = None
     dest: str | None = None
@@ -486,6 +487,7 @@ def _run(argv: Sequence[str] | None, published_before: int, notes_before: int) -
             dest = getattr(args, "output", None) or getattr(args, "output_prefix", None)
             rc = int(args.func(args))
             _report_state(args, state_notes()[notes_before:])
+            _report_stale(args, stale_notes()[stale_before:])
         return rc
     except BrokenPipeError:
         raise
@@ -549,6 +551,21 @@ def _report_state(args: argparse.Namespace, notes: Sequence[Any]) -> None:
         elif n.action == "left":
             now = f"TensorFlow still restores {n.latest}" if n.latest else "its content was not read"
             _say(args, f"checkpoint state file {n.path} left as it was ({now}); pass --force to make {base} the latest")
+
+
+def _report_stale(args: argparse.Namespace, notes: Sequence[Any]) -> None:
+    """Say which temporaries of earlier, killed runs were removed beside the output, and which were left and why."""
+    removed = [n for n in notes if n.action == "removed"]
+    if removed:
+        many = len(removed) > 1
+        names = ", ".join(_shown(os.path.basename(n.path)) for n in removed[:3]) + (f" and {len(removed) - 3} more" if len(removed) > 3 else "")
+        whose = "their processes are" if many else f"pid {removed[0].pid} is"
+        _say(args, f"removed {len(removed)} temporar{'ies of earlier runs' if many else 'y of an earlier run'} that {'were' if many else 'was'} killed beside "
+                   f"{_shown(removed[0].dest)} ({_human(sum(n.nbytes for n in removed))}; {whose} gone): {names}")
+    for n in notes:
+        if n.action == "left":
+            _say(args, f"left {_shown(n.path)} ({_human(n.nbytes)}), a temporary of an earlier run beside {_shown(n.dest)}: {n.why}; "
+                       "delete it once no ckptbridge is writing there")
 
 
 # The flag for each option the library's messages name (errors.option), where it is not
