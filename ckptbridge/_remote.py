@@ -151,6 +151,52 @@ def _final(e: BaseException, name: str, http: bool) -> errors.CkptBridgeError | 
     return None
 
 
+_REFUSED, _UNREACHABLE = "connection refused", "no route to the host"
+
+
+def _connect_failure(e: BaseException) -> tuple[str | None, str] | None:
+    """(host:port where known, why) when ``e`` is a failure to connect at all, following its causes; else None.
+
+    fsspec's http filesystem reports a refused connection as FileNotFoundError, its
+    cause aiohttp's ClientConnectorError (which knows the host and port), its cause
+    the socket's ConnectionRefusedError.
+    """
+    import errno
+    import socket
+
+    where: str | None = None
+    why: str | None = None
+    cur: BaseException | None = e
+    for _ in range(8):
+        if cur is None:
+            break
+        host, port = getattr(cur, "host", None), getattr(cur, "port", None)
+        if where is None and isinstance(host, str) and host and isinstance(port, int):
+            where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if why is None:
+            if isinstance(cur, socket.gaierror):
+                why = "the host name cannot be resolved"
+            elif isinstance(cur, ConnectionRefusedError) or getattr(cur, "errno", None) == errno.ECONNREFUSED:
+                why = _REFUSED
+            elif getattr(cur, "errno", None) in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+                why = _UNREACHABLE
+        cur = cur.__cause__ or cur.__context__
+    return (where, why) if why is not None else None
+
+
+def _authority(name: str) -> str | None:
+    """``host:port`` of an http(s) URL (the port its scheme implies where none is written)."""
+    try:
+        parts = urllib.parse.urlsplit(name)
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        return None
+    if not host or parts.scheme not in _HTTP:
+        return None
+    port = port if port is not None else (443 if parts.scheme == "https" else 80)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _retrying(what: str, name: str, http: bool, call: Any) -> Any:
     """``call()``, retried with backoff while its failures may pass; then one clear error naming ``name``."""
     last: BaseException | None = None
@@ -169,6 +215,14 @@ def _retrying(what: str, name: str, http: bool, call: Any) -> Any:
                 raise final from None  # from None: the cause's text may hold the URL's credentials
             last = e
     assert last is not None
+    failed = _connect_failure(last)
+    if failed is not None:
+        where, why = failed
+        where = where or _authority(name)
+        target = where if where is not None else f"the server of {name}"
+        hint = ("check the host and port in the URL and that the server is running" if why == _REFUSED
+                else "check the host name in the URL and the network" if why != _UNREACHABLE else "check the network")
+        raise RemoteError(f"cannot connect to {target}: {why} ({what} {name}, {ATTEMPTS} attempts); {hint}, then run again") from None
     raise RemoteError(f"{what} {name} failed {ATTEMPTS} times ({_describe(last)}); "
                       "check the network and the server, then run again") from None
 
