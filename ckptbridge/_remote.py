@@ -410,7 +410,7 @@ class RemotePlace(Place):
 def _filesystem(url: str) -> tuple[Any, str, str, bool]:
     """(fs, path, query, is_http) for a URL; fsspec and the protocol's package are imported here."""
     try:
-        import fsspec.core
+        import fsspec.core  # noqa: F401 - only whether it is installed: _url_to_fs uses it
     except ImportError:
         raise errors.MissingDependencyError("reading remote URLs needs fsspec (and aiohttp for https); "
                                             "install them with: pip install 'ckptbridge[remote]'") from None
@@ -422,7 +422,7 @@ def _filesystem(url: str) -> tuple[Any, str, str, bool]:
         query = "?" + parts.query if parts.query else ""
         url = urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
     try:
-        fs, path = fsspec.core.url_to_fs(url)
+        fs, path = _url_to_fs(url)
     except ImportError as e:
         needs = "aiohttp" if http else {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs"}.get(scheme, f"the package fsspec names ({e})")
         raise errors.MissingDependencyError(f"reading {scheme}:// URLs needs {needs}; install it with: pip install "
@@ -432,6 +432,52 @@ def _filesystem(url: str) -> tuple[Any, str, str, bool]:
             raise errors.FormatError(f"{redact(url)}: fsspec knows no {scheme}:// protocol; check the URL") from None
         raise errors.FormatError(f"{redact(url)}: not a URL fsspec can open ({_scrub(str(e))}); check the URL") from None
     return fs, str(path), query, http
+
+
+_BRACKETED = re.compile(r"\[[^\]/]*\]")
+
+
+def _chain(url: str) -> list[str]:
+    """The URLs of an fsspec chain (``tar://member::https://host/a.tar``), split at ``::`` outside brackets:
+    an IPv6 literal (``http://[::1]:8000/x``) is one URL, where fsspec's own split cuts it at its ``::``."""
+    parts, start, depth = [], 0, 0
+    i = 0
+    while i < len(url):
+        c = url[i]
+        if c == "[":
+            depth += 1
+        elif c == "]":
+            depth = max(0, depth - 1)
+        elif depth == 0 and url.startswith("::", i):
+            parts.append(url[start:i])
+            start = i + 2
+            i += 1
+        i += 1
+    parts.append(url[start:])
+    return parts
+
+
+def _url_to_fs(url: str) -> tuple[Any, str]:
+    """``fsspec.core.url_to_fs``, except that a ``::`` inside an IPv6 literal does not chain."""
+    import fsspec
+    import fsspec.core
+
+    if not _BRACKETED.search(url):
+        return fsspec.core.url_to_fs(url)  # fsspec's own reading, chains included
+    bits = _chain(url)
+    # From the innermost URL out, each outer filesystem reading the one inside as an open file (its "fo"):
+    # handed a URL instead, it would open it with fsspec.open, which splits it at '::' again.
+    inner: Any = None
+    for i, bit in enumerate(reversed(bits)):
+        protocol = fsspec.core.split_protocol(bit)[0] or "file"
+        cls = fsspec.get_filesystem_class(protocol)
+        kw = dict(cls._get_kwargs_from_urls(bit))
+        path = cls._strip_protocol(bit)
+        fs = fsspec.filesystem(protocol, **kw, **({"fo": inner} if inner is not None else {}))
+        if i == len(bits) - 1:
+            return fs, path
+        inner = fs.open(path, "rb")
+    raise AssertionError("unreachable")
 
 
 def _split(path: str) -> tuple[str, str]:
