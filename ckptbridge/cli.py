@@ -359,7 +359,7 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("export", parents=[common, filt, member], help=f"checkpoint -> {shown}")
     s.add_argument("checkpoint", help="prefix, .index/.data file, directory, V1 .ckpt file, a .tar/.tar.gz/.tgz/.zip of one, or a URL")
     s.add_argument("output", help=f"output archive, its format chosen by suffix: {listed}")
-    s.add_argument("--weights-only", action="store_true", help="drop optimizer slots, global_step and save_counter")
+    s.add_argument("--weights-only", action="store_true", help="model weights only: drop optimizer slots, metric state, global_step and save_counter")
     s.add_argument("--compress", action="store_true", help=compressing)
     s.add_argument("--layout", choices=("torch",), default=None, help="store conv/depthwise/dense kernels in PyTorch's layout (undone on import)")
     s.add_argument("--model", default=None, help="with --layout: the tf-slim net whose graph tells conv, depthwise and dense kernels apart")
