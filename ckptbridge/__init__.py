@@ -9,6 +9,14 @@ when a path needs it.
 
 from __future__ import annotations
 
+import sys as _sys
+
+if _sys.argv[:1] == ["-m"]:  # `python -m ...` is importing this package: if it is the command line, its handlers go in first
+    from . import _signals
+
+    if _signals.started_as_command():
+        _signals.install_cli_handlers()
+
 from typing import TYPE_CHECKING, Any
 
 from ._version import __version__

@@ -2,8 +2,12 @@
 
 Everything is written under a temporary name beside the destination (same
 directory, so the final rename is atomic), with an unpredictable, recognisable
-name: ``.<dest name>.<random>.ckptbridge-tmp``.  A symlink at the destination is
-replaced, never written through.  Files end up with the user's umask.
+name: ``.<dest name>.<pid>-<start>-<where>.<random>.ckptbridge-tmp``, which says
+which process writes it (see :func:`owner_tag`).  A process killed outright
+(SIGKILL, the OOM killer) leaves its temporary behind; the next output to the
+same destination removes it once that process is provably gone, and names any it
+cannot judge (:func:`stale_notes`).  A symlink at the destination is replaced,
+never written through.  Files end up with the user's umask.
 
 Without ``force`` the final step is a rename that refuses to replace anything
 (``renameat2(RENAME_NOREPLACE)``, else a hard link and an unlink), so of two
@@ -21,8 +25,11 @@ import atexit
 import dataclasses
 import errno
 import glob
+import hashlib
 import os
+import re
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Callable
@@ -98,6 +105,164 @@ _state_notes: list[StateNote] = []
 def state_notes() -> list[StateNote]:
     """What every checkpoint commit of this process did with a state file, in order."""
     return list(_state_notes)
+
+
+# --------------------------------------------------------------------------- whose temporary is it
+
+_NAME_MAX = 255
+_RANDOM = r"[a-z0-9_]{8}"  # what tempfile puts between prefix and suffix
+_OWNED = re.compile(r"(?P<pid>\d{1,10})-(?P<start>\d{1,20})-(?P<where>[0-9a-f]{8})\." + _RANDOM)
+_UNOWNED = re.compile(_RANDOM)  # named before owners were recorded
+_owner: str | None = None
+
+
+def _start_time(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot, /proc/PID/stat field 22), or None where it does not exist."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat_line = f.read()
+    except OSError:
+        return None
+    fields = stat_line[stat_line.rfind(b")") + 2:].split()  # the command name, in parentheses, may hold anything
+    return fields[19].decode() if len(fields) > 19 else None
+
+
+def _where() -> str | None:
+    """This boot of this machine in this PID namespace, hashed: where a pid and a start time name one process."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", "rb") as f:
+            boot = f.read().strip()
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+    return hashlib.sha256(boot + b"/" + str(namespace).encode()).hexdigest()[:8]
+
+
+def owner_tag() -> str | None:
+    """``<pid>-<start>-<where>`` for this process, put in the names of its temporaries; None without /proc.
+
+    A pid alone is reused; with its start time it names one process of one boot, and
+    ``where`` (boot id and PID namespace) says whose ``/proc`` can tell whether it still runs.
+    """
+    global _owner
+    if _owner is None:
+        start, where = _start_time(os.getpid()), _where()
+        _owner = f"{os.getpid()}-{start}-{where}" if start is not None and where is not None else ""
+    return _owner or None
+
+
+def _tmp_prefix(dest: str) -> str:
+    """The start of every temporary name for ``dest``: ``.<basename>.`` (shortened to leave room for the rest)."""
+    base = os.path.basename(dest)
+    room = _NAME_MAX - len(".." + "4194304-" + "9" * 20 + "-" + "f" * 8 + ".xxxxxxxx" + TMP_SUFFIX)
+    while len(os.fsencode(base)) > room:
+        base = base[:-1]
+    return f".{base}."
+
+
+def _new_tmp_prefix(dest: str) -> str:
+    owner = owner_tag()
+    return _tmp_prefix(dest) + (f"{owner}." if owner else "")
+
+
+@dataclasses.dataclass(frozen=True)
+class StaleNote:
+    """A temporary of an earlier run found beside an output this process wrote.
+
+    ``action`` is "removed" (the process that wrote it is gone: pid ``pid`` no
+    longer runs, or runs a later process) or "left" (``why`` says why it cannot be
+    told: written on another machine, boot or container, by another user, or
+    under a name that does not say by whom).
+    """
+
+    path: str
+    dest: str
+    action: str
+    nbytes: int
+    pid: int | None = None
+    why: str = ""
+
+
+_stale_notes: list[StaleNote] = []
+
+
+def stale_notes() -> list[StaleNote]:
+    """What every output of this process found of earlier runs' temporaries, in order."""
+    return list(_stale_notes)
+
+
+def _size(path: str) -> int:
+    total = 0
+    for d, _, files in os.walk(path):
+        for n in files:
+            try:
+                total += os.lstat(os.path.join(d, n)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def sweep_stale(dest: str) -> list[StaleNote]:
+    """Remove the temporaries of ``dest`` whose writer is gone; note the others; return what was found.
+
+    A temporary is removed only when its name records a process of this boot and
+    PID namespace (so this ``/proc`` is the one that can answer) that no longer
+    runs, and it belongs to this user.  A live writer's temporary, including one
+    racing this run, is never touched.  A temporary directory holding ``previous/``
+    (a forced checkpoint replace killed midway kept the old checkpoint there) is
+    never removed: :mod:`._resolve` tells the user to move it back.
+    """
+    parent = os.path.dirname(os.path.abspath(dest))
+    start = _tmp_prefix(dest)
+    where = _where()
+    found: list[StaleNote] = []
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return found
+    for entry in entries:
+        name = entry.name
+        if not (name.startswith(start) and name.endswith(TMP_SUFFIX)):
+            continue
+        middle = name[len(start): -len(TMP_SUFFIX)]
+        owned, unowned = _OWNED.fullmatch(middle), _UNOWNED.fullmatch(middle)
+        if owned is None and unowned is None:
+            continue  # another destination's, whose name starts like this one
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+            continue  # ckptbridge makes files and directories only
+        path = entry.path
+        is_dir = stat.S_ISDIR(st.st_mode)
+        nbytes = _size(path) if is_dir else st.st_size
+        pid = int(owned.group("pid")) if owned is not None else None
+        why = ""
+        if owned is None:
+            why = "its name does not record which process wrote it (an older ckptbridge, or a system without /proc)"
+        elif owned.group("where") != where:
+            why = "it was written on another machine, boot or container"
+        elif pid == os.getpid() or _start_time(pid or 0) == owned.group("start"):
+            continue  # a writer that is still running: its own
+        elif st.st_uid != os.geteuid():
+            why = "it belongs to another user"
+        elif is_dir and os.path.isdir(os.path.join(path, PREVIOUS_DIR)):
+            why = f"it holds the previous checkpoint of a forced replace that was killed midway (in {PREVIOUS_DIR}/)"
+        if not why:
+            try:
+                if is_dir:
+                    shutil.rmtree(path)
+                else:
+                    os.unlink(path)
+            except FileNotFoundError:
+                continue  # another run removed it meanwhile
+            except OSError as e:
+                why = f"it could not be removed ({e.strerror})"
+        note = StaleNote(os.path.join(os.path.dirname(dest), name), dest, "left" if why else "removed", nbytes, pid, why)
+        found.append(note)
+        _stale_notes.append(note)
+    return found
 
 
 _RENAME_NOREPLACE = 1
@@ -215,8 +380,9 @@ class AtomicFile:
         self._sync: Job | None = None
         self.durable = _durability.fsync_wanted()
         self._done = False
+        sweep_stale(dest)
         with signals_deferred():
-            fd, self.tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(dest)}.", suffix=TMP_SUFFIX)
+            fd, self.tmp = tempfile.mkstemp(dir=parent, prefix=_new_tmp_prefix(dest), suffix=TMP_SUFFIX)
             os.close(fd)
             _pending[self.tmp] = self.abort
 
@@ -341,8 +507,9 @@ class AtomicCheckpoint:
         except BaseException:
             self._remove_created()
             raise
+        sweep_stale(prefix)
         with signals_deferred():
-            self.tmpdir = tempfile.mkdtemp(dir=self._parent, prefix=f".{os.path.basename(prefix)}.", suffix=TMP_SUFFIX)
+            self.tmpdir = tempfile.mkdtemp(dir=self._parent, prefix=_new_tmp_prefix(prefix), suffix=TMP_SUFFIX)
             self.tmp_prefix = os.path.join(self.tmpdir, os.path.basename(prefix))
             self._sync: Job | None = None
             self.durable = _durability.fsync_wanted()

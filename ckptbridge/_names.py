@@ -17,8 +17,7 @@ EMA_SUFFIX = "/ExponentialMovingAverage"
 # Optimizer state written by tf.compat.v1 optimizers (slot suffixes), TF2 Keras
 # optimizers (under optimizer/ or .OPTIMIZER_SLOT), BERT-style AdamWeightDecay
 # (adam_m/adam_v), and step counters; Keras files' optimizer weights (read as
-# optimizer/..., or under their HDF5 paths optimizer_weights/... and optimizer/vars/N)
-# and the metrics counters of Keras files (metrics/<metric>/<i>) and SavedModels (keras_api/metrics/).
+# optimizer/..., or under their HDF5 paths optimizer_weights/... and optimizer/vars/N).
 _SLOT_SUFFIXES = (
     "Momentum", "Adam", "Adam_1", "RMSProp", "RMSProp_1", "Adagrad", "AdagradDA",
     "Ftrl", "Ftrl_1", "LAMB", "LAMB_1", "Adadelta", "Adadelta_1", "ProximalAdagrad",
@@ -29,18 +28,40 @@ _OPTIMIZER_PATTERNS = [
     re.compile(r"(^|/)beta[12]_power(_\d+)?$"),
     re.compile(r"^optimizer/"),
     re.compile(r"^optimizer_weights/"),
-    re.compile(r"(^|/)keras_api/metrics/"),
-    re.compile(r"^metrics/[^/]+/(vars/)?\d+$"),
     re.compile(r"/\.OPTIMIZER_SLOT/"),
     re.compile(r"(^|/)global_step$"),
     re.compile(r"^save_counter/\.ATTRIBUTES/VARIABLE_VALUE$"),
     re.compile(r"^(global_step|step)/\.ATTRIBUTES/VARIABLE_VALUE$"),
 ]
+# The running totals of compiled Keras metrics (a metric's total and count, a confusion
+# matrix...): TF2 checkpoints and SavedModels keep them under keras_api/metrics/, Keras
+# files under metrics/<metric>/<i>.  Not model weights, and not the optimizer's either.
+_METRIC_PATTERNS = [
+    re.compile(r"(^|/)keras_api/metrics/"),
+    re.compile(r"^metrics/[^/]+/(vars/)?\d+$"),
+]
+OPTIMIZER_STATE = "optimizer state"
+METRIC_STATE = "metric state"
 
 
 def is_optimizer_state(name: str) -> bool:
     """True for optimizer slots, their accumulators and step counters."""
     return any(p.search(name) for p in _OPTIMIZER_PATTERNS)
+
+
+def is_metric_state(name: str) -> bool:
+    """True for the variables of compiled Keras metrics (their totals and counts)."""
+    return any(p.search(name) for p in _METRIC_PATTERNS)
+
+
+def training_state(name: str) -> str | None:
+    """What a tensor that is not a model weight holds, by its name or checkpoint key:
+    :data:`OPTIMIZER_STATE`, :data:`METRIC_STATE`, or None for a weight.  Weights-only leaves both out."""
+    if is_metric_state(name):
+        return METRIC_STATE
+    if is_optimizer_state(name):
+        return OPTIMIZER_STATE
+    return None
 
 
 def compile_patterns(patterns: Iterable[str], option: str) -> list[re.Pattern[str]]:
@@ -74,7 +95,7 @@ def make_plan(
     use_ema: bool = False,
     uncarried: Mapping[str, str] | None = None,
     where: str = "",
-    state: Collection[str] = (),
+    state: Collection[str] | Mapping[str, str] = (),
 ) -> Plan:
     """Apply include/exclude, --weights-only and --use-ema to ``names``.
 
@@ -83,7 +104,8 @@ def make_plan(
     reported like any other drop, and any the filters keep is refused by name
     (UncarriedDtypeError, naming ``where``): nothing is left out silently.
     ``state`` names more tensors that weights-only leaves out, whatever their names
-    (the caller knows their checkpoint keys are optimizer state).
+    (the caller knows their checkpoint keys are optimizer or metric state): a mapping
+    gives each one's :func:`training_state`, a plain collection means optimizer state.
     """
     from ._dtypes import uncarried_error
 
@@ -103,8 +125,11 @@ def make_plan(
         if any(p.search(name) for p in exc):
             dropped[name] = "matched by an exclude pattern"
             continue
-        if weights_only and (name in state or is_optimizer_state(name)):
-            dropped[name] = "optimizer state (weights only)"
+        held = training_state(name) if weights_only else None
+        if weights_only and held is None and name in state:
+            held = (state.get(name) if isinstance(state, Mapping) else None) or OPTIMIZER_STATE
+        if held is not None:
+            dropped[name] = f"{held} (weights only)"
             continue
         if use_ema and name.endswith(EMA_SUFFIX) and name[: -len(EMA_SUFFIX)] in present:
             dropped[name] = f"its value replaces {name[: -len(EMA_SUFFIX)]} (EMA)"

@@ -25,7 +25,7 @@ import numpy as np
 
 from . import _layout as lay
 from . import _readable
-from ._names import Plan, is_optimizer_state, make_plan
+from ._names import Plan, make_plan, training_state
 from ._names import rename_map as _rename_map
 from ._source import Source
 from .errors import CorruptError, FormatError, option
@@ -153,9 +153,9 @@ def prepare_export(
     prior_orig = _original_names(prior, src.path)
     prior_readable = _original_names(prior, src.path, READABLE_NAMES)
     opaque = src.uncarried()
-    # Optimizer state is told by the checkpoint's key where a readable name hides it (a SavedModel's
+    # Optimizer and metric state is told by the checkpoint's key where a readable name hides it (a SavedModel's
     # optimizer "iteration", a TF2 slot "Adam/m/dense/kernel"): the object key, or the recorded original.
-    state = {n for n in [*specs, *opaque] if is_optimizer_state(src.object_key(n)) or is_optimizer_state(prior_orig.get(n, n))}
+    state = {n: why for n in [*specs, *opaque] if (why := training_state(src.object_key(n)) or training_state(prior_orig.get(n, n)))}
     plan0 = make_plan(list(specs), include=include, exclude=exclude, weights_only=weights_only, use_ema=use_ema,
                       uncarried={n: s.dtype for n, s in opaque.items()}, where=src.path, state=state)
     ren = _renames(list(plan0.mapping), list(specs), rename, rename_map)

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from . import _layout as lay
-from ._names import EMA_SUFFIX, Plan, is_optimizer_state
+from ._names import EMA_SUFFIX, Plan, training_state
 from ._plans import Prepared
 from ._source import Source
 from .errors import FormatError, MismatchError, NotFoundError
@@ -515,8 +515,8 @@ def plan_export(src: Source, pmap: PortMap) -> Ported:
             continue
         if _skipped(pmap, name):
             dropped[name] = f"skipped by port map {pmap.name}"
-        elif is_optimizer_state(name):
-            dropped[name] = "optimizer state (a port carries weights only)"
+        elif (held := training_state(name)) is not None:
+            dropped[name] = f"{held} (a port carries weights only)"
         elif name.endswith(EMA_SUFFIX) and name[: -len(EMA_SUFFIX)] in used:
             continue
         else:

@@ -151,6 +151,52 @@ def _final(e: BaseException, name: str, http: bool) -> errors.CkptBridgeError | 
     return None
 
 
+_REFUSED, _UNREACHABLE = "connection refused", "no route to the host"
+
+
+def _connect_failure(e: BaseException) -> tuple[str | None, str] | None:
+    """(host:port where known, why) when ``e`` is a failure to connect at all, following its causes; else None.
+
+    fsspec's http filesystem reports a refused connection as FileNotFoundError, its
+    cause aiohttp's ClientConnectorError (which knows the host and port), its cause
+    the socket's ConnectionRefusedError.
+    """
+    import errno
+    import socket
+
+    where: str | None = None
+    why: str | None = None
+    cur: BaseException | None = e
+    for _ in range(8):
+        if cur is None:
+            break
+        host, port = getattr(cur, "host", None), getattr(cur, "port", None)
+        if where is None and isinstance(host, str) and host and isinstance(port, int):
+            where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if why is None:
+            if isinstance(cur, socket.gaierror):
+                why = "the host name cannot be resolved"
+            elif isinstance(cur, ConnectionRefusedError) or getattr(cur, "errno", None) == errno.ECONNREFUSED:
+                why = _REFUSED
+            elif getattr(cur, "errno", None) in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+                why = _UNREACHABLE
+        cur = cur.__cause__ or cur.__context__
+    return (where, why) if why is not None else None
+
+
+def _authority(name: str) -> str | None:
+    """``host:port`` of an http(s) URL (the port its scheme implies where none is written)."""
+    try:
+        parts = urllib.parse.urlsplit(name)
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        return None
+    if not host or parts.scheme not in _HTTP:
+        return None
+    port = port if port is not None else (443 if parts.scheme == "https" else 80)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _retrying(what: str, name: str, http: bool, call: Any) -> Any:
     """``call()``, retried with backoff while its failures may pass; then one clear error naming ``name``."""
     last: BaseException | None = None
@@ -169,6 +215,14 @@ def _retrying(what: str, name: str, http: bool, call: Any) -> Any:
                 raise final from None  # from None: the cause's text may hold the URL's credentials
             last = e
     assert last is not None
+    failed = _connect_failure(last)
+    if failed is not None:
+        where, why = failed
+        where = where or _authority(name)
+        target = where if where is not None else f"the server of {name}"
+        hint = ("check the host and port in the URL and that the server is running" if why == _REFUSED
+                else "check the host name in the URL and the network" if why != _UNREACHABLE else "check the network")
+        raise RemoteError(f"cannot connect to {target}: {why} ({what} {name}, {ATTEMPTS} attempts); {hint}, then run again") from None
     raise RemoteError(f"{what} {name} failed {ATTEMPTS} times ({_describe(last)}); "
                       "check the network and the server, then run again") from None
 
@@ -356,7 +410,7 @@ class RemotePlace(Place):
 def _filesystem(url: str) -> tuple[Any, str, str, bool]:
     """(fs, path, query, is_http) for a URL; fsspec and the protocol's package are imported here."""
     try:
-        import fsspec.core
+        import fsspec.core  # noqa: F401 - only whether it is installed: _url_to_fs uses it
     except ImportError:
         raise errors.MissingDependencyError("reading remote URLs needs fsspec (and aiohttp for https); "
                                             "install them with: pip install 'ckptbridge[remote]'") from None
@@ -368,7 +422,7 @@ def _filesystem(url: str) -> tuple[Any, str, str, bool]:
         query = "?" + parts.query if parts.query else ""
         url = urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
     try:
-        fs, path = fsspec.core.url_to_fs(url)
+        fs, path = _url_to_fs(url)
     except ImportError as e:
         needs = "aiohttp" if http else {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs"}.get(scheme, f"the package fsspec names ({e})")
         raise errors.MissingDependencyError(f"reading {scheme}:// URLs needs {needs}; install it with: pip install "
@@ -378,6 +432,52 @@ def _filesystem(url: str) -> tuple[Any, str, str, bool]:
             raise errors.FormatError(f"{redact(url)}: fsspec knows no {scheme}:// protocol; check the URL") from None
         raise errors.FormatError(f"{redact(url)}: not a URL fsspec can open ({_scrub(str(e))}); check the URL") from None
     return fs, str(path), query, http
+
+
+_BRACKETED = re.compile(r"\[[^\]/]*\]")
+
+
+def _chain(url: str) -> list[str]:
+    """The URLs of an fsspec chain (``tar://member::https://host/a.tar``), split at ``::`` outside brackets:
+    an IPv6 literal (``http://[::1]:8000/x``) is one URL, where fsspec's own split cuts it at its ``::``."""
+    parts, start, depth = [], 0, 0
+    i = 0
+    while i < len(url):
+        c = url[i]
+        if c == "[":
+            depth += 1
+        elif c == "]":
+            depth = max(0, depth - 1)
+        elif depth == 0 and url.startswith("::", i):
+            parts.append(url[start:i])
+            start = i + 2
+            i += 1
+        i += 1
+    parts.append(url[start:])
+    return parts
+
+
+def _url_to_fs(url: str) -> tuple[Any, str]:
+    """``fsspec.core.url_to_fs``, except that a ``::`` inside an IPv6 literal does not chain."""
+    import fsspec
+    import fsspec.core
+
+    if not _BRACKETED.search(url):
+        return fsspec.core.url_to_fs(url)  # fsspec's own reading, chains included
+    bits = _chain(url)
+    # From the innermost URL out, each outer filesystem reading the one inside as an open file (its "fo"):
+    # handed a URL instead, it would open it with fsspec.open, which splits it at '::' again.
+    inner: Any = None
+    for i, bit in enumerate(reversed(bits)):
+        protocol = fsspec.core.split_protocol(bit)[0] or "file"
+        cls = fsspec.get_filesystem_class(protocol)
+        kw = dict(cls._get_kwargs_from_urls(bit))
+        path = cls._strip_protocol(bit)
+        fs = fsspec.filesystem(protocol, **kw, **({"fo": inner} if inner is not None else {}))
+        if i == len(bits) - 1:
+            return fs, path
+        inner = fs.open(path, "rb")
+    raise AssertionError("unreachable")
 
 
 def _split(path: str) -> tuple[str, str]:

@@ -11,6 +11,7 @@ import traceback
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from ._signals import Terminated
 from .errors import CkptBridgeError, FormatError, NotFoundError
 
 PROG = "ckptbridge"
@@ -42,29 +43,9 @@ else:
     _api = _Deferred("._api")
 
 
-class _Terminated(BaseException):
-    """SIGTERM, raised as an exception so every open output is discarded on the way out."""
-
-
-_signalled = False
-
-
-def _on_signal(signum: int, frame: Any) -> None:
-    # The first signal unwinds the command (every sink aborts on the way out); later
-    # ones are ignored so that a second Ctrl-C cannot cut that cleanup short.  If the
-    # exception is swallowed (raised inside a C++ callback), _atomic still refuses to
-    # commit anything afterwards.
-    global _signalled
-    if _signalled:
-        return
-    _signalled = True
-    from ._signals import note_signal, raising_signal, signals_deferred_to_python
-
-    exc: BaseException = KeyboardInterrupt() if signum == signal.SIGINT else _Terminated()
-    note_signal(exc)
-    if not signals_deferred_to_python():
-        raising_signal()
-        raise exc
+# SIGTERM's exception, and the handler, live in _signals (the standard library only): ``python -m ckptbridge``
+# installs the handler before this module is imported.
+_Terminated = Terminated
 
 
 def _err(msg: str) -> None:
@@ -387,7 +368,7 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("export", parents=[common, filt, member], help=f"checkpoint -> {shown}")
     s.add_argument("checkpoint", help="prefix, .index/.data file, directory, V1 .ckpt file, a .tar/.tar.gz/.tgz/.zip of one, or a URL")
     s.add_argument("output", help=f"output archive, its format chosen by suffix: {listed}")
-    s.add_argument("--weights-only", action="store_true", help="drop optimizer slots, global_step and save_counter")
+    s.add_argument("--weights-only", action="store_true", help="model weights only: drop optimizer slots, metric state, global_step and save_counter")
     s.add_argument("--compress", action="store_true", help=compressing)
     s.add_argument("--layout", choices=("torch",), default=None, help="store conv/depthwise/dense kernels in PyTorch's layout (undone on import)")
     s.add_argument("--model", default=None, help="with --layout: the tf-slim net whose graph tells conv, depthwise and dense kernels apart")
@@ -450,39 +431,52 @@ def main(argv: Sequence[str] | None = None) -> int:
     SIGINT, 143 SIGTERM, and 141 without a message when the pipe it writes to
     was closed by its reader (``ckptbridge ls X | head -1``), as for ``cat``.
     """
-    from . import _atomic, _signals  # the standard library only: NumPy & co. are imported once the handlers are in
+    from . import _signals  # the standard library only: the handlers go in before NumPy & co. are imported
 
-    # A command run earlier in this process (an embedding application, a test) may have been
-    # stopped by a signal: that signal was its, and this command starts clean.
-    global _signalled
-    _signalled = False
-    _signals.reset()
-    since = len(_atomic.published_outputs()), len(_atomic.state_notes())
-    old: dict[int, Any] = {}
+    old = _signals.install_cli_handlers() if _main_thread() else {}
+    published_before = 0
+    rc = 2
     try:
-        old = _install_signal_handlers() if _main_thread() else {}
-        return _run(argv, *since)
+        # A signal from here to the command's body is recorded and raised as the body starts;
+        # one after the body is reported below (see _signals.interruptible).
+        from . import _atomic
+
+        published_before = len(_atomic.published_outputs())
+        rc = _run(argv, published_before, len(_atomic.state_notes()))
     except BrokenPipeError:
         # The reader of our stdout (or stderr) has gone: stop quietly, as Unix tools do.
         # Outputs are whole or discarded as on any other exit (the sinks have unwound).
         _quiet_closed_pipes()
-        return EXIT_BROKEN_PIPE
+        rc = EXIT_BROKEN_PIPE
     finally:
+        late = _signals.unreported()  # came outside the command's body: never raised through it
         # First free what a signal's traceback holds of the command (a sink it caught before
         # the converter could abort it, with an open HDF5 file), while its files are still
         # open; left to the interpreter's teardown, that prints "Error in sys.excepthook:"
         # after our one line (see _signals.release).
         _signals.release()
         try:
+            from . import _atomic
+
             _atomic.discard_pending()  # temporaries of a sink whose constructor was interrupted
         except BaseException:  # noqa: BLE001 - a signal recorded during the sweep: we are leaving anyway
             pass
+        # This command's signal was its own: the next command of this process starts clean.
+        _signals.reset()
         for sig, handler in old.items():
             signal.signal(sig, handler)
+    if late is not None and rc != EXIT_BROKEN_PIPE:
+        interrupted = isinstance(late, KeyboardInterrupt)
+        _err(_stopped("interrupted" if interrupted else "terminated by SIGTERM", None, published_before))
+        return 130 if interrupted else 143
+    return rc
 
 
 def _run(argv: Sequence[str] | None, published_before: int, notes_before: int) -> int:
-    from ._atomic import published_outputs, state_notes
+    from ._atomic import published_outputs, stale_notes, state_notes
+    from ._signals import interruptible
+
+    stale_before = len(stale_notes())
 
     args: argparse.Namespace | None = None
     dest: str | None = None
@@ -492,16 +486,18 @@ def _run(argv: Sequence[str] | None, published_before: int, notes_before: int) -
         return f"{done[-1]} was written and is complete" if done else "nothing was written"
 
     try:
-        args = _parser().parse_args(argv)  # the first use of _api: from here a Ctrl-C in its import is handled
-        if "tensorflow" not in sys.modules:
-            # This process's TensorFlow serves tf-slim's graph-mode layers, which come from tf-keras:
-            # with tf.keras pointing there, importing TensorFlow skips loading Keras 3 (and the
-            # matplotlib it pulls in where installed), 1-1.7 s of a rebuild on the benchmark VM.
-            # An explicit TF_USE_LEGACY_KERAS in the environment wins.
-            os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-        dest = getattr(args, "output", None) or getattr(args, "output_prefix", None)
-        rc = int(args.func(args))
-        _report_state(args, state_notes()[notes_before:])
+        with interruptible():  # a signal raises only in here; an error it caused is reported as the signal
+            args = _parser().parse_args(argv)  # the first use of _api: a Ctrl-C in its import waits for it to end
+            if "tensorflow" not in sys.modules:
+                # This process's TensorFlow serves tf-slim's graph-mode layers, which come from tf-keras:
+                # with tf.keras pointing there, importing TensorFlow skips loading Keras 3 (and the
+                # matplotlib it pulls in where installed), 1-1.7 s of a rebuild on the benchmark VM.
+                # An explicit TF_USE_LEGACY_KERAS in the environment wins.
+                os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+            dest = getattr(args, "output", None) or getattr(args, "output_prefix", None)
+            rc = int(args.func(args))
+            _report_state(args, state_notes()[notes_before:])
+            _report_stale(args, stale_notes()[stale_before:])
         return rc
     except BrokenPipeError:
         raise
@@ -567,6 +563,21 @@ def _report_state(args: argparse.Namespace, notes: Sequence[Any]) -> None:
             _say(args, f"checkpoint state file {n.path} left as it was ({now}); pass --force to make {base} the latest")
 
 
+def _report_stale(args: argparse.Namespace, notes: Sequence[Any]) -> None:
+    """Say which temporaries of earlier, killed runs were removed beside the output, and which were left and why."""
+    removed = [n for n in notes if n.action == "removed"]
+    if removed:
+        many = len(removed) > 1
+        names = ", ".join(_shown(os.path.basename(n.path)) for n in removed[:3]) + (f" and {len(removed) - 3} more" if len(removed) > 3 else "")
+        whose = "their processes are" if many else f"pid {removed[0].pid} is"
+        _say(args, f"removed {len(removed)} temporar{'ies of earlier runs' if many else 'y of an earlier run'} that {'were' if many else 'was'} killed beside "
+                   f"{_shown(removed[0].dest)} ({_human(sum(n.nbytes for n in removed))}; {whose} gone): {names}")
+    for n in notes:
+        if n.action == "left":
+            _say(args, f"left {_shown(n.path)} ({_human(n.nbytes)}), a temporary of an earlier run beside {_shown(n.dest)}: {n.why}; "
+                       "delete it once no ckptbridge is writing there")
+
+
 # The flag for each option the library's messages name (errors.option), where it is not
 # the keyword with dashes; sizes are given in other units on the command line.
 _FLAGS = {"max_tensor_bytes": "--max-tensor-gb", "chunk_bytes": "--chunk-mb", "max_shard_bytes": "--max-shard-mb",
@@ -616,18 +627,6 @@ def _stopped(what: str, dest: str | None, published_before: int = 0) -> str:
 
 def _writing(dest: str | None) -> str:
     return f" while writing {dest}" if dest else ""
-
-
-def _install_signal_handlers() -> dict[int, Any]:
-    """SIGTERM (and SIGINT, unless the shell started us with it ignored) raise, so outputs are discarded."""
-    old: dict[int, Any] = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        current = signal.getsignal(sig)
-        if sig == signal.SIGINT and current is not signal.default_int_handler:
-            continue  # e.g. a background job of a non-interactive shell: leave SIGINT ignored
-        old[sig] = current
-        signal.signal(sig, _on_signal)
-    return old
 
 
 def _os_message(e: OSError, dest: str | None = None, written: str = "nothing was written") -> str:

@@ -163,19 +163,23 @@ class _Server(http.server.ThreadingHTTPServer):
     state: _State
 
 
-class RangeHTTPServer:
-    """An HTTP server on 127.0.0.1 serving ``root`` with Range support, byte counts and faults."""
+class _Server6(_Server):
+    address_family = socket.AF_INET6
 
-    def __init__(self, root: str) -> None:
+
+class RangeHTTPServer:
+    """An HTTP server on 127.0.0.1 (or ``host``, such as ``::1``) serving ``root`` with Range support, byte counts and faults."""
+
+    def __init__(self, root: str, host: str = "127.0.0.1") -> None:
         self.state = _State(root=os.path.realpath(root))
-        self._server = _Server(("127.0.0.1", 0), _Handler)
+        self._server = (_Server6 if ":" in host else _Server)((host, 0), _Handler)
         self._server.state = self.state
         self._thread = threading.Thread(target=self._server.serve_forever, name="range-http", daemon=True)
 
     @property
     def url(self) -> str:
         host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     def start(self) -> RangeHTTPServer:
         self._thread.start()

@@ -37,7 +37,8 @@ from ckptbridge.bundle import BundleReader, BundleWriter
 from helpers import ENV, TMP_SUFFIX, error_line, flip, leftovers, offset_of, popen, sha, tree_digest
 from helpers import cli as _cli
 
-TMP_RE = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]+" + re.escape(TMP_SUFFIX) + "$")
+# .<name>.<pid>-<start>-<where>.<random>.ckptbridge-tmp: the writer's pid, its start time, its boot and PID namespace
+TMP_RE = re.compile(r"^\.(?P<name>.+?)\.(?P<pid>\d+)-\d+-[0-9a-f]{8}\.[A-Za-z0-9_]+" + re.escape(TMP_SUFFIX) + "$")
 
 
 def cli(*args: str, cwd: str | None = None, preexec: Any = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -480,9 +481,12 @@ def test_sigkill_leaves_only_a_recognisable_temporary(big_ckpt: str, big_npz: st
     assert left, "expected the killed run's temporary output"
     for name in left:
         m = TMP_RE.match(name)
-        assert m and m.group("name") == os.path.basename(out), name
+        assert m and m.group("name") == os.path.basename(out) and int(m.group("pid")) == p.pid, name
     r = cli(command, big_ckpt if command == "export" else big_npz, out, cwd=str(tmp_path))
     assert r.returncode == 0, r.stderr  # a leftover temporary never blocks the next run
+    # ... and the next run to the same output removes it, its writer being gone, and says so
+    assert not [x for x in leftovers(str(tmp_path)) if TMP_SUFFIX in os.path.basename(x)], leftovers(str(tmp_path))
+    assert any(line.startswith("removed 1 temporary") and left[0] in line for line in r.stderr.splitlines()), r.stderr
 
 
 def test_existing_outputs_are_never_overwritten_without_force(native_small: str, tmp_path: Any) -> None:
