@@ -191,7 +191,7 @@ class BundleReader(Source):
         if dtype == STRING:
             if e.size and e.size < count + 4:
                 raise self._corrupt(f"{e.size} bytes cannot hold {count} strings", tensor=name)
-        elif e.size != count * numpy_dtype(dtype).itemsize:
+        elif e.size != count * _dtypes.lookup(dtype).itemsize:  # the table's width: no ml_dtypes to list bfloat16
             raise self._corrupt(f"{e.size} stored bytes do not match its {dtype}{list(e.shape)} shape", tensor=name)
 
     def _check_exclusive(self) -> None:
