@@ -6,8 +6,10 @@ MODEL is a tf-slim net name (random-initialised weights, saved by
 ``tf.compat.v1.train.Saver``), ``vgg_16_train`` (vgg_16 plus one Momentum slot
 and one ExponentialMovingAverage shadow per weight, as a training job saves it)
 ``vgg_16_v1`` (vgg_16 saved as one V1 table file, as the 2016 model zoo
-ships it) or ``synthetic`` (one 2.4 GB tensor and about 6 GB in all, written by
-ckptbridge's native bundle writer in 16 MB pieces, never whole in memory).
+ships it), ``synthetic`` (one 2.4 GB tensor and about 6 GB in all, written by
+ckptbridge's native bundle writer in 16 MB pieces, never whole in memory) or
+``index_40k`` (40,000 small tensors of varied shapes under names of a deep net's
+length, written by the native writer: an index of 40,000 entries, 4 MB of data).
 Prints the checkpoint prefix.
 """
 
@@ -75,10 +77,27 @@ def make_synthetic(out_dir: str) -> str:
     return prefix
 
 
+def make_index(out_dir: str, n: int = 40_000) -> str:
+    from ckptbridge.bundle.writer import BundleWriter
+
+    prefix = os.path.join(out_dir, "model.ckpt")
+    w = BundleWriter(prefix)
+    rng = np.random.default_rng(0)
+    slots = ["weights", "biases", "BatchNorm/gamma", "BatchNorm/beta", "BatchNorm/moving_mean", "BatchNorm/moving_variance",
+             "weights/Momentum", "weights/ExponentialMovingAverage"]
+    for i in range(n):   # block/unit/conv/slot: unique, about 60 characters, in no particular order
+        name = f"model/block_{i // 400:03d}/unit_{(i // 8) % 50:02d}/conv_{(i * 7) % 3}/{slots[i % 8]}"
+        shape = (3, 3, 1 + i % 7, 1 + (i // 7) % 5) if i % 8 in (0, 6, 7) else (1 + (i // 8) % 5,)
+        w.write(name, rng.standard_normal(shape).astype(np.float32))
+    w.commit()
+    return prefix
+
+
 def main() -> None:
     model, out_dir = sys.argv[1], sys.argv[2]
     os.makedirs(out_dir, exist_ok=True)
-    print(make_synthetic(out_dir) if model == "synthetic" else make_slim(model, out_dir))
+    makers = {"synthetic": make_synthetic, "index_40k": make_index}
+    print(makers[model](out_dir) if model in makers else make_slim(model, out_dir))
 
 
 if __name__ == "__main__":

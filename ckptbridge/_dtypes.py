@@ -19,15 +19,21 @@ same width and tags it, as ``bfloat16`` has always been tagged:
   dtype such as ``[("qint8", "i1")]`` (``tf.qint8.as_numpy_dtype``), so the
   array itself says it is quantized; they are stored as the integer of that field.
 
+The ``ml_dtypes`` types are named in the table, not imported with it: importing
+``ml_dtypes`` costs up to a second (0.7.0), so it happens on the first use of such
+a dtype's in-memory form (reading, writing or comparing a tensor of it), not for a
+checkpoint that holds none.  Listing a checkpoint needs only names and widths.
+
 This module imports nothing from the rest of ckptbridge but the error types.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import sys
 from collections.abc import Mapping
 
-import ml_dtypes
 import numpy as np
 
 from .errors import FormatError, UncarriedDtypeError
@@ -49,8 +55,9 @@ class DType:
     name: str
     #: TensorFlow's DataType enum (types.proto)
     tf_enum: int
-    #: the exchange form in memory; None when the dtype is not carried
-    memory: np.dtype | None = None
+    #: the exchange form in memory, or the name of its ``ml_dtypes`` type (imported on first use, see :attr:`memory`);
+    #: None when the dtype is not carried
+    held: np.dtype | str | None = None
     #: what an archive stores (the memory form's bits in a NumPy integer dtype where NumPy lacks the dtype)
     storage: np.dtype | None = None
     #: the archive's encoding tag for this dtype
@@ -61,13 +68,30 @@ class DType:
     why_not: str = ""
 
     @property
+    def memory(self) -> np.dtype | None:
+        """The exchange form in memory (None when the dtype is not carried); an ``ml_dtypes`` type imports it now."""
+        held = self.held
+        return _ml_dtype(held) if isinstance(held, str) else held
+
+    @property
     def carried(self) -> bool:
-        return self.memory is not None or self.name == STRING
+        return self.held is not None or self.name == STRING
 
     @property
     def itemsize(self) -> int:
-        """Bytes per element in memory and in a checkpoint (0 for strings and dtypes not carried)."""
-        return 0 if self.memory is None or self.name == STRING else self.memory.itemsize
+        """Bytes per element in memory and in a checkpoint (0 for strings and dtypes not carried).
+
+        The storage form has the memory form's width (a raw dtype is its own storage, a tagged one is stored
+        as its bit pattern in an integer of the same width), so this needs no ``ml_dtypes``.
+        """
+        return 0 if self.held is None or self.name == STRING or self.storage is None else self.storage.itemsize
+
+
+@functools.cache
+def _ml_dtype(name: str) -> np.dtype:
+    import ml_dtypes  # about a second with ml_dtypes 0.7.0: only for a tensor that has such a dtype
+
+    return np.dtype(getattr(ml_dtypes, name))
 
 
 def _native(name: str, enum: int, st: str | None) -> DType:
@@ -75,8 +99,9 @@ def _native(name: str, enum: int, st: str | None) -> DType:
     return DType(name, enum, dt, dt, ENC_RAW, st)
 
 
-def _tagged(name: str, enum: int, memory: np.dtype, storage: str, st: str | None = None) -> DType:
-    return DType(name, enum, np.dtype(memory), np.dtype(storage), f"{name}-as-{storage}", st)
+def _tagged(name: str, enum: int, memory: np.dtype | str, storage: str, st: str | None = None) -> DType:
+    # A str names an ml_dtypes type, resolved on first use (DType.memory).
+    return DType(name, enum, memory if isinstance(memory, str) else np.dtype(memory), np.dtype(storage), f"{name}-as-{storage}", st)
 
 
 def _quantized(name: str, enum: int, base: str, st: str | None) -> DType:
@@ -103,7 +128,7 @@ _TABLE: tuple[DType, ...] = (
     _quantized("quint8", 12, "uint8", None),
     _quantized("qint32", 13, "int32", None),
     # "bfloat16-as-uint16" is the tag archives have carried since the first release.
-    _tagged(BFLOAT16, 14, ml_dtypes.bfloat16, "uint16", "BF16"),
+    _tagged(BFLOAT16, 14, "bfloat16", "uint16", "BF16"),
     _quantized("qint16", 15, "int16", None),
     _quantized("quint16", 16, "uint16", None),
     _native("uint16", 17, "U16"),
@@ -113,22 +138,24 @@ _TABLE: tuple[DType, ...] = (
     _opaque(VARIANT, 21, "an opaque TensorFlow object (such as a tf.data iterator's state), not an array"),
     _native("uint32", 22, "U32"),
     _native("uint64", 23, "U64"),
-    _tagged("float8_e5m2", 24, ml_dtypes.float8_e5m2, "uint8", "F8_E5M2"),
-    _tagged("float8_e4m3fn", 25, ml_dtypes.float8_e4m3fn, "uint8", "F8_E4M3"),
-    _tagged("float8_e4m3fnuz", 26, ml_dtypes.float8_e4m3fnuz, "uint8", "F8_E4M3FNUZ"),
-    _tagged("float8_e4m3b11fnuz", 27, ml_dtypes.float8_e4m3b11fnuz, "uint8"),
-    _tagged("float8_e5m2fnuz", 28, ml_dtypes.float8_e5m2fnuz, "uint8", "F8_E5M2FNUZ"),
-    _tagged("int4", 29, ml_dtypes.int4, "uint8"),
-    _tagged("uint4", 30, ml_dtypes.uint4, "uint8"),
-    _tagged("int2", 31, ml_dtypes.int2, "uint8"),
-    _tagged("uint2", 32, ml_dtypes.uint2, "uint8"),
-    _tagged("float4_e2m1fn", 33, ml_dtypes.float4_e2m1fn, "uint8"),
+    _tagged("float8_e5m2", 24, "float8_e5m2", "uint8", "F8_E5M2"),
+    _tagged("float8_e4m3fn", 25, "float8_e4m3fn", "uint8", "F8_E4M3"),
+    _tagged("float8_e4m3fnuz", 26, "float8_e4m3fnuz", "uint8", "F8_E4M3FNUZ"),
+    _tagged("float8_e4m3b11fnuz", 27, "float8_e4m3b11fnuz", "uint8"),
+    _tagged("float8_e5m2fnuz", 28, "float8_e5m2fnuz", "uint8", "F8_E5M2FNUZ"),
+    _tagged("int4", 29, "int4", "uint8"),
+    _tagged("uint4", 30, "uint4", "uint8"),
+    _tagged("int2", 31, "int2", "uint8"),
+    _tagged("uint2", 32, "uint2", "uint8"),
+    _tagged("float4_e2m1fn", 33, "float4_e2m1fn", "uint8"),
 )
 
 BY_NAME: Mapping[str, DType] = {d.name: d for d in _TABLE}
 BY_ENUM: Mapping[int, DType] = {d.tf_enum: d for d in _TABLE}
 BY_ENCODING: Mapping[str, DType] = {d.encoding: d for d in _TABLE if d.encoding != ENC_RAW}
-_BY_MEMORY: Mapping[np.dtype, DType] = {d.memory: d for d in _TABLE if d.memory is not None and d.name != STRING}
+#: the in-memory forms NumPy has without ml_dtypes; those of ml_dtypes join on first need (_by_memory)
+_BY_MEMORY: dict[np.dtype, DType] = {d.held: d for d in _TABLE if isinstance(d.held, np.dtype) and d.name != STRING}
+_ML_DTYPES_NAMED = tuple(d for d in _TABLE if isinstance(d.held, str))
 
 #: canonical names of every dtype ckptbridge carries, in TensorFlow's enum order
 CARRIED: tuple[str, ...] = tuple(d.name for d in _TABLE if d.carried)
@@ -170,24 +197,34 @@ def of_array(dt: np.dtype | type) -> DType:
     dt = np.dtype(dt)
     if dt.kind in "OS":
         return BY_NAME[STRING]
-    d = _BY_MEMORY.get(dt if dt.isnative else dt.newbyteorder("="))
+    d = _by_memory(dt if dt.isnative else dt.newbyteorder("="))
     if d is None:
         raise FormatError(f"arrays of dtype {dt} cannot be carried; ckptbridge carries {', '.join(CARRIED)}")
     return d
 
 
+def _by_memory(dt: np.dtype) -> DType | None:
+    d = _BY_MEMORY.get(dt)
+    if d is None and "ml_dtypes" in sys.modules:
+        # An array of an ml_dtypes type exists only once ml_dtypes is imported: then its names are resolved.
+        for e in _ML_DTYPES_NAMED:
+            _BY_MEMORY.setdefault(e.memory, e)  # type: ignore[arg-type]
+        d = _BY_MEMORY.get(dt)
+    return d
+
+
 def to_storage(array: np.ndarray, d: DType) -> np.ndarray:
     """The array's bits in its storage dtype (a view: no copy)."""
-    if d.storage is None or d.storage == d.memory or d.name == STRING:
+    if d.storage is None or d.encoding == ENC_RAW or d.name == STRING:
         return array
     return array.view(d.storage)
 
 
 def from_storage(stored: np.ndarray, d: DType) -> np.ndarray:
     """Invert :func:`to_storage` (a view)."""
-    if d.memory is None or d.storage == d.memory or d.name == STRING:
-        return stored
-    return stored.view(d.memory)
+    # A tagged dtype's own type: for bfloat16 or float8 this imports ml_dtypes, which a tensor of it needs.
+    memory = None if d.encoding == ENC_RAW or d.name == STRING else d.memory
+    return stored if memory is None else stored.view(memory)
 
 
 def comparable(array: np.ndarray) -> np.ndarray:

@@ -160,6 +160,8 @@ def _shown(name: str) -> str:
         o = ord(c)
         return 0x20 <= o < 0x7F or (o >= 0xA0 and not 0xD800 <= o < 0xE000)  # surrogates: bytes that were not UTF-8
 
+    if name.isascii() and name.isprintable():  # the usual name, at once: for ASCII the same test as ok()
+        return name
     if all(ok(c) for c in name):
         return name
     return "".join(c if ok(c) else f"\\x{ord(c) & 0xFF:02x}" if ord(c) < 0x100 or 0xDC80 <= ord(c) < 0xDD00 else f"\\u{ord(c):04x}"
@@ -193,11 +195,13 @@ def cmd_ls(args: argparse.Namespace) -> int:
         names = [_shown(s.name) for s in specs]
         width = max((len(n) for n in names), default=4)
         dwidth = max([10, *(len(s.dtype) for s in specs)])
+        rows = []
         for s, name, n in zip(specs, names, sizes):
             note = "  (not carried)" if s.name in opaque else ""
             if s.name in keys:
                 note += f"  <- {_shown(keys[s.name])}"
-            print(f"{name:<{width}}  {s.dtype:<{dwidth}} {str(list(s.shape)):<22} {'?' if n is None else n:>12}{note}")
+            rows.append(f"{name:<{width}}  {s.dtype:<{dwidth}} {str(list(s.shape)):<22} {'?' if n is None else n:>12}{note}\n")
+        sys.stdout.write("".join(rows))  # one write, not one per tensor (stdout may be unbuffered)
         line = f"{len(specs)} tensors, {known} bytes ({_human(known)})"
         unknown = sum(1 for n in sizes if n is None)
         if unknown:

@@ -150,6 +150,12 @@ def lowbit_ckpt(ckpts: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 @pytest.fixture(scope="session")
+def many_ckpt(ckpts: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """3,000 small tensors of varied dtypes and shapes, written by SaveV2: a large index in miniature."""
+    return _build(tmp_path_factory, "many", ckpts.build_many)
+
+
+@pytest.fixture(scope="session")
 def iterator_ckpts(ckpts: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """A tf.data iterator checkpoint (a DT_VARIANT tensor whose shape varies from run to run): {"a"}."""
     return _build(tmp_path_factory, "iterators", ckpts.build_iterators)

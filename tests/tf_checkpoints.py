@@ -9,6 +9,7 @@ into eager code.  Nothing here is imported unless TensorFlow is installed.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -191,6 +192,51 @@ def build_dtypes(directory: str) -> str:
         else:
             tensors.append(tf.constant(v))
     with tf.device("/cpu:0"):
+        tf.raw_ops.SaveV2(prefix=prefix, tensor_names=names, shape_and_slices=[""] * len(names), tensors=tensors)
+    return prefix
+
+
+def many_tensors(n: int = 3000) -> dict[str, np.ndarray]:
+    """``n`` small tensors of varied dtypes and shapes (ranks 0-5, dims of one- and two-byte varints, zero-size ones),
+    some of them not ASCII: a large index in miniature."""
+    rng = np.random.default_rng(23)
+    dims = [0, 1, 2, 3, 7, 127, 128, 129, 300]
+    kinds = ["float32", "float16", "int64", "bool", "bfloat16", "int8", "complex64", "string"]
+    out: dict[str, np.ndarray] = {}
+    for i in range(n):
+        shape: tuple[int, ...] = ()
+        for _ in range(8):   # redraw until the tensor is small
+            shape = tuple(int(d) for d in rng.choice(dims, size=int(rng.integers(0, 6))))
+            if math.prod(shape) <= 2048:
+                break
+        else:
+            shape = (int(rng.integers(1, 50)),)
+        kind = kinds[i % len(kinds)]
+        unit = "\u00e9t\u00e9" if i % 7 == 0 else "unit"   # some names not ASCII
+        name = f"block_{i // 100:02d}/{unit}_{i % 100:02d}/{kind}"
+        if kind == "string":
+            out[name] = np.array([f"s{i}-{j}".encode() for j in range(math.prod(shape))], dtype=object).reshape(shape)
+        elif kind == "bfloat16":
+            out[name] = rng.standard_normal(shape).astype(ml_dtypes.bfloat16)
+        elif kind == "bool":
+            out[name] = rng.integers(0, 2, shape).astype(bool)
+        elif kind == "complex64":
+            out[name] = (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(np.complex64)
+        elif kind in ("int64", "int8"):
+            out[name] = rng.integers(-100, 100, shape).astype(kind)
+        else:
+            out[name] = (rng.standard_normal(shape) * 100).astype(kind)
+    return out
+
+
+def build_many(directory: str) -> str:
+    """The tensors of :func:`many_tensors`, written by TensorFlow's SaveV2 kernel."""
+    prefix = os.path.join(directory, "many.ckpt")
+    values = many_tensors()
+    names = sorted(values)
+    with tf.device("/cpu:0"):
+        tensors = [tf.constant(v) if v.dtype != object else tf.constant(v, dtype=tf.string) if v.size else tf.zeros(v.shape, tf.string)
+                   for v in (values[n] for n in names)]
         tf.raw_ops.SaveV2(prefix=prefix, tensor_names=names, shape_and_slices=[""] * len(names), tensors=tensors)
     return prefix
 

@@ -232,9 +232,14 @@ def _block_entries(block: bytes, what: str, budget: _KeyBudget | None = None) ->
     pos = 0
     while pos < limit:
         start = pos
-        shared, pos = get_varint(block, pos, limit, bits=32)
-        non_shared, pos = get_varint(block, pos, limit, bits=32)
-        value_len, pos = get_varint(block, pos, limit, bits=32)
+        # Three varints, nearly always one byte each: read those inline, the rest (and damage) by get_varint.
+        if pos + 3 <= limit and block[pos] < 0x80 and block[pos + 1] < 0x80 and block[pos + 2] < 0x80:
+            shared, non_shared, value_len = block[pos], block[pos + 1], block[pos + 2]
+            pos += 3
+        else:
+            shared, pos = get_varint(block, pos, limit, bits=32)
+            non_shared, pos = get_varint(block, pos, limit, bits=32)
+            value_len, pos = get_varint(block, pos, limit, bits=32)
         if shared > len(key):
             raise _Bad(f"{what} block entry shares {shared} key bytes but the previous key has {len(key)}")
         if start in restarts and shared:

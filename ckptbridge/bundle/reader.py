@@ -177,22 +177,20 @@ class BundleReader(Source):
             except OSError as e:
                 raise CkptBridgeError(f"cannot read {path}: {e.strerror or e}; check that the file is readable (permissions, disk)") from None
 
-    def _check_stored(self, key: bytes, e: Entry, name: str) -> None:
+    def _check_stored(self, e: Entry, name: str, d: _dtypes.DType) -> None:
         """A stored (non-partitioned) entry: its bytes lie inside its shard and fit its dtype and shape."""
-        self._check_shape(e.shape, name)
-        count = math.prod(e.shape)
-        path = data_path(self.prefix, e.shard_id, self._header.num_shards)
+        count = self._check_shape(e.shape, name)
         if e.offset < 0 or e.size < 0 or e.offset + e.size > self._shard_sizes[e.shard_id]:
+            path = data_path(self.prefix, e.shard_id, self._header.num_shards)
             raise self._corrupt(f"its bytes [{e.offset}, {e.offset + e.size}) lie outside {path} "
                                 f"({self._shard_sizes[e.shard_id]} bytes)", tensor=name)
-        dtype = DTYPE_BY_ENUM.get(e.dtype)
-        if dtype is None:
+        if not d.carried:
             return  # not carried: only its place in the shard can be checked
-        if dtype == STRING:
+        if d.name == STRING:
             if e.size and e.size < count + 4:
                 raise self._corrupt(f"{e.size} bytes cannot hold {count} strings", tensor=name)
-        elif e.size != count * numpy_dtype(dtype).itemsize:
-            raise self._corrupt(f"{e.size} stored bytes do not match its {dtype}{list(e.shape)} shape", tensor=name)
+        elif e.size != count * d.itemsize:  # the table's width: no ml_dtypes to list bfloat16
+            raise self._corrupt(f"{e.size} stored bytes do not match its {d.name}{list(e.shape)} shape", tensor=name)
 
     def _check_exclusive(self) -> None:
         """No two stored entries (tensors or slices) share a byte of a data file.
@@ -235,10 +233,12 @@ class BundleReader(Source):
                     return name, f"slice {list(zip(starts, lengths))} "
         return _key_name(key), ""
 
-    def _check_shape(self, shape: tuple[int, ...], name: str) -> None:
-        # Even a zero-size shape must be one NumPy can represent.
-        if len(shape) > MAX_RANK or any(d < 0 for d in shape) or math.prod(d for d in shape if d) >= 1 << 58:
+    def _check_shape(self, shape: tuple[int, ...], name: str) -> int:
+        """The shape's element count, once it is checked to be one NumPy can represent (even a zero-size one)."""
+        count = math.prod(shape)
+        if len(shape) > MAX_RANK or (shape and min(shape) < 0) or (count or math.prod(d for d in shape if d)) >= 1 << 58:
             raise self._corrupt(f"invalid shape {list(shape)}", tensor=name)
+        return count
 
     def _check_entries(self) -> None:
         specs: dict[str, TensorSpec] = {}
@@ -246,12 +246,13 @@ class BundleReader(Source):
         claimed: set[bytes] = set()
         self._slices: dict[str, list[tuple[tuple[int, ...], tuple[int, ...], bytes]]] = {}
         self._keys: dict[str, bytes] = {}
+        kinds = {enum: _dtypes.by_enum(enum) for enum in {e.dtype for e in self._entries.values()}}  # a few dtypes, many entries
         for key, e in self._entries.items():
-            name = _key_name(key)
-            if _dtypes.by_enum(e.dtype) is None:
-                raise self._corrupt(f"unknown dtype enum {e.dtype}", tensor=name)
+            if kinds[e.dtype] is None:
+                raise self._corrupt(f"unknown dtype enum {e.dtype}", tensor=_key_name(key))
             if not e.slices:
                 continue
+            name = _key_name(key)
             self._check_shape(e.shape, name)
             parts = []
             total = 0
@@ -282,10 +283,13 @@ class BundleReader(Source):
             self._slices[name] = parts
         self._orphans = 0
         object_graph = None
+        keys = self._keys
         for key, e in self._entries.items():
             name = _key_name(key)
+            d = kinds[e.dtype]
+            assert d is not None
             if not e.slices:
-                self._check_stored(key, e, name)
+                self._check_stored(e, name, d)
             if key in claimed:
                 continue
             if key.startswith(b"\x00"):
@@ -294,19 +298,18 @@ class BundleReader(Source):
             if name == OBJECT_GRAPH_KEY:
                 object_graph = key
                 continue
-            d = _dtypes.by_enum(e.dtype)
-            assert d is not None
             stored = None
             if not e.slices and (d.name == STRING or not d.carried):
                 stored = e.size
-            spec = TensorSpec(name, d.name, tuple(e.shape), stored_nbytes=stored)
+            spec = TensorSpec(name, d.name, e.shape, stored_nbytes=stored)
             (specs if d.carried else uncarried)[name] = spec
-            self._keys[name] = key
+            keys[name] = key
         self._check_exclusive()
         self._object_graph_key = object_graph
-        order = lambda kv: kv[1].name.encode("utf-8", "surrogateescape")  # noqa: E731 - TensorFlow's key order
-        self._specs = dict(sorted(specs.items(), key=order))
-        self._uncarried = dict(sorted(uncarried.items(), key=order))
+        # Already in TensorFlow's key order (bytes of the UTF-8 name): read_table yields strictly increasing keys,
+        # and a name is its key decoded with surrogateescape, which encodes back to the same bytes.
+        self._specs = specs
+        self._uncarried = uncarried
 
     # --- Source -------------------------------------------------------------
 

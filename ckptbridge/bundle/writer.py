@@ -16,11 +16,12 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from .. import _dtypes
 from .._chunks import write_stream
 from .._ckptfiles import data_path, index_path
 from .._source import OBJECT_GRAPH, OBJECT_GRAPH_KEY, Sink
 from ..errors import CkptBridgeError, FormatError, MismatchError
-from ..spec import STRING, dtype_name, numpy_dtype
+from ..spec import STRING, dtype_name
 from ._entries import ENUM_BY_DTYPE, encode_entry, encode_header
 from ._table import BLOCK_SIZE, TableBuilder
 from ._wire import crc, mask, put_varint
@@ -191,7 +192,7 @@ class BundleWriter(Sink):
                        fill: Callable[[BinaryIO, int, int], tuple[int, int]]) -> None:
         """Append one numeric tensor to the current shard: ``fill(file, offset, size)`` writes its
         bytes and returns (bytes written, their crc32c); on any error the shard is cut back."""
-        expected = math.prod(shape) * numpy_dtype(dtype).itemsize
+        expected = math.prod(shape) * _dtypes.lookup(dtype).itemsize
         self._make_room(expected)
         f = self._file
         assert f is not None

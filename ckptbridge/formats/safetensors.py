@@ -27,7 +27,6 @@ import os
 import sys
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
 from .. import _dtypes
@@ -123,7 +122,7 @@ class SafetensorsSink(ArchiveSink):
             self._specs[s.name] = s
         # Widest items first, as safetensors itself lays them out, so every tensor
         # starts aligned to its item size in the buffer.
-        order = sorted(specs, key=lambda s: (-numpy_dtype(s.dtype).itemsize, s.name))
+        order = sorted(specs, key=lambda s: (-_dtypes.lookup(s.dtype).itemsize, s.name))
         pos = 0
         for s in order:
             entries[s.name] = {"dtype": ST_DTYPES[s.dtype], "shape": list(s.shape), "data_offsets": [pos, pos + s.nbytes]}
@@ -305,6 +304,7 @@ class SafetensorsSource(ArchiveSource):
     def read(self, name: str) -> np.ndarray:
         spec = self.spec(name)
         where = f"{self.path}: tensor {name!r}"
+        want = numpy_dtype(spec.dtype)  # first, so NumPy (and safe_open) know "bfloat16": it imports ml_dtypes for such a tensor
         try:
             if spec.dtype in _RAW_READ:
                 arr = self._read_raw(name, spec)
@@ -314,7 +314,6 @@ class SafetensorsSource(ArchiveSource):
             raise
         except Exception as e:  # the package raises its own error types and OSError
             raise CorruptError(f"{where}: cannot read ({e}); the archive is damaged") from None
-        want = numpy_dtype(spec.dtype)
         if arr.dtype != want:
             if arr.dtype.itemsize != want.itemsize:
                 raise CorruptError(f"{where}: read as {arr.dtype}, expected {spec.dtype}")
@@ -355,9 +354,6 @@ class SafetensorsSource(ArchiveSource):
                 f.__exit__(None, None, None)
             except Exception:
                 pass
-
-
-_ = ml_dtypes  # imported so NumPy (and safe_open) know the name "bfloat16"
 
 
 SafetensorsSink.source_class = SafetensorsSource

@@ -1,0 +1,125 @@
+"""A command pays only for what it uses: no ml_dtypes, h5py or TensorFlow for a checkpoint that needs none.
+
+``import ml_dtypes`` takes about a second with ml_dtypes 0.7.0.  Before the dtype
+table named its ml_dtypes types lazily, every command imported it, ``ls`` of a
+float32 checkpoint included.  Each check runs in a fresh interpreter (this test
+process has imported all of them already), and looks at ``sys.modules`` there.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from helpers import CLI_ENV, write_checkpoint
+
+#: what a float32 checkpoint's listing or reading must not import
+HEAVY = ("ml_dtypes", "tensorflow", "h5py", "fsspec", "safetensors")
+
+# Runs in a clean interpreter: the listing, then every tensor read, with the heavy modules seen after each step.
+_PROBE = r"""
+import json, sys
+import ckptbridge
+
+HEAVY = sys.argv[1].split(",")
+def loaded():
+    return sorted(m for m in HEAVY if m in sys.modules)
+
+out = {}
+with ckptbridge.read(sys.argv[2], engine="native") as r:
+    out["specs"] = {n: [s.dtype, list(s.shape)] for n, s in r.specs.items()}
+    out["after_specs"] = loaded()
+    out["arrays"] = {n: [str(r[n].dtype), r[n].tobytes().hex()] for n in (sys.argv[3:] or sorted(r.specs))}
+    out["after_read"] = loaded()
+print(json.dumps(out))
+"""
+
+
+def probe(prefix: str, *names: str) -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, "-c", _PROBE, ",".join(HEAVY), prefix, *names], capture_output=True, text=True, env=CLI_ENV, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)  # type: ignore[no-any-return]
+
+
+def imported_by(*args: str) -> tuple[subprocess.CompletedProcess[str], set[str]]:
+    """``python -X importtime -m ckptbridge ARGS``: the process, and every top-level package it imported."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "ckptbridge", *args], capture_output=True, text=True,
+                          env=CLI_ENV, timeout=120)
+    mods = {ln.split("|")[-1].strip().split(".")[0] for ln in proc.stderr.splitlines() if ln.startswith("import time:")}
+    return proc, mods
+
+
+@pytest.fixture()
+def float32_ckpt(tmp_path: Any) -> tuple[str, dict[str, np.ndarray]]:
+    rng = np.random.default_rng(0)
+    tensors = {"conv/weights": rng.standard_normal((3, 3, 2, 4)).astype(np.float32), "conv/biases": np.arange(4, dtype=np.float32),
+               "global_step": np.array(7, dtype=np.int64), "names": np.array([b"a", b"\xc3\xa9"], dtype=object)}
+    return write_checkpoint(str(tmp_path / "f32" / "model.ckpt"), tensors), tensors
+
+
+def test_specs_and_reads_of_a_float32_checkpoint_import_no_ml_dtypes(float32_ckpt: tuple[str, dict[str, np.ndarray]]) -> None:
+    prefix, tensors = float32_ckpt
+    got = probe(prefix, "conv/weights", "global_step")
+    assert got["specs"]["conv/weights"] == ["float32", [3, 3, 2, 4]] and got["specs"]["names"] == ["string", [2]]
+    assert got["after_specs"] == [] and got["after_read"] == []
+    for name in ("conv/weights", "global_step"):
+        assert got["arrays"][name] == [str(tensors[name].dtype), tensors[name].tobytes().hex()]
+
+
+def test_bfloat16_is_listed_without_ml_dtypes_and_read_bit_exact_with_it(tmp_path: Any) -> None:
+    bits = np.array([0x0000, 0x8000, 0x3FC0, 0x7F80, 0xFF80, 0x7FC1, 0x0001, 0xC110], dtype=np.uint16)  # ±0, inf, a NaN payload, subnormal
+    bf = bits.view(ml_dtypes.bfloat16).reshape(2, 4)
+    prefix = write_checkpoint(str(tmp_path / "bf16" / "model.ckpt"),
+                              {"w_bf16": bf, "s_bf16": np.array(1.5, dtype=ml_dtypes.bfloat16), "w": np.ones(3, np.float32)})
+    got = probe(prefix)
+    assert got["specs"]["w_bf16"] == ["bfloat16", [2, 4]]
+    assert got["after_specs"] == []               # listing needs names and widths only
+    assert got["after_read"] == ["ml_dtypes"]     # the tensor that needs it brings it in
+    assert got["arrays"]["w_bf16"] == ["bfloat16", bf.tobytes().hex()]
+    assert got["arrays"]["s_bf16"] == ["bfloat16", np.array(1.5, dtype=ml_dtypes.bfloat16).tobytes().hex()]
+
+
+def test_the_dtype_table_gives_widths_without_ml_dtypes_and_the_same_types_with_it() -> None:
+    code = r"""
+import json, sys
+from ckptbridge import _dtypes
+widths = {n: _dtypes.BY_NAME[n].itemsize for n in _dtypes.NUMERIC}
+before = "ml_dtypes" in sys.modules
+import ml_dtypes
+bad = [n for n in _dtypes.NUMERIC
+       if not (_dtypes.BY_NAME[n].memory.itemsize == _dtypes.BY_NAME[n].storage.itemsize == widths[n] > 0)
+       or _dtypes.of_array(_dtypes.BY_NAME[n].memory).name != n]
+same = _dtypes.numpy_dtype("bfloat16") == ml_dtypes.bfloat16 and _dtypes.numpy_dtype("int4") == ml_dtypes.int4
+print(json.dumps([before, bad, same, widths["bfloat16"], widths["float8_e4m3fn"]]))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=CLI_ENV, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == [False, [], True, 2, 1]
+
+
+def test_ls_of_a_float32_checkpoint_imports_no_ml_dtypes(float32_ckpt: tuple[str, dict[str, np.ndarray]]) -> None:
+    prefix, _ = float32_ckpt
+    proc, mods = imported_by("ls", "--json", prefix)
+    assert proc.returncode == 0, proc.stderr
+    assert {t["name"]: t["dtype"] for t in json.loads(proc.stdout)["tensors"]} == {
+        "conv/weights": "float32", "conv/biases": "float32", "global_step": "int64", "names": "string"}
+    assert "ckptbridge" in mods and "numpy" in mods  # the probe sees the imports at all
+    assert sorted(mods & set(HEAVY)) == []
+
+
+@pytest.mark.tf
+def test_tensorflow_written_bfloat16_reads_as_tensorflow_reads_it_in_a_clean_process(dtypes_ckpt: str) -> None:
+    import tensorflow as tf
+
+    got = probe(dtypes_ckpt, "dtypes/bfloat16", "scalar/bfloat16", "dtypes/float32")
+    assert got["after_specs"] == [] and got["after_read"] == ["ml_dtypes"]
+    reader = tf.train.load_checkpoint(dtypes_ckpt)
+    for name in ("dtypes/bfloat16", "scalar/bfloat16", "dtypes/float32"):
+        want = np.asarray(reader.get_tensor(name))
+        assert got["arrays"][name] == [str(want.dtype), want.tobytes().hex()], name
