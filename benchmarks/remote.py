@@ -126,7 +126,7 @@ def main() -> None:
     total = sum(os.path.getsize(f) for f in files)
     servers = Servers(directory)
     env.update(AWS_ACCESS_KEY_ID=KEY, AWS_SECRET_ACCESS_KEY=KEY, AWS_DEFAULT_REGION=REGION, AWS_ENDPOINT_URL=servers.urls["s3"])
-    from ckptbridge._remote import CHUNK
+    from ckptbridge.io.remote import CHUNK
 
     out_dir = tempfile.mkdtemp(prefix="remote-bench.", dir=WORK)
     out = os.path.join(out_dir, "out.npz")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys as _sys
 
 if _sys.argv[:1] == ["-m"]:  # `python -m ...` is importing this package: if it is the command line, its handlers go in first
-    from . import _signals
+    from .io import signals as _signals
 
     if _signals.started_as_command():
         _signals.install_cli_handlers()
@@ -45,7 +45,7 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from ._api import Reader, diff, export, load, port_map, port_maps, read, rebuild, save, verify
-    from ._ports import PortMap
+    from .ports.plan import PortMap
     from .reports import DiffReport, Report, VerifyReport
     from .spec import TensorSpec
 

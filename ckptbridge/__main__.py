@@ -2,7 +2,7 @@
 
 import sys
 
-from . import _signals
+from .io import signals as _signals
 
 
 def run() -> int:

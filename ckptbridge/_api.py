@@ -8,18 +8,18 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ._compare import diff_sources, verify_source
-from ._durability import durability
-from ._names import make_plan
-from ._pipe import require_some, transfer
 from ._resolve import open_archive_sink, open_checkpoint_sink, open_source, require_archive_kind, source_label
 from ._source import Source
 from .errors import CkptBridgeError, FormatError, option
+from .io.durability import durability
+from .pipe.compare import diff_sources, verify_source
+from .pipe.names import make_plan
+from .pipe.transfer import require_some, transfer
 from .reports import DiffReport, Report, VerifyReport
 from .spec import TensorSpec
 
 if TYPE_CHECKING:
-    from ._ports import PortMap
+    from .ports.plan import PortMap
 
 #: what one archive tensor may claim before it is refused as a likely memory bomb (64 GiB)
 DEFAULT_MAX_TENSOR_BYTES = 64 << 30
@@ -282,7 +282,7 @@ def export(
         ckptbridge.export("vgg_16.ckpt", "vgg_16.npz")                                  # TensorFlow's names
         ckptbridge.export("vgg_16.ckpt", "vgg16.safetensors", port="torchvision:vgg16")  # a state_dict
     """
-    from ._plans import prepare_export
+    from .pipe.plans import prepare_export
 
     kind = require_archive_kind(output)
     if port is not None:
@@ -292,7 +292,7 @@ def export(
                                             progress=progress) as src:
         prep: Any
         if port is not None:
-            from . import _ports
+            from .ports import plan as _ports
 
             prep = _ports.plan_export(src, _ports.load(port))
         else:
@@ -443,12 +443,12 @@ def rebuild(
     with durability(fsync), open_source(archive, engine=engine, max_tensor_bytes=max_tensor_bytes, member=member,
                                         names=names if archive_kind(archive) is None else "auto",
                                         scratch_dir=_scratch_beside(output_prefix), progress=progress) as src:
-        from ._plans import prepare_import
+        from .pipe.plans import prepare_import
 
         # One view of the archive (filters, EMA, original names, renames, layout undone; or a port map), then one sink.
         prep: Any
         if port is not None:
-            from . import _ports
+            from .ports import plan as _ports
 
             prep = _ports.plan_import(src, _ports.load(port), num_classes=num_classes)
         else:
@@ -483,14 +483,14 @@ def port_maps() -> dict[str, PortMap]:
         for name, m in ckptbridge.port_maps().items():
             print(name, m.net, [c.text for c in m.caveats])
     """
-    from . import _ports
+    from .ports import plan as _ports
 
     return {name: _ports.load(name) for name in _ports.builtin()}
 
 
 def port_map(name_or_path: str) -> PortMap:
     """One port map: a built-in one by name, or your own map file (checked; every problem listed)."""
-    from . import _ports
+    from .ports import plan as _ports
 
     return _ports.load(name_or_path)
 

@@ -13,13 +13,13 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
-from . import _ckptfiles
 from ._lazy import load_object, refers_to
 from .errors import FormatError
+from .io import ckptfiles as _ckptfiles
 
 if TYPE_CHECKING:
-    from ._ranged import Place
     from ._source import Sink, Source
+    from .io.ranged import Place
 
 AUTO = "auto"
 

@@ -20,13 +20,17 @@ import os
 import stat
 from typing import Any
 
-from . import _ckptfiles, _containers, _engines, _readable, _savedmodel, _state, formats
-from ._ranged import LocalFile, Place, where
-from ._remote import is_url, redact
+from . import _engines, formats
 from ._source import Sink, Source
 from .bundle._table import FOOTER_SIZE as _FOOTER
 from .bundle._table import has_magic
 from .errors import CkptBridgeError, FormatError, MissingDependencyError, NotFoundError, option
+from .io import ckptfiles as _ckptfiles
+from .io import containers as _containers
+from .io import state as _state
+from .io.ranged import LocalFile, Place, where
+from .io.remote import is_url, redact
+from .sources import _readable, _savedmodel
 
 
 def archive_kind(path: str) -> str | None:
@@ -77,7 +81,7 @@ def latest_in_directory(directory: str) -> tuple[str, str | None]:
         refusal = _not_a_checkpoint(directory)
         if refusal is not None:
             raise FormatError(refusal)
-        from ._atomic import previous_kept_in
+        from .io.atomic import previous_kept_in
 
         kept = previous_kept_in(directory)
         if kept:
@@ -172,7 +176,7 @@ def resolve_checkpoint(path: str) -> tuple[str, str, str | None]:
         for shard in shards:
             _require_regular(shard, "checkpoint file")
         return path, "v1", note  # a sharded V1 checkpoint
-    from ._atomic import previous_kept
+    from .io.atomic import previous_kept
 
     kept = previous_kept(path)
     if kept is not None:
@@ -189,7 +193,7 @@ def resolve_checkpoint(path: str) -> tuple[str, str, str | None]:
 
 
 def _remote_place(url: str, progress: bool | None) -> tuple[Place, str]:
-    from ._remote import open_place  # the standard library only; fsspec is imported by open_place
+    from .io.remote import open_place  # the standard library only; fsspec is imported by open_place
 
     return open_place(url, progress=progress)
 

@@ -20,7 +20,7 @@ from .errors import NotFoundError
 from .spec import TensorSpec
 
 if TYPE_CHECKING:
-    from ._chunks import BlockStream
+    from .io.chunks import BlockStream
 
 # Entries that carry checkpoint structure rather than weights.  A source
 # exposes them through extras(), never as tensors; a sink that can store them

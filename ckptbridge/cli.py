@@ -11,8 +11,8 @@ import traceback
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from ._signals import Terminated
 from .errors import CkptBridgeError, FormatError, NotFoundError
+from .io.signals import Terminated
 
 PROG = "ckptbridge"
 #: Exit status when stdout or stderr is a pipe whose reader has gone (``ckptbridge ls X | head -1``):
@@ -324,7 +324,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from . import __version__, _engines, _readable, formats
+    from . import __version__, _engines, formats
+    from .sources import _readable
 
     # Every format, suffix and engine named below comes from the two registries.
     sufs = formats.suffixes()
@@ -435,7 +436,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     SIGINT, 143 SIGTERM, and 141 without a message when the pipe it writes to
     was closed by its reader (``ckptbridge ls X | head -1``), as for ``cat``.
     """
-    from . import _signals  # the standard library only: the handlers go in before NumPy & co. are imported
+    from .io import signals as _signals  # the standard library only: the handlers go in before NumPy & co. are imported
 
     old = _signals.install_cli_handlers() if _main_thread() else {}
     published_before = 0
@@ -443,7 +444,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         # A signal from here to the command's body is recorded and raised as the body starts;
         # one after the body is reported below (see _signals.interruptible).
-        from . import _atomic
+        from .io import atomic as _atomic
 
         published_before = len(_atomic.published_outputs())
         rc = _run(argv, published_before, len(_atomic.state_notes()))
@@ -460,7 +461,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # after our one line (see _signals.release).
         _signals.release()
         try:
-            from . import _atomic
+            from .io import atomic as _atomic
 
             _atomic.discard_pending()  # temporaries of a sink whose constructor was interrupted
         except BaseException:  # noqa: BLE001 - a signal recorded during the sweep: we are leaving anyway
@@ -477,8 +478,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(argv: Sequence[str] | None, published_before: int, notes_before: int) -> int:
-    from ._atomic import published_outputs, stale_notes, state_notes
-    from ._signals import interruptible
+    from .io.atomic import published_outputs, stale_notes, state_notes
+    from .io.signals import interruptible
 
     stale_before = len(stale_notes())
 
@@ -620,7 +621,7 @@ def _debug(args: argparse.Namespace | None) -> None:
 
 
 def _stopped(what: str, dest: str | None, published_before: int = 0) -> str:
-    from ._atomic import published_outputs
+    from .io.atomic import published_outputs
 
     done = published_outputs()[published_before:]
     if done:
@@ -637,7 +638,7 @@ def _os_message(e: OSError, dest: str | None = None, written: str = "nothing was
     """One line for an OSError that reached the CLI: what, which file, what was written, what to do."""
     import errno
 
-    from ._atomic import TMP_SUFFIX
+    from .io.atomic import TMP_SUFFIX
 
     name = e.filename
     if dest and (not name or TMP_SUFFIX in str(name)):

@@ -27,8 +27,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from ckptbridge._atomic import TMP_SUFFIX
 from ckptbridge.bundle.writer import _PART_SUFFIX as PART_SUFFIX
+from ckptbridge.io.atomic import TMP_SUFFIX
 
 #: Every suffix ckptbridge gives a temporary output (files, directories, checkpoint shards).
 TEMPORARY_SUFFIXES = (TMP_SUFFIX, PART_SUFFIX)
@@ -265,7 +265,7 @@ def write_zip(path: str, members: dict[str, bytes], compress: int = zipfile.ZIP_
 def raw_bundle(prefix: str, entries: dict[bytes, tuple[int, tuple[int, ...], bytes]]) -> None:
     """A one-shard V2 checkpoint with raw keys: key -> (DataType enum, shape, stored bytes)."""
     from ckptbridge.bundle import _entries, _table
-    from ckptbridge.bundle._wire import crc, mask
+    from ckptbridge.io.wire import crc, mask
 
     table = _table.TableBuilder()
     table.add(b"", _entries.encode_header(1))

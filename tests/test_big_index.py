@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 import ckptbridge
 from ckptbridge.bundle import _entries
-from ckptbridge.bundle._wire import _Bad, field_bytes, field_fixed32, field_varint
+from ckptbridge.io.wire import _Bad, field_bytes, field_fixed32, field_varint
 
 from helpers import cli, write_checkpoint
 

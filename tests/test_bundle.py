@@ -428,7 +428,7 @@ def test_empty_checkpoint_and_big_endian_bundle(tmp_path):
     data = bytearray()
     table = _table.TableBuilder()
     table.add(b"", _entries.encode_header(1, _entries.BIG))
-    from ckptbridge.bundle._wire import crc, mask, put_varint
+    from ckptbridge.io.wire import crc, mask, put_varint
     for name in sorted(values):
         arr = values[name]
         if arr.dtype == object:
@@ -526,7 +526,7 @@ def test_block_marked_snappy_that_is_not_snappy_is_damage(small_ckpt):
     """Snappy blocks are decoded natively (tests/test_v1_native.py reads a real one); a block whose
     trailer says snappy but whose bytes are not is a clear error, not a crash."""
     from ckptbridge.bundle import _table
-    from ckptbridge.bundle._wire import crc, get_varint, mask
+    from ckptbridge.io.wire import crc, get_varint, mask
     path = small_ckpt + ".index"
     blob = bytearray(open(path, "rb").read())
     # Mark the index block as snappy-compressed, with a trailer crc that matches.
@@ -588,7 +588,7 @@ def _blocks(blob: bytes) -> list[tuple[int, int]]:
 @given(data=st.data())
 def test_random_index_mutations_raise_only_ckptbridge_errors(mutation_source, data):
     """Bit rot anywhere, and also mutations inside blocks with their crcs recomputed (to reach the parsers)."""
-    from ckptbridge.bundle._wire import crc, mask
+    from ckptbridge.io.wire import crc, mask
     with tempfile.TemporaryDirectory() as d:
         for suffix, blob in mutation_source.items():
             if suffix == ".index":

@@ -25,9 +25,10 @@ import numpy as np
 import pytest
 
 import ckptbridge
-from ckptbridge import _containers, errors
-from ckptbridge._ranged import LocalFile, LocalPlace, Place, RangedFile, read_exact
+from ckptbridge import errors
 from ckptbridge.bundle import BundleReader, V1Reader
+from ckptbridge.io import containers as _containers
+from ckptbridge.io.ranged import LocalFile, LocalPlace, Place, RangedFile, read_exact
 
 from helpers import ERR, TMP_SUFFIX, assert_same_array, leftovers, write_checkpoint
 
@@ -442,7 +443,7 @@ def test_a_tar_at_a_url_is_read_by_range(tmp_path: Any, monkeypatch: pytest.Monk
 
 
 def test_scratch_is_in_the_ledger_the_cli_sweeps(tmp_path: Any) -> None:
-    from ckptbridge import _atomic
+    from ckptbridge.io import atomic as _atomic
 
     s = _containers.Scratch(str(tmp_path))
     open(os.path.join(s.path, "f"), "wb").close()

@@ -1,4 +1,4 @@
-"""Reading the umask, which finished outputs are given (``ckptbridge._durability``).
+"""Reading the umask, which finished outputs are given (``ckptbridge.io.durability``).
 
 A library runs inside someone else's process: setting the umask, even for an
 instant to read it, races with the host's threads, whose files created in that
@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from ckptbridge import _atomic, _durability
+from ckptbridge.io import atomic as _atomic
+from ckptbridge.io import durability as _durability
 
 
 def _proc_reports_umask() -> bool:

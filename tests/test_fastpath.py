@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 
 import ckptbridge
-from ckptbridge import _chunks
 from ckptbridge._resolve import open_source
 from ckptbridge.bundle.writer import BundleWriter
 from ckptbridge.formats import _zip
+from ckptbridge.io import chunks as _chunks
 
 from helpers import TMP_SUFFIX, leftovers, same
 
@@ -64,7 +64,7 @@ def bundle(module_tmp: Any) -> str:
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Blocks of 64 KiB, so that tensors here span several and the copy jobs overlap."""
-    import ckptbridge._pipe as pipe
+    import ckptbridge.pipe.transfer as pipe
 
     monkeypatch.setattr(pipe, "CHUNK_BYTES", SMALL_CHUNK)  # transfer's default, read when it is called
 

@@ -340,7 +340,7 @@ def _fix_crcs(blob: bytes) -> bytes:
     """Recompute every block trailer's crc32c that the (mutated) footer and index still point at,
     so the mutation reaches the parsers behind the checksums."""
     from ckptbridge.bundle import _table
-    from ckptbridge.bundle._wire import _Bad, crc, mask
+    from ckptbridge.io.wire import _Bad, crc, mask
 
     b = bytearray(blob)
     end = len(b) - _table.FOOTER_SIZE

@@ -17,11 +17,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ckptbridge
-from ckptbridge import _layout as lay
-from ckptbridge._names import parse_rename, rename_map
 from ckptbridge.cli import _load_rename_file as load_rename_file
 from ckptbridge.cli import main
 from ckptbridge.errors import CkptBridgeError, CorruptError, FormatError
+from ckptbridge.pipe import layout as lay
+from ckptbridge.pipe.names import parse_rename, rename_map
 from ckptbridge.spec import TensorSpec
 
 from helpers import same

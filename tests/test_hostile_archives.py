@@ -41,11 +41,11 @@ import pytest
 h5py = pytest.importorskip("h5py")
 
 import ckptbridge  # noqa: E402
-from ckptbridge import _containers  # noqa: E402
-from ckptbridge._ranged import LocalFile  # noqa: E402
 from ckptbridge.bundle import BundleWriter  # noqa: E402
 from ckptbridge.errors import CkptBridgeError, CorruptError, FormatError, UnsafeArchiveError  # noqa: E402
 from ckptbridge.formats import meta  # noqa: E402
+from ckptbridge.io import containers as _containers  # noqa: E402
+from ckptbridge.io.ranged import LocalFile  # noqa: E402
 
 from helpers import assert_fails, assert_refused, npy_header, write_zip  # noqa: E402
 

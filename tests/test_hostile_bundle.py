@@ -33,8 +33,8 @@ from ckptbridge.bundle import BundleReader
 from ckptbridge.bundle import reader as bundle_reader
 from ckptbridge.bundle._entries import encode_entry, encode_header, slice_key
 from ckptbridge.bundle._table import HANDLES_SIZE, MAGIC, TableBuilder
-from ckptbridge.bundle._wire import crc, field_bytes, field_varint, mask, put_varint
 from ckptbridge.errors import FormatError
+from ckptbridge.io.wire import crc, field_bytes, field_varint, mask, put_varint
 
 from helpers import assert_fails, run_cli  # noqa: E402
 

@@ -15,7 +15,7 @@ import textwrap
 
 import pytest
 
-from ckptbridge import _objgraph
+from ckptbridge.sources import _objgraph
 
 from helpers import cli
 
@@ -99,7 +99,7 @@ def test_a_table_attribute_is_kept_whole_or_not_at_all():
 
 
 def field_bytes_graph() -> bytes:
-    from ckptbridge.bundle._wire import field_bytes, field_varint
+    from ckptbridge.io.wire import field_bytes, field_varint
 
     root = field_bytes(1, field_varint(1, 1) + field_bytes(2, b"t"))
     table = field_bytes(2, field_bytes(1, b"table") + field_bytes(3, b"t/.ATTRIBUTES/table"))

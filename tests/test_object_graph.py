@@ -25,7 +25,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ckptbridge
-from ckptbridge.bundle._wire import field_bytes, field_varint
+from ckptbridge.io.wire import field_bytes, field_varint
 
 from helpers import ERR, assert_one_line_error, cli, in_process
 
@@ -34,7 +34,7 @@ V = "/.ATTRIBUTES/VARIABLE_VALUE"
 
 def _og() -> Any:
     # Imported per test, so that on a tree without the module only its own tests fail.
-    from ckptbridge import _objgraph as objgraph
+    from ckptbridge.sources import _objgraph as objgraph
 
     return objgraph
 
@@ -195,7 +195,7 @@ def test_ema_swap_keeps_the_variable_its_own_key():
     ema = "/ExponentialMovingAverage"
     g = _graph(_node([(1, "w"), (2, "ema")], has_values=True), _node(attrs=["w" + V], has_values=True),
                _node(attrs=["w" + V + ema], has_values=True))
-    from ckptbridge._names import make_plan
+    from ckptbridge.pipe.names import make_plan
 
     plan = make_plan(["w" + V, "w" + V + ema], use_ema=True)
     keys = og.key_map(plan.mapping, plan.ema_swaps)

@@ -126,7 +126,7 @@ def test_export_gives_exact_destination_tensors(tiny: dict[str, Any]) -> None:
 
 def test_fc_as_conv_computes_what_the_conv_computed() -> None:
     """A [H,W,I,O] kernel applied as a VALID conv equals the Linear on torch.flatten of the NCHW input."""
-    from ckptbridge import _ports
+    from ckptbridge.ports import plan as _ports
 
     rng = np.random.default_rng(1)
     k = rng.normal(size=(3, 2, 4, 5))
@@ -178,7 +178,7 @@ def test_import_undoes_everything_and_restores_the_background_class(tiny: dict[s
 
 
 def test_import_plans_classes_without_the_background_too(tiny: dict[str, Any]) -> None:
-    from ckptbridge import _ports
+    from ckptbridge.ports import plan as _ports
 
     exported = str(tiny["dir"] / "o.npz")
     ckptbridge.export(tiny["ckpt"], exported, port=tiny["map"])
@@ -298,7 +298,7 @@ def test_unknown_map_names_the_builtins() -> None:
 
 def test_flatten_computes_what_the_conv_computed_in_keras_order() -> None:
     """Keras' Flatten on an NHWC activation meets a [H*W*in, out] Dense kernel: a plain reshape of [H,W,in,out]."""
-    from ckptbridge import _ports
+    from ckptbridge.ports import plan as _ports
 
     rng = np.random.default_rng(2)
     k = rng.normal(size=(3, 2, 4, 5))

@@ -24,9 +24,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from ckptbridge import OutputExistsError, _atomic
+from ckptbridge import OutputExistsError
 from ckptbridge import cli as cli_module
 from ckptbridge.bundle import BundleReader, BundleWriter
+from ckptbridge.io import atomic as _atomic
 
 from helpers import ENV, TMP_SUFFIX, error_line, in_process, leftovers, popen, run, tree_digest
 from helpers import cli as _cli
@@ -190,7 +191,7 @@ def test_import_beside_training_checkpoints_leaves_the_state_file(tmp_path: Any)
     # Asked for with --force: the new one becomes the latest and no earlier one is dropped.
     r = cli("import", "a.npz", "train/third.ckpt", "--force", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    from ckptbridge import _state
+    from ckptbridge.io import state as _state
 
     got = _state.read_state(str(tmp_path / "train"))
     assert got is not None and got.model_checkpoint_path == "third.ckpt"

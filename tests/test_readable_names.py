@@ -153,7 +153,7 @@ def test_an_import_under_readable_names_says_it_cannot_carry_the_object_graph(re
 
 
 def test_a_checkpoints_graph_keeps_the_key_shape_tensorflow_parses_an_archives_need_not():
-    from ckptbridge import _objgraph
+    from ckptbridge.sources import _objgraph
 
     with ckptbridge.read(VARIABLES, names="readable") as r:
         graph = r.extras()["object_graph"]

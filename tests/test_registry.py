@@ -20,10 +20,11 @@ import numpy as np
 import pytest
 
 import ckptbridge
-from ckptbridge import _ckptfiles, _engines, cli, formats
+from ckptbridge import _engines, cli, formats
 from ckptbridge._source import ArchiveSource, Sink, Source
 from ckptbridge.errors import FormatError, OutputExistsError
 from ckptbridge.formats import Format, Holds, meta
+from ckptbridge.io import ckptfiles as _ckptfiles
 
 from helpers import same, write_checkpoint
 

@@ -1,4 +1,4 @@
-"""Checkpoints at remote URLs, read by byte range (ckptbridge._remote), and the one TensorFlow of ``[tf]``.
+"""Checkpoints at remote URLs, read by byte range (ckptbridge.io.remote), and the one TensorFlow of ``[tf]``.
 
 The servers are real and local (tests/servers.py): an HTTP server that honours
 Range requests, counts the bytes it sends and injects faults, and moto's
@@ -25,7 +25,8 @@ import numpy as np
 import pytest
 
 import ckptbridge
-from ckptbridge import _remote, errors
+from ckptbridge import errors
+from ckptbridge.io import remote as _remote
 
 from helpers import error_line, in_process, leftovers, tree, write_checkpoint
 from servers import RangeHTTPServer
@@ -139,7 +140,7 @@ def test_redact_drops_userinfo_query_and_fragment(url: str, want: str) -> None:
 
 
 def test_importing_ckptbridge_imports_no_fsspec() -> None:
-    code = ("import sys, ckptbridge, ckptbridge._remote, ckptbridge.cli; "
+    code = ("import sys, ckptbridge, ckptbridge.io.remote, ckptbridge.cli; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('fsspec', 'aiohttp')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
     assert out.strip() == "[]"

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 import ckptbridge
-from ckptbridge import _remote, errors
+from ckptbridge import errors
+from ckptbridge.io import remote as _remote
 
 from helpers import error_line, in_process, write_checkpoint
 from servers import RangeHTTPServer

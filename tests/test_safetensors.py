@@ -22,11 +22,11 @@ safetensors = pytest.importorskip("safetensors")
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
 import ckptbridge  # noqa: E402
-from ckptbridge._names import make_plan  # noqa: E402
-from ckptbridge._pipe import transfer  # noqa: E402
 from ckptbridge._source import Source  # noqa: E402
 from ckptbridge.errors import CorruptError, FormatError  # noqa: E402
 from ckptbridge.formats.safetensors import SafetensorsSink, SafetensorsSource  # noqa: E402
+from ckptbridge.pipe.names import make_plan  # noqa: E402
+from ckptbridge.pipe.transfer import transfer  # noqa: E402
 from ckptbridge.spec import TensorSpec, dtype_name  # noqa: E402
 
 from helpers import leftovers, same  # noqa: E402

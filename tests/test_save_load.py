@@ -96,9 +96,9 @@ def _counting(tensors: dict[str, np.ndarray]) -> Any:
 @pytest.mark.parametrize("engine", ["native", pytest.param("tf", marks=pytest.mark.tf)])
 def test_checkpoint_sinks_refuse_bad_keys_before_writing_anything(tmp_path: Any, engine: str) -> None:
     """A key starting with NUL would read back as a slice and vanish; the object graph's key is taken."""
-    from ckptbridge._names import make_plan
-    from ckptbridge._pipe import transfer
     from ckptbridge._resolve import open_checkpoint_sink
+    from ckptbridge.pipe.names import make_plan
+    from ckptbridge.pipe.transfer import transfer
 
     src = _counting({"a": np.zeros(2, np.float32), "\x00hidden": np.ones(2, np.float32), "_CHECKPOINTABLE_OBJECT_GRAPH": np.zeros(1)})
     prefix = str(tmp_path / "out" / "m.ckpt")

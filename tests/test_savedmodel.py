@@ -1,4 +1,4 @@
-"""SavedModel and TF1 Hub module directories as sources (ckptbridge/_savedmodel.py, _readable.py).
+"""SavedModel and TF1 Hub module directories as sources (ckptbridge/sources/_savedmodel.py, _readable.py).
 
 tests/data/savedmodel/keras_dense/ is a tf_keras model (Dense, BatchNormalization,
 Dense; Adam after one fit step, an "mae" metric) saved by ``model.save(dir)`` as a
@@ -33,8 +33,8 @@ import numpy as np
 import pytest
 
 import ckptbridge
-from ckptbridge import _readable, _savedmodel
 from ckptbridge.errors import CorruptError, FormatError
+from ckptbridge.sources import _readable, _savedmodel
 
 from helpers import error_line, in_process, leftovers, same
 
@@ -155,7 +155,7 @@ def test_parser_reads_every_saved_variable_as_tensorflow_does():
 def test_the_two_object_graphs_correspond_node_for_node():
     with ckptbridge.read(VARIABLES) as r:
         graph = r.extras()["object_graph"]
-    from ckptbridge import _objgraph
+    from ckptbridge.sources import _objgraph
 
     objects = _objgraph.describe(graph)
     saved = _savedmodel.read_objects(os.path.join(MODEL, "saved_model.pb"))
@@ -231,7 +231,7 @@ def test_the_parse_is_bounded(tmp_path, monkeypatch):
 
 def test_a_crafted_graph_of_millions_of_objects_is_refused(tmp_path):
     """Three million empty objects in 6 MB: refused at the field budget, before they are all built."""
-    from ckptbridge.bundle._wire import field_bytes
+    from ckptbridge.io.wire import field_bytes
 
     d = tmp_path / "sm"
     shutil.copytree(MODEL, d)

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import ckptbridge
-from ckptbridge import _atomic
+from ckptbridge.io import atomic as _atomic
 
 from helpers import ENV, TMP_SUFFIX, leftovers, write_checkpoint
 from helpers import cli as _cli

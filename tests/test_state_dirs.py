@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 import ckptbridge
-from ckptbridge import _state
 from ckptbridge.errors import NotFoundError, OutputExistsError
+from ckptbridge.io import state as _state
 
 from helpers import SECRET, assert_one_line_error, assert_same_array, cli, write_checkpoint
 
@@ -146,7 +146,7 @@ def test_an_empty_base_name_checkpoint_is_the_directorys_own(tmp_path: Any, stat
 def test_a_remote_directory_with_an_empty_base_name_checkpoint(tmp_path: Any) -> None:
     pytest.importorskip("fsspec", reason="the [remote] extra is not installed")
     pytest.importorskip("aiohttp", reason="the [remote] extra is not installed")
-    from ckptbridge import _remote
+    from ckptbridge.io import remote as _remote
 
     from servers import RangeHTTPServer
 

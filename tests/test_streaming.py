@@ -21,14 +21,14 @@ import numpy as np
 import pytest
 
 import ckptbridge
-from ckptbridge._chunks import c_blocks
-from ckptbridge._names import make_plan
-from ckptbridge._pipe import transfer
 from ckptbridge._resolve import archive_kind, open_archive_sink, open_checkpoint_sink, open_source
 from ckptbridge.bundle import BundleReader
 from ckptbridge.bundle.writer import BundleWriter
 from ckptbridge.errors import CorruptError
 from ckptbridge.formats.npz import NpzSink
+from ckptbridge.io.chunks import c_blocks
+from ckptbridge.pipe.names import make_plan
+from ckptbridge.pipe.transfer import transfer
 
 from helpers import assert_same_array, flip
 

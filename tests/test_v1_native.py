@@ -35,8 +35,8 @@ import pytest
 
 import ckptbridge
 from ckptbridge.bundle import BundleReader, BundleWriter, V1Reader, _table
-from ckptbridge.bundle._wire import crc, mask, put_varint
 from ckptbridge.errors import CorruptError, FormatError, NotFoundError
+from ckptbridge.io.wire import crc, mask, put_varint
 
 from helpers import cli, error_line, flip
 
@@ -313,7 +313,7 @@ def snappy_table(data: bytes, *, block_size: int = 512, wide: bool = False) -> b
 
 def craft_v1(path: str, tensors: list[bytes], slices: dict[bytes, bytes], *, versions: bytes = b"") -> None:
     """A V1 file from raw SavedSliceMeta messages and key -> SavedTensorSlices values, crcs all valid."""
-    from ckptbridge.bundle._wire import field_bytes
+    from ckptbridge.io.wire import field_bytes
 
     meta = b"".join(field_bytes(1, t) for t in tensors) + (field_bytes(2, versions) if versions else b"")
     t = _table.TableBuilder()
@@ -406,7 +406,7 @@ def test_snappy_compressed_v2_index(tmp_path: Any) -> None:
 
 
 def test_snappy_decoder_refusals() -> None:
-    from ckptbridge.bundle._wire import _Bad
+    from ckptbridge.io.wire import _Bad
 
     good = snappy_compress(b"abcabcabcabc" * 20)
     assert _table.snappy_decompress(good) == b"abcabcabcabc" * 20
@@ -514,7 +514,7 @@ def test_missing_shard_and_missing_file(tmp_path: Any) -> None:
 
 
 def _meta(name: bytes, dtype: int, shape: tuple[int, ...], slices: list[tuple[tuple[int, int], ...]]) -> bytes:
-    from ckptbridge.bundle._wire import field_bytes, field_varint
+    from ckptbridge.io.wire import field_bytes, field_varint
 
     dims = b"".join(field_bytes(2, field_varint(1, d) if d else b"") for d in shape)
     out = field_bytes(1, name) + field_bytes(2, dims) + field_varint(3, dtype)
@@ -525,7 +525,7 @@ def _meta(name: bytes, dtype: int, shape: tuple[int, ...], slices: list[tuple[tu
 
 def _slice_entry(name: bytes, s: tuple[tuple[int, int], ...], tensor_proto: bytes) -> tuple[bytes, bytes]:
     from ckptbridge.bundle._entries import slice_key
-    from ckptbridge.bundle._wire import field_bytes, field_varint
+    from ckptbridge.io.wire import field_bytes, field_varint
 
     sl = b"".join(field_bytes(1, field_varint(1, a) + field_varint(2, n)) for a, n in s)
     key = slice_key(name, tuple(a for a, _ in s), tuple(n for _, n in s))
@@ -533,7 +533,7 @@ def _slice_entry(name: bytes, s: tuple[tuple[int, int], ...], tensor_proto: byte
 
 
 def _floats(*v: float) -> bytes:
-    from ckptbridge.bundle._wire import field_bytes
+    from ckptbridge.io.wire import field_bytes
 
     return field_bytes(5, np.array(v, "<f4").tobytes())
 
@@ -581,7 +581,7 @@ def test_crafted_lie_is_one_line_under_a_memory_cap(tmp_path: Any) -> None:
 
 
 def test_newer_checkpoint_version_is_a_format_error(tmp_path: Any) -> None:
-    from ckptbridge.bundle._wire import field_varint
+    from ckptbridge.io.wire import field_varint
 
     path = str(tmp_path / "x.ckpt")
     craft_v1(path, [], {}, versions=field_varint(1, 5) + field_varint(2, 3))

@@ -25,11 +25,11 @@ from test_containers import MemoryPlace, load_dir
 from test_v1_native import CRAFTED, DATA, FIXTURES, _meta, _slice_entry, craft_v1, digest, expected, snappy_table
 
 import ckptbridge
-from ckptbridge import _pipe
 from ckptbridge.bundle import V1Reader, _table, v1
 from ckptbridge.bundle._entries import slice_key
-from ckptbridge.bundle._wire import field_bytes, field_varint, put_varint
 from ckptbridge.errors import CkptBridgeError, CorruptError
+from ckptbridge.io.wire import field_bytes, field_varint, put_varint
+from ckptbridge.pipe import transfer as _pipe
 
 from helpers import flip, leftovers
 

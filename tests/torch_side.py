@@ -1,4 +1,4 @@
-"""The PyTorch side of the port maps (ckptbridge/maps/*.toml), run in a process of its own.
+"""The PyTorch side of the port maps (ckptbridge/ports/maps/*.toml), run in a process of its own.
 
     python tests/torch_side.py logits --map NAME --weights FILE(.safetensors|.npz) --input X.npy --out Y.npy
                                       [--tf-semantics] [--aux-out Z.npy]

@@ -12,7 +12,7 @@ import dataclasses
 import re
 
 from .. import _dtypes
-from ._wire import _U64, _Bad, field_bytes, field_fixed32, field_varint, get_varint, parse_message, to_int32, to_int64
+from ..io.wire import _U64, _Bad, field_bytes, field_fixed32, field_varint, get_varint, parse_message, to_int32, to_int64
 
 HEADER_KEY = b""
 TENSOR_BUNDLE_VERSION = 1    # what TensorFlow writes as VersionDef.producer

@@ -24,7 +24,7 @@ import bisect
 from collections.abc import Iterator
 from typing import Any
 
-from ._wire import _Bad, crc, get_varint, mask, put_varint
+from ..io.wire import _Bad, crc, get_varint, mask, put_varint
 
 MAGIC = 0xDB4775248B80FB57
 FOOTER_SIZE = 48            # two padded block handles (2 * 20 bytes) + 8 magic bytes

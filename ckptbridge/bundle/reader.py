@@ -5,7 +5,7 @@ shard, offset and size must lie inside its data file and agree with its dtype
 and shape, and every partitioned tensor's slices must tile it exactly.  Values
 are read on demand from memory-mapped data shards.
 
-The files are read through a :class:`~ckptbridge._ranged.Place` (a local
+The files are read through a :class:`~ckptbridge.io.ranged.Place` (a local
 directory, a tar or zip archive, a remote prefix): the index is read whole, a
 tensor's bytes by range when it is read, in blocks when it is streamed, so a
 remote or archived checkpoint costs what the tensors asked for, never the whole
@@ -34,16 +34,16 @@ from typing import Any
 import numpy as np
 
 from .. import _dtypes
-from .._chunks import BlockStream, c_blocks, mmap_blocks
-from .._ckptfiles import data_path, index_path
-from .._ranged import LocalFile, LocalPlace, Place, RangedFile, where
 from .._source import OBJECT_GRAPH, OBJECT_GRAPH_KEY, Source, uncarried_error
 from ..errors import CkptBridgeError, CorruptError, FormatError, NotFoundError
+from ..io.chunks import BlockStream, c_blocks, mmap_blocks
+from ..io.ckptfiles import data_path, index_path
+from ..io.ranged import LocalFile, LocalPlace, Place, RangedFile, where
+from ..io.wire import _Bad, crc, get_varint, mask, unmask
 from ..spec import STRING, TensorSpec, numpy_dtype
 from . import _table
 from ._entries import BIG, DTYPE_BY_ENUM, HEADER_KEY, LITTLE, TENSOR_BUNDLE_VERSION, Entry, parse_entry, parse_header, slice_key
 from ._table import MAX_KEY_BYTES, KeysTooLarge, KeyTooLong, SnappyBlock, has_magic, read_table
-from ._wire import _Bad, crc, get_varint, mask, unmask
 
 ENGINE_NAME = "native"
 MAX_SHARDS = 1 << 20

@@ -6,8 +6,8 @@ from typing import Any
 
 import numpy as np
 
-from .._atomic import AtomicCheckpoint
 from .._source import Sink, Source
+from ..io.atomic import AtomicCheckpoint
 from ..spec import TensorSpec
 from .reader import BundleReader
 from .writer import BundleWriter, check_keys

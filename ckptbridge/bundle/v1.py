@@ -51,15 +51,16 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .. import _ckptfiles, _dtypes
-from .._chunks import CHUNK_BYTES, BlockStream, c_blocks
-from .._ranged import LocalFile, LocalPlace, Place, RangedFile, SliceableFile, where
+from .. import _dtypes
 from .._source import OBJECT_GRAPH, OBJECT_GRAPH_KEY, Source, uncarried_error
 from ..errors import CkptBridgeError, CorruptError, FormatError, NotFoundError
+from ..io import ckptfiles as _ckptfiles
+from ..io.chunks import CHUNK_BYTES, BlockStream, c_blocks
+from ..io.ranged import LocalFile, LocalPlace, Place, RangedFile, SliceableFile, where
+from ..io.wire import _Bad, crc, get_varint, iter_fields, mask, to_int32, to_int64
 from ..spec import STRING, TensorSpec, numpy_dtype
 from ._entries import _parse_shape, _parse_slice, slice_key
 from ._table import FOOTER_SIZE, MAX_KEY_BYTES, NO_COMPRESSION, TRAILER_SIZE, KeysTooLarge, KeyTooLong, Table, _KeyBudget, has_magic, is_table_file
-from ._wire import _Bad, crc, get_varint, iter_fields, mask, to_int32, to_int64
 from .reader import MAX_RANK, _overlap
 
 ENGINE_NAME = "native"

@@ -17,14 +17,14 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from .. import _dtypes
-from .._chunks import write_stream
-from .._ckptfiles import data_path, index_path
 from .._source import OBJECT_GRAPH, OBJECT_GRAPH_KEY, Sink
 from ..errors import CkptBridgeError, FormatError, MismatchError
+from ..io.chunks import write_stream
+from ..io.ckptfiles import data_path, index_path
+from ..io.wire import crc, mask, put_varint
 from ..spec import STRING, dtype_name
 from ._entries import ENUM_BY_DTYPE, encode_entry, encode_header
 from ._table import BLOCK_SIZE, TableBuilder
-from ._wire import crc, mask, put_varint
 
 CHUNK_BYTES = 16 << 20
 _PART_SUFFIX = ".ckptbridge-part"

@@ -13,8 +13,8 @@ import io
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from .._atomic import AtomicFile
-from .._signals import raise_signals_after, signalled
+from ..io.atomic import AtomicFile
+from ..io.signals import raise_signals_after, signalled
 
 _M = TypeVar("_M", bound=Callable[..., Any])
 

@@ -20,7 +20,7 @@ import zlib
 from collections.abc import Callable
 from typing import Any
 
-from .._chunks import write_stream
+from ..io.chunks import write_stream
 
 try:  # ISA-L's CRC-32: same polynomial and results as zlib's, several times faster
     from isal.isal_zlib import crc32 as _crc32

@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 
 from .. import _dtypes
-from .._atomic import AtomicFile
-from .._chunks import BlockStream, block_shape, c_blocks, mmap_blocks, write_stream
-from .._signals import raise_signals_after
 from .._source import OBJECT_GRAPH, ArchiveSink, ArchiveSource
 from ..errors import CkptBridgeError, CorruptError, FormatError, MismatchError, UnsafeArchiveError, option
+from ..io.atomic import AtomicFile
+from ..io.chunks import BlockStream, block_shape, c_blocks, mmap_blocks, write_stream
+from ..io.signals import raise_signals_after
 from ..spec import STRING, TensorSpec, as_exchange_array, dtype_name, numpy_dtype
 from . import meta
 from ._guarded import checks_writes, open_guarded

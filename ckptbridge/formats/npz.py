@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 
 from .. import _dtypes
-from .._atomic import AtomicFile
-from .._chunks import BlockStream, mmap_blocks
 from .._source import OBJECT_GRAPH, ArchiveSink, ArchiveSource
 from ..errors import CkptBridgeError, CorruptError, FormatError, MismatchError, UnsafeArchiveError, option
+from ..io.atomic import AtomicFile
+from ..io.chunks import BlockStream, mmap_blocks
 from ..spec import STRING, TensorSpec, as_exchange_array, dtype_name, numpy_dtype
 from . import meta
 from ._zip import ZipWriter

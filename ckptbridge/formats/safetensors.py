@@ -30,10 +30,10 @@ from typing import Any
 import numpy as np
 
 from .. import _dtypes
-from .._atomic import AtomicFile
-from .._chunks import write_stream
 from .._source import OBJECT_GRAPH, ArchiveSink, ArchiveSource
 from ..errors import CkptBridgeError, CorruptError, FormatError, MismatchError, MissingDependencyError, UnsafeArchiveError, option
+from ..io.atomic import AtomicFile
+from ..io.chunks import write_stream
 from ..spec import BFLOAT16, STRING, TensorSpec, as_exchange_array, dtype_name, numpy_dtype
 from . import meta
 

@@ -18,12 +18,12 @@ from typing import Any
 import numpy as np
 
 from .. import _dtypes
-from .._atomic import AtomicCheckpoint
-from .._containers import Scratch, stage
-from .._ranged import Place, where
-from .._signals import raise_signals_after
 from .._source import OBJECT_GRAPH, OBJECT_GRAPH_KEY, Sink, Source, uncarried_error
 from ..errors import CorruptError, FormatError, MismatchError, NotFoundError, option
+from ..io.atomic import AtomicCheckpoint
+from ..io.containers import Scratch, stage
+from ..io.ranged import Place, where
+from ..io.signals import raise_signals_after
 from ..spec import STRING, TensorSpec, array_nbytes, as_exchange_array
 from .compat import import_tensorflow
 
@@ -56,10 +56,10 @@ def _tf_error(e: Exception, path: str) -> Exception:
 def _files_of(place: Place, prefix: str) -> list[str]:
     """The files of the checkpoint ``prefix`` in ``place``: a V2 index and the data shards its
     header counts, or a V1 checkpoint's file(s)."""
-    from .._ckptfiles import data_path, index_path
     from ..bundle._entries import parse_header
     from ..bundle._table import read_table
     from ..bundle.v1 import v1_files_in
+    from ..io.ckptfiles import data_path, index_path
 
     if not place.exists(index_path(prefix)):
         return v1_files_in(place, prefix)
@@ -89,8 +89,8 @@ def _reader_path(prefix: str) -> str:
     """What TensorFlow's reader opens for the local checkpoint at ``prefix``: the prefix (a V2
     checkpoint, or one V1 file), or for a sharded V1 checkpoint (named by its prefix or by one
     shard) the pattern of all its shards, which the reader merges."""
-    from .._ckptfiles import index_path
     from ..bundle.v1 import v1_files
+    from ..io.ckptfiles import index_path
 
     if os.path.isfile(index_path(prefix)):
         return prefix

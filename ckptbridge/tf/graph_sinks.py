@@ -19,13 +19,13 @@ from typing import Any
 
 import numpy as np
 
-from .._atomic import AtomicCheckpoint
-from .._chunks import BlockStream, block_shape
-from .._ckptfiles import meta_path
 from .._source import Sink, Source
 from ..bundle import BundleReader
 from ..bundle.sink import NativeCheckpointSink
 from ..errors import CorruptError
+from ..io.atomic import AtomicCheckpoint
+from ..io.chunks import BlockStream, block_shape
+from ..io.ckptfiles import meta_path
 from ..spec import TensorSpec, array_nbytes, numpy_dtype
 from .engine import tf_dtype_name
 

@@ -1,6 +1,6 @@
 """Which variables of a tf-slim net are conv, depthwise or dense kernels, from its graph.
 
-The pure transforms live in :mod:`ckptbridge._layout`; this module builds the
+The pure transforms live in :mod:`ckptbridge.pipe.layout`; this module builds the
 net's graph (TensorFlow and tf-slim) and follows each variable to the ops that
 consume it, so that ``--layout`` with ``--model`` decides by what the net does
 with a tensor rather than by its name.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .._layout import CONV, DENSE, DEPTHWISE
+from ..pipe.layout import CONV, DENSE, DEPTHWISE
 from ..spec import TensorSpec
 from .compat import import_tensorflow
 from .slim import build_net

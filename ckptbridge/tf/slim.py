@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from .._names import Plan
 from .._source import Sink, Source
 from ..errors import CkptBridgeError, FormatError, MismatchError, option
+from ..pipe.names import Plan
 from ..spec import TensorSpec, dtype_name
 from .compat import import_slim, import_tensorflow
 from .engine import tf_dtype_name

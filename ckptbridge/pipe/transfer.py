@@ -8,15 +8,15 @@ from typing import Any
 
 import numpy as np
 
-from . import _objgraph
-from ._chunks import CHUNK_BYTES
-from ._names import Plan
-from ._progress import bar
-from ._source import OBJECT_GRAPH, ArchiveSink, Sink, Source
-from .errors import CkptBridgeError, CorruptError, option
-from .formats import meta
-from .reports import Report
-from .spec import STRING, array_nbytes, dtype_name
+from .._source import OBJECT_GRAPH, ArchiveSink, Sink, Source
+from ..errors import CkptBridgeError, CorruptError, option
+from ..formats import meta
+from ..io.chunks import CHUNK_BYTES
+from ..reports import Report
+from ..sources import _objgraph
+from ..spec import STRING, array_nbytes, dtype_name
+from .names import Plan
+from .progress import bar
 
 _WRITEBACK_BYTES = 64 << 20
 

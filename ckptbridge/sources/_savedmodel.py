@@ -30,9 +30,9 @@ import dataclasses
 import os
 from collections.abc import Iterator
 
-from . import _ckptfiles
-from .bundle._wire import _Bad, iter_fields, to_int32
-from .errors import CorruptError, FormatError
+from ..errors import CorruptError, FormatError
+from ..io import ckptfiles as _ckptfiles
+from ..io.wire import _Bad, iter_fields, to_int32
 
 SAVED_MODEL_PB = "saved_model.pb"
 SAVED_MODEL_PBTXT = "saved_model.pbtxt"

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _dtypes, _engines
-from ._dtypes import uncarried_error
-from ._progress import bar
-from ._source import Source
-from .errors import CorruptError
-from .reports import DiffReport, VerifyReport
-from .spec import TensorSpec
+from .. import _dtypes, _engines
+from .._dtypes import uncarried_error
+from .._source import Source
+from ..errors import CorruptError
+from ..reports import DiffReport, VerifyReport
+from ..spec import TensorSpec
+from .progress import bar
 
 
 def diff_sources(a: Source, b: Source, *, atol: float = 0.0, rtol: float = 0.0, progress: bool | None = False) -> DiffReport:

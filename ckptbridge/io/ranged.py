@@ -20,7 +20,7 @@ import stat
 from types import TracebackType
 from typing import Any
 
-from . import errors
+from .. import errors
 
 __all__ = ["RangedFile", "Place", "LocalFile", "LocalPlace", "SliceableFile", "read_exact", "where"]
 

@@ -29,8 +29,8 @@ from collections.abc import Callable, Iterator
 import crc32c
 import numpy as np
 
-from ._threads import Job
-from .spec import TensorSpec
+from ..spec import TensorSpec
+from .threads import Job
 
 #: Default block size: large enough that per-call overhead vanishes, small enough for any RSS budget.
 CHUNK_BYTES = 16 << 20

@@ -35,12 +35,14 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from . import _ckptfiles, _durability, _state
-from ._ckptfiles import checkpoint_files
-from ._ckptfiles import taken_names as _taken_names
-from ._signals import raise_if_signalled, signals_deferred
-from ._threads import Job
-from .errors import CkptBridgeError, NotFoundError, OutputExistsError, option
+from ..errors import CkptBridgeError, NotFoundError, OutputExistsError, option
+from . import ckptfiles as _ckptfiles
+from . import durability as _durability
+from . import state as _state
+from .ckptfiles import checkpoint_files
+from .ckptfiles import taken_names as _taken_names
+from .signals import raise_if_signalled, signals_deferred
+from .threads import Job
 
 TMP_SUFFIX = ".ckptbridge-tmp"
 

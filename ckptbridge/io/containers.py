@@ -2,7 +2,7 @@
 
 The tf-slim model zoo ships ``vgg_16_2016_08_28.tar.gz`` holding ``vgg_16.ckpt``;
 people zip a V2 prefix to mail it.  An archive of checkpoints opens as a
-:class:`~ckptbridge._ranged.Place` whose files are its members:
+:class:`~ckptbridge.io.ranged.Place` whose files are its members:
 
 - an uncompressed tar member and a stored zip member are read **in place, by
   range** (a member is an offset+size view of the outer file, local or remote):
@@ -45,10 +45,10 @@ import zlib
 from collections.abc import Callable, Iterable
 from typing import IO
 
-from . import _atomic
-from ._ranged import LocalFile, Place, RangedFile
-from ._signals import raise_if_signalled, signals_deferred
-from .errors import CkptBridgeError, CorruptError, FormatError, NotFoundError, UnsafeArchiveError
+from ..errors import CkptBridgeError, CorruptError, FormatError, NotFoundError, UnsafeArchiveError
+from . import atomic as _atomic
+from .ranged import LocalFile, Place, RangedFile
+from .signals import raise_if_signalled, signals_deferred
 
 __all__ = ["CONTAINERS", "container_kind", "open_container", "ArchivePlace", "Scratch", "RESERVE_BYTES", "stage"]
 
@@ -558,7 +558,7 @@ def container_kind(name: str) -> str | None:
 
 def member_files(member: str) -> Callable[[str], bool]:
     """Which member files belong to the checkpoint ``member`` names (its prefix, or one of its files)."""
-    from ._ckptfiles import strip_file_suffix
+    from .ckptfiles import strip_file_suffix
 
     prefix = strip_file_suffix(member.strip("/"))
     return lambda name: name == prefix or name.startswith(prefix + ".") or name.startswith(prefix + "-")

@@ -23,14 +23,14 @@ from typing import Any
 
 import numpy as np
 
-from . import _layout as lay
-from . import _readable
-from ._names import Plan, make_plan, training_state
-from ._names import rename_map as _rename_map
-from ._source import Source
-from .errors import CorruptError, FormatError, option
-from .formats import meta
-from .spec import TensorSpec
+from .._source import Source
+from ..errors import CorruptError, FormatError, option
+from ..formats import meta
+from ..sources import _readable
+from ..spec import TensorSpec
+from . import layout as lay
+from .names import Plan, make_plan, training_state
+from .names import rename_map as _rename_map
 
 ORIGINAL_NAMES = _readable.ORIGINAL_NAMES
 READABLE_NAMES = _readable.READABLE_NAMES
@@ -168,7 +168,7 @@ def prepare_export(
         cand = {dst: dataclasses.replace(specs[s], name=dst) for dst, s in plan0.mapping.items()}
         graph = None
         if model is not None:
-            from .tf.kernels import graph_kinds  # TensorFlow only when a net is named
+            from ..tf.kernels import graph_kinds  # TensorFlow only when a net is named
 
             graph = graph_kinds(model, num_classes, dict(specs))
         choices = lay.choose(cand, graph=graph)

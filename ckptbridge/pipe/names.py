@@ -10,7 +10,7 @@ import dataclasses
 import re
 from collections.abc import Collection, Iterable, Mapping, Sequence
 
-from .errors import FormatError, option
+from ..errors import FormatError, option
 
 EMA_SUFFIX = "/ExponentialMovingAverage"
 
@@ -107,7 +107,7 @@ def make_plan(
     (the caller knows their checkpoint keys are optimizer or metric state): a mapping
     gives each one's :func:`training_state`, a plain collection means optimizer state.
     """
-    from ._dtypes import uncarried_error
+    from .._dtypes import uncarried_error
 
     inc = compile_patterns(include, option("include"))
     exc = compile_patterns(exclude, option("exclude"))

@@ -24,12 +24,12 @@ from typing import Any
 
 import numpy as np
 
-from . import _layout as lay
-from ._names import EMA_SUFFIX, Plan, training_state
-from ._plans import Prepared
-from ._source import Source
-from .errors import FormatError, MismatchError, NotFoundError
-from .spec import TensorSpec
+from .._source import Source
+from ..errors import FormatError, MismatchError, NotFoundError
+from ..pipe import layout as lay
+from ..pipe.names import EMA_SUFFIX, Plan, training_state
+from ..pipe.plans import Prepared
+from ..spec import TensorSpec
 
 FORMAT = 1
 MAPS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "maps")
@@ -208,7 +208,7 @@ def _template(p: _Problems, name: str, tpl: Any) -> tuple[list[tuple[str, str, s
                     p.add(f"{aw}: 'shape' must be a list of non-negative integers")
                     continue
                 if dtype is not None:
-                    from . import _dtypes
+                    from .. import _dtypes
 
                     if not isinstance(dtype, str) or dtype not in _dtypes.BY_NAME or _dtypes.BY_NAME[dtype].memory is None or dtype == "string":
                         p.add(f"{aw}: {dtype!r} is not a numeric dtype ckptbridge carries")
@@ -413,7 +413,7 @@ class PortSource(Source):
         spec = self.spec(name)
         e = self._entries[name]
         if e.inner is None:
-            from ._dtypes import numpy_dtype
+            from .._dtypes import numpy_dtype
 
             return np.full(spec.shape, e.fill, dtype=numpy_dtype(spec.dtype))
         arr = self._inner.read(e.inner)

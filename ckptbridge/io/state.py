@@ -14,8 +14,8 @@ import os
 import re
 import stat
 
-from ._ckptfiles import STATE_NAME, state_path  # noqa: F401 - the file names live in _ckptfiles
-from .errors import FormatError
+from ..errors import FormatError
+from .ckptfiles import STATE_NAME, state_path  # noqa: F401 - the file names live in _ckptfiles
 
 MAX_STATE_BYTES = 1 << 20  # TensorFlow's own files hold a few lines per checkpoint kept
 #: how the state file names a checkpoint with an empty base name (``dir/.index``), see :func:`with_latest`

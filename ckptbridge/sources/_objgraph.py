@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 
-from .bundle._wire import _Bad, field_bytes, field_varint, get_varint, to_int32
+from ..io.wire import _Bad, field_bytes, field_varint, get_varint, to_int32
 
 # TrackableObjectGraph
 _NODES = 1

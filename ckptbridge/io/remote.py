@@ -29,10 +29,11 @@ import time
 import urllib.parse
 from typing import Any
 
-from . import _state, errors
-from ._progress import bar
-from ._ranged import Place, RangedFile, _check_relpath
-from .errors import RemoteError, RemotePermissionError
+from .. import errors
+from ..errors import RemoteError, RemotePermissionError
+from ..pipe.progress import bar
+from . import state as _state
+from .ranged import Place, RangedFile, _check_relpath
 
 __all__ = ["RemoteError", "RemotePermissionError", "RemoteFile", "RemotePlace", "is_url", "open_place", "redact", "fetched"]
 
@@ -494,7 +495,7 @@ def _scheme_root(display: str) -> bool:
 
 def _state_prefix(place: RemotePlace) -> str | None:
     """The prefix a directory's ``checkpoint`` state file names (its base name: the files sit beside it), or None."""
-    from ._ckptfiles import STATE_NAME
+    from .ckptfiles import STATE_NAME
 
     try:
         f = place.open(STATE_NAME)
@@ -513,7 +514,7 @@ def _state_prefix(place: RemotePlace) -> str | None:
 
 def _in_directory(place: RemotePlace) -> str:
     """The checkpoint in a remote directory: the state file's, else the one ``*.index`` a listing finds."""
-    from ._ckptfiles import INDEX
+    from .ckptfiles import INDEX
 
     prefix = _state_prefix(place)
     if prefix == "" and place.exists(INDEX):
@@ -547,7 +548,7 @@ def open_place(url: str, *, progress: bool | None = None) -> tuple[RemotePlace, 
     cannot list, so names are probed with HEAD requests.  ``progress``: a bar of
     bytes fetched on stderr (None: only when stderr is a terminal).
     """
-    from ._ckptfiles import INDEX, STATE_NAME
+    from .ckptfiles import INDEX, STATE_NAME
 
     display = redact(url)
     fs, path, query, http = _filesystem(url)

@@ -42,11 +42,11 @@ from typing import Any
 
 import numpy as np
 
+from .._source import OBJECT_GRAPH, Source
+from ..errors import CorruptError, FormatError, option
+from ..formats import meta
+from ..spec import TensorSpec
 from . import _objgraph, _savedmodel
-from ._source import OBJECT_GRAPH, Source
-from .errors import CorruptError, FormatError, option
-from .formats import meta
-from .spec import TensorSpec
 
 AUTO, READABLE, KEYS = "auto", "readable", "keys"
 #: what ``names=`` / ``--names`` takes

@@ -15,7 +15,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-from ._threads import Job
+from .threads import Job
 
 # Whether outputs are made durable (fsync) before they are renamed into place.
 _durable: contextvars.ContextVar[bool] = contextvars.ContextVar("ckptbridge_durable", default=True)

@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import CorruptError, FormatError
-from .spec import STRING, TensorSpec
+from ..errors import CorruptError, FormatError
+from ..spec import STRING, TensorSpec
 
 LAYOUTS = ("torch",)
 

@@ -1,0 +1,1 @@
+"""Port maps: the map model, the TOML maps in ``maps/``, and the views that port a checkpoint."""

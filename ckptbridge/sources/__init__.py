@@ -1,0 +1,1 @@
+"""What the bytes are: checkpoint source kinds (SavedModels, object graphs, readable names)."""
