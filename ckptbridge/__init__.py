@@ -39,7 +39,7 @@ from .errors import (
 # (a Ctrl-C during start-up then ends with one line, not a traceback).
 _LAZY = {
     "read": "._api", "export": "._api", "rebuild": "._api", "diff": "._api", "verify": "._api", "Reader": "._api",
-    "save": "._api", "load": "._api", "port_maps": "._api", "port_map": "._api", "PortMap": "._ports",
+    "save": "._api", "load": "._api", "port_maps": "._api", "port_map": "._api", "PortMap": ".ports.plan",
     "TensorSpec": ".spec", "Report": ".reports", "DiffReport": ".reports", "VerifyReport": ".reports",
 }
 
