@@ -254,7 +254,7 @@ KILLER = textwrap.dedent(r"""
     import os, resource, signal, sys
     resource.setrlimit(resource.RLIMIT_AS, (int(sys.argv[1]), int(sys.argv[1])))
     directory, kill_at = os.path.abspath(sys.argv[2]), int(sys.argv[3])
-    from ckptbridge import _atomic
+    from ckptbridge.io import atomic as _atomic
     count = 0
 
     def step(fn):

@@ -38,7 +38,7 @@ def cli(*args: str, cwd: Any) -> subprocess.CompletedProcess[str]:
 # at the moment it would publish its output: every tensor written to the temporary, nothing renamed.
 _STOPS_BEFORE_PUBLISHING = textwrap.dedent("""
     import os, runpy, signal, sys
-    from ckptbridge import _atomic
+    from ckptbridge.io import atomic as _atomic
     sig = getattr(signal, sys.argv.pop(1))
     def stop(commit):
         def run(self):
