@@ -109,8 +109,10 @@ class BlockStream:
         return self.crc
 
 
-def mmap_blocks(buf: mmap.mmap, offset: int, spec: TensorSpec, dtype: np.dtype, chunk_bytes: int) -> Iterator[tuple[Selection, np.ndarray]]:
-    """Blocks of a tensor stored as raw C-order bytes at ``offset`` of the read-only map ``buf``.
+def mmap_blocks(buf: mmap.mmap | bytes, offset: int, spec: TensorSpec, dtype: np.dtype,
+                chunk_bytes: int) -> Iterator[tuple[Selection, np.ndarray]]:
+    """Blocks of a tensor stored as raw C-order bytes at ``offset`` of the read-only map ``buf``
+    (or of bytes: a local file's buffer is ``b""`` where the file is empty, as it cannot be mapped).
 
     Each block is a view of the page cache (no copy at all); once the consumer
     asks for the next block, the previous block's pages are dropped from the
@@ -130,7 +132,7 @@ def mmap_blocks(buf: mmap.mmap, offset: int, spec: TensorSpec, dtype: np.dtype, 
         lo = pos - pos % page
         hi = min(pos + want, len(buf))
         hi = hi + (-hi % page) if hi == len(buf) else hi - hi % page
-        if hi > lo:
+        if hi > lo and isinstance(buf, mmap.mmap):
             buf.madvise(mmap.MADV_DONTNEED, lo, min(hi, len(buf) + (-len(buf) % page)) - lo)
 
 
