@@ -64,7 +64,7 @@ def make_synthetic(out_dir: str) -> str:
         n = int(np.prod(shape, dtype=np.int64)) if shape else 1
         dt = numpy_dtype(dtype)
 
-        def pieces(n: int = n, dt: np.dtype = dt) -> object:
+        def pieces(n: int = n, dt: np.dtype = dt, dtype: str = dtype) -> object:
             for i in range(0, n, piece):
                 k = min(piece, n - i)
                 if dt.kind == "f" or dtype == "bfloat16":

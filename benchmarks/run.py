@@ -113,8 +113,10 @@ def ops_for(model: str, prefix: str, archive: str, big: bool) -> list[Op]:
         Op("export_h5", "export .h5 (native)", "ckptbridge", _cb("export", "-q", "--force", prefix, f"{out}/m.h5"), out),
         Op("export_h5_nofsync", "export .h5 --no-fsync", "ckptbridge", _cb("export", "-q", "--force", "--no-fsync", prefix, f"{out}/f.h5"), out),
         Op("a_h5", "(a) load_checkpoint + h5py", "baseline", _bl("a_h5", prefix, f"{out}/a.h5"), out, over if huge else None),
-        Op("export_npz_tf", "export .npz --engine tf", "ckptbridge", _cb("export", "-q", "--force", "--engine", "tf", prefix, f"{out}/t.npz"), out, over if huge else None),
-        Op("export_h5_tf", "export .h5 --engine tf", "ckptbridge", _cb("export", "-q", "--force", "--engine", "tf", prefix, f"{out}/t.h5"), out, over if huge else None),
+        Op("export_npz_tf", "export .npz --engine tf", "ckptbridge", _cb("export", "-q", "--force", "--engine", "tf", prefix, f"{out}/t.npz"),
+           out, over if huge else None),
+        Op("export_h5_tf", "export .h5 --engine tf", "ckptbridge", _cb("export", "-q", "--force", "--engine", "tf", prefix, f"{out}/t.h5"),
+           out, over if huge else None),
     ]
     if model in V1_MODELS:
         # Reading V1 is the new part: the native reader against TensorFlow's, and against (a).
@@ -285,7 +287,7 @@ def run(models: list[str], runs: int, big: bool, out_json: str, append: bool = F
 
 def summarize(doc: dict[str, Any]) -> None:
     """Medians, MB/s, ratios to the baselines, and the issue's targets."""
-    for model, entry in doc["models"].items():
+    for entry in doc["models"].values():
         for rec in entry["ops"].values():
             ok = [x for x in rec["runs"] if not x["rc"]]
             rec["ok"] = bool(ok) and len(ok) == len(rec["runs"])
@@ -392,7 +394,7 @@ def report_markdown(doc: dict[str, Any]) -> str:
         lim = f"≤ {t['limit']}x" if t["unit"] == "x" else f"< {t['limit']} {t['unit']}"
         met = "—" if t["met"] is None else ("yes" if t["met"] else "**no**")
         lines.append(f"| {t['target']} | {val} | {lim} | {met} |")
-    for model, entry in doc["models"].items():
+    for entry in doc["models"].values():
         at = f", at commit `{entry['commit']}`" if entry.get("commit") and entry["commit"] != m["commit"] else ""
         lines += ["", f"### {entry['label']}: {entry['bytes'] / 1e6:.0f} MB of tensors ({entry.get('runs', doc['runs'])} run(s), medians{at})", "",
                   "| operation | | wall s | peak RSS MB | MB/s |", "|---|---|---:|---:|---:|"]
@@ -471,7 +473,8 @@ def main() -> None:
             doc = json.load(f)
     else:
         os.makedirs(WORK, exist_ok=True)
-        models = args.models or (["vgg_16_train"] if args.quick else ["vgg_16_train", "vgg_16", "resnet_v2_152", "inception_v3", "synthetic", "index_40k"])
+        every = ["vgg_16_train", "vgg_16", "resnet_v2_152", "inception_v3", "synthetic", "index_40k"]
+        models = args.models or (["vgg_16_train"] if args.quick else every)
         doc = run(models, args.runs or (1 if args.quick else 3), args.big, out, args.append, args.only)
     print(report_markdown(doc))
     if out == RESULTS:

@@ -91,7 +91,8 @@ class DType:
 def _ml_dtype(name: str) -> np.dtype:
     import ml_dtypes  # about a second with ml_dtypes 0.7.0: only for a tensor that has such a dtype
 
-    return np.dtype(getattr(ml_dtypes, name))
+    scalar_type: type = getattr(ml_dtypes, name)
+    return np.dtype(scalar_type)
 
 
 def _native(name: str, enum: int, st: str | None) -> DType:
@@ -208,7 +209,9 @@ def _by_memory(dt: np.dtype) -> DType | None:
     if d is None and "ml_dtypes" in sys.modules:
         # An array of an ml_dtypes type exists only once ml_dtypes is imported: then its names are resolved.
         for e in _ML_DTYPES_NAMED:
-            _BY_MEMORY.setdefault(e.memory, e)  # type: ignore[arg-type]
+            memory = e.memory  # never None: these entries hold a type's name
+            if memory is not None:
+                _BY_MEMORY.setdefault(memory, e)
         d = _BY_MEMORY.get(dt)
     return d
 
@@ -230,7 +233,7 @@ def from_storage(stored: np.ndarray, d: DType) -> np.ndarray:
 def comparable(array: np.ndarray) -> np.ndarray:
     """A view NumPy can do arithmetic on: quantized arrays as their integers; others unchanged."""
     dt = array.dtype
-    if dt.names is not None and len(dt.names) == 1:
+    if dt.names is not None and len(dt.names) == 1 and dt.fields is not None:
         return array.view(dt.fields[dt.names[0]][0])
     return array
 

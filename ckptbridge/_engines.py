@@ -11,6 +11,7 @@ takes its choices and help from here; ``_resolve`` opens through it.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ._lazy import load_object, refers_to
@@ -121,12 +122,13 @@ def open_source(e: Engine, prefix: str, *, verify: bool = True, version: str | N
     checkpoint's name inside it, ``version`` must be given, and the source owns the place."""
     if place is not None and version is None:
         raise ValueError("a checkpoint in a place needs its version")
-    cls = load_object(e.source_for(version or _ckptfiles.version_of(prefix)))
+    cls: Callable[..., Source] = load_object(e.source_for(version or _ckptfiles.version_of(prefix)))
     kw: dict[str, Any] = {} if place is None else {"place": place}
     if e.verifies:
         kw["verify"] = verify
-    return cls(prefix, **kw)  # type: ignore[no-any-return]
+    return cls(prefix, **kw)
 
 
 def open_sink(e: Engine, prefix: str, **kw: Any) -> Sink:
-    return load_object(e.sink)(prefix, **kw)  # type: ignore[no-any-return]
+    cls: Callable[..., Sink] = load_object(e.sink)
+    return cls(prefix, **kw)

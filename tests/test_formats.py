@@ -124,8 +124,9 @@ def test_every_dtype_scalar_and_empty(fmt, dtype, tmp_path):
 
 @pytest.mark.parametrize("fmt", sorted(SINKS))
 def test_prefix_names_and_odd_names(fmt, tmp_path):
-    arrays = {n: np.full((2,), i, np.int32) for i, n in enumerate(
-        ["w", "w/ExponentialMovingAverage", "w/ExponentialMovingAverage/x", "a.b", "a b", "ünï/cødé", "x/", "/lead", "a//b", ".", "..", "a/./b", "\\"])}
+    names = ["w", "w/ExponentialMovingAverage", "w/ExponentialMovingAverage/x",
+             "a.b", "a b", "ünï/cødé", "x/", "/lead", "a//b", ".", "..", "a/./b", "\\"]
+    arrays = {n: np.full((2,), i, np.int32) for i, n in enumerate(names)}
     path = str(tmp_path / f"n{fmt}")
     write_archive(path, arrays)
     with ckptbridge.read(path) as r:

@@ -282,7 +282,8 @@ def test_layout_recorded_and_undone_on_graph_free_import(src_npz: str, tmp_path:
         assert r.specs["net/fc/weights/ExponentialMovingAverage"].shape == (10, 64)
         md = r.metadata()["layout"]
     assert md["convention"] == "torch"
-    assert md["tensors"]["net/sep/depthwise_weights"] == {"kind": "depthwise", "perm": [2, 3, 0, 1], "from_shape": [3, 3, 8, 2], "to_shape": [16, 1, 3, 3]}
+    depthwise = {"kind": "depthwise", "perm": [2, 3, 0, 1], "from_shape": [3, 3, 8, 2], "to_shape": [16, 1, 3, 3]}
+    assert md["tensors"]["net/sep/depthwise_weights"] == depthwise
     back = str(tmp_path / "b" / "m.ckpt")
     ckptbridge.rebuild(out, back, engine="native")
     with ckptbridge.read(back) as r:

@@ -220,7 +220,8 @@ def test_hdf5_vlen_shared_heap_object_refused_even_when_small(tmp_path, good_npz
     refused_on_open(p, "heap objects that other elements already use")
 
 
-@pytest.mark.parametrize("kw", [{}, {"chunks": (7,), "compression": "gzip", "shuffle": True}, {"chunks": (4,)}, {"chunks": (7,), "compression": "lzf"}])
+@pytest.mark.parametrize("kw", [{}, {"chunks": (7,), "compression": "gzip", "shuffle": True}, {"chunks": (4,)},
+                                {"chunks": (7,), "compression": "lzf"}])
 def test_hdf5_genuine_vlen_strings_still_read(tmp_path, kw):
     import ckptbridge
 
@@ -374,7 +375,8 @@ def odd_ckpts(tmp_path) -> dict[str, str]:
 
 def test_names_no_archive_holds_are_refused_on_export(tmp_path, odd_ckpts):
     root = str(tmp_path)
-    assert_fails(["export", odd_ckpts["non_utf8"], str(tmp_path / "x.npz")], [ODD_NEEDLES["non_utf8"], "--rename"], root, as_limit=AS, timeout=SECONDS)
+    assert_fails(["export", odd_ckpts["non_utf8"], str(tmp_path / "x.npz")], [ODD_NEEDLES["non_utf8"], "--rename"], root,
+                 as_limit=AS, timeout=SECONDS)
     assert_fails(["export", odd_ckpts["nul"], str(tmp_path / "x.h5")], [ODD_NEEDLES["nul"], "--rename"], root, as_limit=AS, timeout=SECONDS)
     for suffix in (".npz", ".h5", ".safetensors"):
         for case, prefix in odd_ckpts.items():
@@ -424,7 +426,8 @@ def test_hdf5_rank_over_32_refused_before_writing(tmp_path):
         w.write("ok", np.ones(2, np.float32))
         w.write("w", np.zeros((1,) * rank, np.float32))
         w.commit()
-    assert_fails(["export", prefixes[40], str(tmp_path / "out.h5")], ["'w'", "40 dimensions", "at most 32", ".npz"], str(tmp_path), as_limit=AS, timeout=SECONDS)
+    assert_fails(["export", prefixes[40], str(tmp_path / "out.h5")], ["'w'", "40 dimensions", "at most 32", ".npz"], str(tmp_path),
+                 as_limit=AS, timeout=SECONDS)
     for rank, prefix in prefixes.items():
         with pytest.raises(FormatError, match=f"{rank} dimensions"):
             ckptbridge.export(prefix, str(tmp_path / "out.h5"))

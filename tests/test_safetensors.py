@@ -60,7 +60,8 @@ ARRAYS = {
     "f64": FLOATS,
     "bf16": FLOATS.astype(ml_dtypes.bfloat16).reshape(4, 2),
     "bf16/scalar": np.array(-1.5, dtype=ml_dtypes.bfloat16),
-    **{dt: np.array([np.iinfo(dt).min, np.iinfo(dt).max, 0, 1], dtype=dt) for dt in ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")},
+    **{dt: np.array([np.iinfo(dt).min, np.iinfo(dt).max, 0, 1], dtype=dt)
+       for dt in ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")},
     "bool": np.array([[True, False], [False, True]]),
     "c64": np.array([1 + 2j, complex(np.nan, -0.0)], dtype=np.complex64),
     "scalar": np.array(3.25, dtype=np.float32),

@@ -486,6 +486,8 @@ def _st(path: str, header: dict, data: bytes, hlen: int | None = None) -> str:
 
 
 _F4 = np.arange(4, dtype="<f4").tobytes()
+#: the header record of a float32 tensor of 4 elements, the first 16 bytes of the data
+_W4 = {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}
 
 
 def _st_meta(tensors: dict) -> dict:
@@ -495,10 +497,12 @@ def _st_meta(tensors: dict) -> dict:
 @pytest.mark.parametrize("case,header,hlen,needles", [
     ("header_length_past_the_file", {"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, 1 << 40, ["header too large"]),
     ("offsets_past_the_file", {"w": {"dtype": "F32", "shape": [1 << 30], "data_offsets": [0, 4 << 30]}}, None, ["not fully covered"]),
-    ("shape_beyond_its_bytes", {"w": {"dtype": "F32", "shape": [1 << 20, 1 << 20], "data_offsets": [0, 16]}}, None, ["invalid shape, data type, or offset"]),
-    ("overlapping_ranges", {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}, "b": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, None, ["invalid offset for tensor"]),
-    ("record_shape_none", {"__metadata__": _st_meta({"w": {"dtype": "float32", "shape": None, "crc32c": 1}}), "w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, None, ["'w'", "invalid shape"]),
-    ("record_not_a_dict", {"__metadata__": _st_meta({"w": ["x"]}), "w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, None, ["'w'", "malformed"]),
+    ("shape_beyond_its_bytes", {"w": {"dtype": "F32", "shape": [1 << 20, 1 << 20], "data_offsets": [0, 16]}}, None,
+     ["invalid shape, data type, or offset"]),
+    ("overlapping_ranges", {"a": _W4, "b": _W4}, None, ["invalid offset for tensor"]),
+    ("record_shape_none", {"__metadata__": _st_meta({"w": {"dtype": "float32", "shape": None, "crc32c": 1}}), "w": _W4}, None,
+     ["'w'", "invalid shape"]),
+    ("record_not_a_dict", {"__metadata__": _st_meta({"w": ["x"]}), "w": _W4}, None, ["'w'", "malformed"]),
     ("control_character_name", {"a\x1b[2J": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, None, ["control character"]),
     ("empty_name", {"": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, None, ["empty name"]),
 ])

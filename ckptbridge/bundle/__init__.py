@@ -8,7 +8,8 @@ formats are described in docs/bundle-format.md.
 
 from __future__ import annotations
 
-from .reader import ENGINE_NAME, BundleReader, data_path, index_path, is_bundle
+from ..io.ckptfiles import data_path, index_path
+from .reader import ENGINE_NAME, BundleReader, is_bundle
 from .v1 import V1Reader, is_v1
 from .writer import BundleWriter
 

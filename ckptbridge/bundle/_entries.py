@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable
 
 from .. import _dtypes
 from ..io.wire import _U64, _Bad, field_bytes, field_fixed32, field_varint, get_varint, parse_message, to_int32, to_int64
@@ -50,11 +51,11 @@ class Entry:
     slices: list[tuple[tuple[int, ...], tuple[int, ...]]] = dataclasses.field(default_factory=list)
 
 
-def _ints(wire: int, value: object, conv) -> list[int]:
+def _ints(wire: int, value: int | bytes, conv: Callable[[int], int]) -> list[int]:
     """A repeated integer field that may be packed (wire type 2) or not."""
-    if wire == 0:
+    if wire == 0 and isinstance(value, int):
         return [conv(value)]
-    if wire == 2:
+    if wire == 2 and isinstance(value, bytes):
         out, pos, buf = [], 0, value
         while pos < len(buf):
             v, pos = get_varint(buf, pos, len(buf))
@@ -63,16 +64,16 @@ def _ints(wire: int, value: object, conv) -> list[int]:
     raise _Bad("integer field with a non-integer wire type")
 
 
-def _varint(wire: int, value: object) -> int:
-    if wire != 0:
+def _varint(wire: int, value: int | bytes) -> int:
+    if wire != 0 or not isinstance(value, int):
         raise _Bad("expected a varint field")
-    return value  # type: ignore[return-value]
+    return value
 
 
-def _bytes(wire: int, value: object) -> bytes:
-    if wire != 2:
+def _bytes(wire: int, value: int | bytes) -> bytes:
+    if wire != 2 or not isinstance(value, bytes):
         raise _Bad("expected a length-delimited field")
-    return value  # type: ignore[return-value]
+    return value
 
 
 def parse_header(buf: bytes) -> Header:
@@ -193,69 +194,70 @@ def _entry_as_written(buf: bytes | memoryview) -> Entry | None:
     An index of 40,000 entries spent most of its opening time in the general field walk."""
     n = len(buf)
     pos = 0
-    dtype = shard = offset = size = crc32c = 0
+    crc32c = 0
+    ints = [0, 0, 0, 0, 0, 0]                  # by field number: 1 dtype, 3 shard_id, 4 offset, 5 size
     shape: bytes | None = None
-    try:
-        while pos < n:
-            tag = buf[pos]
-            if pos + 1 >= n:
+    while pos < n:
+        tag = buf[pos]
+        if pos + 1 >= n:
+            return None
+        if tag == 0x12:                        # 2: shape, length-delimited (repeated ones merge)
+            field = _delimited_at(buf, pos, n)
+            if field is None:
                 return None
-            if tag == 0x12:                        # 2: shape, length-delimited (repeated ones merge)
-                length = buf[pos + 1]
-                pos += 2
-                if length >= 0x80:
-                    length, pos = get_varint(buf, pos - 1, n)
-                end = pos + length
-                if end > n:
-                    return None
-                part = bytes(buf[pos:end])
-                shape = part if shape is None else shape + part
-                pos = end
-            elif tag == 0x35:                      # 6: crc32c, fixed32
-                if pos + 5 > n:
-                    return None
-                crc32c = int.from_bytes(buf[pos + 1:pos + 5], "little")
-                pos += 5
-            elif tag in _VARINT_TAGS:              # 1 dtype, 3 shard_id, 4 offset, 5 size: varints
-                v = buf[pos + 1]
-                pos += 2
-                if v >= 0x80:                      # inline: offsets and sizes take a few bytes
-                    v &= 0x7F
-                    shift = 7
-                    while True:
-                        if pos >= n or shift > 63:
-                            return None
-                        b = buf[pos]
-                        pos += 1
-                        v |= (b & 0x7F) << shift
-                        if b < 0x80:
-                            break
-                        shift += 7
-                    if v >> 64:
-                        return None
-                if tag == 0x08:
-                    if v >> 31:
-                        return None                # out of int32's positive range: the full parser decides
-                    dtype = v
-                elif tag == 0x18:
-                    if v >> 31:
-                        return None
-                    shard = v
-                elif tag == 0x20:
-                    offset = v - _U64 if v >> 63 else v
-                else:
-                    size = v - _U64 if v >> 63 else v
-            else:
+            part, pos = field
+            shape = part if shape is None else shape + part
+        elif tag == 0x35:                      # 6: crc32c, fixed32
+            if pos + 5 > n:
                 return None
-        dims = _shape_as_written(shape) if shape is not None else ()
-    except _Bad:
-        return None
+            crc32c = int.from_bytes(buf[pos + 1:pos + 5], "little")
+            pos += 5
+        elif tag in _VARINT_TAGS:              # 1 dtype, 3 shard_id, 4 offset, 5 size: varints
+            v = buf[pos + 1]
+            pos += 2
+            if v >= 0x80:                      # inline: offsets and sizes take a few bytes
+                v &= 0x7F
+                shift = 7
+                while True:
+                    if pos >= n or shift > 63:
+                        return None
+                    b = buf[pos]
+                    pos += 1
+                    v |= (b & 0x7F) << shift
+                    if b < 0x80:
+                        break
+                    shift += 7
+                if v >> 64:
+                    return None
+            if tag <= 0x18 and v >> 31:        # dtype or shard_id out of int32's positive range:
+                return None                    # the full parser decides
+            ints[tag >> 3] = v
+        else:
+            return None
+    dims = _shape_as_written(shape) if shape is not None else ()
     if dims is None:
         return None
-    return Entry(dtype, dims, shard, offset, size, crc32c)
+    dtype, _, shard, offset, size = ints[1:]
+    return Entry(dtype, dims, shard, offset - _U64 if offset >> 63 else offset, size - _U64 if size >> 63 else size, crc32c)
 
 
 _VARINT_TAGS = frozenset((0x08, 0x18, 0x20, 0x28))
+
+
+def _delimited_at(buf: bytes | memoryview, pos: int, n: int) -> tuple[bytes, int] | None:
+    """The payload of the length-delimited field whose tag is at ``buf[pos]`` and the position after it;
+    None where it runs past ``n`` or its length is damaged.  ``pos + 1 < n``."""
+    length = buf[pos + 1]
+    pos += 2
+    if length >= 0x80:
+        try:
+            length, pos = get_varint(buf, pos - 1, n)
+        except _Bad:
+            return None
+    end = pos + length
+    if end > n:
+        return None
+    return bytes(buf[pos:end]), end
 
 
 def _parse_entry_field_by_field(buf: bytes | memoryview) -> Entry:
@@ -273,9 +275,9 @@ def _parse_entry_field_by_field(buf: bytes | memoryview) -> Entry:
         elif number == 5:
             e.size = to_int64(_varint(wire, value))
         elif number == 6:
-            if wire != 5:
+            if wire != 5 or not isinstance(value, int):
                 raise _Bad("crc32c field is not a fixed32")
-            e.crc32c = value  # type: ignore[assignment]
+            e.crc32c = value
         elif number == 7:
             e.slices.append(_parse_slice(_bytes(wire, value)))
     e.shape = _parse_shape_field_by_field(shape)

@@ -29,12 +29,13 @@ import math
 import mmap
 import os
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from .. import _dtypes
-from .._source import OBJECT_GRAPH, OBJECT_GRAPH_KEY, Source, uncarried_error
+from .._dtypes import uncarried_error
+from .._source import OBJECT_GRAPH, OBJECT_GRAPH_KEY, Source
 from ..errors import CkptBridgeError, CorruptError, FormatError, NotFoundError
 from ..io.chunks import BlockStream, c_blocks, mmap_blocks
 from ..io.ckptfiles import data_path, index_path
@@ -82,7 +83,7 @@ class BundleReader(Source):
             self.path = self.prefix = where(place, prefix)
         self.verify = verify
         self._index_file = index_path(self.prefix)
-        self._maps: dict[int, Any] = {}
+        self._maps: dict[int, mmap.mmap | bytes | None] = {}
         self._files: dict[int, RangedFile] = {}  # the used data shards, opened once their sizes are checked
         self._verified: set[bytes] = set()
         self._closed = False
@@ -240,6 +241,38 @@ class BundleReader(Source):
             raise self._corrupt(f"invalid shape {list(shape)}", tensor=name)
         return count
 
+    def _check_slices(self, key: bytes, e: Entry, name: str, claimed: set[bytes]) -> list[tuple[tuple[int, ...], tuple[int, ...], bytes]]:
+        """A partitioned tensor's slices, each (starts, lengths, its key), once they are checked to tile its shape
+        exactly; their keys are added to ``claimed``."""
+        self._check_shape(e.shape, name)
+        parts = []
+        total = 0
+        for starts, lengths in e.slices:
+            if len(starts) != len(e.shape):
+                raise self._corrupt(f"a slice of rank {len(starts)} does not match the rank-{len(e.shape)} tensor", tensor=name)
+            skey = slice_key(key, starts, lengths)
+            full_starts = tuple(0 if n < 0 else s for s, n in zip(starts, lengths))
+            full_lengths = tuple(d if n < 0 else n for n, d in zip(lengths, e.shape))
+            if any(s < 0 or s + n > d for s, n, d in zip(full_starts, full_lengths, e.shape)):
+                raise self._corrupt(f"slice {list(zip(full_starts, full_lengths))} lies outside shape {list(e.shape)}", tensor=name)
+            part = self._entries.get(skey)
+            if part is None or part.slices or part.dtype != e.dtype or part.shape != full_lengths:
+                raise self._corrupt(f"the data of slice {list(zip(full_starts, full_lengths))} is missing or inconsistent",
+                                    tensor=name)
+            claimed.add(skey)
+            parts.append((full_starts, full_lengths, skey))
+            total += math.prod(full_lengths)
+        if total != math.prod(e.shape):
+            raise self._corrupt("its slices do not tile the full tensor exactly", tensor=name)
+        overlap = _overlap(parts, e.shape)
+        if overlap is None:
+            raise FormatError(f"{self._index_file} (tensor {name!r}): its {len(parts)} slices are cut too irregularly for "
+                              "the native engine to check that they do not overlap (TensorFlow's partitioners cut one "
+                              "axis); use the TensorFlow engine for this checkpoint")
+        if overlap:
+            raise self._corrupt("its slices do not tile the full tensor exactly (two of them overlap)", tensor=name)
+        return parts
+
     def _check_entries(self) -> None:
         specs: dict[str, TensorSpec] = {}
         uncarried: dict[str, TensorSpec] = {}
@@ -250,37 +283,9 @@ class BundleReader(Source):
         for key, e in self._entries.items():
             if kinds[e.dtype] is None:
                 raise self._corrupt(f"unknown dtype enum {e.dtype}", tensor=_key_name(key))
-            if not e.slices:
-                continue
-            name = _key_name(key)
-            self._check_shape(e.shape, name)
-            parts = []
-            total = 0
-            for starts, lengths in e.slices:
-                if len(starts) != len(e.shape):
-                    raise self._corrupt(f"a slice of rank {len(starts)} does not match the rank-{len(e.shape)} tensor", tensor=name)
-                skey = slice_key(key, starts, lengths)
-                full_starts = tuple(0 if n < 0 else s for s, n in zip(starts, lengths))
-                full_lengths = tuple(d if n < 0 else n for n, d in zip(lengths, e.shape))
-                if any(s < 0 or s + n > d for s, n, d in zip(full_starts, full_lengths, e.shape)):
-                    raise self._corrupt(f"slice {list(zip(full_starts, full_lengths))} lies outside shape {list(e.shape)}", tensor=name)
-                part = self._entries.get(skey)
-                if part is None or part.slices or part.dtype != e.dtype or part.shape != full_lengths:
-                    raise self._corrupt(f"the data of slice {list(zip(full_starts, full_lengths))} is missing or inconsistent",
-                                        tensor=name)
-                claimed.add(skey)
-                parts.append((full_starts, full_lengths, skey))
-                total += math.prod(full_lengths)
-            if total != math.prod(e.shape):
-                raise self._corrupt("its slices do not tile the full tensor exactly", tensor=name)
-            overlap = _overlap(parts, e.shape)
-            if overlap is None:
-                raise FormatError(f"{self._index_file} (tensor {name!r}): its {len(parts)} slices are cut too irregularly for "
-                                  "the native engine to check that they do not overlap (TensorFlow's partitioners cut one "
-                                  "axis); use the TensorFlow engine for this checkpoint")
-            if overlap:
-                raise self._corrupt("its slices do not tile the full tensor exactly (two of them overlap)", tensor=name)
-            self._slices[name] = parts
+            if e.slices:
+                name = _key_name(key)
+                self._slices[name] = self._check_slices(key, e, name, claimed)
         self._orphans = 0
         object_graph = None
         keys = self._keys
@@ -446,7 +451,7 @@ class BundleReader(Source):
     def _buffer(self, shard: int) -> mmap.mmap | bytes | None:
         """The shard's whole-file buffer (a local file's map), or None: read it by range."""
         if shard in self._maps:
-            return self._maps[shard]  # type: ignore[no-any-return]
+            return self._maps[shard]
         path = data_path(self.prefix, shard, self._header.num_shards)
         f = self._file(shard)
         try:
@@ -546,7 +551,7 @@ def _variant_crc(region: memoryview, count: int, big: bool) -> int:
     each length as a uint64, the bytes and each stored checksum (tensor_bundle.cc,
     WriteVariantTensor).
     """
-    order = "big" if big else "little"
+    order: Literal["big", "little"] = "big" if big else "little"
     c = 0
     pos = 0
     end = len(region)

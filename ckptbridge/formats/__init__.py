@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .._lazy import load_object, refers_to
 
@@ -28,12 +28,18 @@ if TYPE_CHECKING:
     from ..spec import TensorSpec
 
 
-def _carried(d: "DType") -> bool:
+def _carried(d: DType) -> bool:
     return d.carried
 
 
-def _has_safetensors_code(d: "DType") -> bool:
+def _has_safetensors_code(d: DType) -> bool:
     return d.carried and d.safetensors is not None
+
+
+class _OpensSource(Protocol):
+    """How a registered source class is constructed (:attr:`Format.source`, :attr:`Recognised.source`)."""
+
+    def __call__(self, path: str, *, verify: bool, max_tensor_bytes: int | None) -> Source: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +47,7 @@ class Holds:
     """What a format can store.  Anything else is refused by name before a byte is written."""
 
     #: which dtypes of the one table (``_dtypes``): a predicate on its entries
-    dtypes: Callable[["DType"], bool] = _carried
+    dtypes: Callable[[DType], bool] = _carried
     #: tensor names, in a few words (every format also refuses empty names and control characters)
     names: str = "any UTF-8 name without control characters"
 
@@ -62,10 +68,10 @@ class Format:
     suffixes: tuple[str, ...]
     #: the :class:`~ckptbridge._source.Source` class, ``"module:Class"`` (imported on first use) or the class;
     #: constructed as ``Source(path, verify=..., max_tensor_bytes=...)``
-    source: "str | type[Source]"
+    source: str | type[Source]
     #: the :class:`~ckptbridge._source.Sink` class, likewise; constructed as
     #: ``Sink(path, force=..., source=...)`` plus ``compress=`` where :attr:`compression` is set
-    sink: "str | type[Sink]"
+    sink: str | type[Sink]
     #: one line for help texts and docs
     description: str
     holds: Holds = Holds()
@@ -73,12 +79,13 @@ class Format:
     compression: str | None = None
     #: ``"module:function"`` ``(specs, path)`` that refuses, before anything is written, what the
     #: format cannot hold beyond :attr:`holds` (reserved names...); None for none
-    check: "str | Callable[..., None] | None" = None
+    check: str | Callable[..., None] | None = None
 
-    def open_source(self, path: str, *, verify: bool = True, max_tensor_bytes: int | None = None) -> "Source":
-        return load_object(self.source)(path, verify=verify, max_tensor_bytes=max_tensor_bytes)  # type: ignore[no-any-return]
+    def open_source(self, path: str, *, verify: bool = True, max_tensor_bytes: int | None = None) -> Source:
+        cls: _OpensSource = load_object(self.source)
+        return cls(path, verify=verify, max_tensor_bytes=max_tensor_bytes)
 
-    def open_sink(self, path: str, *, compress: bool = False, force: bool = False, source: str | None = None) -> "Sink":
+    def open_sink(self, path: str, *, compress: bool = False, force: bool = False, source: str | None = None) -> Sink:
         kw: dict[str, Any] = {"force": force, "source": source}
         if self.compression is not None:
             kw["compress"] = compress
@@ -86,9 +93,10 @@ class Format:
             from ..errors import FormatError
 
             raise FormatError(f"{self.name} archives are not compressed ({path}); write .npz or .h5 to compress")
-        return load_object(self.sink)(path, **kw)  # type: ignore[no-any-return]
+        cls: Callable[..., Sink] = load_object(self.sink)
+        return cls(path, **kw)
 
-    def check_specs(self, specs: "Iterable[TensorSpec]", path: str) -> None:
+    def check_specs(self, specs: Iterable[TensorSpec], path: str) -> None:
         """Refuse, naming every tensor, what this format cannot hold (what opening its sink would refuse)."""
         from ..errors import FormatError
 
@@ -161,17 +169,18 @@ class Recognised:
     name: str
     #: ``"module:function"`` ``(path) -> str | None``: the kind of file a regular file is, None when
     #: it is none of these; reads headers only and never raises
-    detect: "str | Callable[[str], str | None]"
+    detect: str | Callable[[str], str | None]
     #: the :class:`~ckptbridge._source.Source` class, ``"module:Class"``, constructed as
     #: ``Source(path, verify=..., max_tensor_bytes=...)``
-    source: "str | type[Source]"
+    source: str | type[Source]
     #: one line for help texts and docs
     description: str
     #: suffixes that name such a file whatever its bytes (a damaged one is then reported as what it is)
     suffixes: tuple[str, ...] = ()
 
-    def open_source(self, path: str, *, verify: bool = True, max_tensor_bytes: int | None = None) -> "Source":
-        return load_object(self.source)(path, verify=verify, max_tensor_bytes=max_tensor_bytes)  # type: ignore[no-any-return]
+    def open_source(self, path: str, *, verify: bool = True, max_tensor_bytes: int | None = None) -> Source:
+        cls: _OpensSource = load_object(self.source)
+        return cls(path, verify=verify, max_tensor_bytes=max_tensor_bytes)
 
 
 #: name -> entry, in the order files are tested

@@ -11,15 +11,28 @@ from __future__ import annotations
 import functools
 import io
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Concatenate, ParamSpec, Protocol, TypeVar
 
 from ..io.atomic import AtomicFile
 from ..io.signals import raise_signals_after, signalled
 
-_M = TypeVar("_M", bound=Callable[..., Any])
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
 
 
-def checks_writes(method: _M) -> _M:
+class _WritesThrough(Protocol):
+    """A sink that writes through an :class:`AtomicFile` held as ``_out``."""
+
+    @property
+    def _out(self) -> AtomicFile: ...
+
+
+_S = TypeVar("_S", bound=_WritesThrough)
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def checks_writes(method: Callable[Concatenate[_S, _P], _R]) -> Callable[Concatenate[_S, _P], _R]:
     """Decorate a sink method so a write failure recorded by its ``self._out`` (an AtomicFile), or a signal, is raised when it returns.
 
     The recorded failure (no space, file too large, an interrupt) replaces
@@ -28,7 +41,7 @@ def checks_writes(method: _M) -> _M:
     """
 
     @functools.wraps(method)
-    def run(self: Any, *args: Any, **kwargs: Any) -> Any:
+    def run(self: _S, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         try:
             # A KeyboardInterrupt raised in the middle of h5py's calls into HDF5 leaves
             # HDF5 half-way through an operation (and the process segfaults at exit):
@@ -38,7 +51,7 @@ def checks_writes(method: _M) -> _M:
         finally:
             self._out.check_writes()
 
-    return run  # type: ignore[return-value]
+    return run
 
 
 def open_guarded(out: AtomicFile) -> GuardedFile:
@@ -65,7 +78,7 @@ class GuardedFile(io.FileIO):
         super().__init__(path, "r+")
         self.error: BaseException | None = None
 
-    def write(self, b: bytes | bytearray | memoryview) -> int:  # type: ignore[override]
+    def write(self, b: ReadableBuffer, /) -> int:
         n = memoryview(b).nbytes
         if self.error is None and signalled() is not None:
             self.error = signalled()

@@ -223,48 +223,73 @@ def sweep_stale(dest: str) -> list[StaleNote]:
     except OSError:
         return found
     for entry in entries:
-        name = entry.name
-        if not (name.startswith(start) and name.endswith(TMP_SUFFIX)):
+        candidate = _stale_candidate(entry, start)
+        if candidate is None:
             continue
-        middle = name[len(start): -len(TMP_SUFFIX)]
-        owned, unowned = _OWNED.fullmatch(middle), _UNOWNED.fullmatch(middle)
-        if owned is None and unowned is None:
-            continue  # another destination's, whose name starts like this one
-        try:
-            st = entry.stat(follow_symlinks=False)
-        except OSError:
-            continue
-        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
-            continue  # ckptbridge makes files and directories only
+        owned, st = candidate
         path = entry.path
         is_dir = stat.S_ISDIR(st.st_mode)
         nbytes = _size(path) if is_dir else st.st_size
         pid = int(owned.group("pid")) if owned is not None else None
-        why = ""
-        if owned is None:
-            why = "its name does not record which process wrote it (an older ckptbridge, or a system without /proc)"
-        elif owned.group("where") != where:
-            why = "it was written on another machine, boot or container"
-        elif pid == os.getpid() or _start_time(pid or 0) == owned.group("start"):
+        why = _why_kept(owned, pid, st, path, where)
+        if why is None:
             continue  # a writer that is still running: its own
-        elif st.st_uid != os.geteuid():
-            why = "it belongs to another user"
-        elif is_dir and os.path.isdir(os.path.join(path, PREVIOUS_DIR)):
-            why = f"it holds the previous checkpoint of a forced replace that was killed midway (in {PREVIOUS_DIR}/)"
         if not why:
-            try:
-                if is_dir:
-                    shutil.rmtree(path)
-                else:
-                    os.unlink(path)
-            except FileNotFoundError:
+            why = _remove_stale(path, is_dir)
+            if why is None:
                 continue  # another run removed it meanwhile
-            except OSError as e:
-                why = f"it could not be removed ({e.strerror})"
-        note = StaleNote(os.path.join(os.path.dirname(dest), name), dest, "left" if why else "removed", nbytes, pid, why)
+        note = StaleNote(os.path.join(os.path.dirname(dest), entry.name), dest, "left" if why else "removed", nbytes, pid, why)
         found.append(note)
         _stale_notes.append(note)
     return found
+
+
+def _stale_candidate(entry: os.DirEntry[str], start: str) -> tuple[re.Match[str] | None, os.stat_result] | None:
+    """For a temporary of the destination whose names start ``start``: the match of its name's record of
+    its writer (None for a name without one) and its ``lstat``; None for anything else."""
+    name = entry.name
+    if not (name.startswith(start) and name.endswith(TMP_SUFFIX)):
+        return None
+    middle = name[len(start): -len(TMP_SUFFIX)]
+    owned, unowned = _OWNED.fullmatch(middle), _UNOWNED.fullmatch(middle)
+    if owned is None and unowned is None:
+        return None  # another destination's, whose name starts like this one
+    try:
+        st = entry.stat(follow_symlinks=False)
+    except OSError:
+        return None
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        return None  # ckptbridge makes files and directories only
+    return owned, st
+
+
+def _why_kept(owned: re.Match[str] | None, pid: int | None, st: os.stat_result, path: str, where: str | None) -> str | None:
+    """Why a temporary must stay ("" when it may go); None when its writer is still running."""
+    if owned is None:
+        return "its name does not record which process wrote it (an older ckptbridge, or a system without /proc)"
+    if owned.group("where") != where:
+        return "it was written on another machine, boot or container"
+    if pid == os.getpid() or _start_time(pid or 0) == owned.group("start"):
+        return None
+    if st.st_uid != os.geteuid():
+        return "it belongs to another user"
+    if stat.S_ISDIR(st.st_mode) and os.path.isdir(os.path.join(path, PREVIOUS_DIR)):
+        return f"it holds the previous checkpoint of a forced replace that was killed midway (in {PREVIOUS_DIR}/)"
+    return ""
+
+
+def _remove_stale(path: str, is_dir: bool) -> str | None:
+    """Remove a stale temporary: "" when done, why not when it could not be, None when it was already gone."""
+    try:
+        if is_dir:
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        return f"it could not be removed ({e.strerror})"
+    return ""
 
 
 _RENAME_NOREPLACE = 1
@@ -432,7 +457,8 @@ class AtomicFile:
                 _place(self.tmp, self.dest, self.force)
             except FileExistsError:
                 # Another run published it since our check in __init__: theirs stays.
-                raise OutputExistsError(f"output {self.dest} already exists (written meanwhile by another process); pass {option('force', True)} to overwrite it") from None
+                raise OutputExistsError(f"output {self.dest} already exists (written meanwhile by another process); "
+                                        f"pass {option('force', True)} to overwrite it") from None
             _published.append(self.dest)
             _pending.pop(self.tmp, None)
             if self.durable:
@@ -487,7 +513,8 @@ class AtomicCheckpoint:
         self.update_state = update_state
         existing = _taken_names(prefix)
         if existing and not force:
-            raise OutputExistsError(f"output checkpoint {prefix} already exists ({os.path.basename(existing[0])}); pass {option('force', True)} to overwrite it")
+            raise OutputExistsError(f"output checkpoint {prefix} already exists ({os.path.basename(existing[0])}); "
+                                    f"pass {option('force', True)} to overwrite it")
         if os.path.isdir(prefix) and not os.path.islink(prefix) and os.path.basename(prefix):
             raise OutputExistsError(f"output prefix {prefix} is a directory; name a checkpoint prefix such as {os.path.join(prefix, 'model.ckpt')}")
         # A checkpoint lives in a directory of its own, as with Saver.save: create it

@@ -35,7 +35,8 @@ from .threads import Job
 #: Default block size: large enough that per-call overhead vanishes, small enough for any RSS budget.
 CHUNK_BYTES = 16 << 20
 
-Selection = tuple  # of ints followed by one slice (empty for 0-d tensors)
+#: a hyperslab: fixed indices followed by one slice (empty for 0-d tensors)
+Selection = tuple[int | slice, ...]
 
 
 def c_blocks(shape: tuple[int, ...], itemsize: int, max_bytes: int) -> Iterator[tuple[int, int, Selection]]:
@@ -66,6 +67,8 @@ def block_shape(shape: tuple[int, ...], sel: Selection) -> tuple[int, ...]:
     if not sel:
         return ()
     s = sel[-1]
+    if not isinstance(s, slice):
+        raise TypeError(f"a selection ends with a slice, not {s!r}")
     return (s.stop - s.start,) + tuple(shape[len(sel):])
 
 
@@ -92,7 +95,7 @@ class BlockStream:
         c = 0
         for sel, arr in self._blocks:
             if arr.nbytes:
-                c = crc32c.crc32c(memoryview(arr.reshape(-1).view(np.uint8)), value=c)
+                c = crc32c.crc32c(arr.reshape(-1).view(np.uint8).data, value=c)
             yield sel, arr
         if self._check is not None:
             self._check(c)
@@ -106,8 +109,10 @@ class BlockStream:
         return self.crc
 
 
-def mmap_blocks(buf: mmap.mmap, offset: int, spec: TensorSpec, dtype: np.dtype, chunk_bytes: int) -> Iterator[tuple[Selection, np.ndarray]]:
-    """Blocks of a tensor stored as raw C-order bytes at ``offset`` of the read-only map ``buf``.
+def mmap_blocks(buf: mmap.mmap | bytes, offset: int, spec: TensorSpec, dtype: np.dtype,
+                chunk_bytes: int) -> Iterator[tuple[Selection, np.ndarray]]:
+    """Blocks of a tensor stored as raw C-order bytes at ``offset`` of the read-only map ``buf``
+    (or of bytes: a local file's buffer is ``b""`` where the file is empty, as it cannot be mapped).
 
     Each block is a view of the page cache (no copy at all); once the consumer
     asks for the next block, the previous block's pages are dropped from the
@@ -127,7 +132,7 @@ def mmap_blocks(buf: mmap.mmap, offset: int, spec: TensorSpec, dtype: np.dtype, 
         lo = pos - pos % page
         hi = min(pos + want, len(buf))
         hi = hi + (-hi % page) if hi == len(buf) else hi - hi % page
-        if hi > lo:
+        if hi > lo and isinstance(buf, mmap.mmap):
             buf.madvise(mmap.MADV_DONTNEED, lo, min(hi, len(buf) + (-len(buf) % page)) - lo)
 
 
@@ -152,7 +157,7 @@ def write_stream(stream: BlockStream, fd: int, pos: int, each: Callable[[memoryv
     pending: Job | None = None
     try:
         for _, arr in stream:
-            view = memoryview(arr.reshape(-1).view(np.uint8))
+            view = arr.reshape(-1).view(np.uint8).data
             n = view.nbytes
             if each is not None and n:
                 each(view)

@@ -43,12 +43,15 @@ import tempfile
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from ..errors import CkptBridgeError, CorruptError, FormatError, NotFoundError, UnsafeArchiveError
 from . import atomic as _atomic
 from .ranged import LocalFile, Place, RangedFile
 from .signals import raise_if_signalled, signals_deferred
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 __all__ = ["CONTAINERS", "container_kind", "open_container", "ArchivePlace", "Scratch", "RESERVE_BYTES", "stage"]
 
@@ -290,12 +293,13 @@ class _RawReader(io.RawIOBase):
     def tell(self) -> int:
         return self.pos
 
-    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
-        n = min(len(b), max(0, self.f.size - self.pos))
+    def readinto(self, b: WriteableBuffer, /) -> int:
+        out = memoryview(b).cast("B")
+        n = min(out.nbytes, max(0, self.f.size - self.pos))
         if n == 0:
             return 0
         data = self.f.pread(self.pos, n)
-        b[:n] = data
+        out[:n] = data
         self.pos += n
         return n
 
@@ -335,7 +339,8 @@ class _BoundedTarInfo(tarfile.TarInfo):
     def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
         if self.type in _EXT_HEADERS and self.size > _MAX_EXT_HEADER:
             raise _ExtHeaderTooLarge(self.size)
-        return super()._proc_member(tarfile_)  # type: ignore[misc,no-any-return]
+        member: tarfile.TarInfo = super()._proc_member(tarfile_)  # type: ignore[misc]  # private: typeshed omits it
+        return member
 
 
 class _ExtHeaderTooLarge(Exception):
@@ -425,18 +430,18 @@ def _zip_bounds(f: RangedFile, zf: zipfile.ZipFile, stream: IO[bytes]) -> dict[i
     together claim no more bytes than the file holds, and each inflates at most _MAX_DEFLATE_RATIO-fold."""
     start_dir = int(getattr(zf, "start_dir", f.size))
     try:
-        end = zipfile._EndRecData(stream)  # type: ignore[attr-defined]  # the stdlib's own parser of that record
+        end = zipfile._EndRecData(stream)  # type: ignore[attr-defined]  # the stdlib's own parser, private: typeshed omits it
     except (OSError, struct.error, ValueError):
         end = None
     if end:
-        offset_cd = int(end[zipfile._ECD_OFFSET])  # type: ignore[attr-defined]
+        offset_cd = int(end[zipfile._ECD_OFFSET])  # type: ignore[attr-defined]  # private: typeshed omits it
         if offset_cd > start_dir:  # zipfile then shifts every member's offset down, below 0
             where = (f"past the end of the {f.size}-byte file" if offset_cd >= f.size
                      else f"but it is at byte {start_dir}")
             raise CorruptError(f"{f.name}: its end record puts the zip directory at byte {offset_cd}, {where}; "
                                "the archive is damaged; download or copy it again")
     infos = zf.infolist()
-    claimed = int(end[zipfile._ECD_ENTRIES_TOTAL]) if end else len(infos)  # type: ignore[attr-defined]
+    claimed = int(end[zipfile._ECD_ENTRIES_TOTAL]) if end else len(infos)  # type: ignore[attr-defined]  # private: typeshed omits it
     if claimed != len(infos):  # zipfile stops at an entry whose lengths run past the directory, and returns the rest
         raise CorruptError(f"{f.name}: the zip directory lists {claimed} members but {len(infos)} can be read; "
                            "the archive is damaged; download or copy it again")
@@ -475,7 +480,8 @@ def _local_data(f: RangedFile, info: zipfile.ZipInfo, name: str, limit: int) -> 
     fields = _LOCAL_HEADER.unpack(f.pread(info.header_offset, _LOCAL_HEADER.size))
     if fields[0] != _LOCAL_MAGIC:
         raise CorruptError(f"{f.name}: member {name!r} has no local header where the directory says; the zip is damaged")
-    offset = info.header_offset + _LOCAL_HEADER.size + fields[9] + fields[10]
+    name_bytes, extra_bytes = int(fields[9]), int(fields[10])
+    offset = info.header_offset + _LOCAL_HEADER.size + name_bytes + extra_bytes
     if offset + info.compress_size > f.size:
         raise FormatError(f"{f.name} is truncated: member {name!r} runs past its end")
     if offset + info.compress_size > limit:

@@ -296,7 +296,7 @@ def started_as_command() -> bool:
     While ``-m`` looks for its module, ``sys.argv[0]`` is ``"-m"`` and the rest of
     ``sys.argv`` ends ``sys.orig_argv``; the word before them names the module.
     """
-    argv, orig = sys.argv, getattr(sys, "orig_argv", [])
+    argv, orig = sys.argv, sys.orig_argv
     if argv[:1] != ["-m"] or len(orig) < len(argv) or orig[len(orig) - len(argv) + 1:] != argv[1:]:
         return False
     word = orig[len(orig) - len(argv)]

@@ -15,7 +15,8 @@ import re
 import stat
 
 from ..errors import FormatError
-from .ckptfiles import STATE_NAME, state_path  # noqa: F401 - the file names live in _ckptfiles
+from .ckptfiles import STATE_NAME as STATE_NAME  # re-exported: the file names live in ckptfiles
+from .ckptfiles import state_path as state_path
 
 MAX_STATE_BYTES = 1 << 20  # TensorFlow's own files hold a few lines per checkpoint kept
 #: how the state file names a checkpoint with an empty base name (``dir/.index``), see :func:`with_latest`
@@ -95,6 +96,26 @@ def parse_state(text: str, path: str, fix: str = "fix or remove it") -> Checkpoi
 
 def _parse(text: str, path: str) -> CheckpointState:
     state = CheckpointState()
+    tokens = _tokens(text, path)
+    i = 0
+    while i < len(tokens):
+        kind, value, line = tokens[i]
+        where = f"checkpoint state file {path} is malformed (line {line}"
+        if kind != "ident" or value not in _STRING_FIELDS + _FLOAT_FIELDS:
+            raise FormatError(f"{where}: expected a CheckpointState field, got {value[:40]!r})")
+        field = value
+        i += 1
+        if i < len(tokens) and tokens[i][:2] == ("punct", ":"):
+            i += 1
+        got, i = _field_value(tokens, i, field, where)
+        if i < len(tokens) and tokens[i][0] == "punct" and tokens[i][1] in ";,":
+            i += 1
+        _set_field(state, field, got)
+    return state
+
+
+def _tokens(text: str, path: str) -> list[tuple[str, str, int]]:
+    """(kind, text, line) of each token but comments."""
     tokens: list[tuple[str, str, int]] = []
     pos = 0
     while pos < len(text):
@@ -108,41 +129,34 @@ def _parse(text: str, path: str) -> CheckpointState:
         if kind != "comment":
             tokens.append((kind, m.group(kind), text.count("\n", 0, m.start(kind)) + 1))
         pos = m.end()
-    i = 0
-    while i < len(tokens):
-        kind, value, line = tokens[i]
-        where = f"checkpoint state file {path} is malformed (line {line}"
-        if kind != "ident" or value not in _STRING_FIELDS + _FLOAT_FIELDS:
-            raise FormatError(f"{where}: expected a CheckpointState field, got {value[:40]!r})")
-        field = value
-        i += 1
-        if i < len(tokens) and tokens[i][:2] == ("punct", ":"):
+    return tokens
+
+
+def _field_value(tokens: list[tuple[str, str, int]], i: int, field: str, where: str) -> tuple[str | float, int]:
+    """The value of ``field`` at ``tokens[i]`` (adjacent strings joined) and the index after it."""
+    if field in _STRING_FIELDS:
+        parts = []
+        while i < len(tokens) and tokens[i][0] == "string":
+            s = tokens[i][1]
+            parts.append(_unescape(s[1:-1], f"{where}, {field})"))
             i += 1
-        if field in _STRING_FIELDS:
-            parts = []
-            while i < len(tokens) and tokens[i][0] == "string":
-                s = tokens[i][1]
-                parts.append(_unescape(s[1:-1], f"{where}, {field})"))
-                i += 1
-            if not parts:
-                raise FormatError(f"{where}: {field} needs a quoted string)")
-            got: str | float = "".join(parts)
-        else:
-            if i >= len(tokens) or tokens[i][0] != "number":
-                raise FormatError(f"{where}: {field} needs a number)")
-            got = float(tokens[i][1].rstrip("fF"))
-            i += 1
-        if i < len(tokens) and tokens[i][0] == "punct" and tokens[i][1] in ";,":
-            i += 1
-        if field == "model_checkpoint_path":
-            state.model_checkpoint_path = str(got)
-        elif field == "all_model_checkpoint_paths":
-            state.all_model_checkpoint_paths.append(str(got))
-        elif field == "all_model_checkpoint_timestamps":
-            state.all_model_checkpoint_timestamps.append(float(got))
-        else:
-            state.last_preserved_timestamp = float(got)
-    return state
+        if not parts:
+            raise FormatError(f"{where}: {field} needs a quoted string)")
+        return "".join(parts), i
+    if i >= len(tokens) or tokens[i][0] != "number":
+        raise FormatError(f"{where}: {field} needs a number)")
+    return float(tokens[i][1].rstrip("fF")), i + 1
+
+
+def _set_field(state: CheckpointState, field: str, got: str | float) -> None:
+    if field == "model_checkpoint_path":
+        state.model_checkpoint_path = str(got)
+    elif field == "all_model_checkpoint_paths":
+        state.all_model_checkpoint_paths.append(str(got))
+    elif field == "all_model_checkpoint_timestamps":
+        state.all_model_checkpoint_timestamps.append(float(got))
+    else:
+        state.last_preserved_timestamp = float(got)
 
 
 def _escape(s: str) -> str:

@@ -8,8 +8,12 @@ tensor) instead of IndexError, struct.error or ValueError.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import crc32c as _crc32c
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
 
 _U64 = 1 << 64
 _MASK_DELTA = 0xA282EAD8
@@ -21,7 +25,7 @@ class _Bad(Exception):
 
 # --- crc32c ----------------------------------------------------------------
 
-def crc(data: object, value: int = 0) -> int:
+def crc(data: ReadableBuffer, value: int = 0) -> int:
     """crc32c of a buffer, continuing from ``value``."""
     return _crc32c.crc32c(data, value=value)
 
@@ -80,7 +84,7 @@ def to_int32(v: int) -> int:
 
 # --- messages --------------------------------------------------------------
 
-def parse_message(buf: bytes | memoryview) -> list[tuple[int, int, object]]:
+def parse_message(buf: bytes | memoryview) -> list[tuple[int, int, int | bytes]]:
     """Split a serialized message into (field number, wire type, value) triples.
 
     Varints come back as unsigned ints, fixed32/64 as ints, length-delimited
@@ -89,11 +93,12 @@ def parse_message(buf: bytes | memoryview) -> list[tuple[int, int, object]]:
     return [(number, wire, bytes(value) if isinstance(value, memoryview) else value) for number, wire, value in iter_fields(buf)]
 
 
-def iter_fields(buf: bytes | memoryview) -> Iterator[tuple[int, int, object]]:
+def iter_fields(buf: bytes | memoryview) -> Iterator[tuple[int, int, int | memoryview]]:
     """Like :func:`parse_message`, one field at a time, and length-delimited fields as
     ``memoryview`` slices of ``buf`` (no copy: V1 checkpoints hold whole tensors in one field)."""
     view = memoryview(buf)
     pos, n = 0, len(view)
+    value: int | memoryview
     while pos < n:
         tag, pos = get_varint(view, pos, n)
         number, wire = tag >> 3, tag & 7

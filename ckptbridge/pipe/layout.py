@@ -81,7 +81,8 @@ class Transform:
         except (KeyError, TypeError, ValueError):
             raise CorruptError(f"{where}: layout record {rec!r} is not readable; the archive is damaged") from None
         if sorted(perm) != list(range(len(src))) or any(d < 0 for d in src + dst) or math.prod(src) != math.prod(dst):
-            raise CorruptError(f"{where}: layout record {rec!r} is inconsistent (perm {list(perm)}, shapes {list(src)} -> {list(dst)}); the archive is damaged")
+            raise CorruptError(f"{where}: layout record {rec!r} is inconsistent (perm {list(perm)}, shapes {list(src)} -> {list(dst)}); "
+                               "the archive is damaged")
         return cls(kind, perm, src, dst)
 
 

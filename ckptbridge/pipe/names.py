@@ -159,7 +159,8 @@ class RenameRule:
         try:
             return self.pattern.sub(self.replacement, name)
         except (re.error, IndexError) as e:
-            raise FormatError(f"{option('rename')} rule {self.text!r}: the replacement cannot be applied to {name!r} ({e}); check its group references") from None
+            raise FormatError(f"{option('rename')} rule {self.text!r}: the replacement cannot be applied to {name!r} ({e}); "
+                              "check its group references") from None
 
 
 def parse_rename(rule: str) -> RenameRule:
@@ -210,7 +211,8 @@ def rename_map(
         if not new:
             raise FormatError(f"renaming {name!r} gives an empty name; check the {option('rename')} rules")
         if new in taken:
-            raise FormatError(f"two tensors would be renamed to {new!r}: {taken[new]!r} and {name!r}; make the {option('rename')} rules tell them apart")
+            raise FormatError(f"two tensors would be renamed to {new!r}: {taken[new]!r} and {name!r}; "
+                              f"make the {option('rename')} rules tell them apart")
         taken[new] = name
         out[name] = new
     return out

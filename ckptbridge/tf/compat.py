@@ -55,7 +55,7 @@ def import_tensorflow() -> ModuleType:
         os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     try:
         with _quiet_stderr():
-            import tensorflow as tf
+            tf = importlib.import_module("tensorflow")  # a module (TensorFlow ships no types)
     except ImportError as e:
         raise MissingDependencyError(f"TensorFlow is needed for this ({e}); {_HINT}") from None
     try:
@@ -91,7 +91,7 @@ def import_slim() -> ModuleType:
     import_tensorflow()
     _alias_legacy_layers()
     try:
-        import tf_slim
+        tf_slim = importlib.import_module("tf_slim")
     except ImportError as e:
         raise MissingDependencyError(f"tf-slim is needed for this ({e}); {_HINT}") from None
     return tf_slim

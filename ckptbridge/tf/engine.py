@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from .. import _dtypes
-from .._source import OBJECT_GRAPH, OBJECT_GRAPH_KEY, Sink, Source, uncarried_error
+from .._dtypes import uncarried_error
+from .._source import OBJECT_GRAPH, OBJECT_GRAPH_KEY, Sink, Source
 from ..errors import CorruptError, FormatError, MismatchError, NotFoundError, option
 from ..io.atomic import AtomicCheckpoint
 from ..io.containers import Scratch, stage
