@@ -30,6 +30,7 @@ from .errors import (
     OutputExistsError,
     RemoteError,
     RemotePermissionError,
+    StateFileError,
     UncarriedDtypeError,
     UnsafeArchiveError,
 )
@@ -88,6 +89,7 @@ __all__ = [
     "OutputExistsError",
     "RemoteError",
     "RemotePermissionError",
+    "StateFileError",
     "UncarriedDtypeError",
     "UnsafeArchiveError",
     "__version__",
