@@ -30,6 +30,7 @@ from .errors import (
     OutputExistsError,
     RemoteError,
     RemotePermissionError,
+    StateFileError,
     UncarriedDtypeError,
     UnsafeArchiveError,
 )
@@ -39,13 +40,13 @@ from .errors import (
 # (a Ctrl-C during start-up then ends with one line, not a traceback).
 _LAZY = {
     "read": "._api", "export": "._api", "rebuild": "._api", "diff": "._api", "verify": "._api", "Reader": "._api",
-    "save": "._api", "load": "._api", "port_maps": "._api", "port_map": "._api", "PortMap": ".ports.plan",
+    "save": "._api", "load": "._api", "port_maps": "._api", "port_map": "._api", "PortMap": ".ports",
     "TensorSpec": ".spec", "Report": ".reports", "DiffReport": ".reports", "VerifyReport": ".reports",
 }
 
 if TYPE_CHECKING:
     from ._api import Reader, diff, export, load, port_map, port_maps, read, rebuild, save, verify
-    from .ports.plan import PortMap
+    from .ports import PortMap
     from .reports import DiffReport, Report, VerifyReport
     from .spec import TensorSpec
 
@@ -88,6 +89,7 @@ __all__ = [
     "OutputExistsError",
     "RemoteError",
     "RemotePermissionError",
+    "StateFileError",
     "UncarriedDtypeError",
     "UnsafeArchiveError",
     "__version__",

@@ -19,7 +19,7 @@ from .reports import DiffReport, Report, VerifyReport
 from .spec import TensorSpec
 
 if TYPE_CHECKING:
-    from .ports.plan import PortMap
+    from .ports import PortMap
 
 #: what one archive tensor may claim before it is refused as a likely memory bomb (64 GiB)
 DEFAULT_MAX_TENSOR_BYTES = 64 << 30
@@ -292,7 +292,7 @@ def export(
                                             progress=progress) as src:
         prep: Any
         if port is not None:
-            from .ports import plan as _ports
+            from . import ports as _ports
 
             prep = _ports.plan_export(src, _ports.load(port))
         else:
@@ -448,7 +448,7 @@ def rebuild(
         # One view of the archive (filters, EMA, original names, renames, layout undone; or a port map), then one sink.
         prep: Any
         if port is not None:
-            from .ports import plan as _ports
+            from . import ports as _ports
 
             prep = _ports.plan_import(src, _ports.load(port), num_classes=num_classes)
         else:
@@ -483,14 +483,14 @@ def port_maps() -> dict[str, PortMap]:
         for name, m in ckptbridge.port_maps().items():
             print(name, m.net, [c.text for c in m.caveats])
     """
-    from .ports import plan as _ports
+    from . import ports as _ports
 
     return {name: _ports.load(name) for name in _ports.builtin()}
 
 
 def port_map(name_or_path: str) -> PortMap:
     """One port map: a built-in one by name, or your own map file (checked; every problem listed)."""
-    from .ports import plan as _ports
+    from . import ports as _ports
 
     return _ports.load(name_or_path)
 

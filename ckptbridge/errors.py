@@ -27,6 +27,7 @@ __all__ = [
     "MissingDependencyError",
     "RemoteError",
     "RemotePermissionError",
+    "StateFileError",
 ]
 
 
@@ -113,3 +114,7 @@ class RemoteError(CkptBridgeError, ConnectionError):
 
 class RemotePermissionError(CkptBridgeError, PermissionError):
     """The server refused access to a remote object (HTTP 401/403, or the storage library's PermissionError)."""
+
+
+class StateFileError(CkptBridgeError):
+    """The checkpoint was published but its directory's state file could not be updated."""

@@ -178,7 +178,7 @@ def test_import_undoes_everything_and_restores_the_background_class(tiny: dict[s
 
 
 def test_import_plans_classes_without_the_background_too(tiny: dict[str, Any]) -> None:
-    from ckptbridge.ports import plan as _ports
+    from ckptbridge import ports as _ports
 
     exported = str(tiny["dir"] / "o.npz")
     ckptbridge.export(tiny["ckpt"], exported, port=tiny["map"])
@@ -308,3 +308,9 @@ def test_flatten_computes_what_the_conv_computed_in_keras_order() -> None:
     assert why is None and t is not None and t.to_shape == (24, 5)
     np.testing.assert_allclose(x.reshape(-1) @ t.apply(k), np.einsum("hwc,hwco->o", x, k), rtol=1e-12)
     assert _ports._source_shape(rule, t.to_shape) == k.shape and same(t.invert(t.apply(k)), k)
+
+
+def test_the_package_root_gives_the_map_type_that_port_map_returns() -> None:
+    """``ckptbridge.PortMap`` (in ``__all__``) is the type of what ``port_map`` and ``port_maps`` return."""
+    assert isinstance(ckptbridge.port_map("torchvision:vgg16"), ckptbridge.PortMap)
+    assert all(isinstance(m, ckptbridge.PortMap) for m in ckptbridge.port_maps().values())

@@ -174,6 +174,30 @@ def test_state_file_rename_failure_says_what_is_on_disk(tmp_path: Any, monkeypat
     no_temporaries(tmp_path)
 
 
+def test_a_state_file_that_cannot_be_updated_is_one_error_type_of_the_public_api(tmp_path: Any, monkeypatch: Any) -> None:
+    """The library raises StateFileError (from ckptbridge.errors, re-exported at the root): a caller can tell
+    "the checkpoint is written, its state file is not" from a failed write."""
+    import ckptbridge
+    from ckptbridge.errors import CkptBridgeError, StateFileError
+
+    save_npz(tmp_path / "new.npz", NEW)
+    save_ckpt(str(tmp_path / "ck" / "model.ckpt-1"), OLD)
+    write_state(tmp_path / "ck", "model.ckpt-1")
+    real_replace = os.replace
+
+    def eio(src: Any, dst: Any, *a: Any, **k: Any) -> None:
+        if os.path.basename(os.fspath(dst)) == "checkpoint":
+            raise OSError(errno.EIO, os.strerror(errno.EIO), os.fspath(dst))
+        real_replace(src, dst, *a, **k)
+
+    monkeypatch.setattr(os, "replace", eio)
+    with pytest.raises(StateFileError, match="was written and is complete") as e:
+        ckptbridge.rebuild(str(tmp_path / "new.npz"), str(tmp_path / "ck" / "model.ckpt-2"), force=True)
+    assert ckptbridge.StateFileError is StateFileError and isinstance(e.value, CkptBridgeError)
+    assert "StateFileError" in ckptbridge.__all__
+    assert read_ckpt(str(tmp_path / "ck" / "model.ckpt-2")) == as_bytes(NEW)
+
+
 # --------------------------------------------------------------------------- hostile 10: a training directory's state file
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from typing import Any
 
 import ml_dtypes
@@ -12,7 +15,7 @@ import pytest
 import ckptbridge
 from ckptbridge import FormatError, OutputExistsError, UncarriedDtypeError
 
-from helpers import raw_bundle, same
+from helpers import CLI_ENV, raw_bundle, same
 
 ARRAYS = {
     "net/w": np.arange(12, dtype=np.float32).reshape(3, 4),
@@ -108,3 +111,58 @@ def test_checkpoint_sinks_refuse_bad_keys_before_writing_anything(tmp_path: Any,
     assert type(src).reads == 0
     assert not os.path.exists(prefix + ".index")
     assert os.listdir(tmp_path) == []  # the directory the sink made is gone too
+
+
+# Runs in a fresh interpreter that can import the standard library, ckptbridge and the distributions
+# pyproject.toml lists as core dependencies, and nothing else: what `pip install ckptbridge` gives.
+_PLAIN_INSTALL = r"""
+import importlib.abc, importlib.metadata, json, os, re, sys, tomllib
+
+with open(sys.argv[1], "rb") as f:
+    core = {re.split(r"[<>=!~;\[ ]", d, maxsplit=1)[0].strip().lower().replace("_", "-") for d in tomllib.load(f)["project"]["dependencies"]}
+allowed = {"ckptbridge"} | {m for m, dists in importlib.metadata.packages_distributions().items()
+                            if any(d.lower().replace("_", "-") in core for d in dists)}
+
+class PlainInstall(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        top = name.partition(".")[0]
+        if top in sys.stdlib_module_names or top in allowed:
+            return None
+        raise ModuleNotFoundError(f"No module named {name!r} in a plain install", name=name)
+
+sys.meta_path.insert(0, PlainInstall())
+try:
+    import pytest  # installed here, and no core dependency: the finder must refuse it
+    sys.exit("the plain-install finder let pytest in")
+except ModuleNotFoundError:
+    pass
+import ml_dtypes, numpy as np
+import ckptbridge
+
+arrays = {"w": np.arange(12, dtype=np.float32).reshape(3, 4) - 5.5, "h": np.array([1.5, -0.0], dtype=np.float16),
+          "bf": np.array([1.5, -2.0, 3.0], dtype=ml_dtypes.bfloat16), "step": np.array(7, dtype=np.int64),
+          "mask": np.array([True, False]), "u8": np.arange(4, dtype=np.uint8).reshape(2, 2)}
+out = {}
+for suffix in (".npz", ".h5", ".safetensors"):
+    path = os.path.join(sys.argv[2], "plain" + suffix)
+    ckptbridge.save(arrays, path)
+    got = ckptbridge.load(path)
+    out[suffix] = {n: [str(a.dtype), list(a.shape), a.tobytes().hex()] for n, a in sorted(got.items())}
+out["want"] = {n: [str(a.dtype), list(a.shape), a.tobytes().hex()] for n, a in sorted(arrays.items())}
+print(json.dumps(out))
+"""
+
+
+def test_a_plain_install_saves_and_loads_every_format_it_names(tmp_path: Any) -> None:
+    """`pip install ckptbridge`, with no extra, writes and reads .npz, .h5 and .safetensors bit-exact."""
+    pyproject = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "pyproject.toml")
+    if not os.path.isfile(pyproject):
+        pytest.skip("needs the source tree's pyproject.toml (its core dependencies)")
+    proc = subprocess.run([sys.executable, "-c", _PLAIN_INSTALL, pyproject, str(tmp_path)], capture_output=True, text=True,
+                          env=CLI_ENV, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout)
+    want = got.pop("want")
+    assert sorted(got) == [".h5", ".npz", ".safetensors"]
+    for suffix, tensors in got.items():
+        assert tensors == want, suffix

@@ -513,6 +513,50 @@ def test_missing_shard_and_missing_file(tmp_path: Any) -> None:
         V1Reader(str(tmp_path / "nothing.ckpt"))
 
 
+def _opened_or_refused(open_it: Any) -> tuple[str, Any]:
+    try:
+        with open_it() as r:
+            return "opened", {n: digest(r.read(n)) for n in r.specs()}
+    except (CorruptError, NotFoundError) as e:
+        return type(e).__name__, str(e)
+
+
+@pytest.mark.parametrize("case", ["whole", "one-shard-named", "a-shard-missing", "two-shard-counts", "no-such-file", "not-digits"])
+def test_shards_are_found_by_one_rule_at_a_path_and_in_a_place(tmp_path: Any, case: str) -> None:
+    """A sharded V1 checkpoint's files are found, and refused, alike whether it is a local path or a name in a
+    place (an archive, a URL's directory): the same files, the same error and the same message."""
+    from ckptbridge.io.ranged import LocalPlace
+
+    for shard in ("-00000-of-00003", "-00001-of-00003", "-00002-of-00003"):
+        shutil.copy(fixture_path("partitioned") + shard, str(tmp_path / ("p.ckpt" + shard)))
+    name = "p.ckpt"
+    if case == "one-shard-named":
+        name = "p.ckpt-00002-of-00003"
+    elif case == "a-shard-missing":
+        os.remove(str(tmp_path / "p.ckpt-00001-of-00003"))
+    elif case == "two-shard-counts":
+        shutil.copy(str(tmp_path / "p.ckpt-00000-of-00003"), str(tmp_path / "p.ckpt-00000-of-00002"))
+    elif case == "no-such-file":
+        name = "nothing.ckpt"
+    elif case == "not-digits":  # what a glob of -?????-of-????? also matches
+        os.rename(str(tmp_path / "p.ckpt-00000-of-00003"), str(tmp_path / "q.ckpt-0000x-of-00003"))
+        name = "q.ckpt"
+    local = _opened_or_refused(lambda: V1Reader(str(tmp_path / name)))
+    placed = _opened_or_refused(lambda: V1Reader(name, place=LocalPlace(str(tmp_path))))
+    assert local == placed
+    want = {"whole": "opened", "one-shard-named": "opened", "a-shard-missing": "CorruptError", "two-shard-counts": "CorruptError",
+            "no-such-file": "NotFoundError", "not-digits": "NotFoundError"}[case]
+    assert local[0] == want, local
+    if want == "opened":
+        assert local[1] == {n: r["sha256"] for n, r in expected()["partitioned"].items()}
+    elif case == "a-shard-missing":
+        assert f"shard {tmp_path / 'p.ckpt-00001-of-00003'} of the V1 checkpoint {tmp_path / 'p.ckpt'} is missing" in local[1]
+    elif case == "two-shard-counts":
+        assert "different counts ([2, 3])" in local[1] and "remove the files of the other checkpoint" in local[1]
+    else:
+        assert f"no shards {tmp_path / name}-NNNNN-of-NNNNN" in local[1]
+
+
 def _meta(name: bytes, dtype: int, shape: tuple[int, ...], slices: list[tuple[tuple[int, int], ...]]) -> bytes:
     from ckptbridge.io.wire import field_bytes, field_varint
 

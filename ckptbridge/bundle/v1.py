@@ -1,9 +1,9 @@
 """Read TensorFlow V1 checkpoints (``TensorSliceWriter``'s format) without TensorFlow.
 
 A V1 checkpoint is one file (``vgg_16.ckpt``), or the shards
-``PREFIX-SSSSS-of-NNNNN`` of one, each a table in the same SSTable layout as a V2
-``.index`` (``_table``).  Every value is a serialized ``SavedTensorSlices``
-(tensorflow/core/util/saved_tensor_slice.proto):
+``PREFIX-SSSSS-of-NNNNN`` of one (found by :mod:`.v1_shards`), each a table in
+the same SSTable layout as a V2 ``.index`` (``_table``).  Every value is a
+serialized ``SavedTensorSlices`` (tensorflow/core/util/saved_tensor_slice.proto):
 
 - key ``""`` (the first entry): field 1 ``meta``, a ``SavedTensorSliceMeta``:
   repeated 1 ``tensor`` (``SavedSliceMeta``: 1 name, 2 shape, 3 dtype,
@@ -31,8 +31,9 @@ the whole block, check its crc32c, then decode) holds the whole block in memory.
 A tensor in one slice whose values are one raw little-endian run (``tensor_content``,
 or a packed fixed-width field: ``float_val``, ``double_val``, ``scomplex_val``,
 ``dcomplex_val``) is streamed instead: the block entry, then the SavedTensorSlices,
-SavedSlice and TensorProto field headers are parsed from small reads to find the
-values' byte range in the file, and the block is then read once in file order,
+SavedSlice and TensorProto field headers are parsed from small reads
+(:func:`ckptbridge.io.wire.fields_at`) to find the values' byte range in the
+file, and the block is then read once in file order,
 its crc32c computed over the bytes before the values, each block of values as it
 is yielded, and the bytes after; a mismatch raises at the end of the stream (the
 sinks are atomic: nothing is published).  Snappy-compressed blocks cannot be read
@@ -45,7 +46,6 @@ import bisect
 import math
 import mmap
 import os
-import re
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
@@ -54,19 +54,18 @@ import numpy as np
 from .. import _dtypes
 from .._source import OBJECT_GRAPH, OBJECT_GRAPH_KEY, Source, uncarried_error
 from ..errors import CkptBridgeError, CorruptError, FormatError, NotFoundError
-from ..io import ckptfiles as _ckptfiles
 from ..io.chunks import CHUNK_BYTES, BlockStream, c_blocks
 from ..io.ranged import LocalFile, LocalPlace, Place, RangedFile, SliceableFile, where
-from ..io.wire import _Bad, crc, get_varint, iter_fields, mask, to_int32, to_int64
+from ..io.wire import Window, _Bad, as_bytes, as_range, as_varint, as_varints, crc, fields_at, iter_fields, mask, to_int32
 from ..spec import STRING, TensorSpec, numpy_dtype
 from ._entries import _parse_shape, _parse_slice, slice_key
 from ._table import FOOTER_SIZE, MAX_KEY_BYTES, NO_COMPRESSION, TRAILER_SIZE, KeysTooLarge, KeyTooLong, Table, _KeyBudget, has_magic, is_table_file
 from .reader import MAX_RANK, _overlap
+from .v1_shards import v1_files
 
 ENGINE_NAME = "native"
 #: TensorFlow's TF_CHECKPOINT_VERSION: what its V1 writer records as the producer, and the newest reader it asks for
 CHECKPOINT_VERSION = 1
-MAX_FILES = 1 << 16
 
 # TensorProto fields (tensorflow/core/framework/tensor.proto).
 _TP_DTYPE = 1
@@ -94,8 +93,6 @@ _BYTE_FIELDS = {"float8_e5m2", "float8_e4m3fn", "float8_e4m3fnuz", "float8_e4m3b
 #: The TensorProto fields that hold values.
 _VALUE_FIELDS = (_TP_CONTENT, _FLOAT, _DOUBLE, _INT, _STRING, _SCOMPLEX, _INT64, _BOOL, _DCOMPLEX, _HALF, _UINT32, _UINT64, _FLOAT8)
 
-_SHARD_RE = re.compile(r"-(\d{5})-of-(\d{5})$")
-
 Slice = tuple[tuple[int, ...], tuple[int, ...]]
 
 
@@ -106,59 +103,6 @@ def _name(raw: bytes) -> str:
 def is_v1(path: str) -> bool:
     """Whether ``path`` is a file that ends with the table magic number (cheap; reads 8 bytes)."""
     return is_table_file(path)
-
-
-def v1_files(prefix: str) -> list[str]:
-    """The files of the V1 checkpoint at ``prefix``: the file itself, or every shard of a sharded one
-    (``prefix`` may also name one of the shards).  NotFoundError / CorruptError when none or some are missing."""
-    m = _SHARD_RE.search(prefix)
-    if os.path.isfile(prefix) and m is None:
-        return [prefix]
-    base = prefix[:m.start()] if m is not None and os.path.isfile(prefix) else prefix
-    found = _ckptfiles.v1_shards(base)
-    if not found:
-        raise NotFoundError(f"no checkpoint at {prefix}: no such file, and no shards {base}-NNNNN-of-NNNNN; check the path")
-    counts = {int(_SHARD_RE.search(p).group(2)) for p in found}  # type: ignore[union-attr]
-    if len(counts) != 1:
-        raise CorruptError(f"the V1 checkpoint {base} has shards of different counts ({sorted(counts)}); "
-                           "remove the files of the other checkpoint, or name one shard file")
-    total = counts.pop()
-    if not 1 <= total <= MAX_FILES:
-        raise CorruptError(f"the V1 checkpoint {base} claims {total} shards")
-    want = [f"{base}-{i:05d}-of-{total:05d}" for i in range(total)]
-    missing = [p for p in want if not os.path.isfile(p)]
-    if missing:
-        raise CorruptError(f"shard {missing[0]} of the V1 checkpoint {base} is missing ({len(missing)} of {total}); "
-                           "the checkpoint is incomplete; copy all its shard files")
-    return want
-
-
-def v1_files_in(place: Place, rel: str) -> list[str]:
-    """:func:`v1_files` for a checkpoint named ``rel`` inside ``place``: relative names.
-
-    Shards are found by listing ``rel``'s directory; a place that cannot list
-    (plain https) reads single-file V1 checkpoints only."""
-    m = _SHARD_RE.search(rel)
-    if m is None and place.exists(rel):
-        return [rel]
-    base = rel[:m.start()] if m is not None and place.exists(rel) else rel
-    head, _, tail = base.rpartition("/")
-    names = place.listdir(head) or []
-    found = sorted(f"{head}/{n}" if head else n for n in names if n.startswith(tail) and _SHARD_RE.fullmatch(n[len(tail):]))
-    if not found:
-        raise NotFoundError(f"no checkpoint at {where(place, rel)}: no such file, and no shards {tail}-NNNNN-of-NNNNN; check the path")
-    counts = {int(_SHARD_RE.search(p).group(2)) for p in found}  # type: ignore[union-attr]
-    if len(counts) != 1:
-        raise CorruptError(f"the V1 checkpoint {where(place, base)} has shards of different counts ({sorted(counts)}); name one shard file")
-    total = counts.pop()
-    if not 1 <= total <= MAX_FILES:
-        raise CorruptError(f"the V1 checkpoint {where(place, base)} claims {total} shards")
-    want = [f"{base}-{i:05d}-of-{total:05d}" for i in range(total)]
-    missing = [p for p in want if p not in found]
-    if missing:
-        raise CorruptError(f"shard {where(place, missing[0])} of the V1 checkpoint {where(place, base)} is missing "
-                           f"({len(missing)} of {total}); the checkpoint is incomplete; copy all its shard files")
-    return want
 
 
 class _Tensor:
@@ -207,7 +151,7 @@ class V1Reader(Source):
             else:
                 self._place = place
                 self.path = self.prefix = where(place, prefix)
-                rels = v1_files_in(place, prefix)
+                rels = v1_files(prefix, place)
                 self.files = [where(place, r) for r in rels]
             for rel, path in zip(rels, self.files):
                 self._open(rel, path)
@@ -268,14 +212,14 @@ class V1Reader(Source):
             meta = b""
             for number, wire, value in iter_fields(first[1]):
                 if number == 1:
-                    meta += _bytes(wire, value)    # repeated occurrences merge
+                    meta += as_bytes(wire, value)    # repeated occurrences merge
             versions = b""
             tensors: list[bytes] = []
             for number, wire, value in iter_fields(meta):
                 if number == 1:
-                    tensors.append(bytes(_bytes(wire, value)))
+                    tensors.append(bytes(as_bytes(wire, value)))
                 elif number == 2:
-                    versions += _bytes(wire, value)
+                    versions += as_bytes(wire, value)
             self._check_versions(versions, path)
             for raw in tensors:
                 self._add_tensor(index, raw, path)
@@ -284,11 +228,11 @@ class V1Reader(Source):
         producer, min_consumer, bad = 0, 0, []
         for number, wire, value in iter_fields(versions):
             if number == 1:
-                producer = to_int32(_varint(wire, value))
+                producer = to_int32(as_varint(wire, value))
             elif number == 2:
-                min_consumer = to_int32(_varint(wire, value))
+                min_consumer = to_int32(as_varint(wire, value))
             elif number == 3:
-                bad += [to_int32(v) for v in _varints(wire, value)]
+                bad += [to_int32(v) for v in as_varints(wire, value)]
         if min_consumer > CHECKPOINT_VERSION or CHECKPOINT_VERSION in bad:
             raise FormatError(f"{path} needs a newer checkpoint reader (min_consumer {min_consumer}); use the TensorFlow engine")
         if producer < 0:
@@ -300,13 +244,13 @@ class V1Reader(Source):
         slices: list[Slice] = []
         for number, wire, value in iter_fields(raw):
             if number == 1:
-                name_raw = bytes(_bytes(wire, value))
+                name_raw = bytes(as_bytes(wire, value))
             elif number == 2:
-                shape_raw += _bytes(wire, value)
+                shape_raw += as_bytes(wire, value)
             elif number == 3:
-                dtype = to_int32(_varint(wire, value))
+                dtype = to_int32(as_varint(wire, value))
             elif number == 4:
-                slices.append(_parse_slice(bytes(_bytes(wire, value))))
+                slices.append(_parse_slice(bytes(as_bytes(wire, value))))
         name = _name(name_raw)
         if len(name_raw) > MAX_KEY_BYTES:
             raise FormatError(f"{path} (tensor {name[:64]!r}...): its name is {len(name_raw)} bytes long, more than the "
@@ -468,21 +412,21 @@ class V1Reader(Source):
             if number == 2:
                 if data is not None:
                     raise _Bad(f"the entry of its slice {where} holds two data records")
-                data = _bytes(wire, field)
+                data = as_bytes(wire, field)
         if data is None:
             raise _Bad(f"the entry of its slice {where} holds no data record")
         proto = None
         for number, wire, field in iter_fields(data):
-            if number == 1 and bytes(_bytes(wire, field)) != t.raw:
+            if number == 1 and bytes(as_bytes(wire, field)) != t.raw:
                 raise _Bad(f"the entry of its slice {where} names another tensor")
             if number == 2:
-                got = _parse_slice(bytes(_bytes(wire, field)))
+                got = _parse_slice(bytes(as_bytes(wire, field)))
                 if _full(got, t.shape) != _full(stored, t.shape):
                     raise _Bad(f"the entry of its slice {where} holds slice {list(zip(*got))}")
             elif number == 3:
                 if proto is not None:
                     raise _Bad(f"the entry of its slice {where} holds two tensors")
-                proto = _bytes(wire, field)
+                proto = as_bytes(wire, field)
         return b"" if proto is None else proto
 
 
@@ -540,7 +484,7 @@ class V1Reader(Source):
                 self._check_block(index, off, size, chunk_bytes)
             raise
 
-    def _walk(self, index: int, i: int, w: _Window, key: bytes) -> tuple[int, int] | None:
+    def _walk(self, index: int, i: int, w: Window, key: bytes) -> tuple[int, int] | None:
         """(file offset, length) of ``key``'s value in data block ``i`` of file ``index``, from small
         reads through ``w``: every entry is walked and checked as ``Table.block`` checks it (restart
         points, shared prefixes, key lengths and budget, order, the index key).  None if the key is
@@ -605,7 +549,7 @@ class V1Reader(Source):
         read = self._ranges(index)
         if size + TRAILER_SIZE <= WHOLE_BLOCK_BYTES or bytes(read(off + size, 1))[0] != NO_COMPRESSION:
             return table.first()
-        w = _Window(read, off + size)
+        w = Window(read, off + size)
         try:
             found = self._walk(index, 0, w, b"")
             value = None if found is None else bytes(w.get(*found))
@@ -623,28 +567,28 @@ class V1Reader(Source):
     def _find(self, index: int, i: int, key: bytes, t: _Tensor, stored: Slice, spec: TensorSpec) -> _Plan | None:
         """:meth:`_locate` without the crc: the entry (:meth:`_walk`), then the SavedTensorSlices,
         SavedSlice and TensorProto fields."""
-        w = _Window(self._ranges(index), sum(self._tables[index].handles[i]))
+        w = Window(self._ranges(index), sum(self._tables[index].handles[i]))
         found = self._walk(index, i, w, key)
         if found is None:
             return None                                   # read() says the slice's data is missing
         off, size = self._tables[index].handles[i]
         where = list(zip(*stored)) if stored[0] else "[]"
         data: tuple[int, int] | None = None
-        for number, wire, value in _fields_at(w, found[0], found[0] + found[1]):
+        for number, wire, value in fields_at(w, found[0], found[0] + found[1]):
             if number == 2:
                 if data is not None:
                     raise _Bad(f"the entry of its slice {where} holds two data records")
-                data = _range(wire, value)
+                data = as_range(wire, value)
         if data is None:
             raise _Bad(f"the entry of its slice {where} holds no data record")
         proto: tuple[int, int] | None = None
-        for number, wire, value in _fields_at(w, data[0], data[0] + data[1]):
+        for number, wire, value in fields_at(w, data[0], data[0] + data[1]):
             if number == 1:
-                at, n = _range(wire, value)
+                at, n = as_range(wire, value)
                 if n != len(t.raw) or bytes(w.get(at, n)) != t.raw:
                     raise _Bad(f"the entry of its slice {where} names another tensor")
             if number == 2:
-                at, n = _range(wire, value)
+                at, n = as_range(wire, value)
                 if n > MAX_SLICE_BYTES:
                     return None
                 got = _parse_slice(bytes(w.get(at, n)))
@@ -653,14 +597,14 @@ class V1Reader(Source):
             elif number == 3:
                 if proto is not None:
                     raise _Bad(f"the entry of its slice {where} holds two tensors")
-                proto = _range(wire, value)
+                proto = as_range(wire, value)
         if proto is None:
             return None
         declared = 0
         values: list[tuple[int, int, Any]] = []
-        for number, wire, value in _fields_at(w, proto[0], proto[0] + proto[1]):
+        for number, wire, value in fields_at(w, proto[0], proto[0] + proto[1]):
             if number == _TP_DTYPE:
-                declared = to_int32(_varint(wire, value))
+                declared = to_int32(as_varint(wire, value))
             elif number in _VALUE_FIELDS:
                 values.append((number, wire, value))
         if declared and declared != _dtypes.BY_NAME[spec.dtype].tf_enum:
@@ -726,70 +670,6 @@ class _Plan(NamedTuple):
     dtype: np.dtype
 
 
-class _Window:
-    """Small reads inside one table block through a read-ahead window: walking a block's
-    entries and a value's field headers costs a few ranged reads, not one per varint."""
-
-    AHEAD = 64 << 10
-
-    def __init__(self, read: Callable[[int, int], Any], end: int) -> None:
-        self._read, self._end = read, end
-        self._at, self._buf = 0, b""
-
-    def get(self, pos: int, n: int) -> Any:
-        """``n`` bytes at file offset ``pos`` (the caller has checked that they lie before ``end``)."""
-        at = self._at
-        if not (at <= pos and pos + n <= at + len(self._buf)):
-            self._buf = self._read(pos, min(self._end - pos, max(n, self.AHEAD)))
-            self._at = at = pos
-        return self._buf[pos - at:pos - at + n]
-
-    def varint(self, pos: int, limit: int, *, bits: int = 64) -> tuple[int, int]:
-        """The varint at ``pos`` (ending before ``limit``) and the offset after it."""
-        window = self.get(pos, min(limit - pos, 10))
-        value, used = get_varint(window, 0, len(window), bits=bits)
-        return value, pos + used
-
-
-def _fields_at(w: _Window, lo: int, hi: int) -> Iterator[tuple[int, int, Any]]:
-    """:func:`~._wire.iter_fields` over the message at file bytes [lo, hi), the same checks, but
-    length-delimited values come back as (offset, length), unread."""
-    pos = lo
-    while pos < hi:
-        tag, pos = w.varint(pos, hi)
-        number, wire = tag >> 3, tag & 7
-        if number == 0:
-            raise _Bad("field number 0")
-        value: Any
-        if wire == 0:
-            value, pos = w.varint(pos, hi)
-        elif wire == 1:
-            if pos + 8 > hi:
-                raise _Bad("truncated fixed64")
-            value = int.from_bytes(w.get(pos, 8), "little")
-            pos += 8
-        elif wire == 2:
-            length, pos = w.varint(pos, hi)
-            if length > hi - pos:
-                raise _Bad("length-delimited field runs past its message")
-            value = (pos, length)
-            pos += length
-        elif wire == 5:
-            if pos + 4 > hi:
-                raise _Bad("truncated fixed32")
-            value = int.from_bytes(w.get(pos, 4), "little")
-            pos += 4
-        else:
-            raise _Bad(f"unsupported wire type {wire}")
-        yield number, wire, value
-
-
-def _range(wire: int, value: Any) -> tuple[int, int]:
-    if wire != 2:
-        raise _Bad("expected a length-delimited field")
-    return value  # type: ignore[no-any-return]
-
-
 def _release(buf: Any, lo: int, hi: int) -> None:
     """Drop the pages of bytes [lo, hi) of a mapped file from this process (MADV_DONTNEED), so
     what was streamed does not stay in its RSS; they stay in the page cache, and a view touched
@@ -830,13 +710,13 @@ class _Values:
         declared = 0
         for number, wire, value in iter_fields(proto):
             if number == _TP_DTYPE:
-                declared = to_int32(_varint(wire, value))
+                declared = to_int32(as_varint(wire, value))
             elif number in _VALUE_FIELDS:
                 self.fields.setdefault(number, []).append((wire, value))
         want = _dtypes.BY_NAME[dtype].tf_enum
         if declared and declared != want:
             raise _Bad(f"its values are declared {_dtype_name(declared)}, the tensor is {dtype}")
-        content = b"".join(bytes(_bytes(w, v)) for w, v in self.fields.pop(_TP_CONTENT, [])) if _TP_CONTENT in self.fields else None
+        content = b"".join(bytes(as_bytes(w, v)) for w, v in self.fields.pop(_TP_CONTENT, [])) if _TP_CONTENT in self.fields else None
         self.content = content or None
         self.field = self._typed_field()
         others = [n for n in self.fields if n != self.field]
@@ -871,7 +751,7 @@ class _Values:
                 raise _Bad("a string value is not length-delimited")
             return len(chunks)
         if self.dtype in _BYTE_FIELDS:
-            return sum(len(_bytes(w, v)) for w, v in chunks)
+            return sum(len(as_bytes(w, v)) for w, v in chunks)
         if self.dtype in _FIXED_FIELDS:
             _, code, per = _FIXED_FIELDS[self.dtype]
             width = int(code[-1])
@@ -974,28 +854,3 @@ def _full(s: Slice, shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
 def _dtype_name(enum: int) -> str:
     d = _dtypes.by_enum(enum)
     return d.name if d is not None else f"DataType {enum}"
-
-
-def _varint(wire: int, value: object) -> int:
-    if wire != 0:
-        raise _Bad("expected a varint field")
-    return value  # type: ignore[return-value]
-
-
-def _varints(wire: int, value: object) -> Iterator[int]:
-    if wire == 0:
-        yield value  # type: ignore[misc]
-        return
-    if wire != 2:
-        raise _Bad("integer field with a non-integer wire type")
-    buf = value
-    pos = 0
-    while pos < len(buf):  # type: ignore[arg-type]
-        v, pos = get_varint(buf, pos, len(buf))  # type: ignore[arg-type]
-        yield to_int64(v)
-
-
-def _bytes(wire: int, value: object) -> Any:
-    if wire != 2:
-        raise _Bad("expected a length-delimited field")
-    return value

@@ -31,7 +31,7 @@ import numpy as np
 
 from .. import _dtypes
 from .._source import OBJECT_GRAPH, ArchiveSink, ArchiveSource
-from ..errors import CkptBridgeError, CorruptError, FormatError, MismatchError, MissingDependencyError, UnsafeArchiveError, option
+from ..errors import CkptBridgeError, CorruptError, FormatError, MismatchError, UnsafeArchiveError, option
 from ..io.atomic import AtomicFile
 from ..io.chunks import write_stream
 from ..spec import BFLOAT16, STRING, TensorSpec, as_exchange_array, dtype_name, numpy_dtype
@@ -51,14 +51,6 @@ RESERVED_NAME = "__metadata__"
 # (dropped names, renames, layout records...); past it the data is moved once.
 _SLACK = 64 << 10
 _COPY_CHUNK = 16 << 20
-
-
-def _require_package() -> Any:
-    try:
-        import safetensors
-    except ImportError:
-        raise MissingDependencyError("the .safetensors format needs the safetensors package; install it with: pip install 'ckptbridge[safetensors]'") from None
-    return safetensors
 
 
 def _problem(spec: TensorSpec) -> str | None:
@@ -97,7 +89,6 @@ class SafetensorsSink(ArchiveSink):
     """Streams tensors into a temporary ``.safetensors`` file; the header is written last."""
 
     def __init__(self, path: str, *, force: bool = False, source: str | None = None) -> None:
-        _require_package()
         self.path = path
         self._out = AtomicFile(path, force=force)
         try:
@@ -249,7 +240,8 @@ class SafetensorsSource(ArchiveSource):
     kind = "safetensors"
 
     def __init__(self, path: str, *, verify: bool = True, max_tensor_bytes: int | None = None) -> None:
-        st = _require_package()
+        import safetensors as st  # a core dependency, imported when a .safetensors file is first read
+
         self.path = path
         self._verify = verify
         self._meta: dict[str, Any] = {}
@@ -257,7 +249,7 @@ class SafetensorsSource(ArchiveSource):
         if os.path.isdir(path):
             raise FormatError(f"{path} is a directory, not a .safetensors file")
         try:
-            self._f = st.safe_open(path, framework="numpy")
+            self._f: Any = st.safe_open(path, framework="numpy")
         except (st.SafetensorError, OSError, ValueError) as e:
             raise CorruptError(f"{path} is not a readable .safetensors file ({e}); check that the file is complete") from None
         try:

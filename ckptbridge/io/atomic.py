@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from ..errors import CkptBridgeError, NotFoundError, OutputExistsError, option
+from ..errors import CkptBridgeError, NotFoundError, OutputExistsError, StateFileError, option
 from . import ckptfiles as _ckptfiles
 from . import durability as _durability
 from . import state as _state
@@ -480,10 +480,6 @@ class AtomicFile:
 
 
 PREVIOUS_DIR = "previous"
-
-
-class StateFileError(CkptBridgeError):
-    """The checkpoint was published but its directory's state file could not be updated."""
 
 
 class AtomicCheckpoint:

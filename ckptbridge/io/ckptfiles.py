@@ -25,8 +25,12 @@ STATE_NAME = "checkpoint"
 DATA_GLOB = ".data-?????-of-?????"
 #: a glob pattern for a sharded V1 checkpoint's files
 V1_SHARD_GLOB = "-?????-of-?????"
+#: the regular expression of a data shard's suffix (``.data-00002-of-00003``); its group is the shard count
+DATA_SUFFIX = r"\.data-\d{5}-of-(\d{5})"
 #: a data shard's name at the end of a path; group 1 is the shard count
-DATA_RE = re.compile(r"\.data-\d{5}-of-(\d{5})$")
+DATA_RE = re.compile(DATA_SUFFIX + "$")
+#: a sharded V1 checkpoint's file at the end of a path (``model.ckpt-00001-of-00003``); groups: the shard, the count
+V1_SHARD_RE = re.compile(r"-(\d{5})-of-(\d{5})$")
 #: the pattern a sharded V1 checkpoint's ``Saver.save`` returns, and its state file names
 #: (``model.ckpt-?????-of-00003``), at the end of a path
 V1_PATTERN_RE = re.compile(r"-\?{5}-of-\d{5}$")
@@ -44,6 +48,34 @@ def data_path(prefix: str, shard: int, num_shards: int) -> str:
     return f"{prefix}.data-{shard:05d}-of-{num_shards:05d}"
 
 
+def v1_shard_path(prefix: str, shard: int, num_shards: int) -> str:
+    """Shard ``shard`` of a V1 checkpoint of ``num_shards`` files at ``prefix``."""
+    return f"{prefix}-{shard:05d}-of-{num_shards:05d}"
+
+
+def v1_pattern(prefix: str, num_shards: int) -> str:
+    """The pattern that names every shard of a sharded V1 checkpoint (what its ``Saver.save`` returns);
+    ``prefix`` as given (``glob.escape`` it first for a reader that globs)."""
+    return f"{prefix}-?????-of-{num_shards:05d}"
+
+
+def v1_shard_count(path: str) -> int | None:
+    """The shard count a V1 shard's name ends with; None for a name that is not one."""
+    m = V1_SHARD_RE.search(path)
+    return int(m.group(2)) if m else None
+
+
+def v1_shard_base(path: str) -> str | None:
+    """The prefix of the sharded V1 checkpoint a shard's name belongs to; None for a name that is not a shard's."""
+    m = V1_SHARD_RE.search(path)
+    return path[: m.start()] if m else None
+
+
+def is_v1_shard_of(name: str, prefix: str) -> bool:
+    """Whether ``name`` is a shard's name of the sharded V1 checkpoint at ``prefix``."""
+    return name.startswith(prefix) and V1_SHARD_RE.fullmatch(name[len(prefix):]) is not None
+
+
 def state_path(directory: str) -> str:
     return os.path.join(directory, STATE_NAME)
 
@@ -58,8 +90,8 @@ def data_shards(prefix: str) -> list[str]:
 
 
 def v1_shards(prefix: str) -> list[str]:
-    """The files of a sharded V1 checkpoint at ``prefix``, sorted."""
-    return sorted(glob.glob(glob.escape(prefix) + V1_SHARD_GLOB))
+    """The files of a sharded V1 checkpoint at ``prefix`` that exist (dangling symlinks included), sorted."""
+    return sorted(p for p in glob.glob(glob.escape(prefix) + V1_SHARD_GLOB) if V1_SHARD_RE.search(p))  # digits where the glob has ?
 
 
 def v1_pattern_prefix(path: str) -> str | None:
@@ -120,9 +152,6 @@ def strip_file_suffix(name: str) -> str:
     return name[: m.start()] if m else name
 
 
-_V1_SHARD_RE = re.compile(r"-\d{5}-of-\d{5}$")
-
-
 def checkpoints_among(names: list[str], is_table: Callable[[str], bool]) -> list[tuple[str, str]]:
     """The checkpoints a list of file names holds, as sorted (prefix, version) pairs.
 
@@ -147,6 +176,6 @@ def checkpoints_among(names: list[str], is_table: Callable[[str], bool]) -> list
         if n in v2_files or n.endswith((INDEX, META)) or DATA_RE.search(n) or base == STATE_NAME or base.startswith("."):
             continue
         if is_table(n):
-            m = _V1_SHARD_RE.search(n)
-            found.setdefault(n[: m.start()] if m else n, "v1")
+            sharded = v1_shard_base(n)
+            found.setdefault(n if sharded is None else sharded, "v1")
     return sorted(found.items())

@@ -33,6 +33,7 @@ from .. import errors
 from ..errors import RemoteError, RemotePermissionError
 from ..pipe.progress import bar
 from . import state as _state
+from .ckptfiles import DATA_SUFFIX
 from .ranged import Place, RangedFile, _check_relpath
 
 __all__ = ["RemoteError", "RemotePermissionError", "RemoteFile", "RemotePlace", "is_url", "open_place", "redact", "fetched"]
@@ -51,7 +52,7 @@ _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
 _HTTP = ("http", "https")
 # Suffixes of files a URL names directly: probed as a file first (no prefix or directory probes).
-_FILE_SUFFIXES = re.compile(r"(\.index|\.meta|\.data-\d{5}-of-\d{5}|\.tar|\.tar\.gz|\.tgz|\.zip|\.ckpt)$")
+_FILE_SUFFIXES = re.compile(rf"(\.index|\.meta|{DATA_SUFFIX}|\.tar|\.tar\.gz|\.tgz|\.zip|\.ckpt)$")
 
 
 def is_url(path: str) -> bool:

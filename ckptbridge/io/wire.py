@@ -1,5 +1,9 @@
 """Protocol-buffer wire format and checksum helpers, just what the bundle needs.
 
+Messages in memory are split by :func:`iter_fields`; one inside a file (a V1
+checkpoint's table block, read by range) is walked by :func:`fields_at` through
+a read-ahead :class:`Window`, its large values left unread.
+
 Decoding never trusts its input: every function here raises :class:`_Bad`
 (a private signal the callers turn into a CorruptError naming the file and
 tensor) instead of IndexError, struct.error or ValueError.
@@ -7,8 +11,8 @@ tensor) instead of IndexError, struct.error or ValueError.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import crc32c as _crc32c
 
@@ -137,3 +141,100 @@ def field_bytes(number: int, payload: bytes) -> bytes:
 
 def field_fixed32(number: int, value: int) -> bytes:
     return put_varint((number << 3) | 5) + (value & 0xFFFFFFFF).to_bytes(4, "little")
+
+
+# --- one field's value, checked to be of the wire type wanted ----------------
+
+def as_varint(wire: int, value: object) -> int:
+    """A varint field's value (as :func:`iter_fields` gives it); _Bad for another wire type."""
+    if wire != 0:
+        raise _Bad("expected a varint field")
+    return value  # type: ignore[return-value]
+
+
+def as_varints(wire: int, value: object) -> Iterator[int]:
+    """A repeated integer field's values, packed or not, as int64s."""
+    if wire == 0:
+        yield value  # type: ignore[misc]
+        return
+    if wire != 2:
+        raise _Bad("integer field with a non-integer wire type")
+    buf = value
+    pos = 0
+    while pos < len(buf):  # type: ignore[arg-type]
+        v, pos = get_varint(buf, pos, len(buf))  # type: ignore[arg-type]
+        yield to_int64(v)
+
+
+def as_bytes(wire: int, value: object) -> Any:
+    """A length-delimited field's bytes (a ``memoryview`` slice from :func:`iter_fields`)."""
+    if wire != 2:
+        raise _Bad("expected a length-delimited field")
+    return value
+
+
+# --- messages inside a file, read through a window ----------------------------
+
+class Window:
+    """Small reads of a file (up to offset ``end``) through a read-ahead window: walking a table
+    block's entries and a value's field headers costs a few ranged reads, not one per varint."""
+
+    AHEAD = 64 << 10
+
+    def __init__(self, read: Callable[[int, int], Any], end: int) -> None:
+        self._read, self._end = read, end
+        self._at, self._buf = 0, b""
+
+    def get(self, pos: int, n: int) -> Any:
+        """``n`` bytes at file offset ``pos`` (the caller has checked that they lie before ``end``)."""
+        at = self._at
+        if not (at <= pos and pos + n <= at + len(self._buf)):
+            self._buf = self._read(pos, min(self._end - pos, max(n, self.AHEAD)))
+            self._at = at = pos
+        return self._buf[pos - at:pos - at + n]
+
+    def varint(self, pos: int, limit: int, *, bits: int = 64) -> tuple[int, int]:
+        """The varint at ``pos`` (ending before ``limit``) and the offset after it."""
+        window = self.get(pos, min(limit - pos, 10))
+        value, used = get_varint(window, 0, len(window), bits=bits)
+        return value, pos + used
+
+
+def fields_at(w: Window, lo: int, hi: int) -> Iterator[tuple[int, int, Any]]:
+    """:func:`iter_fields` over the message at file bytes [lo, hi), the same checks, but
+    length-delimited values come back as (offset, length), unread."""
+    pos = lo
+    while pos < hi:
+        tag, pos = w.varint(pos, hi)
+        number, wire = tag >> 3, tag & 7
+        if number == 0:
+            raise _Bad("field number 0")
+        value: Any
+        if wire == 0:
+            value, pos = w.varint(pos, hi)
+        elif wire == 1:
+            if pos + 8 > hi:
+                raise _Bad("truncated fixed64")
+            value = int.from_bytes(w.get(pos, 8), "little")
+            pos += 8
+        elif wire == 2:
+            length, pos = w.varint(pos, hi)
+            if length > hi - pos:
+                raise _Bad("length-delimited field runs past its message")
+            value = (pos, length)
+            pos += length
+        elif wire == 5:
+            if pos + 4 > hi:
+                raise _Bad("truncated fixed32")
+            value = int.from_bytes(w.get(pos, 4), "little")
+            pos += 4
+        else:
+            raise _Bad(f"unsupported wire type {wire}")
+        yield number, wire, value
+
+
+def as_range(wire: int, value: Any) -> tuple[int, int]:
+    """A length-delimited field's (offset, length), as :func:`fields_at` gives it."""
+    if wire != 2:
+        raise _Bad("expected a length-delimited field")
+    return value  # type: ignore[no-any-return]

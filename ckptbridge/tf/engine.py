@@ -59,11 +59,11 @@ def _files_of(place: Place, prefix: str) -> list[str]:
     header counts, or a V1 checkpoint's file(s)."""
     from ..bundle._entries import parse_header
     from ..bundle._table import read_table
-    from ..bundle.v1 import v1_files_in
+    from ..bundle.v1_shards import v1_files
     from ..io.ckptfiles import data_path, index_path
 
     if not place.exists(index_path(prefix)):
-        return v1_files_in(place, prefix)
+        return v1_files(prefix, place)
     with place.open(index_path(prefix)) as f:
         data = f.pread(0, f.size)
     try:
@@ -90,16 +90,16 @@ def _reader_path(prefix: str) -> str:
     """What TensorFlow's reader opens for the local checkpoint at ``prefix``: the prefix (a V2
     checkpoint, or one V1 file), or for a sharded V1 checkpoint (named by its prefix or by one
     shard) the pattern of all its shards, which the reader merges."""
-    from ..bundle.v1 import v1_files
-    from ..io.ckptfiles import index_path
+    from ..bundle.v1_shards import v1_files
+    from ..io.ckptfiles import index_path, v1_pattern, v1_shard_base
 
     if os.path.isfile(index_path(prefix)):
         return prefix
     files = v1_files(prefix)
-    if len(files) == 1:
+    base = v1_shard_base(files[0])
+    if len(files) == 1 or base is None:
         return files[0]
-    base, _, total = files[0].rpartition("-of-")
-    return glob.escape(base[: -len("-00000")]) + f"-?????-of-{total}"
+    return v1_pattern(glob.escape(base), len(files))
 
 
 class TfCheckpointSource(Source):

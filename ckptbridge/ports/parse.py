@@ -1,0 +1,264 @@
+"""Reading port maps: the built-in ones in ``maps/``, or a TOML file by path, checked and expanded.
+
+:func:`parse` checks a map document against format 1 (``docs/porting.md``) and
+expands its templates into one :class:`~.model.Rule` per tensor; every problem
+is listed in one :class:`~ckptbridge.errors.FormatError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from ..errors import FormatError, NotFoundError
+from .model import _SHOWN, CAVEAT_KINDS, FORMAT, TRANSFORMS, Added, Caveat, PortMap, Rule
+
+MAPS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "maps")
+
+
+def builtin() -> dict[str, str]:
+    """Built-in map name -> its file (``torchvision:vgg16`` is ``maps/torchvision__vgg16.toml``)."""
+    try:
+        files = sorted(f for f in os.listdir(MAPS_DIR) if f.endswith(".toml"))
+    except FileNotFoundError:
+        return {}
+    return {f[: -len(".toml")].replace("__", ":"): os.path.join(MAPS_DIR, f) for f in files}
+
+
+def load(spec: str | PortMap) -> PortMap:
+    """A built-in map by name, or a map file by path."""
+    if isinstance(spec, PortMap):
+        return spec
+    maps = builtin()
+    if spec in maps:
+        return parse_file(maps[spec])
+    if os.path.isfile(spec):
+        return parse_file(spec)
+    if os.path.exists(spec):
+        raise FormatError(f"port map {spec} is not a regular file; give a TOML file")
+    raise NotFoundError(f"no port map named {spec!r}: the built-in maps are {', '.join(maps) or 'none'}, or give the path of a map file")
+
+
+def parse_file(path: str) -> PortMap:
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(1 << 20 + 1)
+    except OSError as e:
+        raise NotFoundError(f"cannot read port map {path}: {e.strerror}") from None
+    if len(raw) > 1 << 20:
+        raise FormatError(f"port map {path} is larger than 1 MiB; a map is a small text file")
+    try:
+        doc = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise FormatError(f"port map {path} is not valid TOML ({e})") from None
+    return parse(doc, path)
+
+
+class _Problems:
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.items: list[str] = []
+
+    def add(self, what: str) -> None:
+        if what not in self.items:
+            self.items.append(what)
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            shown = "; ".join(self.items[:_SHOWN]) + (f"; and {len(self.items) - _SHOWN} more" if len(self.items) > _SHOWN else "")
+            raise FormatError(f"port map {self.where} is not valid: {shown}")
+
+
+def _keys(p: _Problems, table: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    for k in table:
+        if k not in allowed:
+            p.add(f"{where}: unknown key {k!r} (known: {', '.join(sorted(allowed))})")
+
+
+def _str(p: _Problems, table: Mapping[str, Any], key: str, where: str, *, required: bool = True) -> str | None:
+    v = table.get(key)
+    if v is None:
+        if required:
+            p.add(f"{where}: {key!r} is missing")
+        return None
+    if not isinstance(v, str) or not v:
+        p.add(f"{where}: {key!r} must be a non-empty string")
+        return None
+    return v
+
+
+def _int(p: _Problems, table: Mapping[str, Any], key: str, where: str) -> int | None:
+    v = table.get(key)
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        p.add(f"{where}: {key!r} must be a positive integer")
+        return None
+    return v
+
+
+def _template(p: _Problems, name: str, tpl: Any) -> tuple[list[tuple[str, str, str, bool]], list[Added]]:
+    """One template, checked once whether or not a scope uses it: its rules (key, to, transform,
+    classes) and its added tensors (names relative to the scope)."""
+    rules: list[tuple[str, str, str, bool]] = []
+    adds: list[Added] = []
+    if not isinstance(tpl, dict):
+        p.add(f"templates.{name} must be a table")
+        return rules, adds
+    for key, r in tpl.items():
+        tw = f"templates.{name}.{key}"
+        if key == "add":
+            if not isinstance(r, dict):
+                p.add(f"{tw} must be a table")
+                continue
+            for leaf, a in r.items():
+                aw = f"templates.{name}.add.{leaf}"
+                if not isinstance(a, dict):
+                    p.add(f"{aw} must be a table")
+                    continue
+                _keys(p, a, {"fill", "like", "dtype", "shape", "check"}, aw)
+                fill = a.get("fill")
+                if isinstance(fill, bool) or not isinstance(fill, (int, float)):
+                    p.add(f"{aw}: 'fill' must be a number")
+                    continue
+                like, dtype, shape = a.get("like"), a.get("dtype"), a.get("shape")
+                if not ((isinstance(like, str) and dtype is None and shape is None) or (like is None and dtype is not None and shape is not None)):
+                    p.add(f"{aw}: give either 'like' (a destination tensor of the same scope) or both 'dtype' and 'shape'")
+                    continue
+                if shape is not None and not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+                    p.add(f"{aw}: 'shape' must be a list of non-negative integers")
+                    continue
+                if dtype is not None:
+                    from .. import _dtypes
+
+                    if not isinstance(dtype, str) or dtype not in _dtypes.BY_NAME or _dtypes.BY_NAME[dtype].memory is None or dtype == "string":
+                        p.add(f"{aw}: {dtype!r} is not a numeric dtype ckptbridge carries")
+                        continue
+                check = a.get("check", True)
+                if not isinstance(check, bool):
+                    p.add(f"{aw}: 'check' must be true or false")
+                    continue
+                adds.append(Added(leaf, float(fill), like, dtype, tuple(shape) if shape is not None else None, check))
+            continue
+        if not isinstance(r, dict):
+            p.add(f"{tw} must be a table {{ to = ..., transform = ... }}")
+            continue
+        _keys(p, r, {"to", "transform", "classes"}, tw)
+        to = _str(p, r, "to", tw)
+        transform = r.get("transform", "none")
+        if transform not in TRANSFORMS:
+            p.add(f"{tw}: transform {transform!r} is not one of {', '.join(TRANSFORMS)}")
+            continue
+        if not isinstance(r.get("classes", False), bool):
+            p.add(f"{tw}: 'classes' must be true or false")
+            continue
+        if to is not None:
+            rules.append((key, to, transform, bool(r.get("classes", False))))
+    return rules, adds
+
+
+def parse(doc: Mapping[str, Any], where: str) -> PortMap:
+    """Check a map document and expand its templates into rules; every problem is listed."""
+    p = _Problems(where)
+    _keys(p, doc, {"format", "name", "net", "destination", "description", "image_size", "classes", "skip", "caveats", "templates", "scopes"}, "top level")
+    if type(doc.get("format")) is not int or doc.get("format") != FORMAT:
+        p.add(f"'format' must be {FORMAT} (this ckptbridge reads format {FORMAT}), got {doc.get('format')!r}")
+        p.raise_if_any()
+    name = _str(p, doc, "name", "top level")
+    net = _str(p, doc, "net", "top level")
+    destination = _str(p, doc, "destination", "top level")
+    description = doc.get("description", "")
+    if not isinstance(description, str):
+        p.add("top level: 'description' must be a string")
+        description = ""
+    image_size = _int(p, doc, "image_size", "top level")
+    classes = doc.get("classes")
+    src_classes = dst_classes = None
+    if not isinstance(classes, dict):
+        p.add("'classes' must be a table { source = N, destination = M }")
+    else:
+        _keys(p, classes, {"source", "destination"}, "classes")
+        src_classes, dst_classes = _int(p, classes, "source", "classes"), _int(p, classes, "destination", "classes")
+        if src_classes and dst_classes and src_classes not in (dst_classes, dst_classes + 1):
+            p.add(f"classes: source {src_classes} must equal destination {dst_classes}, or be one more (TensorFlow's background class)")
+    skip = doc.get("skip", [])
+    if not isinstance(skip, list) or not all(isinstance(s, str) for s in skip):
+        p.add("'skip' must be a list of regular expressions")
+        skip = []
+    for s in skip:
+        try:
+            re.compile(s)
+        except re.error as e:
+            p.add(f"skip: {s!r} is not a valid regular expression ({e})")
+    caveats = []
+    for i, c in enumerate(doc.get("caveats", [])):
+        w = f"caveats[{i}]"
+        if not isinstance(c, dict):
+            p.add(f"{w} must be a table")
+            continue
+        _keys(p, c, {"kind", "text", "fix"}, w)
+        kind, text, fix = _str(p, c, "kind", w), _str(p, c, "text", w), _str(p, c, "fix", w, required=False)
+        if kind is not None and kind not in CAVEAT_KINDS:
+            p.add(f"{w}: kind {kind!r} is not one of {', '.join(CAVEAT_KINDS)}")
+        if kind and text:
+            caveats.append(Caveat(kind, text, fix))
+    templates = doc.get("templates", {})
+    if not isinstance(templates, dict):
+        p.add("'templates' must be a table of tables")
+        templates = {}
+    parsed = {name: _template(p, name, tpl) for name, tpl in templates.items()}
+    rules: list[Rule] = []
+    added: list[Added] = []
+    scopes = doc.get("scopes", [])
+    if not isinstance(scopes, list) or not scopes:
+        p.add("'scopes' must be a non-empty array of tables")
+        scopes = []
+    for i, s in enumerate(scopes):
+        w = f"scopes[{i}]"
+        if not isinstance(s, dict):
+            p.add(f"{w} must be a table")
+            continue
+        _keys(p, s, {"from", "to", "template", "kernel"}, w)
+        src, dst, tname = _str(p, s, "from", w), s.get("to"), _str(p, s, "template", w)
+        if not isinstance(dst, str):
+            p.add(f"{w}: 'to' must be a string (empty for the top level)")
+            continue
+        kernel = s.get("kernel", [1, 1])
+        if not (isinstance(kernel, list) and len(kernel) == 2 and all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in kernel)):
+            p.add(f"{w}: 'kernel' must be [H, W], two positive integers")
+            kernel = [1, 1]
+        if src is None or tname is None:
+            continue
+        if tname not in parsed:
+            p.add(f"{w}: no template named {tname!r}")
+            continue
+
+        def join(leaf: str, dst: str = dst) -> str:
+            return f"{dst}.{leaf}" if dst else leaf
+
+        tpl_rules, tpl_adds = parsed[tname]
+        rules += [Rule(f"{src}/{key}", join(to), transform, classes, (kernel[0], kernel[1])) for key, to, transform, classes in tpl_rules]
+        added += [dataclasses.replace(a, dest=join(a.dest), like=join(a.like) if a.like is not None else None) for a in tpl_adds]
+    seen_src: dict[str, int] = {}
+    seen_dst: dict[str, int] = {}
+    for r in rules:
+        seen_src[r.source] = seen_src.get(r.source, 0) + 1
+        seen_dst[r.dest] = seen_dst.get(r.dest, 0) + 1
+    for a in added:
+        seen_dst[a.dest] = seen_dst.get(a.dest, 0) + 1
+        if a.like is not None and a.like not in {r.dest for r in rules}:
+            p.add(f"added {a.dest}: 'like' names {a.like}, which no rule produces")
+    for n, k in seen_src.items():
+        if k > 1:
+            p.add(f"source tensor {n} is used by {k} rules")
+    for n, k in seen_dst.items():
+        if k > 1:
+            p.add(f"destination tensor {n} is produced {k} times")
+    p.raise_if_any()
+    assert name and net and destination and image_size and src_classes and dst_classes  # checked above
+    return PortMap(name, net, destination, description, image_size, src_classes, dst_classes, tuple(skip), tuple(caveats),
+                   tuple(rules), tuple(added), where)
+
