@@ -614,7 +614,8 @@ def compare(a: bytes, b: bytes, key_a: Callable[[str], str], key_b: Callable[[st
             kids, others = dict(reversed(w.children[mine])), dict(other.children[theirs])
             for name in sorted(kids.keys() - others.keys()):
                 if kids[name] in mapped:  # a second name for an object both have: only the name is lost
-                    out.append((path, f"child {name!r} (-> {w.path(kids[name])}) only in {here}"))
+                    out.append((path, f"child {name!r} only in {here} (the object {'B' if here == 'A' else 'A'} reaches "
+                                      f"as {other.path(mapped[kids[name]])})"))
             for opt, orig, name in w.by_end.get(mine, ()):
                 var = w.links[(opt, orig, name)]
                 if opt == mine and orig in mapped and (theirs, mapped[orig], name) not in other.links and var in w.via:
