@@ -498,7 +498,7 @@ def port_map(name_or_path: str) -> PortMap:
 def diff(
     a: str, b: str, *, atol: float = 0.0, rtol: float = 0.0, engine: str = "auto", progress: bool | None = False,
     max_tensor_bytes: int | None = DEFAULT_MAX_TENSOR_BYTES, names: str = "auto", member_a: str | None = None,
-    member_b: str | None = None,
+    member_b: str | None = None, graphs: bool = True,
 ) -> DiffReport:
     """Compare two checkpoints or archives name by name; exact unless atol/rtol.
 
@@ -506,11 +506,15 @@ def diff(
     bytes (native engine), never skipped.  ``names`` picks the names of each side
     that is a checkpoint, as for :func:`read` (an archive's names are its own).
     ``member_a``/``member_b`` choose the checkpoint inside ``a``/``b`` where either
-    is an archive of checkpoints.
+    is an archive of checkpoints.  With ``graphs`` (the default) the TF2 object
+    graphs are compared too, by what ``tf.train.Checkpoint`` restore uses (object
+    paths, children, attribute names and keys, slot links), not by their bytes;
+    a graph on one side only is a difference.  ``graphs=False`` compares tensors only.
 
     Returns:
         A :class:`DiffReport`; ``identical`` is True when names, dtypes, shapes and
-        every bit agree (or agree within ``atol + rtol * |b|``).
+        every bit agree (or agree within ``atol + rtol * |b|``), and the object
+        graphs agree (``graph_diffs`` says how they do not).
 
     Example::
 
@@ -526,7 +530,7 @@ def diff(
                      progress=progress) as sa, \
             open_source(b, engine=engine, max_tensor_bytes=limit, names=nb, member=member_b, member_key="member_b",
                          progress=progress) as sb:
-        return diff_sources(sa, sb, atol=atol, rtol=rtol, progress=progress)
+        return diff_sources(sa, sb, atol=atol, rtol=rtol, progress=progress, graphs=graphs)
 
 
 def verify(path: str, *, engine: str = "auto", progress: bool | None = False, max_tensor_bytes: int | None = DEFAULT_MAX_TENSOR_BYTES,

@@ -289,7 +289,7 @@ def cmd_maps(args: argparse.Namespace) -> int:
 
 def cmd_diff(args: argparse.Namespace) -> int:
     d = _api.diff(args.a, args.b, atol=args.atol, rtol=args.rtol, engine=args.engine, names=args.names, progress=_progress(args),
-                  max_tensor_bytes=_max_tensor(args), member_a=args.member_a, member_b=args.member_b)
+                  max_tensor_bytes=_max_tensor(args), member_a=args.member_a, member_b=args.member_b, graphs=not args.tensors_only)
     for n in d.only_a:
         print(f"only in A: {n}")
     for n in d.only_b:
@@ -301,12 +301,16 @@ def cmd_diff(args: argparse.Namespace) -> int:
         print(f"values differ: {n}: {count} elements{extra}")
     for n, dtype in d.raw_diffs.items():
         print(f"stored bytes differ: {n} ({dtype}, compared as stored bytes)")
+    for line in d.graph_diffs:
+        print(line)
     raw = f", {d.compared_raw} of a dtype ckptbridge does not carry, as stored bytes" if d.compared_raw else ""
+    graph = "" if d.graph_objects is None else f" and the TF2 object graph ({d.graph_objects} objects)"
     if d.identical:
-        print(f"identical: {d.compared} tensors" + (f" ({raw[2:]})" if raw else ""))
+        print(f"identical: {d.compared} tensors" + (f" ({raw[2:]})" if raw else "") + graph)
         return 0
     print(f"different: {len(d.only_a)} only in A, {len(d.only_b)} only in B, {len(d.spec_diffs)} shape/dtype, "
-          f"{len(d.value_diffs) + len(d.raw_diffs)} values ({d.compared} compared{raw})")
+          f"{len(d.value_diffs) + len(d.raw_diffs)} values ({d.compared} compared{raw})"
+          + (f", {len(d.graph_diffs)} in the object graph" if d.graph_diffs else ""))
     return 1
 
 
@@ -418,6 +422,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--rtol", type=float, default=0.0)
     s.add_argument("--member-a", default=None, metavar="NAME", help="the checkpoint inside A where A is an archive of checkpoints holding several")
     s.add_argument("--member-b", default=None, metavar="NAME", help="the same for B")
+    s.add_argument("--tensors-only", action="store_true", help="compare tensors only, not the TF2 object graphs")
     s.add_argument("--max-tensor-gb", type=float, default=_api.DEFAULT_MAX_TENSOR_BYTES / (1 << 30), help="refuse archive tensors claiming more than this (default 64)")
     s.set_defaults(func=cmd_diff)
 

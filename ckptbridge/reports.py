@@ -55,10 +55,15 @@ class DiffReport:
     raw_diffs: dict[str, str] = dataclasses.field(default_factory=dict)
     #: how many of ``compared`` were compared as stored bytes (dtypes not carried)
     compared_raw: int = 0
+    #: how the TF2 object graphs differ for restore (objects, children, attributes and their keys,
+    #: slot links; a graph on one side only), one sentence each
+    graph_diffs: list[str] = dataclasses.field(default_factory=list)
+    #: how many graph objects both sides have; None when neither side has an object graph
+    graph_objects: int | None = None
 
     @property
     def identical(self) -> bool:
-        return not (self.only_a or self.only_b or self.spec_diffs or self.value_diffs or self.raw_diffs)
+        return not (self.only_a or self.only_b or self.spec_diffs or self.value_diffs or self.raw_diffs or self.graph_diffs)
 
 
 @dataclasses.dataclass

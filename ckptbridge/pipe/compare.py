@@ -6,16 +6,20 @@ import numpy as np
 
 from .. import _dtypes, _engines
 from .._dtypes import uncarried_error
-from .._source import Source
+from .._source import OBJECT_GRAPH, Source
 from ..errors import CorruptError
 from ..reports import DiffReport, VerifyReport
+from ..sources import _objgraph
 from ..spec import TensorSpec
 from .progress import bar
 
 
-def diff_sources(a: Source, b: Source, *, atol: float = 0.0, rtol: float = 0.0, progress: bool | None = False) -> DiffReport:
+def diff_sources(a: Source, b: Source, *, atol: float = 0.0, rtol: float = 0.0, progress: bool | None = False,
+                 graphs: bool = True) -> DiffReport:
     """Compare every tensor of ``a`` and ``b`` by name, those of a dtype not carried included
-    (by their stored bytes: an engine that cannot get at them is an error, never a silent pass)."""
+    (by their stored bytes: an engine that cannot get at them is an error, never a silent pass),
+    and, with ``graphs``, their TF2 object graphs as restore uses them (see :func:`diff_graphs`)."""
+    graph_diffs, graph_objects = diff_graphs(a, b) if graphs else ([], None)
     sa, sb = {**a.specs(), **a.uncarried()}, {**b.specs(), **b.uncarried()}
     opaque = a.uncarried().keys() | b.uncarried().keys()
     only_a = sorted(set(sa) - set(sb))
@@ -42,7 +46,33 @@ def diff_sources(a: Source, b: Source, *, atol: float = 0.0, rtol: float = 0.0, 
             pbar.update(sa[name].nbytes)
     finally:
         pbar.close()
-    return DiffReport(only_a, only_b, spec_diffs, value_diffs, len(common), raw_diffs, compared_raw)
+    return DiffReport(only_a, only_b, spec_diffs, value_diffs, len(common), raw_diffs, compared_raw, graph_diffs, graph_objects)
+
+
+def diff_graphs(a: Source, b: Source) -> tuple[list[str], int | None]:
+    """How the TF2 object graphs of ``a`` and ``b`` differ for ``tf.train.Checkpoint`` restore, one
+    sentence each, and how many objects both have (None when neither side has a graph).
+
+    A graph on one side only is a difference: restoring by object from the other side gets nothing.
+    Each side's attribute keys are read as that side names its tensors (an archive's graph is keyed
+    by the archive's names, a readable-names view shows a checkpoint's keys by readable names).
+    """
+    ga, gb = a.extras().get(OBJECT_GRAPH), b.extras().get(OBJECT_GRAPH)
+    if ga is None and gb is None:
+        return [], None
+    if ga is None or gb is None:
+        here, other = ("A", "B") if gb is None else ("B", "A")
+        return [f"object graph: only {here} has a TF2 object graph; {other} has none, so tf.train.Checkpoint "
+                f"restores no object from {other} (its tensors still load by name)"], 0
+    na, nb = _graph_names(a), _graph_names(b)
+    if ga == gb and na == nb:
+        return [], _objgraph.count_reachable(ga)
+    return _objgraph.compare(ga, gb, _objgraph.key_names(ga, na), _objgraph.key_names(gb, nb))
+
+
+def _graph_names(source: Source) -> dict[str, str]:
+    """Object-graph key -> the name the source shows, for every tensor it holds."""
+    return {source.object_key(n): n for n in [*source.specs(), *source.uncarried()]}
 
 
 def _raw(source: Source, name: str, spec: TensorSpec) -> bytes:

@@ -486,3 +486,185 @@ def carry(payload: bytes, keys: Mapping[str, str], restorable: bool = False,
         return rewrite(payload, keys, restorable, held)
     except Unusable as e:
         return None, f"left out: {e}; tf.train.Checkpoint cannot restore the output by object (tf.train.load_checkpoint and name-based restore still work)"
+
+
+# --- comparing two graphs by what restore uses ------------------------------------------
+
+#: How many path segments a difference shows before it elides the rest (a hostile chain is deep).
+_SHOWN_SEGMENTS = 24
+
+
+class _Walk:
+    """One graph as restore walks it: from the root through children, and through the slot links of an
+    optimizer from the variables they belong to.  Objects it cannot reach are never restored into."""
+
+    def __init__(self, payload: bytes, key: Callable[[str], str]) -> None:
+        _, nodes = _parse(payload)
+        self.children: list[list[tuple[str, int]]] = []
+        #: (optimizer, original variable, slot name) -> slot variable
+        self.links: dict[tuple[int, int, str], int] = {}
+        #: node -> the slot links it is the optimizer or the original variable of
+        self.by_end: dict[int, list[tuple[int, int, str]]] = {}
+        for i, n in enumerate(nodes):
+            kids = [(_text(_last(_fields(bytes(n.fields[j].value)), _REF_LOCAL_NAME, 2)), c)  # type: ignore[arg-type]
+                    for j, c in n.children.items()]
+            self.children.append(sorted(kids))
+            for j, (orig, var) in n.slots.items():
+                link = (i, orig, _text(_last(_fields(bytes(n.fields[j].value)), _SLOT_NAME, 2)))  # type: ignore[arg-type]
+                self.links.setdefault(link, var)
+                for end in {orig, i}:
+                    self.by_end.setdefault(end, []).append(link)
+        self.attrs = [tuple(sorted((_text(_last(a.parts, _ATTR_NAME, 2)), key(a.key)) for a in n.attrs.values())) for n in nodes]
+        self.savers = [n.saver for n in nodes]
+        # How each reachable object was first reached, breadth first with children by name (the same
+        # for any node order): ("child", parent, name) or ("slot", original variable, optimizer, name).
+        self.via: dict[int, tuple[object, ...]] = {0: ("root",)}
+        todo, at = [0], 0
+        while at < len(todo):
+            i = todo[at]
+            at += 1
+            for name, c in self.children[i]:
+                if c not in self.via:
+                    self.via[c] = ("child", i, name)
+                    todo.append(c)
+            for opt, orig, name in self.by_end.get(i, ()):
+                var = self.links[(opt, orig, name)]
+                if opt in self.via and orig in self.via and var not in self.via:
+                    self.via[var] = ("slot", orig, opt, name)
+                    todo.append(var)
+
+    def path(self, i: int, depth: int = 0) -> str:
+        """``dense/kernel``, ``(root)``, or a slot variable as TensorFlow keys it
+        (``dense/kernel/.OPTIMIZER_SLOT/optimizer/m``); past _SHOWN_SEGMENTS segments, ``…``."""
+        segments: list[str] = []
+        while True:
+            how = self.via[i]
+            if how[0] == "root":
+                break
+            if len(segments) >= _SHOWN_SEGMENTS:
+                segments.append("…")
+                break
+            if how[0] == "slot":
+                _, orig, opt, name = how
+                segments.append("…" if depth > 2 else
+                                f"{self.path(orig, depth + 1)}/.OPTIMIZER_SLOT/{self.path(opt, depth + 1)}/{name}")  # type: ignore[arg-type]
+                break
+            segments.append(str(how[2]))
+            i = how[1]  # type: ignore[assignment]
+        return "/".join(reversed(segments)) or "(root)"
+
+
+def _attr_list(attrs: tuple[tuple[str, str], ...]) -> str:
+    if not attrs:
+        return "no attributes"
+    shown = ", ".join(f"{n!r} -> {k}" for n, k in attrs[:2])
+    return f"attribute{'s' if len(attrs) != 1 else ''} {shown}" + (f" and {len(attrs) - 2} more" if len(attrs) > 2 else "")
+
+
+def compare(a: bytes, b: bytes, key_a: Callable[[str], str], key_b: Callable[[str], str]) -> tuple[list[str], int]:
+    """How two graphs differ for restore, one sentence per difference, and how many objects match.
+
+    Objects are matched as restore would match them: the roots, then children of matched objects by
+    local name, then slot variables of matched optimizers by matched variable and slot name; so node
+    order and re-serialization do not count, and an object reached by two names (a Keras layer) that
+    loses one is one difference.  For each matched object: its children, its attributes' names and
+    checkpoint keys (through ``key_a``/``key_b``, the keys as each side names its tensors), its slot
+    links and its registered saver.  An object restore reaches on one side only is a difference;
+    objects it cannot reach are not compared.  An unreadable graph is one difference.
+    """
+    walks: list[_Walk] = []
+    for side, payload, key in (("A", a, key_a), ("B", b, key_b)):
+        try:
+            walks.append(_Walk(payload, key))
+        except _Bad as e:
+            return [f"object graph: {side}'s cannot be compared: it is not a readable TrackableObjectGraph ({e})"], 0
+        except _TooBig:
+            return [f"object graph: {side}'s cannot be compared: it has more than {MAX_FIELDS:,} protobuf fields, more than ckptbridge checks"], 0
+    wa, wb = walks
+    pa: dict[int, int] = {0: 0}  # A's node -> B's node
+    pb: dict[int, int] = {0: 0}
+    out: list[tuple[str, str]] = []  # (path, sentence)
+
+    def pair(x: int, y: int) -> bool:
+        """Match x (in A) with y (in B); False where either is matched to another object."""
+        if x in pa or y in pb:
+            return pa.get(x) == y
+        pa[x], pb[y] = y, x
+        todo.append(x)
+        return True
+
+    todo, at = [0], 0
+    while at < len(todo):
+        x = todo[at]
+        at += 1
+        y = pa[x]
+        ca, cb = dict(reversed(wa.children[x])), dict(reversed(wb.children[y]))
+        for name in sorted(ca.keys() & cb.keys()):
+            if not pair(ca[name], cb[name]):
+                out.append((wa.path(x), f"child {name!r} is {wa.path(ca[name])} in A, {wb.path(cb[name])} in B"))
+        for opt, orig, name in wa.by_end.get(x, ()):
+            if opt in pa and orig in pa and (pa[opt], pa[orig], name) in wb.links:
+                u, v = wa.links[(opt, orig, name)], wb.links[(pa[opt], pa[orig], name)]
+                if not pair(u, v):
+                    out.append((wa.path(opt), f"slot variable {name!r} of {wa.path(orig)} is {wa.path(u)} in A, {wb.path(v)} in B"))
+    covered: set[tuple[str, int]] = set()  # slot variables whose missing link is already a line
+    for x, y in pa.items():
+        path = wa.path(x)
+        for here, w, other, mine, theirs, mapped in (("A", wa, wb, x, y, pa), ("B", wb, wa, y, x, pb)):
+            kids, others = dict(reversed(w.children[mine])), dict(other.children[theirs])
+            for name in sorted(kids.keys() - others.keys()):
+                if kids[name] in mapped:  # a second name for an object both have: only the name is lost
+                    out.append((path, f"child {name!r} only in {here} (the object {'B' if here == 'A' else 'A'} reaches "
+                                      f"as {other.path(mapped[kids[name]])})"))
+            for opt, orig, name in w.by_end.get(mine, ()):
+                var = w.links[(opt, orig, name)]
+                if opt == mine and orig in mapped and (theirs, mapped[orig], name) not in other.links and var in w.via:
+                    out.append((path, f"slot variable {name!r} of {w.path(orig)} (-> {w.path(var)}) only in {here}"))
+                    covered.add((here, var))
+        if wa.attrs[x] != wb.attrs[y]:
+            da, db = dict(wa.attrs[x]), dict(wb.attrs[y])
+            for name in sorted(da.keys() | db.keys()):
+                ka, kb = da.get(name), db.get(name)
+                if ka is None or kb is None:
+                    out.append((path, f"attribute {name!r} (key {ka or kb}) only in {'A' if kb is None else 'B'}"))
+                elif ka != kb:
+                    out.append((path, f"attribute {name!r} has key {ka} in A, {kb} in B"))
+            if len(da) != len(wa.attrs[x]) or len(db) != len(wb.attrs[y]):
+                out.append((path, f"attributes of repeated names: {len(wa.attrs[x])} in A, {len(wb.attrs[y])} in B"))
+        if wa.savers[x] != wb.savers[y]:
+            out.append((path, f"registered saver {wa.savers[x]!r} in A, {wb.savers[y]!r} in B"))
+    for here, w, mapped, there in (("A", wa, pa, "B"), ("B", wb, pb, "A")):
+        for i in w.via:
+            if i not in mapped and (here, i) not in covered:
+                out.append((w.path(i), f"object only in {here} ({_attr_list(w.attrs[i])}); {there} has no object there"))
+    out.sort()
+    return [f"object graph: {path}: {what}" for path, what in out], len(pa)
+
+
+def count_reachable(payload: bytes) -> int:
+    """How many objects restore reaches in the graph (0 if it cannot be read)."""
+    try:
+        return len(_Walk(payload, lambda k: k).via)
+    except (_Bad, _TooBig):
+        return 0
+
+
+def key_names(payload: bytes, names: Mapping[str, str]) -> Callable[[str], str]:
+    """Graph key -> the name its side shows (``names``: object key -> name, for every tensor held).
+
+    An attribute whose value is several tensors (see :func:`parts`) maps to the common prefix of its
+    tensors' names; a key no tensor holds stays as it is."""
+    if all(k == v for k, v in names.items()):
+        return lambda k: k
+    try:
+        _, nodes = _parse(payload)
+        of = parts({a.key for n in nodes for a in n.attrs.values()}, set(names))
+    except (_Bad, _TooBig):
+        return lambda k: names.get(k, k)
+    out = {}
+    for k, tensors in of.items():
+        prefixes = {names[h][:len(names[h]) - len(sfx)] for h, sfx in tensors.items() if names[h].endswith(sfx)}
+        if len(prefixes) == 1 and all(names[h].endswith(sfx) for h, sfx in tensors.items()):
+            out[k] = prefixes.pop()
+    return lambda k: out.get(k, k)
+
