@@ -51,9 +51,11 @@ READAHEAD = 256 << 10
 #: A streamed read (a tensor read block by block, :meth:`RemoteFile.stream`) asks for pieces of at most BLOCK
 #: bytes, several in flight on helper threads while the reader uses the last one; WINDOW bounds the bytes of
 #: the pieces in flight, fetched and not yet used, and in use by the reader, all together: one stream's
-#: throughput in bounded memory, whatever the tensor's size.
+#: throughput in bounded memory, whatever the tensor's size.  A request also holds about its size again while
+#: aiohttp joins its body: 4 MiB blocks in a 12 MiB window keep an export over HTTP of vgg_16 + Momentum + EMA
+#: at 85 MB peak RSS (a 16 MiB window reached 101 MB).
 BLOCK = 4 << 20
-WINDOW = 16 << 20
+WINDOW = 12 << 20
 #: The ``checkpoint`` state file is a few lines; a larger one is not read.
 MAX_STATE_BYTES = 1 << 20
 
