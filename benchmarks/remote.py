@@ -165,7 +165,7 @@ def main() -> None:
         servers.stop()
 
     med = {k: statistics.median(r["wall_s"] for r in v) for k, v in results.items()}
-    doc = {"model": args.model, "files_bytes": total, "data_bytes": model_bytes(prefix), "runs": args.runs, "results": results,
+    doc = {"model": args.model, "files_bytes": total, "data_bytes": model_bytes(args.model, prefix), "runs": args.runs, "results": results,
            "median_wall_s": med}
     with open(os.path.join(WORK, "remote-results.json"), "w") as f:
         json.dump(doc, f, indent=1)
