@@ -183,3 +183,25 @@ def test_a_stream_past_the_end_is_the_truncation_of_a_read(streamed: tuple[Range
     f = place.open(name + ".data-00000-of-00001")
     with pytest.raises(errors.FormatError, match=r"is truncated: needed bytes \d+\.\.\d+ of a \d+-byte file"):
         list(f.stream([(0, BLOCK), (f.size - 10, 20)]))
+
+
+def test_a_tar_chain_is_read_one_range_at_a_time_and_exactly(streamed: tuple[RangeHTTPServer, str], small_window: None,
+                                                            tmp_path: Any) -> None:
+    """fsspec's tar filesystem reads one shared file object: its ranges must not be fetched from several threads."""
+    import tarfile
+
+    server, prefix = streamed
+    with tarfile.open(tmp_path / "www" / "run.tar", "w") as t:
+        for suffix in (".index", ".data-00000-of-00001"):
+            t.add(prefix + suffix, arcname="model.ckpt-3" + suffix)
+    url = f"tar://model.ckpt-3::{server.url}/run.tar"
+    place, name = _remote.open_place(f"tar://model.ckpt-3.index::{server.url}/run.tar", progress=False)
+    assert place.open(name).block_hint() is None  # not streamed ahead
+    plain, _ = _remote.open_place(server.url + "/run/model.ckpt-3", progress=False)
+    assert plain.open(DATA).block_hint() == BLOCK
+    rc, _, err = in_process("export", "-q", url, str(tmp_path / "tar.npz"))
+    assert rc == 0, err
+    with ckptbridge.read(prefix) as local, ckptbridge.read(str(tmp_path / "tar.npz")) as r:
+        assert list(r.keys()) == list(local.keys())
+        for k in local.keys():
+            assert r[k].dtype == local[k].dtype and r[k].tobytes() == local[k].tobytes(), k

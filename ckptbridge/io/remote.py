@@ -286,8 +286,8 @@ class RemoteFile(RangedFile):
             pos += step
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def block_hint(self) -> int:
-        return max(1, BLOCK)
+    def block_hint(self) -> int | None:
+        return max(1, BLOCK) if self._place._concurrent else None
 
     def stream(self, ranges: Iterable[tuple[int, int]]) -> Generator[bytes, None, None]:
         """The bytes of each ``(offset, n)`` of ``ranges`` in order, fetched ahead of the caller.
@@ -301,7 +301,12 @@ class RemoteFile(RangedFile):
         raised when its range's turn comes; requests still in flight when the caller
         stops are left to end on their own and retried no more.  A lone range of at
         most one block is one :meth:`pread` (its small-read readahead included).
+        Where fsspec's filesystem is not asynchronous (a ``tar://`` chain reads one
+        shared file object), the ranges are read one after another, as there.
         """
+        if not self._place._concurrent:
+            yield from super().stream(ranges)
+            return
         block, window = max(1, BLOCK), max(1, BLOCK, WINDOW)
         it = iter(ranges)
         head = [r for r in (next(it, None), next(it, None)) if r is not None]
@@ -386,6 +391,9 @@ class RemotePlace(Place):
         self._root = root.rstrip("/")
         self._query = query
         self._http = http
+        #: whether requests may be in flight together: fsspec's asynchronous filesystems (http, s3, gcs) take
+        #: them from any thread; a synchronous one (a tar:// or zip:// chain over its one open file) may not
+        self._concurrent = bool(getattr(fs, "async_impl", False))
         self.name = display.rstrip("/")
         self._progress = progress
         self._bar: Any = None
