@@ -177,6 +177,17 @@ def test_a_connection_that_keeps_dropping_fails_a_stream_with_the_message_of_a_r
     assert len(gets) >= _remote.ATTEMPTS and max(_asked(e.range) for e in gets) <= BLOCK  # it failed in the window's pieces
 
 
+def test_one_long_range_streams_in_blocks(streamed: tuple[RangeHTTPServer, str], small_window: None,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    server, prefix = streamed
+    local = open(prefix + ".data-00000-of-00001", "rb").read()
+    place, name = _remote.open_place(server.url + "/run/model.ckpt-3", progress=False)
+    f = place.open(name + ".data-00000-of-00001")
+    counted = _Counted(monkeypatch)
+    assert list(f.stream([(7, 1_000_000)])) == [local[7:1_000_007]]
+    assert counted.most >= 2 and max(counted.sizes) <= BLOCK and sum(counted.sizes) == 1_000_000
+
+
 def test_a_stream_past_the_end_is_the_truncation_of_a_read(streamed: tuple[RangeHTTPServer, str], small_window: None) -> None:
     server, _ = streamed
     place, name = _remote.open_place(server.url + "/run/model.ckpt-3", progress=False)

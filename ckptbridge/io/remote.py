@@ -310,7 +310,7 @@ class RemoteFile(RangedFile):
         block, window = max(1, BLOCK), max(1, BLOCK, WINDOW)
         it = iter(ranges)
         head = [r for r in (next(it, None), next(it, None)) if r is not None]
-        if len(head) < 2:
+        if len(head) < 2 and (not head or head[0][1] <= block):
             if head:
                 yield self.pread(*head[0])
             return
