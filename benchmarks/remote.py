@@ -126,7 +126,7 @@ def main() -> None:
     total = sum(os.path.getsize(f) for f in files)
     servers = Servers(directory)
     env.update(AWS_ACCESS_KEY_ID=KEY, AWS_SECRET_ACCESS_KEY=KEY, AWS_DEFAULT_REGION=REGION, AWS_ENDPOINT_URL=servers.urls["s3"])
-    from ckptbridge.io.remote import CHUNK
+    from ckptbridge.io.remote import BLOCK
 
     out_dir = tempfile.mkdtemp(prefix="remote-bench.", dir=WORK)
     out = os.path.join(out_dir, "out.npz")
@@ -137,13 +137,13 @@ def main() -> None:
         auth = sign if where == "s3" else []
         ops[f"curl {where}"] = (["curl", "-sSf", *auth, *[a for f in files for a in (f"{base_url}/{os.path.basename(f)}", "-o",
                                                                                        os.path.join(out_dir, os.path.basename(f)))]], where)
-        # the same bytes in the ranges ckptbridge asks for (16 MiB), one request each, on one connection
+        # the same bytes in the ranges ckptbridge streams a tensor in (BLOCK), one request each, on one connection
         ranged = ["curl", "-sSf"]
         for f in files:
-            for i, r in enumerate(ranges(os.path.getsize(f), CHUNK)):
+            for i, r in enumerate(ranges(os.path.getsize(f), BLOCK)):
                 ranged += [*(["--next"] if len(ranged) > 2 else []), *auth, "-r", r, f"{base_url}/{os.path.basename(f)}", "-o",
                            os.path.join(out_dir, f"{os.path.basename(f)}.{i}")]
-        ops[f"curl {where} 16 MiB ranges"] = (ranged, where)
+        ops[f"curl {where} {BLOCK >> 20} MiB ranges"] = (ranged, where)
         src = f"{servers.urls['http']}/{base}" if where == "http" else f"s3://{BUCKET}/{base}"
         ops[f"export {where}"] = ([PY, "-m", "ckptbridge", "export", "-q", src, out], where)
     ops["export local"] = ([PY, "-m", "ckptbridge", "export", "-q", prefix, out], None)
@@ -165,7 +165,7 @@ def main() -> None:
         servers.stop()
 
     med = {k: statistics.median(r["wall_s"] for r in v) for k, v in results.items()}
-    doc = {"model": args.model, "files_bytes": total, "data_bytes": model_bytes(prefix), "runs": args.runs, "results": results,
+    doc = {"model": args.model, "files_bytes": total, "data_bytes": model_bytes(args.model, prefix), "runs": args.runs, "results": results,
            "median_wall_s": med}
     with open(os.path.join(WORK, "remote-results.json"), "w") as f:
         json.dump(doc, f, indent=1)

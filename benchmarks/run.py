@@ -94,8 +94,9 @@ def _bl(*args: str) -> list[str]:
     return [PY, os.path.join(HERE, "_baselines.py"), *args]
 
 
-def ops_for(model: str, prefix: str, archive: str, big: bool) -> list[Op]:
-    """Every measured operation for one model, ckptbridge and baselines alternating."""
+def ops_for(model: str, prefix: str, archive: str, big: bool, http: str | None = None) -> list[Op]:
+    """Every measured operation for one model, ckptbridge and baselines alternating (``http``: the
+    URL of a local Range server of the checkpoint's directory, for the export over HTTP)."""
     out = os.path.join(WORK, "out", model)
     if model in INDEX_MODELS:
         return [Op("ls", "ls", "ckptbridge", _cb("ls", prefix), out, env=PYC_ENV),
@@ -118,6 +119,15 @@ def ops_for(model: str, prefix: str, archive: str, big: bool) -> list[Op]:
         Op("export_h5_tf", "export .h5 --engine tf", "ckptbridge", _cb("export", "-q", "--force", "--engine", "tf", prefix, f"{out}/t.h5"),
            out, over if huge else None),
     ]
+    if http is not None:
+        # The same bytes over HTTP from 127.0.0.1: curl of the files (to files, as the export writes one) is the floor.
+        base = http + "/" + os.path.basename(prefix)
+        ops += [
+            Op("curl_http", "curl of the checkpoint over HTTP", "floor",
+               ["curl", "-sSf", *[a for f in files for a in (http + "/" + os.path.basename(f), "-o", f"{out}/{os.path.basename(f)}")]], out),
+            Op("export_http", "export .npz --no-fsync over HTTP", "ckptbridge",
+               _cb("export", "-q", "--force", "--no-fsync", base, f"{out}/h.npz"), out),
+        ]
     if model in V1_MODELS:
         # Reading V1 is the new part: the native reader against TensorFlow's, and against (a).
         # The import operations would repeat vgg_16's (their input is the same archive).
@@ -235,7 +245,8 @@ def machine() -> dict[str, Any]:
             "kernel": platform.release(), "versions": versions, "commit": commit, "loadavg_start": os.getloadavg()}
 
 
-def run(models: list[str], runs: int, big: bool, out_json: str, append: bool = False, only: list[str] | None = None) -> dict[str, Any]:
+def run(models: list[str], runs: int, big: bool, out_json: str, append: bool = False, only: list[str] | None = None,
+        http_server: str = "sendfile") -> dict[str, Any]:
     # TF_USE_LEGACY_KERAS=1 for everyone: ckptbridge's CLI sets it for itself (tf-slim's layers
     # live in tf-keras), and a user running tf-slim on TensorFlow 2.16+ sets it too; so importing
     # TensorFlow costs both sides the same and no ratio is won by skipping Keras 3's import.
@@ -250,7 +261,10 @@ def run(models: list[str], runs: int, big: bool, out_json: str, append: bool = F
                "command": command, "runs": runs, "models": {}}
     for model in models:
         prefix, archive = prepare(model, env)
-        ops = [op for op in ops_for(model, prefix, archive, big) if not only or op.key in only]
+        # The export over HTTP reads from this server; it ends when we stop it or exit (its stdin closes).
+        server = HttpServer(os.path.dirname(prefix), http_server) if model == TARGET_MODEL and http_server != "none" else None
+        http = server.url if server is not None else None
+        ops = [op for op in ops_for(model, prefix, archive, big, http) if not only or op.key in only]
         entry: dict[str, Any] = {"label": LABELS[model], "bytes": model_bytes(model, prefix),
                                  "archive_bytes": os.path.getsize(archive) if archive else 0, "runs": runs, "ops": {},
                                  "commit": machine()["commit"]}  # --append: models may be measured at different commits
@@ -271,6 +285,8 @@ def run(models: list[str], runs: int, big: bool, out_json: str, append: bool = F
                 rec["runs"].append(res)
                 status = "ok" if not res["rc"] else f"FAILED ({res['error']})"
                 print(f"[{model} run {r + 1}/{runs}] {op.label:<42} {res['wall_s']:8.2f} s {res['rss_mb']:8.0f} MB  {status}", flush=True)
+        if server is not None:
+            server.stop()
         summarize(doc)
         with open(out_json, "w") as f:
             json.dump(doc, f, indent=1)
@@ -283,6 +299,25 @@ def run(models: list[str], runs: int, big: bool, out_json: str, append: bool = F
     with open(out_json, "w") as f:
         json.dump(doc, f, indent=1)
     return doc
+
+
+class HttpServer:
+    """benchmarks/_serve.py in its own process (so no measured process counts its memory): a Range server
+    of one directory on 127.0.0.1, stopped by closing its standard input."""
+
+    def __init__(self, directory: str, kind: str) -> None:
+        self.proc = subprocess.Popen([PY, os.path.join(HERE, "_serve.py"), directory, "--server", kind],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        assert self.proc.stdout is not None
+        self.url = self.proc.stdout.readline().strip()
+        if not self.url.startswith("http://"):
+            self.stop()
+            raise RuntimeError(f"benchmarks/_serve.py did not start (it printed {self.url!r})")
+
+    def stop(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
 
 
 def summarize(doc: dict[str, Any]) -> None:
@@ -307,7 +342,7 @@ def summarize(doc: dict[str, Any]) -> None:
                      ("graph", "b"), ("import_model_native", "graph"),
                      ("export_npz_tf", "a_npz"), ("import_model", "b"), ("import_model_native", "b"), ("import_model", "c"),
                      ("import_free", "cp_archive"), ("export_npz", "export_npz_tf"), ("export_h5", "export_h5_tf"),
-                     ("ls", "import_numpy")]:
+                     ("ls", "import_numpy"), ("export_http", "curl_http")]:
             if a in ops and b in ops and "wall_s" in ops[a] and "wall_s" in ops[b]:
                 ratios[f"{a}/{b}"] = {"wall": _paired(ops[a], ops[b], "wall_s"), "rss": _paired(ops[a], ops[b], "rss_mb")}
         entry["ratios"] = ratios
@@ -360,6 +395,8 @@ def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
     add("peak RSS of native export / graph-free import, any model", worst or None, 300, "MB")
     syn = doc["models"].get("synthetic", {}).get("ops", {}).get("import_free", {})
     add("graph-free import of the 6 GB synthetic, peak RSS", syn.get("rss_mb"), 1500, "MB")
+    add("export .npz --no-fsync over HTTP (127.0.0.1) wall / curl of the files", ratio(t, "export_http/curl_http", "wall"), 1.3)
+    add("export .npz --no-fsync over HTTP, peak RSS", (t or {}).get("ops", {}).get("export_http", {}).get("rss_mb"), 100, "MB")
     big = doc["models"].get("index_40k", {}).get("ops", {}).get("ls", {})
     add("ls of an index of 40,000 entries, wall (whole process)", big.get("wall_s"), 1.0, "s")
     return out
@@ -466,6 +503,8 @@ def main() -> None:
     p.add_argument("--append", action="store_true", help="add the models run now to the existing results JSON (replacing them)")
     p.add_argument("--only", nargs="+", metavar="OP", help="only these operations (keys in results.json), e.g. to re-measure one with --append")
     p.add_argument("--report", action="store_true", help="only regenerate README.md and the plot from the results JSON")
+    p.add_argument("--http-server", choices=["sendfile", "python", "none"], default="sendfile",
+                   help="the local Range server of the export over HTTP: sendfile (kernel copies), python (tests/servers.py), none: skip it")
     args = p.parse_args()
     out = args.out or (os.path.join(WORK, "results-quick.json") if args.quick else RESULTS)
     if args.report:
@@ -475,7 +514,7 @@ def main() -> None:
         os.makedirs(WORK, exist_ok=True)
         every = ["vgg_16_train", "vgg_16", "resnet_v2_152", "inception_v3", "synthetic", "index_40k"]
         models = args.models or (["vgg_16_train"] if args.quick else every)
-        doc = run(models, args.runs or (1 if args.quick else 3), args.big, out, args.append, args.only)
+        doc = run(models, args.runs or (1 if args.quick else 3), args.big, out, args.append, args.only, args.http_server)
     print(report_markdown(doc))
     if out == RESULTS:
         write_readme(doc)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import mmap
 import os
+from collections import deque
 from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
@@ -535,12 +536,27 @@ class BundleReader(Source):
 
 
 def _pread_blocks(f: RangedFile, offset: int, spec: TensorSpec, dtype: np.dtype, chunk_bytes: int) -> Iterator[tuple[Any, np.ndarray]]:
-    """Blocks of a tensor stored as raw C-order bytes at ``offset`` of ``f``, each read by one
-    ranged read when it is asked for: a streamed remote tensor costs about one block of memory."""
+    """Blocks of a tensor stored as raw C-order bytes at ``offset`` of ``f``, read by ``f.stream``:
+    a remote file fetches the next blocks while this one is used, in its own bounded window, so
+    a streamed remote tensor of any size costs a few blocks of memory."""
     if math.prod(spec.shape) == 0:
         return
-    for start, n, sel in c_blocks(spec.shape, dtype.itemsize, chunk_bytes):
-        yield sel, np.frombuffer(f.pread(offset + start * dtype.itemsize, n * dtype.itemsize), dtype=np.uint8).view(dtype)
+    hint = f.block_hint()
+    if hint is not None:
+        chunk_bytes = min(chunk_bytes, hint)  # a remote file's requests: each block one, none joined
+    sels: deque[Any] = deque()  # the selections of the ranges the stream has asked for and not yielded yet
+
+    def ranges() -> Iterator[tuple[int, int]]:
+        for start, n, sel in c_blocks(spec.shape, dtype.itemsize, chunk_bytes):
+            sels.append(sel)
+            yield offset + start * dtype.itemsize, n * dtype.itemsize
+
+    stream = f.stream(ranges())
+    try:
+        for data in stream:
+            yield sels.popleft(), np.frombuffer(data, dtype=np.uint8).view(dtype)
+    finally:
+        stream.close()
 
 
 def _variant_crc(region: memoryview, count: int, big: bool) -> int:

@@ -42,7 +42,7 @@ import tarfile
 import tempfile
 import zipfile
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import IO, TYPE_CHECKING
 
 from ..errors import CkptBridgeError, CorruptError, FormatError, NotFoundError, UnsafeArchiveError
@@ -96,6 +96,21 @@ class MemberFile(RangedFile):
         if offset + n > self.size:
             raise FormatError(f"{self.name} is truncated: needed bytes {offset}..{offset + n} of a {self.size}-byte member")
         return self.outer.pread(self.offset + offset, n)
+
+    def block_hint(self) -> int | None:
+        return self.outer.block_hint()
+
+    def stream(self, ranges: Iterable[tuple[int, int]]) -> Generator[bytes, None, None]:
+        """The outer file's :meth:`~RangedFile.stream` of the ranges, moved to the member (a tar over HTTP fetches ahead too)."""
+        def inside() -> Iterator[tuple[int, int]]:
+            for offset, n in ranges:
+                if offset < 0 or n < 0:
+                    raise ValueError(f"bad range ({offset}, {n}) of {self.name}")
+                if offset + n > self.size:
+                    raise FormatError(f"{self.name} is truncated: needed bytes {offset}..{offset + n} of a {self.size}-byte member")
+                yield self.offset + offset, n
+
+        return self.outer.stream(inside())
 
 
 class ArchivePlace(Place):

@@ -17,6 +17,7 @@ import abc
 import mmap
 import os
 import stat
+from collections.abc import Generator, Iterable
 from types import TracebackType
 from typing import Any
 
@@ -44,6 +45,19 @@ class RangedFile(abc.ABC):
     def buffer(self) -> mmap.mmap | bytes | None:
         """A zero-copy buffer of the whole file where that is cheap (local files: mmap); else None."""
         return None
+
+    def block_hint(self) -> int | None:
+        """The size of the pieces :meth:`stream` reads best (a remote file's requests), or None: any size."""
+        return None
+
+    def stream(self, ranges: Iterable[tuple[int, int]]) -> Generator[bytes, None, None]:
+        """The bytes of each ``(offset, n)`` of ``ranges`` in order, each as :meth:`pread` reads it.
+
+        A file that can fetch ahead (a remote object) keeps the next ranges in flight while
+        the caller uses the last one; here each range is read when its turn comes.
+        """
+        for offset, n in ranges:
+            yield self.pread(offset, n)
 
     def close(self) -> None:  # noqa: B027 - optional hook, not abstract
         """Release what the file holds; safe to call twice."""

@@ -23,10 +23,13 @@ Importing this module imports no fsspec; the first :func:`open_place` does.
 
 from __future__ import annotations
 
+import itertools
 import re
 import threading
 import time
 import urllib.parse
+from collections import deque
+from collections.abc import Generator, Iterable
 from typing import Any
 
 from .. import errors
@@ -35,6 +38,7 @@ from ..pipe.progress import bar
 from . import state as _state
 from .ckptfiles import DATA_SUFFIX
 from .ranged import Place, RangedFile, _check_relpath
+from .threads import Job
 
 __all__ = ["RemoteError", "RemotePermissionError", "RemoteFile", "RemotePlace", "is_url", "open_place", "redact", "fetched"]
 
@@ -45,6 +49,14 @@ BACKOFF = 0.5
 CHUNK = 16 << 20
 #: Reads smaller than this fetch this much and keep it (readahead for a table's small blocks and adjacent small tensors).
 READAHEAD = 256 << 10
+#: A streamed read (a tensor read block by block, :meth:`RemoteFile.stream`) asks for pieces of at most BLOCK
+#: bytes, several in flight on helper threads while the reader uses the last one; WINDOW bounds the bytes of
+#: the pieces in flight, fetched and not yet used, and in use by the reader, all together: one stream's
+#: throughput in bounded memory, whatever the tensor's size.  A request also holds about its size again while
+#: aiohttp joins its body: 4 MiB blocks in a 12 MiB window keep an export over HTTP of vgg_16 + Momentum + EMA
+#: at 85 MB peak RSS (a 16 MiB window reached 101 MB).
+BLOCK = 4 << 20
+WINDOW = 12 << 20
 #: The ``checkpoint`` state file is a few lines; a larger one is not read.
 MAX_STATE_BYTES = 1 << 20
 
@@ -232,6 +244,10 @@ def _retrying(what: str, name: str, http: bool, call: Any) -> Any:
 # --------------------------------------------------------------------------- files and places
 
 
+class _Stopped(errors.CkptBridgeError):
+    """A fetched-ahead request whose stream's reader has gone: not retried, and seen by no one."""
+
+
 class RemoteFile(RangedFile):
     """One remote object, read by byte-range requests (never whole unless asked for all of it)."""
 
@@ -271,11 +287,82 @@ class RemoteFile(RangedFile):
             pos += step
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def _fetch(self, offset: int, n: int) -> bytes:
-        """Exactly ``n`` bytes at ``offset`` in one request, retried."""
+    def block_hint(self) -> int | None:
+        return max(1, BLOCK) if self._place._concurrent else None
+
+    def stream(self, ranges: Iterable[tuple[int, int]]) -> Generator[bytes, None, None]:
+        """The bytes of each ``(offset, n)`` of ``ranges`` in order, fetched ahead of the caller.
+
+        Each range is fetched in requests of at most :data:`BLOCK` bytes, started on
+        helper threads as far ahead as :data:`WINDOW` allows: the requests in flight,
+        the pieces fetched and not yet yielded, and the range last yielded (the
+        caller's until it asks for the next) never add up to more than WINDOW
+        (beyond one request, or a range longer than the window, which is yielded
+        whole).  Each request is retried as :meth:`pread`'s are, and its failure is
+        raised when its range's turn comes; requests still in flight when the caller
+        stops are left to end on their own and retried no more.  A lone range of at
+        most one block is one :meth:`pread` (its small-read readahead included).
+        Where fsspec's filesystem is not asynchronous (a ``tar://`` chain reads one
+        shared file object), the ranges are read one after another, as there.
+        """
+        if not self._place._concurrent:
+            yield from super().stream(ranges)
+            return
+        block, window = max(1, BLOCK), max(1, BLOCK, WINDOW)
+        it = iter(ranges)
+        head = [r for r in (next(it, None), next(it, None)) if r is not None]
+        if len(head) < 2 and (not head or head[0][1] <= block):
+            if head:
+                yield self.pread(*head[0])
+            return
+
+        def pieces() -> Generator[tuple[int, int, bool], None, None]:
+            """(offset, n, whether it ends its range) of the requests, in order; a range of 0 bytes is one piece of 0."""
+            for offset, n in itertools.chain(head, it):
+                if offset < 0 or n < 0:
+                    raise ValueError(f"bad range ({offset}, {n}) of {self.name}")
+                if offset + n > self.size:
+                    raise errors.FormatError(f"{self.name} is truncated: needed bytes {offset}..{offset + n} of a {self.size}-byte file")
+                if n == 0:
+                    yield offset, 0, True
+                for k in range(0, n, block):
+                    m = min(block, n - k)
+                    yield offset + k, m, k + m == n
+
+        stopped = threading.Event()
+        queue: deque[tuple[int, bool, Job | None]] = deque()  # (bytes, ends its range, the request) in order
+        held = 0  # bytes of the queue's requests, of the pieces taken from it, and of the range last yielded
+        todo = pieces()
+        nxt = next(todo, None)
+        parts: list[bytes] = []
+        try:
+            while True:
+                while nxt is not None and (not queue or held + nxt[1] <= window):
+                    offset, n, last = nxt
+                    queue.append((n, last, Job(self._fetch, offset, n, stopped, name="ckptbridge-fetch") if n else None))
+                    held += n
+                    nxt = next(todo, None)
+                if not queue:
+                    return
+                n, last, job = queue.popleft()
+                parts.append(job.wait() if job is not None else b"")
+                if last:
+                    data = parts[0] if len(parts) == 1 else b"".join(parts)
+                    parts = []
+                    yield data
+                    held -= len(data)
+                    del data
+        finally:
+            stopped.set()
+            todo.close()
+
+    def _fetch(self, offset: int, n: int, stopped: threading.Event | None = None) -> bytes:
+        """Exactly ``n`` bytes at ``offset`` in one request, retried (no more once ``stopped`` is set)."""
         place = self._place
 
         def call() -> bytes:
+            if stopped is not None and stopped.is_set():
+                raise _Stopped(f"reading {self.name} was stopped")
             data = place._fs.cat_file(self._path, start=offset, end=offset + n)
             if len(data) > n:
                 # The server sent more than the range: it ignores Range requests, and each read would fetch it all.
@@ -287,8 +374,9 @@ class RemoteFile(RangedFile):
 
         self._place._bar_expect(n)
         data: bytes = _retrying("reading", self.name, place._http, call)
-        self.bytes_fetched += n
-        self.requests += 1
+        with self._lock:
+            self.bytes_fetched += n
+            self.requests += 1
         place._count(n)
         return data
 
@@ -304,6 +392,9 @@ class RemotePlace(Place):
         self._root = root.rstrip("/")
         self._query = query
         self._http = http
+        #: whether requests may be in flight together: fsspec's asynchronous filesystems (http, s3, gcs) take
+        #: them from any thread; a synchronous one (a tar:// or zip:// chain over its one open file) may not
+        self._concurrent = bool(getattr(fs, "async_impl", False))
         self.name = display.rstrip("/")
         self._progress = progress
         self._bar: Any = None
