@@ -221,10 +221,9 @@ def _original_names(doc: dict[str, Any]) -> dict[str, str]:
     return {k: v for k, v in rec.items() if isinstance(k, str) and isinstance(v, str)}
 
 
-def _read(args: argparse.Namespace, member: str | None, max_tensor: bool = True) -> _api.ReadOptions:
-    """The reading options of a command's source (export has no --max-tensor-gb: the library's default)."""
-    limit = {"max_tensor_bytes": _max_tensor(args)} if max_tensor else {}
-    return _api.ReadOptions(engine=args.engine, names=args.names, member=member, **limit)
+def _read(args: argparse.Namespace, member: str | None) -> _api.ReadOptions:
+    """The reading options of a command's source."""
+    return _api.ReadOptions(engine=args.engine, names=args.names, member=member, max_tensor_bytes=_max_tensor(args))
 
 
 def _select(args: argparse.Namespace) -> _api.Select:
@@ -266,7 +265,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         layout = None if args.layout is None else _api.Layout(args.layout, model=args.model, num_classes=args.num_classes)
         naming = _api.Naming(_select(args), _rename(args, exact), layout)
     report = _api.export(
-        args.checkpoint, args.output, naming, read=_read(args, args.member, max_tensor=False), compress=args.compress, force=args.force,
+        args.checkpoint, args.output, naming, read=_read(args, args.member), compress=args.compress, force=args.force,
         progress=_progress(args), dry_run=args.dry_run, fsync=args.fsync,
     )
     if report.dry_run:
@@ -437,6 +436,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="write the state_dict of another framework's model through a port map: a built-in map "
                         "(torchvision:vgg16, ...; see `ckptbridge maps`) or a map file")
     s.add_argument("--map", dest="map_file", metavar="FILE", default=None, help="your own port map file (instead of --to)")
+    s.add_argument("--max-tensor-gb", type=float, default=_api.DEFAULT_MAX_TENSOR_BYTES / (1 << 30), help="refuse archive tensors claiming more than this (default 64)")
     s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("import", parents=[common, filt, member], help=f"archive ({shown}) -> checkpoint (through a tf-slim graph, or graph-free)")

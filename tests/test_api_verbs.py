@@ -14,6 +14,8 @@ import pytest
 import ckptbridge
 from ckptbridge.errors import CkptBridgeError, FormatError, UnsafeArchiveError
 
+from helpers import assert_one_line_error, cli
+
 # The result records the library builds and returns (a caller reads them, never constructs them).
 _RESULTS = {"Report", "DiffReport", "VerifyReport"}
 
@@ -107,6 +109,9 @@ def test_load_and_export_keep_reads_tensor_size_guard(tmp_path: Any) -> None:
         ckptbridge.export(big, str(tmp_path / "o.npz"))
     with pytest.raises(UnsafeArchiveError, match="over the limit of 16"):
         ckptbridge.load(big, read=ckptbridge.ReadOptions(max_tensor_bytes=16))
+    out = str(tmp_path / "o.npz")
+    assert_one_line_error(cli("export", big, out), "over the limit of 68719476736; raise --max-tensor-gb if it is genuine")
+    assert_one_line_error(cli("export", big, out, "--max-tensor-gb", "1000"), "only 0 are stored in the file")  # the other bound
     assert sorted(os.listdir(tmp_path)) == ["big.h5"]
 
 
