@@ -56,7 +56,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-MAPS_DIR = Path(__file__).resolve().parent.parent / "ckptbridge" / "maps"
+MAPS_DIR = Path(__file__).resolve().parent.parent / "ckptbridge" / "ports" / "maps"
 
 
 def load_map(map_name: str) -> dict[str, Any]:
