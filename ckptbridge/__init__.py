@@ -2,7 +2,9 @@
 
 The public API: :func:`read` (lazy) and :func:`load` (eager) for any checkpoint or
 archive, :func:`save` for a dict of arrays, :func:`export` and :func:`rebuild`
-between checkpoints and archives, :func:`diff`, :func:`verify`, and the error
+between checkpoints and archives, :func:`diff`, :func:`verify`, their options as
+small values (:class:`ReadOptions`, :class:`Select`, :class:`Rename`,
+:class:`Layout`, :class:`Naming`, :class:`Port`, :class:`Graph`), and the error
 types.  Importing ckptbridge does not import TensorFlow; the verbs import it only
 when a path needs it.
 """
@@ -41,11 +43,14 @@ from .errors import (
 _LAZY = {
     "read": "._api", "export": "._api", "rebuild": "._api", "diff": "._api", "verify": "._api", "Reader": "._api",
     "save": "._api", "load": "._api", "port_maps": "._api", "port_map": "._api", "PortMap": ".ports",
+    "ReadOptions": "._options", "Select": "._options", "Rename": "._options", "Layout": "._options", "Naming": "._options",
+    "Port": "._options", "Graph": "._options",
     "TensorSpec": ".spec", "Report": ".reports", "DiffReport": ".reports", "VerifyReport": ".reports",
 }
 
 if TYPE_CHECKING:
     from ._api import Reader, diff, export, load, port_map, port_maps, read, rebuild, save, verify
+    from ._options import Graph, Layout, Naming, Port, ReadOptions, Rename, Select
     from .ports import PortMap
     from .reports import DiffReport, Report, VerifyReport
     from .spec import TensorSpec
@@ -76,6 +81,13 @@ __all__ = [
     "port_map",
     "PortMap",
     "Reader",
+    "ReadOptions",
+    "Select",
+    "Rename",
+    "Layout",
+    "Naming",
+    "Port",
+    "Graph",
     "TensorSpec",
     "Report",
     "DiffReport",

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ._resolve import open_archive_sink, open_checkpoint_sink, open_source, require_archive_kind, source_label
+from ._options import DEFAULT_MAX_TENSOR_BYTES, Graph, Layout, Naming, Port, ReadOptions, Rename, Select
+from ._resolve import archive_kind, open_archive_sink, open_checkpoint_sink, open_source, require_archive_kind, source_label
 from ._source import Source
 from .errors import CkptBridgeError, FormatError, option
 from .io.durability import durability
@@ -21,8 +23,8 @@ from .spec import TensorSpec
 if TYPE_CHECKING:
     from .ports import PortMap
 
-#: what one archive tensor may claim before it is refused as a likely memory bomb (64 GiB)
-DEFAULT_MAX_TENSOR_BYTES = 64 << 30
+__all__ = ["DEFAULT_MAX_TENSOR_BYTES", "Graph", "Layout", "Naming", "Port", "ReadOptions", "Reader", "Rename", "Select",
+           "diff", "export", "load", "port_map", "port_maps", "read", "rebuild", "save", "verify"]
 
 
 class Reader(Mapping[str, np.ndarray]):
@@ -32,8 +34,14 @@ class Reader(Mapping[str, np.ndarray]):
     dtypes without reading values.  Close it (or use ``with``) to release files.
     """
 
-    def __init__(self, source: Source) -> None:
+    def __init__(self, source: Source, options: ReadOptions | None = None) -> None:
         self._source = source
+        self._options = options if options is not None else ReadOptions()
+
+    @property
+    def options(self) -> ReadOptions:
+        """The reading options it was opened with (what :func:`read` was given)."""
+        return self._options
 
     @property
     def specs(self) -> Mapping[str, TensorSpec]:
@@ -95,12 +103,17 @@ class Reader(Mapping[str, np.ndarray]):
         self.close()
 
 
-def read(path: str, *, engine: str = "auto", verify: bool = True, max_tensor_bytes: int | None = DEFAULT_MAX_TENSOR_BYTES,
-         names: str = "auto", member: str | None = None) -> Reader:
+_READ = ReadOptions()  # the one set of reading defaults: read()'s, and every verb's for a path
+
+
+def read(path: str | os.PathLike[str], *, engine: str = _READ.engine, verify: bool = _READ.verify,
+         max_tensor_bytes: int | None = _READ.max_tensor_bytes, names: str = _READ.names, member: str | None = _READ.member) -> Reader:
     """Open a checkpoint (prefix, file, or directory) or an archive for lazy reading.
 
-    Arrays come with their true dtypes: bfloat16 as ``ml_dtypes.bfloat16``,
-    strings as object arrays of ``bytes``, 0-d tensors as 0-d arrays.
+    Every reading option lives here (and in :class:`ReadOptions`, the same set as one
+    value): the other verbs take a path, read with these defaults or their ``read=``, or
+    the :class:`Reader` this returns.  Arrays come with their true dtypes: bfloat16 as
+    ``ml_dtypes.bfloat16``, strings as object arrays of ``bytes``, 0-d tensors as 0-d arrays.
 
     Args:
         path: a checkpoint prefix, one of its files, its directory, an archive, an
@@ -126,21 +139,61 @@ def read(path: str, *, engine: str = "auto", verify: bool = True, max_tensor_byt
             r.specs["vgg_16/fc8/weights"].shape      # (1, 1, 4096, 1000), nothing read
             w = r["vgg_16/fc8/weights"]              # this tensor read, checked
     """
-    return Reader(open_source(path, engine=engine, verify=verify, max_tensor_bytes=max_tensor_bytes, names=names, member=member))
+    return _open(path, ReadOptions(engine=engine, verify=verify, max_tensor_bytes=max_tensor_bytes, names=names, member=member))
 
 
-def load(path: str, *, engine: str = "auto", verify: bool = True, names: str = "auto", member: str | None = None) -> dict[str, np.ndarray]:
+def _path(source: str | os.PathLike[str]) -> str:
+    path = os.fspath(source) if isinstance(source, (str, os.PathLike)) else None
+    if not isinstance(path, str):
+        raise FormatError(f"a source is a path (a str or os.PathLike), a URL or an open Reader (ckptbridge.read), "
+                          f"got {type(source).__name__}")
+    return path
+
+
+def _open(source: str | os.PathLike[str], options: ReadOptions, *, scratch_dir: str | None = None, progress: bool | None = False,
+          member_key: str = "member", checkpoint_names: bool = False) -> Reader:
+    """:func:`read` with ``options``, plus what a verb adds: where a compressed archive of checkpoints is
+    unpacked, a bar of the bytes fetched from a URL, the option messages name for ``member``.
+    ``checkpoint_names``: the names option applies where the source is a checkpoint (an archive's are its own)."""
+    path = _path(source)
+    names = "auto" if checkpoint_names and archive_kind(path) is not None else options.names
+    src = open_source(path, engine=options.engine, verify=options.verify, max_tensor_bytes=options.max_tensor_bytes, names=names,
+                      member=options.member, member_key=member_key, scratch_dir=scratch_dir, progress=progress)
+    return Reader(src, options)
+
+
+@contextlib.contextmanager
+def _opened(source: str | os.PathLike[str] | Reader, options: ReadOptions | None, *, key: str = "read",
+            **how: Any) -> Iterator[Reader]:
+    """The Reader behind a verb's ``source``: an open one as given (left open: its caller owns it), or
+    a path's, opened with ``options`` (by default :func:`read`'s) and closed afterwards."""
+    if isinstance(source, Reader):
+        if options is not None:
+            raise CkptBridgeError(f"{source.path} is an open Reader, read with the options read() was given; {option(key)} applies "
+                                  "to a source given by its path: leave it out, or pass the path")
+        yield source
+        return
+    if options is not None and not isinstance(options, ReadOptions):
+        raise FormatError(f"{option(key)} is a ReadOptions, got {type(options).__name__}")
+    with _open(source, options or _READ, **how) as reader:
+        yield reader
+
+
+def _where(source: str | os.PathLike[str] | Reader) -> str:
+    """The source as messages name it: the path given, or an open Reader's."""
+    return source.path if isinstance(source, Reader) else _path(source)
+
+
+def load(source: str | os.PathLike[str] | Reader, *, read: ReadOptions | None = None) -> dict[str, np.ndarray]:
     """Every tensor of a checkpoint or an archive, read whole: ``{name: array}``.
 
     The eager twin of :func:`read` (safetensors' ``load_file``), for models that fit in
-    memory.  Arrays come with their true dtypes, as :func:`read` gives them.
+    memory.  Arrays come with their true dtypes, as :func:`read` gives them.  A path is
+    read with ``read`` (by default :func:`read`'s defaults, its tensor size guard too).
 
     Args:
-        path: a checkpoint (prefix, file, or directory) or an archive.
-        engine: ``"auto"``, ``"native"`` or ``"tf"``.
-        verify: check each tensor's checksum.
-        names: a checkpoint's names, as for :func:`read`.
-        member: the checkpoint inside an archive of checkpoints, as :func:`read` takes it.
+        source: a checkpoint (prefix, file, or directory), an archive, or an open :class:`Reader`.
+        read: how a path is read (:class:`ReadOptions`).
 
     Returns:
         A new dict of arrays the caller owns.
@@ -156,7 +209,8 @@ def load(path: str, *, engine: str = "auto", verify: bool = True, names: str = "
     """
     from ._dtypes import uncarried_error
 
-    with open_source(path, engine=engine, verify=verify, max_tensor_bytes=None, names=names, member=member) as src:
+    with _opened(source, read) as reader:
+        src = reader._source
         opaque = src.uncarried()
         if opaque:
             raise uncarried_error(src.path, {n: s.dtype for n, s in opaque.items()})
@@ -223,93 +277,110 @@ def save(
 
 
 def export(
-    checkpoint: str,
-    output: str,
+    source: str | os.PathLike[str] | Reader,
+    output: str | os.PathLike[str],
+    naming: Naming | Port | None = None,
     *,
-    include: Sequence[str] = (),
-    exclude: Sequence[str] = (),
-    weights_only: bool = False,
-    use_ema: bool = False,
+    read: ReadOptions | None = None,
     compress: bool = False,
     force: bool = False,
-    engine: str = "auto",
     progress: bool | None = False,
-    rename: Sequence[str] = (),
-    rename_map: Mapping[str, str] | None = None,
-    layout: str | None = None,
-    model: str | None = None,
-    num_classes: int | None = None,
     dry_run: bool = False,
     fsync: bool = True,
-    port: str | PortMap | None = None,
-    names: str = "auto",
-    member: str | None = None,
 ) -> Report:
     """Write every (selected) tensor of a checkpoint to ``.npz``, HDF5 or ``.safetensors``, exactly.
 
     The output's suffix picks the format.  It is written beside ``output`` under
     a temporary name, read back and compared, then renamed into place.
-    ``rename`` (``REGEX=REPLACEMENT`` rules) and ``rename_map`` (exact names, old ->
-    new) rename tensors after the filters; ``layout="torch"`` stores kernels in
-    PyTorch's layout, deciding which are conv/depthwise/dense from ``model``'s
-    graph if given, else from names and ranks.  The archive records original
-    names and layout changes, so ``rebuild`` can undo them.  ``dry_run``
-    plans everything, writes nothing, and returns the report.  ``fsync=False``
-    skips making the output durable before the rename (see the README's Limits).
 
-    ``port`` (a built-in map's name such as ``"torchvision:vgg16"``, a map file,
-    or a :class:`PortMap`) writes the destination model's ``state_dict`` instead:
-    its names, layouts and classes, EMA values where the checkpoint has them, no
-    optimizer state.  The map decides every name, so it excludes the name
-    options.  Every tensor must be accounted for, or nothing is written.
+    ``naming`` is a :class:`Naming`: a :class:`Select`\\ion (include, exclude,
+    weights_only, use_ema), :class:`Rename`\\s after it (exact names, then
+    ``(regex, replacement)`` rules), and a :class:`Layout` change (``to="torch"``
+    stores kernels in PyTorch's layout, deciding which are conv/depthwise/dense from
+    its ``model``'s graph if given, else from names and ranks).  The archive records
+    original names and layout changes, so ``rebuild`` can undo them.
 
-    ``names`` picks a checkpoint's names as for :func:`read`: a SavedModel's
-    readable names by default; the filters and renames see them, and the
-    archive records each one's checkpoint key (``original_names``).
+    Or ``naming`` is a :class:`Port` (a built-in map's name such as ``"torchvision:vgg16"``,
+    a map file, or a :class:`PortMap`), which writes the destination model's ``state_dict``
+    instead: its names, layouts and classes, EMA values where the checkpoint has them,
+    no optimizer state.  Every tensor must be accounted for, or nothing is written.
+
+    ``dry_run`` plans everything, writes nothing, and returns the report.
+    ``fsync=False`` skips making the output durable before the rename (see the
+    README's Limits).
 
     Args:
-        checkpoint: a checkpoint prefix, its directory, any archive, an archive of
-            checkpoints or a URL.  A compressed archive of checkpoints is unpacked
-            into temporary space beside ``output``, removed afterwards.
+        source: a checkpoint prefix, its directory, any archive, an archive of
+            checkpoints or a URL, read with ``read``; or an open :class:`Reader`
+            (``ckptbridge.read(path, names="keys")``).  A compressed archive of
+            checkpoints given by its path is unpacked into temporary space beside
+            ``output``, removed afterwards.  A SavedModel's readable names (``names``
+            of :func:`read`) are the ones the filters and renames see, and the archive
+            records each one's checkpoint key (``original_names``).
         output: the archive to write; its suffix picks the format.
-        member: the checkpoint inside an archive of checkpoints, as :func:`read` takes it.
+        naming: the names written (:class:`Naming`, by default every tensor as it is
+            named), or a port map (:class:`Port`).
+        read: how a path is read (:class:`ReadOptions`; by default :func:`read`'s).
 
     Returns:
         A :class:`Report` of every tensor written, dropped, swapped or renamed.
 
     Example::
 
-        ckptbridge.export("vgg_16.ckpt", "vgg_16.npz")                                  # TensorFlow's names
-        ckptbridge.export("vgg_16.ckpt", "vgg16.safetensors", port="torchvision:vgg16")  # a state_dict
+        ckptbridge.export("vgg_16.ckpt", "vgg_16.npz")                                        # TensorFlow's names
+        ckptbridge.export("vgg_16.ckpt", "vgg16.safetensors", ckptbridge.Port("torchvision:vgg16"))  # a state_dict
     """
     from .pipe.plans import prepare_export
 
+    output = _path(output)
     kind = require_archive_kind(output)
-    if port is not None:
-        _refuse_with_port(rename=rename, rename_map=rename_map, layout=layout, model=model, num_classes=num_classes,
-                          include=include, exclude=exclude, weights_only=weights_only, use_ema=use_ema)
-    with durability(fsync), open_source(checkpoint, engine=engine, names=names, member=member, scratch_dir=_scratch_beside(output),
-                                            progress=progress) as src:
+    naming = _naming(naming)
+    if isinstance(naming, Port) and naming.num_classes is not None:
+        raise CkptBridgeError("Port.num_classes applies to an import (rebuild), where the slim net may have TensorFlow's background "
+                              "class; leave it out on export")
+    if isinstance(naming, Naming) and naming.rename.original_names:
+        raise CkptBridgeError("Rename.original_names restores the names an archive recorded at export; it applies to an import "
+                              "(rebuild): leave it out on export")
+    with durability(fsync), _opened(source, read, scratch_dir=_scratch_beside(output), progress=progress) as reader:
+        src = reader._source
         prep: Any
-        if port is not None:
+        if isinstance(naming, Port):
             from . import ports as _ports
 
-            prep = _ports.plan_export(src, _ports.load(port))
+            prep = _ports.plan_export(src, _ports.load(naming.map))
         else:
+            sel, ren, lay = naming.select, naming.rename, naming.layout
             prep = prepare_export(
-                src, include=include, exclude=exclude, weights_only=weights_only, use_ema=use_ema,
-                rename=rename, rename_map=rename_map, layout=layout, model=model, num_classes=num_classes,
+                src, include=sel.include, exclude=sel.exclude, weights_only=sel.weights_only, use_ema=sel.use_ema,
+                rename=_rules(ren), rename_map=ren.exact, layout=None if lay is None else lay.to,
+                model=None if lay is None else lay.model, num_classes=None if lay is None else lay.num_classes,
             )
-        require_some(prep.plan, checkpoint)
+        require_some(prep.plan, _where(source))
         if dry_run:
             _check_dry_run_output(output, force, kind, prep.source)
-            return _dry_report(output, prep, port, src)
+            return _dry_report(output, prep, naming, src)
         metadata = {"engine": source_label(src), **prep.metadata}
         sink = open_archive_sink(output, compress=compress, force=force, source=src.path)  # transfer aborts it on any failure
         report = transfer(prep.source, sink, prep.plan, progress=progress, desc="export", metadata=metadata,
-                          carry_extras=port is None)
-        _annotate(report, prep, port, src)
+                          carry_extras=not isinstance(naming, Port))
+        _annotate(report, prep, naming, src)
         return report
+
+
+def _naming(naming: Naming | Port | None) -> Naming | Port:
+    if naming is None:
+        return Naming()
+    if not isinstance(naming, (Naming, Port)):
+        hint = f"; for a port map, Port({naming!r})" if isinstance(naming, str) else ""
+        raise FormatError(f"naming is a Naming or a Port, got {type(naming).__name__}{hint}")
+    return naming
+
+
+def _rules(rename: Rename) -> list[Any]:
+    """The ``(regex, replacement)`` pairs, compiled (a bad regex is an error naming its rule)."""
+    from .pipe.names import compile_rename
+
+    return [compile_rename(rx, repl) for rx, repl in rename.rules]
 
 
 def _scratch_beside(output: str) -> str | None:
@@ -319,26 +390,16 @@ def _scratch_beside(output: str) -> str | None:
     return directory if os.path.isdir(directory) else None
 
 
-def _refuse_with_port(**options: Any) -> None:
-    """Options that a port map decides by itself are errors beside it, never ignored."""
-    given = [option(k) for k, v in options.items() if v]
-    if given:
-        raise CkptBridgeError(f"{', '.join(given)} cannot be combined with {option('port')}: the port map decides every name, "
-                              "layout and class; leave them out, or write your own map")
-
-
-def _annotate(report: Report, prep: Any, port: Any, src: Source) -> None:
+def _annotate(report: Report, prep: Any, naming: Naming | Port, src: Source) -> None:
     report.renamed, report.layout = prep.renamed, prep.layout
     report.notes = list(src.notes)
-    if port is not None:
+    if isinstance(naming, Port):
         report.added, report.caveats = prep.added, prep.caveats
-        report.port = port if isinstance(port, str) else port.name
+        report.port = naming.map if isinstance(naming.map, str) else naming.map.name
 
 
 def _check_dry_run_output(output: str, force: bool, kind: str, source: Source) -> None:
     """What opening the sink would refuse, checked without creating anything."""
-    import os
-
     from .errors import OutputExistsError
 
     if os.path.lexists(output) and not force:
@@ -348,121 +409,116 @@ def _check_dry_run_output(output: str, force: bool, kind: str, source: Source) -
     FORMATS[kind].check_specs(source.specs().values(), output)
 
 
-def _dry_report(output: str, prep: Any, port: Any, src: Source) -> Report:
+def _dry_report(output: str, prep: Any, naming: Naming | Port, src: Source) -> Report:
     specs = prep.source.specs()
     nbytes = sum(specs[n].nbytes for n in prep.plan.mapping)
     report = Report(output, list(prep.plan.mapping), dict(prep.plan.dropped), dict(prep.plan.ema_swaps), nbytes, dry_run=True)
-    _annotate(report, prep, port, src)
+    _annotate(report, prep, naming, src)
     return report
 
 
 def rebuild(
-    archive: str,
-    output_prefix: str,
+    source: str | os.PathLike[str] | Reader,
+    output_prefix: str | os.PathLike[str],
+    naming: Naming | Port | None = None,
     *,
-    model: str | None = None,
-    num_classes: int | None = None,
-    include: Sequence[str] = (),
-    exclude: Sequence[str] = (),
-    use_ema: bool = False,
-    allow_missing: bool = False,
-    strict: bool = False,
-    chunk_bytes: int | None = None,
-    max_shard_bytes: int | None = None,
+    graph: Graph | None = None,
+    read: ReadOptions | None = None,
     engine: str = "auto",
+    max_shard_bytes: int | None = None,
     force: bool = False,
-    max_tensor_bytes: int | None = DEFAULT_MAX_TENSOR_BYTES,
     progress: bool | None = False,
-    rename: Sequence[str] = (),
-    rename_map: Mapping[str, str] | None = None,
-    original_names: bool = False,
     dry_run: bool = False,
-    image_size: int | None = None,
     fsync: bool = True,
-    port: str | PortMap | None = None,
-    names: str = "auto",
-    member: str | None = None,
 ) -> Report:
     """Turn an archive (or any source) back into a TensorFlow checkpoint.
 
-    With ``model`` (a tf-slim net name or ``package.module:function``) the slim
-    graph is built and its variables are matched by name, shape and dtype; the
-    native writer streams the checkpoint beside the graph's ``.meta``, or with
+    With ``graph`` (a :class:`Graph`: a tf-slim net name or ``package.module:function``)
+    the slim graph is built and its variables are matched by name, shape and dtype;
+    the native writer streams the checkpoint beside the graph's ``.meta``, or with
     ``engine="tf"`` the variables are fed through placeholders (in slices of
-    ``chunk_bytes`` for large ones) and a ``Saver`` writes it.  Without ``model``,
-    the checkpoint holds exactly the archive's tensors.  An option that does
-    not apply to the path taken is an error, never ignored.
+    ``graph.chunk_bytes`` for large ones) and a ``Saver`` writes it.  Without a graph,
+    the checkpoint holds exactly the source's tensors, written by ``engine``.
 
-    A layout change recorded in the archive (``export(layout="torch")``) is
-    undone.  A readable name an export gave (a SavedModel's, ``names=``) goes
-    back to its checkpoint key, unless a rename changed it: ``names="auto"``
-    does this graph-free (so TensorFlow restores the checkpoint by object)
-    and not with ``model`` (whose variables are matched by name); ``"keys"``
-    always, ``"readable"`` never.  ``original_names`` restores every name
-    recorded at export, undoing its renames too; ``rename``/``rename_map``
-    rename after the filters.  ``dry_run`` plans
-    the names, writes nothing (and does not build the graph).  ``fsync=False``
-    skips making the output durable before the rename.  ``names`` also picks the
-    names when ``archive`` is a checkpoint or a SavedModel directory, as for
-    :func:`read`.
+    A layout change recorded in the archive (an export with a :class:`Layout`) is
+    undone.  A readable name an export gave (a SavedModel's) goes back to its
+    checkpoint key, unless a rename changed it, as the ``names`` the source is read
+    with says: ``"auto"`` does this graph-free (so TensorFlow restores the checkpoint
+    by object) and not through a graph (whose variables are matched by name);
+    ``"keys"`` always, ``"readable"`` never.  For a path, that is ``read.names`` (which
+    also picks a checkpoint's names, as for :func:`read`; an archive's are its own).
 
-    ``port`` reads a destination model's ``state_dict`` (written by
-    ``safetensors.torch.save_file``, or a ``.npz`` of it) through a port map,
-    back to the tf-slim names and layouts; with ``model`` the slim graph is
-    built and checked as for any archive.  A slim net with one class more than
-    the destination (``num_classes``, by default the map's) gets TensorFlow's
-    background class back as a row of zeros.
+    ``naming`` is a :class:`Naming`: a :class:`Select`\\ion, then :class:`Rename`\\s
+    (``Rename(original_names=True)`` restores every name recorded at export, undoing
+    its renames too).  Or a :class:`Port`: a destination model's ``state_dict``
+    (written by ``safetensors.torch.save_file``, or a ``.npz`` of it) read through a
+    port map, back to the tf-slim names and layouts; a slim net with one class more
+    than the destination (``Port.num_classes`` or ``Graph.num_classes``, by default the
+    map's) gets TensorFlow's background class back as a row of zeros.
+
+    ``dry_run`` plans the names, writes nothing (and does not build the graph).
+    ``fsync=False`` skips making the output durable before the rename.
 
     Args:
-        archive: an archive, or any source ckptbridge reads.
+        source: an archive, or any source ckptbridge reads, given by its path (read
+            with ``read``) or as an open :class:`Reader`.
         output_prefix: the checkpoint prefix to write (``dir/model.ckpt``).
+        naming: the names written (:class:`Naming`), or a port map (:class:`Port`).
+        graph: the tf-slim graph to import through (:class:`Graph`, TensorFlow needed).
+        read: how a path is read (:class:`ReadOptions`; by default :func:`read`'s).
+        engine: the engine that writes the checkpoint (``"auto"``, ``"native"``, ``"tf"``).
+        max_shard_bytes: split the checkpoint into ``.data`` shards of at most this many bytes.
 
     Returns:
-        A :class:`Report`; ``missing`` lists graph variables the archive lacked.
+        A :class:`Report`; ``missing`` lists graph variables the source lacked.
 
     Example::
 
-        ckptbridge.rebuild("vgg_16.npz", "out/model.ckpt", model="vgg_16")
-        ckptbridge.rebuild("vgg16.safetensors", "out/model.ckpt", model="vgg_16", port="torchvision:vgg16")
+        ckptbridge.rebuild("vgg_16.npz", "out/model.ckpt", graph=ckptbridge.Graph("vgg_16"))
+        ckptbridge.rebuild("vgg16.safetensors", "out/model.ckpt", ckptbridge.Port("torchvision:vgg16"),
+                           graph=ckptbridge.Graph("vgg_16"))
     """
+    from . import _engines
+
+    output_prefix = _path(output_prefix)
     if max_shard_bytes is not None and max_shard_bytes <= 0:
         raise CkptBridgeError(f"the shard size must be positive, got {max_shard_bytes} bytes")
-    if model is None:
-        # With a port map, num_classes also says whether the checkpoint gets TensorFlow's background class back.
-        given = [option(opt) for opt, value in (("chunk_bytes", chunk_bytes), ("num_classes", num_classes if port is None else None), ("image_size", image_size),
-                                                ("allow_missing", allow_missing), ("strict", strict)) if value]
-        if given:
-            raise CkptBridgeError(f"{', '.join(given)} {'apply' if len(given) > 1 else 'applies'} to a rebuild through a graph; "
-                                  f"add {option('model')}, or leave them out")
-    if port is not None:
-        _refuse_with_port(rename=rename, rename_map=rename_map, original_names=original_names, include=include,
-                          exclude=exclude, use_ema=use_ema)
-    from ._resolve import archive_kind
-
-    # names reads a checkpoint as for read(); an archive's are its own, and prepare_import decides which are written
-    with durability(fsync), open_source(archive, engine=engine, max_tensor_bytes=max_tensor_bytes, member=member,
-                                        names=names if archive_kind(archive) is None else "auto",
-                                        scratch_dir=_scratch_beside(output_prefix), progress=progress) as src:
+    _engines.check(engine)
+    naming = _naming(naming)
+    if isinstance(naming, Naming) and naming.layout is not None:
+        raise CkptBridgeError("a Layout applies to an export; an import undoes the layout an archive records by itself: leave it out")
+    classes = graph.num_classes if graph is not None else None  # the slim net's classes, told by either
+    if isinstance(naming, Port) and naming.num_classes is not None:
+        if classes is not None and classes != naming.num_classes:
+            raise CkptBridgeError(f"Port.num_classes ({naming.num_classes}) and Graph.num_classes ({classes}) both give the slim "
+                                  "net's classes, and differ; give one of them")
+        classes = naming.num_classes
+    with durability(fsync), _opened(source, read, scratch_dir=_scratch_beside(output_prefix), progress=progress,
+                                    checkpoint_names=True) as reader:
         from .pipe.plans import prepare_import
 
+        src = reader._source
         # One view of the archive (filters, EMA, original names, renames, layout undone; or a port map), then one sink.
         prep: Any
-        if port is not None:
+        if isinstance(naming, Port):
             from . import ports as _ports
 
-            prep = _ports.plan_import(src, _ports.load(port), num_classes=num_classes)
+            prep = _ports.plan_import(src, _ports.load(naming.map), num_classes=classes)
         else:
-            prep = prepare_import(src, include=include, exclude=exclude, use_ema=use_ema, rename=rename,
-                                  rename_map=rename_map, original_names=original_names, names=names, by_graph=model is not None)
-        require_some(prep.plan, archive)
+            sel, ren = naming.select, naming.rename
+            prep = prepare_import(src, include=sel.include, exclude=sel.exclude, weights_only=sel.weights_only, use_ema=sel.use_ema,
+                                  rename=_rules(ren), rename_map=ren.exact, original_names=ren.original_names,
+                                  names=reader.options.names, by_graph=graph is not None)
+        require_some(prep.plan, _where(source))
         if dry_run:
-            return _dry_report(output_prefix, prep, port, src)
-        if model is not None:
+            return _dry_report(output_prefix, prep, naming, src)
+        if graph is not None:
             from .tf.slim import plan_graph_import
 
             g = plan_graph_import(
-                prep.source, output_prefix, model=model, plan=prep.plan, num_classes=num_classes, allow_missing=allow_missing,
-                strict=strict, chunk_bytes=chunk_bytes, max_shard_bytes=max_shard_bytes, engine=engine, force=force, image_size=image_size,
+                prep.source, output_prefix, model=graph.model, plan=prep.plan, num_classes=classes, allow_missing=graph.allow_missing,
+                strict=graph.strict, chunk_bytes=graph.chunk_bytes, max_shard_bytes=max_shard_bytes, engine=engine, force=force,
+                image_size=graph.image_size,
             )
             # The graph's checkpoint is name-based: a TF2 object graph of the archive has nothing to describe there.
             report = transfer(g.source, g.sink, g.plan, progress=progress, desc="import", carry_extras=False, chunk_bytes=g.chunk_bytes)
@@ -471,7 +527,7 @@ def rebuild(
         else:
             sink = open_checkpoint_sink(output_prefix, engine=engine, force=force, max_shard_bytes=max_shard_bytes)
             report = transfer(prep.source, sink, prep.plan, progress=progress, desc="import")
-        _annotate(report, prep, port, src)
+        _annotate(report, prep, naming, src)
         return report
 
 
@@ -496,20 +552,20 @@ def port_map(name_or_path: str) -> PortMap:
 
 
 def diff(
-    a: str, b: str, *, atol: float = 0.0, rtol: float = 0.0, engine: str = "auto", progress: bool | None = False,
-    max_tensor_bytes: int | None = DEFAULT_MAX_TENSOR_BYTES, names: str = "auto", member_a: str | None = None,
-    member_b: str | None = None, graphs: bool = True,
+    a: str | os.PathLike[str] | Reader, b: str | os.PathLike[str] | Reader, *, atol: float = 0.0, rtol: float = 0.0,
+    read: ReadOptions | None = None, read_b: ReadOptions | None = None, progress: bool | None = False, graphs: bool = True,
 ) -> DiffReport:
     """Compare two checkpoints or archives name by name; exact unless atol/rtol.
 
-    Tensors of a dtype ckptbridge does not carry are compared by their stored
-    bytes (native engine), never skipped.  ``names`` picks the names of each side
-    that is a checkpoint, as for :func:`read` (an archive's names are its own).
-    ``member_a``/``member_b`` choose the checkpoint inside ``a``/``b`` where either
-    is an archive of checkpoints.  With ``graphs`` (the default) the TF2 object
-    graphs are compared too, by what ``tf.train.Checkpoint`` restore uses (object
-    paths, children, attribute names and keys, slot links), not by their bytes;
-    a graph on one side only is a difference.  ``graphs=False`` compares tensors only.
+    Each side is a path or an open :class:`Reader` (``ckptbridge.read(path, names="keys")``).
+    A path is read with ``read`` (by default :func:`read`'s defaults), ``b`` with ``read_b``
+    where it is given (``member`` differs per side, for archives of checkpoints).  ``names``
+    applies to each side that is a checkpoint (an archive's names are its own).  Tensors of
+    a dtype ckptbridge does not carry are compared by their stored bytes (native engine),
+    never skipped.  With ``graphs`` (the default) the TF2 object graphs are compared
+    too, by what ``tf.train.Checkpoint`` restore uses (object paths, children, attribute
+    names and keys, slot links), not by their bytes; a graph on one side only is a
+    difference.  ``graphs=False`` compares tensors only.
 
     Returns:
         A :class:`DiffReport`; ``identical`` is True when names, dtypes, shapes and
@@ -521,24 +577,21 @@ def diff(
         d = ckptbridge.diff("model.ckpt", "model.npz")
         assert d.identical, (d.only_a, d.only_b, d.value_diffs)
     """
-    limit = max_tensor_bytes
-    from ._resolve import archive_kind
-
-    # names applies to the checkpoint side(s); an archive's names are its own
-    na, nb = (names if archive_kind(p) is None else "auto" for p in (a, b))
-    with open_source(a, engine=engine, max_tensor_bytes=limit, names=na, member=member_a, member_key="member_a",
-                     progress=progress) as sa, \
-            open_source(b, engine=engine, max_tensor_bytes=limit, names=nb, member=member_b, member_key="member_b",
-                         progress=progress) as sb:
-        return diff_sources(sa, sb, atol=atol, rtol=rtol, progress=progress, graphs=graphs)
+    # read is a's, and b's unless read_b is given; a Reader b keeps its own (read was then meant for a)
+    opts_b = read_b if read_b is not None else None if isinstance(b, Reader) else read
+    with _opened(a, read, member_key="member_a", checkpoint_names=True, progress=progress) as ra, \
+            _opened(b, opts_b, key="read_b" if read_b is not None else "read", member_key="member_b", checkpoint_names=True,
+                    progress=progress) as rb:
+        return diff_sources(ra._source, rb._source, atol=atol, rtol=rtol, progress=progress, graphs=graphs)
 
 
-def verify(path: str, *, engine: str = "auto", progress: bool | None = False, max_tensor_bytes: int | None = DEFAULT_MAX_TENSOR_BYTES,
-           names: str = "auto", member: str | None = None) -> VerifyReport:
+def verify(source: str | os.PathLike[str] | Reader, *, read: ReadOptions | None = None, progress: bool | None = False) -> VerifyReport:
     """Check every tensor's checksum (archive crc32c records, or the checkpoint's crc32c).
 
-    A SavedModel or Hub directory is checked through its ``variables/`` checkpoint;
-    ``names`` picks the names a bad tensor is reported under, as for :func:`read`.
+    ``source`` is a path, read with ``read`` (by default :func:`read`'s defaults), or an
+    open :class:`Reader` (one that checks checksums: not opened with ``verify=False``).
+    A SavedModel or Hub directory is checked through its ``variables/`` checkpoint; a bad
+    tensor is reported under the names it is read with.
 
     Returns:
         A :class:`VerifyReport`; ``ok`` is False with the first bad tensor named
@@ -549,6 +602,9 @@ def verify(path: str, *, engine: str = "auto", progress: bool | None = False, ma
         report = ckptbridge.verify("archive.h5")
         assert report.ok, report.message
     """
-    with open_source(path, engine=engine, verify=True, max_tensor_bytes=max_tensor_bytes, names=names, member=member,
-                     progress=progress) as src:
-        return verify_source(src, progress=progress)
+    given = source.options if isinstance(source, Reader) else read
+    if given is not None and not given.verify:
+        raise CkptBridgeError(f"{_where(source)} would be read with verify=False, which reads without checking checksums; "
+                              "verify reads with verify=True: leave it at its default")
+    with _opened(source, read, progress=progress) as reader:
+        return verify_source(reader._source, progress=progress)

@@ -136,11 +136,6 @@ def _load_rename_file(path: str) -> dict[str, str]:
     return doc
 
 
-def _handoff_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    exact = _load_rename_file(args.rename_file) if args.rename_file else None
-    return {"rename": args.rename, "rename_map": exact, "dry_run": args.dry_run}
-
-
 def _bytes(value: float | None, unit: int, option: str) -> int | None:
     """An option given in MB or GB, as the byte count the library takes (positive)."""
     if value is None:
@@ -226,12 +221,52 @@ def _original_names(doc: dict[str, Any]) -> dict[str, str]:
     return {k: v for k, v in rec.items() if isinstance(k, str) and isinstance(v, str)}
 
 
+def _read(args: argparse.Namespace, member: str | None) -> _api.ReadOptions:
+    """The reading options of a command's source."""
+    return _api.ReadOptions(engine=args.engine, names=args.names, member=member, max_tensor_bytes=_max_tensor(args))
+
+
+def _select(args: argparse.Namespace) -> _api.Select:
+    return _api.Select(include=args.include, exclude=args.exclude, weights_only=getattr(args, "weights_only", False), use_ema=args.use_ema)
+
+
+def _rename(args: argparse.Namespace, exact: dict[str, str] | None) -> _api.Rename:
+    from .pipe.names import parse_rename
+
+    rules = [parse_rename(r) for r in args.rename]  # REGEX=REPLACEMENT, split at the last '=': its messages name the rule
+    return _api.Rename(rules=[(r.pattern.pattern, r.replacement) for r in rules], exact=exact,
+                       original_names=getattr(args, "original_names", False))
+
+
+def _refuse_with_port(**options: Any) -> None:
+    """Options that a port map decides by itself are errors beside it, never ignored."""
+    from .errors import option
+
+    given = [option(k) for k, v in options.items() if v]
+    if given:
+        raise CkptBridgeError(f"{', '.join(given)} cannot be combined with {option('port')}: the port map decides every name, "
+                              "layout and class; leave them out, or write your own map")
+
+
 def cmd_export(args: argparse.Namespace) -> int:
+    from .errors import option
+
+    exact = _load_rename_file(args.rename_file) if args.rename_file else None
+    port = _port(args)
+    naming: _api.Naming | _api.Port
+    if port is not None:
+        _refuse_with_port(rename=args.rename, rename_map=exact, layout=args.layout, model=args.model, num_classes=args.num_classes,
+                          include=args.include, exclude=args.exclude, weights_only=args.weights_only, use_ema=args.use_ema)
+        naming = _api.Port(port)
+    else:
+        if args.model is not None and args.layout is None:
+            raise FormatError(f"{option('model')} on export only tells {option('layout')} which tensors are conv, depthwise or dense; "
+                              f"add {option('layout', 'torch')}")
+        layout = None if args.layout is None else _api.Layout(args.layout, model=args.model, num_classes=args.num_classes)
+        naming = _api.Naming(_select(args), _rename(args, exact), layout)
     report = _api.export(
-        args.checkpoint, args.output, include=args.include, exclude=args.exclude, weights_only=args.weights_only,
-        use_ema=args.use_ema, compress=args.compress, force=args.force, engine=args.engine, names=args.names, progress=_progress(args),
-        layout=args.layout, model=args.model, num_classes=args.num_classes, fsync=args.fsync, port=_port(args), member=args.member,
-        **_handoff_kwargs(args),
+        args.checkpoint, args.output, naming, read=_read(args, args.member), compress=args.compress, force=args.force,
+        progress=_progress(args), dry_run=args.dry_run, fsync=args.fsync,
     )
     if report.dry_run:
         _print_dry_run(report, report.output)
@@ -242,13 +277,33 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    from .errors import option
+
+    exact = _load_rename_file(args.rename_file) if args.rename_file else None
+    chunk_bytes = _bytes(args.chunk_mb, 1 << 20, "--chunk-mb")
+    max_shard_bytes = _bytes(args.max_shard_mb, 1 << 20, "--max-shard-mb")
+    read = _read(args, args.member)
+    port = _port(args)
+    if args.model is None:
+        # With a port map, --num-classes also says whether the checkpoint gets TensorFlow's background class back.
+        given = [option(opt) for opt, value in (("chunk_bytes", chunk_bytes), ("num_classes", args.num_classes if port is None else None),
+                                                ("image_size", args.image_size), ("allow_missing", args.allow_missing),
+                                                ("strict", args.strict)) if value]
+        if given:
+            raise CkptBridgeError(f"{', '.join(given)} {'apply' if len(given) > 1 else 'applies'} to a rebuild through a graph; "
+                                  f"add {option('model')}, or leave them out")
+    naming: _api.Naming | _api.Port
+    if port is not None:
+        _refuse_with_port(rename=args.rename, rename_map=exact, original_names=args.original_names, include=args.include,
+                          exclude=args.exclude, use_ema=args.use_ema)
+        naming = _api.Port(port, num_classes=args.num_classes)
+    else:
+        naming = _api.Naming(_select(args), _rename(args, exact))
+    graph = None if args.model is None else _api.Graph(args.model, num_classes=args.num_classes, image_size=args.image_size,
+                                                        allow_missing=args.allow_missing, strict=args.strict, chunk_bytes=chunk_bytes)
     report = _api.rebuild(
-        args.archive, args.output_prefix, model=args.model, num_classes=args.num_classes, include=args.include,
-        exclude=args.exclude, use_ema=args.use_ema, allow_missing=args.allow_missing, strict=args.strict,
-        chunk_bytes=_bytes(args.chunk_mb, 1 << 20, "--chunk-mb"), max_shard_bytes=_bytes(args.max_shard_mb, 1 << 20, "--max-shard-mb"),
-        engine=args.engine, names=args.names, force=args.force, max_tensor_bytes=_max_tensor(args), progress=_progress(args),
-        original_names=args.original_names, image_size=args.image_size, fsync=args.fsync, port=_port(args), member=args.member,
-        **_handoff_kwargs(args),
+        args.archive, args.output_prefix, naming, graph=graph, read=read, engine=args.engine, max_shard_bytes=max_shard_bytes,
+        force=args.force, progress=_progress(args), dry_run=args.dry_run, fsync=args.fsync,
     )
     if report.dry_run:
         _print_dry_run(report, f"checkpoint {report.output}")
@@ -288,8 +343,8 @@ def cmd_maps(args: argparse.Namespace) -> int:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    d = _api.diff(args.a, args.b, atol=args.atol, rtol=args.rtol, engine=args.engine, names=args.names, progress=_progress(args),
-                  max_tensor_bytes=_max_tensor(args), member_a=args.member_a, member_b=args.member_b, graphs=not args.tensors_only)
+    d = _api.diff(args.a, args.b, atol=args.atol, rtol=args.rtol, read=_read(args, args.member_a), read_b=_read(args, args.member_b),
+                  progress=_progress(args), graphs=not args.tensors_only)
     for n in d.only_a:
         print(f"only in A: {n}")
     for n in d.only_b:
@@ -315,8 +370,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    v = _api.verify(args.path, engine=args.engine, names=args.names, progress=_progress(args), max_tensor_bytes=_max_tensor(args),
-                    member=args.member)
+    v = _api.verify(args.path, read=_read(args, args.member), progress=_progress(args))
     if not v.ok:
         print(f"BAD: {v.bad}: {v.message}")
         return 1
@@ -386,6 +440,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="write the state_dict of another framework's model through a port map: a built-in map "
                         "(torchvision:vgg16, ...; see `ckptbridge maps`) or a map file")
     s.add_argument("--map", dest="map_file", metavar="FILE", default=None, help="your own port map file (instead of --to)")
+    s.add_argument("--max-tensor-gb", type=float, default=_api.DEFAULT_MAX_TENSOR_BYTES / (1 << 30), help="refuse archive tensors claiming more than this (default 64)")
     s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("import", parents=[common, filt, member], help=f"archive ({shown}) -> checkpoint (through a tf-slim graph, or graph-free)")

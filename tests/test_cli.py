@@ -208,7 +208,7 @@ def test_native_export_needs_no_tensorflow(sharded_ckpt, tmp_path):
     code = textwrap.dedent(
         f"""
         import sys, ckptbridge
-        ckptbridge.export({sharded_ckpt!r}, {str(out)!r}, engine="native")
+        ckptbridge.export({sharded_ckpt!r}, {str(out)!r}, read=ckptbridge.ReadOptions(engine="native"))
         print("tensorflow" in sys.modules)
         """
     )

@@ -690,7 +690,7 @@ def test_tf_model_zoo_tar_gz_of_a_v1_file(tf_ckpts: dict[str, str], tmp_path: An
                                           engine: str) -> None:
     archive = make_tar(str(tmp_path / "net_2016_08_28.tar.gz"), {"net.ckpt": tf_ckpts["v1"]}, "w:gz")
     out = str(tmp_path / "net.npz")
-    ckptbridge.export(archive, out, engine=engine)
+    ckptbridge.export(archive, out, read=ckptbridge.ReadOptions(engine=engine))
     with ckptbridge.read(out) as got:
         assert assert_same_as_tf(got, tf_ckpts["v1"]) == 5
         assert got.metadata()["source"] == f"{archive}/net.ckpt"

@@ -210,7 +210,7 @@ def test_tf_checkpoint_vs_its_archive(dtypes_ckpt: str, fmt: str, tmp_path: Any,
     archive = str(tmp_path / f"d.{fmt}")
     ckptbridge.export(dtypes_ckpt, archive)
     for engine in ("native", "tf"):
-        d = ckptbridge.diff(dtypes_ckpt, archive, engine=engine)
+        d = ckptbridge.diff(dtypes_ckpt, archive, read=ckptbridge.ReadOptions(engine=engine))
         assert d.identical, (d.only_a, d.only_b, d.spec_diffs, d.value_diffs)
         assert d.compared == 30
     rc, out, _ = in_process("diff", "-q", dtypes_ckpt, archive)

@@ -249,7 +249,7 @@ def test_a_table_dense_and_adam_round_trip_with_their_graph(written: tuple[str, 
         r = cli(*argv)
         assert r.returncode == 0, r.stderr
     for x, y in ((src, archive), (src, back)):
-        d = ckptbridge.diff(x, y, engine=engine)
+        d = ckptbridge.diff(x, y, read=ckptbridge.ReadOptions(engine=engine))
         assert d.identical and d.graph_objects == objects, (engine, x, y, d.graph_diffs)
     r = cli("diff", "--engine", engine, src, back)
     assert r.returncode == 0 and r.stdout.strip() == f"identical: 13 tensors and the TF2 object graph ({objects} objects)", r.stdout + r.stderr
@@ -274,7 +274,7 @@ def test_a_table_that_lost_its_attribute_or_a_lost_slot_link_is_named(written: t
     table = next(i for i, n in enumerate(_objgraph.describe(g)) if any(a.key == "table/.ATTRIBUTES/table" for a in n.attributes))
     no_table = copy_with_graph(src, str(tmp_path / "t" / "ckpt"), edit(g, table, lambda f: f.number == ATTRIBUTES))
     assert _tf(_RESTORE, no_table).split()[-1] == "0"  # what the user would get, silently
-    d = ckptbridge.diff(src, no_table, engine=engine)
+    d = ckptbridge.diff(src, no_table, read=ckptbridge.ReadOptions(engine=engine))
     assert d.only_a == d.only_b == [] and d.value_diffs == {} and d.compared == 13
     assert d.graph_diffs == ["object graph: table: attribute 'table' (key table/.ATTRIBUTES/table) only in A"], d.graph_diffs
 
@@ -282,7 +282,7 @@ def test_a_table_that_lost_its_attribute_or_a_lost_slot_link_is_named(written: t
     first = []
     no_slot = copy_with_graph(src, str(tmp_path / "s" / "ckpt"),
                               edit(g, optimizer, lambda f: f.number == SLOTS and not first and not first.append(f)))
-    d = ckptbridge.diff(src, no_slot, engine=engine)
+    d = ckptbridge.diff(src, no_slot, read=ckptbridge.ReadOptions(engine=engine))
     assert len(d.graph_diffs) == 1, d.graph_diffs
     assert d.graph_diffs[0].startswith("object graph: optimizer: slot variable ") and d.graph_diffs[0].endswith(" only in A"), d.graph_diffs
     assert "/.OPTIMIZER_SLOT/optimizer/" in d.graph_diffs[0]

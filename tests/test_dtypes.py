@@ -68,7 +68,7 @@ def test_read_is_bit_exact_against_tensorflow(lowbit_ckpt: str, engine: str, ckp
 @pytest.mark.parametrize("fmt", [".npz", ".h5"])
 def test_export_and_import_round_trip_exactly(lowbit_ckpt: str, engine: str, fmt: str, tmp_path: Any, assert_same_as_tf: Any) -> None:
     out = str(tmp_path / f"a{fmt}")
-    report = ckptbridge.export(lowbit_ckpt, out, engine=engine)
+    report = ckptbridge.export(lowbit_ckpt, out, read=ckptbridge.ReadOptions(engine=engine))
     assert sorted(report.written) == sorted(tf_dtypes(lowbit_ckpt)) and report.dropped == {}
     with ckptbridge.read(out) as r:
         assert_same_as_tf(r, lowbit_ckpt)
@@ -80,7 +80,7 @@ def test_export_and_import_round_trip_exactly(lowbit_ckpt: str, engine: str, fmt
     assert tf_dtypes(back) == tf_dtypes(lowbit_ckpt)  # TensorFlow reads the dtypes it wrote
     with ckptbridge.read(back, engine="tf") as r:
         assert_same_as_tf(r, lowbit_ckpt)
-    assert ckptbridge.diff(lowbit_ckpt, back, engine=engine).identical
+    assert ckptbridge.diff(lowbit_ckpt, back, read=ckptbridge.ReadOptions(engine=engine)).identical
     nothing_left(tmp_path)
 
 
@@ -89,7 +89,7 @@ def test_float8_goes_to_safetensors_natively_and_the_rest_is_refused_by_name(low
 
     out = str(tmp_path / "f8.safetensors")
     native = ["float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz"]
-    ckptbridge.export(lowbit_ckpt, out, include=[f"/{n}$" for n in native])
+    ckptbridge.export(lowbit_ckpt, out, ckptbridge.Naming(select=ckptbridge.Select(include=[f"/{n}$" for n in native])))
     with safetensors.safe_open(out, framework="numpy") as f:
         codes = {k: str(f.get_slice(k).get_dtype()) for k in f.keys()}
     assert codes["lowbit/float8_e4m3fn"] == "F8_E4M3" and codes["scalar/float8_e5m2"] == "F8_E5M2"
@@ -112,7 +112,7 @@ def test_diff_sees_one_changed_quantized_element(lowbit_ckpt: str, engine: str, 
     prefix = str(tmp_path / "changed" / "m.ckpt")
     names = sorted(values)
     tf.raw_ops.SaveV2(prefix=prefix, tensor_names=names, shape_and_slices=[""] * len(names), tensors=[tf.constant(values[n]) for n in names])
-    d = ckptbridge.diff(lowbit_ckpt, prefix, engine=engine)
+    d = ckptbridge.diff(lowbit_ckpt, prefix, read=ckptbridge.ReadOptions(engine=engine))
     assert d.value_diffs == {"quantized/qint32": (1, 1.0)} and d.compared == len(names)
 
 
@@ -144,7 +144,7 @@ def test_export_refuses_the_variant_by_name_and_writes_nothing(iterator_ckpts: d
     assert not out.exists()
     nothing_left(tmp_path)
     with pytest.raises(UncarriedDtypeError) as e:
-        ckptbridge.export(iterator_ckpts["a"], str(out), engine=engine)
+        ckptbridge.export(iterator_ckpts["a"], str(out), read=ckptbridge.ReadOptions(engine=engine))
     assert e.value.tensors == {ITERATOR: "variant"}
 
 

@@ -75,7 +75,7 @@ def test_export_v2_exact(which, fmt, engine, request, tmp_path, assert_same_as_t
     ckpt = request.getfixturevalue(which)
     out = tmp_path / f"out{fmt}"
     try:
-        assert export_and_compare(ckpt, str(out), assert_same_as_tf, engine=engine) > 0
+        assert export_and_compare(ckpt, str(out), assert_same_as_tf, read=ckptbridge.ReadOptions(engine=engine)) > 0
     finally:
         if out.exists():
             out.unlink()
@@ -99,8 +99,8 @@ def test_v1_and_v2_exports_agree(resnet_ckpts, tmp_path):
     """Saved by one session in both layouts, the two exports hold the same tensors."""
     a, b = tmp_path / "v1.npz", tmp_path / "v2.npz"
     inc = [r"^resnet_v1_50/block4/unit_3/"]
-    ckptbridge.export(resnet_ckpts["v1"], str(a), include=inc)
-    ckptbridge.export(resnet_ckpts["v2"], str(b), include=inc)
+    ckptbridge.export(resnet_ckpts["v1"], str(a), ckptbridge.Naming(select=ckptbridge.Select(include=inc)))
+    ckptbridge.export(resnet_ckpts["v2"], str(b), ckptbridge.Naming(select=ckptbridge.Select(include=inc)))
     d = ckptbridge.diff(str(a), str(b))
     assert d.identical and d.compared > 10
 
@@ -108,8 +108,8 @@ def test_v1_and_v2_exports_agree(resnet_ckpts, tmp_path):
 def test_v1_read_by_native_engine_as_tensorflow_reads_it(resnet_v1, tmp_path):
     """The model zoo's V1 files need no TensorFlow: the native engine's export equals TensorFlow's."""
     a, b = str(tmp_path / "native.npz"), str(tmp_path / "tf.npz")
-    ckptbridge.export(resnet_v1, a, engine="native")
-    ckptbridge.export(resnet_v1, b, engine="tf")
+    ckptbridge.export(resnet_v1, a, read=ckptbridge.ReadOptions(engine="native"))
+    ckptbridge.export(resnet_v1, b, read=ckptbridge.ReadOptions(engine="tf"))
     d = ckptbridge.diff(a, b)
     assert d.identical and d.compared > 100
 
@@ -270,7 +270,7 @@ def test_prefix_names_in_plain_h5py(dtype_exports, dtypes_ckpt):
 
 def _check_form(path, want_prefix, tmp_path, assert_same_as_tf, **kw):
     out = tmp_path / "o.npz"
-    ckptbridge.export(path, str(out), **kw)
+    ckptbridge.export(path, str(out), ckptbridge.Naming(select=ckptbridge.Select(**kw)))
     with ckptbridge.read(str(out)) as r:
         if kw.get("include"):
             names = [n for n in tf_names(want_prefix) if re.search(kw["include"][0], n)]
@@ -330,7 +330,7 @@ def test_include_exclude(resnet_v2, tmp_path, assert_same_as_tf):
     inc = [r"^resnet_v1_50/block1/", r"^resnet_v1_50/logits/"]
     exc = [r"/Momentum$", EMA]
     out = tmp_path / "f.h5"
-    report = ckptbridge.export(resnet_v2, str(out), include=inc, exclude=exc)
+    report = ckptbridge.export(resnet_v2, str(out), ckptbridge.Naming(select=ckptbridge.Select(include=inc, exclude=exc)))
     want = [n for n in names if any(re.search(p, n) for p in inc) and not any(re.search(p, n) for p in exc)]
     assert len(want) > 20
     assert sorted(report.written) == want
@@ -344,9 +344,9 @@ def test_include_exclude(resnet_v2, tmp_path, assert_same_as_tf):
 
 def test_filtering_everything_is_an_error(sharded_ckpt, tmp_path):
     with pytest.raises(CkptBridgeError, match="filtered out"):
-        ckptbridge.export(sharded_ckpt, str(tmp_path / "o.npz"), include=["^no-such-name$"])
+        ckptbridge.export(sharded_ckpt, str(tmp_path / "o.npz"), ckptbridge.Naming(select=ckptbridge.Select(include=["^no-such-name$"])))
     with pytest.raises(FormatError, match=r"^exclude '\(unclosed'"):
-        ckptbridge.export(sharded_ckpt, str(tmp_path / "o.npz"), exclude=["(unclosed"])
+        ckptbridge.export(sharded_ckpt, str(tmp_path / "o.npz"), ckptbridge.Naming(select=ckptbridge.Select(exclude=["(unclosed"])))
     assert os.listdir(tmp_path) == []
 
 
@@ -356,7 +356,7 @@ def test_weights_only_drops_momentum_and_global_step(resnet_v2, fmt, tmp_path, a
     slots = {n for n in names if n.endswith("/Momentum")} | {"global_step"}
     assert len(slots) > 100
     out = tmp_path / f"w{fmt}"
-    report = ckptbridge.export(resnet_v2, str(out), weights_only=True)
+    report = ckptbridge.export(resnet_v2, str(out), ckptbridge.Naming(select=ckptbridge.Select(weights_only=True)))
     assert set(report.dropped) == slots
     assert all(why == "optimizer state (weights only)" for why in report.dropped.values())
     assert report.ema_swaps == {}
@@ -374,7 +374,7 @@ def test_weights_only_tf2_drops_optimizer_and_save_counter(tf2_ckpt, tmp_path, a
     dropped = {n for n in names if n.startswith("optimizer/") or n.startswith("save_counter/")}
     assert "save_counter/.ATTRIBUTES/VARIABLE_VALUE" in dropped and len(dropped) >= 6
     out = tmp_path / "w.npz"
-    report = ckptbridge.export(tf2_ckpt, str(out), weights_only=True)
+    report = ckptbridge.export(tf2_ckpt, str(out), ckptbridge.Naming(select=ckptbridge.Select(weights_only=True)))
     assert set(report.dropped) == dropped
     kept = sorted(set(names) - dropped)
     assert kept == ["model/b/.ATTRIBUTES/VARIABLE_VALUE", "model/scale/.ATTRIBUTES/VARIABLE_VALUE", "model/w/.ATTRIBUTES/VARIABLE_VALUE"]
@@ -389,7 +389,7 @@ def test_use_ema_swaps_in_the_shadow_values(resnet_v2, fmt, tmp_path, assert_sam
     shadowed = sorted(n for n in names if n + EMA in present)
     assert len(shadowed) > 100
     out = tmp_path / f"ema{fmt}"
-    report = ckptbridge.export(resnet_v2, str(out), use_ema=True, weights_only=True)
+    report = ckptbridge.export(resnet_v2, str(out), ckptbridge.Naming(select=ckptbridge.Select(weights_only=True, use_ema=True)))
     assert report.ema_swaps == {n: n + EMA for n in shadowed}
     kept = sorted(n for n in names if not n.endswith(EMA) and not n.endswith("/Momentum") and n != "global_step")
     assert sorted(report.written) == kept
@@ -403,7 +403,7 @@ def test_use_ema_swaps_in_the_shadow_values(resnet_v2, fmt, tmp_path, assert_sam
 
 def test_use_ema_on_prefix_names(dtypes_ckpt, tmp_path):
     out = tmp_path / "ema.h5"
-    report = ckptbridge.export(dtypes_ckpt, str(out), use_ema=True)
+    report = ckptbridge.export(dtypes_ckpt, str(out), ckptbridge.Naming(select=ckptbridge.Select(use_ema=True)))
     assert report.ema_swaps == {"w": "w" + EMA}
     assert "w" + EMA in report.dropped
     with ckptbridge.read(str(out)) as r:
@@ -417,8 +417,8 @@ def test_use_ema_on_prefix_names(dtypes_ckpt, tmp_path):
 def test_compress_npz(resnet_v2, tmp_path, assert_same_as_tf):
     inc = [r"^resnet_v1_50/block2/"]
     plain, packed = tmp_path / "p.npz", tmp_path / "c.npz"
-    ckptbridge.export(resnet_v2, str(plain), include=inc)
-    ckptbridge.export(resnet_v2, str(packed), include=inc, compress=True)
+    ckptbridge.export(resnet_v2, str(plain), ckptbridge.Naming(select=ckptbridge.Select(include=inc)))
+    ckptbridge.export(resnet_v2, str(packed), ckptbridge.Naming(select=ckptbridge.Select(include=inc)), compress=True)
     with zipfile.ZipFile(packed) as zf:
         assert {i.compress_type for i in zf.infolist()} == {zipfile.ZIP_DEFLATED}
     with zipfile.ZipFile(plain) as zf:
@@ -569,7 +569,7 @@ def test_provenance_and_checksums(which, fmt, request, tmp_path):
 def test_damaged_archive_is_caught_by_its_checksums(resnet_v2, fmt, tmp_path):
     name = "resnet_v1_50/conv1/weights"  # 37 KB: larger than zipfile's read-ahead, so only our crc32c sees it
     out = tmp_path / f"d{fmt}"
-    ckptbridge.export(resnet_v2, str(out), include=["^resnet_v1_50/conv1/"])
+    ckptbridge.export(resnet_v2, str(out), ckptbridge.Naming(select=ckptbridge.Select(include=["^resnet_v1_50/conv1/"])))
     assert ckptbridge.verify(str(out)).ok
     value = tf_tensor(resnet_v2, name).tobytes()
     flip(out, offset_of(out, value) + len(value) // 2, 0x40)
@@ -603,7 +603,7 @@ def test_tf2_object_graph_carried_not_a_tensor(tf2_ckpt, fmt, engine, tmp_path):
     graph = tf_tensor(tf2_ckpt, OBJECT_GRAPH_KEY)
     assert isinstance(graph, bytes) and len(graph) > 50
     out = tmp_path / f"g{fmt}"
-    report = ckptbridge.export(tf2_ckpt, str(out), engine=engine)
+    report = ckptbridge.export(tf2_ckpt, str(out), read=ckptbridge.ReadOptions(engine=engine))
     assert OBJECT_GRAPH_KEY not in report.written
     with ckptbridge.read(str(out)) as r:
         assert OBJECT_GRAPH_KEY not in r and OBJECT_GRAPH_KEY not in r.specs

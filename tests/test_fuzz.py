@@ -225,7 +225,8 @@ def base(request: pytest.FixtureRequest, module_tmp: Any) -> dict[str, str]:
     with ckptbridge.read(out["ckpt"]) as r:
         uncarried = [n for n, spec in r.specs.items() if spec.dtype not in ST_DTYPES]
     out["safetensors"] = os.path.join(d, "model.safetensors")
-    report = ckptbridge.export(out["ckpt"], out["safetensors"], exclude=[f"^{re.escape(n)}$" for n in uncarried])
+    report = ckptbridge.export(out["ckpt"], out["safetensors"],
+                               ckptbridge.Naming(select=ckptbridge.Select(exclude=[f"^{re.escape(n)}$" for n in uncarried])))
     assert len(report.written) >= 5, report.written
     # A V1 checkpoint written by TensorFlow (tests/data/v1, see tests/test_v1_native.py), its entries in
     # small blocks so that mutations land in several of them.

@@ -24,7 +24,7 @@ from ckptbridge.pipe import layout as lay
 from ckptbridge.pipe.names import parse_rename, rename_map
 from ckptbridge.spec import TensorSpec
 
-from helpers import same
+from helpers import assert_one_line_error, cli, same
 
 
 def _bits(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
@@ -107,7 +107,7 @@ def test_rename_file_with_unknown_names_is_refused(src_npz: str, tmp_path: Any) 
     f = tmp_path / "r.json"
     f.write_text(json.dumps({"net/conv1/weightz": "x"}))
     with pytest.raises(FormatError, match="weightz"):
-        ckptbridge.export(src_npz, str(tmp_path / "o.npz"), rename_map=json.loads(f.read_text()))
+        ckptbridge.export(src_npz, str(tmp_path / "o.npz"), ckptbridge.Naming(rename=ckptbridge.Rename(exact=json.loads(f.read_text()))))
     assert not os.path.exists(tmp_path / "o.npz")
     assert main(["export", src_npz, str(tmp_path / "o.npz"), "--rename-file", str(f)]) == 2
     assert not os.path.exists(tmp_path / "o.npz")
@@ -121,7 +121,7 @@ def test_rename_file_must_be_a_json_object_of_strings(src_npz: str, tmp_path: An
         load_rename_file(str(f))
     assert main(["export", src_npz, str(tmp_path / "o.npz"), "--rename-file", str(f)]) == 2
     with pytest.raises(FormatError, match="strings"):
-        ckptbridge.export(src_npz, str(tmp_path / "o.npz"), rename_map={"a": 1})  # type: ignore[dict-item]
+        ckptbridge.export(src_npz, str(tmp_path / "o.npz"), ckptbridge.Naming(rename=ckptbridge.Rename(exact={"a": 1})))  # type: ignore[dict-item]
 
 
 def test_cli_malformed_rule_is_one_error_line(src_npz: str, tmp_path: Any, capsys: Any) -> None:
@@ -155,13 +155,15 @@ def test_dry_run_still_refuses_what_the_real_run_would(src_npz: str, tmp_path: A
     with pytest.raises(CkptBridgeError, match="already exists"):
         ckptbridge.export(src_npz, str(existing), dry_run=True)
     with pytest.raises(FormatError, match="two tensors"):
-        ckptbridge.export(src_npz, str(tmp_path / "p.npz"), rename=["^.*$=x"], dry_run=True)
+        ckptbridge.export(src_npz, str(tmp_path / "p.npz"), ckptbridge.Naming(rename=ckptbridge.Rename(rules=[('^.*$', 'x')])), dry_run=True)
 
 
 def test_renames_apply_after_filters_and_ema(src_npz: str, tmp_path: Any) -> None:
     out = str(tmp_path / "o.npz")
     # --exclude sees the checkpoint's names, not the renamed ones.
-    report = ckptbridge.export(src_npz, out, exclude=["embedding"], use_ema=True, weights_only=True, rename=["^net/=", "/=."])
+    naming = ckptbridge.Naming(select=ckptbridge.Select(exclude=["embedding"], weights_only=True, use_ema=True),
+                               rename=ckptbridge.Rename(rules=[('^net/', ''), ('/', '.')]))
+    report = ckptbridge.export(src_npz, out, naming)
     assert report.renamed["net/fc/weights"] == "fc.weights"
     with ckptbridge.read(out) as r:
         assert sorted(r) == ["conv1.biases", "conv1.weights", "fc.biases", "fc.weights", "sep.depthwise_weights", "sep.pointwise_weights"]
@@ -176,13 +178,13 @@ def test_renames_apply_after_filters_and_ema(src_npz: str, tmp_path: Any) -> Non
 def test_original_names_restore_on_import(src_npz: str, tmp_path: Any, fmt: str) -> None:
     pytest.importorskip("safetensors") if fmt == "safetensors" else None
     out = str(tmp_path / f"o.{fmt}")
-    ckptbridge.export(src_npz, out, rename=["^net/=torch.", "/=."])
+    ckptbridge.export(src_npz, out, ckptbridge.Naming(rename=ckptbridge.Rename(rules=[('^net/', 'torch.'), ('/', '.')])))
     plain = str(tmp_path / "plain" / "m.ckpt")
     ckptbridge.rebuild(out, plain, engine="native")
     with ckptbridge.read(plain) as r:
         assert "torch.fc.weights" in r and "net/fc/weights" not in r
     restored = str(tmp_path / "restored" / "m.ckpt")
-    report = ckptbridge.rebuild(out, restored, engine="native", original_names=True)
+    report = ckptbridge.rebuild(out, restored, ckptbridge.Naming(rename=ckptbridge.Rename(original_names=True)), engine="native")
     assert report.renamed["torch.fc.weights"] == "net/fc/weights"
     with ckptbridge.read(restored) as r:
         assert sorted(r) == sorted(TENSORS)
@@ -192,16 +194,18 @@ def test_original_names_restore_on_import(src_npz: str, tmp_path: Any, fmt: str)
 
 def test_import_renames_after_original_names_and_filters(src_npz: str, tmp_path: Any) -> None:
     out = str(tmp_path / "o.npz")
-    ckptbridge.export(src_npz, out, rename=["^net/=torch/"])
+    ckptbridge.export(src_npz, out, ckptbridge.Naming(rename=ckptbridge.Rename(rules=[('^net/', 'torch/')])))
     back = str(tmp_path / "b" / "m.ckpt")
-    ckptbridge.rebuild(out, back, engine="native", original_names=True, include=["^net/fc/"], rename=["^net/=model/"])
+    naming = ckptbridge.Naming(select=ckptbridge.Select(include=["^net/fc/"]),
+                               rename=ckptbridge.Rename(rules=[('^net/', 'model/')], original_names=True))
+    ckptbridge.rebuild(out, back, naming, engine="native")
     with ckptbridge.read(back) as r:
         assert sorted(r) == ["model/fc/biases", "model/fc/weights", "model/fc/weights/ExponentialMovingAverage"]
 
 
 def test_import_dry_run_writes_nothing(src_npz: str, tmp_path: Any, capsys: Any) -> None:
     out = str(tmp_path / "o.npz")
-    ckptbridge.export(src_npz, out, rename=["^net/=t."], layout="torch")
+    ckptbridge.export(src_npz, out, ckptbridge.Naming(rename=ckptbridge.Rename(rules=[('^net/', 't.')]), layout=ckptbridge.Layout("torch")))
     target = tmp_path / "ck"
     assert main(["import", out, str(target / "m.ckpt"), "--original-names", "--dry-run"]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -271,7 +275,7 @@ def test_layout_recorded_and_undone_on_graph_free_import(src_npz: str, tmp_path:
     if fmt == "safetensors":
         pytest.importorskip("safetensors")
     out = str(tmp_path / f"o.{fmt}")
-    report = ckptbridge.export(src_npz, out, layout="torch")
+    report = ckptbridge.export(src_npz, out, ckptbridge.Naming(layout=ckptbridge.Layout("torch")))
     assert set(report.layout) >= {"net/conv1/weights", "net/fc/weights", "net/sep/depthwise_weights", "net/sep/pointwise_weights"}
     assert report.layout["net/embedding"].startswith("unchanged")
     with ckptbridge.read(out) as r:
@@ -293,16 +297,16 @@ def test_layout_recorded_and_undone_on_graph_free_import(src_npz: str, tmp_path:
 
 def test_layout_survives_archive_to_archive_and_is_not_applied_twice(src_npz: str, tmp_path: Any) -> None:
     a = str(tmp_path / "a.npz")
-    ckptbridge.export(src_npz, a, layout="torch", rename=["^net/=m."])
+    ckptbridge.export(src_npz, a, ckptbridge.Naming(rename=ckptbridge.Rename(rules=[('^net/', 'm.')]), layout=ckptbridge.Layout("torch")))
     with pytest.raises(FormatError, match="already in torch layout"):
-        ckptbridge.export(a, str(tmp_path / "b.npz"), layout="torch")
+        ckptbridge.export(a, str(tmp_path / "b.npz"), ckptbridge.Naming(layout=ckptbridge.Layout("torch")))
     b = str(tmp_path / "b.h5")
-    ckptbridge.export(a, b, rename=["^m\\.=n."])
+    ckptbridge.export(a, b, ckptbridge.Naming(rename=ckptbridge.Rename(rules=[('^m\\.', 'n.')])))
     with ckptbridge.read(b) as r:
         assert r.metadata()["original_names"]["n.fc/weights"] == "net/fc/weights"
         assert r.metadata()["layout"]["tensors"]["n.fc/weights"]["kind"] == "dense"
     back = str(tmp_path / "c" / "m.ckpt")
-    ckptbridge.rebuild(b, back, engine="native", original_names=True)
+    ckptbridge.rebuild(b, back, ckptbridge.Naming(rename=ckptbridge.Rename(original_names=True)), engine="native")
     with ckptbridge.read(back) as r:
         for name, want in TENSORS.items():
             assert same(r[name], want), name
@@ -323,8 +327,10 @@ def test_damaged_layout_records_are_refused(rec: dict[str, Any]) -> None:
 
 
 def test_model_without_layout_is_refused(src_npz: str, tmp_path: Any) -> None:
-    with pytest.raises(FormatError, match="add layout='torch'"):
-        ckptbridge.export(src_npz, str(tmp_path / "o.npz"), model="vgg_16")
+    # the API has no place for a model without a Layout; the command line refuses --model alone
+    assert_one_line_error(cli("export", src_npz, str(tmp_path / "o.npz"), "--model", "vgg_16"), "--model on export only tells --layout",
+                          "add --layout torch")
+    assert not (tmp_path / "o.npz").exists()
 
 
 # --- graph-based choice (TensorFlow) ----------------------------------------------------
@@ -351,11 +357,11 @@ def test_graph_overrides_conventions(tmp_path: Any) -> None:
     path = str(tmp_path / "odd.npz")
     arrays = {"odd/filt": _bits((3, 3, 2, 4)), "odd/dw": _bits((3, 3, 4, 2), 1), "odd/proj": _bits((288, 3), 2), "odd/weights": _bits((4, 4), 3)}
     np.savez(path, **arrays)
-    by_names = ckptbridge.export(path, str(tmp_path / "a.npz"), layout="torch")
+    by_names = ckptbridge.export(path, str(tmp_path / "a.npz"), ckptbridge.Naming(layout=ckptbridge.Layout("torch")))
     assert set(by_names.layout) == {"odd/filt", "odd/dw", "odd/proj", "odd/weights"}
     assert by_names.layout["odd/weights"].startswith("dense")  # the convention's guess
     assert by_names.layout["odd/filt"].startswith("unchanged")
-    by_graph = ckptbridge.export(path, str(tmp_path / "b.npz"), layout="torch", model="test_handoff:odd_net")
+    by_graph = ckptbridge.export(path, str(tmp_path / "b.npz"), ckptbridge.Naming(layout=ckptbridge.Layout("torch", model="test_handoff:odd_net")))
     assert by_graph.layout["odd/filt"].startswith("conv") and "graph: Conv2D" in by_graph.layout["odd/filt"]
     assert by_graph.layout["odd/dw"].startswith("depthwise") and "DepthwiseConv2dNative" in by_graph.layout["odd/dw"]
     assert by_graph.layout["odd/proj"].startswith("dense") and "MatMul" in by_graph.layout["odd/proj"]

@@ -140,7 +140,8 @@ def test_torch_model_computes_what_tensorflow_computes(model_ckpt: tuple[str, np
 def test_graph_decides_the_transforms(model_ckpt: tuple[str, np.ndarray, np.ndarray], tmp_path: Any) -> None:
     prefix, _, _ = model_ckpt
     out = str(tmp_path / "m.npz")
-    report = __import__("ckptbridge").export(prefix, out, layout="torch", model="test_handoff_torch:slim_net")
+    cb = __import__("ckptbridge")
+    report = cb.export(prefix, out, cb.Naming(layout=cb.Layout("torch", model="test_handoff_torch:slim_net")))
     kinds = {n: d.split(" ")[0] for n, d in report.layout.items()}
     assert kinds == {"conv1/weights": "conv", "sep/depthwise_weights": "depthwise", "sep/pointwise_weights": "conv", "fc/weights": "dense"}
     assert "graph: Conv2D" in report.layout["conv1/weights"]

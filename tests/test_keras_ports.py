@@ -141,7 +141,7 @@ def case(request: pytest.FixtureRequest, module_tmp: Any) -> Iterator[dict[str, 
         assert r.returncode == 0, r.stderr
         out = r.stdout + r.stderr
     else:
-        ckptbridge.export(prefix, h5, port=name)
+        ckptbridge.export(prefix, h5, ckptbridge.Port(name))
         out = ""
     model = keras_model(cls)
     model.load_weights(h5)
@@ -202,7 +202,8 @@ def test_import_from_keras_weights_restores_in_slim(case: dict[str, Any]) -> Non
     back = str(d / "back" / "model.ckpt")
     # The file Keras wrote, as a user has it.  Keras' InceptionV3 has no auxiliary head: slim's
     # AuxLogits stay at their initializer (--allow-missing).
-    ckptbridge.rebuild(case["kfile"], back, model=case["net"], port=case["name"], allow_missing=case["net"] == "inception_v3")
+    ckptbridge.rebuild(case["kfile"], back, ckptbridge.Port(case["name"]),
+                       graph=ckptbridge.Graph(case["net"], allow_missing=case["net"] == "inception_v3"))
     got = slim_logits(case["net"], back, case["x"])
     kref = case["kref"]
     if got.shape[-1] == 1001:
@@ -220,7 +221,7 @@ def test_import_from_keras_file(case: dict[str, Any]) -> None:
     raw_npz(case["kfile"], npz)
     back = str(case["dir"] / "direct" / "model.ckpt")
     via_npz = str(case["dir"] / "direct_npz" / "model.ckpt")
-    ckptbridge.rebuild(case["kfile"], back, port=case["name"])
-    ckptbridge.rebuild(npz, via_npz, port=case["name"])
+    ckptbridge.rebuild(case["kfile"], back, ckptbridge.Port(case["name"]))
+    ckptbridge.rebuild(npz, via_npz, ckptbridge.Port(case["name"]))
     d = ckptbridge.diff(back, via_npz)
     assert d.identical and d.compared > 30

@@ -165,7 +165,7 @@ def test_names_are_readable_and_values_bit_exact(keras_dir: str, name: str) -> N
 @pytest.mark.parametrize("name", list(KINDS))
 def test_weights_only_drops_the_optimizer_state(keras_dir: str, name: str, tmp_path: Any) -> None:
     want = _expected(keras_dir, name)
-    report = ckptbridge.export(os.path.join(keras_dir, name), str(tmp_path / "w.npz"), weights_only=True)
+    report = ckptbridge.export(os.path.join(keras_dir, name), str(tmp_path / "w.npz"), ckptbridge.Naming(select=ckptbridge.Select(weights_only=True)))
     assert sorted(report.written) == sorted(n for n in want if not _is_optimizer(n))
     assert sorted(report.dropped) == sorted(n for n in want if _is_optimizer(n))
     assert all(why == "optimizer state (weights only)" for why in report.dropped.values())
@@ -203,7 +203,7 @@ def test_ls_export_diff_and_the_raw_paths_kept(keras_dir: str, name: str, tmp_pa
 def test_import_original_names_gives_back_the_hdf5_paths(keras_dir: str, tmp_path: Any) -> None:
     npz = str(tmp_path / "m.npz")
     ckptbridge.export(os.path.join(keras_dir, "legacy_model.h5"), npz)
-    report = ckptbridge.rebuild(npz, str(tmp_path / "ckpt" / "model.ckpt"), original_names=True)
+    report = ckptbridge.rebuild(npz, str(tmp_path / "ckpt" / "model.ckpt"), ckptbridge.Naming(rename=ckptbridge.Rename(original_names=True)))
     assert "model_weights/c1/c1/kernel:0" in report.written and "optimizer_weights/iteration:0" in report.written
     ckptbridge.rebuild(os.path.join(keras_dir, "k3.keras"), str(tmp_path / "k3" / "model.ckpt"))  # graph-free import of a Keras file
     assert ckptbridge.diff(os.path.join(keras_dir, "k3.keras"), str(tmp_path / "k3" / "model.ckpt")).identical
@@ -278,7 +278,7 @@ def test_models_that_are_not_checkpoints_say_what_to_pass(keras_dir: str, tmp_pa
     line = error_line((rc, err), "out.keras", "does not write")
     assert "damaged" not in line and not os.listdir(tmp_path)
     # The SavedModel's own weights: --weights-only drops the optimizer and the Keras metrics counters.
-    report = ckptbridge.export(variables, str(tmp_path / "sm.npz"), weights_only=True)
+    report = ckptbridge.export(variables, str(tmp_path / "sm.npz"), ckptbridge.Naming(select=ckptbridge.Select(weights_only=True)))
     assert any(n.startswith("keras_api/metrics/") for n in report.dropped), report.dropped
     assert report.written and all(n.startswith("layer_with_weights-") for n in report.written), report.written
 

@@ -50,19 +50,19 @@ def test_size_limits_name_bytes_in_the_api_and_gb_on_the_command_line(npz: str) 
 def test_options_of_another_path_name_keywords_then_flags(npz: str, tmp_path: Any) -> None:
     out = str(tmp_path / "out" / "m.ckpt")
     with pytest.raises(CkptBridgeError) as e:
-        ckptbridge.rebuild(npz, out, chunk_bytes=1 << 20)
-    assert str(e.value) == "chunk_bytes applies to a rebuild through a graph; add model, or leave them out"
+        ckptbridge.rebuild(npz, out, ckptbridge.Naming(layout=ckptbridge.Layout()))
+    assert str(e.value) == "a Layout applies to an export; an import undoes the layout an archive records by itself: leave it out"
     assert_one_line_error(cli("import", npz, out, "--chunk-mb", "1"), "--chunk-mb applies to a rebuild through a graph; add --model")
     assert not os.path.exists(os.path.dirname(out))
 
 
 def test_rename_rules_and_filters(npz: str, tmp_path: Any) -> None:
     with pytest.raises(CkptBridgeError) as e:
-        ckptbridge.export(npz, str(tmp_path / "o.npz"), rename=["oops"])
-    assert str(e.value).startswith("rename rule 'oops' has no '='")
+        ckptbridge.export(npz, str(tmp_path / "o.npz"), ckptbridge.Naming(rename=ckptbridge.Rename(rules=[("", "oops")])))
+    assert str(e.value).startswith("rename rule '=oops' has an empty regex")
     assert_one_line_error(cli("export", npz, str(tmp_path / "o.npz"), "--rename", "oops"), "--rename rule 'oops' has no '='")
     with pytest.raises(CkptBridgeError, match=r"filtered out; check include/exclude$"):
-        ckptbridge.export(npz, str(tmp_path / "o.npz"), include=["^nothing$"])
+        ckptbridge.export(npz, str(tmp_path / "o.npz"), ckptbridge.Naming(select=ckptbridge.Select(include=["^nothing$"])))
     assert_one_line_error(cli("export", npz, str(tmp_path / "o.npz"), "--include", "^nothing$"), "check --include/--exclude")
     assert os.listdir(tmp_path) == ["a.npz"]
 

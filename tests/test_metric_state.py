@@ -53,7 +53,7 @@ def test_weights_only_keeps_the_model_weights_of_a_savedmodel_with_metrics(tmp_p
     assert any("/auc/" in k or "true_positives" in k for k in metric_keys), metric_keys  # a metric with state of its own
 
     out = str(tmp_path / "w.npz")
-    report = ckptbridge.export(saved, out, weights_only=True)
+    report = ckptbridge.export(saved, out, ckptbridge.Naming(select=ckptbridge.Select(weights_only=True)))
     want = sorted(f"{w.name.split('/')[0]}/{w.name.split('/')[-1].split(':')[0]}" for w in m.weights)
     assert sorted(report.written) == want  # the model's weights, and nothing else
     dropped = dict(report.dropped)

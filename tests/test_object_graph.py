@@ -282,13 +282,13 @@ def test_filtered_export_records_a_true_graph_and_import_writes_it(tmp_path, fmt
     src = str(tmp_path / "src")
     _write_tf2_checkpoint(src)
     out = str(tmp_path / f"w.{fmt}")
-    report = ckptbridge.export(src, out, weights_only=True)
+    report = ckptbridge.export(src, out, ckptbridge.Naming(select=ckptbridge.Select(weights_only=True)))
     assert report.object_graph is not None and "pruned" in report.object_graph
     with ckptbridge.read(out) as r:
         assert r.metadata()["object_graph"] == report.object_graph
         assert sorted(og.checkpoint_keys(r.extras()["object_graph"])) == sorted(r)
     back = str(tmp_path / "back" / "ckpt")
-    rep2 = ckptbridge.rebuild(out, back, exclude=["layer_with_weights-1/bias"])
+    rep2 = ckptbridge.rebuild(out, back, ckptbridge.Naming(select=ckptbridge.Select(exclude=["layer_with_weights-1/bias"])))
     with ckptbridge.read(back) as r:
         assert sorted(og.checkpoint_keys(r.extras()["object_graph"])) == sorted(r) == sorted(rep2.written)
 
@@ -297,9 +297,9 @@ def test_rename_and_original_names_round_trip_the_graph_bytes(tmp_path):
     src = str(tmp_path / "src")
     _write_tf2_checkpoint(src)
     out = str(tmp_path / "r.npz")
-    ckptbridge.export(src, out, rename=["^model/=net/"])
+    ckptbridge.export(src, out, ckptbridge.Naming(rename=ckptbridge.Rename(rules=[('^model/', 'net/')])))
     back = str(tmp_path / "back" / "ckpt")
-    report = ckptbridge.rebuild(out, back, original_names=True)
+    report = ckptbridge.rebuild(out, back, ckptbridge.Naming(rename=ckptbridge.Rename(original_names=True)))
     assert report.object_graph is not None and "renamed" in report.object_graph
     assert _graph_of(back) == keras_like()
 
@@ -368,7 +368,8 @@ def test_every_unsafe_original_name_is_refused_before_anything_is_written(tmp_pa
     arc = str(tmp_path / "e.npz")
     _archive_with_original_names(arc, originals)
     with pytest.raises(ckptbridge.CorruptError, match="original name"):
-        ckptbridge.rebuild(arc, str(tmp_path / "ck" / "model.ckpt"), original_names=True, dry_run=dry_run)
+        ckptbridge.rebuild(arc, str(tmp_path / "ck" / "model.ckpt"), ckptbridge.Naming(rename=ckptbridge.Rename(original_names=True)),
+                           dry_run=dry_run)
     with pytest.raises(ckptbridge.CorruptError, match="original name"):
         ckptbridge.export(arc, str(tmp_path / "out.npz"), dry_run=dry_run)
     assert sorted(os.listdir(tmp_path)) == ["e.npz"]
@@ -387,7 +388,7 @@ def test_every_unsafe_readable_name_record_is_refused_by_a_plain_import(tmp_path
         with pytest.raises(ckptbridge.CorruptError, match="recorded checkpoint key"):
             ckptbridge.export(arc, str(tmp_path / "out.npz"), dry_run=dry_run)
     assert sorted(os.listdir(tmp_path)) == ["e.npz"]
-    report = ckptbridge.rebuild(arc, str(tmp_path / "ck" / "model.ckpt"), names="readable", dry_run=True)
+    report = ckptbridge.rebuild(arc, str(tmp_path / "ck" / "model.ckpt"), read=ckptbridge.ReadOptions(names="readable"), dry_run=True)
     assert report.written == ["w"]  # the record is only read where it is used
 
 

@@ -106,7 +106,7 @@ def test_every_builtin_map_parses_and_names_itself() -> None:
 
 def test_export_gives_exact_destination_tensors(tiny: dict[str, Any]) -> None:
     out = str(tiny["dir"] / "o.safetensors")
-    report = ckptbridge.export(tiny["ckpt"], out, port=tiny["map"])
+    report = ckptbridge.export(tiny["ckpt"], out, ckptbridge.Port(tiny["map"]))
     a = tiny["arrays"]
     got = ckptbridge.load(out)
     assert sorted(got) == sorted(["0.conv.weight", "0.bn.bias", "0.bn.running_mean", "0.bn.running_var", "0.bn.weight",
@@ -147,7 +147,7 @@ def test_ema_is_read_first_and_slots_never(tiny: dict[str, Any]) -> None:
     ckpt = str(tiny["dir"] / "ema" / "model.ckpt")
     ckptbridge.save(a, ckpt)
     out = str(tiny["dir"] / "ema.npz")
-    report = ckptbridge.export(ckpt, out, port=tiny["map"])
+    report = ckptbridge.export(ckpt, out, ckptbridge.Port(tiny["map"]))
     assert report.ema_swaps == {"2.weight": "tiny/fc2/weights/ExponentialMovingAverage"}
     assert report.dropped["tiny/fc2/weights/Momentum"].startswith("optimizer state")
     assert "EMA" in report.dropped["tiny/fc2/weights"]
@@ -157,9 +157,9 @@ def test_ema_is_read_first_and_slots_never(tiny: dict[str, Any]) -> None:
 @pytest.mark.parametrize("classes", [None, 3])
 def test_import_undoes_everything_and_restores_the_background_class(tiny: dict[str, Any], classes: int | None) -> None:
     exported = str(tiny["dir"] / "o.safetensors")
-    ckptbridge.export(tiny["ckpt"], exported, port=tiny["map"])
+    ckptbridge.export(tiny["ckpt"], exported, ckptbridge.Port(tiny["map"]))
     back = str(tiny["dir"] / "back" / "model.ckpt")
-    report = ckptbridge.rebuild(exported, back, port=tiny["map"], num_classes=classes)
+    report = ckptbridge.rebuild(exported, back, ckptbridge.Port(tiny["map"], num_classes=classes))
     got = ckptbridge.load(back)
     a = tiny["arrays"]
     assert sorted(got) == sorted(n for n in a if n != "global_step")
@@ -181,7 +181,7 @@ def test_import_plans_classes_without_the_background_too(tiny: dict[str, Any]) -
     from ckptbridge import ports as _ports
 
     exported = str(tiny["dir"] / "o.npz")
-    ckptbridge.export(tiny["ckpt"], exported, port=tiny["map"])
+    ckptbridge.export(tiny["ckpt"], exported, ckptbridge.Port(tiny["map"]))
     with ckptbridge.read(exported) as r:
         src = r._source
         p = _ports.plan_import(src, _ports.load(tiny["map"]), num_classes=3)
@@ -201,7 +201,7 @@ def test_every_problem_is_listed_once_and_nothing_is_written(tiny: dict[str, Any
     out = tiny["dir"] / "out"
     out.mkdir()
     with pytest.raises(MismatchError) as e:
-        ckptbridge.export(ckpt, str(out / "o.npz"), port=tiny["map"])
+        ckptbridge.export(ckpt, str(out / "o.npz"), ckptbridge.Port(tiny["map"]))
     msg = str(e.value)
     assert "missing from the checkpoint (1): tiny/conv1/BatchNorm/beta" in msg
     assert "not used by the map" in msg and "tiny/extra/weights" in msg
@@ -212,14 +212,14 @@ def test_every_problem_is_listed_once_and_nothing_is_written(tiny: dict[str, Any
 
 
 def test_a_gamma_the_slim_net_cannot_hold_is_refused_on_import(tiny: dict[str, Any]) -> None:
-    sd = ckptbridge.load(ckptbridge.export(tiny["ckpt"], str(tiny["dir"] / "o.npz"), port=tiny["map"]).output)
+    sd = ckptbridge.load(ckptbridge.export(tiny["ckpt"], str(tiny["dir"] / "o.npz"), ckptbridge.Port(tiny["map"])).output)
     sd["0.bn.weight"] = sd["0.bn.weight"] * 2
     sd["extra"] = np.zeros(1, np.float32)
     del sd["2.bias"]
     fine_tuned = str(tiny["dir"] / "ft.safetensors")
     ckptbridge.save(sd, fine_tuned)
     with pytest.raises(MismatchError) as e:
-        ckptbridge.rebuild(fine_tuned, str(tiny["dir"] / "back" / "m.ckpt"), port=tiny["map"])
+        ckptbridge.rebuild(fine_tuned, str(tiny["dir"] / "back" / "m.ckpt"), ckptbridge.Port(tiny["map"]))
     msg = str(e.value)
     assert "cannot carry" in msg and "0.bn.weight (must be all 1)" in msg
     assert "missing from the archive (1): 2.bias" in msg and "not used by the map" in msg and "extra" in msg
@@ -228,8 +228,11 @@ def test_a_gamma_the_slim_net_cannot_hold_is_refused_on_import(tiny: dict[str, A
 
 def test_name_options_are_refused_beside_a_map(tiny: dict[str, Any]) -> None:
     out = str(tiny["dir"] / "o.npz")
-    with pytest.raises(CkptBridgeError, match="rename, layout cannot be combined with port"):
-        ckptbridge.export(tiny["ckpt"], out, port=tiny["map"], rename=["a=b"], layout="torch")
+    # the API takes a Port in the place of a Naming: the two cannot be given together
+    with pytest.raises(TypeError):
+        ckptbridge.export(tiny["ckpt"], out, ckptbridge.Port(tiny["map"]), naming=ckptbridge.Naming())  # type: ignore[misc]
+    with pytest.raises(CkptBridgeError, match="Port.num_classes applies to an import"):
+        ckptbridge.export(tiny["ckpt"], out, ckptbridge.Port(tiny["map"], num_classes=3))
     assert_one_line_error(cli("export", tiny["ckpt"], out, "--map", tiny["map"], "--weights-only"),
                           "--weights-only cannot be combined with --map")
     assert_one_line_error(cli("export", tiny["ckpt"], out, "--to", tiny["map"], "--rename", "a=b"), "--rename cannot be combined with --to")

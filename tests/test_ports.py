@@ -361,7 +361,7 @@ class Ports:
                 # The same state_dict as .npz and .h5 (the API this time); torch_side loads the .npz too.
                 for suffix in ("npz", "h5"):
                     extra[suffix] = os.path.join(self.root, f"{key(name)}.{suffix}")
-                    ckptbridge.export(s.prefix, extra[suffix], port=name, fsync=False)
+                    ckptbridge.export(s.prefix, extra[suffix], ckptbridge.Port(name), fsync=False)
                 mine["npz"] = logits_job(extra["npz"], "npz", caveats)
             ports[name] = Port(name, pmap, s, out, r, random_weights, mine, extra, self)
         path = os.path.join(self.root, "jobs.json")
@@ -471,7 +471,7 @@ def test_round_trip_loses_only_the_background_class(ports: Ports, name: str, tmp
     port = ports[name]
     pmap = port.pmap
     prefix = str(tmp_path / "back" / "model.ckpt")
-    ckptbridge.rebuild(port.exported, prefix, model=pmap.net, port=name, fsync=False)
+    ckptbridge.rebuild(port.exported, prefix, ckptbridge.Port(name), graph=ckptbridge.Graph(pmap.net), fsync=False)
     r = cli("diff", port.slim.prefix, prefix)
     if not has_background(pmap):  # nothing lost, nothing added: diff says so, and every tensor has the same dtype and bytes
         with ckptbridge.read(port.slim.prefix) as original, ckptbridge.read(prefix) as back:
@@ -593,7 +593,7 @@ def test_export_reads_the_moving_averages(slim: SlimNets, tmp_path: Any) -> None
     tensors[slot] = np.ones_like(tensors["InceptionV1/Conv2d_1a_7x7/weights"])
     prefix = write_checkpoint(str(tmp_path / "ema" / "model.ckpt"), tensors)
     out = str(tmp_path / "ema.safetensors")
-    report = ckptbridge.export(prefix, out, port=FORMATS_MAP, fsync=False)
+    report = ckptbridge.export(prefix, out, ckptbridge.Port(FORMATS_MAP), fsync=False)
     by_source = {r.source: r.dest for r in pmap.rules}
     assert report.ema_swaps == {by_source[n]: n + "/ExponentialMovingAverage" for n in trainable}
     assert sorted(report.dropped) == sorted([*trainable, "global_step", slot])
@@ -632,7 +632,7 @@ def test_npz_and_h5_carry_the_same_state_dict(ports: Ports, tmp_path: Any) -> No
     back = {}
     for suffix, archive in (("safetensors", port.exported), ("npz", port.extra["npz"]), ("h5", port.extra["h5"])):
         back[suffix] = str(tmp_path / suffix / "model.ckpt")
-        report = ckptbridge.rebuild(archive, back[suffix], port=FORMATS_MAP, fsync=False)
+        report = ckptbridge.rebuild(archive, back[suffix], ckptbridge.Port(FORMATS_MAP), fsync=False)
         assert len(report.written) == len(port.pmap.rules), suffix
     for suffix in ("npz", "h5"):
         d = ckptbridge.diff(back["safetensors"], back[suffix])
@@ -678,7 +678,7 @@ def test_import_from_destination_computes_the_same(ports: Ports, slim: SlimNets,
     pmap = port.pmap
     destination = port.random_patched  # waits for torch_side, which writes the random weights
     prefix = str(tmp_path / "out" / "model.ckpt")
-    report = ckptbridge.rebuild(port.random_weights, prefix, model=pmap.net, port=name, fsync=False)
+    report = ckptbridge.rebuild(port.random_weights, prefix, ckptbridge.Port(name), graph=ckptbridge.Graph(pmap.net), fsync=False)
     assert report.missing == [] and report.port == name and report.caveats == pmap.caveat_lines()
     assert leftovers(tmp_path) == []
     back = read_all(prefix)

@@ -66,9 +66,9 @@ def test_readable_export_and_original_names_import_give_back_the_checkpoint(tmp_
 
 def test_diff_of_a_checkpoint_and_its_readable_export_applies_names_to_the_checkpoint_only(tmp_path):
     arc = tmp_path / "c.npz"
-    ckptbridge.export(VARIABLES, str(arc), names="readable")
+    ckptbridge.export(VARIABLES, str(arc), read=ckptbridge.ReadOptions(names="readable"))
     assert not ckptbridge.diff(VARIABLES, str(arc)).identical  # keys against readable names
-    assert ckptbridge.diff(VARIABLES, str(arc), names="readable").identical
+    assert ckptbridge.diff(VARIABLES, str(arc), read=ckptbridge.ReadOptions(names="readable")).identical
     assert in_process("diff", VARIABLES, str(arc), "--names", "readable")[0] == 0
 
 

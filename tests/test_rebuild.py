@@ -30,7 +30,7 @@ import ckptbridge  # noqa: E402
 from ckptbridge.errors import CkptBridgeError, CorruptError, FormatError, MismatchError, OutputExistsError  # noqa: E402
 
 import tf_checkpoints as C  # noqa: E402  (tests/ is on sys.path through conftest.py)
-from helpers import leftovers  # noqa: E402
+from helpers import assert_one_line_error, cli, leftovers  # noqa: E402
 
 pytestmark = pytest.mark.tf
 
@@ -224,8 +224,9 @@ def test_rebuild_restores_and_logits_match(
     a_saver, a_native = archive_of(original, saver_fmt), archive_of(original, native_fmt)
     out_auto = str(tmp_path / "auto" / "model.ckpt")
     out_native = str(tmp_path / "native" / "model.ckpt")
-    r1 = ckptbridge.rebuild(a_saver, out_auto, model=model, engine="tf", chunk_bytes=chunk_bytes)  # num_classes inferred: 10, not the net's default
-    r2 = ckptbridge.rebuild(a_native, out_native, model=model)  # the native writer, the default
+    r1 = ckptbridge.rebuild(a_saver, out_auto, graph=ckptbridge.Graph(model, chunk_bytes=chunk_bytes),
+                            engine="tf")  # num_classes inferred: 10, not the net's default
+    r2 = ckptbridge.rebuild(a_native, out_native, graph=ckptbridge.Graph(model))  # the native writer, the default
     if chunk_bytes < 1 << 20:
         assert f"{model}/block1/unit_1/bottleneck_v1/conv2/weights" in slice_spy  # [3, 3, 64, 64]: 3 slices
     else:
@@ -256,7 +257,7 @@ def test_rebuild_vgg16(vgg16_ckpt: str, tmp_path: Any) -> None:
     npz = str(tmp_path / "vgg.npz")
     ckptbridge.export(vgg16_ckpt, npz)
     out = str(tmp_path / "out" / "vgg_16.ckpt")
-    report = ckptbridge.rebuild(npz, out, model="vgg_16")
+    report = ckptbridge.rebuild(npz, out, graph=ckptbridge.Graph("vgg_16"))
     assert report.dropped == {} and report.missing == []
     assert_graph_restores("vgg_16", npz, vgg16_ckpt, [out], batch=1)
     assert_meta_graph(out, npz, max_bytes=1 << 20)  # weights: 528 MB
@@ -265,7 +266,7 @@ def test_rebuild_vgg16(vgg16_ckpt: str, tmp_path: Any) -> None:
 def test_use_ema_takes_the_shadow_values(resnet_v2: str, archive_of: Any, tmp_path: Any) -> None:
     """Graph-free here (the model path is tested with a user model below): X gets X/ExponentialMovingAverage."""
     out = str(tmp_path / "model.ckpt")
-    report = ckptbridge.rebuild(archive_of(resnet_v2, "npz"), out, use_ema=True)
+    report = ckptbridge.rebuild(archive_of(resnet_v2, "npz"), out, ckptbridge.Naming(select=ckptbridge.Select(use_ema=True)))
     orig = TfCheckpoint(resnet_v2)
     trainable = [n for n in orig if n + EMA in orig.shapes]
     assert len(trainable) == 161 and report.ema_swaps == {n: n + EMA for n in trainable}
@@ -282,7 +283,8 @@ def test_use_ema_takes_the_shadow_values(resnet_v2: str, archive_of: Any, tmp_pa
 def test_missing_variables_are_an_error_that_lists_them(resnet_v2: str, archive_of: Any, tmp_path: Any) -> None:
     out = tmp_path / "out" / "model.ckpt"
     with pytest.raises(MismatchError) as e:
-        ckptbridge.rebuild(archive_of(resnet_v2, "npz"), str(out), model="resnet_v1_50", exclude=["/logits/"])
+        ckptbridge.rebuild(archive_of(resnet_v2, "npz"), str(out), ckptbridge.Naming(select=ckptbridge.Select(exclude=["/logits/"])),
+                           graph=ckptbridge.Graph("resnet_v1_50"))
     msg = str(e.value)
     assert "2 variables" in msg and "resnet_v1_50/logits/biases" in msg and "resnet_v1_50/logits/weights" in msg
     assert "pass allow_missing=True to leave them" in msg
@@ -291,7 +293,7 @@ def test_missing_variables_are_an_error_that_lists_them(resnet_v2: str, archive_
 
 def test_shape_mismatch_names_the_variable_with_both_sides(resnet_v2: str, archive_of: Any, tmp_path: Any) -> None:
     with pytest.raises(MismatchError) as e:
-        ckptbridge.rebuild(archive_of(resnet_v2, "npz"), str(tmp_path / "model.ckpt"), model="resnet_v1_50", num_classes=5)
+        ckptbridge.rebuild(archive_of(resnet_v2, "npz"), str(tmp_path / "model.ckpt"), graph=ckptbridge.Graph("resnet_v1_50", num_classes=5))
     msg = str(e.value)
     assert "resnet_v1_50/logits/weights" in msg and "resnet_v1_50/logits/biases" in msg
     assert "float32[1, 1, 2048, 5]" in msg and "float32[1, 1, 2048, 10]" in msg
@@ -303,13 +305,13 @@ def test_unknown_model_lists_the_choices(tmp_path: Any) -> None:
     npz = str(tmp_path / "a.npz")
     np.savez(npz, w=np.zeros(3, np.float32))
     with pytest.raises(FormatError) as e:
-        ckptbridge.rebuild(npz, str(tmp_path / "out" / "m.ckpt"), model="resnet_v9_50")
+        ckptbridge.rebuild(npz, str(tmp_path / "out" / "m.ckpt"), graph=ckptbridge.Graph("resnet_v9_50"))
     msg = str(e.value)
     for name in ("vgg_16", "resnet_v1_50", "resnet_v2_152", "inception_v3", "alexnet_v2", "overfeat"):
         assert name in msg
     assert "package.module:function" in msg
     with pytest.raises(FormatError, match="no_such_module_xyz"):
-        ckptbridge.rebuild(npz, str(tmp_path / "out" / "m.ckpt"), model="no_such_module_xyz:build")
+        ckptbridge.rebuild(npz, str(tmp_path / "out" / "m.ckpt"), graph=ckptbridge.Graph("no_such_module_xyz:build"))
     assert not (tmp_path / "out").exists()
 
 
@@ -381,7 +383,7 @@ def test_user_model_function(user_model: str, engine: str, tmp_path: Any) -> Non
     }
     archive = _plain_npz(tmp_path / "tiny.npz", {**values, **extras})
     out = str(tmp_path / "out" / "model.ckpt")
-    report = ckptbridge.rebuild(archive, out, model=user_model, engine=engine, chunk_bytes=52 << 10 if engine == "tf" else None)
+    report = ckptbridge.rebuild(archive, out, graph=ckptbridge.Graph(user_model, chunk_bytes=52 << 10 if engine == "tf" else None), engine=engine)
     assert sorted(report.written) == sorted(values)
     assert set(report.dropped) == set(extras)
     got = TfCheckpoint(out)
@@ -397,11 +399,12 @@ def test_user_model_function(user_model: str, engine: str, tmp_path: Any) -> Non
 
     # use_ema swaps the shadow in; strict refuses the extras
     out2 = str(tmp_path / "ema" / "model.ckpt")
-    report = ckptbridge.rebuild(archive, out2, model=user_model, engine=engine, use_ema=True)
+    report = ckptbridge.rebuild(archive, out2, ckptbridge.Naming(select=ckptbridge.Select(use_ema=True)),
+                                graph=ckptbridge.Graph(user_model), engine=engine)
     assert report.ema_swaps == {"tiny/fc1/weights": "tiny/fc1/weights" + EMA}
     C.assert_same_array(TfCheckpoint(out2)["tiny/fc1/weights"], extras["tiny/fc1/weights" + EMA], "ema")
     with pytest.raises(MismatchError, match=r"\(strict=True\)"):
-        ckptbridge.rebuild(archive, str(tmp_path / "strict" / "m.ckpt"), model=user_model, engine=engine, strict=True)
+        ckptbridge.rebuild(archive, str(tmp_path / "strict" / "m.ckpt"), graph=ckptbridge.Graph(user_model, strict=True), engine=engine)
     assert not (tmp_path / "strict").exists()
 
 
@@ -411,10 +414,10 @@ def test_allow_missing_leaves_initializers(user_model: str, engine: str, tmp_pat
     del values["tiny/logits/biases"], values["tiny/fc1/biases"]
     archive = _plain_npz(tmp_path / "tiny.npz", values)
     with pytest.raises(MismatchError) as e:
-        ckptbridge.rebuild(archive, str(tmp_path / "m.ckpt"), model=user_model, engine=engine)
+        ckptbridge.rebuild(archive, str(tmp_path / "m.ckpt"), graph=ckptbridge.Graph(user_model), engine=engine)
     assert "tiny/fc1/biases" in str(e.value) and "tiny/logits/biases" in str(e.value)
     out = str(tmp_path / "out" / "model.ckpt")
-    report = ckptbridge.rebuild(archive, out, model=user_model, engine=engine, allow_missing=True)
+    report = ckptbridge.rebuild(archive, out, graph=ckptbridge.Graph(user_model, allow_missing=True), engine=engine)
     assert report.missing == ["tiny/fc1/biases", "tiny/logits/biases"]
     got = TfCheckpoint(out)
     assert set(got) == set(values) | set(report.missing)
@@ -429,14 +432,14 @@ def test_user_model_dtype_and_shape_mismatch(user_model: str, tmp_path: Any) -> 
     values["tiny/fc1/weights"] = values["tiny/fc1/weights"].astype(np.float64)
     archive = _plain_npz(tmp_path / "tiny.npz", values)
     with pytest.raises(MismatchError) as e:
-        ckptbridge.rebuild(archive, str(tmp_path / "m.ckpt"), model=user_model)
+        ckptbridge.rebuild(archive, str(tmp_path / "m.ckpt"), graph=ckptbridge.Graph(user_model))
     msg = str(e.value)
     assert "tiny/fc1/weights: graph float32[6, 40] vs archive float64[6, 40]" in msg
     assert "tiny/logits/weights: graph float32[40, 3] vs archive float32[40, 4]" in msg
     # num_classes is passed to the user's function when given
     values["tiny/fc1/weights"] = values["tiny/fc1/weights"].astype(np.float32)
     archive = _plain_npz(tmp_path / "tiny4.npz", values)
-    ckptbridge.rebuild(archive, str(tmp_path / "out" / "m.ckpt"), model=user_model, num_classes=4)
+    ckptbridge.rebuild(archive, str(tmp_path / "out" / "m.ckpt"), graph=ckptbridge.Graph(user_model, num_classes=4))
     assert TfCheckpoint(str(tmp_path / "out" / "m.ckpt")).shapes["tiny/logits/weights"] == [40, 4]
 
 
@@ -468,7 +471,7 @@ def test_failure_while_writing_leaves_nothing(user_model: str, engine: str, tmp_
     _corrupt(archive, values["tiny/table"])
     out = tmp_path / "new" / "sub" / "model.ckpt"
     with pytest.raises(CorruptError, match="tiny/table"):
-        ckptbridge.rebuild(archive, str(out), model=user_model, engine=engine)
+        ckptbridge.rebuild(archive, str(out), graph=ckptbridge.Graph(user_model), engine=engine)
     assert not (tmp_path / "new").exists()
     _no_tmp_left(tmp_path)
 
@@ -477,14 +480,15 @@ def test_options_of_another_path_are_errors_not_ignored(user_model: str, tmp_pat
     """Before, --chunk-mb was ignored without --model and --max-shard-mb with it, silently."""
     archive = _plain_npz(tmp_path / "tiny.npz", tiny_values())
     out = str(tmp_path / "out" / "model.ckpt")
-    with pytest.raises(CkptBridgeError, match="chunk_bytes, num_classes apply to a rebuild through a graph; add model"):
-        ckptbridge.rebuild(archive, out, chunk_bytes=1 << 20, num_classes=3)
+    # the graph's options live on Graph: without one they have no place (the command line says which flags need --model)
+    assert_one_line_error(cli("import", archive, out, "--chunk-mb", "1", "--num-classes", "3"),
+                          "--chunk-mb, --num-classes apply to a rebuild through a graph; add --model")
     with pytest.raises(CkptBridgeError, match="chunk_bytes sizes the slices fed to TensorFlow's Saver, which writes only with engine='tf'"):
-        ckptbridge.rebuild(archive, out, model=user_model, chunk_bytes=1 << 20)
+        ckptbridge.rebuild(archive, out, graph=ckptbridge.Graph(user_model, chunk_bytes=1 << 20))
     with pytest.raises(CkptBridgeError, match="max_shard_bytes splits the native writer's output"):
-        ckptbridge.rebuild(archive, out, model=user_model, engine="tf", max_shard_bytes=1 << 20)
+        ckptbridge.rebuild(archive, out, graph=ckptbridge.Graph(user_model), engine="tf", max_shard_bytes=1 << 20)
     assert not (tmp_path / "out").exists()
-    report = ckptbridge.rebuild(archive, out, model=user_model, max_shard_bytes=20 << 10)  # native: 60 KB in several shards
+    report = ckptbridge.rebuild(archive, out, graph=ckptbridge.Graph(user_model), max_shard_bytes=20 << 10)  # native: 60 KB in several shards
     assert len(glob.glob(out + ".data-*")) > 1 and sorted(report.written) == sorted(tiny_values())
 
 
@@ -493,12 +497,12 @@ def test_existing_output_refused_without_force_with_model(user_model: str, tmp_p
     b_values = tiny_values(seed=2)
     b = _plain_npz(tmp_path / "b.npz", b_values)
     out = str(tmp_path / "out" / "model.ckpt")
-    ckptbridge.rebuild(a, out, model=user_model)
+    ckptbridge.rebuild(a, out, graph=ckptbridge.Graph(user_model))
     before = {p: open(p, "rb").read() for p in glob.glob(out + "*")}
     with pytest.raises(OutputExistsError):
-        ckptbridge.rebuild(b, out, model=user_model)
+        ckptbridge.rebuild(b, out, graph=ckptbridge.Graph(user_model))
     assert {p: open(p, "rb").read() for p in glob.glob(out + "*")} == before
-    ckptbridge.rebuild(b, out, model=user_model, engine="native", force=True)
+    ckptbridge.rebuild(b, out, graph=ckptbridge.Graph(user_model), engine="native", force=True)
     got = TfCheckpoint(out)
     for name, want in b_values.items():
         C.assert_same_array(got[name], want, name)
@@ -660,7 +664,7 @@ def test_tensor_over_2gib_round_trips(tmp_path: Any) -> None:
     w.write_chunks("big", "float32", (n,), (np.arange(i, min(n, i + step), dtype=np.uint32).view(np.float32) for i in range(0, n, step)))
     w.commit()
     archive = str(tmp_path / "big.npz")
-    ckptbridge.export(src, archive, engine="native")
+    ckptbridge.export(src, archive, read=ckptbridge.ReadOptions(engine="native"))
     os.remove(src + ".data-00000-of-00001")
     out = str(tmp_path / "out" / "big.ckpt")
     ckptbridge.rebuild(archive, out, engine="native")
@@ -676,10 +680,10 @@ def test_image_size_builds_the_net_a_small_input_checkpoint_came_from(inception_
     """inception_v3 trained on 139x139 inputs names its AuxLogits kernel after the input size."""
     archive = archive_of(inception_v2, "npz")
     with pytest.raises(MismatchError) as e:
-        ckptbridge.rebuild(archive, str(tmp_path / "a" / "model.ckpt"), model="inception_v3", engine="native")
+        ckptbridge.rebuild(archive, str(tmp_path / "a" / "model.ckpt"), graph=ckptbridge.Graph("inception_v3"), engine="native")
     assert "AuxLogits" in str(e.value)
     out = str(tmp_path / "b" / "model.ckpt")
-    report = ckptbridge.rebuild(archive, out, model="inception_v3", image_size=139, engine="native")
+    report = ckptbridge.rebuild(archive, out, graph=ckptbridge.Graph("inception_v3", image_size=139), engine="native")
     assert report.missing == []
     reader = tf.train.load_checkpoint(out)
     with ckptbridge.read(archive) as src:

@@ -163,7 +163,8 @@ def test_what_a_format_holds_is_checked_by_the_dry_run(tmp_path: Any) -> None:
         with pytest.raises(FormatError, match="conv/bias_bf16.*bfloat16"):
             ckptbridge.export(_checkpoint(tmp_path), str(tmp_path / "x.nobf16"), dry_run=True)
         assert not os.path.exists(tmp_path / "x.nobf16")
-        ckptbridge.export(_checkpoint(tmp_path), str(tmp_path / "x.nobf16"), dry_run=True, exclude=["bf16"])
+        ckptbridge.export(_checkpoint(tmp_path), str(tmp_path / "x.nobf16"), ckptbridge.Naming(select=ckptbridge.Select(exclude=["bf16"])),
+                          dry_run=True)
     finally:
         formats.unregister("nobf16")
 
@@ -234,7 +235,7 @@ def test_an_unknown_engine_is_refused_with_the_registry_choices(tmp_path: Any) -
 @pytest.mark.parametrize("suffix", [".npz", ".h5"])
 def test_export_records_the_native_engine_not_its_package(tmp_path: Any, suffix: str) -> None:
     out = str(tmp_path / f"out{suffix}")
-    ckptbridge.export(_checkpoint(tmp_path), out, engine="native")
+    ckptbridge.export(_checkpoint(tmp_path), out, read=ckptbridge.ReadOptions(engine="native"))
     with ckptbridge.read(out) as r:
         assert r.metadata()["engine"] == "native"  # was "bundle"
 
@@ -250,7 +251,7 @@ def test_export_from_an_archive_records_its_format(tmp_path: Any) -> None:
 @pytest.mark.tf
 def test_export_records_tensorflow(tmp_path: Any) -> None:
     out = str(tmp_path / "out.npz")
-    ckptbridge.export(_checkpoint(tmp_path, {"w": TENSORS["conv/weights"]}), out, engine="tf")
+    ckptbridge.export(_checkpoint(tmp_path, {"w": TENSORS["conv/weights"]}), out, read=ckptbridge.ReadOptions(engine="tf"))
     with ckptbridge.read(out) as r:
         assert r.metadata()["engine"] == "tensorflow"  # was "tf"
 

@@ -311,7 +311,7 @@ def test_ls_shows_both_names():
 
 
 def test_weights_only_leaves_optimizer_and_metrics_out_whatever_their_names():
-    report = ckptbridge.export(MODEL, "unused.npz", weights_only=True, dry_run=True)
+    report = ckptbridge.export(MODEL, "unused.npz", ckptbridge.Naming(select=ckptbridge.Select(weights_only=True)), dry_run=True)
     assert sorted(report.written) == WEIGHTS
     assert "iteration" in report.dropped and "learning_rate" in report.dropped and "Adam/m/dense/kernel" in report.dropped
     # Each reason true to what the tensor holds: the "mae" and loss metrics' totals are not the optimizer's.
@@ -322,7 +322,8 @@ def test_weights_only_leaves_optimizer_and_metrics_out_whatever_their_names():
 
 def test_filters_and_renames_see_the_readable_names(tmp_path):
     out = tmp_path / "w.safetensors"
-    ckptbridge.export(MODEL, str(out), include=["^dense"], rename=["^dense_1/=head/"])
+    ckptbridge.export(MODEL, str(out),
+                      ckptbridge.Naming(select=ckptbridge.Select(include=["^dense"]), rename=ckptbridge.Rename(rules=[('^dense_1/', 'head/')])))
     with ckptbridge.read(str(out)) as r:
         assert sorted(r) == ["dense/bias", "dense/kernel", "head/bias", "head/kernel"]
         assert r.metadata()["original_names"]["head/kernel"] == "layer_with_weights-2/kernel/.ATTRIBUTES/VARIABLE_VALUE"
@@ -376,12 +377,14 @@ def test_import_keeps_an_export_rename_and_writes_the_other_keys_back(tmp_path):
         for name in got:
             assert same(got[name], want[head.get(name, name)]), name
     # an import --rename is the user's too; --original-names undoes every rename
-    report = ckptbridge.rebuild(str(arc), str(tmp_path / "x" / "ckpt"), rename=["^dense/=first/"], dry_run=True)
+    report = ckptbridge.rebuild(str(arc), str(tmp_path / "x" / "ckpt"),
+                                ckptbridge.Naming(rename=ckptbridge.Rename(rules=[('^dense/', 'first/')])), dry_run=True)
     assert {"first/kernel", "head/kernel", "layer_with_weights-1/gamma/.ATTRIBUTES/VARIABLE_VALUE"} <= set(report.written)
-    report = ckptbridge.rebuild(str(arc), str(tmp_path / "x" / "ckpt"), original_names=True, dry_run=True)
+    report = ckptbridge.rebuild(str(arc), str(tmp_path / "x" / "ckpt"), ckptbridge.Naming(rename=ckptbridge.Rename(original_names=True)),
+                                dry_run=True)
     assert set(report.written) == set(expected()["tensors"])
     # through a graph, whose variables are matched by name, the readable names stay
-    report = ckptbridge.rebuild(str(arc), str(tmp_path / "x" / "ckpt"), model="vgg_16", dry_run=True)
+    report = ckptbridge.rebuild(str(arc), str(tmp_path / "x" / "ckpt"), graph=ckptbridge.Graph("vgg_16"), dry_run=True)
     assert "dense/kernel" in report.written and "head/kernel" in report.written
 
 

@@ -312,7 +312,7 @@ def test_export_of_a_damaged_block_leaves_nothing(tmp_path: Any, monkeypatch: py
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(CorruptError, match="crc32c"):
-        ckptbridge.export(path, str(out / f"model{suffix}"), include=["^b/"])
+        ckptbridge.export(path, str(out / f"model{suffix}"), ckptbridge.Naming(select=ckptbridge.Select(include=["^b/"])))
     assert os.listdir(out) == [] and leftovers(str(tmp_path)) == []
 
 
@@ -465,6 +465,6 @@ def test_tf_written_v1_exports_through_the_stream(tf_v1: str, assert_same_as_tf:
                                                   monkeypatch: pytest.MonkeyPatch, suffix: str) -> None:
     monkeypatch.setattr(_pipe, "CHUNK_BYTES", 1 << 20)
     out = str(tmp_path / f"vgg{suffix}")
-    ckptbridge.export(tf_v1, out, engine="native")
+    ckptbridge.export(tf_v1, out, read=ckptbridge.ReadOptions(engine="native"))
     with ckptbridge.read(out) as back:
         assert assert_same_as_tf(back, tf_v1) == 6

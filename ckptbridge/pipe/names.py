@@ -182,6 +182,18 @@ def parse_rename(rule: str) -> RenameRule:
     return RenameRule(pattern, repl, rule)
 
 
+def compile_rename(regex: str, replacement: str) -> RenameRule:
+    """One rule given as a ``(regex, replacement)`` pair (the API's form: the replacement may hold ``=``)."""
+    text = f"{regex}={replacement}"
+    if not regex:
+        raise FormatError(f"{option('rename')} rule {text!r} has an empty regex; give the pattern to replace")
+    try:
+        pattern = re.compile(regex)
+    except re.error as e:
+        raise FormatError(f"{option('rename')} rule {text!r}: {regex!r} is not a valid regular expression ({e})") from None
+    return RenameRule(pattern, replacement, text)
+
+
 def rename_map(
     names: Sequence[str],
     *,

@@ -29,7 +29,7 @@ from ..formats import meta
 from ..sources import _readable
 from ..spec import TensorSpec
 from . import layout as lay
-from .names import Plan, make_plan, training_state
+from .names import Plan, RenameRule, make_plan, training_state
 from .names import rename_map as _rename_map
 
 ORIGINAL_NAMES = _readable.ORIGINAL_NAMES
@@ -110,7 +110,7 @@ class Prepared:
     layout: dict[str, str]
 
 
-def _renames(names: Sequence[str], known: Sequence[str], rename: Sequence[str], rename_map: Mapping[str, str] | None) -> dict[str, str]:
+def _renames(names: Sequence[str], known: Sequence[str], rename: Sequence[str | RenameRule], rename_map: Mapping[str, str] | None) -> dict[str, str]:
     if rename_map is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in rename_map.items()):
         raise FormatError("the exact renames must map tensor names (strings) to new names (strings)")
     exact = dict(rename_map) if rename_map else None
@@ -137,7 +137,7 @@ def prepare_export(
     exclude: Sequence[str] = (),
     weights_only: bool = False,
     use_ema: bool = False,
-    rename: Sequence[str] = (),
+    rename: Sequence[str | RenameRule] = (),
     rename_map: Mapping[str, str] | None = None,
     layout: str | None = None,
     model: str | None = None,
@@ -213,8 +213,9 @@ def prepare_import(
     *,
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
+    weights_only: bool = False,
     use_ema: bool = False,
-    rename: Sequence[str] = (),
+    rename: Sequence[str | RenameRule] = (),
     rename_map: Mapping[str, str] | None = None,
     original_names: bool = False,
     names: str = _readable.AUTO,
@@ -243,7 +244,7 @@ def prepare_import(
         if restored in stage:
             raise FormatError(f"two tensors of {src.path} restore to the same original name {restored!r}: {stage[restored]!r} and {name!r}")
         stage[restored] = name
-    plan0 = make_plan(list(stage), include=include, exclude=exclude, use_ema=use_ema,
+    plan0 = make_plan(list(stage), include=include, exclude=exclude, weights_only=weights_only, use_ema=use_ema,
                       uncarried={n: s.dtype for n, s in src.uncarried().items()}, where=src.path)
     ren = _renames(list(plan0.mapping), list(stage), rename, rename_map)
     entries: dict[str, tuple[str, lay.Transform | None, bool]] = {}
