@@ -189,3 +189,22 @@ def test_unrecognised_inputs_keep_their_messages(tmp_path: Any, toy: Kind) -> No
         ckptbridge.read(str(tmp_path / "nothing"))
     with pytest.raises(FormatError, match="chooses a checkpoint inside an archive .*is not one"):
         ckptbridge.read(write_toy(str(tmp_path / "model.toy")), member="x")
+
+
+def test_a_source_view_delegates_all_it_does_not_override(tmp_path: Any) -> None:
+    from ckptbridge._source import SourceView
+
+    class Doubled(SourceView):
+        def read(self, name: str) -> np.ndarray:
+            return self._inner.read(name) * 2
+
+    prefix = write_checkpoint(str(tmp_path / "ck" / "model.ckpt"), TENSORS)
+    with open_source(str(tmp_path / "ck")) as src:
+        view = Doubled(src)
+        assert (view.path, view.kind, view.label, view.opened_by) == (src.path, src.kind, "native", "directory")
+        assert view.specs() == src.specs() and view.origin() is src and view.checksum("w") == src.checksum("w")
+        assert view.read_blocks("w", 8) is not None and same(view.read("w"), TENSORS["w"] * 2)
+        view.close()
+    with pytest.raises(ckptbridge.CkptBridgeError, match="is closed"):
+        src.read("w")  # closing the view closed what it shows
+    assert os.path.isfile(prefix + ".index")
