@@ -77,9 +77,7 @@ class Format:
     check: "str | Callable[..., None] | None" = None
 
     def open_source(self, path: str, *, verify: bool = True, max_tensor_bytes: int | None = None) -> "Source":
-        src: Source = load_object(self.source)(path, verify=verify, max_tensor_bytes=max_tensor_bytes)
-        src.label = self.name
-        return src
+        return load_object(self.source)(path, verify=verify, max_tensor_bytes=max_tensor_bytes)  # type: ignore[no-any-return]
 
     def open_sink(self, path: str, *, compress: bool = False, force: bool = False, source: str | None = None) -> "Sink":
         kw: dict[str, Any] = {"force": force, "source": source}

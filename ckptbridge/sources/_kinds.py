@@ -102,7 +102,9 @@ def recognise_archive(inp: Input) -> formats.Format | None:
 
 
 def open_archive(inp: Input, fmt: formats.Format) -> Source:
-    return _open_file(inp, fmt.open_source)
+    src = _open_file(inp, fmt.open_source)
+    src.label = fmt.name
+    return src
 
 
 # --------------------------------------------------------------------------- checkpoints
