@@ -1,35 +1,36 @@
 """From a path or URL the user typed to a source or sink, through the registries.
 
-Where the bytes are comes first: a URL (``_remote``) or an archive of checkpoints
-(``_containers``) resolves to a place and the checkpoint's name in it, which
-the engine then reads there.
-
+Where the bytes are comes first: a URL (``_remote``) resolves to a place and the
+name in it.  What they are is the source-kind registry's (``ckptbridge.sources``):
+the first kind that recognises the input opens it, and is carried on the source.
 Archives are chosen by suffix from the format registry (``formats``), and an
-unknown output suffix is an error that lists the registry's suffixes; anything
-without an archive suffix is a checkpoint, resolved to its prefix (a directory's
-latest complete checkpoint, ``.index``/``.data``/``.meta`` files, or a V1 single
-file) and opened by an engine of the engine registry (``_engines``).  A SavedModel
-or TF1 Hub module directory is read through its ``variables/variables`` checkpoint,
-under readable names (``_savedmodel``, ``_readable``: :func:`_checkpoint_names`).
+unknown output suffix is an error that lists the registry's suffixes.  A
+checkpoint is resolved here to its prefix (a directory's latest complete
+checkpoint, ``.index``/``.data``/``.meta`` files, or a V1 single file) and opened
+by an engine of the engine registry (``_engines``), which the checkpoint kinds
+(``sources._kinds``) share; a SavedModel or TF1 Hub module directory is read
+through its ``variables/variables`` checkpoint, under readable names
+(``_savedmodel``, ``_readable``: :func:`_checkpoint_names`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
 import stat
 from typing import Any
 
-from . import _engines, formats
+from . import _engines, formats, sources
 from ._source import Sink, Source
 from .bundle._table import FOOTER_SIZE as _FOOTER
 from .bundle._table import has_magic
-from .errors import CkptBridgeError, FormatError, MissingDependencyError, NotFoundError, option
+from .errors import FormatError, MissingDependencyError, NotFoundError, option
 from .io import ckptfiles as _ckptfiles
 from .io import containers as _containers
 from .io import state as _state
-from .io.ranged import LocalFile, Place, where
-from .io.remote import is_url, redact
+from .io.ranged import Place, where
+from .io.remote import is_url
 from .sources import _readable, _savedmodel
 
 
@@ -185,50 +186,13 @@ def resolve_checkpoint(path: str) -> tuple[str, str, str | None]:
     raise NotFoundError(f"no checkpoint at {path} (looked for {os.path.basename(_ckptfiles.index_path(path))} and a V1 file); check the path")
 
 
-# --- where the bytes are: a path or URL -> (Place, name inside it) ------------------------------
-#
-# Each step takes (path, member, scratch_dir) and returns the place a checkpoint is in and its
-# name there, or None when the path is not of its kind.  open_source tries them in order before
-# the local checkpoint and archive-format resolution below.
+# --- where the bytes are: a URL -> (Place, name inside it); what they are: the source kinds --------
 
 
 def _remote_place(url: str, progress: bool | None) -> tuple[Place, str]:
     from .io.remote import open_place  # the standard library only; fsspec is imported by open_place
 
     return open_place(url, progress=progress)
-
-
-def _url_step(path: str, member: str | None, scratch_dir: str | None, progress: bool | None) -> tuple[Place, str] | None:
-    """A remote URL (fsspec): its directory and the name in it; an archive there is opened by range."""
-    if not is_url(path):
-        return None
-    place, name = _remote_place(path, progress)
-    if _containers.container_kind(name) is None:
-        if formats.for_path(name) is not None or formats.named_by_suffix(name) is not None:
-            place.close()
-            raise FormatError(f"{redact(path)} is an archive ({os.path.splitext(name)[1]}); ckptbridge reads checkpoints and "
-                              f"archives of checkpoints ({', '.join(_containers.CONTAINERS)}) from URLs; download it first")
-        return place, name
-    try:
-        archive = _containers.open_container(place.open(name), member=member, scratch_dir=scratch_dir)
-    except BaseException:
-        place.close()
-        raise
-    archive.owner = place
-    return archive, ""
-
-
-def _container_step(path: str, member: str | None, scratch_dir: str | None, progress: bool | None) -> tuple[Place, str] | None:
-    """A local ``.tar``/``.tar.gz``/``.tgz``/``.zip`` of checkpoints."""
-    if _containers.container_kind(path) is None or os.path.isdir(path):
-        return None
-    if not os.path.exists(path):
-        raise NotFoundError(f"no such file: {path}; check the path")
-    _require_regular(path, "archive")
-    return _containers.open_container(LocalFile(path), member=member, scratch_dir=scratch_dir), ""
-
-
-_PLACE_STEPS = (_url_step, _container_step)
 
 
 def _is_table(place: Place, relpath: str) -> bool:
@@ -275,7 +239,9 @@ def _engine_for(engine: str, prefix: str, version: str) -> _engines.Engine:
 
 def _open_with(e: _engines.Engine, prefix: str, version: str, *, verify: bool, place: Place | None = None) -> Source:
     try:
-        return _engines.open_source(e, prefix, verify=verify, version=version, place=place)
+        src = _engines.open_source(e, prefix, verify=verify, version=version, place=place)
+        src.label = e.label
+        return src
     except MissingDependencyError as err:
         if e.needs is None:
             raise
@@ -288,9 +254,10 @@ def _open_with(e: _engines.Engine, prefix: str, version: str, *, verify: bool, p
 def open_source(path: str, *, engine: str = "auto", verify: bool = True, max_tensor_bytes: int | None = None,
                 member: str | None = None, scratch_dir: str | None = None, member_key: str = "member",
                 names: str = _readable.AUTO, progress: bool | None = False) -> Source:
-    """A lazy source for a checkpoint, a SavedModel or Hub module directory, or an archive: a local
-    path, an archive of checkpoints (``member``: which checkpoint inside, where it holds several)
-    or a URL.
+    """A lazy source for what ``path`` is, by the first source kind (``ckptbridge.sources``) that
+    recognises it: a checkpoint, a SavedModel or Hub module directory, an archive, a Keras file, an
+    archive of checkpoints (``member``: which checkpoint inside, where it holds several); a local
+    path or a URL, which first resolves to a place and the name in it.
 
     What must be unpacked (a compressed archive's members) goes to temporary space
     in ``scratch_dir`` (None: the system temp), removed when the source closes.
@@ -301,48 +268,28 @@ def open_source(path: str, *, engine: str = "auto", verify: bool = True, max_ten
     _readable.check(names)
     if path.startswith("file://"):
         path = path[len("file://"):]
-    for step in _PLACE_STEPS:
-        found = step(path, member, scratch_dir, progress)
-        if found is None:
-            continue
-        place, name = found
-        try:
-            if member is not None and not isinstance(place, _containers.ArchivePlace):
-                raise FormatError(f"{option(member_key)} chooses a checkpoint inside an archive ({', '.join(_containers.CONTAINERS)}); "
-                                  f"{place.name} is not one")
-            prefix, version = _checkpoint_in_place(place, name, member, member_key)
-            e = _engine_for(engine, where(place, prefix), version)
-        except BaseException:
-            place.close()
-            raise
-        # the source owns the place and closes it on failure; a SavedModel directory is recognised locally only
-        return _checkpoint_names(_open_with(e, prefix, version, verify=verify, place=place), names, None)
-    if member is not None:
-        raise FormatError(f"{option(member_key)} chooses a checkpoint inside an archive ({', '.join(_containers.CONTAINERS)}); "
-                          f"{path} is not one")
-    fmt = formats.for_path(path)
-    known = formats.recognise(path)  # Keras files, by content, whatever their suffix
-    opener = known.open_source if known is not None else fmt.open_source if fmt is not None else None
-    if opener is not None:
-        if not os.path.exists(path):
-            raise NotFoundError(f"no such file: {path}; check the path")
-        if os.path.isdir(path):
-            raise FormatError(f"{path} is a directory, not an archive file; name the archive file")
-        _require_regular(path, "archive")
-        if names != _readable.AUTO:
-            raise FormatError(f"{option('names', names)} applies to TensorFlow checkpoints and SavedModels; {path} is an archive, "
-                              "whose names are the ones it was written with")
-        if not os.access(path, os.R_OK):
-            raise CkptBridgeError(f"permission denied: cannot read {path}; check its permissions")
-        return opener(path, verify=verify, max_tensor_bytes=max_tensor_bytes)
-    if not os.path.exists(path) and not glob.glob(glob.escape(path) + ".*") and not _ckptfiles.v1_shards(path):
-        raise NotFoundError(f"no such file or checkpoint: {path}; check the path")
-    saved_model = _savedmodel.find(path)
-    prefix, version, note = resolve_checkpoint(saved_model.prefix if saved_model is not None else path)
-    src = _open_with(_engine_for(engine, prefix, version), prefix, version, verify=verify)
-    if note is not None:
-        src.notes = (*src.notes, note)
-    return _checkpoint_names(src, names, saved_model)
+    inp = sources.Input(path, engine=engine, verify=verify, max_tensor_bytes=max_tensor_bytes, names=names, member=member,
+                        member_key=member_key, scratch_dir=scratch_dir, progress=progress)
+    if not is_url(path):
+        return _open_input(inp)
+    place, name = _remote_place(path, progress)
+    try:
+        return _open_input(dataclasses.replace(inp, place=place, name=name))
+    except BaseException:
+        place.close()  # a source opened there owned it and closed it already: closing twice is safe
+        raise
+
+
+def _open_input(inp: sources.Input) -> Source:
+    found = sources.recognise(inp)
+    if found is not None:
+        kind, what = found
+        return kind.open_source(inp, what)
+    if inp.member is not None:
+        shown = inp.path if inp.place is None else inp.place.name
+        raise FormatError(f"{option(inp.member_key)} chooses a checkpoint inside an archive ({', '.join(_containers.CONTAINERS)}); "
+                          f"{shown} is not one")
+    raise NotFoundError(f"no such file or checkpoint: {inp.shown}; check the path")
 
 
 def _checkpoint_names(src: Source, names: str, saved_model: _savedmodel.SavedModelDir | None) -> Source:
@@ -355,15 +302,10 @@ def _checkpoint_names(src: Source, names: str, saved_model: _savedmodel.SavedMod
 
 
 def source_label(source: Source) -> str:
-    """What archive metadata records as the engine that read ``source``: the checkpoint engine's label
-    ("native", "tensorflow"), the archive format's name, or the kind of a file recognised by content ("keras2-model")."""
-    e = _engines.of_source(source.origin())
-    if e is not None:
-        return e.label
-    if formats.recognised_of(source) is not None:
-        return source.kind  # before the formats: its reader may extend an archive format's
-    fmt = formats.of_source(source)
-    return fmt.name if fmt is not None else source.kind
+    """What archive metadata records as the engine that read ``source``: what opened it set it (the
+    checkpoint engine's label "native", "tensorflow"; the archive format's name; a Keras file's kind
+    "keras2-model"), else the source's kind."""
+    return source.label or source.kind
 
 
 def open_archive_sink(path: str, *, compress: bool = False, force: bool = False, source: str | None = None) -> Sink:
@@ -376,7 +318,7 @@ def open_checkpoint_sink(prefix: str, *, engine: str = "auto", force: bool = Fal
     e = _engines.for_writing(engine)
     if formats.for_path(prefix) is not None:
         raise FormatError(f"output {prefix} looks like an archive; import writes a checkpoint prefix such as out/model.ckpt")
-    known = formats.named_by_suffix(prefix)
+    known = sources.named_by_suffix(prefix)
     if known is not None:
         raise FormatError(f"output {prefix} is named as a {os.path.splitext(prefix)[1]} file, which ckptbridge reads but does not write; "
                           "import writes a checkpoint prefix such as out/model.ckpt")

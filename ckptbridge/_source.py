@@ -38,6 +38,11 @@ class Source(abc.ABC):
     #: What finding the source decided that the user should be told (a directory's state file that
     #: was not followed); ``ls`` shows them, reports carry them.
     notes: tuple[str, ...] = ()
+    #: The source kind (``ckptbridge.sources``) that recognised and opened it; None for one made directly.
+    opened_by: str | None = None
+    #: What archive metadata records as what read it, set by what opened it: the checkpoint engine's
+    #: label ("native"), the archive format's name ("npz"), a Keras file's kind; empty: :attr:`kind`.
+    label: str = ""
 
     @abc.abstractmethod
     def specs(self) -> Mapping[str, TensorSpec]:
@@ -101,6 +106,53 @@ class Source(abc.ABC):
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
+
+
+class SourceView(Source):
+    """A view of another source (``inner``): renamed, filtered, extended.  Everything is
+    delegated to ``inner`` by default (its path, kind, notes and label too, copied when the view
+    is made); a view overrides only what it changes.  Closing the view closes ``inner``."""
+
+    def __init__(self, inner: Source) -> None:
+        self._inner = inner
+        self.path = inner.path
+        self.kind = inner.kind
+        self.notes = inner.notes
+        self.opened_by = inner.opened_by
+        self.label = inner.label
+
+    def specs(self) -> Mapping[str, TensorSpec]:
+        return self._inner.specs()
+
+    def read(self, name: str) -> np.ndarray:
+        return self._inner.read(name)
+
+    def read_blocks(self, name: str, chunk_bytes: int) -> BlockStream | None:
+        return self._inner.read_blocks(name, chunk_bytes)
+
+    def uncarried(self) -> Mapping[str, TensorSpec]:
+        return self._inner.uncarried()
+
+    def read_raw(self, name: str) -> bytes | None:
+        return self._inner.read_raw(name)
+
+    def metadata(self) -> dict[str, Any]:
+        return self._inner.metadata()
+
+    def extras(self) -> dict[str, bytes]:
+        return self._inner.extras()
+
+    def checksum(self, name: str) -> int | None:
+        return self._inner.checksum(name)
+
+    def object_key(self, name: str) -> str:
+        return self._inner.object_key(name)
+
+    def origin(self) -> Source:
+        return self._inner.origin()
+
+    def close(self) -> None:
+        self._inner.close()
 
 
 class ArchiveSource(Source):

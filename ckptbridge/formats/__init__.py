@@ -6,7 +6,8 @@ classes live, what it can hold and a one-line description.  Resolution
 (``_resolve``), the dry-run check (``_api``) and the command line's help all read
 this table, so adding a format is its module plus its line here (or a
 :func:`register` call).  An output suffix the table does not know is an error
-that lists :func:`suffixes`, never a guess.
+that lists :func:`suffixes`, never a guess.  Files that other programs write and
+ckptbridge only reads (Keras's) are source kinds (:mod:`ckptbridge.sources`), not formats.
 
 Classes are named as ``"module:Class"`` strings and imported on first use, so
 importing ckptbridge (or this package) imports no format's dependencies (h5py,
@@ -20,7 +21,7 @@ import os
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .._lazy import load_object, refers_to
+from .._lazy import load_object
 
 if TYPE_CHECKING:
     from .._dtypes import DType
@@ -37,7 +38,7 @@ def _has_safetensors_code(d: DType) -> bool:
 
 
 class _OpensSource(Protocol):
-    """How a registered source class is constructed (:attr:`Format.source`, :attr:`Recognised.source`)."""
+    """How a registered source class is constructed (:attr:`Format.source`)."""
 
     def __call__(self, path: str, *, verify: bool, max_tensor_bytes: int | None) -> Source: ...
 
@@ -160,59 +161,6 @@ def require_for_path(path: str) -> Format:
     return fmt
 
 
-@dataclasses.dataclass(frozen=True)
-class Recognised:
-    """Files ckptbridge recognises by their content, whatever their suffix, and only reads: files
-    that other programs write (Keras's).  They are tried before the archive suffixes decide."""
-
-    #: short name for help texts; the source's ``kind`` says which variant it read
-    name: str
-    #: ``"module:function"`` ``(path) -> str | None``: the kind of file a regular file is, None when
-    #: it is none of these; reads headers only and never raises
-    detect: str | Callable[[str], str | None]
-    #: the :class:`~ckptbridge._source.Source` class, ``"module:Class"``, constructed as
-    #: ``Source(path, verify=..., max_tensor_bytes=...)``
-    source: str | type[Source]
-    #: one line for help texts and docs
-    description: str
-    #: suffixes that name such a file whatever its bytes (a damaged one is then reported as what it is)
-    suffixes: tuple[str, ...] = ()
-
-    def open_source(self, path: str, *, verify: bool = True, max_tensor_bytes: int | None = None) -> Source:
-        cls: _OpensSource = load_object(self.source)
-        return cls(path, verify=verify, max_tensor_bytes=max_tensor_bytes)
-
-
-#: name -> entry, in the order files are tested
-RECOGNISED: dict[str, Recognised] = {}
-
-
-def named_by_suffix(path: str) -> Recognised | None:
-    """The recognised kind of file a path's suffix names (``.keras``), whether or not it exists."""
-    ext = os.path.splitext(path)[1].lower()
-    return next((r for r in RECOGNISED.values() if ext in r.suffixes), None)
-
-
-def recognise(path: str) -> Recognised | None:
-    """The recognised kind of file at ``path`` (a regular file), by suffix or by content; None for anything else."""
-    if not os.path.isfile(path):
-        return None
-    return named_by_suffix(path) or next((r for r in RECOGNISED.values() if load_object(r.detect)(path) is not None), None)
-
-
-def recognised_of(source: object) -> Recognised | None:
-    """The recognised kind of file whose source class ``source`` is an instance of, if any."""
-    return next((r for r in RECOGNISED.values() if refers_to(r.source, source)), None)
-
-
-def of_source(source: object) -> Format | None:
-    """The registered format whose source class ``source`` is an instance of, if any."""
-    for f in FORMATS.values():
-        if refers_to(f.source, source):
-            return f
-    return None
-
-
 register(Format(
     "npz", (".npz",), "ckptbridge.formats.npz:NpzSource", "ckptbridge.formats.npz:NpzSink",
     "NumPy's zip of .npy members (np.load reads it); every dtype, tagged where NumPy lacks it",
@@ -232,9 +180,3 @@ register(Format(
     Holds(dtypes=_has_safetensors_code, names="UTF-8 names without control characters, not '__metadata__'"),
     check="ckptbridge.formats.safetensors:check_specs",
 ))
-
-RECOGNISED["keras"] = Recognised(
-    "keras", "ckptbridge.formats.keras:detect", "ckptbridge.formats.keras:KerasSource",
-    "Keras weights and models, read only: Keras 2 HDF5 (save_weights, save), Keras 3 .weights.h5, .keras zips",
-    suffixes=(".keras",),
-)

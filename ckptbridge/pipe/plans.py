@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .._source import Source
+from .._source import Source, SourceView
 from ..errors import CorruptError, FormatError, option
 from ..formats import meta
 from ..sources import _readable
@@ -36,7 +36,7 @@ ORIGINAL_NAMES = _readable.ORIGINAL_NAMES
 READABLE_NAMES = _readable.READABLE_NAMES
 
 
-class MappedSource(Source):
+class MappedSource(SourceView):
     """A view of ``inner``: out name -> (inner name, transform, direction).
 
     ``keys`` gives, for an out name, the inner name whose object-graph entry it
@@ -50,9 +50,7 @@ class MappedSource(Source):
         entries: Mapping[str, tuple[str, lay.Transform | None, bool]],
         keys: Mapping[str, str] | None = None,
     ) -> None:
-        self._inner = inner
-        self.path = inner.path
-        self.kind = inner.kind
+        super().__init__(inner)
         self._entries = dict(entries)
         self._keys = dict(keys or {})
         specs = inner.specs()
@@ -78,22 +76,25 @@ class MappedSource(Source):
     def read_blocks(self, name: str, chunk_bytes: int) -> Any:
         """Stream renamed tensors as the inner source does; transformed ones are read whole."""
         src, t, _ = self._entries[name]
-        inner = getattr(self._inner, "read_blocks", None)
-        return inner(src, chunk_bytes) if t is None and inner is not None else None
+        return self._inner.read_blocks(src, chunk_bytes) if t is None else None
 
     def checksum(self, name: str) -> int | None:
         src, t, _ = self._entries[name]
         return self._inner.checksum(src) if t is None else None
 
-    def extras(self) -> dict[str, bytes]:
-        return self._inner.extras()
-
     def object_key(self, name: str) -> str:
         """The key under which the inner source's TF2 object graph knows tensor ``name``."""
         return self._inner.object_key(self._keys.get(name, self._entries[name][0]))
 
-    def origin(self) -> Source:
-        return self._inner.origin()
+    # The inner source's records, uncarried tensors and their bytes are keyed by its own names, not these.
+    def uncarried(self) -> Mapping[str, TensorSpec]:
+        return {}
+
+    def read_raw(self, name: str) -> bytes | None:
+        return None
+
+    def metadata(self) -> dict[str, Any]:
+        return {}
 
 
 @dataclasses.dataclass

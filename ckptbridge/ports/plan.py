@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .._source import Source
+from .._source import Source, SourceView
 from ..errors import MismatchError
 from ..pipe import layout as lay
 from ..pipe.names import EMA_SUFFIX, Plan, training_state
@@ -82,13 +82,11 @@ class _Entry:
     fill: float = 0.0
 
 
-class PortSource(Source):
+class PortSource(SourceView):
     """A view of ``inner`` under the other side's names, layouts and class axis."""
 
     def __init__(self, inner: Source, entries: Mapping[str, _Entry], specs: Mapping[str, TensorSpec], *, invert: bool) -> None:
-        self._inner = inner
-        self.path = inner.path
-        self.kind = inner.kind
+        super().__init__(inner)
         self._entries = dict(entries)
         self._specs = {n: specs[n] for n in sorted(specs)}
         self._invert = invert
@@ -116,10 +114,9 @@ class PortSource(Source):
 
     def read_blocks(self, name: str, chunk_bytes: int) -> Any:
         e = self._entries[name]
-        inner = getattr(self._inner, "read_blocks", None)
-        if e.inner is None or e.transform is not None or e.classes or inner is None:
+        if e.inner is None or e.transform is not None or e.classes:
             return None
-        return inner(e.inner, chunk_bytes)
+        return self._inner.read_blocks(e.inner, chunk_bytes)
 
     def checksum(self, name: str) -> int | None:
         e = self._entries[name]
@@ -127,6 +124,19 @@ class PortSource(Source):
 
     def object_key(self, name: str) -> str:
         return self._entries[name].inner or name
+
+    # The other side's names: the inner source's object graph, records and uncarried tensors do not apply.
+    def extras(self) -> dict[str, bytes]:
+        return {}
+
+    def uncarried(self) -> Mapping[str, TensorSpec]:
+        return {}
+
+    def read_raw(self, name: str) -> bytes | None:
+        return None
+
+    def metadata(self) -> dict[str, Any]:
+        return {}
 
 
 @dataclasses.dataclass

@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from .._source import OBJECT_GRAPH, Source
+from .._source import OBJECT_GRAPH, Source, SourceView
 from ..errors import CorruptError, FormatError, option
 from ..formats import meta
 from ..spec import TensorSpec
@@ -78,14 +78,12 @@ def _utf8(name: str) -> bytes:
     return name.encode("utf-8", "surrogateescape")
 
 
-class ReadableSource(Source):
+class ReadableSource(SourceView):
     """A checkpoint shown under readable names: name -> checkpoint key (:data:`ORIGINAL_NAMES`)."""
 
     def __init__(self, inner: Source, keys: Mapping[str, str], note: str | None = None, kind: str | None = None) -> None:
-        self._inner = inner
-        self.path = inner.path
+        super().__init__(inner)
         self.kind = kind or inner.kind
-        self.notes = inner.notes
         self._key = dict(keys)  # readable name -> key, for every tensor (renamed or not)
         self._name = {k: n for n, k in self._key.items()}
         self.note = note
@@ -129,17 +127,8 @@ class ReadableSource(Source):
             doc[NOTE] = self.note
         return doc
 
-    def extras(self) -> dict[str, bytes]:
-        return self._inner.extras()
-
     def object_key(self, name: str) -> str:
         return self._inner.object_key(self.key(name))
-
-    def origin(self) -> Source:
-        return self._inner.origin()
-
-    def close(self) -> None:
-        self._inner.close()
 
 
 def candidates(objects: list[_objgraph.ObjectNode], saved: list[_savedmodel.SavedObject] | None) -> dict[str, str]:

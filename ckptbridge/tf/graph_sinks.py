@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .._source import Sink, Source
+from .._source import Sink, Source, SourceView
 from ..bundle import BundleReader
 from ..bundle.sink import NativeCheckpointSink
 from ..errors import CorruptError
@@ -156,12 +156,11 @@ class SaverSink(Sink):
             sess.close()
 
 
-class _Without(Source):
+class _Without(SourceView):
     """``inner`` without the tensors ``names`` (for a read-back of what was sent)."""
 
     def __init__(self, inner: Source, names: set[str]) -> None:
-        self._inner = inner
-        self.path = inner.path
+        super().__init__(inner)
         self._specs = {n: s for n, s in inner.specs().items() if n not in names}
 
     def specs(self) -> Mapping[str, TensorSpec]:
@@ -174,9 +173,6 @@ class _Without(Source):
     def read_blocks(self, name: str, chunk_bytes: int) -> BlockStream | None:
         self.spec(name)
         return self._inner.read_blocks(name, chunk_bytes)
-
-    def close(self) -> None:
-        self._inner.close()
 
 
 class NativeGraphSink(NativeCheckpointSink):

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from .._source import Sink, Source
+from .._source import Sink, Source, SourceView
 from ..errors import CkptBridgeError, FormatError, MismatchError, option
 from ..pipe.names import Plan
 from ..spec import TensorSpec, dtype_name
@@ -230,12 +230,11 @@ def plan_graph_import(
 _INITIAL = "\x00initial/"
 
 
-class _WithInitial(Source):
+class _WithInitial(SourceView):
     """``inner`` plus the initial values of the graph's variables it lacks, under :data:`_INITIAL` names."""
 
     def __init__(self, inner: Source, initial: dict[str, np.ndarray]) -> None:
-        self._inner = inner
-        self.path = inner.path
+        super().__init__(inner)
         self._initial = {_INITIAL + n: np.asarray(v) for n, v in initial.items()}
         self._specs = {**inner.specs(), **{n: TensorSpec(n, dtype_name(v.dtype), tuple(v.shape)) for n, v in self._initial.items()}}
 
@@ -247,3 +246,6 @@ class _WithInitial(Source):
 
     def read_blocks(self, name: str, chunk_bytes: int) -> Any:
         return None if name in self._initial else self._inner.read_blocks(name, chunk_bytes)
+
+    def checksum(self, name: str) -> int | None:
+        return None if name in self._initial else self._inner.checksum(name)
