@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ._options import DEFAULT_MAX_TENSOR_BYTES, Graph, Layout, Naming, Port, ReadOptions, Rename, Select
-from ._resolve import archive_kind, open_archive_sink, open_checkpoint_sink, open_source, require_archive_kind, source_label
+from ._resolve import archive_kind, open_archive_sink, open_checkpoint_sink, open_source, require_archive_format, source_label
 from ._source import Source
 from .errors import CkptBridgeError, FormatError, option
 from .io.durability import durability
@@ -333,7 +333,7 @@ def export(
     from .pipe.plans import prepare_export
 
     output = _path(output)
-    kind = require_archive_kind(output)
+    fmt = require_archive_format(output)  # resolved once: the dry run and the sink use it
     naming = _naming(naming)
     if isinstance(naming, Port) and naming.num_classes is not None:
         raise CkptBridgeError("Port.num_classes applies to an import (rebuild), where the slim net may have TensorFlow's background "
@@ -357,10 +357,10 @@ def export(
             )
         require_some(prep.plan, _where(source))
         if dry_run:
-            _check_dry_run_output(output, force, kind, prep.source)
+            _check_dry_run_output(output, force, fmt.name, prep.source)
             return _dry_report(output, prep, naming, src)
         metadata = {"engine": source_label(src), **prep.metadata}
-        sink = open_archive_sink(output, compress=compress, force=force, source=src.path)  # transfer aborts it on any failure
+        sink = open_archive_sink(output, fmt=fmt, compress=compress, force=force, source=src.path)  # transfer aborts it on any failure
         report = transfer(prep.source, sink, prep.plan, progress=progress, desc="export", metadata=metadata,
                           carry_extras=not isinstance(naming, Port))
         _annotate(report, prep, naming, src)

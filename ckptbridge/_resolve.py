@@ -40,9 +40,9 @@ def archive_kind(path: str) -> str | None:
     return None if fmt is None else fmt.name
 
 
-def require_archive_kind(path: str) -> str:
-    """The archive format's name for a path's suffix, or FormatError listing the registry's suffixes."""
-    return formats.require_for_path(path).name
+def require_archive_format(path: str) -> formats.Format:
+    """The archive format for a path's suffix, or FormatError listing the registry's suffixes."""
+    return formats.require_for_path(path)
 
 
 def _state_prefix(directory: str) -> tuple[str | None, str | None]:
@@ -308,9 +308,11 @@ def source_label(source: Source) -> str:
     return source.label or source.kind
 
 
-def open_archive_sink(path: str, *, compress: bool = False, force: bool = False, source: str | None = None) -> Sink:
-    """A sink for the archive format the registry gives ``path``'s suffix."""
-    return formats.require_for_path(path).open_sink(path, compress=compress, force=force, source=source)
+def open_archive_sink(path: str, *, fmt: formats.Format | None = None, compress: bool = False, force: bool = False,
+                      source: str | None = None) -> Sink:
+    """A sink for ``fmt``, the archive format the caller resolved ``path`` to already (by default the
+    registry's format for its suffix)."""
+    return (fmt or formats.require_for_path(path)).open_sink(path, compress=compress, force=force, source=source)
 
 
 def open_checkpoint_sink(prefix: str, *, engine: str = "auto", force: bool = False, max_shard_bytes: int | None = None, **kw: Any) -> Sink:
