@@ -114,6 +114,8 @@ class ArchiveSource(Source):
 
     Subclasses fill ``_specs``, ``_meta`` (the JSON document, ``{}`` for a plain
     archive) and ``_extras``; the per-tensor crc32c records live in ``_meta["tensors"]``.
+    Opened with ``verify``, :meth:`read` checks a tensor's stored bytes against its record (a
+    read-back of a tensor read whole then compares the record, without checksumming it again).
     """
 
     _specs: Mapping[str, TensorSpec]

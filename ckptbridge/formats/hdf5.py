@@ -437,7 +437,8 @@ class Hdf5Source(ArchiveSource):
             mapped = self._mapped()
             if mapped is not None and offset + spec.size * stored.itemsize <= len(mapped):
                 blocks = ((sel, a.view(want)) for sel, a in mmap_blocks(mapped, offset, spec, stored, chunk_bytes))
-                return BlockStream(spec, blocks, check, span=(self._map_file.fileno(), offset))
+                return BlockStream(spec, blocks, check, span=(self._map_file.fileno(), offset),
+                                   stored=int(rec["crc32c"]) if check is not None and rec is not None else None)
 
         def blocks() -> Any:
             total = spec.size

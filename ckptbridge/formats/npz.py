@@ -343,7 +343,8 @@ class NpzSource(ArchiveSource):
             def check(c: int) -> None:
                 if c != stored_crc:
                     raise CorruptError(f"{where}: checksum mismatch (crc32c), the stored bytes are damaged; restore the archive from a good copy")
-        return BlockStream(spec, blocks, check, span=(self._file.fileno(), m.data_offset))
+        return BlockStream(spec, blocks, check, span=(self._file.fileno(), m.data_offset),
+                           stored=int(rec["crc32c"]) if check is not None and rec is not None else None)
 
     def read(self, name: str) -> np.ndarray:
         spec = self.spec(name)
