@@ -2,24 +2,30 @@
 
 A :class:`Source` lists tensor specs without reading values and reads one
 tensor on demand.  A :class:`Sink` takes tensors one at a time and writes
-its output to a temporary location; :meth:`Sink.commit` makes it appear at the
-destination in one step, :meth:`Sink.abort` leaves nothing behind.
+its output to a temporary location; :meth:`Sink.publish` makes it appear at the
+destination in one step, :meth:`Sink.abort` leaves nothing behind.  Its
+:meth:`Sink.write` is a template: the check, the encoding and the checksum of a
+tensor happen there, once, for every format.
 """
 
 from __future__ import annotations
 
 import abc
+import dataclasses
 from collections.abc import Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from . import _dtypes
 from ._dtypes import uncarried_error  # noqa: F401 - re-exported for the sources
-from .errors import NotFoundError
-from .spec import TensorSpec
+from .errors import CkptBridgeError, FormatError, MismatchError, NotFoundError
+from .formats import meta
+from .spec import STRING, TensorSpec, as_exchange_array, dtype_name
 
 if TYPE_CHECKING:
+    from .io.atomic import AtomicFile
     from .io.chunks import BlockStream
 
 # Entries that carry checkpoint structure rather than weights.  A source
@@ -160,6 +166,8 @@ class ArchiveSource(Source):
 
     Subclasses fill ``_specs``, ``_meta`` (the JSON document, ``{}`` for a plain
     archive) and ``_extras``; the per-tensor crc32c records live in ``_meta["tensors"]``.
+    Opened with ``verify``, :meth:`read` checks a tensor's stored bytes against its record (a
+    read-back of a tensor read whole then compares the record, without checksumming it again).
     """
 
     _specs: Mapping[str, TensorSpec]
@@ -180,54 +188,154 @@ class ArchiveSource(Source):
         return None if rec is None else int(rec["crc32c"])
 
 
+class Output(Protocol):
+    """Where a sink's output waits until it is published (``io.atomic``'s ``AtomicFile`` and
+    ``AtomicCheckpoint``): the sink hands it the durability hints and the final rename."""
+
+    def start_writeback(self) -> None: ...
+
+    def start_sync(self) -> None: ...
+
+    def commit(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoded:
+    """One tensor as the sink template hands it to a format: checked, encoded and checksummed once.
+
+    ``stored`` is what an archive stores (C-contiguous: the storage dtype's bits, or the strings'
+    length-prefixed ``uint8`` blob) and ``crc`` its crc32c, the tensor's checksum everywhere
+    (archive records, the pipe's read-back); ``array`` is the exchange form, for writers that
+    store strings their own way (a checkpoint) or feed arrays to TensorFlow.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    encoding: str
+    stored: np.ndarray
+    crc: int
+    array: np.ndarray
+
+
+def encode_tensor(name: str, array: np.ndarray) -> Encoded:
+    """Check ``array`` as a tensor ckptbridge carries, encode it for storage and checksum it."""
+    array = as_exchange_array(array)
+    try:
+        dtype = dtype_name(array.dtype)
+    except FormatError as e:
+        raise FormatError(f"tensor {name!r}: {e}") from None
+    if dtype == STRING:
+        bad = next((type(v).__name__ for v in array.reshape(-1) if not isinstance(v, bytes)), None)
+        if bad is not None:
+            raise FormatError(f"tensor {name!r}: string tensors hold bytes, found {bad}; encode text first")
+    stored, encoding = meta.encode(array, dtype)
+    stored = np.require(stored, requirements="C")
+    return Encoded(name, dtype, tuple(array.shape), encoding, stored, meta.checksum(stored), array)
+
+
 class Sink(abc.ABC):
-    """Takes named tensors one at a time; commit() publishes atomically."""
+    """Takes named tensors one at a time and publishes its output whole, or nothing.
+
+    The protocol, in the order :func:`ckptbridge.pipe.transfer.transfer` calls it: :meth:`begin`
+    (every spec), then per tensor :meth:`write` or :meth:`write_blocks` (each returns the tensor's
+    crc32c), :meth:`write_extra`, :meth:`start_writeback` now and then; :meth:`finish`,
+    :meth:`start_sync`, :meth:`open_readback` (the pipe compares every tensor), :meth:`publish`;
+    :meth:`abort` on any failure.
+
+    :meth:`write` and :meth:`write_blocks` are the template every format shares: they refuse a
+    name written twice and one the format cannot store (:meth:`check_name`), check, encode and
+    checksum a whole tensor once (:func:`encode_tensor`), and hand it to the format's
+    :meth:`put` (or the stream to :meth:`put_blocks`).  A format implements those two, not these.
+    """
 
     path: str
-    #: Whether :meth:`write_blocks` takes a numeric tensor block by block.
+    #: Whether :meth:`put_blocks` takes a numeric tensor block by block.
     streams: bool = False
+    #: The output waiting to be published, for sinks that write through ``io.atomic`` (else None).
+    _out: Output | None = None
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._written: set[str] = set()
 
     def begin(self, specs: list[TensorSpec]) -> None:
         """Told every spec before the first write; formats that lay out names up front use it."""
 
-    @abc.abstractmethod
-    def write(self, name: str, array: np.ndarray) -> None:
-        """Write one tensor (exchange form).  Names are unique."""
+    def check_name(self, name: str) -> None:
+        """Refuse a name this format cannot store (by default every name is accepted)."""
 
-    def write_blocks(self, name: str, stream: BlockStream) -> None:
-        """Write one numeric tensor from a :class:`BlockStream`, block by block.
+    def _claim(self, name: str) -> None:
+        self.check_name(name)
+        if name in self._written:
+            raise MismatchError(f"tensor {name!r} written twice to {self.path}")
+        self._written.add(name)
 
-        Only called when :attr:`streams` is true.  Records ``stream.crc`` (set
-        once the stream is drained) as the tensor's checksum where the format keeps one.
+    def write(self, name: str, array: np.ndarray) -> int:
+        """Write one tensor (exchange form); return the crc32c of its stored bytes.  Names are unique."""
+        self._claim(name)
+        t = encode_tensor(name, array)
+        self.put(t)
+        self.wrote(t.name, t.dtype, t.shape, t.encoding, t.crc)
+        return t.crc
+
+    def write_blocks(self, name: str, stream: BlockStream) -> int:
+        """Write one numeric tensor from a :class:`BlockStream`; return its crc32c.
+
+        Only called when :attr:`streams` is true.  The stream computes the crc32c as it is read (or,
+        where the format moved its bytes unread, takes the source's stored one: see ``BlockStream``).
         """
-        raise NotImplementedError
+        self._claim(name)
+        self.put_blocks(name, stream)
+        if stream.crc is None:
+            raise CkptBridgeError(f"internal error: {type(self).__name__} did not read tensor {name!r} to its end")
+        spec = stream.spec
+        self.wrote(name, spec.dtype, tuple(spec.shape), _dtypes.lookup(spec.dtype).encoding, stream.crc)
+        return stream.crc
+
+    @abc.abstractmethod
+    def put(self, tensor: Encoded) -> None:
+        """Store one tensor, checked and encoded by :meth:`write`."""
+
+    def put_blocks(self, name: str, stream: BlockStream) -> None:
+        """Store one numeric tensor from ``stream``, block by block, reading it to its end."""
+        raise NotImplementedError(f"{type(self).__name__} does not stream")
+
+    def wrote(self, name: str, dtype: str, shape: tuple[int, ...], encoding: str, crc: int) -> None:
+        """Record a stored tensor (an archive keeps its crc32c in its metadata); by default nothing."""
 
     def write_extra(self, key: str, payload: bytes) -> None:
         """Store a non-tensor payload if the format can; by default it is dropped."""
 
     def start_writeback(self) -> None:
-        """Let the disk start on what is written so far (a hint; by default nothing)."""
-        out = getattr(self, "_out", None)
-        if out is not None and hasattr(out, "start_writeback"):
-            out.start_writeback()
+        """Let the disk start on what is written so far (a hint)."""
+        if self._out is not None:
+            self._out.start_writeback()
 
     def start_sync(self) -> None:
         """After :meth:`finish`: start making the output durable (fsync) while it is read back."""
-        out = getattr(self, "_out", None)
-        if out is not None and hasattr(out, "start_sync"):
-            out.start_sync()
+        if self._out is not None:
+            self._out.start_sync()
 
+    @abc.abstractmethod
     def finish(self, metadata: dict[str, Any] | None = None) -> None:
         """Complete the output at its temporary location (see :attr:`readback_path`)."""
-        raise NotImplementedError
+
+    @property
+    @abc.abstractmethod
+    def readback_path(self) -> str:
+        """Where the finished, not yet published, output can be opened to check it."""
+
+    @abc.abstractmethod
+    def open_readback(self) -> Source:
+        """After :meth:`finish`: a source over the finished output, for the pipe to compare."""
 
     def publish(self) -> None:
         """Move the finished output into place, atomically."""
-
-    @property
-    def readback_path(self) -> str:
-        """Where the finished, not yet published, output can be opened to check it."""
-        raise NotImplementedError
+        if self._out is not None:
+            self._out.commit()
 
     def commit(self, metadata: dict[str, Any] | None = None) -> None:
         """Finish and move the output into place."""
@@ -247,11 +355,27 @@ class Sink(abc.ABC):
 
 
 class ArchiveSink(Sink):
-    """A sink writing one temporary file (an ``_atomic.AtomicFile`` in ``_out``) that
-    :attr:`source_class` reads back before :meth:`publish` renames it into place."""
+    """A sink writing one temporary file (an ``io.atomic.AtomicFile`` in ``_out``) that
+    :attr:`source_class` reads back before :meth:`publish` renames it into place.
+
+    Every tensor's record (dtype, shape, encoding, crc32c, and what :meth:`record_extra` adds) is
+    kept in ``_records`` for the archive's metadata document.
+    """
 
     source_class: type[Source]
-    _out: Any
+    _out: AtomicFile
+
+    def __init__(self, path: str, out: AtomicFile) -> None:
+        super().__init__(path)
+        self._out = out
+        self._records: dict[str, dict[str, Any]] = {}
+
+    def record_extra(self, name: str) -> dict[str, Any]:
+        """Fields the format adds to a tensor's record (HDF5: the dataset's path)."""
+        return {}
+
+    def wrote(self, name: str, dtype: str, shape: tuple[int, ...], encoding: str, crc: int) -> None:
+        self._records[name] = meta.tensor_record(dtype, shape, encoding, crc, **self.record_extra(name))
 
     @property
     def readback_path(self) -> str:
@@ -259,10 +383,6 @@ class ArchiveSink(Sink):
 
     def open_readback(self) -> Source:
         return self.source_class(self._out.tmp)  # type: ignore[call-arg]
-
-    def publish(self) -> None:
-        self._out.commit()
-
 
 
 class ArraySource(Source):

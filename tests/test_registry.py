@@ -21,7 +21,7 @@ import pytest
 
 import ckptbridge
 from ckptbridge import _engines, cli, formats
-from ckptbridge._source import ArchiveSource, Sink, Source
+from ckptbridge._source import ArchiveSource, Encoded, Sink, Source
 from ckptbridge.errors import FormatError, OutputExistsError
 from ckptbridge.formats import Format, Holds, meta
 from ckptbridge.io import ckptfiles as _ckptfiles
@@ -56,14 +56,14 @@ class ToySink(Sink):
     def __init__(self, path: str, *, force: bool = False, source: str | None = None) -> None:
         if os.path.lexists(path) and not force:
             raise OutputExistsError(f"output {path} already exists")
-        self.path, self._tmp, self._source = path, path + ".toy-tmp", source
+        super().__init__(path)
+        self._tmp, self._source = path + ".toy-tmp", source
         self._tensors: dict[str, Any] = {}
 
-    def write(self, name: str, array: np.ndarray) -> None:
-        dtype = _dtype(array)
-        stored, encoding = meta.encode(array, dtype)
-        self._tensors[name] = {"dtype": dtype, "shape": list(array.shape), "encoding": encoding, "stored": stored.dtype.str,
-                               "stored_shape": list(stored.shape), "hex": np.ascontiguousarray(stored).tobytes().hex()}
+    def put(self, tensor: Encoded) -> None:  # checked, encoded and checksummed by Sink.write
+        stored = tensor.stored
+        self._tensors[tensor.name] = {"dtype": tensor.dtype, "shape": list(tensor.shape), "encoding": tensor.encoding,
+                                      "stored": stored.dtype.str, "stored_shape": list(stored.shape), "hex": stored.tobytes().hex()}
 
     def finish(self, metadata: dict[str, Any] | None = None) -> None:
         with open(self._tmp, "w", encoding="utf-8") as f:
@@ -82,12 +82,6 @@ class ToySink(Sink):
     def abort(self) -> None:
         if os.path.exists(self._tmp):
             os.unlink(self._tmp)
-
-
-def _dtype(array: np.ndarray) -> str:
-    from ckptbridge._dtypes import of_array
-
-    return of_array(array.dtype).name
 
 
 @pytest.fixture

@@ -421,7 +421,8 @@ class BundleReader(Source):
         blocks = mmap_blocks(buf, e.offset, self._specs[name], dtype, chunk_bytes)
         local = self._files.get(e.shard_id)
         span = (local.fileno(), e.offset) if isinstance(local, LocalFile) else None
-        return BlockStream(self._specs[name], blocks, check, span=span)
+        # The entry's crc32c covers exactly these bytes: a consumer may move them unread and let a read-back check them.
+        return BlockStream(self._specs[name], blocks, check, span=span, stored=unmask(e.crc32c) if check is not None else None)
 
     def close(self) -> None:
         # Views handed out keep their mmap alive; we only drop our references.

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
-from .._source import Sink, Source
+from .._source import Encoded, Sink, Source
 from ..io.atomic import AtomicCheckpoint
+from ..io.chunks import BlockStream
 from ..spec import TensorSpec
 from .reader import BundleReader
 from .writer import BundleWriter, check_keys
@@ -17,9 +16,10 @@ class NativeCheckpointSink(Sink):
     """Streams tensors into a V2 checkpoint in a temporary directory; publish moves it into place."""
 
     streams = True
+    _out: AtomicCheckpoint
 
     def __init__(self, prefix: str, *, force: bool = False, max_shard_bytes: int | None = None, update_state: bool = True) -> None:
-        self.path = prefix
+        super().__init__(prefix)
         self._out = AtomicCheckpoint(prefix, force=force, update_state=update_state)
         try:
             self._writer = BundleWriter(self._out.tmp_prefix, max_shard_bytes=max_shard_bytes)
@@ -30,14 +30,14 @@ class NativeCheckpointSink(Sink):
     def begin(self, specs: list[TensorSpec]) -> None:
         check_keys([s.name for s in specs], self.path)  # every bad name refused before the first byte
 
-    def write(self, name: str, array: np.ndarray) -> None:
-        self._writer.write(name, array)
+    def check_name(self, name: str) -> None:
+        self._writer.check_name(name)
 
-    def write_chunks(self, name: str, dtype: str, shape: tuple[int, ...], chunks: Any) -> None:
-        self._writer.write_chunks(name, dtype, shape, chunks)
+    def put(self, tensor: Encoded) -> None:
+        self._writer.put(tensor)
 
-    def write_blocks(self, name: str, stream: Any) -> None:
-        self._writer.write_blocks(name, stream)
+    def put_blocks(self, name: str, stream: BlockStream) -> None:
+        self._writer.put_blocks(name, stream)
 
     def write_extra(self, key: str, payload: bytes) -> None:
         self._writer.write_extra(key, payload)
@@ -47,10 +47,7 @@ class NativeCheckpointSink(Sink):
         return self._out.tmp_prefix
 
     def finish(self, metadata: dict[str, Any] | None = None) -> None:
-        self._writer.commit(metadata)
-
-    def publish(self) -> None:
-        self._out.commit()
+        self._writer.finish(metadata)
 
     def open_readback(self) -> Source:
         return BundleReader(self._out.tmp_prefix, verify=True)

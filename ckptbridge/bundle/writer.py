@@ -17,12 +17,12 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from .. import _dtypes
-from .._source import OBJECT_GRAPH, OBJECT_GRAPH_KEY, Sink
+from .._source import OBJECT_GRAPH, OBJECT_GRAPH_KEY, Encoded, Sink, Source
 from ..errors import CkptBridgeError, FormatError, MismatchError
-from ..io.chunks import write_stream
+from ..io.chunks import BlockStream, write_stream
 from ..io.ckptfiles import data_path, index_path
 from ..io.wire import crc, mask, put_varint
-from ..spec import STRING, dtype_name
+from ..spec import STRING
 from ._entries import ENUM_BY_DTYPE, encode_entry, encode_header
 from ._table import BLOCK_SIZE, TableBuilder
 
@@ -70,7 +70,8 @@ class BundleWriter(Sink):
     streams = True
 
     def __init__(self, prefix: str, *, max_shard_bytes: int | None = None, _block_size: int = BLOCK_SIZE) -> None:
-        self.path = self.prefix = os.fspath(prefix)
+        super().__init__(os.fspath(prefix))
+        self.prefix = self.path
         if max_shard_bytes is not None and max_shard_bytes <= 0:
             raise FormatError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
         self.max_shard_bytes = max_shard_bytes
@@ -113,28 +114,41 @@ class BundleWriter(Sink):
             raise MismatchError(f"tensor {name!r} was written twice to {self.prefix}; names must be unique")
         return key
 
-    def write(self, name: str, array: np.ndarray) -> None:
-        """Write one tensor (exchange form); its bytes go straight to disk."""
-        key = self._key(name)
-        arr = np.asarray(array)
-        try:
-            dtype = dtype_name(arr.dtype)
-        except FormatError as e:
-            raise FormatError(f"tensor {name!r}: {e}") from None
-        if dtype == STRING:
-            self._write_strings(key, name, arr)
-            return
-        if arr.dtype.byteorder == ">" or (arr.dtype.byteorder == "=" and not _LITTLE):
-            arr = arr.astype(arr.dtype.newbyteorder("<"))
-        self._write_numeric(key, name, dtype, arr.shape, _array_chunks(arr))
+    def check_name(self, name: str) -> None:
+        problem = key_problem(name)
+        if problem is not None:
+            raise FormatError(problem)
 
-    def write_chunks(self, name: str, dtype: str, shape: tuple[int, ...], chunks: Iterable[Any]) -> None:
+    def put(self, tensor: Encoded) -> None:
+        """Store one tensor checked and encoded by :meth:`write`: its bytes go straight to disk,
+        and the crc32c :meth:`write` computed is the entry's (numeric bytes are stored as encoded)."""
+        key = self._key(tensor.name)
+        if tensor.dtype == STRING:
+            self._write_strings(key, tensor.name, tensor.array)
+            return
+        stored = tensor.stored
+        if stored.dtype.byteorder == ">" or (stored.dtype.byteorder == "=" and not _LITTLE):
+            self._write_numeric(key, tensor.name, tensor.dtype, tensor.shape, _array_chunks(stored.astype(stored.dtype.newbyteorder("<"))))
+            return
+
+        def fill(f: BinaryIO, start: int, expected: int) -> tuple[int, int]:
+            written = 0
+            for piece in _array_chunks(stored):
+                f.write(piece)
+                written += len(piece)
+            return written, tensor.crc
+
+        self._place_numeric(key, tensor.name, tensor.dtype, tensor.shape, fill)
+
+    def write_chunks(self, name: str, dtype: str, shape: tuple[int, ...], chunks: Iterable[Any], *, _claimed: bool = False) -> None:
         """Write one numeric tensor from consecutive pieces of its C-order bytes.
 
         ``chunks`` yields bytes-like objects or arrays (arrays are taken in C
         order, little-endian).  Their total size must equal the tensor's; if it
         does not, nothing of the tensor is kept and MismatchError is raised.
         """
+        if not _claimed:
+            self._claim(name)
         key = self._key(name)
         if dtype == STRING or dtype not in ENUM_BY_DTYPE:
             raise FormatError(f"tensor {name!r}: write_chunks takes a numeric dtype, got {dtype!r}")
@@ -153,15 +167,15 @@ class BundleWriter(Sink):
 
         self._write_numeric(key, name, dtype, shape, pieces())
 
-    def write_blocks(self, name: str, stream: Any) -> None:
-        """Write one numeric tensor from a ``_chunks.BlockStream``, block by block.
+    def put_blocks(self, name: str, stream: BlockStream) -> None:
+        """Write one numeric tensor from an ``io.chunks.BlockStream``, block by block.
 
-        The stream's own crc32c (computed as it is read) is the entry's checksum, so
-        the bytes are checksummed once; where the stream is a byte range of a file the
-        kernel copies it (``_chunks.write_stream``)."""
+        The stream's own crc32c is the entry's checksum, so the bytes are checksummed once; where the
+        stream is a byte range of a file the kernel copies it (``io.chunks.write_stream``), and where
+        the pipe reads the output back the bytes are not read here at all."""
         spec = stream.spec
         if not _LITTLE or spec.dtype == STRING or spec.dtype not in ENUM_BY_DTYPE:
-            self.write_chunks(name, spec.dtype, spec.shape, (arr for _, arr in stream))
+            self.write_chunks(name, spec.dtype, spec.shape, (arr for _, arr in stream), _claimed=True)
             return
         key = self._key(name)
 
@@ -169,7 +183,8 @@ class BundleWriter(Sink):
             f.flush()
             written = write_stream(stream, f.fileno(), start)
             f.seek(start + written)
-            assert stream.crc is not None  # write_stream read it to the end (or raised)
+            if stream.crc is None:
+                raise MismatchError(f"tensor {name!r}: the stream ended early")
             return written, stream.crc
 
         self._place_numeric(key, name, spec.dtype, spec.shape, fill)
@@ -247,8 +262,18 @@ class BundleWriter(Sink):
         arr[()] = bytes(payload)
         self._write_strings(k, OBJECT_GRAPH_KEY, arr)
 
-    def commit(self, metadata: dict[str, Any] | None = None) -> None:
-        """Close the shards, give them their final names and write the ``.index`` last.
+    @property
+    def readback_path(self) -> str:
+        return self.prefix
+
+    def open_readback(self) -> Source:
+        from .reader import BundleReader
+
+        return BundleReader(self.prefix, verify=True)
+
+    def finish(self, metadata: dict[str, Any] | None = None) -> None:
+        """Close the shards, give them their final names and write the ``.index`` last
+        (:meth:`commit` is the same: the caller owns publication).
 
         ``metadata`` is not stored: the bundle format has no place for it that
         TensorFlow would ignore.

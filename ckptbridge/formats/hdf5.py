@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 from .. import _dtypes
-from .._source import OBJECT_GRAPH, ArchiveSink, ArchiveSource
-from ..errors import CkptBridgeError, CorruptError, FormatError, MismatchError, UnsafeArchiveError, option
+from .._source import OBJECT_GRAPH, ArchiveSink, ArchiveSource, Encoded
+from ..errors import CkptBridgeError, CorruptError, FormatError, UnsafeArchiveError, option
 from ..io.atomic import AtomicFile
 from ..io.chunks import BlockStream, block_shape, c_blocks, mmap_blocks, write_stream
 from ..io.signals import raise_signals_after
@@ -61,8 +61,7 @@ class Hdf5Sink(ArchiveSink):
     def __init__(self, path: str, *, compress: bool = False, force: bool = False, source: str | None = None) -> None:
         import h5py
 
-        self.path = path
-        self._out = AtomicFile(path, force=force)
+        super().__init__(path, AtomicFile(path, force=force))
         # Through a guarded file object: HDF5 crashes on close after a failed write (see _guarded.GuardedFile).
         try:
             with raise_signals_after():  # HDF5 must not be interrupted half-way through creating the file
@@ -74,8 +73,8 @@ class Hdf5Sink(ArchiveSink):
             self._out.abort()
             raise
         self._compress = compress
-        self._records: dict[str, dict[str, Any]] = {}
         self._paths: dict[str, str] = {}
+        self._placed: dict[str, str] = {}
         self._source = source
         self._escaped = 0
 
@@ -118,41 +117,34 @@ class Hdf5Sink(ArchiveSink):
 
         return h5py.Group
 
+    def record_extra(self, name: str) -> dict[str, Any]:
+        return {"path": self._placed[name]}
+
     @checks_writes
-    def write(self, name: str, array: np.ndarray) -> None:
-        if name in self._records:
-            raise MismatchError(f"tensor {name!r} written twice to {self.path}")
-        array = as_exchange_array(array)
-        _check_writable(name, array.ndim, self.path)
-        dtype = dtype_name(array.dtype)
-        stored, enc = meta.encode(array, dtype)
-        stored = np.require(stored, requirements="C")
-        path = self._place(name)
+    def put(self, tensor: Encoded) -> None:
+        _check_writable(tensor.name, len(tensor.shape), self.path)
+        stored = tensor.stored
+        path = self._placed[tensor.name] = self._place(tensor.name)
         kwargs: dict[str, Any] = {}
         if self._compress and stored.size > 0 and stored.ndim > 0:
             kwargs = {"compression": "gzip", "compression_opts": 4, "shuffle": True, "chunks": True}
         ds = self._f.create_dataset(path, data=stored, **kwargs)
-        ds.attrs[ATTR_NAME] = name
-        ds.attrs[ATTR_DTYPE] = dtype
-        crc = meta.checksum(stored)
-        self._records[name] = meta.tensor_record(dtype, tuple(array.shape), enc, crc, path=path)
+        ds.attrs[ATTR_NAME] = tensor.name
+        ds.attrs[ATTR_DTYPE] = tensor.dtype
 
     @checks_writes
-    def write_blocks(self, name: str, stream: BlockStream) -> None:
+    def put_blocks(self, name: str, stream: BlockStream) -> None:
         """Stream a numeric tensor into its dataset hyperslab by hyperslab (never whole in memory)."""
-        if name in self._records:
-            raise MismatchError(f"tensor {name!r} written twice to {self.path}")
         spec = stream.spec
         _check_writable(name, len(spec.shape), self.path)
-        d = _dtypes.lookup(spec.dtype)
-        stored = d.storage
-        path = self._place(name)
+        stored = _dtypes.lookup(spec.dtype).storage
+        path = self._placed[name] = self._place(name)
         kwargs: dict[str, Any] = {}
         if self._compress and spec.size > 0 and spec.shape:
             kwargs = {"compression": "gzip", "compression_opts": 4, "shuffle": True, "chunks": True}
         if not kwargs and spec.shape and spec.size:
             # Allocated now and never filled: the bytes go straight to the dataset's place in
-            # the file, copied by the kernel where the source is a file (see _chunks.write_stream).
+            # the file, copied by the kernel where the source is a file (see io.chunks.write_stream).
             # (h5py ignores these properties for scalars, which take the other path.)
             ds = self._f.create_dataset(path, shape=spec.shape, dtype=stored, dcpl=_raw_dcpl())
             offset = ds.id.get_offset()
@@ -165,8 +157,6 @@ class Hdf5Sink(ArchiveSink):
             self._write_hyperslabs(ds, stream, stored)
         ds.attrs[ATTR_NAME] = name
         ds.attrs[ATTR_DTYPE] = spec.dtype
-        assert stream.crc is not None
-        self._records[name] = meta.tensor_record(spec.dtype, tuple(spec.shape), d.encoding, stream.crc, path=path)
 
     @staticmethod
     def _write_hyperslabs(ds: Any, stream: BlockStream, stored: np.dtype) -> None:
@@ -447,7 +437,8 @@ class Hdf5Source(ArchiveSource):
             mapped = self._mapped()
             if mapped is not None and offset + spec.size * stored.itemsize <= len(mapped):
                 blocks = ((sel, a.view(want)) for sel, a in mmap_blocks(mapped, offset, spec, stored, chunk_bytes))
-                return BlockStream(spec, blocks, check, span=(self._map_file.fileno(), offset))
+                return BlockStream(spec, blocks, check, span=(self._map_file.fileno(), offset),
+                                   stored=int(rec["crc32c"]) if check is not None and rec is not None else None)
 
         def blocks() -> Any:
             total = spec.size

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 
 from .. import _dtypes
-from .._source import OBJECT_GRAPH, ArchiveSink, ArchiveSource
-from ..errors import CkptBridgeError, CorruptError, FormatError, MismatchError, UnsafeArchiveError, option
+from .._source import OBJECT_GRAPH, ArchiveSink, ArchiveSource, Encoded
+from ..errors import CkptBridgeError, CorruptError, FormatError, UnsafeArchiveError, option
 from ..io.atomic import AtomicFile
 from ..io.chunks import BlockStream, mmap_blocks
 from ..spec import STRING, TensorSpec, as_exchange_array, dtype_name, numpy_dtype
@@ -49,8 +49,7 @@ class NpzSink(ArchiveSink):
     streams = True
 
     def __init__(self, path: str, *, compress: bool = False, force: bool = False, source: str | None = None) -> None:
-        self.path = path
-        self._out = AtomicFile(path, force=force)
+        super().__init__(path, AtomicFile(path, force=force))
         try:
             self._fd: int | None = os.open(self._out.tmp, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
         except BaseException:
@@ -58,41 +57,28 @@ class NpzSink(ArchiveSink):
             raise
         self._zip = ZipWriter(self._fd)
         self._compress = compress
-        self._records: dict[str, dict[str, Any]] = {}
         self._source = source
 
     def begin(self, specs: list[TensorSpec]) -> None:
         for s in specs:  # every name refused before the first member is written
             check_name(s.name, self.path)
 
-    def write(self, name: str, array: np.ndarray) -> None:
+    def check_name(self, name: str) -> None:
         check_name(name, self.path)
-        if name in self._records:
-            raise MismatchError(f"tensor {name!r} written twice to {self.path}")
-        array = as_exchange_array(array)
-        dtype = dtype_name(array.dtype)
-        stored, enc = meta.encode(array, dtype)
-        stored = np.require(stored, requirements="C")
-        self._write_member(name + ".npy", stored)
-        self._records[name] = meta.tensor_record(dtype, tuple(array.shape), enc, meta.checksum(stored))
 
-    def write_blocks(self, name: str, stream: BlockStream) -> None:
+    def put(self, tensor: Encoded) -> None:
+        self._write_member(tensor.name + ".npy", tensor.stored)
+
+    def put_blocks(self, name: str, stream: BlockStream) -> None:
         """Stream a numeric tensor into its member block by block (never whole in memory)."""
-        check_name(name, self.path)
-        if name in self._records:
-            raise MismatchError(f"tensor {name!r} written twice to {self.path}")
         spec = stream.spec
-        d = _dtypes.lookup(spec.dtype)
-        stored = d.storage
-        header = {"descr": np.lib.format.dtype_to_descr(stored), "fortran_order": False, "shape": tuple(spec.shape)}
+        header = {"descr": np.lib.format.dtype_to_descr(_dtypes.lookup(spec.dtype).storage), "fortran_order": False, "shape": tuple(spec.shape)}
         with self._zip.member(name + ".npy", compress=self._compress) as f:
             try:
                 np.lib.format.write_array_header_1_0(f, header)
             except ValueError:  # header over 64 KiB: what np.save does too
                 np.lib.format.write_array_header_2_0(f, header)
             f.write_stream(stream)
-        assert stream.crc is not None
-        self._records[name] = meta.tensor_record(spec.dtype, tuple(spec.shape), d.encoding, stream.crc)
 
     def write_extra(self, key: str, payload: bytes) -> None:
         if key == OBJECT_GRAPH:
@@ -357,7 +343,8 @@ class NpzSource(ArchiveSource):
             def check(c: int) -> None:
                 if c != stored_crc:
                     raise CorruptError(f"{where}: checksum mismatch (crc32c), the stored bytes are damaged; restore the archive from a good copy")
-        return BlockStream(spec, blocks, check, span=(self._file.fileno(), m.data_offset))
+        return BlockStream(spec, blocks, check, span=(self._file.fileno(), m.data_offset),
+                           stored=int(rec["crc32c"]) if check is not None and rec is not None else None)
 
     def read(self, name: str) -> np.ndarray:
         spec = self.spec(name)

@@ -30,11 +30,11 @@ from typing import Any
 import numpy as np
 
 from .. import _dtypes
-from .._source import OBJECT_GRAPH, ArchiveSink, ArchiveSource
+from .._source import OBJECT_GRAPH, ArchiveSink, ArchiveSource, Encoded
 from ..errors import CkptBridgeError, CorruptError, FormatError, MismatchError, UnsafeArchiveError, option
 from ..io.atomic import AtomicFile
 from ..io.chunks import write_stream
-from ..spec import BFLOAT16, STRING, TensorSpec, as_exchange_array, dtype_name, numpy_dtype
+from ..spec import BFLOAT16, STRING, TensorSpec, as_exchange_array, numpy_dtype
 from . import meta
 
 #: canonical dtype -> safetensors dtype, for every carried dtype safetensors has an exact code for
@@ -89,8 +89,7 @@ class SafetensorsSink(ArchiveSink):
     """Streams tensors into a temporary ``.safetensors`` file; the header is written last."""
 
     def __init__(self, path: str, *, force: bool = False, source: str | None = None) -> None:
-        self.path = path
-        self._out = AtomicFile(path, force=force)
+        super().__init__(path, AtomicFile(path, force=force))
         try:
             self._f = open(self._out.tmp, "r+b")
         except BaseException:
@@ -99,7 +98,6 @@ class SafetensorsSink(ArchiveSink):
         self._source = source
         self._entries: dict[str, dict[str, Any]] | None = None
         self._specs: dict[str, TensorSpec] = {}
-        self._records: dict[str, dict[str, Any]] = {}
         self._extras: dict[str, str] = {}
         self._reserve = 0
         self._data_len = 0
@@ -126,45 +124,40 @@ class SafetensorsSink(ArchiveSink):
         self._reserve = _round8(len(json.dumps(guess, separators=(",", ":")).encode()) + _SLACK)
         self._f.truncate(8 + self._reserve + self._data_len)
 
-    def write(self, name: str, array: np.ndarray) -> None:
+    def _announced(self, name: str) -> TensorSpec:
         if self._entries is None:
             raise CkptBridgeError(f"internal error: {self.path} was written before begin() announced the tensors")
         spec = self._specs.get(name)
         if spec is None:
             raise MismatchError(f"tensor {name!r} was not announced for {self.path}")
-        if name in self._records:
-            raise MismatchError(f"tensor {name!r} written twice to {self.path}")
-        array = as_exchange_array(array)
-        dtype = dtype_name(array.dtype)
-        if dtype != spec.dtype or tuple(array.shape) != spec.shape:
-            _refuse(TensorSpec(name, dtype, tuple(array.shape)), self.path)
-            raise MismatchError(f"tensor {name!r}: announced {spec.describe()} but got {dtype}{list(array.shape)}")
-        stored, _ = meta.encode(array, dtype)
-        stored = np.require(stored, requirements="C")
+        return spec
+
+    def put(self, tensor: Encoded) -> None:
+        spec = self._announced(tensor.name)
+        name = tensor.name
+        if tensor.dtype != spec.dtype or tensor.shape != spec.shape:
+            _refuse(TensorSpec(name, tensor.dtype, tensor.shape), self.path)
+            raise MismatchError(f"tensor {name!r}: announced {spec.describe()} but got {tensor.dtype}{list(tensor.shape)}")
+        stored = tensor.stored
         if sys.byteorder != "little" and stored.dtype.itemsize > 1:
             stored = stored.astype(stored.dtype.newbyteorder("<"))
+        assert self._entries is not None
         start, end = self._entries[name]["data_offsets"]
         if stored.nbytes != end - start:
             raise MismatchError(f"tensor {name!r}: {stored.nbytes} bytes, expected {end - start}")
         if stored.nbytes:
             self._f.seek(8 + self._reserve + start)
             self._f.write(memoryview(stored.reshape(-1).view(np.uint8)))
-        self._records[name] = meta.tensor_record(dtype, tuple(array.shape), meta.ENC_RAW, meta.checksum(stored))
 
-    #: takes numeric tensors block by block (see ``_chunks.BlockStream``)
+    #: takes numeric tensors block by block (see ``io.chunks.BlockStream``)
     streams = True
 
-    def write_blocks(self, name: str, stream: Any) -> None:
+    def put_blocks(self, name: str, stream: Any) -> None:
         """Write a numeric tensor at its offset block by block; never whole in memory."""
-        if self._entries is None:
-            raise CkptBridgeError(f"internal error: {self.path} was written before begin() announced the tensors")
-        spec = self._specs.get(name)
-        if spec is None:
-            raise MismatchError(f"tensor {name!r} was not announced for {self.path}")
-        if name in self._records:
-            raise MismatchError(f"tensor {name!r} written twice to {self.path}")
+        spec = self._announced(name)
         if stream.spec.dtype != spec.dtype or tuple(stream.spec.shape) != spec.shape:
             raise MismatchError(f"tensor {name!r}: announced {spec.describe()} but got {stream.spec.describe()}")
+        assert self._entries is not None
         start, end = self._entries[name]["data_offsets"]
         pos = 8 + self._reserve + start
         if sys.byteorder == "little":  # the stream's bytes are the file's: copied by the kernel where it can
@@ -180,7 +173,9 @@ class SafetensorsSink(ArchiveSink):
                 pos += raw.nbytes
         if pos != 8 + self._reserve + end:
             raise MismatchError(f"tensor {name!r}: streamed {pos - 8 - self._reserve - start} bytes, expected {end - start}")
-        self._records[name] = meta.tensor_record(spec.dtype, spec.shape, meta.ENC_RAW, int(stream.crc))
+
+    def wrote(self, name: str, dtype: str, shape: tuple[int, ...], encoding: str, crc: int) -> None:
+        super().wrote(name, dtype, shape, meta.ENC_RAW, crc)  # safetensors holds bfloat16 as itself
 
     def write_extra(self, key: str, payload: bytes) -> None:
         if key == OBJECT_GRAPH:

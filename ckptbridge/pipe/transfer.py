@@ -4,11 +4,12 @@ of everything written, and an atomic publish."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from .._source import OBJECT_GRAPH, ArchiveSink, Sink, Source
+from .._source import OBJECT_GRAPH, ArchiveSink, ArchiveSource, Sink, Source
 from ..errors import CkptBridgeError, CorruptError, option
 from ..formats import meta
 from ..io.chunks import CHUNK_BYTES
@@ -47,6 +48,7 @@ def transfer(
     if chunk_bytes is None:
         chunk_bytes = CHUNK_BYTES
     crcs: dict[str, int] = {}
+    unread: dict[str, str] = {}  # output name -> source name, for tensors whose bytes only the read-back reads
     nbytes = 0
     pbar = None
     # The sink is ours from the first line: whatever stops us (a signal included) aborts it, so no
@@ -58,19 +60,21 @@ def transfer(
         sink.begin(out_specs)
         unsynced = 0
         for dst, src in plan.mapping.items():
-            # Numeric tensors stream block by block where both ends can (any size in
-            # CHUNK_BYTES of memory, one crc32c pass); the rest are read whole.
+            # Numeric tensors stream block by block where both ends can (any size in CHUNK_BYTES of
+            # memory); the rest are read whole.  Either way the sink checks, encodes and checksums
+            # the tensor once and returns its crc32c, which the read-back compares.
             stream = source.read_blocks(src, chunk_bytes) if sink.streams else None
             if stream is not None:
-                sink.write_blocks(dst, stream)
-                assert stream.crc is not None
-                crcs[dst] = stream.crc
+                # With a read-back to come, a sink may move the bytes unread (a kernel copy) and take
+                # the source's stored crc32c: the read-back is then the source's check too.
+                stream.checked_later = verify
+                crcs[dst] = sink.write_blocks(dst, stream)
+                if stream.unread:
+                    unread[dst] = src
                 n = specs[src].nbytes
             else:
                 arr = source.read(src)
-                if verify:
-                    crcs[dst] = exchange_checksum(arr)
-                sink.write(dst, arr)
+                crcs[dst] = sink.write(dst, arr)
                 n = array_nbytes(arr)
                 del arr
             nbytes += n
@@ -102,7 +106,7 @@ def transfer(
         sink.finish(doc)
         sink.start_sync()  # the disk finishes writing while we read back
         if verify:
-            readback(sink, crcs, chunk_bytes)
+            readback(sink, crcs, chunk_bytes, recheck=lambda dst: _recheck(source, unread.get(dst), chunk_bytes))
         sink.publish()
     except BaseException:
         sink.abort()
@@ -120,11 +124,24 @@ def held_keys(source: Source) -> set[str]:
     return {base.object_key(n) for n in [*base.specs(), *base.uncarried()]}
 
 
-def readback(sink: Sink, crcs: dict[str, int], chunk_bytes: int | None = None) -> None:
-    """Re-open what ``sink`` wrote and compare every tensor to what was sent."""
+def _recheck(source: Source, name: str | None, chunk_bytes: int) -> None:
+    """A read-back found tensor ``name``'s bytes differ from the crc32c the source stores for them, and
+    they were moved unread: read them from the source, so a damaged source is named as such (its error)."""
+    if name is None:
+        return
+    stream = source.read_blocks(name, chunk_bytes)
+    if stream is not None:
+        stream.drain()  # raises the source's CorruptError (file, tensor, byte range) if the source is damaged
+
+
+def readback(sink: Sink, crcs: dict[str, int], chunk_bytes: int | None = None, recheck: Callable[[str], None] | None = None) -> None:
+    """Re-open what ``sink`` wrote and compare every tensor to what was sent.
+
+    ``recheck(name)`` is called before a mismatch is reported: it raises the source's own error where
+    the source, not the output, is at fault (a tensor moved unread: see :func:`transfer`)."""
     if chunk_bytes is None:
         chunk_bytes = CHUNK_BYTES
-    src = sink.open_readback()  # type: ignore[attr-defined]
+    src = sink.open_readback()
     try:
         got = set(src.specs())
         if got != set(crcs):
@@ -132,12 +149,21 @@ def readback(sink: Sink, crcs: dict[str, int], chunk_bytes: int | None = None) -
             extra = sorted(got - set(crcs))
             raise CorruptError(f"read-back of {sink.path} does not match what was written (missing {lost[:5]}, unexpected {extra[:5]}); output discarded")
         for name, crc in crcs.items():
+            actual: int | None
             try:
                 stream = src.read_blocks(name, chunk_bytes)
-                actual = stream.drain() if stream is not None else exchange_checksum(src.read(name))
+                if stream is not None:
+                    actual = stream.drain()
+                elif isinstance(src, ArchiveSource) and src.checksum(name) is not None:
+                    src.read(name)  # checks the bytes against the archive's record, which must be what was sent
+                    actual = src.checksum(name)
+                else:
+                    actual = exchange_checksum(src.read(name))
             except CorruptError:
                 actual = None
             if actual != crc:
+                if recheck is not None:
+                    recheck(name)
                 raise CorruptError(f"read-back of {sink.path}: tensor {name!r} differs from what was written; output discarded (is the disk failing?)")
     finally:
         src.close()

@@ -19,8 +19,8 @@ import numpy as np
 
 from .. import _dtypes
 from .._dtypes import uncarried_error
-from .._source import OBJECT_GRAPH, OBJECT_GRAPH_KEY, Sink, Source
-from ..errors import CorruptError, FormatError, MismatchError, NotFoundError, option
+from .._source import OBJECT_GRAPH, OBJECT_GRAPH_KEY, Encoded, Sink, Source
+from ..errors import CorruptError, FormatError, NotFoundError, option
 from ..io.atomic import AtomicCheckpoint
 from ..io.containers import Scratch, stage
 from ..io.ranged import Place, where
@@ -197,31 +197,31 @@ class TfCheckpointSource(Source):
 class TfCheckpointSink(Sink):
     """Writes exactly the given tensors as a V2 checkpoint with TensorFlow's own ops."""
 
+    _out: AtomicCheckpoint
+
     def __init__(self, prefix: str, *, force: bool = False, max_shard_bytes: int | None = None, update_state: bool = True) -> None:
-        self.path = prefix
+        super().__init__(prefix)
         self._tf = import_tensorflow()
         self._out = AtomicCheckpoint(prefix, force=force, update_state=update_state)
         self._parts: list[str] = []
         self._batch: list[tuple[str, np.ndarray]] = []
         self._batch_bytes = 0
         self._limit = max_shard_bytes or DEFAULT_BATCH_BYTES
-        self._names: set[str] = set()
 
     def begin(self, specs: list[TensorSpec]) -> None:
         from ..bundle.writer import check_keys
 
         check_keys([s.name for s in specs], self.path)  # every bad name refused before the first SaveV2
 
-    def write(self, name: str, array: np.ndarray) -> None:
+    def check_name(self, name: str) -> None:
         from ..bundle.writer import key_problem
 
         problem = key_problem(name)
         if problem is not None:
             raise FormatError(problem)
-        if name in self._names:
-            raise MismatchError(f"tensor {name!r} written twice to {self.path}")
-        self._names.add(name)
-        array = as_exchange_array(array)
+
+    def put(self, tensor: Encoded) -> None:
+        name, array = tensor.name, tensor.array
         size = array_nbytes(array)
         if self._batch and self._batch_bytes + size > self._limit:
             self._flush()
@@ -259,9 +259,6 @@ class TfCheckpointSink(Sink):
             raise FormatError(f"no tensors to write to {self.path}; check {option('include')}/{option('exclude')}")
         with raise_signals_after():
             tf.raw_ops.MergeV2Checkpoints(checkpoint_prefixes=self._parts, destination_prefix=self._out.tmp_prefix, delete_old_dirs=True)
-
-    def publish(self) -> None:
-        self._out.commit()
 
     def open_readback(self) -> Source:
         return TfCheckpointSource(self._out.tmp_prefix)

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .._source import Sink, Source, SourceView
+from .._source import Encoded, Sink, Source, SourceView
 from ..bundle import BundleReader
 from ..bundle.sink import NativeCheckpointSink
 from ..errors import CorruptError
@@ -41,10 +41,11 @@ class SaverSink(Sink):
     """
 
     streams = True
+    _out: AtomicCheckpoint
 
     def __init__(self, tf: Any, graph: Any, saver: Any, variables: dict[str, Any], missing: list[Any], prefix: str, *,
                  force: bool = False, chunk_bytes: int = 64 << 20) -> None:
-        self.path = prefix
+        super().__init__(prefix)
         self._tf, self._graph, self._saver = tf, graph, saver
         self._vars = variables
         self._missing = missing
@@ -77,7 +78,10 @@ class SaverSink(Sink):
         if fill:
             self._sess.run(fill)
 
-    def write(self, name: str, array: np.ndarray) -> None:
+    def put(self, tensor: Encoded) -> None:
+        self._feed(tensor.name, tensor.array)
+
+    def _feed(self, name: str, array: np.ndarray) -> None:
         ph, op, start, rows = self._feeds[name]
         if start is None:
             n = array_nbytes(array)
@@ -89,7 +93,7 @@ class SaverSink(Sink):
         for i in range(0, array.shape[0], rows):
             self._sess.run(op, {ph: array[i:i + rows], start: i})
 
-    def write_blocks(self, name: str, stream: BlockStream) -> None:
+    def put_blocks(self, name: str, stream: BlockStream) -> None:
         """Whole rows go straight to the variable; a row split across blocks is gathered first."""
         ph, op, start, _ = self._feeds[name]
         shape = stream.spec.shape
@@ -100,7 +104,7 @@ class SaverSink(Sink):
             for _, block in stream:  # a block is valid until the next: copied into the tensor's own buffer
                 flat[pos:pos + block.size] = block.reshape(-1)
                 pos += block.size
-            self.write(name, whole)
+            self._feed(name, whole)
             return
         row: np.ndarray | None = None
         row_elems = math.prod(shape[1:])
@@ -139,9 +143,6 @@ class SaverSink(Sink):
         # What the Saver wrote is read back natively, streamed (TensorFlow would copy every tensor whole);
         # the variables left at their initializers were not sent, so they are not compared.
         return _Without(BundleReader(self._out.tmp_prefix, verify=True), {v.op.name for v in self._missing})
-
-    def publish(self) -> None:
-        self._out.commit()
 
     def abort(self) -> None:
         self._group.clear()
