@@ -571,52 +571,15 @@ class V1Reader(Source):
         found = self._walk(index, i, w, key)
         if found is None:
             return None                                   # read() says the slice's data is missing
-        off, size = self._tables[index].handles[i]
         where = list(zip(*stored)) if stored[0] else "[]"
-        data: tuple[int, int] | None = None
-        for number, wire, value in fields_at(w, found[0], found[0] + found[1]):
-            if number == 2:
-                if data is not None:
-                    raise _Bad(f"the entry of its slice {where} holds two data records")
-                data = as_range(wire, value)
-        if data is None:
-            raise _Bad(f"the entry of its slice {where} holds no data record")
-        proto: tuple[int, int] | None = None
-        for number, wire, value in fields_at(w, data[0], data[0] + data[1]):
-            if number == 1:
-                at, n = as_range(wire, value)
-                if n != len(t.raw) or bytes(w.get(at, n)) != t.raw:
-                    raise _Bad(f"the entry of its slice {where} names another tensor")
-            if number == 2:
-                at, n = as_range(wire, value)
-                if n > MAX_SLICE_BYTES:
-                    return None
-                got = _parse_slice(bytes(w.get(at, n)))
-                if _full(got, t.shape) != _full(stored, t.shape):
-                    raise _Bad(f"the entry of its slice {where} holds slice {list(zip(*got))}")
-            elif number == 3:
-                if proto is not None:
-                    raise _Bad(f"the entry of its slice {where} holds two tensors")
-                proto = as_range(wire, value)
+        proto = _slice_tensor(w, _data_record(w, found, where), t, stored, where)
         if proto is None:
             return None
-        declared = 0
-        values: list[tuple[int, int, Any]] = []
-        for number, wire, value in fields_at(w, proto[0], proto[0] + proto[1]):
-            if number == _TP_DTYPE:
-                declared = to_int32(as_varint(wire, value))
-            elif number in _VALUE_FIELDS:
-                values.append((number, wire, value))
-        if declared and declared != _dtypes.BY_NAME[spec.dtype].tf_enum:
-            raise _Bad(f"its values are declared {_dtype_name(declared)}, the tensor is {spec.dtype}")
-        raw_field = _FIXED_FIELDS[spec.dtype][0] if spec.dtype in _FIXED_FIELDS else _FLOAT8 if spec.dtype in _BYTE_FIELDS else None
-        if len(values) != 1 or values[0][1] != 2 or values[0][0] not in (_TP_CONTENT, raw_field):
-            return None                                   # varints, pieces, several fields: read() takes them
-        at, n = values[0][2]
-        out = numpy_dtype(spec.dtype)
-        view = out.newbyteorder("<") if out.kind in "iufc" else out
-        if view != out or n != math.prod(t.shape) * out.itemsize:
-            return None                                   # a big-endian machine; or a miscount, which read() reports
+        values = _raw_values(w, proto, spec, math.prod(t.shape))
+        if values is None:
+            return None
+        at, n, view = values
+        off, size = self._tables[index].handles[i]
         return _Plan(index, off, size, at, n, view)
 
     def _stream(self, plan: _Plan, spec: TensorSpec, chunk_bytes: int) -> Iterator[tuple[Any, np.ndarray]]:
@@ -637,7 +600,7 @@ class V1Reader(Source):
                 else:
                     arr = np.frombuffer(f.pread(pos, want), dtype=np.uint8)
                 if self.verify:
-                    c = crc(arr, c)
+                    c = crc(arr.data, c)  # memoryview(arr); numpy's stubs give ndarray __buffer__ only for Python >= 3.12
                 yield sel, arr.view(plan.dtype)
                 _release(buf, pos, pos + want)
             if self.verify:
@@ -647,6 +610,67 @@ class V1Reader(Source):
                     raise _Bad(f"data block at offset {plan.block} fails its crc32c check")
             _release(buf, plan.block, trailer + TRAILER_SIZE)
 
+
+
+# --- the steps of V1Reader._find: one SavedTensorSlices entry, field by field, through a Window ----------
+
+def _data_record(w: Window, entry: tuple[int, int], where: object) -> tuple[int, int]:
+    """(offset, length) of the entry's one data record (its SavedSlice)."""
+    data: tuple[int, int] | None = None
+    for number, wire, value in fields_at(w, entry[0], entry[0] + entry[1]):
+        if number == 2:
+            if data is not None:
+                raise _Bad(f"the entry of its slice {where} holds two data records")
+            data = as_range(wire, value)
+    if data is None:
+        raise _Bad(f"the entry of its slice {where} holds no data record")
+    return data
+
+
+def _slice_tensor(w: Window, data: tuple[int, int], t: _Tensor, stored: Slice, where: object) -> tuple[int, int] | None:
+    """(offset, length) of the SavedSlice's TensorProto, its name and slice checked against the
+    metadata's; None when it has none, or its slice is too big to check here (read() takes those)."""
+    proto: tuple[int, int] | None = None
+    for number, wire, value in fields_at(w, data[0], data[0] + data[1]):
+        if number == 1:
+            at, n = as_range(wire, value)
+            if n != len(t.raw) or bytes(w.get(at, n)) != t.raw:
+                raise _Bad(f"the entry of its slice {where} names another tensor")
+        if number == 2:
+            at, n = as_range(wire, value)
+            if n > MAX_SLICE_BYTES:
+                return None
+            got = _parse_slice(bytes(w.get(at, n)))
+            if _full(got, t.shape) != _full(stored, t.shape):
+                raise _Bad(f"the entry of its slice {where} holds slice {list(zip(*got))}")
+        elif number == 3:
+            if proto is not None:
+                raise _Bad(f"the entry of its slice {where} holds two tensors")
+            proto = as_range(wire, value)
+    return proto
+
+
+def _raw_values(w: Window, proto: tuple[int, int], spec: TensorSpec, count: int) -> tuple[int, int, np.dtype[Any]] | None:
+    """(offset, length, little-endian dtype) of the TensorProto's values when they are one run of raw
+    bytes (of ``count`` elements) this machine can view in place; None for the rest, which read() decodes (or reports)."""
+    declared = 0
+    values: list[tuple[int, int, Any]] = []
+    for number, wire, value in fields_at(w, proto[0], proto[0] + proto[1]):
+        if number == _TP_DTYPE:
+            declared = to_int32(as_varint(wire, value))
+        elif number in _VALUE_FIELDS:
+            values.append((number, wire, value))
+    if declared and declared != _dtypes.BY_NAME[spec.dtype].tf_enum:
+        raise _Bad(f"its values are declared {_dtype_name(declared)}, the tensor is {spec.dtype}")
+    raw_field = _FIXED_FIELDS[spec.dtype][0] if spec.dtype in _FIXED_FIELDS else _FLOAT8 if spec.dtype in _BYTE_FIELDS else None
+    if len(values) != 1 or values[0][1] != 2 or values[0][0] not in (_TP_CONTENT, raw_field):
+        return None                                   # varints, pieces, several fields: read() takes them
+    at, n = values[0][2]
+    out = numpy_dtype(spec.dtype)
+    view = out.newbyteorder("<") if out.kind in "iufc" else out
+    if view != out or n != count * out.itemsize:
+        return None                                   # a big-endian machine; or a miscount, which read() reports
+    return at, n, view
 
 #: Bounds past which a block is left to the whole-block path (no real block comes near them):
 #: restart points (TensorFlow writes one per 16 entries) and the bytes of a TensorSliceProto.
@@ -753,39 +777,33 @@ class _Values:
         if self.dtype in _BYTE_FIELDS:
             return sum(len(as_bytes(w, v)) for w, v in chunks)
         if self.dtype in _FIXED_FIELDS:
-            _, code, per = _FIXED_FIELDS[self.dtype]
-            width = int(code[-1])
-            n = 0
-            for w, v in chunks:
-                if w == 2:
-                    if len(v) % width:
-                        raise _Bad(f"a packed field of {len(v)} bytes does not hold whole {width}-byte values")
-                    n += len(v) // width
-                elif w == (5 if width == 4 else 1):
-                    n += 1
-                else:
-                    raise _Bad("a float field has the wrong wire type")
-            if n % per:
-                raise _Bad(f"{n} values cannot be the real and imaginary parts of {self.dtype} elements")
-            return n // per
+            return self._count_fixed(chunks)
+        return _count_varints(chunks)
+
+    def _count_fixed(self, chunks: list[tuple[int, Any]]) -> int:
+        """The elements in a fixed-width field's values, packed or not (complex: two per element)."""
+        _, code, per = _FIXED_FIELDS[self.dtype]
+        width = int(code[-1])
         n = 0
         for w, v in chunks:
             if w == 2:
-                raw = np.frombuffer(v, dtype=np.uint8)
-                if len(raw) and raw[-1] >= 0x80:
-                    raise _Bad("a packed field ends inside a varint")
-                n += int(np.count_nonzero(raw < 0x80))
-            elif w == 0:
+                if len(v) % width:
+                    raise _Bad(f"a packed field of {len(v)} bytes does not hold whole {width}-byte values")
+                n += len(v) // width
+            elif w == (5 if width == 4 else 1):
                 n += 1
             else:
-                raise _Bad("an integer field has the wrong wire type")
-        return n
+                raise _Bad("a float field has the wrong wire type")
+        if n % per:
+            raise _Bad(f"{n} values cannot be the real and imaginary parts of {self.dtype} elements")
+        return n // per
 
     def decode(self) -> np.ndarray:
         """The values as a flat array of the tensor's exchange dtype (count elements)."""
         out_dtype = numpy_dtype(self.dtype)
         if self.content is not None:
-            return np.frombuffer(self.content, dtype=out_dtype.newbyteorder("<") if out_dtype.kind in "iufc" else out_dtype).astype(out_dtype, copy=True)
+            stored = out_dtype.newbyteorder("<") if out_dtype.kind in "iufc" else out_dtype
+            return np.frombuffer(self.content, dtype=stored).astype(out_dtype, copy=True)
         chunks = self.fields.get(self.field, []) if self.field is not None else []
         if self.dtype == STRING:
             arr = np.empty(self.count, dtype=object)
@@ -809,7 +827,7 @@ class _Values:
         parts = [_packed_varints(v) if w == 2 else np.array([v], dtype=np.uint64) for w, v in chunks]
         values = parts[0] if len(parts) == 1 else np.concatenate(parts)
         if self.dtype == "bool":
-            return values != 0
+            return np.not_equal(values, 0)
         signed = values.view(np.int64) if low < 0 else values
         if self.dtype not in ("int64", "uint64"):
             if bool((signed < low).any()) or bool((signed > high).any()):
@@ -821,6 +839,22 @@ class _Values:
             assert storage is not None
             return signed.astype(storage).view(out_dtype)
         return signed.astype(out_dtype)
+
+
+def _count_varints(chunks: list[tuple[int, Any]]) -> int:
+    """The values in a varint field, packed or not: a packed run holds one per byte below 0x80."""
+    n = 0
+    for w, v in chunks:
+        if w == 2:
+            raw = np.frombuffer(v, dtype=np.uint8)
+            if len(raw) and raw[-1] >= 0x80:
+                raise _Bad("a packed field ends inside a varint")
+            n += int(np.count_nonzero(raw < 0x80))
+        elif w == 0:
+            n += 1
+        else:
+            raise _Bad("an integer field has the wrong wire type")
+    return n
 
 
 def _packed_varints(buf: Any) -> np.ndarray:

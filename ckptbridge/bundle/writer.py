@@ -341,7 +341,7 @@ def _array_chunks(arr: np.ndarray) -> Iterable[memoryview]:
     if arr.ndim == 0:
         arr = arr.reshape(1)
     if arr.flags.c_contiguous:
-        raw = memoryview(arr.reshape(-1).view(np.uint8))
+        raw = arr.reshape(-1).view(np.uint8).data  # the same view as memoryview(arr), typed as one
         for i in range(0, len(raw), CHUNK_BYTES):
             yield raw[i:i + CHUNK_BYTES]
         return

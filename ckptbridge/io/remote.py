@@ -517,14 +517,26 @@ def _filesystem(url: str) -> tuple[Any, str, str, bool]:
     try:
         fs, path = _url_to_fs(url)
     except ImportError as e:
-        needs = "aiohttp" if http else {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs"}.get(scheme, f"the package fsspec names ({e})")
-        raise errors.MissingDependencyError(f"reading {scheme}:// URLs needs {needs}; install it with: pip install "
-                                            + ("'ckptbridge[remote]'" if http else needs.split(" ")[0] if scheme in ("s3", "s3a", "gs", "gcs") else "it")) from None
+        raise errors.MissingDependencyError(_missing_protocol(scheme, http, e)) from None
     except ValueError as e:
         if "protocol" in str(e).lower():
             raise errors.FormatError(f"{redact(url)}: fsspec knows no {scheme}:// protocol; check the URL") from None
         raise errors.FormatError(f"{redact(url)}: not a URL fsspec can open ({_scrub(str(e))}); check the URL") from None
     return fs, str(path), query, http
+
+
+_PROTOCOL_PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs"}
+
+
+def _missing_protocol(scheme: str, http: bool, e: ImportError) -> str:
+    """What to install when fsspec cannot import the package a ``scheme://`` URL needs."""
+    if http:
+        needs, install = "aiohttp", "'ckptbridge[remote]'"
+    elif scheme in _PROTOCOL_PACKAGES:
+        needs = install = _PROTOCOL_PACKAGES[scheme]
+    else:
+        needs, install = f"the package fsspec names ({e})", "it"
+    return f"reading {scheme}:// URLs needs {needs}; install it with: pip install {install}"
 
 
 _BRACKETED = re.compile(r"\[[^\]/]*\]")
@@ -556,7 +568,8 @@ def _url_to_fs(url: str) -> tuple[Any, str]:
     import fsspec.core
 
     if not _BRACKETED.search(url):
-        return fsspec.core.url_to_fs(url)  # fsspec's own reading, chains included
+        found: tuple[Any, str] = fsspec.core.url_to_fs(url)  # fsspec's own reading, chains included
+        return found
     bits = _chain(url)
     # From the innermost URL out, each outer filesystem reading the one inside as an open file (its "fo"):
     # handed a URL instead, it would open it with fsspec.open, which splits it at '::' again.

@@ -115,55 +115,78 @@ def _template(p: _Problems, name: str, tpl: Any) -> tuple[list[tuple[str, str, s
                 p.add(f"{tw} must be a table")
                 continue
             for leaf, a in r.items():
-                aw = f"templates.{name}.add.{leaf}"
-                if not isinstance(a, dict):
-                    p.add(f"{aw} must be a table")
-                    continue
-                _keys(p, a, {"fill", "like", "dtype", "shape", "check"}, aw)
-                fill = a.get("fill")
-                if isinstance(fill, bool) or not isinstance(fill, (int, float)):
-                    p.add(f"{aw}: 'fill' must be a number")
-                    continue
-                like, dtype, shape = a.get("like"), a.get("dtype"), a.get("shape")
-                if not ((isinstance(like, str) and dtype is None and shape is None) or (like is None and dtype is not None and shape is not None)):
-                    p.add(f"{aw}: give either 'like' (a destination tensor of the same scope) or both 'dtype' and 'shape'")
-                    continue
-                if shape is not None and not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
-                    p.add(f"{aw}: 'shape' must be a list of non-negative integers")
-                    continue
-                if dtype is not None:
-                    from .. import _dtypes
-
-                    if not isinstance(dtype, str) or dtype not in _dtypes.BY_NAME or _dtypes.BY_NAME[dtype].memory is None or dtype == "string":
-                        p.add(f"{aw}: {dtype!r} is not a numeric dtype ckptbridge carries")
-                        continue
-                check = a.get("check", True)
-                if not isinstance(check, bool):
-                    p.add(f"{aw}: 'check' must be true or false")
-                    continue
-                adds.append(Added(leaf, float(fill), like, dtype, tuple(shape) if shape is not None else None, check))
+                added = _added(p, leaf, a, f"templates.{name}.add.{leaf}")
+                if added is not None:
+                    adds.append(added)
             continue
-        if not isinstance(r, dict):
-            p.add(f"{tw} must be a table {{ to = ..., transform = ... }}")
-            continue
-        _keys(p, r, {"to", "transform", "classes"}, tw)
-        to = _str(p, r, "to", tw)
-        transform = r.get("transform", "none")
-        if transform not in TRANSFORMS:
-            p.add(f"{tw}: transform {transform!r} is not one of {', '.join(TRANSFORMS)}")
-            continue
-        if not isinstance(r.get("classes", False), bool):
-            p.add(f"{tw}: 'classes' must be true or false")
-            continue
-        if to is not None:
-            rules.append((key, to, transform, bool(r.get("classes", False))))
+        rule = _template_rule(p, key, r, tw)
+        if rule is not None:
+            rules.append(rule)
     return rules, adds
+
+
+def _added(p: _Problems, leaf: str, a: Any, aw: str) -> Added | None:
+    """One entry of a template's ``add`` table (``aw`` names it), or None after saying what is wrong."""
+    if not isinstance(a, dict):
+        p.add(f"{aw} must be a table")
+        return None
+    _keys(p, a, {"fill", "like", "dtype", "shape", "check"}, aw)
+    fill = a.get("fill")
+    if isinstance(fill, bool) or not isinstance(fill, (int, float)):
+        p.add(f"{aw}: 'fill' must be a number")
+        return None
+    like, dtype, shape = a.get("like"), a.get("dtype"), a.get("shape")
+    like_only = isinstance(like, str) and dtype is None and shape is None
+    if not (like_only or (like is None and dtype is not None and shape is not None)):
+        p.add(f"{aw}: give either 'like' (a destination tensor of the same scope) or both 'dtype' and 'shape'")
+        return None
+    if shape is not None and not (isinstance(shape, list) and all(_is_count(d, 0) for d in shape)):
+        p.add(f"{aw}: 'shape' must be a list of non-negative integers")
+        return None
+    if dtype is not None:
+        from .. import _dtypes
+
+        if not isinstance(dtype, str) or dtype not in _dtypes.BY_NAME or _dtypes.BY_NAME[dtype].memory is None or dtype == "string":
+            p.add(f"{aw}: {dtype!r} is not a numeric dtype ckptbridge carries")
+            return None
+    check = a.get("check", True)
+    if not isinstance(check, bool):
+        p.add(f"{aw}: 'check' must be true or false")
+        return None
+    return Added(leaf, float(fill), like, dtype, tuple(shape) if shape is not None else None, check)
+
+
+def _is_count(v: Any, least: int) -> bool:
+    """``v`` is an integer (not a bool) of at least ``least``."""
+    return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+
+def _template_rule(p: _Problems, key: str, r: Any, tw: str) -> tuple[str, str, str, bool] | None:
+    """One rule of a template (``tw`` names it): (key, to, transform, classes), or None."""
+    if not isinstance(r, dict):
+        p.add(f"{tw} must be a table {{ to = ..., transform = ... }}")
+        return None
+    _keys(p, r, {"to", "transform", "classes"}, tw)
+    to = _str(p, r, "to", tw)
+    transform = r.get("transform", "none")
+    if transform not in TRANSFORMS:
+        p.add(f"{tw}: transform {transform!r} is not one of {', '.join(TRANSFORMS)}")
+        return None
+    if not isinstance(r.get("classes", False), bool):
+        p.add(f"{tw}: 'classes' must be true or false")
+        return None
+    if to is None:
+        return None
+    return key, to, transform, bool(r.get("classes", False))
+
+
+_TOP_LEVEL = {"format", "name", "net", "destination", "description", "image_size", "classes", "skip", "caveats", "templates", "scopes"}
 
 
 def parse(doc: Mapping[str, Any], where: str) -> PortMap:
     """Check a map document and expand its templates into rules; every problem is listed."""
     p = _Problems(where)
-    _keys(p, doc, {"format", "name", "net", "destination", "description", "image_size", "classes", "skip", "caveats", "templates", "scopes"}, "top level")
+    _keys(p, doc, _TOP_LEVEL, "top level")
     if type(doc.get("format")) is not int or doc.get("format") != FORMAT:
         p.add(f"'format' must be {FORMAT} (this ckptbridge reads format {FORMAT}), got {doc.get('format')!r}")
         p.raise_if_any()
@@ -175,15 +198,37 @@ def parse(doc: Mapping[str, Any], where: str) -> PortMap:
         p.add("top level: 'description' must be a string")
         description = ""
     image_size = _int(p, doc, "image_size", "top level")
+    src_classes, dst_classes = _classes(p, doc)
+    skip = _skip(p, doc)
+    caveats = _caveats(p, doc)
+    templates = doc.get("templates", {})
+    if not isinstance(templates, dict):
+        p.add("'templates' must be a table of tables")
+        templates = {}
+    parsed = {name: _template(p, name, tpl) for name, tpl in templates.items()}
+    rules, added = _scopes(p, doc, parsed)
+    _duplicates(p, rules, added)
+    p.raise_if_any()
+    assert name and net and destination and image_size and src_classes and dst_classes  # checked above
+    return PortMap(name, net, destination, description, image_size, src_classes, dst_classes, tuple(skip), tuple(caveats),
+                   tuple(rules), tuple(added), where)
+
+
+def _classes(p: _Problems, doc: Mapping[str, Any]) -> tuple[int | None, int | None]:
+    """The ``classes`` table: (source, destination) class counts, None where a problem was said."""
     classes = doc.get("classes")
-    src_classes = dst_classes = None
     if not isinstance(classes, dict):
         p.add("'classes' must be a table { source = N, destination = M }")
-    else:
-        _keys(p, classes, {"source", "destination"}, "classes")
-        src_classes, dst_classes = _int(p, classes, "source", "classes"), _int(p, classes, "destination", "classes")
-        if src_classes and dst_classes and src_classes not in (dst_classes, dst_classes + 1):
-            p.add(f"classes: source {src_classes} must equal destination {dst_classes}, or be one more (TensorFlow's background class)")
+        return None, None
+    _keys(p, classes, {"source", "destination"}, "classes")
+    src_classes, dst_classes = _int(p, classes, "source", "classes"), _int(p, classes, "destination", "classes")
+    if src_classes and dst_classes and src_classes not in (dst_classes, dst_classes + 1):
+        p.add(f"classes: source {src_classes} must equal destination {dst_classes}, or be one more (TensorFlow's background class)")
+    return src_classes, dst_classes
+
+
+def _skip(p: _Problems, doc: Mapping[str, Any]) -> list[str]:
+    """The ``skip`` list of regular expressions, each checked to compile."""
     skip = doc.get("skip", [])
     if not isinstance(skip, list) or not all(isinstance(s, str) for s in skip):
         p.add("'skip' must be a list of regular expressions")
@@ -193,6 +238,11 @@ def parse(doc: Mapping[str, Any], where: str) -> PortMap:
             re.compile(s)
         except re.error as e:
             p.add(f"skip: {s!r} is not a valid regular expression ({e})")
+    return skip
+
+
+def _caveats(p: _Problems, doc: Mapping[str, Any]) -> list[Caveat]:
+    """The ``caveats`` array: the well-formed ones (the others are problems)."""
     caveats = []
     for i, c in enumerate(doc.get("caveats", [])):
         w = f"caveats[{i}]"
@@ -205,11 +255,14 @@ def parse(doc: Mapping[str, Any], where: str) -> PortMap:
             p.add(f"{w}: kind {kind!r} is not one of {', '.join(CAVEAT_KINDS)}")
         if kind and text:
             caveats.append(Caveat(kind, text, fix))
-    templates = doc.get("templates", {})
-    if not isinstance(templates, dict):
-        p.add("'templates' must be a table of tables")
-        templates = {}
-    parsed = {name: _template(p, name, tpl) for name, tpl in templates.items()}
+    return caveats
+
+
+_Template = tuple[list[tuple[str, str, str, bool]], list[Added]]
+
+
+def _scopes(p: _Problems, doc: Mapping[str, Any], parsed: dict[str, _Template]) -> tuple[list[Rule], list[Added]]:
+    """The ``scopes`` array, each scope's template expanded: every rule and added tensor, with full names."""
     rules: list[Rule] = []
     added: list[Added] = []
     scopes = doc.get("scopes", [])
@@ -227,7 +280,7 @@ def parse(doc: Mapping[str, Any], where: str) -> PortMap:
             p.add(f"{w}: 'to' must be a string (empty for the top level)")
             continue
         kernel = s.get("kernel", [1, 1])
-        if not (isinstance(kernel, list) and len(kernel) == 2 and all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in kernel)):
+        if not (isinstance(kernel, list) and len(kernel) == 2 and all(_is_count(k, 1) for k in kernel)):
             p.add(f"{w}: 'kernel' must be [H, W], two positive integers")
             kernel = [1, 1]
         if src is None or tname is None:
@@ -242,6 +295,11 @@ def parse(doc: Mapping[str, Any], where: str) -> PortMap:
         tpl_rules, tpl_adds = parsed[tname]
         rules += [Rule(f"{src}/{key}", join(to), transform, classes, (kernel[0], kernel[1])) for key, to, transform, classes in tpl_rules]
         added += [dataclasses.replace(a, dest=join(a.dest), like=join(a.like) if a.like is not None else None) for a in tpl_adds]
+    return rules, added
+
+
+def _duplicates(p: _Problems, rules: list[Rule], added: list[Added]) -> None:
+    """Each source tensor used once, each destination tensor produced once, each ``like`` produced by a rule."""
     seen_src: dict[str, int] = {}
     seen_dst: dict[str, int] = {}
     for r in rules:
@@ -257,8 +315,4 @@ def parse(doc: Mapping[str, Any], where: str) -> PortMap:
     for n, k in seen_dst.items():
         if k > 1:
             p.add(f"destination tensor {n} is produced {k} times")
-    p.raise_if_any()
-    assert name and net and destination and image_size and src_classes and dst_classes  # checked above
-    return PortMap(name, net, destination, description, image_size, src_classes, dst_classes, tuple(skip), tuple(caveats),
-                   tuple(rules), tuple(added), where)
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable, Mapping
+from typing import Literal
 
 from ..io.wire import _Bad, field_bytes, field_varint, get_varint, to_int32
 
@@ -63,8 +64,22 @@ class Unusable(Exception):
 class _Field:
     number: int
     wire: int
-    value: object  # int for varints and fixed widths, bytes for length-delimited
+    value: int | bytes  # int for varints and fixed widths, bytes for length-delimited
     raw: bytes  # the field exactly as it was encoded, tag included
+
+    @property
+    def data(self) -> bytes:
+        """A length-delimited field's bytes (its wire type checked by the caller)."""
+        if isinstance(self.value, int):
+            raise _Bad(f"field {self.number} is not length-delimited")
+        return bytes(self.value)
+
+    @property
+    def varint(self) -> int:
+        """A varint field's value (its wire type checked by the caller)."""
+        if not isinstance(self.value, int):
+            raise _Bad(f"field {self.number} is not a varint")
+        return self.value
 
 
 def _fields(buf: bytes, budget: list[int] | None = None) -> list[_Field]:
@@ -84,7 +99,7 @@ def _fields(buf: bytes, budget: list[int] | None = None) -> list[_Field]:
         number, wire = tag >> 3, tag & 7
         if number == 0:
             raise _Bad("field number 0")
-        value: object
+        value: int | bytes
         if wire == 0:
             value, pos = get_varint(buf, pos, n)
         elif wire in (1, 5):
@@ -118,7 +133,7 @@ def _last(fields: list[_Field], number: int, wire: int) -> _Field | None:
 
 def _node_id(fields: list[_Field], number: int, count: int) -> int:
     f = _last(fields, number, 0)
-    v = 0 if f is None else to_int32(int(f.value))  # type: ignore[arg-type]
+    v = 0 if f is None else to_int32(f.varint)
     if not 0 <= v < count:
         raise _Bad(f"reference to node {v}, but the graph has {count} nodes")
     return v
@@ -128,7 +143,7 @@ def _text(f: _Field | None) -> str:
     if f is None:
         return ""
     try:
-        return bytes(f.value).decode("utf-8")  # type: ignore[arg-type]
+        return f.data.decode("utf-8")
     except UnicodeDecodeError:
         raise _Bad("a string field is not UTF-8") from None
 
@@ -171,21 +186,21 @@ def _parse(payload: bytes) -> tuple[list[_Field], list[_Node]]:
         raise _Bad("the graph has no nodes")
     nodes = []
     for rn in raw_nodes:
-        fields = _fields(bytes(rn.value), budget)  # type: ignore[arg-type]
+        fields = _fields(rn.data, budget)
         node = _Node(fields, {}, {}, {}, None)
         for i, f in enumerate(fields):
             if f.number in (_CHILDREN, _ATTRIBUTES, _SLOT_VARIABLES, _REGISTERED_SAVER, _HAS_VALUES) and f.wire != 2:
                 raise _Bad(f"field {f.number} of a node is not a message")
             if f.number == _CHILDREN:
-                node.children[i] = _node_id(_fields(bytes(f.value), budget), _REF_NODE_ID, count)  # type: ignore[arg-type]
+                node.children[i] = _node_id(_fields(f.data, budget), _REF_NODE_ID, count)
             elif f.number == _ATTRIBUTES:
-                parts = _fields(bytes(f.value), budget)  # type: ignore[arg-type]
+                parts = _fields(f.data, budget)
                 node.attrs[i] = _Attr(f, parts, _text(_last(parts, _ATTR_CHECKPOINT_KEY, 2)))
             elif f.number == _SLOT_VARIABLES:
-                parts = _fields(bytes(f.value), budget)  # type: ignore[arg-type]
+                parts = _fields(f.data, budget)
                 node.slots[i] = (_node_id(parts, _SLOT_ORIGINAL, count), _node_id(parts, _SLOT_VARIABLE, count))
             elif f.number == _REGISTERED_SAVER:
-                node.saver = _text(_last(_fields(bytes(f.value), budget), _SAVER_NAME, 2)) or "?"  # type: ignore[arg-type]
+                node.saver = _text(_last(_fields(f.data, budget), _SAVER_NAME, 2)) or "?"
         nodes.append(node)
     return top, nodes
 
@@ -227,7 +242,7 @@ def describe(payload: bytes) -> list[ObjectNode]:
         for n in nodes:
             children = []
             for i, child in n.children.items():
-                ref = _fields(bytes(n.fields[i].value))  # type: ignore[arg-type]
+                ref = _fields(n.fields[i].data)
                 children.append((_text(_last(ref, _REF_LOCAL_NAME, 2)), child))
             attrs = tuple(Attribute(_text(_last(a.parts, _ATTR_NAME, 2)), _text(_last(a.parts, _ATTR_FULL_NAME, 2)), a.key)
                           for a in n.attrs.values())
@@ -321,7 +336,32 @@ def rewrite(payload: bytes, keys: Mapping[str, str], restorable: bool = False,
         of = parts(described, set(keys) if held is None else set(held) | set(keys))
     except _TooBig:
         raise Unusable(f"matching its keys to the tensors takes more than {MAX_FIELDS:,} steps, more than ckptbridge checks") from None
-    # attribute key -> its new key, for every attribute whose tensors are all written
+    new_key, partly = _new_keys(of, keys)
+    _check_restorable(new_key, restorable)
+    if all(new_key.get(k) == k for k in described):
+        return payload, None
+    savers = sorted({n.saver for n in nodes if n.saver is not None})
+    if savers:
+        raise Unusable(f"objects in it use registered savers ({', '.join(savers[:3])}), whose tensors it does not list, "
+                       "so it cannot be pruned or renamed")
+    if not new_key:
+        raise Unusable("it describes none of the tensors written")
+    kept = _Kept(nodes, new_key)
+    result = bytearray()
+    it = iter([_encode(nodes[old], old, kept, new_key) for old in sorted(kept.keep)])
+    for f in top:
+        if f.number == _NODES:
+            body = next(it, None)
+            if body is not None:
+                result += field_bytes(_NODES, body)
+        else:
+            result += f.raw
+    return bytes(result), _summary(len(kept.keep), len(nodes), len(described), new_key, partly, of, keys)
+
+
+def _new_keys(of: Mapping[str, Mapping[str, str]], keys: Mapping[str, str]) -> tuple[dict[str, str], list[str]]:
+    """(attribute key -> its new key, for every attribute whose tensors are all written; the attributes
+    only some of whose tensors are written)."""
     new_key: dict[str, str] = {}
     partly = []
     for k, tensors in of.items():
@@ -336,79 +376,82 @@ def rewrite(payload: bytes, keys: Mapping[str, str], restorable: bool = False,
             raise Unusable(f"the tensors of its object attribute {k!r} are renamed apart ({shown}); TensorFlow finds them as one key "
                            f"plus each one's suffix ({', '.join(repr(s) for s in sorted(tensors.values()))}), so rename them alike")
         new_key[k] = prefixes.pop()
+    return new_key, partly
+
+
+def _check_restorable(new_key: Mapping[str, str], restorable: bool) -> None:
+    """With ``restorable``, Unusable if a new key lacks the ``/.ATTRIBUTES/`` part restore parses."""
     lost = sorted(k for k in new_key if _ATTRIBUTES_PART not in new_key[k])
     if lost and restorable:
-        raise Unusable(f"{len(lost)} of the keys it would name lack {_ATTRIBUTES_PART!r} ({lost[0]!r} -> {new_key[lost[0]]!r}), the part by which "
-                       f"TensorFlow's object-based restore finds each object (trackable_utils.extract_object_name); "
+        raise Unusable(f"{len(lost)} of the keys it would name lack {_ATTRIBUTES_PART!r} ({lost[0]!r} -> {new_key[lost[0]]!r}), "
+                       f"the part by which TensorFlow's object-based restore finds each object (trackable_utils.extract_object_name); "
                        "an import with the original names recorded at export writes the checkpoint keys back")
-    if all(new_key.get(k) == k for k in described):
-        return payload, None
-    savers = sorted({n.saver for n in nodes if n.saver is not None})
-    if savers:
-        raise Unusable(f"objects in it use registered savers ({', '.join(savers[:3])}), whose tensors it does not list, so it cannot be pruned or renamed")
-    if not new_key:
-        raise Unusable("it describes none of the tensors written")
 
-    before = _had_values(nodes)
-    kept_attrs = {i: {j for j, a in n.attrs.items() if a.key in new_key} for i, n in enumerate(nodes)}
-    valued = {i for i in range(len(nodes)) if kept_attrs[i]}
-    # A slot variable restores through its optimizer and the variable it is a slot of:
-    # both stay while the slot's value is written, even if their own values are not.
-    live_slots = {i: {j for j, (_, s) in n.slots.items() if s in valued} for i, n in enumerate(nodes)}
-    seeds = valued | {i for i in live_slots if live_slots[i]} | {nodes[i].slots[j][0] for i in live_slots for j in live_slots[i]}
-    children = {i: list(n.children.values()) for i, n in enumerate(nodes)}
-    now = _with_values(seeds, children)
-    # Objects that never held a value (a Dropout layer) are kept as TensorFlow wrote them,
-    # unless every object that referred to them goes.
-    referred = {c for kids in children.values() for c in kids}
-    keep = now | {0} | {i for i in range(len(nodes)) if i not in before and i not in referred}
-    todo = list(keep)
-    while todo:
-        for c in children[todo.pop()]:
-            if c not in keep and c not in before:
-                keep.add(c)
-                todo.append(c)
-    new_id = {old: new for new, old in enumerate(sorted(keep))}
 
-    encoded: list[bytes] = []
-    for old in sorted(keep):
-        n = nodes[old]
-        out = bytearray()
-        for i, f in enumerate(n.fields):
-            if i in n.children:
-                if n.children[i] in new_id:
-                    out += _renumber(f, _REF_NODE_ID, n.children[i], new_id[n.children[i]])
-            elif i in n.attrs:
-                if i in kept_attrs[old]:
-                    out += _rekey(n.attrs[i], new_key[n.attrs[i].key])
-            elif i in n.slots:
-                if i in live_slots[old] and n.slots[i][0] in new_id:
-                    orig, slot = n.slots[i]
-                    f = _renumbered(f, _SLOT_ORIGINAL, orig, new_id[orig])
-                    out += _renumber(f, _SLOT_VARIABLE, slot, new_id[slot])
-            elif f.number == _HAS_VALUES:
-                if not any(g.number == _HAS_VALUES for g in n.fields[:i]):
-                    was = [g for g in n.fields if g.number == _HAS_VALUES]
-                    same = len(was) == 1 and _flag(f) == (old in now)
-                    out += f.raw if same else _bool_value(old in now)
-            else:
-                out += f.raw
-        encoded.append(bytes(out))
+class _Kept:
+    """What of the graph stays when only the attributes in ``new_key`` are written: per node its kept
+    attributes and live slot links, the nodes with a value (``now``), those kept, and their new ids."""
 
-    result = bytearray()
-    it = iter(encoded)
-    for f in top:
-        if f.number == _NODES:
-            body = next(it, None)
-            if body is not None:
-                result += field_bytes(_NODES, body)
+    def __init__(self, nodes: list[_Node], new_key: Mapping[str, str]) -> None:
+        before = _had_values(nodes)
+        self.attrs = {i: {j for j, a in n.attrs.items() if a.key in new_key} for i, n in enumerate(nodes)}
+        valued = {i for i in range(len(nodes)) if self.attrs[i]}
+        # A slot variable restores through its optimizer and the variable it is a slot of:
+        # both stay while the slot's value is written, even if their own values are not.
+        live = {i: {j for j, (_, s) in n.slots.items() if s in valued} for i, n in enumerate(nodes)}
+        self.slots = live
+        seeds = valued | {i for i in live if live[i]} | {nodes[i].slots[j][0] for i in live for j in live[i]}
+        children = {i: list(n.children.values()) for i, n in enumerate(nodes)}
+        self.now = _with_values(seeds, children)
+        # Objects that never held a value (a Dropout layer) are kept as TensorFlow wrote them,
+        # unless every object that referred to them goes.
+        referred = {c for kids in children.values() for c in kids}
+        keep = self.now | {0} | {i for i in range(len(nodes)) if i not in before and i not in referred}
+        todo = list(keep)
+        while todo:
+            for c in children[todo.pop()]:
+                if c not in keep and c not in before:
+                    keep.add(c)
+                    todo.append(c)
+        self.keep = keep
+        self.new_id = {old: new for new, old in enumerate(sorted(keep))}
+
+
+def _encode(n: _Node, old: int, kept: _Kept, new_key: Mapping[str, str]) -> bytes:
+    """Kept node ``old``: its references renumbered, its kept attributes rekeyed, has_checkpoint_values
+    made true, everything else byte for byte."""
+    new_id = kept.new_id
+    out = bytearray()
+    for i, f in enumerate(n.fields):
+        if i in n.children:
+            if n.children[i] in new_id:
+                out += _renumber(f, _REF_NODE_ID, n.children[i], new_id[n.children[i]])
+        elif i in n.attrs:
+            if i in kept.attrs[old]:
+                out += _rekey(n.attrs[i], new_key[n.attrs[i].key])
+        elif i in n.slots:
+            if i in kept.slots[old] and n.slots[i][0] in new_id:
+                orig, slot = n.slots[i]
+                f = _renumbered(f, _SLOT_ORIGINAL, orig, new_id[orig])
+                out += _renumber(f, _SLOT_VARIABLE, slot, new_id[slot])
+        elif f.number == _HAS_VALUES:
+            if not any(g.number == _HAS_VALUES for g in n.fields[:i]):
+                was = [g for g in n.fields if g.number == _HAS_VALUES]
+                same = len(was) == 1 and _flag(f) == (old in kept.now)
+                out += f.raw if same else _bool_value(old in kept.now)
         else:
-            result += f.raw
-    dropped_keys = len(described) - len(new_key) - len(partly)
+            out += f.raw
+    return bytes(out)
+
+
+def _summary(kept: int, count: int, described: int, new_key: Mapping[str, str], partly: list[str],
+             of: Mapping[str, Mapping[str, str]], keys: Mapping[str, str]) -> str:
+    """The sentence saying what :func:`rewrite` changed."""
+    dropped_keys = described - len(new_key) - len(partly)
     renamed = sum(1 for k, v in new_key.items() if v != k)
     what = []
-    if len(keep) < len(nodes):
-        what.append(f"pruned to {len(keep)} of its {len(nodes)} objects")
+    if kept < count:
+        what.append(f"pruned to {kept} of its {count} objects")
     if dropped_keys:
         what.append(f"{dropped_keys} value{'s' if dropped_keys != 1 else ''} not written left out")
     if partly:
@@ -416,13 +459,13 @@ def rewrite(payload: bytes, keys: Mapping[str, str], restorable: bool = False,
                     f"{', '.join(repr(h) for h in sorted(of[partly[0]]) if h not in keys)} not written)")
     if renamed:
         what.append(f"{renamed} key{'s' if renamed != 1 else ''} renamed")
-    return bytes(result), "rewritten to match the tensors written: " + ", ".join(what)
+    return "rewritten to match the tensors written: " + ", ".join(what)
 
 
 def _flag(f: _Field) -> bool:
     """The value of a google.protobuf.BoolValue field."""
-    v = _last(_fields(bytes(f.value)), _BOOL_VALUE, 0)  # type: ignore[arg-type]
-    return v is not None and int(v.value) != 0  # type: ignore[call-overload]
+    v = _last(_fields(f.data), _BOOL_VALUE, 0)
+    return v is not None and v.varint != 0
 
 
 def _renumbered(f: _Field, number: int, old: int, value: int) -> _Field:
@@ -434,7 +477,7 @@ def _renumber(f: _Field, number: int, old: int, value: int) -> bytes:
     """Field ``f`` (a sub-message) with its int32 field ``number`` changed from ``old`` to ``value``, the rest kept."""
     if old == value:
         return f.raw
-    parts = _fields(bytes(f.value))  # type: ignore[arg-type]
+    parts = _fields(f.data)
     return field_bytes(f.number, _replace(parts, number, field_varint(number, value) if value else b""))
 
 
@@ -485,13 +528,18 @@ def carry(payload: bytes, keys: Mapping[str, str], restorable: bool = False,
     try:
         return rewrite(payload, keys, restorable, held)
     except Unusable as e:
-        return None, f"left out: {e}; tf.train.Checkpoint cannot restore the output by object (tf.train.load_checkpoint and name-based restore still work)"
+        return None, (f"left out: {e}; tf.train.Checkpoint cannot restore the output by object "
+                      "(tf.train.load_checkpoint and name-based restore still work)")
 
 
 # --- comparing two graphs by what restore uses ------------------------------------------
 
 #: How many path segments a difference shows before it elides the rest (a hostile chain is deep).
 _SHOWN_SEGMENTS = 24
+
+
+#: How restore first reached an object: the root, ("child", parent, name) or ("slot", original variable, optimizer, name).
+_Via = tuple[Literal["root"]] | tuple[Literal["child"], int, str] | tuple[Literal["slot"], int, int, str]
 
 
 class _Walk:
@@ -506,11 +554,11 @@ class _Walk:
         #: node -> the slot links it is the optimizer or the original variable of
         self.by_end: dict[int, list[tuple[int, int, str]]] = {}
         for i, n in enumerate(nodes):
-            kids = [(_text(_last(_fields(bytes(n.fields[j].value)), _REF_LOCAL_NAME, 2)), c)  # type: ignore[arg-type]
+            kids = [(_text(_last(_fields(n.fields[j].data), _REF_LOCAL_NAME, 2)), c)
                     for j, c in n.children.items()]
             self.children.append(sorted(kids))
             for j, (orig, var) in n.slots.items():
-                link = (i, orig, _text(_last(_fields(bytes(n.fields[j].value)), _SLOT_NAME, 2)))  # type: ignore[arg-type]
+                link = (i, orig, _text(_last(_fields(n.fields[j].data), _SLOT_NAME, 2)))
                 self.links.setdefault(link, var)
                 for end in {orig, i}:
                     self.by_end.setdefault(end, []).append(link)
@@ -518,7 +566,7 @@ class _Walk:
         self.savers = [n.saver for n in nodes]
         # How each reachable object was first reached, breadth first with children by name (the same
         # for any node order): ("child", parent, name) or ("slot", original variable, optimizer, name).
-        self.via: dict[int, tuple[object, ...]] = {0: ("root",)}
+        self.via: dict[int, _Via] = {0: ("root",)}
         todo, at = [0], 0
         while at < len(todo):
             i = todo[at]
@@ -547,10 +595,10 @@ class _Walk:
             if how[0] == "slot":
                 _, orig, opt, name = how
                 segments.append("…" if depth > 2 else
-                                f"{self.path(orig, depth + 1)}/.OPTIMIZER_SLOT/{self.path(opt, depth + 1)}/{name}")  # type: ignore[arg-type]
+                                f"{self.path(orig, depth + 1)}/.OPTIMIZER_SLOT/{self.path(opt, depth + 1)}/{name}")
                 break
-            segments.append(str(how[2]))
-            i = how[1]  # type: ignore[assignment]
+            _, i, child = how
+            segments.append(child)
         return "/".join(reversed(segments)) or "(root)"
 
 
@@ -581,9 +629,30 @@ def compare(a: bytes, b: bytes, key_a: Callable[[str], str], key_b: Callable[[st
         except _TooBig:
             return [f"object graph: {side}'s cannot be compared: it has more than {MAX_FIELDS:,} protobuf fields, more than ckptbridge checks"], 0
     wa, wb = walks
+    out: list[tuple[str, str]] = []  # (path, sentence)
+    pa, pb = _match(wa, wb, out)
+    covered: set[tuple[str, int]] = set()  # slot variables whose missing link is already a line
+    for x, y in pa.items():
+        path = wa.path(x)
+        for here, w, other, mine, theirs, mapped in (("A", wa, wb, x, y, pa), ("B", wb, wa, y, x, pb)):
+            _one_sided_links(out, covered, path, here, w, other, mine, theirs, mapped)
+        if wa.attrs[x] != wb.attrs[y]:
+            _attribute_differences(out, path, wa.attrs[x], wb.attrs[y])
+        if wa.savers[x] != wb.savers[y]:
+            out.append((path, f"registered saver {wa.savers[x]!r} in A, {wb.savers[y]!r} in B"))
+    for here, w, mapped, there in (("A", wa, pa, "B"), ("B", wb, pb, "A")):
+        for i in w.via:
+            if i not in mapped and (here, i) not in covered:
+                out.append((w.path(i), f"object only in {here} ({_attr_list(w.attrs[i])}); {there} has no object there"))
+    out.sort()
+    return [f"object graph: {path}: {what}" for path, what in out], len(pa)
+
+
+def _match(wa: _Walk, wb: _Walk, out: list[tuple[str, str]]) -> tuple[dict[int, int], dict[int, int]]:
+    """A's node -> B's node and back, matched as restore matches them (see :func:`compare`); a child
+    or slot variable that would match an object already matched to another is a line in ``out``."""
     pa: dict[int, int] = {0: 0}  # A's node -> B's node
     pb: dict[int, int] = {0: 0}
-    out: list[tuple[str, str]] = []  # (path, sentence)
 
     def pair(x: int, y: int) -> bool:
         """Match x (in A) with y (in B); False where either is matched to another object."""
@@ -607,38 +676,36 @@ def compare(a: bytes, b: bytes, key_a: Callable[[str], str], key_b: Callable[[st
                 u, v = wa.links[(opt, orig, name)], wb.links[(pa[opt], pa[orig], name)]
                 if not pair(u, v):
                     out.append((wa.path(opt), f"slot variable {name!r} of {wa.path(orig)} is {wa.path(u)} in A, {wb.path(v)} in B"))
-    covered: set[tuple[str, int]] = set()  # slot variables whose missing link is already a line
-    for x, y in pa.items():
-        path = wa.path(x)
-        for here, w, other, mine, theirs, mapped in (("A", wa, wb, x, y, pa), ("B", wb, wa, y, x, pb)):
-            kids, others = dict(reversed(w.children[mine])), dict(other.children[theirs])
-            for name in sorted(kids.keys() - others.keys()):
-                if kids[name] in mapped:  # a second name for an object both have: only the name is lost
-                    out.append((path, f"child {name!r} only in {here} (the object {'B' if here == 'A' else 'A'} reaches "
-                                      f"as {other.path(mapped[kids[name]])})"))
-            for opt, orig, name in w.by_end.get(mine, ()):
-                var = w.links[(opt, orig, name)]
-                if opt == mine and orig in mapped and (theirs, mapped[orig], name) not in other.links and var in w.via:
-                    out.append((path, f"slot variable {name!r} of {w.path(orig)} (-> {w.path(var)}) only in {here}"))
-                    covered.add((here, var))
-        if wa.attrs[x] != wb.attrs[y]:
-            da, db = dict(wa.attrs[x]), dict(wb.attrs[y])
-            for name in sorted(da.keys() | db.keys()):
-                ka, kb = da.get(name), db.get(name)
-                if ka is None or kb is None:
-                    out.append((path, f"attribute {name!r} (key {ka or kb}) only in {'A' if kb is None else 'B'}"))
-                elif ka != kb:
-                    out.append((path, f"attribute {name!r} has key {ka} in A, {kb} in B"))
-            if len(da) != len(wa.attrs[x]) or len(db) != len(wb.attrs[y]):
-                out.append((path, f"attributes of repeated names: {len(wa.attrs[x])} in A, {len(wb.attrs[y])} in B"))
-        if wa.savers[x] != wb.savers[y]:
-            out.append((path, f"registered saver {wa.savers[x]!r} in A, {wb.savers[y]!r} in B"))
-    for here, w, mapped, there in (("A", wa, pa, "B"), ("B", wb, pb, "A")):
-        for i in w.via:
-            if i not in mapped and (here, i) not in covered:
-                out.append((w.path(i), f"object only in {here} ({_attr_list(w.attrs[i])}); {there} has no object there"))
-    out.sort()
-    return [f"object graph: {path}: {what}" for path, what in out], len(pa)
+    return pa, pb
+
+
+def _one_sided_links(out: list[tuple[str, str]], covered: set[tuple[str, int]], path: str, here: str,
+                     w: _Walk, other: _Walk, mine: int, theirs: int, mapped: Mapping[int, int]) -> None:
+    """The children names and slot links matched object ``mine`` (on side ``here``, walked by ``w``) has
+    and its match ``theirs`` lacks; a slot variable whose link is missing goes into ``covered``."""
+    kids, others = dict(reversed(w.children[mine])), dict(other.children[theirs])
+    for name in sorted(kids.keys() - others.keys()):
+        if kids[name] in mapped:  # a second name for an object both have: only the name is lost
+            out.append((path, f"child {name!r} only in {here} (the object {'B' if here == 'A' else 'A'} reaches "
+                              f"as {other.path(mapped[kids[name]])})"))
+    for opt, orig, name in w.by_end.get(mine, ()):
+        var = w.links[(opt, orig, name)]
+        if opt == mine and orig in mapped and (theirs, mapped[orig], name) not in other.links and var in w.via:
+            out.append((path, f"slot variable {name!r} of {w.path(orig)} (-> {w.path(var)}) only in {here}"))
+            covered.add((here, var))
+
+
+def _attribute_differences(out: list[tuple[str, str]], path: str, a: tuple[tuple[str, str], ...], b: tuple[tuple[str, str], ...]) -> None:
+    """How two matched objects' (attribute name, checkpoint key) lists differ."""
+    da, db = dict(a), dict(b)
+    for name in sorted(da.keys() | db.keys()):
+        ka, kb = da.get(name), db.get(name)
+        if ka is None or kb is None:
+            out.append((path, f"attribute {name!r} (key {ka or kb}) only in {'A' if kb is None else 'B'}"))
+        elif ka != kb:
+            out.append((path, f"attribute {name!r} has key {ka} in A, {kb} in B"))
+    if len(da) != len(a) or len(db) != len(b):
+        out.append((path, f"attributes of repeated names: {len(a)} in A, {len(b)} in B"))
 
 
 def count_reachable(payload: bytes) -> int:

@@ -136,13 +136,13 @@ def _objects(buf: memoryview) -> list[SavedObject] | None:
             raise _Bad("a meta graph is not a message")
         saw_meta_graph = True
         graph = None
-        for n2, w2, v2 in _counted(value, budget):  # type: ignore[arg-type]
+        for n2, w2, v2 in _counted(_message(value), budget):
             if n2 == _OBJECT_GRAPH_DEF:
                 if w2 != 2:
                     raise _Bad("the object graph is not a message")
-                graph = v2  # the last one wins (protobuf's rule for a singular message)
+                graph = _message(v2)  # the last one wins (protobuf's rule for a singular message)
         if graph is not None:
-            return _saved_objects(graph, budget)  # type: ignore[arg-type]
+            return _saved_objects(graph, budget)
     if not saw_meta_graph:
         raise _Bad("it has no meta graph")
     return None
@@ -157,14 +157,14 @@ def _saved_objects(buf: memoryview, budget: list[int]) -> list[SavedObject]:
             raise _Bad("an object of the object graph is not a message")
         children: list[tuple[str, int]] = []
         variable = None
-        for n1, w1, value in _counted(body, budget):  # type: ignore[arg-type]
+        for n1, w1, value in _counted(_message(body), budget):
             if n1 in (_CHILDREN, _VARIABLE) and w1 != 2:
                 raise _Bad(f"field {n1} of an object is not a message")
             if n1 == _CHILDREN:
-                children.append(_reference(value, budget))  # type: ignore[arg-type]
+                children.append(_reference(_message(value), budget))
             elif n1 == _VARIABLE:
                 variable = ""
-                for n2, w2, v2 in _counted(value, budget):  # type: ignore[arg-type]
+                for n2, w2, v2 in _counted(_message(value), budget):
                     if n2 == _VAR_NAME:
                         variable = _text(v2, w2)
         out.append(SavedObject(tuple(children) if children else (), variable))
@@ -181,22 +181,36 @@ def _reference(buf: memoryview, budget: list[int]) -> tuple[str, int]:
         if number == _REF_NODE_ID:
             if wire != 0:
                 raise _Bad("a node id is not a varint")
-            node = to_int32(value)  # type: ignore[arg-type]
+            node = to_int32(_varint(value))
         elif number == _REF_LOCAL_NAME:
             name = _text(value, wire)
     return name, node
 
 
-def _text(value: object, wire: int) -> str:
+def _text(value: int | memoryview, wire: int) -> str:
     if wire != 2:
         raise _Bad("a string field is not length-delimited")
     try:
-        return bytes(value).decode("utf-8")  # type: ignore[call-overload, no-any-return]
+        return bytes(_message(value)).decode("utf-8")
     except UnicodeDecodeError:
         raise _Bad("a name is not UTF-8") from None
 
 
-def _counted(buf: memoryview, budget: list[int]) -> Iterator[tuple[int, int, object]]:
+def _message(value: int | memoryview) -> memoryview:
+    """A length-delimited field's bytes (the callers have checked its wire type is 2)."""
+    if isinstance(value, int):
+        raise _Bad("a message field is not length-delimited")
+    return value
+
+
+def _varint(value: int | memoryview) -> int:
+    """A varint field's value (the callers have checked its wire type is 0)."""
+    if not isinstance(value, int):
+        raise _Bad("a varint field is length-delimited")
+    return value
+
+
+def _counted(buf: memoryview, budget: list[int]) -> Iterator[tuple[int, int, int | memoryview]]:
     """:func:`iter_fields`, charging each field to ``budget`` (shared by one parse)."""
     for field in iter_fields(buf):
         budget[0] -= 1
