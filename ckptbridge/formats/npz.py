@@ -275,12 +275,13 @@ class NpzSource(ArchiveSource):
             if dtype.kind == "S":  # read as one bytes object per element
                 meta.check_in_memory(count, need, info.compress_size, where, max_tensor_bytes, strings=True)
             if info.filename in (META_MEMBER, OBJECT_GRAPH_MEMBER):
-                meta.check_metadata_size(need, where, "ckptbridge metadata" if info.filename == META_MEMBER else "the stored TF2 object graph")
+                meta.check_metadata_size(need, where, "ckptbridge metadata" if info.filename == META_MEMBER else "the stored TF2 object graph",
+                                         objects=len(self._zip.infolist()) if info.filename == META_MEMBER else 0)
             offset = start + hlen if info.compress_type == zipfile.ZIP_STORED else None
             members[name] = _Member(info, dtype, shape, fortran, offset)
         if META_MEMBER[:-4] in members:
             raw = self._read_raw(members.pop(META_MEMBER[:-4]))
-            self._meta = meta.loads(raw.tobytes(), path)
+            self._meta = meta.loads(raw.tobytes(), path, tensors=len(members))  # each member backed by its zip headers
         if OBJECT_GRAPH_MEMBER[:-4] in members:
             self._extras[OBJECT_GRAPH] = self._read_raw(members.pop(OBJECT_GRAPH_MEMBER[:-4])).tobytes()
         self._members = members
