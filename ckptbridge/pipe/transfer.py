@@ -19,6 +19,8 @@ from .names import Plan
 from .progress import bar
 
 _WRITEBACK_BYTES = 64 << 20
+_BAR_BYTES = 1 << 20
+_BAR_TENSORS = 1024
 
 
 def exchange_checksum(arr: np.ndarray) -> int:
@@ -53,11 +55,11 @@ def transfer(
     # open file outlives the command to be closed by the interpreter's shutdown.
     try:
         specs = source.specs()
-        out_specs = [dataclasses.replace(specs[src], name=dst) for dst, src in plan.mapping.items()]
+        out_specs = [specs[src] if dst == src else dataclasses.replace(specs[src], name=dst) for dst, src in plan.mapping.items()]
         pbar = bar(sum(s.nbytes for s in out_specs), desc, progress)
         sink.begin(out_specs)
-        unsynced = 0
-        for dst, src in plan.mapping.items():
+        unsynced = shown = 0
+        for i, (dst, src) in enumerate(plan.mapping.items(), 1):
             # Numeric tensors stream block by block where both ends can (any size in
             # CHUNK_BYTES of memory, one crc32c pass); the rest are read whole.
             stream = source.read_blocks(src, chunk_bytes) if sink.streams else None
@@ -78,7 +80,11 @@ def transfer(
             if unsynced >= _WRITEBACK_BYTES:
                 sink.start_writeback()  # the disk writes while we convert, not all at the final fsync
                 unsynced = 0
-            pbar.update(n if specs[src].dtype != STRING else 0)
+            shown += n if specs[src].dtype != STRING else 0
+            if shown >= _BAR_BYTES or i % _BAR_TENSORS == 0:
+                pbar.update(shown)  # in batches: a bar update costs more than writing an empty tensor
+                shown = 0
+        pbar.update(shown)
         graph_note = None
         if carry_extras:
             for key, payload in source.extras().items():
