@@ -78,8 +78,8 @@ print(time.monotonic() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 @pytest.mark.parametrize("suffix", ["safetensors", "npz"])
 def test_400001_tensors_export_within_time_and_memory(tmp_path: Any, suffix: str) -> None:
     """The issue's case at the real limits: a valid ``.safetensors`` of 400,001 (mostly empty) tensors
-    exports and reads back, in bounded memory (measured: about 1.0 GB and 30 s to .safetensors on a
-    shared 2-core machine; 1.4 GB and 80 s to .npz, whose per-member zip and .npy work dominates)."""
+    exports and reads back, in bounded memory (measured to .npz: 1.4 GB peak and 52 s of CPU on a shared
+    2-core machine, where it was refused after 75 s before; the per-member zip and .npy work dominates)."""
     pytest.importorskip("safetensors")
     from safetensors.numpy import save_file
 

@@ -249,6 +249,8 @@ class NpzSource(ArchiveSource):
         claimed = _entries_claimed(self._file)
         if claimed is not None and claimed != len(self._zip.infolist()):
             raise CorruptError(f"{path}: the zip directory lists {claimed} members but {len(self._zip.infolist())} can be read; the archive is damaged")
+        # what the metadata may describe: the tensor members, each backed by its zip headers
+        tensors = sum(1 for i in self._zip.infolist() if i.filename not in (META_MEMBER, OBJECT_GRAPH_MEMBER) and not i.is_dir())
         for info in self._zip.infolist():
             if info.filename in seen:
                 raise CorruptError(f"{path}: member {info.filename!r} appears twice; refusing an ambiguous archive")
@@ -302,7 +304,7 @@ class NpzSource(ArchiveSource):
                 meta.check_in_memory(count, need, info.compress_size, where, max_tensor_bytes, strings=True)
             if info.filename in (META_MEMBER, OBJECT_GRAPH_MEMBER):
                 meta.check_metadata_size(need, where, "ckptbridge metadata" if info.filename == META_MEMBER else "the stored TF2 object graph",
-                                         objects=len(self._zip.infolist()) if info.filename == META_MEMBER else 0)
+                                         objects=tensors if info.filename == META_MEMBER else 0)
             offset = start + hlen if info.compress_type == zipfile.ZIP_STORED else None
             members[name] = _Member(info, dtype, shape, fortran, offset)
         if META_MEMBER[:-4] in members:
