@@ -218,7 +218,7 @@ def test_a_keras_config_far_larger_than_its_model_says_which_limit_and_what_to_d
 def test_an_honestly_large_keras_config_reads(tmp_path: Any) -> None:
     """The issue's 70 MB config at its real size, from a model of 50,000 layers: read, and named by it."""
     path = str(tmp_path / "wide.keras")
-    want = _keras_file(path, 50_000, pad=1300)
+    want = _keras_file(path, 50_000, pad=1350)
     with zipfile.ZipFile(path) as z:
         assert z.getinfo("config.json").file_size > 70 << 20
     with ckptbridge.read(path) as r:
