@@ -266,6 +266,7 @@ class Hdf5Source(ArchiveSource):
                     datasets[name] = full
 
         visit(f, "")
+        self._objects = len(seen)  # groups and datasets: what documents about the file may scale with
         _check_spans(spans, path)
         heap_refs = [self._check_vlen(ds, full, fsize, max_tensor_bytes) for ds, full in vlen]
         _check_heap_refs(heap_refs, path)
@@ -274,10 +275,11 @@ class Hdf5Source(ArchiveSource):
         for key, obj in own.items():
             if obj.dtype != np.uint8 or obj.ndim != 1:
                 raise CorruptError(f"{path}: {key!r} is {obj.dtype}{list(obj.shape)}, expected a 1-d uint8 blob; the archive is damaged")
-            meta.check_metadata_size(int(obj.shape[0]), f"{path}: {key!r}", "ckptbridge metadata" if key == META_DATASET else "the stored TF2 object graph")
+            meta.check_metadata_size(int(obj.shape[0]), f"{path}: {key!r}", "ckptbridge metadata" if key == META_DATASET else "the stored TF2 object graph",
+                                     objects=len(datasets) if key == META_DATASET else 0)
             raw = np.asarray(obj[()]).tobytes()
             if key == META_DATASET:
-                self._meta = meta.loads(raw, path)
+                self._meta = meta.loads(raw, path, tensors=len(datasets))
             else:
                 self._extras[OBJECT_GRAPH] = raw
         records = self._meta.get("tensors", {})

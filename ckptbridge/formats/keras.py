@@ -66,6 +66,11 @@ _CONTAINERS = ("layers", "_layer_checkpoint_dependencies")
 _TF_SUFFIX = re.compile(r":\d+$")
 _LOCAL_HEADER = struct.Struct("<4s5H3L2H")
 _MAX_DEFLATE_RATIO = 1100
+#: What a ``.keras`` file's config may take besides the base document limits (``meta.document_limits``),
+#: for each group or dataset of its weights: Keras writes two groups per layer, even one without
+#: weights, and a layer's config takes some 0.5-1.5 KB and 50-100 JSON values.
+CONFIG_BYTES_PER_OBJECT = 2 << 10
+CONFIG_VALUES_PER_OBJECT = 128
 
 
 def _with_bias(kernels: tuple[str, ...], flag: str = "use_bias") -> Callable[[Mapping[str, Any]], list[str]]:
@@ -200,11 +205,7 @@ class _Window(io.RawIOBase):
 
 
 def _json(raw: bytes, where: str) -> Any:
-    """A JSON document from an untrusted file, bounded before parsing (size and number of values)."""
-    meta.check_metadata_size(len(raw), where, "the Keras config")
-    values = 1 + raw.count(b",") + raw.count(b":") + raw.count(b"[") + raw.count(b"{")
-    if values > meta.MAX_METADATA_VALUES:
-        raise UnsafeArchiveError(f"{where}: the Keras config holds up to {values} JSON values, over the limit of {meta.MAX_METADATA_VALUES}; the file is damaged or crafted")
+    """A JSON document from an untrusted file, parsed (bounded before, by :meth:`_KerasZip.read_config`)."""
     try:
         return json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
@@ -234,7 +235,6 @@ class _KerasZip:
                        else f"so it is not a Keras model file; a .keras zip holds {CONFIG_MEMBER}, metadata.json and {WEIGHTS_MEMBER}: check the file")
                 raise FormatError(f"{path} has no {WEIGHTS_MEMBER}, {why}")
             self.weights, self.size = self._open_weights(max_tensor_bytes)
-            self.config = self._read_config()
         except BaseException:
             self.close()
             raise
@@ -254,9 +254,10 @@ class _KerasZip:
             raise CorruptError(f"{where}: its data extends past the end of the file; the .keras file is truncated")
         return start
 
-    def _read_bounded(self, info: zipfile.ZipInfo, limit: int | None, what: str) -> bytes:
+    def _read_bounded(self, info: zipfile.ZipInfo, limit: int | None, what: str, over: str | None = None) -> bytes:
         """A member read whole into memory: only after its claimed size is checked against ``limit`` and
-        against what its compressed bytes can expand to (zipfile checks its CRC-32)."""
+        against what its compressed bytes can expand to (zipfile checks its CRC-32).  ``over``: the
+        message past ``limit``."""
         where = f"{self.path}: member {info.filename!r}"
         self._start(info)
         if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
@@ -265,6 +266,8 @@ class _KerasZip:
             raise CorruptError(f"{where} has inconsistent sizes; the .keras file is damaged")
         if info.compress_type == zipfile.ZIP_DEFLATED and info.file_size > _MAX_DEFLATE_RATIO * max(info.compress_size, 1) + 4096:
             raise UnsafeArchiveError(f"{where} claims {info.file_size} bytes from {info.compress_size} compressed; refusing an impossible compression ratio")
+        if limit is not None and info.file_size > limit and over is not None:
+            raise UnsafeArchiveError(over)
         if limit is not None and info.file_size > limit:
             raise UnsafeArchiveError(f"{where}: {what} of {info.file_size} bytes, read into memory because it is compressed, is over the limit of {limit}; "
                                      f"raise {option('max_tensor_bytes')} if it is genuine, or unzip {WEIGHTS_MEMBER} and pass it")
@@ -286,12 +289,23 @@ class _KerasZip:
         data = self._read_bounded(info, max_tensor_bytes, "the weights")
         return io.BytesIO(data), len(data)
 
-    def _read_config(self) -> Any:
+    def read_config(self, objects: int) -> Any:
+        """The parsed ``config.json`` (None if there is none), for weights of ``objects`` HDF5 groups and
+        datasets: bounded by what such a model's config honestly takes (:data:`CONFIG_BYTES_PER_OBJECT`)."""
         info = self._zip.NameToInfo.get(CONFIG_MEMBER)
         if info is None:
             return None
-        raw = self._read_bounded(info, meta.MAX_METADATA_BYTES, "the config")
-        return _json(raw, f"{self.path}: {CONFIG_MEMBER}")
+        where = f"{self.path}: {CONFIG_MEMBER}"
+        per = (CONFIG_BYTES_PER_OBJECT, CONFIG_VALUES_PER_OBJECT)
+        limit = meta.document_limits(objects, bytes_per_object=per[0], values_per_object=per[1])[0]
+        why = (f"ckptbridge reads the config whole, in memory, only to name the weights by their layers, and bounds it by the model "
+               f"({meta.MAX_METADATA_BYTES} bytes and {meta.MAX_METADATA_VALUES} JSON values, plus {per[0]} bytes and {per[1]} values "
+               f"for each of the {objects} groups and datasets of its {WEIGHTS_MEMBER}), so a config far larger than its model looks crafted. "
+               f"If the file is genuine, unzip {WEIGHTS_MEMBER} and pass it: the same weights, named by their HDF5 paths")
+        raw = self._read_bounded(info, limit, "the config", over=f"{where} is {info.file_size} bytes, over the limit of {limit}: {why}")
+        meta.check_document(raw, where, "the Keras config", objects=objects, bytes_per_object=per[0], values_per_object=per[1],
+                            advice=why, max_depth=None)
+        return _json(raw, where)
 
     def close(self) -> None:
         z = getattr(self, "_zip", None)
@@ -478,7 +492,7 @@ class KerasSource(Hdf5Source):
         target: Any = path
         if _magic(path) != HDF5_MAGIC:  # a .keras zip (or a damaged file named .keras)
             self._zip = _KerasZip(path, max_tensor_bytes)
-            target, self._member_size, config = self._zip.weights, self._zip.size, self._zip.config
+            target, self._member_size = self._zip.weights, self._zip.size
         where = f"{path} ({WEIGHTS_MEMBER})" if self._zip is not None else path
         try:
             self._f = h5py.File(target, "r")
@@ -491,6 +505,8 @@ class KerasSource(Hdf5Source):
             kind = _hdf5_kind(self._f) or "keras3-weights"  # a .keras zip's weights, whatever their layout
             self.kind = "keras3-model" if self._zip is not None else kind
             self._load(max_tensor_bytes, True)
+            if self._zip is not None:  # bounded by the weights just walked
+                config = self._zip.read_config(self._objects)
             self._rename(kind, config)
         except CkptBridgeError:
             self.close()

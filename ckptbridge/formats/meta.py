@@ -130,62 +130,98 @@ def dumps(doc: dict[str, Any]) -> bytes:
     return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode("utf-8")
 
 
-#: Bounds on the metadata JSON (and the TF2 object graph stored beside it), checked on
-#: the raw bytes before anything is parsed.  A record costs about 150 bytes and 15
-#: values, so these allow some 250,000 tensors while parsing stays under ~400 MB.
+#: Bounds on a JSON document read from a file (ckptbridge's metadata, a Keras config), checked on
+#: its raw bytes before it is parsed.  Each is a base plus an allowance for every object the file
+#: declares (a tensor, an HDF5 group or dataset), which its own bytes back: a document describing
+#: 400,000 tensors is honestly big, a small file claiming a huge one is not.  A record costs about
+#: 100 bytes and 15 values, and a value at most about 70 bytes once parsed, so the base (some
+#: 250,000 tensors) parses in under ~400 MB, and a file's allowance grows with what it holds.
 MAX_METADATA_BYTES = 64 << 20
 MAX_METADATA_DEPTH = 32
 MAX_METADATA_VALUES = 1 << 22
-_JSON_TOKENS = re.compile(rb'[\[\]{}"\\]')
+METADATA_BYTES_PER_OBJECT = 1 << 10
+METADATA_VALUES_PER_OBJECT = 32
+_VALUE_BYTES = np.zeros(256, np.bool_)
+_VALUE_BYTES[[0x2C, 0x3A, 0x5B, 0x7B]] = True  # , : [ {
+_DEPTH_STEP = np.zeros(256, np.int8)
+_DEPTH_STEP[[0x5B, 0x7B]] = 1
+_DEPTH_STEP[[0x5D, 0x7D]] = -1
+_SCAN_CHUNK = 1 << 20
 
 
-def check_metadata_size(nbytes: int, where: str, what: str = "ckptbridge metadata") -> None:
-    """Refuse, before it is read, a metadata payload larger than :data:`MAX_METADATA_BYTES`."""
-    if nbytes > MAX_METADATA_BYTES:
-        raise UnsafeArchiveError(f"{where}: {what} is {nbytes} bytes, over the limit of {MAX_METADATA_BYTES}; the archive is damaged or crafted")
+def document_limits(objects: int = 0, *, bytes_per_object: int = METADATA_BYTES_PER_OBJECT,
+                    values_per_object: int = METADATA_VALUES_PER_OBJECT) -> tuple[int, int]:
+    """(bytes, JSON values) a document may hold in a file that declares ``objects`` objects."""
+    return MAX_METADATA_BYTES + objects * bytes_per_object, MAX_METADATA_VALUES + objects * values_per_object
 
 
-def _json_depth(raw: bytes) -> int:
-    """Deepest nesting of arrays and objects in a JSON text, strings skipped; no parsing."""
-    depth = deepest = 0
-    in_string = False
-    escaped_at = -1
-    for m in _JSON_TOKENS.finditer(raw):
-        at = m.start()
-        c = raw[at]
-        if in_string:
-            if at == escaped_at:
-                continue
-            if c == 0x5C:  # backslash: the next byte is escaped
-                escaped_at = at + 1
-            elif c == 0x22:
-                in_string = False
-        elif c == 0x22:
-            in_string = True
-        elif c in (0x5B, 0x7B):
-            depth += 1
-            if depth > deepest:
-                deepest = depth
-                if deepest > MAX_METADATA_DEPTH:
-                    break
-        elif c in (0x5D, 0x7D):
-            depth -= 1
-    return deepest
+def check_metadata_size(nbytes: int, where: str, what: str = "ckptbridge metadata", *, objects: int = 0) -> None:
+    """Refuse, before it is read, a metadata payload larger than its limit (see :func:`document_limits`);
+    the stored TF2 object graph is given ``objects=0``: 64 MiB, whatever the tensor count."""
+    limit = document_limits(objects)[0]
+    if nbytes > limit:
+        scaled = f" ({MAX_METADATA_BYTES} plus {METADATA_BYTES_PER_OBJECT} for each of its {objects} tensor{'s' if objects != 1 else ''})" if objects else ""
+        raise UnsafeArchiveError(f"{where}: {what} is {nbytes} bytes, over the limit of {limit}{scaled}; the archive is damaged or crafted")
 
 
-def loads(raw: bytes, where: str) -> dict[str, Any]:
-    """Parse a ckptbridge metadata document, bounded before parsing: its size, how
-    deep it nests and how many JSON values it can hold (each becomes a Python object)."""
-    check_metadata_size(len(raw), where)
-    # Every value but the first follows a "," or ":", or opens an array or object; bytes inside
-    # strings are counted too, so this is an upper bound.
-    values = 1 + raw.count(b",") + raw.count(b":") + raw.count(b"[") + raw.count(b"{")
-    if values > MAX_METADATA_VALUES:
-        raise UnsafeArchiveError(f"{where}: ckptbridge metadata holds up to {values} JSON values, over the limit of {MAX_METADATA_VALUES}; the archive is damaged or crafted")
-    if _json_depth(raw) > MAX_METADATA_DEPTH:
-        raise UnsafeArchiveError(f"{where}: ckptbridge metadata nests deeper than {MAX_METADATA_DEPTH} levels; the archive is damaged or crafted")
+def json_shape(raw: bytes) -> tuple[int, int]:
+    """(values, depth) of a JSON text, without parsing it: ``values`` is one plus the ``,`` ``:``
+    ``[`` ``{`` outside strings (an upper bound on the objects parsing creates), ``depth`` the
+    deepest nesting of arrays and objects.  Linear, in numpy, a megabyte at a time.
+
+    Escapes are dropped first (``\\\\`` then ``\\"``), so every remaining ``"`` opens or closes a
+    string.  In text that is not valid JSON the counts may be off past the first error, where the
+    parser stops anyway."""
+    text = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
+    a = np.frombuffer(text, np.uint8)
+    values, depth, deepest, quotes = 1, 0, 0, 0
+    for i in range(0, a.size, _SCAN_CHUNK):
+        c = a[i : i + _SCAN_CHUNK]
+        q = c == 0x22
+        inside = (np.cumsum(q, dtype=np.int64) + quotes) & 1  # 1 from an opening quote to its closing one
+        quotes += int(np.count_nonzero(q))
+        out = c[inside == 0]
+        values += int(np.count_nonzero(_VALUE_BYTES[out]))
+        steps = _DEPTH_STEP[out]
+        steps = steps[steps != 0]
+        if steps.size:
+            run = np.cumsum(steps, dtype=np.int64) + depth
+            deepest = max(deepest, int(run.max()))
+            depth = int(run[-1])
+    return values, deepest
+
+
+def check_document(raw: bytes, where: str, what: str, *, objects: int = 0, bytes_per_object: int = METADATA_BYTES_PER_OBJECT,
+                   values_per_object: int = METADATA_VALUES_PER_OBJECT, advice: str = "the archive is damaged or crafted",
+                   max_depth: int | None = MAX_METADATA_DEPTH) -> None:
+    """Refuse a JSON document before it is parsed: its size, how many values it can hold (each
+    becomes a Python object) and how deep it nests, against :func:`document_limits` for a file
+    that declares ``objects`` objects (``max_depth`` None: as deep as the parser goes)."""
+    max_bytes, max_values = document_limits(objects, bytes_per_object=bytes_per_object, values_per_object=values_per_object)
+    unit = ("tensor" if what == "ckptbridge metadata" else "object") + ("s" if objects != 1 else "")
+    if len(raw) > max_bytes:
+        scaled = f" ({MAX_METADATA_BYTES} plus {bytes_per_object} for each of its {objects} {unit})" if objects else ""
+        raise UnsafeArchiveError(f"{where}: {what} is {len(raw)} bytes, over the limit of {max_bytes}{scaled}; {advice}")
+    values, depth = json_shape(raw)
+    if values > max_values:
+        scaled = f" ({MAX_METADATA_VALUES} plus {values_per_object} for each of its {objects} {unit})" if objects else ""
+        raise UnsafeArchiveError(f"{where}: {what} holds up to {values} JSON values, over the limit of {max_values}{scaled}; {advice}")
+    if max_depth is not None and depth > max_depth:
+        raise UnsafeArchiveError(f"{where}: {what} nests deeper than {max_depth} levels; {advice}")
+
+
+def loads(raw: bytes | str, where: str, *, tensors: int = 0) -> dict[str, Any]:
+    """Parse a ckptbridge metadata document, bounded before parsing (:func:`check_document`) by
+    what an archive of ``tensors`` tensors may honestly record.  A ``str`` (a safetensors header's
+    value) is parsed as it is, not decoded again."""
     try:
-        doc = json.loads(raw.decode("utf-8"))
+        data = raw.encode("utf-8") if isinstance(raw, str) else raw
+    except UnicodeEncodeError:
+        raise CorruptError(f"{where}: ckptbridge metadata is not valid UTF-8; the archive is damaged") from None
+    check_document(data, where, "ckptbridge metadata", objects=tensors)  # UnsafeArchiveError is a ValueError: not in the try below
+    del data
+    try:
+        doc = json.loads(raw if isinstance(raw, str) else raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise CorruptError(f"{where}: ckptbridge metadata is not valid JSON ({str(e)[:200]}); the archive is damaged") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME or not isinstance(doc.get("tensors", {}), dict):
@@ -214,6 +250,8 @@ EXPANSION_SLACK = 16 << 20
 #: Memory one string element takes once read, on top of its bytes: a ``bytes`` object
 #: (33 bytes) and its slot in an object array, rounded up.
 STRING_ELEMENT_BYTES = 48
+#: C0 controls, DEL and C1 controls: what a terminal may act on when a name is printed
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
 def check_in_memory(count: int, nbytes: int, stored: int, where: str, max_bytes: int | None, *, strings: bool = False) -> int:
@@ -246,9 +284,9 @@ def check_tensor_name(name: str, where: str) -> None:
         raise CorruptError(f"{where}: tensor name {shown_name(name)} is not valid UTF-8; refusing the archive") from None
     if size > MAX_NAME_BYTES:
         raise CorruptError(f"{where}: tensor name {shown_name(name)} is {size} bytes long, over the limit of {MAX_NAME_BYTES}; refusing the archive")
-    bad = next((c for c in name if ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0), None)
-    if bad is not None:
-        raise CorruptError(f"{where}: tensor name {shown_name(name)} contains the control character {bad!r}; refusing the archive (rename the tensor where it was made)")
+    control = _CONTROL.search(name)
+    if control is not None:
+        raise CorruptError(f"{where}: tensor name {shown_name(name)} contains the control character {control.group()!r}; refusing the archive (rename the tensor where it was made)")
 
 
 def check_name_to_write(name: str, path: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import bisect
+import functools
 import mmap
 import os
 import struct
@@ -131,30 +132,55 @@ def _parse_npy_header(f: Any, where: str) -> tuple[np.dtype, tuple[int, ...], bo
     raw = f.read(hlen)
     if len(raw) != hlen:
         raise CorruptError(f"{where}: .npy header is truncated; the archive is damaged")
+    try:  # a long header (a shape of many dimensions) is parsed as it comes: the cache holds short ones
+        dtype, shape, fortran = _npy_fields(raw) if hlen <= _CACHED_HEADER else _npy_fields.__wrapped__(raw)
+    except _HeaderProblem as e:
+        raise e.error(f"{where}: {e.tail}") from None
+    return dtype, shape, fortran, pre + hlen
+
+
+class _HeaderProblem(Exception):
+    """What is wrong with an ``.npy`` header's text: the error to raise, and its message after the member's name."""
+
+    def __init__(self, error: type[CkptBridgeError], tail: str) -> None:
+        super().__init__(tail)
+        self.error, self.tail = error, tail
+
+
+_CACHED_HEADER = 1024
+
+
+@functools.lru_cache(maxsize=4096)
+def _npy_fields(raw: bytes) -> tuple[np.dtype, tuple[int, ...], bool]:
+    """(dtype, shape, fortran order) of an ``.npy`` header's dict, parsed once per distinct text: an
+    archive of many tensors repeats a few headers, and ``literal_eval`` costs more than the rest of a member."""
     try:
         d = ast.literal_eval(raw.decode("latin1"))
     except (ValueError, SyntaxError, MemoryError, RecursionError):
-        raise CorruptError(f"{where}: .npy header is not readable; the archive is damaged") from None
+        raise _HeaderProblem(CorruptError, ".npy header is not readable; the archive is damaged") from None
     if not isinstance(d, dict) or set(d) != {"descr", "fortran_order", "shape"}:
-        raise CorruptError(f"{where}: .npy header has unexpected keys; the archive is damaged")
+        raise _HeaderProblem(CorruptError, ".npy header has unexpected keys; the archive is damaged")
     shape = d["shape"]
     if not isinstance(shape, tuple):
-        raise CorruptError(f"{where}: .npy header has an invalid shape; the archive is damaged")
-    shape = meta.check_shape(shape, f"{where}: .npy header")
+        raise _HeaderProblem(CorruptError, ".npy header has an invalid shape; the archive is damaged")
+    try:
+        shape = meta.check_shape(shape, ".npy header")
+    except CorruptError as e:
+        raise _HeaderProblem(CorruptError, str(e)) from None
     if not isinstance(d["fortran_order"], bool):
-        raise CorruptError(f"{where}: .npy header has an invalid fortran_order; the archive is damaged")
+        raise _HeaderProblem(CorruptError, ".npy header has an invalid fortran_order; the archive is damaged")
     try:
         dtype = np.lib.format.descr_to_dtype(d["descr"])
     except Exception:
-        raise CorruptError(f"{where}: .npy header has an invalid dtype {str(d['descr'])[:80]!r}; the archive is damaged") from None
+        raise _HeaderProblem(CorruptError, f".npy header has an invalid dtype {str(d['descr'])[:80]!r}; the archive is damaged") from None
     if dtype.hasobject:
-        raise UnsafeArchiveError(f"{where}: member holds pickled Python objects; ckptbridge never unpickles archives. Re-save it with numeric arrays (np.savez without object arrays)")
+        raise _HeaderProblem(UnsafeArchiveError, "member holds pickled Python objects; ckptbridge never unpickles archives. Re-save it with numeric arrays (np.savez without object arrays)")
     if dtype.fields is not None or dtype.subdtype is not None:
-        raise FormatError(f"{where}: structured dtype {dtype} is not a tensor; ckptbridge reads plain numeric arrays")
+        raise _HeaderProblem(FormatError, f"structured dtype {dtype} is not a tensor; ckptbridge reads plain numeric arrays")
     if dtype.itemsize == 0:
         # |S0, |V0, <U0: any number of elements in no bytes would pass every byte count.
-        raise UnsafeArchiveError(f"{where}: .npy header has dtype {dtype.str}, whose elements take no bytes; refusing it (the archive is damaged or crafted)")
-    return dtype, shape, d["fortran_order"], pre + hlen
+        raise _HeaderProblem(UnsafeArchiveError, f".npy header has dtype {dtype.str}, whose elements take no bytes; refusing it (the archive is damaged or crafted)")
+    return dtype, shape, d["fortran_order"]
 
 
 def _entries_claimed(f: Any) -> int | None:
@@ -209,6 +235,8 @@ class NpzSource(ArchiveSource):
         claimed = _entries_claimed(self._file)
         if claimed is not None and claimed != len(self._zip.infolist()):
             raise CorruptError(f"{path}: the zip directory lists {claimed} members but {len(self._zip.infolist())} can be read; the archive is damaged")
+        # what the metadata may describe: the tensor members, each backed by its zip headers
+        tensors = sum(1 for i in self._zip.infolist() if i.filename not in (META_MEMBER, OBJECT_GRAPH_MEMBER) and not i.is_dir())
         for info in self._zip.infolist():
             if info.filename in seen:
                 raise CorruptError(f"{path}: member {info.filename!r} appears twice; refusing an ambiguous archive")
@@ -261,12 +289,13 @@ class NpzSource(ArchiveSource):
             if dtype.kind == "S":  # read as one bytes object per element
                 meta.check_in_memory(count, need, info.compress_size, where, max_tensor_bytes, strings=True)
             if info.filename in (META_MEMBER, OBJECT_GRAPH_MEMBER):
-                meta.check_metadata_size(need, where, "ckptbridge metadata" if info.filename == META_MEMBER else "the stored TF2 object graph")
+                meta.check_metadata_size(need, where, "ckptbridge metadata" if info.filename == META_MEMBER else "the stored TF2 object graph",
+                                         objects=tensors if info.filename == META_MEMBER else 0)
             offset = start + hlen if info.compress_type == zipfile.ZIP_STORED else None
             members[name] = _Member(info, dtype, shape, fortran, offset)
         if META_MEMBER[:-4] in members:
             raw = self._read_raw(members.pop(META_MEMBER[:-4]))
-            self._meta = meta.loads(raw.tobytes(), path)
+            self._meta = meta.loads(raw.tobytes(), path, tensors=len(members))  # each member backed by its zip headers
         if OBJECT_GRAPH_MEMBER[:-4] in members:
             self._extras[OBJECT_GRAPH] = self._read_raw(members.pop(OBJECT_GRAPH_MEMBER[:-4])).tobytes()
         self._members = members

@@ -25,6 +25,7 @@ import base64
 import json
 import os
 import sys
+from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
 from typing import Any
 
 import numpy as np
@@ -85,8 +86,16 @@ def _round8(n: int) -> int:
     return (n + 7) // 8 * 8
 
 
+def _shape_json(shape: tuple[int, ...]) -> str:
+    return "[" + ",".join(map(str, shape)) + "]"
+
+
 class SafetensorsSink(ArchiveSink):
-    """Streams tensors into a temporary ``.safetensors`` file; the header is written last."""
+    """Streams tensors into a temporary ``.safetensors`` file; the header is written last.
+
+    Per tensor it keeps only its data offset and crc32c: the header's JSON (hundreds of
+    thousands of entries for some checkpoints) is rendered once, at :meth:`finish`, a batch of
+    entries at a time, never as a dict of dicts."""
 
     def __init__(self, path: str, *, force: bool = False, source: str | None = None) -> None:
         super().__init__(path, AtomicFile(path, force=force))
@@ -96,14 +105,15 @@ class SafetensorsSink(ArchiveSink):
             self._out.abort()  # the temporary exists from here on: never left behind, as no sink leaves one
             raise
         self._source = source
-        self._entries: dict[str, dict[str, Any]] | None = None
+        self._begun = False
         self._specs: dict[str, TensorSpec] = {}
+        self._starts: dict[str, int] = {}  # name -> offset in the byte buffer, in layout order
+        self._crcs: dict[str, int] = {}
         self._extras: dict[str, str] = {}
         self._reserve = 0
         self._data_len = 0
 
     def begin(self, specs: list[TensorSpec]) -> None:
-        entries: dict[str, dict[str, Any]] = {}
         check_specs(specs, self.path)
         for s in specs:
             if s.name in self._specs:
@@ -114,18 +124,55 @@ class SafetensorsSink(ArchiveSink):
         order = sorted(specs, key=lambda s: (-_dtypes.lookup(s.dtype).itemsize, s.name))
         pos = 0
         for s in order:
-            entries[s.name] = {"dtype": ST_DTYPES[s.dtype], "shape": list(s.shape), "data_offsets": [pos, pos + s.nbytes]}
+            self._starts[s.name] = pos
             pos += s.nbytes
-        self._entries = entries
         self._data_len = pos
-        # Header estimate: the entries, plus per-tensor records with the widest crc.
-        records = {s.name: meta.tensor_record(s.dtype, s.shape, meta.ENC_RAW, 0xFFFFFFFF) for s in specs}
-        guess = {RESERVED_NAME: {META_KEY: json.dumps({"tensors": records, "provenance": meta.provenance(self._source)}), "format": "tf"}, **entries}
-        self._reserve = _round8(len(json.dumps(guess, separators=(",", ":")).encode()) + _SLACK)
+        self._begun = True
+        # Room for the header: exact but for the crc32c values (taken at their widest) and for
+        # metadata only known at the end (the slack; past it the data is moved once).
+        need = sum(map(len, self._header({}, widest_crc=True)))
+        if need > _MAX_HEADER:
+            raise FormatError(f"{self.path}: the header for {len(specs)} tensors would take {need} bytes, over the {_MAX_HEADER} "
+                              f"the safetensors package reads; export to .npz or .h5, or leave tensors out ({option('exclude')})")
+        self._reserve = _round8(need + _SLACK)
         self._f.truncate(8 + self._reserve + self._data_len)
 
+    def _header(self, metadata: dict[str, Any] | None, *, widest_crc: bool = False) -> list[bytes]:
+        """The header's JSON in pieces: ``__metadata__`` (ckptbridge's document as one escaped
+        string: provenance, ``metadata``, the per-tensor records), then each tensor's entry."""
+        esc = encode_basestring_ascii
+        doc = meta.provenance(self._source, metadata)
+        doc.pop("tensors", None)
+        head = meta.dumps(doc).decode("ascii")[:-1]  # the records go last, rendered a batch at a time
+        text = [head + ("," if len(head) > 1 else "") + '"tensors":{']
+        pieces = ['{"__metadata__":{"format":"' + ("pt" if (metadata or {}).get("layout") else "tf") + '","' + META_KEY + '":"']
+        batch: list[str] = []
+        first = True
+        for name in sorted(self._specs):
+            s = self._specs[name]
+            crc = 0xFFFFFFFF if widest_crc else self._crcs[name]
+            batch.append(f'{"" if first else ","}{esc(name)}:{{"crc32c":{crc},"dtype":"{s.dtype}","encoding":"{meta.ENC_RAW}","shape":{_shape_json(s.shape)}}}')
+            first = False
+            if len(batch) >= 4096:
+                text.append("".join(batch))
+                batch = []
+        text.append("".join(batch) + "}}")
+        # JSON escapes character by character, so the document can be escaped piece by piece.
+        pieces.extend(esc(t)[1:-1] for t in text)
+        del text, batch
+        pieces.append('"' + "".join(f",{esc(k)}:{esc(v)}" for k, v in self._extras.items()) + "}")
+        batch = []
+        for name, start in self._starts.items():
+            s = self._specs[name]
+            batch.append(f',{esc(name)}:{{"dtype":"{ST_DTYPES[s.dtype]}","shape":{_shape_json(s.shape)},"data_offsets":[{start},{start + s.nbytes}]}}')
+            if len(batch) >= 4096:
+                pieces.append("".join(batch))
+                batch = []
+        pieces.append("".join(batch) + "}")
+        return [p.encode("ascii") for p in pieces]
+
     def _announced(self, name: str) -> TensorSpec:
-        if self._entries is None:
+        if not self._begun:
             raise CkptBridgeError(f"internal error: {self.path} was written before begin() announced the tensors")
         spec = self._specs.get(name)
         if spec is None:
@@ -141,13 +188,12 @@ class SafetensorsSink(ArchiveSink):
         stored = tensor.stored
         if sys.byteorder != "little" and stored.dtype.itemsize > 1:
             stored = stored.astype(stored.dtype.newbyteorder("<"))
-        assert self._entries is not None
-        start, end = self._entries[name]["data_offsets"]
-        if stored.nbytes != end - start:
-            raise MismatchError(f"tensor {name!r}: {stored.nbytes} bytes, expected {end - start}")
+        start = self._starts[name]
+        if stored.nbytes != spec.nbytes:
+            raise MismatchError(f"tensor {name!r}: {stored.nbytes} bytes, expected {spec.nbytes}")
         if stored.nbytes:
             self._f.seek(8 + self._reserve + start)
-            self._f.write(memoryview(stored.reshape(-1).view(np.uint8)))
+            self._f.write(stored.reshape(-1).view(np.uint8).data)
 
     #: takes numeric tensors block by block (see ``io.chunks.BlockStream``)
     streams = True
@@ -157,8 +203,7 @@ class SafetensorsSink(ArchiveSink):
         spec = self._announced(name)
         if stream.spec.dtype != spec.dtype or tuple(stream.spec.shape) != spec.shape:
             raise MismatchError(f"tensor {name!r}: announced {spec.describe()} but got {stream.spec.describe()}")
-        assert self._entries is not None
-        start, end = self._entries[name]["data_offsets"]
+        start = self._starts[name]
         pos = 8 + self._reserve + start
         if sys.byteorder == "little":  # the stream's bytes are the file's: copied by the kernel where it can
             self._f.flush()
@@ -171,40 +216,40 @@ class SafetensorsSink(ArchiveSink):
                 self._f.seek(pos)
                 self._f.write(raw)
                 pos += raw.nbytes
-        if pos != 8 + self._reserve + end:
-            raise MismatchError(f"tensor {name!r}: streamed {pos - 8 - self._reserve - start} bytes, expected {end - start}")
+        if pos != 8 + self._reserve + start + spec.nbytes:
+            raise MismatchError(f"tensor {name!r}: streamed {pos - 8 - self._reserve - start} bytes, expected {spec.nbytes}")
 
     def wrote(self, name: str, dtype: str, shape: tuple[int, ...], encoding: str, crc: int) -> None:
-        super().wrote(name, dtype, shape, meta.ENC_RAW, crc)  # safetensors holds bfloat16 as itself
+        # Only the crc32c is kept per tensor (safetensors holds bfloat16 as itself, so every record is
+        # raw); the records are rendered with the header at finish(), not kept as dicts.
+        self._crcs[name] = crc
 
     def write_extra(self, key: str, payload: bytes) -> None:
         if key == OBJECT_GRAPH:
             self._extras[OBJECT_GRAPH_KEY] = base64.b64encode(payload).decode("ascii")
 
     def finish(self, metadata: dict[str, Any] | None = None) -> None:
-        if self._entries is None:
+        if not self._begun:
             self.begin([])
-        assert self._entries is not None
-        unwritten = sorted(set(self._entries) - set(self._records))
+        unwritten = sorted(set(self._specs) - set(self._crcs))
         if unwritten:
             raise MismatchError(f"{self.path}: {len(unwritten)} announced tensors were never written ({', '.join(unwritten[:5])}); output discarded")
-        doc = meta.provenance(self._source, metadata)
-        doc["tensors"] = self._records
-        st_meta = {
-            # Hugging Face loaders read "format": "pt" for PyTorch layout, "tf" for TensorFlow's.
-            "format": "pt" if (metadata or {}).get("layout") else "tf",
-            META_KEY: meta.dumps(doc).decode("utf-8"),
-            **self._extras,
-        }
-        header = json.dumps({RESERVED_NAME: st_meta, **self._entries}, separators=(",", ":")).encode("utf-8")
-        if len(header) > self._reserve:
-            self._move_data(_round8(len(header)))
-        header += b" " * (self._reserve - len(header))
+        pieces = self._header(metadata)
+        size = sum(map(len, pieces))
+        if size > _MAX_HEADER:
+            raise FormatError(f"{self.path}: its header would take {size} bytes, over the {_MAX_HEADER} the safetensors package reads; "
+                              "export to .npz or .h5, which have no such limit")
+        if size > self._reserve:
+            self._move_data(_round8(size))
         self._f.seek(0)
-        self._f.write(len(header).to_bytes(8, "little"))
-        self._f.write(header)
+        self._f.write(self._reserve.to_bytes(8, "little"))
+        for piece in pieces:
+            self._f.write(piece)
+        self._f.write(b" " * (self._reserve - size))
         self._f.flush()
         self._f.close()
+        # Read back next: what only the header needed is let go first.
+        self._specs, self._starts, self._crcs = {}, {}, {}
 
     def _move_data(self, reserve: int) -> None:
         """Make the header room bigger by moving the data buffer towards the end, last chunk first."""
@@ -241,6 +286,7 @@ class SafetensorsSource(ArchiveSource):
         self._verify = verify
         self._meta: dict[str, Any] = {}
         self._extras: dict[str, bytes] = {}
+        self._raw_ranges: dict[str, tuple[int, int, int]] | None = None
         if os.path.isdir(path):
             raise FormatError(f"{path} is a directory, not a .safetensors file")
         try:
@@ -256,8 +302,11 @@ class SafetensorsSource(ArchiveSource):
     def _load(self, max_tensor_bytes: int | None) -> None:
         path = self.path
         header_meta = self._f.metadata() or {}
+        names = sorted(self._f.keys())
+        # Every tensor the header declares takes some 50 bytes of it (under the package's 100 MB):
+        # the metadata may describe each of them.
         if META_KEY in header_meta:
-            self._meta = meta.loads(header_meta[META_KEY].encode("utf-8"), path)
+            self._meta = meta.loads(header_meta[META_KEY], path, tensors=len(names))
         if OBJECT_GRAPH_KEY in header_meta:
             meta.check_metadata_size(len(header_meta[OBJECT_GRAPH_KEY]) * 3 // 4, path, "the stored TF2 object graph")
             try:
@@ -266,7 +315,7 @@ class SafetensorsSource(ArchiveSource):
                 raise CorruptError(f"{path}: the stored TF2 object graph is not valid base64; the archive is damaged") from None
         records = self._meta.get("tensors", {})
         specs: dict[str, TensorSpec] = {}
-        for name in sorted(self._f.keys()):
+        for name in names:
             meta.check_tensor_name(name, path)
             sl = self._f.get_slice(name)
             st_dtype = str(sl.get_dtype())
@@ -315,23 +364,34 @@ class SafetensorsSource(ArchiveSource):
 
     def _read_raw(self, name: str, spec: TensorSpec) -> np.ndarray:
         """A tensor of a dtype the safetensors package cannot hand to NumPy (float8), read from its byte range."""
-        import json as _json
-        import struct
-
         where = f"{self.path}: tensor {name!r}"
+        if self._raw_ranges is None:
+            self._raw_ranges = self._read_raw_ranges()
+        start, end, data_start = self._raw_ranges.get(name, (0, -1, 0))
+        if end - start != spec.nbytes or start < 0:
+            raise CorruptError(f"{where}: its byte range does not match its {spec.describe()}; the archive is damaged")
         with open(self.path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            entry = _json.loads(f.read(n)).get(name) if n <= _MAX_HEADER else None
-            if not isinstance(entry, dict):
-                raise CorruptError(f"{where}: not found in the header; the archive is damaged")
-            start, end = entry.get("data_offsets", (0, -1))
-            if type(start) is not int or type(end) is not int or end - start != spec.nbytes or start < 0:
-                raise CorruptError(f"{where}: its byte range does not match its {spec.describe()}; the archive is damaged")
-            f.seek(8 + n + start)
+            f.seek(data_start + start)
             raw = f.read(end - start)
         if len(raw) != spec.nbytes:
             raise CorruptError(f"{where}: the file ends inside its bytes; the archive is truncated")
         return np.frombuffer(raw, dtype=numpy_dtype(spec.dtype)).reshape(spec.shape)
+
+    def _read_raw_ranges(self) -> dict[str, tuple[int, int, int]]:
+        """(start, end, where the data begins) of every tensor read from its byte range: the
+        header parsed once (it may hold 100 MB of entries), not once per tensor."""
+        import struct
+
+        with open(self.path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n)) if n <= _MAX_HEADER else {}
+        out: dict[str, tuple[int, int, int]] = {}
+        for name, spec in self._specs.items():
+            entry = header.get(name) if spec.dtype in _RAW_READ and isinstance(header, dict) else None
+            offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+            if isinstance(offsets, list) and len(offsets) == 2 and all(type(x) is int for x in offsets):
+                out[name] = (offsets[0], offsets[1], 8 + n)
+        return out
 
     def close(self) -> None:
         f = getattr(self, "_f", None)

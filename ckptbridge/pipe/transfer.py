@@ -20,6 +20,8 @@ from .names import Plan
 from .progress import bar
 
 _WRITEBACK_BYTES = 64 << 20
+_BAR_BYTES = 1 << 20
+_BAR_TENSORS = 1024
 
 
 def exchange_checksum(arr: np.ndarray) -> int:
@@ -55,11 +57,11 @@ def transfer(
     # open file outlives the command to be closed by the interpreter's shutdown.
     try:
         specs = source.specs()
-        out_specs = [dataclasses.replace(specs[src], name=dst) for dst, src in plan.mapping.items()]
+        out_specs = [specs[src] if dst == src else dataclasses.replace(specs[src], name=dst) for dst, src in plan.mapping.items()]
         pbar = bar(sum(s.nbytes for s in out_specs), desc, progress)
         sink.begin(out_specs)
-        unsynced = 0
-        for dst, src in plan.mapping.items():
+        unsynced = shown = 0
+        for i, (dst, src) in enumerate(plan.mapping.items(), 1):
             # Numeric tensors stream block by block where both ends can (any size in CHUNK_BYTES of
             # memory); the rest are read whole.  Either way the sink checks, encodes and checksums
             # the tensor once and returns its crc32c, which the read-back compares.
@@ -82,7 +84,11 @@ def transfer(
             if unsynced >= _WRITEBACK_BYTES:
                 sink.start_writeback()  # the disk writes while we convert, not all at the final fsync
                 unsynced = 0
-            pbar.update(n if specs[src].dtype != STRING else 0)
+            shown += n if specs[src].dtype != STRING else 0
+            if shown >= _BAR_BYTES or i % _BAR_TENSORS == 0:
+                pbar.update(shown)  # in batches: a bar update costs more than writing an empty tensor
+                shown = 0
+        pbar.update(shown)
         graph_note = None
         if carry_extras:
             for key, payload in source.extras().items():
