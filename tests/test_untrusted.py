@@ -272,6 +272,54 @@ def test_npz_overlapping_members_refused(tmp_path, good_npz):
     assert_refused(p, ["'a.npy'", "'b.npy'", "share bytes"], good_npz, commands=("import", "ls"))
 
 
+def _central_entries(raw: bytes) -> tuple[int, list[bytes], int]:
+    """(where the central directory starts, its entries, where the end record starts) of a zip
+    without a comment or extra fields, as zipfile's writestr makes it."""
+    cd, eocd = raw.find(b"PK\x01\x02"), raw.find(b"PK\x05\x06")
+    entries, pos = [], cd
+    while pos < eocd:
+        n, extra, comment = struct.unpack_from("<HHH", raw, pos + 28)
+        end = pos + 46 + n + extra + comment
+        entries.append(raw[pos:end])
+        pos = end
+    return cd, entries, eocd
+
+
+def _with_directory(raw: bytes, entries: list[bytes]) -> bytes:
+    cd, _, eocd = _central_entries(raw)
+    tail = bytearray(raw[eocd:])
+    struct.pack_into("<HH", tail, 8, len(entries), len(entries))
+    struct.pack_into("<L", tail, 12, sum(map(len, entries)))
+    return raw[:cd] + b"".join(entries) + bytes(tail)
+
+
+def test_npz_listed_out_of_file_order_reads(tmp_path):
+    """A directory may list members in any order; the overlap check sorts once at the end (an
+    insertion per member was quadratic for a directory listed backwards)."""
+    p = str(tmp_path / "backwards.npz")
+    arrays = {f"t{i:03d}": np.full(3, i, np.float32) for i in range(200)}
+    np.savez(p, **arrays)
+    raw = open(p, "rb").read()
+    _, entries, _ = _central_entries(raw)
+    open(p, "wb").write(_with_directory(raw, entries[::-1]))
+    with zipfile.ZipFile(p) as z:
+        assert z.infolist()[0].filename == "t199.npy"
+    with ckptbridge.read(p) as r:
+        assert sorted(r) == sorted(arrays)
+        for k, v in arrays.items():
+            assert r[k].tobytes() == v.tobytes()
+
+
+def test_npz_overlap_among_members_listed_out_of_order_refused(tmp_path, good_npz):
+    p = str(tmp_path / "overlap_backwards.npz")
+    write_zip(p, {"a.npy": npy_header("<f4", (4,)) + b"\0" * 16, "c.npy": npy_header("<f4", (2,)) + b"\0" * 8})
+    raw = open(p, "rb").read()
+    _, (a, c), _ = _central_entries(raw)
+    # c first (later in the file), then a and a twin of a over the same bytes: both out of order
+    open(p, "wb").write(_with_directory(raw, [c, a, a.replace(b"a.npy", b"b.npy")]))
+    assert_refused(p, ["'a.npy'", "'b.npy'", "share bytes"], good_npz, commands=("import", "ls"))
+
+
 @pytest.mark.parametrize("header", [
     "{'descr': '<f8', 'fortran_order': False, 'shape': " + "(" * 50000 + ")" * 50000 + "}",
     "{'descr': '<f8', 'fortran_order': False, 'shape': (" + "9" * 100000 + ",)}",

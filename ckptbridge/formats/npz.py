@@ -8,7 +8,6 @@ Pickle is never used in either direction.
 from __future__ import annotations
 
 import ast
-import bisect
 import functools
 import mmap
 import os
@@ -227,7 +226,7 @@ class NpzSource(ArchiveSource):
         seen: set[str] = set()
         members: dict[str, _Member] = {}
         fsize = os.fstat(self._file.fileno()).st_size
-        spans: list[tuple[int, int, str]] = []
+        widest: tuple[int, int, str] | None = None  # of the members so far, the one reaching furthest
         # zipfile stops reading the central directory where an entry's lengths carry it past the
         # directory's end, and returns the entries before it: a damaged comment length would hide
         # the rest (ckptbridge's own record among them) and make a damaged archive look like a
@@ -237,7 +236,10 @@ class NpzSource(ArchiveSource):
             raise CorruptError(f"{path}: the zip directory lists {claimed} members but {len(self._zip.infolist())} can be read; the archive is damaged")
         # what the metadata may describe: the tensor members, each backed by its zip headers
         tensors = sum(1 for i in self._zip.infolist() if i.filename not in (META_MEMBER, OBJECT_GRAPH_MEMBER) and not i.is_dir())
-        for info in self._zip.infolist():
+        # In file order, whatever order the directory lists them in: a member's bytes then overlap
+        # another's exactly when it starts before the furthest end so far (one sort, not a search
+        # per member), found before the member is opened.
+        for info in sorted(self._zip.infolist(), key=lambda i: i.header_offset):
             if info.filename in seen:
                 raise CorruptError(f"{path}: member {info.filename!r} appears twice; refusing an ambiguous archive")
             seen.add(info.filename)
@@ -267,11 +269,11 @@ class NpzSource(ArchiveSource):
             # Members whose bytes overlap (one compressed stream named many times) are a
             # zip bomb's trick; a zip written by NumPy or ckptbridge never does it.
             span = (info.header_offset, start + info.compress_size, info.filename)
-            i = bisect.bisect(spans, span)
-            for other in spans[max(i - 1, 0):i + 1]:
-                if other[0] < span[1] and span[0] < other[1]:
-                    raise UnsafeArchiveError(f"{path}: members {other[2]!r} and {info.filename!r} share bytes in the file; refusing an overlapping (crafted) archive")
-            spans.insert(i, span)
+            if widest is not None and span[0] < widest[1]:  # members come in file order: see the loop
+                raise UnsafeArchiveError(f"{path}: members {widest[2]!r} and {info.filename!r} share bytes in the file; "
+                                         "refusing an overlapping (crafted) archive")
+            if widest is None or span[1] > widest[1]:
+                widest = span
             with self._zip.open(info) as f:
                 # Only the header is wanted here.  zipfile checks a member's CRC-32 when a read
                 # reaches its end, which for a small member is already this read: a damaged
