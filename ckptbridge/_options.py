@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from .errors import FormatError
 
 if TYPE_CHECKING:
-    from .ports.plan import PortMap
+    from .ports.model import PortMap
 
 #: what one archive tensor may claim before it is refused as a likely memory bomb (64 GiB)
 DEFAULT_MAX_TENSOR_BYTES = 64 << 30

@@ -124,7 +124,8 @@ def _newest_in(directory: str, named: str | None) -> str | None:
     if candidates:
         return max(candidates)[1]
     for pattern in ("*.ckpt", "*.ckpt-*"):
-        files = [p for p in glob.glob(os.path.join(glob.escape(directory), pattern)) if os.path.isfile(p) and not os.path.splitext(p)[1] in (_ckptfiles.META, _ckptfiles.INDEX)]
+        matched = glob.glob(os.path.join(glob.escape(directory), pattern))
+        files = [p for p in matched if os.path.isfile(p) and os.path.splitext(p)[1] not in (_ckptfiles.META, _ckptfiles.INDEX)]
         if files:
             return max(files, key=os.path.getmtime)
     return None

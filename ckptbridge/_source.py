@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -362,7 +362,8 @@ class ArchiveSink(Sink):
     kept in ``_records`` for the archive's metadata document.
     """
 
-    source_class: type[Source]
+    #: the format's Source class, opened on a path (its reading options left at their defaults)
+    source_class: Callable[[str], Source]
     _out: AtomicFile
 
     def __init__(self, path: str, out: AtomicFile) -> None:
@@ -382,7 +383,7 @@ class ArchiveSink(Sink):
         return self._out.tmp
 
     def open_readback(self) -> Source:
-        return self.source_class(self._out.tmp)  # type: ignore[call-arg]
+        return self.source_class(self._out.tmp)
 
 
 class ArraySource(Source):
@@ -416,7 +417,8 @@ class ArraySource(Source):
                                       "encode text to bytes first")
             arrays[name] = arr
         self._arrays = arrays
-        self._specs = {n: TensorSpec(n, dtype_name(a.dtype), tuple(a.shape)) for n, a in sorted(arrays.items(), key=lambda kv: kv[0].encode("utf-8", "surrogateescape"))}
+        in_order = sorted(arrays.items(), key=lambda kv: kv[0].encode("utf-8", "surrogateescape"))
+        self._specs = {n: TensorSpec(n, dtype_name(a.dtype), tuple(a.shape)) for n, a in in_order}
 
     def specs(self) -> Mapping[str, TensorSpec]:
         return self._specs

@@ -137,16 +137,18 @@ def _load_rename_file(path: str) -> dict[str, str]:
 
 
 def _bytes(value: float | None, unit: int, option: str) -> int | None:
-    """An option given in MB or GB, as the byte count the library takes (positive)."""
-    if value is None:
-        return None
+    """An option given in MB or GB, as the byte count the library takes (positive); None: not given."""
+    return None if value is None else _positive_bytes(value, unit, option)
+
+
+def _positive_bytes(value: float, unit: int, option: str) -> int:
     if not value > 0:
         raise CkptBridgeError(f"{option} must be positive, got {value}")
     return int(value * unit)
 
 
 def _max_tensor(args: argparse.Namespace) -> int:
-    return _bytes(args.max_tensor_gb, 1 << 30, "--max-tensor-gb")  # type: ignore[return-value]
+    return _positive_bytes(args.max_tensor_gb, 1 << 30, "--max-tensor-gb")  # its default is set on every command that reads
 
 
 def _shown(name: str) -> str:
@@ -319,7 +321,8 @@ def _port(args: argparse.Namespace) -> str | None:
         raise CkptBridgeError(f"give either {flag} or --map, not both (--map FILE is {flag} with your own map)")
     if args.map_file is not None and not os.path.isfile(args.map_file):
         raise NotFoundError(f"port map {args.map_file}: no such file")
-    return args.map_file if args.map_file is not None else args.port
+    port: str | None = args.map_file if args.map_file is not None else args.port
+    return port
 
 
 def cmd_maps(args: argparse.Namespace) -> int:
@@ -381,6 +384,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_max_tensor_gb(s: argparse.ArgumentParser) -> None:
+    """The guard against memory bombs, the same option on every command that reads an archive."""
+    s.add_argument("--max-tensor-gb", type=float, default=_api.DEFAULT_MAX_TENSOR_BYTES / (1 << 30),
+                   help="refuse archive tensors claiming more than this (default 64)")
+
+
 def _parser() -> argparse.ArgumentParser:
     from . import __version__, _engines, formats
     from .sources import _readable
@@ -412,7 +421,7 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("ls", parents=[common, member], help=f"list the tensors of a checkpoint or archive ({shown})")
     s.add_argument("path")
     s.add_argument("--json", action="store_true", help="machine-readable output")
-    s.add_argument("--max-tensor-gb", type=float, default=_api.DEFAULT_MAX_TENSOR_BYTES / (1 << 30), help="refuse archive tensors claiming more than this (default 64)")
+    _add_max_tensor_gb(s)
     s.set_defaults(func=cmd_ls)
 
     filt = argparse.ArgumentParser(add_help=False)
@@ -440,24 +449,27 @@ def _parser() -> argparse.ArgumentParser:
                    help="write the state_dict of another framework's model through a port map: a built-in map "
                         "(torchvision:vgg16, ...; see `ckptbridge maps`) or a map file")
     s.add_argument("--map", dest="map_file", metavar="FILE", default=None, help="your own port map file (instead of --to)")
-    s.add_argument("--max-tensor-gb", type=float, default=_api.DEFAULT_MAX_TENSOR_BYTES / (1 << 30), help="refuse archive tensors claiming more than this (default 64)")
+    _add_max_tensor_gb(s)
     s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("import", parents=[common, filt, member], help=f"archive ({shown}) -> checkpoint (through a tf-slim graph, or graph-free)")
     s.add_argument("archive", help=f"input archive: {listed}")
     s.add_argument("output_prefix", help="checkpoint prefix to write, e.g. out/model.ckpt")
     s.add_argument("--model", help="tf-slim net (vgg_16, resnet_v1_50, inception_v3, ...) or package.module:function")
-    s.add_argument("--num-classes", type=int, default=None, help="classes of the net's logits (default: the archive's logits width, else the net's own); with --from, "
+    s.add_argument("--num-classes", type=int, default=None,
+                   help="classes of the net's logits (default: the archive's logits width, else the net's own); with --from, "
                         "the destination's count leaves out TensorFlow's background class, one more puts it back as zeros (the map's default)")
-    s.add_argument("--image-size", type=int, default=None, help="input size the net is built for (default: the net's own); inception_v3 names a layer after it")
+    s.add_argument("--image-size", type=int, default=None,
+                   help="input size the net is built for (default: the net's own); inception_v3 names a layer after it")
     s.add_argument("--allow-missing", action="store_true", help="leave graph variables absent from the archive at their initializer")
     s.add_argument("--strict", action="store_true", help="archive entries the graph lacks are an error")
-    s.add_argument("--original-names", action="store_true", help="restore every tensor name recorded at export, undoing its --rename too (without it, only "
+    s.add_argument("--original-names", action="store_true",
+                   help="restore every tensor name recorded at export, undoing its --rename too (without it, only "
                         "the readable names --names gave go back to their checkpoint keys)")
     s.add_argument("--chunk-mb", type=float, default=None,
                    help="with --model --engine tf: feed variables larger than this to the Saver in row slices (default 64)")
     s.add_argument("--max-shard-mb", type=float, default=None, help="split the checkpoint into .data shards of at most this size")
-    s.add_argument("--max-tensor-gb", type=float, default=_api.DEFAULT_MAX_TENSOR_BYTES / (1 << 30), help="refuse archive tensors claiming more than this (default 64)")
+    _add_max_tensor_gb(s)
     s.add_argument("--from", dest="port", metavar="MAP", default=None,
                    help="the archive is another framework's state_dict: read it back to tf-slim names through a port map "
                         "(torchvision:vgg16, ...; see `ckptbridge maps`) or a map file")
@@ -478,12 +490,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--member-a", default=None, metavar="NAME", help="the checkpoint inside A where A is an archive of checkpoints holding several")
     s.add_argument("--member-b", default=None, metavar="NAME", help="the same for B")
     s.add_argument("--tensors-only", action="store_true", help="compare tensors only, not the TF2 object graphs")
-    s.add_argument("--max-tensor-gb", type=float, default=_api.DEFAULT_MAX_TENSOR_BYTES / (1 << 30), help="refuse archive tensors claiming more than this (default 64)")
+    _add_max_tensor_gb(s)
     s.set_defaults(func=cmd_diff)
 
     s = sub.add_parser("verify", parents=[common, member], help="check every tensor's checksum (exit 0 good, 1 bad)")
     s.add_argument("path")
-    s.add_argument("--max-tensor-gb", type=float, default=_api.DEFAULT_MAX_TENSOR_BYTES / (1 << 30), help="refuse archive tensors claiming more than this (default 64)")
+    _add_max_tensor_gb(s)
     s.set_defaults(func=cmd_verify)
     return p
 
@@ -635,7 +647,8 @@ def _report_stale(args: argparse.Namespace, notes: Sequence[Any]) -> None:
         many = len(removed) > 1
         names = ", ".join(_shown(os.path.basename(n.path)) for n in removed[:3]) + (f" and {len(removed) - 3} more" if len(removed) > 3 else "")
         whose = "their processes are" if many else f"pid {removed[0].pid} is"
-        _say(args, f"removed {len(removed)} temporar{'ies of earlier runs' if many else 'y of an earlier run'} that {'were' if many else 'was'} killed beside "
+        what = "temporaries of earlier runs that were" if many else "temporary of an earlier run that was"
+        _say(args, f"removed {len(removed)} {what} killed beside "
                    f"{_shown(removed[0].dest)} ({_human(sum(n.nbytes for n in removed))}; {whose} gone): {names}")
     for n in notes:
         if n.action == "left":
@@ -659,7 +672,7 @@ def _flag(key: str, value: str | None, args: argparse.Namespace | None = None) -
     return flag if value in (None, "True") else f"{flag} {value}"
 
 
-def _how_to_fix(e: CkptBridgeError, args: argparse.Namespace) -> str:
+def _how_to_fix(e: CkptBridgeError, args: argparse.Namespace | None) -> str:
     """The option that gets past an error, where the library's message cannot name it."""
     import re
     import shlex
@@ -667,10 +680,11 @@ def _how_to_fix(e: CkptBridgeError, args: argparse.Namespace) -> str:
     from .errors import UncarriedDtypeError
 
     if isinstance(e, UncarriedDtypeError):
-        if args.command in ("export", "import"):
+        command = getattr(args, "command", None)  # None: the error came while the command line was parsed
+        if command in ("export", "import"):
             pats = " ".join(f"--exclude {shlex.quote('^' + re.escape(n) + '$')}" for n in list(e.tensors)[:3])
             return f" with {pats}" + (" ..." if len(e.tensors) > 3 else "")
-        if args.command in ("diff", "verify"):
+        if command in ("diff", "verify"):
             return "; the native engine reads their stored bytes (V2 checkpoints: --engine native)"
     return ""
 

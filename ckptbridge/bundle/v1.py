@@ -52,7 +52,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .. import _dtypes
-from .._source import OBJECT_GRAPH, OBJECT_GRAPH_KEY, Source, uncarried_error
+from .._dtypes import uncarried_error
+from .._source import OBJECT_GRAPH, OBJECT_GRAPH_KEY, Source
 from ..errors import CkptBridgeError, CorruptError, FormatError, NotFoundError
 from ..io.chunks import CHUNK_BYTES, BlockStream, c_blocks
 from ..io.ranged import LocalFile, LocalPlace, Place, RangedFile, SliceableFile, where

@@ -147,7 +147,8 @@ def prepare_export(
     """Plan an export with renames and an optional layout change (see module docstring)."""
     lay.check_layout(layout)
     if model is not None and layout is None:
-        raise FormatError(f"{option('model')} on export only tells {option('layout')} which tensors are conv, depthwise or dense; add {option('layout', 'torch')}")
+        raise FormatError(f"{option('model')} on export only tells {option('layout')} which tensors are conv, depthwise or dense; "
+                          f"add {option('layout', 'torch')}")
     specs = src.specs()
     prior = src.metadata()
     prior_layout = lay.parse_records(prior, src.path)
@@ -233,9 +234,10 @@ def prepare_import(
     specs = src.specs()
     doc = src.metadata()
     inverse = lay.parse_records(doc, src.path)
-    for name, t in inverse.items():
-        if name in specs and specs[name].shape != t.to_shape:
-            raise CorruptError(f"{src.path}: tensor {name!r} is {list(specs[name].shape)} but its layout record says {list(t.to_shape)}; the archive is damaged")
+    for name, record in inverse.items():
+        if name in specs and specs[name].shape != record.to_shape:
+            raise CorruptError(f"{src.path}: tensor {name!r} is {list(specs[name].shape)} but its layout record says {list(record.to_shape)}; "
+                               "the archive is damaged")
     recorded = _original_names(doc, src.path) if original_names else {}
     # without original_names, each readable name that no rename touches goes back to its key (below)
     keys_back = _original_names(doc, src.path, READABLE_NAMES) if not original_names and _readable.keys_on_import(names, by_graph) else {}
@@ -272,5 +274,6 @@ def prepare_import(
             described[new] = f"undo {t.describe()}"
         if new != stage[dst]:
             renamed[stage[dst]] = new
-    plan = Plan({n: n for n in entries}, {stage.get(k, k): v for k, v in plan0.dropped.items()}, {final[k]: stage[v] for k, v in plan0.ema_swaps.items()})
+    dropped = {stage.get(k, k): v for k, v in plan0.dropped.items()}
+    plan = Plan({n: n for n in entries}, dropped, {final[k]: stage[v] for k, v in plan0.ema_swaps.items()})
     return Prepared(MappedSource(src, entries, keys), plan, {}, renamed, described)

@@ -4,7 +4,7 @@ of everything written, and an atomic publish."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -15,7 +15,7 @@ from ..formats import meta
 from ..io.chunks import CHUNK_BYTES
 from ..reports import Report
 from ..sources import _objgraph
-from ..spec import STRING, array_nbytes, dtype_name
+from ..spec import STRING, TensorSpec, array_nbytes, dtype_name
 from .names import Plan
 from .progress import bar
 
@@ -60,56 +60,9 @@ def transfer(
         out_specs = [specs[src] if dst == src else dataclasses.replace(specs[src], name=dst) for dst, src in plan.mapping.items()]
         pbar = bar(sum(s.nbytes for s in out_specs), desc, progress)
         sink.begin(out_specs)
-        unsynced = shown = 0
-        for i, (dst, src) in enumerate(plan.mapping.items(), 1):
-            # Numeric tensors stream block by block where both ends can (any size in CHUNK_BYTES of
-            # memory); the rest are read whole.  Either way the sink checks, encodes and checksums
-            # the tensor once and returns its crc32c, which the read-back compares.
-            stream = source.read_blocks(src, chunk_bytes) if sink.streams else None
-            if stream is not None:
-                # With a read-back to come, a sink may move the bytes unread (a kernel copy) and take
-                # the source's stored crc32c: the read-back is then the source's check too.
-                stream.checked_later = verify
-                crcs[dst] = sink.write_blocks(dst, stream)
-                if stream.unread:
-                    unread[dst] = src
-                n = specs[src].nbytes
-            else:
-                arr = source.read(src)
-                crcs[dst] = sink.write(dst, arr)
-                n = array_nbytes(arr)
-                del arr
-            nbytes += n
-            unsynced += n
-            if unsynced >= _WRITEBACK_BYTES:
-                sink.start_writeback()  # the disk writes while we convert, not all at the final fsync
-                unsynced = 0
-            shown += n if specs[src].dtype != STRING else 0
-            if shown >= _BAR_BYTES or i % _BAR_TENSORS == 0:
-                pbar.update(shown)  # in batches: a bar update costs more than writing an empty tensor
-                shown = 0
-        pbar.update(shown)
-        graph_note = None
-        if carry_extras:
-            for key, payload in source.extras().items():
-                if key == OBJECT_GRAPH:
-                    # The graph must name exactly the keys written, or TensorFlow's restore fails.
-                    keys = _objgraph.key_map(plan.mapping, plan.ema_swaps, source.object_key)
-                    # An archive's graph is keyed by its own names (import maps them back); a checkpoint's must
-                    # keep the shape of key TensorFlow's object-based restore parses.
-                    graph, graph_note = _objgraph.carry(payload, keys, restorable=not isinstance(sink, ArchiveSink), held=held_keys(source))
-                    if graph is None:
-                        continue
-                    payload = graph
-                sink.write_extra(key, payload)
-        doc = dict(metadata or {})
-        if graph_note:
-            doc["object_graph"] = graph_note
-        if plan.dropped:
-            doc["dropped"] = plan.dropped
-        if plan.ema_swaps:
-            doc["ema_swaps"] = plan.ema_swaps
-        sink.finish(doc)
+        nbytes = _write_tensors(source, specs, sink, plan, pbar, crcs, unread, chunk_bytes=chunk_bytes, verify=verify)
+        graph_note = _carry_extras(source, sink, plan) if carry_extras else None
+        sink.finish(_output_metadata(metadata, plan, graph_note))
         sink.start_sync()  # the disk finishes writing while we read back
         if verify:
             readback(sink, crcs, chunk_bytes, recheck=lambda dst: _recheck(source, unread.get(dst), chunk_bytes))
@@ -121,6 +74,71 @@ def transfer(
         if pbar is not None:
             pbar.close()
     return Report(sink.path, list(plan.mapping), dict(plan.dropped), dict(plan.ema_swaps), nbytes, object_graph=graph_note)
+
+
+def _write_tensors(source: Source, specs: Mapping[str, TensorSpec], sink: Sink, plan: Plan, pbar: Any,
+                   crcs: dict[str, int], unread: dict[str, str], *, chunk_bytes: int, verify: bool) -> int:
+    """Write every planned tensor, recording its crc32c in ``crcs`` (and in ``unread`` those moved
+    unread); the bytes written."""
+    nbytes = unsynced = shown = 0
+    for i, (dst, src) in enumerate(plan.mapping.items(), 1):
+        # Numeric tensors stream block by block where both ends can (any size in CHUNK_BYTES of
+        # memory); the rest are read whole.  Either way the sink checks, encodes and checksums
+        # the tensor once and returns its crc32c, which the read-back compares.
+        stream = source.read_blocks(src, chunk_bytes) if sink.streams else None
+        if stream is not None:
+            # With a read-back to come, a sink may move the bytes unread (a kernel copy) and take
+            # the source's stored crc32c: the read-back is then the source's check too.
+            stream.checked_later = verify
+            crcs[dst] = sink.write_blocks(dst, stream)
+            if stream.unread:
+                unread[dst] = src
+            n = specs[src].nbytes
+        else:
+            arr = source.read(src)
+            crcs[dst] = sink.write(dst, arr)
+            n = array_nbytes(arr)
+            del arr
+        nbytes += n
+        unsynced += n
+        if unsynced >= _WRITEBACK_BYTES:
+            sink.start_writeback()  # the disk writes while we convert, not all at the final fsync
+            unsynced = 0
+        shown += n if specs[src].dtype != STRING else 0
+        if shown >= _BAR_BYTES or i % _BAR_TENSORS == 0:
+            pbar.update(shown)  # in batches: a bar update costs more than writing an empty tensor
+            shown = 0
+    pbar.update(shown)
+    return nbytes
+
+
+def _carry_extras(source: Source, sink: Sink, plan: Plan) -> str | None:
+    """Write the source's extras (its object graph, renamed to the keys written); the note on the graph."""
+    graph_note = None
+    for key, payload in source.extras().items():
+        if key == OBJECT_GRAPH:
+            # The graph must name exactly the keys written, or TensorFlow's restore fails.
+            keys = _objgraph.key_map(plan.mapping, plan.ema_swaps, source.object_key)
+            # An archive's graph is keyed by its own names (import maps them back); a checkpoint's must
+            # keep the shape of key TensorFlow's object-based restore parses.
+            restorable = not isinstance(sink, ArchiveSink)
+            graph, graph_note = _objgraph.carry(payload, keys, restorable=restorable, held=held_keys(source))
+            if graph is None:
+                continue
+            payload = graph
+        sink.write_extra(key, payload)
+    return graph_note
+
+
+def _output_metadata(metadata: dict[str, Any] | None, plan: Plan, graph_note: str | None) -> dict[str, Any]:
+    doc = dict(metadata or {})
+    if graph_note:
+        doc["object_graph"] = graph_note
+    if plan.dropped:
+        doc["dropped"] = plan.dropped
+    if plan.ema_swaps:
+        doc["ema_swaps"] = plan.ema_swaps
+    return doc
 
 
 def held_keys(source: Source) -> set[str]:
@@ -153,7 +171,8 @@ def readback(sink: Sink, crcs: dict[str, int], chunk_bytes: int | None = None, r
         if got != set(crcs):
             lost = sorted(set(crcs) - got)
             extra = sorted(got - set(crcs))
-            raise CorruptError(f"read-back of {sink.path} does not match what was written (missing {lost[:5]}, unexpected {extra[:5]}); output discarded")
+            raise CorruptError(f"read-back of {sink.path} does not match what was written (missing {lost[:5]}, unexpected {extra[:5]}); "
+                               "output discarded")
         for name, crc in crcs.items():
             actual: int | None
             try:
@@ -170,7 +189,8 @@ def readback(sink: Sink, crcs: dict[str, int], chunk_bytes: int | None = None, r
             if actual != crc:
                 if recheck is not None:
                     recheck(name)
-                raise CorruptError(f"read-back of {sink.path}: tensor {name!r} differs from what was written; output discarded (is the disk failing?)")
+                raise CorruptError(f"read-back of {sink.path}: tensor {name!r} differs from what was written; "
+                                   "output discarded (is the disk failing?)")
     finally:
         src.close()
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -29,19 +29,24 @@ from .model import _SHOWN, PortMap, Rule
 # --------------------------------------------------------------------------- transforms
 
 
+def _not_fc_as_conv(rule: Rule, shape: tuple[int, ...]) -> str:
+    kh, kw = rule.kernel
+    return f"is {list(shape)}, but a fully connected layer stored as a {kh}x{kw} conv is [{kh}, {kw}, in, out]"
+
+
 def _transform(rule: Rule, shape: tuple[int, ...]) -> tuple[lay.Transform | None, str | None]:
     """The exact layout change of ``rule`` for a source tensor of ``shape`` (after the class axis), or why it does not fit."""
     if rule.transform == "none":
         return None, None
     if rule.transform == "fc_as_conv":
         if len(shape) != 4 or tuple(shape[:2]) != rule.kernel:
-            return None, f"is {list(shape)}, but a fully connected layer stored as a {rule.kernel[0]}x{rule.kernel[1]} conv is [{rule.kernel[0]}, {rule.kernel[1]}, in, out]"
+            return None, _not_fc_as_conv(rule, shape)
         h, w, i, o = shape
         return lay.Transform("fc_as_conv", (3, 2, 0, 1), shape, (o, i * h * w)), None
     if rule.transform == "flatten":
         # Keras: a fully connected layer stored as a conv -> Dense [H*W*in, out], flattened in H,W,C order.
         if len(shape) != 4 or tuple(shape[:2]) != rule.kernel:
-            return None, f"is {list(shape)}, but a fully connected layer stored as a {rule.kernel[0]}x{rule.kernel[1]} conv is [{rule.kernel[0]}, {rule.kernel[1]}, in, out]"
+            return None, _not_fc_as_conv(rule, shape)
         h, w, i, o = shape
         return lay.Transform("flatten", (0, 1, 2, 3), shape, (h * w * i, o)), None
     t = lay.transform_for(rule.transform, shape)
@@ -194,6 +199,20 @@ def plan_export(src: Source, pmap: PortMap) -> Ported:
                 dropped[r.source] = f"its EMA {read} is read instead"
         if t is not None or classes:
             layout[r.dest] = _describe(t, "background class (index 0 of the class axis) dropped" if classes else None)
+    added = _add_exported(pmap, entries, out)
+    unused = _unused_on_export(src, specs, pmap, used, dropped)
+    if missing or misfit or unused:
+        raise _mismatch(pmap, src.path, {"missing from the checkpoint": missing, "does not fit": misfit,
+                                         "not used by the map (a different net, or a map that is incomplete)": unused})
+    plan = Plan({n: n for n in sorted(out)}, dropped, ema_swaps)
+    renamed = {r.source: r.dest for r in pmap.rules if r.dest in out}
+    doc = {"port": {"map": pmap.name, "direction": "export", "net": pmap.net, "destination": pmap.destination,
+                    "classes": {"source": pmap.source_classes, "destination": pmap.dest_classes}, "caveats": pmap.caveat_lines()}}
+    return Ported(PortSource(src, entries, out, invert=False), plan, doc, renamed, layout, added, pmap.caveat_lines())
+
+
+def _add_exported(pmap: PortMap, entries: dict[str, _Entry], out: dict[str, TensorSpec]) -> dict[str, str]:
+    """Add the map's filled tensors to ``entries`` and ``out``; what each was filled with."""
     added: dict[str, str] = {}
     for a in pmap.added:
         if a.like is not None:
@@ -205,7 +224,13 @@ def plan_export(src: Source, pmap: PortMap) -> Ported:
             dtype, shape = a.dtype, a.shape
         entries[a.dest] = _Entry(None, None, None, a.fill)
         out[a.dest] = TensorSpec(a.dest, dtype, shape)
-        added[a.dest] = f"filled with {a.fill:g}" + (" (the tf-slim net has no such tensor)" if a.check else " (a counter tf-slim does not keep)")
+        why = " (the tf-slim net has no such tensor)" if a.check else " (a counter tf-slim does not keep)"
+        added[a.dest] = f"filled with {a.fill:g}" + why
+    return added
+
+
+def _unused_on_export(src: Source, specs: Mapping[str, TensorSpec], pmap: PortMap, used: set[str], dropped: dict[str, str]) -> list[str]:
+    """The checkpoint's tensors no rule read that are not dropped by design (recorded in ``dropped``)."""
     unused = []
     for name in list(specs) + list(src.uncarried()):
         if name in used:
@@ -218,14 +243,7 @@ def plan_export(src: Source, pmap: PortMap) -> Ported:
             continue
         else:
             unused.append(name)
-    if missing or misfit or unused:
-        raise _mismatch(pmap, src.path, {"missing from the checkpoint": missing, "does not fit": misfit,
-                                         "not used by the map (a different net, or a map that is incomplete)": unused})
-    plan = Plan({n: n for n in sorted(out)}, dropped, ema_swaps)
-    renamed = {r.source: r.dest for r in pmap.rules if r.dest in out}
-    doc = {"port": {"map": pmap.name, "direction": "export", "net": pmap.net, "destination": pmap.destination,
-                    "classes": {"source": pmap.source_classes, "destination": pmap.dest_classes}, "caveats": pmap.caveat_lines()}}
-    return Ported(PortSource(src, entries, out, invert=False), plan, doc, renamed, layout, added, pmap.caveat_lines())
+    return unused
 
 
 def plan_import(src: Source, pmap: PortMap, *, num_classes: int | None = None) -> Ported:
@@ -285,6 +303,22 @@ def plan_import(src: Source, pmap: PortMap, *, num_classes: int | None = None) -
         undo = None if t is None else "undo " + _describe(t, None)
         if undo or insert:
             layout[r.source] = "; ".join(x for x in (undo, "background class inserted at index 0 as zeros" if insert else None) if x)
+    not_fill = _check_added_on_import(src, pmap, find, used, missing, dropped)
+    unused = [n for n in list(specs) + list(src.uncarried()) if n not in used]
+    if missing or misfit or unused or not_fill:
+        raise _mismatch(pmap, src.path, {
+            "missing from the archive": missing, "does not fit": misfit,
+            "not used by the map (a different model, or a map that is incomplete)": unused,
+            "values the tf-slim net cannot carry (it has no such tensor)": not_fill})
+    plan = Plan({n: n for n in sorted(out)}, dropped, {})
+    renamed = {e.inner: n for n, e in entries.items() if e.inner is not None}
+    return Ported(PortSource(src, entries, out, invert=True), plan, {}, renamed, layout, {}, pmap.caveat_lines())
+
+
+def _check_added_on_import(src: Source, pmap: PortMap, find: Callable[[str], str | None], used: set[str],
+                           missing: list[str], dropped: dict[str, str]) -> list[str]:
+    """Check the tensors the export filled (recorded in ``used``, ``missing``, ``dropped``); those that
+    hold values the tf-slim net cannot carry."""
     not_fill: list[str] = []
     for a in pmap.added:
         name = find(a.dest)
@@ -301,15 +335,7 @@ def plan_import(src: Source, pmap: PortMap, *, num_classes: int | None = None) -
             not_fill.append(f"{a.dest} (must be all {a.fill:g})")
         else:
             dropped[name] = f"all {a.fill:g}, as the tf-slim net assumes"
-    unused = [n for n in list(specs) + list(src.uncarried()) if n not in used]
-    if missing or misfit or unused or not_fill:
-        raise _mismatch(pmap, src.path, {
-            "missing from the archive": missing, "does not fit": misfit,
-            "not used by the map (a different model, or a map that is incomplete)": unused,
-            "values the tf-slim net cannot carry (it has no such tensor)": not_fill})
-    plan = Plan({n: n for n in sorted(out)}, dropped, {})
-    renamed = {e.inner: n for n, e in entries.items() if e.inner is not None}
-    return Ported(PortSource(src, entries, out, invert=True), plan, {}, renamed, layout, {}, pmap.caveat_lines())
+    return not_fill
 
 
 def _source_shape(rule: Rule, shape: tuple[int, ...]) -> tuple[int, ...] | None:

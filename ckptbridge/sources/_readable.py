@@ -200,7 +200,8 @@ def named(src: Source, names: str, saved_model: _savedmodel.SavedModelDir | None
     try:
         objects = _objgraph.describe(graph)
     except ValueError as e:
-        raise CorruptError(f"{src.path}: its object graph is not readable ({e}); {option('names', KEYS)} reads the tensors under their keys") from None
+        raise CorruptError(f"{src.path}: its object graph is not readable ({e}); "
+                           f"{option('names', KEYS)} reads the tensors under their keys") from None
     saved = None
     note = None
     if saved_model is not None and saved_model.graph is not None:

@@ -111,7 +111,10 @@ class SaverSink(Sink):
         filled = 0
         for sel, block in stream:
             if len(sel) == 1:  # whole rows a:b
-                self._sess.run(op, {ph: block.reshape(block_shape(shape, sel)), start: sel[0].start})
+                rows = sel[0]
+                if not isinstance(rows, slice):
+                    raise TypeError(f"a one-axis selection is a run of rows, not {rows!r}")
+                self._sess.run(op, {ph: block.reshape(block_shape(shape, sel)), start: rows.start})
                 continue
             if row is None:
                 row = np.empty(shape[1:], dtype=block.dtype)

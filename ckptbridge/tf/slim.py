@@ -71,7 +71,8 @@ def infer_num_classes(specs: dict[str, TensorSpec], default: int) -> int:
     return default
 
 
-def build_net(model: str, num_classes: int | None, specs: dict[str, TensorSpec] | None = None, *, image_size: int | None = None) -> tuple[Any, Any, Any]:
+def build_net(model: str, num_classes: int | None, specs: dict[str, TensorSpec] | None = None, *,
+              image_size: int | None = None) -> tuple[Any, Any, Any]:
     """Build ``model`` in a fresh graph: (graph, input placeholder or None, output).
 
     ``image_size`` matters for a few nets whose layer names depend on the input
@@ -113,7 +114,7 @@ def _load_user_function(spec: str) -> Callable[..., Any]:
         mod = importlib.import_module(mod_name)
     except ImportError as e:
         raise FormatError(f"cannot import {mod_name!r} for {option('model', spec)} ({e}); check that it is on PYTHONPATH") from None
-    fn = getattr(mod, fn_name, None)
+    fn: object = getattr(mod, fn_name, None)
     if not callable(fn):
         raise FormatError(f"{mod_name} has no function {fn_name!r} ({option('model', spec)})")
     return fn
@@ -201,7 +202,8 @@ def plan_graph_import(
             if (spec.dtype, spec.shape) != expected[name]:
                 bad.append(f"{name}: graph {_describe(*expected[name])} vs archive {_describe(spec.dtype, spec.shape)}")
         if bad:
-            raise MismatchError(f"{len(bad)} variables do not match {src.path}: " + "; ".join(bad[:10]) + ("" if len(bad) <= 10 else f"; and {len(bad) - 10} more"))
+            more = "" if len(bad) <= 10 else f"; and {len(bad) - 10} more"
+            raise MismatchError(f"{len(bad)} variables do not match {src.path}: " + "; ".join(bad[:10]) + more)
         dropped = dict(plan.dropped)
         for n in unexpected:
             dropped[n] = f"not a variable of {model}"
