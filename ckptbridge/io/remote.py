@@ -34,9 +34,9 @@ from typing import Any
 
 from .. import errors
 from ..errors import RemoteError, RemotePermissionError
-from ..pipe.progress import bar
 from . import state as _state
 from .ckptfiles import DATA_SUFFIX
+from .progress import bar
 from .ranged import Place, RangedFile, _check_relpath
 from .threads import Job
 

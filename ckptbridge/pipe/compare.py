@@ -8,10 +8,10 @@ from .. import _dtypes, _engines
 from .._dtypes import uncarried_error
 from .._source import OBJECT_GRAPH, Source
 from ..errors import CorruptError
+from ..io.progress import bar
 from ..reports import DiffReport, VerifyReport
 from ..sources import _objgraph
 from ..spec import TensorSpec
-from .progress import bar
 
 
 def diff_sources(a: Source, b: Source, *, atol: float = 0.0, rtol: float = 0.0, progress: bool | None = False,

@@ -13,11 +13,11 @@ from .._source import OBJECT_GRAPH, ArchiveSink, ArchiveSource, Sink, Source
 from ..errors import CkptBridgeError, CorruptError, option
 from ..formats import meta
 from ..io.chunks import CHUNK_BYTES
+from ..io.progress import bar
 from ..reports import Report
 from ..sources import _objgraph
 from ..spec import STRING, TensorSpec, array_nbytes, dtype_name
 from .names import Plan
-from .progress import bar
 
 _WRITEBACK_BYTES = 64 << 20
 _BAR_BYTES = 1 << 20
