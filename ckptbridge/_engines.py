@@ -14,7 +14,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ._lazy import load_object, refers_to
+from ._lazy import load_object
 from .errors import FormatError
 from .io import ckptfiles as _ckptfiles
 
@@ -101,19 +101,6 @@ def for_writing(engine: str) -> Engine:
     return next(iter(ENGINES.values())) if engine == AUTO else ENGINES[engine]
 
 
-def of_source(source: object) -> Engine | None:
-    """The engine whose source class ``source`` is an instance of; None for anything else (archives)."""
-    for e in ENGINES.values():
-        if any(refers_to(ref, source) for ref in (e.source, *(cls for _, cls in e.sources))):
-            return e
-    return None
-
-
-def is_checkpoint(source: object) -> bool:
-    """Whether ``source`` reads a TensorFlow checkpoint (through any engine)."""
-    return of_source(source) is not None
-
-
 def open_source(e: Engine, prefix: str, *, verify: bool = True, version: str | None = None, place: Place | None = None) -> Source:
     """``e``'s source for the checkpoint at ``prefix``; ``version`` defaults to what its files say
     (``_ckptfiles.version_of``: "v2" where ``prefix.index`` exists, else "v1").
@@ -126,7 +113,9 @@ def open_source(e: Engine, prefix: str, *, verify: bool = True, version: str | N
     kw: dict[str, Any] = {} if place is None else {"place": place}
     if e.verifies:
         kw["verify"] = verify
-    return cls(prefix, **kw)
+    src = cls(prefix, **kw)
+    src.engine = e.name  # carried, so nothing has to ask later which engine a source came from
+    return src
 
 
 def open_sink(e: Engine, prefix: str, **kw: Any) -> Sink:

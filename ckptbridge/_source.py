@@ -46,6 +46,9 @@ class Source(abc.ABC):
     notes: tuple[str, ...] = ()
     #: The source kind (``ckptbridge.sources``) that recognised and opened it; None for one made directly.
     opened_by: str | None = None
+    #: The checkpoint engine that reads it ("native", "tf"), set when the engine opened it; None for
+    #: archives and arrays.
+    engine: str | None = None
     #: What archive metadata records as what read it, set by what opened it: the checkpoint engine's
     #: label ("native"), the archive format's name ("npz"), a Keras file's kind; empty: :attr:`kind`.
     label: str = ""
@@ -125,6 +128,7 @@ class SourceView(Source):
         self.kind = inner.kind
         self.notes = inner.notes
         self.opened_by = inner.opened_by
+        self.engine = inner.engine
         self.label = inner.label
 
     def specs(self) -> Mapping[str, TensorSpec]:

@@ -120,3 +120,22 @@ def test_select_and_rename_refuse_a_lone_string() -> None:
         ckptbridge.Select(include="^w$")  # type: ignore[arg-type]
     with pytest.raises(FormatError, match="one pair .*wrap it in a list"):
         ckptbridge.Rename(rules=("^a", "b"))  # type: ignore[arg-type]
+
+
+def test_verify_says_whether_checksums_were_there_to_check(tmp_path: Any) -> None:
+    """A checkpoint (crc32c per tensor) and a ckptbridge archive (crc32c in its metadata) are
+    checked; a plain np.savez archive has none, and verify says only readability was checked.
+    Which engine read a source is carried on it (Source.engine), not looked up afterwards."""
+    ckpt = str(tmp_path / "ck" / "model.ckpt")
+    ckptbridge.save({"w": np.arange(3.0)}, ckpt)
+    plain = str(tmp_path / "plain.npz")
+    np.savez(plain, w=np.arange(3.0))
+    ours = str(tmp_path / "ours.npz")
+    ckptbridge.export(ckpt, ours)
+    assert ckptbridge.verify(ckpt).has_checksums
+    assert ckptbridge.verify(ours).has_checksums
+    assert not ckptbridge.verify(plain).has_checksums
+    with ckptbridge.read(ckpt) as r:
+        assert ckptbridge.verify(r).has_checksums  # through the Reader's views, to the engine's source
+    r = cli("verify", plain)
+    assert r.returncode == 0 and "no checksums recorded" in r.stdout + r.stderr

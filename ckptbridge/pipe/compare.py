@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import _dtypes, _engines
+from .. import _dtypes
 from .._dtypes import uncarried_error
 from .._source import OBJECT_GRAPH, Source
 from ..errors import CorruptError
@@ -141,7 +141,7 @@ def verify_source(source: Source, *, progress: bool | None = False) -> VerifyRep
             checked += 1
     finally:
         pbar.close()
-    has = _engines.is_checkpoint(source.origin()) or bool(source.metadata().get("tensors"))
+    has = source.origin().engine is not None or bool(source.metadata().get("tensors"))
     return VerifyReport(source.path, checked, True, has_checksums=has, checked_raw=len(opaque))
 
 
