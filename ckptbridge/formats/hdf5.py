@@ -10,7 +10,9 @@ attributes, and readers go by those, never by the path.
 
 from __future__ import annotations
 
+import io
 import mmap
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -19,7 +21,7 @@ from .. import _dtypes
 from .._source import OBJECT_GRAPH, ArchiveSink, ArchiveSource, Encoded
 from ..errors import CkptBridgeError, CorruptError, FormatError, UnsafeArchiveError, option
 from ..io.atomic import AtomicFile
-from ..io.chunks import BlockStream, block_shape, c_blocks, mmap_blocks, write_stream
+from ..io.chunks import BlockStream, Selection, block_shape, c_blocks, mmap_blocks, write_stream
 from ..io.signals import raise_signals_after
 from ..spec import STRING, TensorSpec, as_exchange_array, dtype_name, numpy_dtype
 from . import meta
@@ -115,7 +117,8 @@ class Hdf5Sink(ArchiveSink):
     def _group_type(self) -> type:
         import h5py
 
-        return h5py.Group
+        group: type = h5py.Group  # h5py has no stubs: its classes reach here as Any
+        return group
 
     def record_extra(self, name: str) -> dict[str, Any]:
         return {"path": self._placed[name]}
@@ -138,6 +141,8 @@ class Hdf5Sink(ArchiveSink):
         spec = stream.spec
         _check_writable(name, len(spec.shape), self.path)
         stored = _dtypes.lookup(spec.dtype).storage
+        if stored is None:  # a dtype ckptbridge does not carry is refused before any sink sees it
+            raise FormatError(f"{self.path}: tensor {name!r} has dtype {spec.dtype}, which ckptbridge does not carry")
         path = self._placed[name] = self._place(name)
         kwargs: dict[str, Any] = {}
         if self._compress and spec.size > 0 and spec.shape:
@@ -192,8 +197,11 @@ class Hdf5Source(ArchiveSource):
     """A lazy view of an HDF5 file: datasets are listed up front, read on demand."""
 
     kind = "hdf5"
+    _map: mmap.mmap | None = None  # mapped on the first stream that can use it (see _mapped)
+    _map_file: io.BufferedReader | None = None
 
     def __init__(self, path: str, *, verify: bool = True, max_tensor_bytes: int | None = None, allow_internal_links: bool = True) -> None:
+
         import h5py
 
         self.path = path
@@ -232,15 +240,9 @@ class Hdf5Source(ArchiveSource):
             for key in group:
                 full = f"{prefix}/{key}" if prefix else key
                 link = group.get(key, getlink=True)
-                if isinstance(link, h5py.ExternalLink):
-                    raise UnsafeArchiveError(f"{path}: {full!r} is an external link to {link.filename}:{link.path}; ckptbridge reads only data stored inside the archive")
-                if isinstance(link, h5py.SoftLink):
-                    if not allow_internal_links:
-                        raise UnsafeArchiveError(f"{path}: {full!r} is a soft link to {link.path}; links are not allowed")
+                if _is_soft_link(link, full, path, allow_internal_links):
                     soft.append((full, link.path, group))
                     continue  # the target is listed (and checked) under its own path
-                if not isinstance(link, h5py.HardLink):
-                    raise UnsafeArchiveError(f"{path}: {full!r} is a user-defined HDF5 link; ckptbridge reads only data stored inside the archive")
                 if prefix == META_GROUP and full not in (ESCAPED_GROUP, META_DATASET, OBJECT_GRAPH_DATASET):
                     continue  # not ours to read
                 try:
@@ -249,7 +251,8 @@ class Hdf5Source(ArchiveSource):
                     raise CorruptError(f"{path}: cannot open {full!r} ({e}); the archive is damaged or crafted") from None
                 addr = h5py.h5o.get_info(obj.id).addr
                 if addr in seen:
-                    raise UnsafeArchiveError(f"{path}: {full!r} is a second name (hard link) for {seen[addr]!r}; refusing an archive that shows one object under two names")
+                    raise UnsafeArchiveError(f"{path}: {full!r} is a second name (hard link) for {seen[addr]!r}; "
+                                             "refusing an archive that shows one object under two names")
                 seen[addr] = full
                 if isinstance(obj, h5py.Group):
                     visit(obj, full)
@@ -262,7 +265,8 @@ class Hdf5Source(ArchiveSource):
                         continue
                     name = _tensor_name(obj, full, path)
                     if name in datasets:
-                        raise CorruptError(f"{path}: two datasets ({datasets[name]!r}, {full!r}) both claim tensor name {name!r}; refusing an ambiguous archive")
+                        raise CorruptError(f"{path}: two datasets ({datasets[name]!r}, {full!r}) both claim tensor name {name!r}; "
+                                           "refusing an ambiguous archive")
                     datasets[name] = full
 
         visit(f, "")
@@ -272,21 +276,34 @@ class Hdf5Source(ArchiveSource):
         _check_heap_refs(heap_refs, path)
         for full, target, group in soft:
             _resolve_soft(f, group, target, full, path)
+        self._read_own(own, len(datasets))
+        self._datasets = datasets
+        self._specs = self._dataset_specs(datasets, max_tensor_bytes)
+
+    def _read_own(self, own: dict[str, Any], tensors: int) -> None:
+        """ckptbridge's metadata and the stored object graph, checked as blobs and read."""
+        path = self.path
         for key, obj in own.items():
             if obj.dtype != np.uint8 or obj.ndim != 1:
                 raise CorruptError(f"{path}: {key!r} is {obj.dtype}{list(obj.shape)}, expected a 1-d uint8 blob; the archive is damaged")
-            meta.check_metadata_size(int(obj.shape[0]), f"{path}: {key!r}", "ckptbridge metadata" if key == META_DATASET else "the stored TF2 object graph",
-                                     objects=len(datasets) if key == META_DATASET else 0)
+            what = "ckptbridge metadata" if key == META_DATASET else "the stored TF2 object graph"
+            meta.check_metadata_size(int(obj.shape[0]), f"{path}: {key!r}", what, objects=tensors if key == META_DATASET else 0)
             raw = np.asarray(obj[()]).tobytes()
             if key == META_DATASET:
-                self._meta = meta.loads(raw, path, tensors=len(datasets))
+                self._meta = meta.loads(raw, path, tensors=tensors)
             else:
                 self._extras[OBJECT_GRAPH] = raw
+
+    def _dataset_specs(self, datasets: dict[str, str], max_tensor_bytes: int | None) -> dict[str, TensorSpec]:
+        """Each tensor's spec: from the metadata's record where there is one, else from its dataset."""
+        path = self.path
+        f = self._f
         records = self._meta.get("tensors", {})
         if self._meta:
             missing = sorted(set(records) - set(datasets))
             if missing:
-                raise CorruptError(f"{path}: metadata lists tensors that are not in the archive: {', '.join(missing[:5])}; the archive is incomplete")
+                raise CorruptError(f"{path}: metadata lists tensors that are not in the archive: {', '.join(missing[:5])}; "
+                                   "the archive is incomplete")
         specs = {}
         for name in sorted(datasets):
             ds = f[datasets[name]]
@@ -296,11 +313,12 @@ class Hdf5Source(ArchiveSource):
                 specs[name] = TensorSpec(name, dtype, shape, stored_nbytes=int(ds.shape[0]) if dtype == STRING else None)
                 if dtype == STRING:  # n lengths then the bytes, read as n bytes objects
                     n = specs[name].size
-                    meta.check_in_memory(n, int(ds.shape[0]) - 8 * n, ds.id.get_storage_size(), f"{path}: tensor {name!r}", max_tensor_bytes, strings=True)
+                    meta.check_in_memory(n, int(ds.shape[0]) - 8 * n, ds.id.get_storage_size(), f"{path}: tensor {name!r}", max_tensor_bytes,
+                                         strings=True)
             else:
                 specs[name] = TensorSpec(name, _plain_dtype(ds, path, datasets[name]), tuple(int(x) for x in ds.shape))
-        self._datasets = datasets
-        self._specs = specs
+        return specs
+
 
     def _check_dataset(self, ds: Any, full: str, fsize: int, max_tensor_bytes: int | None, spans: list[tuple[int, int, str]]) -> None:
         """Refuse, before any value is read, a dataset whose bytes live outside the
@@ -315,21 +333,25 @@ class Hdf5Source(ArchiveSource):
             n = dcpl.get_virtual_count()
             srcs = [f"{_text(dcpl.get_virtual_filename(i))}:{_text(dcpl.get_virtual_dsetname(i))}" for i in range(min(n, 3))]
             more = f" and {n - 3} more" if n > 3 else ""
-            raise UnsafeArchiveError(f"{path}: dataset {full!r} is a virtual dataset mapping {', '.join(srcs)}{more}; ckptbridge reads only data stored inside the archive")
+            raise UnsafeArchiveError(f"{path}: dataset {full!r} is a virtual dataset mapping {', '.join(srcs)}{more}; "
+                                     "ckptbridge reads only data stored inside the archive")
         if dcpl.get_external_count() > 0:
             target = _text(dcpl.get_external(0)[0])
-            raise UnsafeArchiveError(f"{path}: dataset {full!r} stores its data in external file {target!r}; ckptbridge reads only data stored inside the archive")
+            raise UnsafeArchiveError(f"{path}: dataset {full!r} stores its data in external file {target!r}; "
+                                     "ckptbridge reads only data stored inside the archive")
         for i in range(dcpl.get_nfilters()):
             code, _flags, _opts, fname = dcpl.get_filter(i)
             if code not in _FILTERS:
                 what = f"HDF5 filter {_text(fname)!r}" if _text(fname) else "an unknown HDF5 filter"
-                raise UnsafeArchiveError(f"{path}: dataset {full!r} uses {what} (id {code}), which ckptbridge does not read from archives; re-save it with gzip, lzf or no compression")
+                raise UnsafeArchiveError(f"{path}: dataset {full!r} uses {what} (id {code}), which ckptbridge does not read from archives; "
+                                         "re-save it with gzip, lzf or no compression")
         if ds.shape is None:
             raise FormatError(f"{path}: dataset {full!r} has no shape (an empty dataspace); not a tensor")
         meta.check_shape(list(ds.shape), f"{path}: dataset {full!r}")
         need = int(np.prod(ds.shape, dtype=object)) * ds.dtype.itemsize if ds.shape else ds.dtype.itemsize
         if max_tensor_bytes is not None and need > max_tensor_bytes:
-            raise UnsafeArchiveError(f"{path}: dataset {full!r} claims {need} bytes, over the limit of {max_tensor_bytes}; raise {option('max_tensor_bytes')} if it is genuine")
+            raise UnsafeArchiveError(f"{path}: dataset {full!r} claims {need} bytes, over the limit of {max_tensor_bytes}; "
+                                     f"raise {option('max_tensor_bytes')} if it is genuine")
         # The chunk index is untrusted: its entries are counted one by one against the file,
         # and entries sharing bytes are refused by _check_spans (get_storage_size() would
         # count one chunk once per entry that points at it).
@@ -340,14 +362,17 @@ class Hdf5Source(ArchiveSource):
         vlen = ds.dtype.kind == "O" or h5py.check_vlen_dtype(ds.dtype) is not None
         if offset is not None:
             if (stored != need and not vlen) or offset + stored > fsize:
-                raise CorruptError(f"{path}: dataset {full!r} claims {need} bytes at offset {offset} ({stored} stored) but the file has {fsize}; the archive is damaged or crafted")
+                raise CorruptError(f"{path}: dataset {full!r} claims {need} bytes at offset {offset} ({stored} stored) but the file has {fsize}; "
+                                   "the archive is damaged or crafted")
             spans.append((offset, offset + stored, full))
         elif layout != h5py.h5d.COMPACT and need > _MAX_EXPANSION * stored + _EXPANSION_SLACK:
             # Unwritten storage reads as the fill value and gzip cannot expand more
             # than ~1032:1, so a small file claiming a huge dataset is a memory bomb.
-            raise UnsafeArchiveError(f"{path}: dataset {full!r} claims {need} bytes but only {stored} are stored in the file (unwritten chunks or an impossible compression ratio); refusing what looks like a memory bomb")
+            raise UnsafeArchiveError(f"{path}: dataset {full!r} claims {need} bytes but only {stored} are stored in the file "
+                                     "(unwritten chunks or an impossible compression ratio); refusing what looks like a memory bomb")
         if ds.dtype.kind == "S":  # fixed-width strings: read as one bytes object per element
-            meta.check_in_memory(need // ds.dtype.itemsize, need, need if layout == h5py.h5d.COMPACT else stored, f"{path}: dataset {full!r}", max_tensor_bytes, strings=True)
+            meta.check_in_memory(need // ds.dtype.itemsize, need, need if layout == h5py.h5d.COMPACT else stored, f"{path}: dataset {full!r}",
+                                 max_tensor_bytes, strings=True)
 
     def _check_vlen(self, ds: Any, full: str, fsize: int, max_tensor_bytes: int | None) -> np.ndarray:
         """Refuse a variable-length dataset whose elements, once read, would take more
@@ -374,13 +399,15 @@ class Hdf5Source(ArchiveSource):
             # References we cannot read ourselves (compact: at most 64 KiB of them; lzf, szip):
             # the elements are read one at a time, and no further than the file's size.
             if n > _MAX_VLEN_ONE_BY_ONE:
-                raise UnsafeArchiveError(f"{where}: {n} variable-length elements stored in a way ckptbridge reads only one by one (at most {_MAX_VLEN_ONE_BY_ONE}); re-save it with gzip or no compression")
+                raise UnsafeArchiveError(f"{where}: {n} variable-length elements stored in a way ckptbridge reads only one by one "
+                                         f"(at most {_MAX_VLEN_ONE_BY_ONE}); re-save it with gzip or no compression")
             total = 0
             for i in range(n):
                 v = ds[np.unravel_index(i, ds.shape)] if ds.shape else ds[()]
                 total += len(v) if isinstance(v, (bytes, str, np.ndarray)) else 0
                 if total > fsize:
-                    raise UnsafeArchiveError(f"{where}: its variable-length elements hold more bytes than the whole file ({fsize}); refusing a crafted archive whose elements share heap objects")
+                    raise UnsafeArchiveError(f"{where}: its variable-length elements hold more bytes than the whole file ({fsize}); "
+                                             "refusing a crafted archive whose elements share heap objects")
             meta.check_in_memory(n, total, fsize, where, max_tensor_bytes, strings=True)
             return none
         if layout == h5py.h5d.CONTIGUOUS:
@@ -400,7 +427,8 @@ class Hdf5Source(ArchiveSource):
         total = int(used["len"].astype(np.uint64).sum()) * unit
         pairs = np.stack([used["addr"].astype(np.uint64), used["idx"].astype(np.uint64)], axis=1)
         if total > fsize:
-            raise UnsafeArchiveError(f"{where}: its variable-length elements claim {total} bytes, more than the whole file ({fsize}); refusing a crafted archive whose elements share heap objects")
+            raise UnsafeArchiveError(f"{where}: its variable-length elements claim {total} bytes, more than the whole file ({fsize}); "
+                                     "refusing a crafted archive whose elements share heap objects")
         meta.check_in_memory(n, total, total + n * rec.itemsize, where, max_tensor_bytes, strings=True)
         return pairs
 
@@ -418,7 +446,7 @@ class Hdf5Source(ArchiveSource):
         rec = self._meta.get("tensors", {}).get(name)
         if rec is not None:
             d = _dtypes.lookup(spec.dtype)
-            if rec.get("encoding", meta.ENC_RAW) != d.encoding:
+            if rec.get("encoding", meta.ENC_RAW) != d.encoding or d.storage is None:
                 return None
             stored = d.storage
         if ds.dtype != stored:
@@ -437,12 +465,13 @@ class Hdf5Source(ArchiveSource):
         offset = ds.id.get_offset() if ds.chunks is None and spec.size else None
         if offset is not None:
             mapped = self._mapped()
-            if mapped is not None and offset + spec.size * stored.itemsize <= len(mapped):
-                blocks = ((sel, a.view(want)) for sel, a in mmap_blocks(mapped, offset, spec, stored, chunk_bytes))
-                return BlockStream(spec, blocks, check, span=(self._map_file.fileno(), offset),
+            mapped_file = self._map_file
+            if mapped is not None and mapped_file is not None and offset + spec.size * stored.itemsize <= len(mapped):
+                views = ((sel, a.view(want)) for sel, a in mmap_blocks(mapped, offset, spec, stored, chunk_bytes))
+                return BlockStream(spec, views, check, span=(mapped_file.fileno(), offset),
                                    stored=int(rec["crc32c"]) if check is not None and rec is not None else None)
 
-        def blocks() -> Any:
+        def blocks() -> Iterator[tuple[Selection, np.ndarray]]:
             total = spec.size
             buf = np.empty(min(total, max(1, chunk_bytes // stored.itemsize)), dtype=stored)
             for _, n, sel in c_blocks(spec.shape, stored.itemsize, chunk_bytes):
@@ -459,7 +488,7 @@ class Hdf5Source(ArchiveSource):
         return BlockStream(spec, blocks(), check)
 
     def _mapped(self) -> mmap.mmap | None:
-        if getattr(self, "_map", None) is None:
+        if self._map is None:
             try:
                 f = open(self.path, "rb")
             except OSError:
@@ -490,7 +519,7 @@ class Hdf5Source(ArchiveSource):
 
     def close(self) -> None:
         self._map = None  # views handed out keep the map alive
-        mf = getattr(self, "_map_file", None)
+        mf = self._map_file
         if mf is not None:
             mf.close()
             self._map_file = None
@@ -499,7 +528,7 @@ class Hdf5Source(ArchiveSource):
             try:
                 f.close()
             finally:
-                self._f = None  # type: ignore[assignment]
+                self._f = None
 
 
 # Filters every HDF5 build (or h5py itself, for lzf) provides, and whose expansion
@@ -523,7 +552,8 @@ def _check_writable(name: str, ndim: int, path: str) -> None:
     """Refuse, before it is created, a dataset HDF5 (or our reader) cannot hold."""
     meta.check_name_to_write(name, path)
     if ndim > _MAX_RANK:
-        raise FormatError(f"tensor {meta.shown_name(name)} has {ndim} dimensions but HDF5 stores at most {_MAX_RANK}, so it cannot be written to {path}; export it to .npz or .safetensors, or leave it out ({option('exclude')})")
+        raise FormatError(f"tensor {meta.shown_name(name)} has {ndim} dimensions but HDF5 stores at most {_MAX_RANK}, "
+                          f"so it cannot be written to {path}; export it to .npz or .safetensors, or leave it out ({option('exclude')})")
 
 
 def _chunk_infos(ds: Any) -> list[Any]:
@@ -544,7 +574,8 @@ def _chunk_bytes(ds: Any, full: str, fsize: int, path: str, spans: list[tuple[in
         if info.byte_offset is None or info.size is None:
             continue
         if info.byte_offset + info.size > fsize:
-            raise CorruptError(f"{path}: dataset {full!r} has a chunk at offset {info.byte_offset} ({info.size} bytes) past the end of the file ({fsize}); the archive is damaged or crafted")
+            raise CorruptError(f"{path}: dataset {full!r} has a chunk at offset {info.byte_offset} ({info.size} bytes) past the end of the file "
+                               f"({fsize}); the archive is damaged or crafted")
         spans.append((info.byte_offset, info.byte_offset + info.size, full))
         total += info.size
     return total
@@ -560,8 +591,10 @@ def _check_spans(spans: list[tuple[int, int, str]], path: str) -> None:
             continue
         if prev is not None and span[0] < prev[1]:
             if prev[2] == span[2]:
-                raise UnsafeArchiveError(f"{path}: dataset {span[2]!r} names the same stored bytes (offset {span[0]}) for more than one chunk; refusing a crafted archive whose chunk index repeats its data")
-            raise UnsafeArchiveError(f"{path}: datasets {prev[2]!r} and {span[2]!r} share stored bytes (offset {span[0]}); refusing a crafted archive")
+                raise UnsafeArchiveError(f"{path}: dataset {span[2]!r} names the same stored bytes (offset {span[0]}) for more than one chunk; "
+                                         "refusing a crafted archive whose chunk index repeats its data")
+            raise UnsafeArchiveError(f"{path}: datasets {prev[2]!r} and {span[2]!r} share stored bytes (offset {span[0]}); "
+                                     "refusing a crafted archive")
         if prev is None or span[1] > prev[1]:
             prev = span
 
@@ -592,7 +625,8 @@ def _unfilter(data: bytes, filters: list[tuple[int, Any]], mask: int, size: int,
             data = data[:-4]
         else:
             name = _FILTERS.get(code, f"filter {code}")
-            raise UnsafeArchiveError(f"{where}: variable-length data compressed with {name} is not read from archives; re-save it with gzip or no compression")
+            raise UnsafeArchiveError(f"{where}: variable-length data compressed with {name} is not read from archives; "
+                                     "re-save it with gzip or no compression")
     return data
 
 
@@ -623,10 +657,28 @@ def _check_heap_refs(refs: list[np.ndarray], path: str) -> None:
     s = pairs[order]
     dup = np.flatnonzero((s[1:] == s[:-1]).all(axis=1))
     if dup.size:
-        raise UnsafeArchiveError(f"{path}: {dup.size} variable-length string elements point at heap objects that other elements already use; refusing a crafted archive (HDF5 stores every element once)")
+        raise UnsafeArchiveError(f"{path}: {dup.size} variable-length string elements point at heap objects that other elements already use; "
+                                 "refusing a crafted archive (HDF5 stores every element once)")
+
+
+def _is_soft_link(link: Any, full: str, path: str, allow_internal_links: bool) -> bool:
+    """Whether a link is a soft link (allowed where ``allow_internal_links``); refuse a link out of the file or of a user-defined kind."""
+    import h5py
+
+    if isinstance(link, h5py.ExternalLink):
+        raise UnsafeArchiveError(f"{path}: {full!r} is an external link to {link.filename}:{link.path}; "
+                                 "ckptbridge reads only data stored inside the archive")
+    if isinstance(link, h5py.SoftLink):
+        if not allow_internal_links:
+            raise UnsafeArchiveError(f"{path}: {full!r} is a soft link to {link.path}; links are not allowed")
+        return True
+    if not isinstance(link, h5py.HardLink):
+        raise UnsafeArchiveError(f"{path}: {full!r} is a user-defined HDF5 link; ckptbridge reads only data stored inside the archive")
+    return False
 
 
 def _text(v: Any) -> str:
+
     return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
 
 
@@ -635,15 +687,13 @@ def _tensor_name(obj: Any, full: str, path: str) -> str:
     import h5py
 
     if ATTR_NAME not in obj.attrs:
-        name: Any = full
+        name = full
     else:
         aid = h5py.h5a.open(obj.id, ATTR_NAME.encode())
         if aid.shape != () or aid.dtype.kind not in "OSU":
             raise CorruptError(f"{path}: dataset {full!r} has a {ATTR_NAME} attribute that is not one string; the archive is damaged")
-        name = obj.attrs[ATTR_NAME]
-        if isinstance(name, bytes):
-            name = name.decode("utf-8", "surrogateescape")
-        name = str(name)
+        raw = obj.attrs[ATTR_NAME]
+        name = raw.decode("utf-8", "surrogateescape") if isinstance(raw, bytes) else str(raw)
     meta.check_tensor_name(name, f"{path}: dataset {full!r}")
     return name
 
@@ -660,17 +710,20 @@ def _resolve_soft(f: Any, group: Any, target: str, full: str, path: str) -> None
         key = parts.pop(0)
         link = node.get(key, getlink=True) if isinstance(node, h5py.Group) else None
         if link is None:
-            raise UnsafeArchiveError(f"{path}: {full!r} is a soft link to {target!r}, which does not exist in the file (dangling); refusing the archive")
+            raise UnsafeArchiveError(f"{path}: {full!r} is a soft link to {target!r}, which does not exist in the file (dangling); "
+                                     "refusing the archive")
         if isinstance(link, h5py.SoftLink):
             hops += 1
             if hops > _MAX_SOFT_HOPS:
-                raise UnsafeArchiveError(f"{path}: {full!r} is a soft link to {target!r} that goes through more than {_MAX_SOFT_HOPS} links (a loop?); refusing the archive")
+                raise UnsafeArchiveError(f"{path}: {full!r} is a soft link to {target!r} "
+                                         f"that goes through more than {_MAX_SOFT_HOPS} links (a loop?); refusing the archive")
             parts = [p for p in link.path.split("/") if p not in ("", ".")] + parts
             if link.path.startswith("/"):
                 node = f
             continue
         if not isinstance(link, h5py.HardLink):
-            raise UnsafeArchiveError(f"{path}: {full!r} is a soft link to {target!r}, which leads out of the file; ckptbridge reads only data stored inside the archive")
+            raise UnsafeArchiveError(f"{path}: {full!r} is a soft link to {target!r}, which leads out of the file; "
+                                     "ckptbridge reads only data stored inside the archive")
         node = node[key]
 
 

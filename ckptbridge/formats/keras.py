@@ -209,7 +209,8 @@ def _json(raw: bytes, where: str) -> Any:
     try:
         return json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise CorruptError(f"{where} is not valid JSON ({str(e)[:200]}); the file is damaged, or pass its {WEIGHTS_MEMBER} unzipped (names then come without the config)") from None
+        raise CorruptError(f"{where} is not valid JSON ({str(e)[:200]}); the file is damaged, "
+                           f"or pass its {WEIGHTS_MEMBER} unzipped (names then come without the config)") from None
 
 
 class _KerasZip:
@@ -232,7 +233,8 @@ class _KerasZip:
             if WEIGHTS_MEMBER not in names:
                 sharded = [n for n in names if n.endswith(".weights.json")]
                 why = (f"its weights are sharded ({sharded[0]}), which ckptbridge does not read; save the model unsharded" if sharded
-                       else f"so it is not a Keras model file; a .keras zip holds {CONFIG_MEMBER}, metadata.json and {WEIGHTS_MEMBER}: check the file")
+                       else f"so it is not a Keras model file; a .keras zip holds {CONFIG_MEMBER}, metadata.json and {WEIGHTS_MEMBER}: "
+                       "check the file")
                 raise FormatError(f"{path} has no {WEIGHTS_MEMBER}, {why}")
             self.weights, self.size = self._open_weights(max_tensor_bytes)
         except BaseException:
@@ -249,7 +251,7 @@ class _KerasZip:
         lh = _LOCAL_HEADER.unpack(os.pread(self._file.fileno(), _LOCAL_HEADER.size, info.header_offset))
         if lh[0] != ZIP_MAGIC:
             raise CorruptError(f"{where}: bad local header; the .keras file is damaged")
-        start = info.header_offset + _LOCAL_HEADER.size + lh[9] + lh[10]
+        start: int = info.header_offset + _LOCAL_HEADER.size + lh[9] + lh[10]
         if start + info.compress_size > self._fsize:
             raise CorruptError(f"{where}: its data extends past the end of the file; the .keras file is truncated")
         return start
@@ -265,11 +267,14 @@ class _KerasZip:
         if info.compress_type == zipfile.ZIP_STORED and info.file_size != info.compress_size:
             raise CorruptError(f"{where} has inconsistent sizes; the .keras file is damaged")
         if info.compress_type == zipfile.ZIP_DEFLATED and info.file_size > _MAX_DEFLATE_RATIO * max(info.compress_size, 1) + 4096:
-            raise UnsafeArchiveError(f"{where} claims {info.file_size} bytes from {info.compress_size} compressed; refusing an impossible compression ratio")
+            raise UnsafeArchiveError(f"{where} claims {info.file_size} bytes from {info.compress_size} compressed; "
+                                     "refusing an impossible compression ratio")
         if limit is not None and info.file_size > limit and over is not None:
             raise UnsafeArchiveError(over)
         if limit is not None and info.file_size > limit:
-            raise UnsafeArchiveError(f"{where}: {what} of {info.file_size} bytes, read into memory because it is compressed, is over the limit of {limit}; "
+            raise UnsafeArchiveError(f"{where}: {what} of {info.file_size} bytes, read into memory because it is compressed, "
+                                     f"is over the limit of {limit}; "
+
                                      f"raise {option('max_tensor_bytes')} if it is genuine, or unzip {WEIGHTS_MEMBER} and pass it")
         try:
             with self._zip.open(info) as f:

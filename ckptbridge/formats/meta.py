@@ -102,7 +102,7 @@ def checksum(stored: np.ndarray) -> int:
     arr = np.require(stored, requirements="C")
     if arr.nbytes == 0:
         return 0
-    return crc32c.crc32c(arr.reshape(-1).view(np.uint8))
+    return crc32c.crc32c(arr.reshape(-1).view(np.uint8).data)
 
 
 def tensor_record(dtype: str, shape: tuple[int, ...], encoding: str, crc: int, **extra: Any) -> dict[str, Any]:
@@ -160,7 +160,8 @@ def check_metadata_size(nbytes: int, where: str, what: str = "ckptbridge metadat
     the stored TF2 object graph is given ``objects=0``: 64 MiB, whatever the tensor count."""
     limit = document_limits(objects)[0]
     if nbytes > limit:
-        scaled = f" ({MAX_METADATA_BYTES} plus {METADATA_BYTES_PER_OBJECT} for each of its {objects} tensor{'s' if objects != 1 else ''})" if objects else ""
+        plural = "s" if objects != 1 else ""
+        scaled = f" ({MAX_METADATA_BYTES} plus {METADATA_BYTES_PER_OBJECT} for each of its {objects} tensor{plural})" if objects else ""
         raise UnsafeArchiveError(f"{where}: {what} is {nbytes} bytes, over the limit of {limit}{scaled}; the archive is damaged or crafted")
 
 
@@ -229,7 +230,8 @@ def loads(raw: bytes | str, where: str, *, tensors: int = 0) -> dict[str, Any]:
     version = doc.get("format_version", FORMAT_VERSION)
     if type(version) is not int or version < 1:
         text = repr(version)
-        raise CorruptError(f"{where}: ckptbridge metadata has an invalid format_version {text[:40] + ('...' if len(text) > 40 else '')}; the archive is damaged or crafted")
+        shown = text[:40] + ("..." if len(text) > 40 else "")
+        raise CorruptError(f"{where}: ckptbridge metadata has an invalid format_version {shown}; the archive is damaged or crafted")
     if version > FORMAT_VERSION:
         raise CorruptError(f"{where}: archive format version {version} is newer than this ckptbridge reads ({FORMAT_VERSION}); upgrade ckptbridge")
     return doc
@@ -263,7 +265,8 @@ def check_in_memory(count: int, nbytes: int, stored: int, where: str, max_bytes:
     if max_bytes is not None and need > max_bytes:
         raise UnsafeArchiveError(f"{where}: {what}, over the limit of {max_bytes}; raise {option('max_tensor_bytes')} if it is genuine")
     if need > MAX_EXPANSION * stored + EXPANSION_SLACK:
-        raise UnsafeArchiveError(f"{where}: {what} but only {stored} bytes are stored for it; refusing what looks like a memory bomb (the archive is damaged or crafted)")
+        raise UnsafeArchiveError(f"{where}: {what} but only {stored} bytes are stored for it; "
+                                 "refusing what looks like a memory bomb (the archive is damaged or crafted)")
     return need
 
 
@@ -286,7 +289,8 @@ def check_tensor_name(name: str, where: str) -> None:
         raise CorruptError(f"{where}: tensor name {shown_name(name)} is {size} bytes long, over the limit of {MAX_NAME_BYTES}; refusing the archive")
     control = _CONTROL.search(name)
     if control is not None:
-        raise CorruptError(f"{where}: tensor name {shown_name(name)} contains the control character {control.group()!r}; refusing the archive (rename the tensor where it was made)")
+        raise CorruptError(f"{where}: tensor name {shown_name(name)} contains the control character {control.group()!r}; "
+                           "refusing the archive (rename the tensor where it was made)")
 
 
 def check_name_to_write(name: str, path: str) -> None:
@@ -294,8 +298,10 @@ def check_name_to_write(name: str, path: str) -> None:
     try:
         check_tensor_name(name, path)
     except CorruptError as e:
-        raise FormatError(str(e).replace(" (rename the tensor where it was made)", "").replace("; refusing the archive", ", so it cannot be written").replace("a tensor has an empty name", "an empty tensor name cannot be written")
-                          + f"; rename it ({option('rename')}) or leave it out ({option('exclude')})") from None
+        text = (str(e).replace(" (rename the tensor where it was made)", "")
+                .replace("; refusing the archive", ", so it cannot be written")
+                .replace("a tensor has an empty name", "an empty tensor name cannot be written"))
+        raise FormatError(text + f"; rename it ({option('rename')}) or leave it out ({option('exclude')})") from None
 
 
 def shown_name(name: str, limit: int = 80) -> str:
@@ -339,5 +345,7 @@ def record_spec(name: str, rec: Any, stored_dtype: np.dtype, stored_shape: tuple
         ok = (d is not None and d.carried and dtype != STRING and enc == d.encoding
               and d.storage == stored_dtype.newbyteorder("=") and tuple(stored_shape) == shape)
     if not ok:
-        raise CorruptError(f"{where}: metadata says {dtype}{list(shape)} ({enc}) but the stored array is {stored_dtype}{list(stored_shape)}; the archive is damaged or crafted")
+        raise CorruptError(f"{where}: metadata says {dtype}{list(shape)} ({enc}) "
+                           f"but the stored array is {stored_dtype}{list(stored_shape)}; the archive is damaged or crafted")
+
     return dtype, shape

@@ -72,7 +72,10 @@ class NpzSink(ArchiveSink):
     def put_blocks(self, name: str, stream: BlockStream) -> None:
         """Stream a numeric tensor into its member block by block (never whole in memory)."""
         spec = stream.spec
-        header = {"descr": np.lib.format.dtype_to_descr(_dtypes.lookup(spec.dtype).storage), "fortran_order": False, "shape": tuple(spec.shape)}
+        storage = _dtypes.lookup(spec.dtype).storage
+        if storage is None:  # a dtype ckptbridge does not carry is refused before any sink sees it
+            raise FormatError(f"{self.path}: tensor {name!r} has dtype {spec.dtype}, which ckptbridge does not carry")
+        header = {"descr": np.lib.format.dtype_to_descr(storage), "fortran_order": False, "shape": tuple(spec.shape)}
         with self._zip.member(name + ".npy", compress=self._compress) as f:
             try:
                 np.lib.format.write_array_header_1_0(f, header)
@@ -173,12 +176,15 @@ def _npy_fields(raw: bytes) -> tuple[np.dtype, tuple[int, ...], bool]:
     except Exception:
         raise _HeaderProblem(CorruptError, f".npy header has an invalid dtype {str(d['descr'])[:80]!r}; the archive is damaged") from None
     if dtype.hasobject:
-        raise _HeaderProblem(UnsafeArchiveError, "member holds pickled Python objects; ckptbridge never unpickles archives. Re-save it with numeric arrays (np.savez without object arrays)")
+        raise _HeaderProblem(UnsafeArchiveError, "member holds pickled Python objects; ckptbridge never unpickles archives. "
+                                                 "Re-save it with numeric arrays (np.savez without object arrays)")
     if dtype.fields is not None or dtype.subdtype is not None:
         raise _HeaderProblem(FormatError, f"structured dtype {dtype} is not a tensor; ckptbridge reads plain numeric arrays")
     if dtype.itemsize == 0:
         # |S0, |V0, <U0: any number of elements in no bytes would pass every byte count.
-        raise _HeaderProblem(UnsafeArchiveError, f".npy header has dtype {dtype.str}, whose elements take no bytes; refusing it (the archive is damaged or crafted)")
+        raise _HeaderProblem(UnsafeArchiveError, f".npy header has dtype {dtype.str}, whose elements take no bytes; "
+                                                 "refusing it (the archive is damaged or crafted)")
+
     return dtype, shape, d["fortran_order"]
 
 
@@ -189,6 +195,21 @@ def _entries_claimed(f: Any) -> int | None:
     except (OSError, struct.error, ValueError):
         return None
     return None if not end else int(end[zipfile._ECD_ENTRIES_TOTAL])  # type: ignore[attr-defined]
+
+
+def _check_member_entry(path: str, info: zipfile.ZipInfo, fsize: int) -> None:
+    """Refuse, from its directory entry alone, a member that is not an ``.npy`` ckptbridge reads."""
+    if not info.filename.endswith(".npy"):
+        raise FormatError(f"{path}: member {info.filename!r} is not an .npy array; this is not an .npz that ckptbridge reads")
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        raise FormatError(f"{path}: member {info.filename!r} uses an unsupported compression; re-save with np.savez or np.savez_compressed")
+    if info.header_offset + info.compress_size > fsize:
+        raise CorruptError(f"{path}: member {info.filename!r} extends past the end of the file; the archive is truncated")
+    if info.compress_type == zipfile.ZIP_DEFLATED and info.file_size > _MAX_DEFLATE_RATIO * max(info.compress_size, 1) + 4096:
+        raise UnsafeArchiveError(f"{path}: member {info.filename!r} claims {info.file_size} bytes from {info.compress_size} compressed; "
+                                 "refusing an impossible compression ratio")
+    if info.compress_type == zipfile.ZIP_STORED and info.file_size != info.compress_size:
+        raise CorruptError(f"{path}: member {info.filename!r} has inconsistent sizes; the archive is damaged")
 
 
 class NpzSource(ArchiveSource):
@@ -233,7 +254,8 @@ class NpzSource(ArchiveSource):
         # smaller plain one.  The end record says how many entries there are.
         claimed = _entries_claimed(self._file)
         if claimed is not None and claimed != len(self._zip.infolist()):
-            raise CorruptError(f"{path}: the zip directory lists {claimed} members but {len(self._zip.infolist())} can be read; the archive is damaged")
+            raise CorruptError(f"{path}: the zip directory lists {claimed} members but {len(self._zip.infolist())} can be read; "
+                               "the archive is damaged")
         # what the metadata may describe: the tensor members, each backed by its zip headers
         tensors = sum(1 for i in self._zip.infolist() if i.filename not in (META_MEMBER, OBJECT_GRAPH_MEMBER) and not i.is_dir())
         # In file order, whatever order the directory lists them in: a member's bytes then overlap
@@ -245,27 +267,12 @@ class NpzSource(ArchiveSource):
             seen.add(info.filename)
             if info.is_dir():
                 continue
-            if not info.filename.endswith(".npy"):
-                raise FormatError(f"{path}: member {info.filename!r} is not an .npy array; this is not an .npz that ckptbridge reads")
-            if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
-                raise FormatError(f"{path}: member {info.filename!r} uses an unsupported compression; re-save with np.savez or np.savez_compressed")
-            if info.header_offset + info.compress_size > fsize:
-                raise CorruptError(f"{path}: member {info.filename!r} extends past the end of the file; the archive is truncated")
-            if info.compress_type == zipfile.ZIP_DEFLATED and info.file_size > _MAX_DEFLATE_RATIO * max(info.compress_size, 1) + 4096:
-                raise UnsafeArchiveError(f"{path}: member {info.filename!r} claims {info.file_size} bytes from {info.compress_size} compressed; refusing an impossible compression ratio")
-            if info.compress_type == zipfile.ZIP_STORED and info.file_size != info.compress_size:
-                raise CorruptError(f"{path}: member {info.filename!r} has inconsistent sizes; the archive is damaged")
+            _check_member_entry(path, info, fsize)
             name = info.filename[:-4]
             where = f"{path}: member {name!r}"
             if info.filename not in (META_MEMBER, OBJECT_GRAPH_MEMBER):
                 meta.check_tensor_name(name, path)
-            self._file.seek(info.header_offset)
-            lh = _LOCAL_HEADER.unpack(self._file.read(_LOCAL_HEADER.size))
-            if lh[0] != b"PK\x03\x04":
-                raise CorruptError(f"{where}: bad local header; the archive is damaged")
-            start = info.header_offset + _LOCAL_HEADER.size + lh[9] + lh[10]
-            if start + info.compress_size > fsize:
-                raise CorruptError(f"{where}: data extends past the end of the file; the archive is truncated")
+            start = self._data_start(info, where, fsize)
             # Members whose bytes overlap (one compressed stream named many times) are a
             # zip bomb's trick; a zip written by NumPy or ckptbridge never does it.
             span = (info.header_offset, start + info.compress_size, info.filename)
@@ -274,38 +281,61 @@ class NpzSource(ArchiveSource):
                                          "refusing an overlapping (crafted) archive")
             if widest is None or span[1] > widest[1]:
                 widest = span
-            with self._zip.open(info) as f:
-                # Only the header is wanted here.  zipfile checks a member's CRC-32 when a read
-                # reaches its end, which for a small member is already this read: a damaged
-                # tensor would then make the whole archive unreadable instead of failing (and
-                # being named by verify) when that tensor is read.
-                if hasattr(f, "_expected_crc"):
-                    f._expected_crc = None
-                dtype, shape, fortran, hlen = _parse_npy_header(f, where)
-            count = int(np.prod(shape, dtype=object)) if shape else 1
-            need = count * dtype.itemsize
-            if hlen + need != info.file_size:
-                raise CorruptError(f"{where}: header claims {list(shape)} {dtype} ({need} bytes) but the member holds {info.file_size - hlen}; the archive is damaged or crafted")
-            if max_tensor_bytes is not None and need > max_tensor_bytes:
-                raise UnsafeArchiveError(f"{where}: tensor of {need} bytes exceeds the limit of {max_tensor_bytes} bytes; raise {option('max_tensor_bytes')} if it is genuine")
-            if dtype.kind == "S":  # read as one bytes object per element
-                meta.check_in_memory(count, need, info.compress_size, where, max_tensor_bytes, strings=True)
-            if info.filename in (META_MEMBER, OBJECT_GRAPH_MEMBER):
-                meta.check_metadata_size(need, where, "ckptbridge metadata" if info.filename == META_MEMBER else "the stored TF2 object graph",
-                                         objects=tensors if info.filename == META_MEMBER else 0)
-            offset = start + hlen if info.compress_type == zipfile.ZIP_STORED else None
-            members[name] = _Member(info, dtype, shape, fortran, offset)
+            members[name] = self._read_member_header(info, where, start, tensors, max_tensor_bytes)
         if META_MEMBER[:-4] in members:
             raw = self._read_raw(members.pop(META_MEMBER[:-4]))
             self._meta = meta.loads(raw.tobytes(), path, tensors=len(members))  # each member backed by its zip headers
         if OBJECT_GRAPH_MEMBER[:-4] in members:
             self._extras[OBJECT_GRAPH] = self._read_raw(members.pop(OBJECT_GRAPH_MEMBER[:-4])).tobytes()
         self._members = members
+        self._specs = self._member_specs(members, max_tensor_bytes)
+
+    def _data_start(self, info: zipfile.ZipInfo, where: str, fsize: int) -> int:
+        """Where a member's data starts in the file, from its local header (checked to lie inside the file)."""
+        self._file.seek(info.header_offset)
+        lh = _LOCAL_HEADER.unpack(self._file.read(_LOCAL_HEADER.size))
+        if lh[0] != b"PK\x03\x04":
+            raise CorruptError(f"{where}: bad local header; the archive is damaged")
+        start: int = info.header_offset + _LOCAL_HEADER.size + lh[9] + lh[10]
+        if start + info.compress_size > fsize:
+            raise CorruptError(f"{where}: data extends past the end of the file; the archive is truncated")
+        return start
+
+    def _read_member_header(self, info: zipfile.ZipInfo, where: str, start: int, tensors: int, max_tensor_bytes: int | None) -> _Member:
+        """A member's ``.npy`` header, read and checked against the zip's sizes and the limits."""
+        with self._zip.open(info) as f:
+            # Only the header is wanted here.  zipfile checks a member's CRC-32 when a read
+            # reaches its end, which for a small member is already this read: a damaged
+            # tensor would then make the whole archive unreadable instead of failing (and
+            # being named by verify) when that tensor is read.
+            if hasattr(f, "_expected_crc"):
+                f._expected_crc = None
+            dtype, shape, fortran, hlen = _parse_npy_header(f, where)
+        count = int(np.prod(shape, dtype=object)) if shape else 1
+        need = count * dtype.itemsize
+        if hlen + need != info.file_size:
+            raise CorruptError(f"{where}: header claims {list(shape)} {dtype} ({need} bytes) but the member holds {info.file_size - hlen}; "
+                               "the archive is damaged or crafted")
+        if max_tensor_bytes is not None and need > max_tensor_bytes:
+            raise UnsafeArchiveError(f"{where}: tensor of {need} bytes exceeds the limit of {max_tensor_bytes} bytes; "
+                                     f"raise {option('max_tensor_bytes')} if it is genuine")
+        if dtype.kind == "S":  # read as one bytes object per element
+            meta.check_in_memory(count, need, info.compress_size, where, max_tensor_bytes, strings=True)
+        if info.filename in (META_MEMBER, OBJECT_GRAPH_MEMBER):
+            meta.check_metadata_size(need, where, "ckptbridge metadata" if info.filename == META_MEMBER else "the stored TF2 object graph",
+                                     objects=tensors if info.filename == META_MEMBER else 0)
+        offset = start + hlen if info.compress_type == zipfile.ZIP_STORED else None
+        return _Member(info, dtype, shape, fortran, offset)
+
+    def _member_specs(self, members: dict[str, _Member], max_tensor_bytes: int | None) -> dict[str, TensorSpec]:
+        """Each tensor's spec: from the metadata's record where there is one, else from its ``.npy`` header."""
+        path = self.path
         records = self._meta.get("tensors", {})
         if self._meta:
             missing = sorted(set(records) - set(members))
             if missing:
-                raise CorruptError(f"{path}: metadata lists tensors that are not in the archive: {', '.join(missing[:5])}; the archive is incomplete")
+                raise CorruptError(f"{path}: metadata lists tensors that are not in the archive: {', '.join(missing[:5])}; "
+                                   "the archive is incomplete")
         specs = {}
         for name in sorted(members):
             m = members[name]
@@ -315,13 +345,14 @@ class NpzSource(ArchiveSource):
                 specs[name] = TensorSpec(name, dtype, shape, stored_nbytes=int(m.shape[0]) if dtype == STRING else None)
                 if dtype == STRING:  # n lengths then the bytes, read as n bytes objects
                     n = specs[name].size
-                    meta.check_in_memory(n, m.info.file_size - 8 * n, m.info.compress_size, f"{path}: tensor {name!r}", max_tensor_bytes, strings=True)
+                    meta.check_in_memory(n, m.info.file_size - 8 * n, m.info.compress_size, f"{path}: tensor {name!r}", max_tensor_bytes,
+                                         strings=True)
             else:
                 try:
                     specs[name] = TensorSpec(name, dtype_name(m.dtype), tuple(m.shape))
                 except FormatError as e:
                     raise FormatError(f"{path}: member {name!r}: {e}") from None
-        self._specs = specs
+        return specs
 
     def _read_raw(self, m: _Member) -> np.ndarray:
         where = f"{self.path}: member {m.info.filename[:-4]!r}"
@@ -338,8 +369,9 @@ class NpzSource(ArchiveSource):
             with self._zip.open(m.info) as f:
                 f.seek(0)
                 _parse_npy_header(f, where)
-                buf = memoryview(arr.reshape(-1, order="A").view(np.uint8)) if arr.size else memoryview(b"")
-                got = f.readinto(buf) if arr.nbytes else 0
+                buf = arr.reshape(-1, order="A").view(np.uint8).data if arr.size else memoryview(b"")
+                got = f.readinto(buf) if arr.nbytes else 0  # type: ignore[attr-defined]  # typeshed types ZipFile.open as IO[bytes]; it is a ZipExtFile (io.BufferedIOBase)
+
                 if got != arr.nbytes:
                     raise CorruptError(f"{where}: member is truncated; the archive is damaged")
         return arr

@@ -25,7 +25,7 @@ import base64
 import json
 import os
 import sys
-from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
+from json.encoder import encode_basestring_ascii
 from typing import Any
 
 import numpy as np
@@ -151,7 +151,8 @@ class SafetensorsSink(ArchiveSink):
         for name in sorted(self._specs):
             s = self._specs[name]
             crc = 0xFFFFFFFF if widest_crc else self._crcs[name]
-            batch.append(f'{"" if first else ","}{esc(name)}:{{"crc32c":{crc},"dtype":"{s.dtype}","encoding":"{meta.ENC_RAW}","shape":{_shape_json(s.shape)}}}')
+            batch.append(f'{"" if first else ","}{esc(name)}:{{"crc32c":{crc},"dtype":"{s.dtype}",'
+                         f'"encoding":"{meta.ENC_RAW}","shape":{_shape_json(s.shape)}}}')
             first = False
             if len(batch) >= 4096:
                 text.append("".join(batch))
@@ -164,7 +165,8 @@ class SafetensorsSink(ArchiveSink):
         batch = []
         for name, start in self._starts.items():
             s = self._specs[name]
-            batch.append(f',{esc(name)}:{{"dtype":"{ST_DTYPES[s.dtype]}","shape":{_shape_json(s.shape)},"data_offsets":[{start},{start + s.nbytes}]}}')
+            batch.append(f',{esc(name)}:{{"dtype":"{ST_DTYPES[s.dtype]}","shape":{_shape_json(s.shape)},'
+                         f'"data_offsets":[{start},{start + s.nbytes}]}}')
             if len(batch) >= 4096:
                 pieces.append("".join(batch))
                 batch = []
@@ -212,7 +214,7 @@ class SafetensorsSink(ArchiveSink):
             for _, arr in stream:
                 if arr.dtype.itemsize > 1:
                     arr = arr.astype(arr.dtype.newbyteorder("<"))
-                raw = memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
+                raw = np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data
                 self._f.seek(pos)
                 self._f.write(raw)
                 pos += raw.nbytes
@@ -321,16 +323,20 @@ class SafetensorsSource(ArchiveSource):
             st_dtype = str(sl.get_dtype())
             dtype = FROM_ST.get(st_dtype)
             if dtype is None:
-                raise FormatError(f"{path}: tensor {name!r} has dtype {st_dtype}, which ckptbridge does not carry (it carries {', '.join(sorted(FROM_ST))})")
+                raise FormatError(f"{path}: tensor {name!r} has dtype {st_dtype}, which ckptbridge does not carry "
+                                  f"(it carries {', '.join(sorted(FROM_ST))})")
             shape = tuple(int(x) for x in sl.get_shape())
             spec = TensorSpec(name, dtype, shape)
             if max_tensor_bytes is not None and spec.nbytes > max_tensor_bytes:
-                raise UnsafeArchiveError(f"{path}: tensor {name!r} claims {spec.nbytes} bytes, over the limit of {max_tensor_bytes}; raise {option('max_tensor_bytes')} if it is genuine")
+                raise UnsafeArchiveError(f"{path}: tensor {name!r} claims {spec.nbytes} bytes, over the limit of {max_tensor_bytes}; "
+                                         f"raise {option('max_tensor_bytes')} if it is genuine")
             rec = records.get(name)
             if rec is not None and (not isinstance(rec, dict) or type(rec.get("crc32c")) is not int):
                 raise CorruptError(f"{path}: tensor {name!r}: metadata record is malformed; the archive is damaged")
             if rec is not None and (rec.get("dtype") != dtype or meta.check_shape(rec.get("shape", ()), f"{path}: tensor {name!r}") != shape):
-                raise CorruptError(f"{path}: tensor {name!r} is {dtype}{list(shape)} but the metadata says {rec.get('dtype')}{rec.get('shape')}; the archive is damaged")
+                raise CorruptError(f"{path}: tensor {name!r} is {dtype}{list(shape)} "
+                                   f"but the metadata says {rec.get('dtype')}{rec.get('shape')}; the archive is damaged")
+
             specs[name] = spec
         missing = sorted(set(records) - set(specs))
         if missing:
