@@ -147,22 +147,22 @@ def field_fixed32(number: int, value: int) -> bytes:
 
 def as_varint(wire: int, value: object) -> int:
     """A varint field's value (as :func:`iter_fields` gives it); _Bad for another wire type."""
-    if wire != 0:
+    if wire != 0 or not isinstance(value, int):
         raise _Bad("expected a varint field")
-    return value  # type: ignore[return-value]
+    return value
 
 
 def as_varints(wire: int, value: object) -> Iterator[int]:
     """A repeated integer field's values, packed or not, as int64s."""
-    if wire == 0:
-        yield value  # type: ignore[misc]
+    if wire == 0 and isinstance(value, int):
+        yield value
         return
-    if wire != 2:
+    if wire != 2 or not isinstance(value, (bytes, memoryview)):
         raise _Bad("integer field with a non-integer wire type")
     buf = value
     pos = 0
-    while pos < len(buf):  # type: ignore[arg-type]
-        v, pos = get_varint(buf, pos, len(buf))  # type: ignore[arg-type]
+    while pos < len(buf):
+        v, pos = get_varint(buf, pos, len(buf))
         yield to_int64(v)
 
 
@@ -237,4 +237,5 @@ def as_range(wire: int, value: Any) -> tuple[int, int]:
     """A length-delimited field's (offset, length), as :func:`fields_at` gives it."""
     if wire != 2:
         raise _Bad("expected a length-delimited field")
-    return value  # type: ignore[no-any-return]
+    offset, length = value
+    return int(offset), int(length)
