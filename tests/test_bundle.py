@@ -637,3 +637,13 @@ def test_crafted_index_with_recomputed_crcs_still_safe(tmp_path):
         (tmp_path / "x.index").write_bytes(t.finish())
         with pytest.raises(CorruptError):
             _read_everything(str(tmp_path / "x"))
+
+
+def test_the_wire_helpers_old_place_still_gives_them() -> None:
+    """Tools that craft bundles byte by byte import the wire helpers from bundle._wire, their place
+    before the tree was split into layers; it names the same functions as io.wire."""
+    from ckptbridge.bundle import _wire as old
+    from ckptbridge.io import wire
+
+    for name in old.__all__:
+        assert getattr(old, name) is getattr(wire, name)
