@@ -18,9 +18,11 @@ from typing import Any
 
 from .._source import ArchiveSink, Encoded, Source
 from ..errors import CkptBridgeError, option
+from ..io import atomic as _atomic
 from ..io.chunks import BlockStream
 from ..io.containers import RESERVE_BYTES, Scratch
 from ..io.durability import durability
+from ..io.signals import signals_deferred
 from ..io.upload import Destination, Uploaded
 from ..spec import TensorSpec
 from . import Format
@@ -112,7 +114,9 @@ class UrlSink(ArchiveSink):
 
     def publish(self) -> None:
         """Put the read-back file at its local name, then upload it: the URL has it, checked, or nothing."""
-        self._inner.publish()
+        with signals_deferred():  # the local copy is no output of the command's: never reported as written
+            self._inner.publish()
+            _atomic.forget_published(self._local)
         try:
             self.uploaded = self._dest.upload(self._local)
         finally:

@@ -135,9 +135,14 @@ def _where_missing(name: str) -> str:
     return "its directory"
 
 
-def _call(what: str, name: str, call: Callable[[], Any]) -> Any:
+def _call(what: str, name: str, call: Callable[[], Any], attempts: int | None = None) -> Any:
     """``call()``, retried like a remote read, its failures one error naming ``name``."""
-    return _remote._retrying(what, name, False, call, final=_write_final)
+    return _remote._retrying(what, name, False, call, final=_write_final, attempts=attempts)
+
+
+def _s3(what: str, name: str, call: Callable[[], Any]) -> Any:
+    """An S3 request: s3fs and botocore retry what may pass on their own, so it is tried once more here at most."""
+    return _call(what, name, call, attempts=1)
 
 
 # --------------------------------------------------------------------------- the destination
@@ -158,23 +163,25 @@ class Destination:
         self.url = _remote.redact(url)
         self.force = force
         scheme = url.split("://", 1)[0].lower()
-        if "://" not in self.url:  # no host or bucket at all (s3:///x.h5): redact keeps no "//" for it
-            if scheme != "file":
-                raise errors.FormatError(f"cannot write {scheme}://{url.split('://', 1)[1]}: the URL names no "
-                                         f"{'bucket' if scheme in _BUCKETS else 'host'}; check the URL")
-            self.url = url
+        if "://" not in self.url:  # no host or bucket (s3:///x.h5, memory:///x.h5): redact keeps no "//" for it
+            self.url = url.split("?", 1)[0].split("#", 1)[0]  # and there is no userinfo to hide
+            if scheme in _BUCKETS:
+                raise errors.FormatError(f"cannot write {self.url}: the URL names no bucket; check the URL")
         if scheme in ("http", "https"):
             raise errors.FormatError(f"cannot write {self.url}: ckptbridge writes outputs to object stores and file systems "
                                      "fsspec can write (s3://, gs://, ...), not to http(s):// URLs; write a local file and upload it")
+        if url.endswith("/") or (scheme in _BUCKETS and _remote._scheme_root(self.url)):
+            raise errors.FormatError(f"cannot write {self.url}: it names no object; name the object to write, "
+                                     f"e.g. {self.url.rstrip('/')}/model.h5")
         try:
             fs, path, _, _ = _remote._filesystem(url)
         except errors.MissingDependencyError as e:
             raise errors.MissingDependencyError(str(e).replace("reading ", "writing to ", 1)) from None
         self._fs = fs
         self._path = path.rstrip("/")
-        base = self._path.rsplit("/", 1)[-1]
-        if not base or path.endswith("/") or _remote._scheme_root(self.url):
-            raise errors.FormatError(f"cannot write {self.url}: name the object to write, e.g. {self.url.rstrip('/')}/model.h5")
+        if not self._path.rsplit("/", 1)[-1]:
+            raise errors.FormatError(f"cannot write {self.url}: it names no object; name the object to write, "
+                                     f"e.g. {self.url.rstrip('/')}/model.h5")
         self._done = False
         self._upload: _S3Multipart | _Moved
         if _is_s3(fs):
@@ -252,11 +259,11 @@ class _S3Multipart:
         self._fs, self.url, self.force = fs, url, force
         bucket, key, _ = fs.split_path(path)
         if not key:
-            raise errors.FormatError(f"cannot write {url}: name the object to write, e.g. s3://{bucket}/model.h5")
+            raise errors.FormatError(f"cannot write {url}: it names no object; name the object to write, e.g. s3://{bucket}/model.h5")
         self._bucket, self._key = bucket, key
         if not force and self._exists():
             raise OutputExistsError(f"output {url} already exists; pass {option('force', True)} to overwrite it")
-        resp = _call("starting the upload of", url, lambda: fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key))
+        resp = _s3("starting the upload of", url, lambda: fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key))
         self._id: str | None = resp["UploadId"]
 
     def _exists(self) -> bool:
@@ -268,14 +275,14 @@ class _S3Multipart:
             except PermissionError:
                 return False  # no s3:ListBucket: a missing key answers 403; the conditional completion still guards it
             return True
-        exists: bool = _call("looking up", self.url, call)
+        exists: bool = _s3("looking up", self.url, call)
         return exists
 
     def _send(self, number: int, data: bytes, md5: bytes) -> dict[str, Any]:
         """Upload part ``number``; its entry for the completion (its ETag and any checksum the store returned)."""
         assert self._id is not None
         upload_id = self._id
-        resp = _call("uploading", self.url, lambda: self._fs.call_s3(
+        resp = _s3("uploading", self.url, lambda: self._fs.call_s3(
             "upload_part", Bucket=self._bucket, Key=self._key, UploadId=upload_id, PartNumber=number, Body=data,
             ContentMD5=base64.b64encode(md5).decode("ascii")))
         part = {"PartNumber": number, "ETag": resp["ETag"]}
@@ -323,18 +330,18 @@ class _S3Multipart:
                                         f"pass {option('force', True)} to overwrite it") from None
 
         with signals_deferred():
-            _call("completing the upload of", self.url, call)
+            _s3("completing the upload of", self.url, call)
             self._id = None
             _published(self.url)
         self._fs.invalidate_cache(f"{self._bucket}/{self._key}")
 
     def _check(self, size: int, checksum: str, want_etag: str | None, nparts: int) -> Uploaded:
-        head = _call("checking", self.url, lambda: self._fs.call_s3("head_object", Bucket=self._bucket, Key=self._key))
+        head = _s3("checking", self.url, lambda: self._fs.call_s3("head_object", Bucket=self._bucket, Key=self._key))
         etag = str(head.get("ETag", "")).strip('"') or None
         got = head.get("ContentLength")
         if got != size or (want_etag is not None and etag != want_etag):
             with signals_deferred():
-                _call("removing", self.url, lambda: self._fs.call_s3("delete_object", Bucket=self._bucket, Key=self._key))
+                _s3("removing", self.url, lambda: self._fs.call_s3("delete_object", Bucket=self._bucket, Key=self._key))
             raise errors.CorruptError(f"upload of {self.url}: the store holds {got} bytes (ETag {etag}) where {size} bytes "
                                       f"(ETag {want_etag}) were sent; the object was removed, run again")
         how = f"{nparts} part(s), each checked by S3 against its MD5; size" + (" and ETag" if want_etag else "")
@@ -344,7 +351,7 @@ class _S3Multipart:
         if self._id is None:
             return
         upload_id, self._id = self._id, None
-        _call("aborting the upload of", self.url, lambda: self._fs.call_s3(
+        _s3("aborting the upload of", self.url, lambda: self._fs.call_s3(
             "abort_multipart_upload", Bucket=self._bucket, Key=self._key, UploadId=upload_id))
 
 
