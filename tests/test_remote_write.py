@@ -279,9 +279,17 @@ class _Faults:
         self.hold = threading.Event()
         self.holding = False
         self.held = threading.Event()
+        self.no_conditions = False  # answer a conditional request 501, as S3-compatible stores without them do
+        self.refused = 0
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
         query = environ.get("QUERY_STRING", "")
+        if self.no_conditions and environ["REQUEST_METHOD"] == "POST" and environ.get("HTTP_IF_NONE_MATCH"):
+            self.refused += 1
+            environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+            body = b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>NotImplemented</Code><Message>no</Message></Error>'
+            start_response("501 Not Implemented", [("Content-Type", "application/xml"), ("Content-Length", str(len(body)))])
+            return [body]
         part = re.search(r"(?:^|&)partNumber=(\d+)", query)
         if environ["REQUEST_METHOD"] == "PUT" and part and int(part.group(1)) == self.fail_part:
             if self.holding:
@@ -426,7 +434,7 @@ def test_s3_sigterm_during_the_upload_leaves_no_object_and_no_upload(moto_s3: An
 
 @pytest.mark.tf
 def test_s3_force_and_an_object_written_meanwhile(moto_s3: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    _, fs, _ = moto_s3
+    _, fs, faults = moto_s3
     tensors = {"w": np.arange(1000, dtype=np.float32)}
     fs.pipe_file("out/force/w.safetensors", b"old")
     with pytest.raises(errors.OutputExistsError, match="already exists; pass force=True"):
@@ -440,13 +448,26 @@ def test_s3_force_and_an_object_written_meanwhile(moto_s3: Any, tmp_path: Any, m
     real = _upload._S3Multipart._complete
 
     def race(self: Any, parts: Any) -> None:
-        fs.pipe_file("out/race/w.npz", b"theirs")
+        fs.pipe_file(f"out/{self._key}", b"theirs")
         real(self, parts)
 
     monkeypatch.setattr(_upload._S3Multipart, "_complete", race)
     with pytest.raises(errors.OutputExistsError, match="written meanwhile by another process"):
         ckptbridge.save(tensors, "s3://out/race/w.npz")
     assert fs.cat_file("out/race/w.npz") == b"theirs" and _uploads(fs) == []
+    # A store that does not do conditional writes: the object is looked for once more instead.
+    monkeypatch.setattr(_upload._S3Multipart, "_complete", real)
+    faults.no_conditions = True
+    try:
+        report = ckptbridge.save(tensors, "s3://out/plain/w.npz")
+        assert faults.refused == 1
+        assert fs.cat_file("out/plain/w.npz") != b"" and report.size == fs.info("out/plain/w.npz")["size"]
+        monkeypatch.setattr(_upload._S3Multipart, "_complete", race)
+        with pytest.raises(errors.OutputExistsError, match="written meanwhile by another process"):
+            ckptbridge.save(tensors, "s3://out/race2/w.npz")
+    finally:
+        faults.no_conditions = False
+    assert fs.cat_file("out/race2/w.npz") == b"theirs" and _uploads(fs) == []
 
 
 @pytest.mark.tf

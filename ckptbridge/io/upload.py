@@ -322,14 +322,27 @@ class _S3Multipart:
         assert self._id is not None
         upload_id = self._id
         cond = {} if self.force else {"IfNoneMatch": "*"}
+        meanwhile = OutputExistsError(f"output {self.url} already exists (written meanwhile by another process); "
+                                      f"pass {option('force', True)} to overwrite it")
+
+        def complete() -> None:
+            self._fs.call_s3("complete_multipart_upload", Bucket=self._bucket, Key=self._key, UploadId=upload_id,
+                             MultipartUpload={"Parts": parts}, **cond)
 
         def call() -> None:
             try:
-                self._fs.call_s3("complete_multipart_upload", Bucket=self._bucket, Key=self._key, UploadId=upload_id,
-                                 MultipartUpload={"Parts": parts}, **cond)
+                complete()
             except FileExistsError:
-                raise OutputExistsError(f"output {self.url} already exists (written meanwhile by another process); "
-                                        f"pass {option('force', True)} to overwrite it") from None
+                raise meanwhile from None
+            except OSError as e:
+                if not cond or _remote._status(e) != 501:
+                    raise
+                # A store without conditional writes (older S3-compatible ones answer 501 Not Implemented):
+                # the object is looked for once more, which a writer racing this one can still beat.
+                if self._exists():
+                    raise meanwhile from None
+                cond.clear()
+                complete()
 
         with signals_deferred():
             _s3("completing the upload of", self.url, call)
