@@ -383,7 +383,7 @@ def export(
             return _dry_report(output, prep, naming, src)
         metadata = {"engine": source_label(src), **prep.metadata}
         sink = open_archive_sink(output, fmt=fmt, compress=compress, force=force, source=src.path,  # transfer aborts it on any failure
-                                 scratch_dir=scratch)
+                                 scratch_dir=scratch, progress=progress)
         report = transfer(prep.source, sink, prep.plan, progress=progress, desc="export", metadata=metadata,
                           carry_extras=not isinstance(naming, Port))
         _output_facts(report, sink)

@@ -37,7 +37,7 @@ class UrlSink(ArchiveSink):
     """A format's sink writing into scratch space; :meth:`publish` uploads the verified file to the URL."""
 
     def __init__(self, url: str, fmt: Format, *, compress: bool = False, force: bool = False, source: str | None = None,
-                 scratch_dir: str | None = None) -> None:
+                 scratch_dir: str | None = None, progress: bool | None = False) -> None:
         dest = Destination(url, force=force)  # refuses what it can before anything is made
         try:
             self._scratch = Scratch(scratch_dir, kind="upload")
@@ -59,7 +59,7 @@ class UrlSink(ArchiveSink):
             raise CkptBridgeError(f"internal error: the {fmt.name} sink writes no single file, so it cannot be uploaded to {url}")
         super().__init__(dest.url, inner._out)
         inner.path = dest.url  # what its messages name
-        self._inner, self._dest, self._local = inner, dest, local
+        self._inner, self._dest, self._local, self._progress = inner, dest, local, progress
         self.streams = inner.streams
         self.source_class = inner.source_class
         self._records = inner._records
@@ -118,7 +118,7 @@ class UrlSink(ArchiveSink):
             self._inner.publish()
             _atomic.forget_published(self._local)
         try:
-            self.uploaded = self._dest.upload(self._local)
+            self.uploaded = self._dest.upload(self._local, progress=self._progress)
         finally:
             self._dest.abort()  # nothing, once it is published
             self._scratch.remove()

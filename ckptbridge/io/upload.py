@@ -47,6 +47,7 @@ from .. import errors
 from ..errors import OutputExistsError, RemoteError, RemotePermissionError, option
 from . import atomic as _atomic
 from . import remote as _remote
+from .progress import bar
 from .signals import raise_if_signalled, signals_deferred
 
 __all__ = ["CHECKSUM", "Destination", "Uploaded", "file_checksum", "is_url"]
@@ -196,12 +197,18 @@ class Destination:
     def _ledger_key(self) -> str:
         return f"{self.url}#{id(self)}"
 
-    def upload(self, local: str) -> Uploaded:
-        """Send the finished local file ``local``, check what the store holds, publish it at the URL."""
+    def upload(self, local: str, *, progress: bool | None = False) -> Uploaded:
+        """Send the finished local file ``local``, check what the store holds, publish it at the URL.
+
+        ``progress``: a bar of the bytes sent on stderr (None: only when stderr is a terminal)."""
         if self._done:
             raise errors.CkptBridgeError(f"internal error: {self.url} was already published or aborted")
         raise_if_signalled()
-        done = self._upload.run(local)
+        shown = bar(os.path.getsize(local), f"uploading {self.url}", progress)
+        try:
+            done = self._upload.run(local, shown)
+        finally:
+            shown.close()
         with signals_deferred():
             self._done = True
             _atomic.untrack_pending(self._ledger_key)
@@ -291,25 +298,31 @@ class _S3Multipart:
         part.update({k: v for k, v in resp.items() if k.startswith("Checksum") and k != "ChecksumType" and isinstance(v, str)})
         return part
 
-    def run(self, local: str) -> Uploaded:
+    def run(self, local: str, shown: Any) -> Uploaded:
         reader = _Reader(local)
         md5s: list[bytes] = []
         parts: list[dict[str, Any]] = []
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=UPLOAD_THREADS, thread_name_prefix="ckptbridge-upload")
         try:
             step = _part_size(reader.size)
-            pending: deque[concurrent.futures.Future[dict[str, Any]]] = deque()
+            pending: deque[tuple[concurrent.futures.Future[dict[str, Any]], int]] = deque()
+
+            def landed() -> None:
+                future, n = pending.popleft()
+                parts.append(future.result())
+                shown.update(n)
+
             for number in range(1, max(1, -(-reader.size // step)) + 1):
                 data = reader.read(step)
                 md5 = hashlib.md5(data).digest()
                 md5s.append(md5)
-                pending.append(pool.submit(self._send, number, data, md5))
+                pending.append((pool.submit(self._send, number, data, md5), len(data)))
                 del data
-                while len(pending) >= UPLOAD_THREADS or (pending and pending[0].done()):
-                    parts.append(pending.popleft().result())
+                while len(pending) >= UPLOAD_THREADS or (pending and pending[0][0].done()):
+                    landed()
                 raise_if_signalled()
             while pending:
-                parts.append(pending.popleft().result())
+                landed()
         finally:
             pool.shutdown(wait=True, cancel_futures=True)  # no part still in flight when the upload is aborted
             reader.close()
@@ -390,7 +403,7 @@ class _Moved:
         found: bool = _call("looking up", self.url, lambda: self._fs.exists(path))
         return found
 
-    def run(self, local: str) -> Uploaded:
+    def run(self, local: str, shown: Any) -> Uploaded:
         reader = _Reader(local)
         md5 = hashlib.md5()
         try:
@@ -399,6 +412,7 @@ class _Moved:
                 while data := reader.read(_READ_BYTES):
                     md5.update(data)
                     out.write(data)
+                    shown.update(len(data))
                     raise_if_signalled()
         except errors.CkptBridgeError:
             raise
