@@ -107,6 +107,19 @@ def test_export_to_a_url_is_the_local_export_byte_for_byte(suffix: str, source: 
     assert report.written == ["global_step", "net/b", "net/w"]
 
 
+def test_a_file_url_and_the_upload_bar(source: str, tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    report = ckptbridge.export(source, f"file://{out}/model.safetensors", progress=True)
+    assert "uploading file://" in capsys.readouterr().err
+    assert os.listdir(out) == ["model.safetensors"]  # written beside under a temporary name, then renamed
+    assert report.checksum == _upload.file_checksum(str(out / "model.safetensors"))
+    with ckptbridge.read(str(out / "model.safetensors")) as r, ckptbridge.read(source) as want:
+        assert all(r[n].tobytes() == want[n].tobytes() and r[n].dtype == want[n].dtype for n in want)
+    rc, _, err = in_process("export", source, f"file://{out}/model.safetensors")
+    error_line((rc, err), f"output file://{out}/model.safetensors already exists", "--force")
+
+
 def test_save_to_a_url_and_local_outputs_have_no_checksum(mem: Any, tmp_path: Any) -> None:
     fs, root = mem
     tensors = {"w": np.arange(12, dtype=np.float32).reshape(3, 4), "s": np.array([b"a", b"bc"], dtype=object)}
@@ -389,6 +402,30 @@ def test_export_to_s3_is_the_local_export_byte_for_byte(suffix: str, moto_s3: An
         for name in ("net/fc/weights", "net/fc/biases", "global_step"):
             expect = r.get_tensor(name)
             assert back[name].dtype == expect.dtype and back[name].tobytes() == expect.tobytes()
+
+
+@pytest.mark.tf
+def test_s3_to_s3_reads_by_range_and_writes_the_same_object(moto_s3: Any, tf_source: str, tmp_path: Any, frozen_clock: None) -> None:
+    _, fs, _ = moto_s3
+    run = os.path.dirname(tf_source)
+    for name in os.listdir(run):
+        fs.put_file(os.path.join(run, name), f"out/src/run/{name}")
+    fs.invalidate_cache()
+    local = str(tmp_path / "local.npz")
+    ckptbridge.export(tf_source, local)
+    rc, _, err = in_process("export", "s3://out/src/run/model.ckpt-7", "s3://out/archive/run/model.ckpt-7.npz")
+    assert rc == 0, err
+    with open(local, "rb") as f:
+        local_bytes = f.read()
+    # the same bytes but for the source the archive records: a URL here, a path there
+    with ckptbridge.read(local) as a:
+        assert a.metadata()["source"] == tf_source
+    blob = fs.cat_file("out/archive/run/model.ckpt-7.npz")
+    (tmp_path / "fetched.npz").write_bytes(blob)
+    with ckptbridge.read(str(tmp_path / "fetched.npz")) as b, ckptbridge.read(local) as a:
+        assert b.metadata()["source"] == "s3://out/src/run/model.ckpt-7"
+        assert all(b[n].tobytes() == a[n].tobytes() and b[n].dtype == a[n].dtype for n in a)
+    assert len(blob) - len(local_bytes) == len("s3://out/src/run/model.ckpt-7") - len(tf_source)
 
 
 @pytest.mark.tf
