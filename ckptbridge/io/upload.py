@@ -370,6 +370,7 @@ class _S3Multipart:
         if got != size or (want_etag is not None and etag != want_etag):
             with signals_deferred():
                 _s3("removing", self.url, lambda: self._fs.call_s3("delete_object", Bucket=self._bucket, Key=self._key))
+                _atomic.forget_published(self.url)
             raise errors.CorruptError(f"upload of {self.url}: the store holds {got} bytes (ETag {etag}) where {size} bytes "
                                       f"(ETag {want_etag}) were sent; the object was removed, run again")
         how = f"{nparts} part(s), each checked by S3 against its MD5; size" + (" and ETag" if want_etag else "")
