@@ -508,6 +508,19 @@ def test_s3_force_and_an_object_written_meanwhile(moto_s3: Any, tmp_path: Any, m
 
 
 @pytest.mark.tf
+def test_s3_an_object_unlike_what_was_sent_is_removed(moto_s3: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check after the completion: a store whose object's ETag is not the parts' (here: a wrong expectation)."""
+    _, fs, _ = moto_s3
+    real = _upload._S3Multipart._check
+    monkeypatch.setattr(_upload._S3Multipart, "_check", lambda self, size, checksum, etag, n: real(self, size, checksum, "0" * 32 + "-1", n))
+    with pytest.raises(errors.CorruptError, match=r"upload of s3://out/odd/w.h5: the store holds \d+ bytes \(ETag [0-9a-f]{32}-1\) "
+                                                  r"where \d+ bytes \(ETag 0{32}-1\) were sent; the object was removed"):
+        ckptbridge.save({"w": np.arange(10, dtype=np.float32)}, "s3://out/odd/w.h5")
+    fs.invalidate_cache()
+    assert not fs.exists("out/odd/w.h5") and _uploads(fs) == []
+
+
+@pytest.mark.tf
 def test_s3_errors_are_one_line(moto_s3: Any, tmp_path: Any) -> None:
     server, fs, _ = moto_s3
     src = str(tmp_path / "w.npz")
