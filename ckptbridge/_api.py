@@ -305,9 +305,9 @@ def export(
     The output's suffix picks the format.  It is written beside ``output`` under
     a temporary name, read back and compared, then renamed into place.  An
     ``output`` at a URL (``s3://bucket/run/model.h5``, ``gs://...``, any fsspec
-    protocol that writes; the ``[remote]`` extra) is written so into
-    ``scratch_dir`` (by default the system temp), uploaded, checked against what
-    the store holds, and only then published there: see the README's "Writing to URLs".
+    protocol that writes; the ``[remote]`` extra) is written and read back so in
+    ``scratch_dir`` (by default the system temp), then uploaded, checked against
+    what the store holds, and only then published there: see the README's "Writing to URLs".
 
     ``naming`` is a :class:`Naming`: a :class:`Select`\\ion (include, exclude,
     weights_only, use_ema), :class:`Rename`\\s after it (exact names, then
