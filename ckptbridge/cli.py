@@ -268,13 +268,14 @@ def cmd_export(args: argparse.Namespace) -> int:
         naming = _api.Naming(_select(args), _rename(args, exact), layout)
     report = _api.export(
         args.checkpoint, args.output, naming, read=_read(args, args.member), compress=args.compress, force=args.force,
-        progress=_progress(args), dry_run=args.dry_run, fsync=args.fsync,
+        progress=_progress(args), dry_run=args.dry_run, fsync=args.fsync, scratch_dir=args.scratch_dir,
     )
     if report.dry_run:
         _print_dry_run(report, report.output)
         return 0
     _report_plan(args, report)
-    _say(args, f"wrote {len(report.written)} tensors ({_human(report.nbytes)}) to {report.output}")
+    uploaded = f" ({_human(report.size or 0)} uploaded and checked, {report.checksum})" if report.checksum else ""
+    _say(args, f"wrote {len(report.written)} tensors ({_human(report.nbytes)}) to {report.output}{uploaded}")
     return 0
 
 
@@ -449,6 +450,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="write the state_dict of another framework's model through a port map: a built-in map "
                         "(torchvision:vgg16, ...; see `ckptbridge maps`) or a map file")
     s.add_argument("--map", dest="map_file", metavar="FILE", default=None, help="your own port map file (instead of --to)")
+    s.add_argument("--scratch-dir", metavar="DIR", default=None,
+                   help="local temporary space: where an output at a URL is written and read back before its upload "
+                        "(default: the system temp, TMPDIR)")
     _add_max_tensor_gb(s)
     s.set_defaults(func=cmd_export)
 
@@ -551,6 +555,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(argv: Sequence[str] | None, published_before: int, notes_before: int) -> int:
     from .io.atomic import published_outputs, stale_notes, state_notes
+    from .io.remote import is_url, redact
     from .io.signals import interruptible
 
     stale_before = len(stale_notes())
@@ -572,6 +577,8 @@ def _run(argv: Sequence[str] | None, published_before: int, notes_before: int) -
                 # An explicit TF_USE_LEGACY_KERAS in the environment wins.
                 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
             dest = getattr(args, "output", None) or getattr(args, "output_prefix", None)
+            if dest is not None and is_url(dest):
+                dest = redact(dest)  # what messages may show of it
             rc = int(args.func(args))
             _report_state(args, state_notes()[notes_before:])
             _report_stale(args, stale_notes()[stale_before:])

@@ -37,7 +37,13 @@ class Report:
     caveats: list[str] = dataclasses.field(default_factory=list)
     #: what finding the source decided that the user should know (a state file's path not followed)
     notes: list[str] = dataclasses.field(default_factory=list)
-
+    #: ``"crc32c:<8 hex digits>"`` of the output file's bytes, whole, where it came without an extra pass over
+    #: them (an output at a URL: computed as it was read for the upload); None for a local output
+    checksum: str | None = None
+    #: bytes of the output file at a URL; None for a local output
+    size: int | None = None
+    #: the ETag the store gave the object at a URL, where it gives one
+    etag: str | None = None
 
 
 @dataclasses.dataclass
