@@ -14,6 +14,7 @@ from the TF-written one, one attribute changed.
 from __future__ import annotations
 
 import os
+import pathlib
 from typing import Any
 
 import numpy as np
@@ -121,7 +122,7 @@ def _assert_rebuilt(job: dict[str, Any], out: str, meta: str | None = None) -> A
     assert {n.name for n in written.graph_def.node} == {n.name for n in job_meta.graph_def.node}
     assert written.saver_def == job_meta.saver_def
     assert sorted(written.collection_def) == sorted(job_meta.collection_def)
-    assert len(values) == len(V1.MetaGraphDef.FromString(open(job["meta"], "rb").read()).collection_def["variables"].bytes_list.value)
+    assert len(values) == len(V1.MetaGraphDef.FromString(pathlib.Path(job["meta"]).read_bytes()).collection_def["variables"].bytes_list.value)
     return written
 
 
@@ -262,3 +263,58 @@ def test_graph_options_that_cannot_apply_are_refused(job: dict[str, Any], tmp_pa
     with pytest.raises(FormatError, match="image_size"):
         ckptbridge.Graph(meta=job["meta"], image_size=28)
     assert not os.path.exists(tmp_path / "out")
+
+
+def _small_graph(path: str, *, device: str = "", var_list: Any = None, as_text: bool = False) -> None:
+    """A graph of two variables and ``y = ones @ w + b``, exported as a training job would (Saver ``var_list``)."""
+    with tf.Graph().as_default(), tf.device(device):
+        w = V1.get_variable("w", [3, 4])
+        b = V1.get_variable("b", [4], initializer=V1.zeros_initializer())
+        tf.identity(tf.matmul(tf.ones([1, 3]), w) + b, name="y")
+        saver = V1.train.Saver(var_list=var_list(w, b) if var_list else None)
+        V1.train.export_meta_graph(filename=path, saver_def=saver.saver_def, as_text=as_text)
+
+
+def _y(prefix: str) -> np.ndarray:
+    with tf.Graph().as_default():
+        saver = V1.train.import_meta_graph(prefix + ".meta")
+        with V1.Session(config=V1.ConfigProto(allow_soft_placement=True)) as sess:
+            saver.restore(sess, prefix)
+            return np.asarray(sess.run("y:0"))
+
+
+def test_the_checkpoint_holds_what_the_graphs_saver_saves(tmp_path: Any) -> None:
+    w, b = np.arange(12, dtype=np.float32).reshape(3, 4), np.full(4, 0.5, np.float32)
+    archive = str(tmp_path / "a.npz")
+    np.savez(archive, w=w, b=b)
+    # a Saver of w alone: b is no part of the checkpoint (listed as dropped), and restore fills w
+    only_w = str(tmp_path / "only_w.meta")
+    _small_graph(only_w, var_list=lambda w, b: [w])
+    for engine in ("auto", "tf"):
+        out = str(tmp_path / engine / "m.ckpt")
+        report = ckptbridge.rebuild(archive, out, graph=ckptbridge.Graph(meta=only_w), engine=engine)
+        assert report.written == ["w"] and report.dropped == {"b": f"not a variable of the graph in {only_w}"}
+        assert sorted(tf.train.load_checkpoint(out).get_variable_to_shape_map()) == ["w"]
+    # a Saver that saves under names of its own cannot be matched by name: refused, naming them
+    renamed = str(tmp_path / "renamed.meta")
+    _small_graph(renamed, var_list=lambda w, b: {"model/w": w, "b": b})
+    with pytest.raises(MismatchError, match=r"saves 1 names that are no variable's own name: model/w"):
+        ckptbridge.rebuild(archive, str(tmp_path / "r" / "m.ckpt"), graph=ckptbridge.Graph(meta=renamed))
+    assert not os.path.exists(tmp_path / "r")
+
+
+def test_a_text_meta_pinned_to_another_job_imports_with_its_devices_cleared(tmp_path: Any) -> None:
+    w, b = np.arange(12, dtype=np.float32).reshape(3, 4), np.full(4, 0.5, np.float32)
+    archive = str(tmp_path / "a.npz")
+    np.savez(archive, w=w, b=b)
+    want = np.ones((1, 3), np.float32) @ w + b
+    for device, cleared in (("/job:worker/replica:0/task:1/device:CPU:0", True), ("/device:GPU:3", False)):
+        meta = str(tmp_path / "job.pbtxt")
+        _small_graph(meta, device=device, as_text=True)
+        for engine in ("auto", "tf"):
+            out = str(tmp_path / f"{engine}-{cleared}" / "m.ckpt")
+            report = ckptbridge.rebuild(archive, out, graph=ckptbridge.Graph(meta=meta), engine=engine)
+            assert any("clear_devices=True" in n for n in report.notes) == cleared, report.notes
+            assert _y(out).tobytes() == want.tobytes()
+            written = V1.MetaGraphDef.FromString(pathlib.Path(out + ".meta").read_bytes())
+            assert next(n.device for n in written.graph_def.node if n.name == "w") == ("" if cleared else device)

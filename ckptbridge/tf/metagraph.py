@@ -119,9 +119,14 @@ def _parse_text(tf: Any, data: bytes) -> Any | None:
 
 def _import(tf: Any, meta: Any, path: str) -> tuple[Any, Any, list[str]]:
     """(graph, saver, notes): the plain import, or on a stale ``_output_shapes`` refusal the import without them."""
+    notes: list[str] = []
+    clear = _remote_device(tf, meta.graph_def)
+    if clear is not None:
+        notes.append(f"the graph in {path} places ops on {clear}, which no session here has; imported with clear_devices=True, "
+                     "so the written .meta places nothing (TensorFlow places each op where it can)")
     try:
-        graph, saver = _import_into_fresh_graph(tf, meta)
-        return graph, saver, []
+        graph, saver = _import_into_fresh_graph(tf, meta, clear_devices=clear is not None)
+        return graph, saver, notes
     except Exception as e:  # noqa: BLE001 - TensorFlow raises ValueError, InvalidArgumentError or NotFoundError here
         message = _first_line(e)
         if STALE_SHAPES not in message:
@@ -130,7 +135,7 @@ def _import(tf: Any, meta: Any, path: str) -> tuple[Any, Any, list[str]]:
     stripped.CopyFrom(meta)
     count = strip_output_shapes(stripped.graph_def)
     try:
-        graph, saver = _import_into_fresh_graph(tf, stripped)
+        graph, saver = _import_into_fresh_graph(tf, stripped, clear_devices=clear is not None)
     except Exception as e:  # noqa: BLE001 - as above
         raise CkptBridgeError(f"TensorFlow {tf.__version__} cannot import the graph in {path}, even without its stale _output_shapes "
                               f"attributes: {_first_line(e)}") from None
@@ -138,15 +143,30 @@ def _import(tf: Any, meta: Any, path: str) -> tuple[Any, Any, list[str]]:
     note = (f"the graph in {path} (written by TensorFlow {written_by}) has _output_shapes attributes that TensorFlow {tf.__version__}'s "
             f"shape inference contradicts ({message}); imported without them ({count} nodes), every shape inferred again, "
             "and the written .meta records shapes that agree")
-    return graph, saver, [note]
+    return graph, saver, [*notes, note]
 
 
-def _import_into_fresh_graph(tf: Any, meta: Any) -> tuple[Any, Any]:
+def _import_into_fresh_graph(tf: Any, meta: Any, *, clear_devices: bool) -> tuple[Any, Any]:
     graph = tf.Graph()
     with graph.as_default(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        saver = tf.compat.v1.train.import_meta_graph(meta, clear_devices=False)
+        saver = tf.compat.v1.train.import_meta_graph(meta, clear_devices=clear_devices)
     return graph, saver
+
+
+def _remote_device(tf: Any, graph_def: Any) -> str | None:
+    """The first device of ``graph_def`` on another job, replica or task than this process's, or None.
+
+    A session here runs as ``/job:localhost/replica:0/task:0``; soft placement moves an op
+    pinned to a device type it lacks (a GPU), but not one pinned to another job.
+    """
+    for node in graph_def.node:
+        if not node.device:
+            continue
+        spec = tf.DeviceSpec.from_string(node.device)
+        if spec.job not in (None, "localhost") or spec.replica not in (None, 0) or spec.task not in (None, 0):
+            return str(node.device)
+    return None
 
 
 def strip_output_shapes(graph_def: Any) -> int:
