@@ -62,7 +62,8 @@ def import_meta(tf: Any, path: str) -> Imported:
     with graph.as_default():
         variables = tf.compat.v1.global_variables()
     if saver is None or not variables:
-        raise CkptBridgeError(f"the graph in {path} has no variables (its 'variables' collection is empty): there is nothing to rebuild through it")
+        raise CkptBridgeError(f"the graph in {path} has no variables (its 'variables' collection is empty); "
+                              "give the .meta of the graph the archive's checkpoint belongs to")
     whole, parts, expected = _saved_variables(tf, graph, saver, variables, path)
     return Imported(graph, saver, whole, parts, expected, notes)
 
