@@ -267,11 +267,11 @@ def test_graph_options_that_cannot_apply_are_refused(job: dict[str, Any], tmp_pa
     assert not os.path.exists(tmp_path / "out")
 
 
-def _small_graph(path: str, *, device: str = "", var_list: Any = None, as_text: bool = False) -> None:
+def _small_graph(path: str, *, device: str = "", var_list: Any = None, as_text: bool = False, use_resource: bool = True) -> None:
     """A graph of two variables and ``y = ones @ w + b``, exported as a training job would (Saver ``var_list``)."""
     with tf.Graph().as_default(), tf.device(device):
-        w = V1.get_variable("w", [3, 4])
-        b = V1.get_variable("b", [4], initializer=V1.zeros_initializer())
+        w = V1.get_variable("w", [3, 4], use_resource=use_resource)
+        b = V1.get_variable("b", [4], initializer=V1.zeros_initializer(), use_resource=use_resource)
         tf.identity(tf.matmul(tf.ones([1, 3]), w) + b, name="y")
         saver = V1.train.Saver(var_list=var_list(w, b) if var_list else None)
         V1.train.export_meta_graph(filename=path, saver_def=saver.saver_def, as_text=as_text)
@@ -285,18 +285,23 @@ def _y(prefix: str) -> np.ndarray:
             return np.asarray(sess.run("y:0"))
 
 
-def test_the_checkpoint_holds_what_the_graphs_saver_saves(tmp_path: Any) -> None:
+@pytest.mark.parametrize("use_resource", [True, False], ids=["resource", "ref"])  # ref: TF1's VariableV2, as 2019 .meta files have
+def test_the_checkpoint_holds_what_the_graphs_saver_saves(tmp_path: Any, use_resource: bool) -> None:
     w, b = np.arange(12, dtype=np.float32).reshape(3, 4), np.full(4, 0.5, np.float32)
     archive = str(tmp_path / "a.npz")
     np.savez(archive, w=w, b=b)
     # a Saver of w alone: b is no part of the checkpoint (listed as dropped), and restore fills w
     only_w = str(tmp_path / "only_w.meta")
-    _small_graph(only_w, var_list=lambda w, b: [w])
+    _small_graph(only_w, var_list=lambda w, b: [w], use_resource=use_resource)
+    ops = {n.op for n in V1.MetaGraphDef.FromString(pathlib.Path(only_w).read_bytes()).graph_def.node}
+    assert ("VarHandleOp" if use_resource else "VariableV2") in ops
     for engine in ("auto", "tf"):
         out = str(tmp_path / engine / "m.ckpt")
         report = ckptbridge.rebuild(archive, out, graph=ckptbridge.Graph(meta=only_w), engine=engine)
         assert report.written == ["w"] and report.dropped == {"b": f"not a variable of the graph in {only_w}"}
-        assert sorted(tf.train.load_checkpoint(out).get_variable_to_shape_map()) == ["w"]
+        got = tf.train.load_checkpoint(out)
+        assert sorted(got.get_variable_to_shape_map()) == ["w"]
+        C.assert_same_array(np.asarray(got.get_tensor("w")), w, "w")
     # a Saver that saves under names of its own cannot be matched by name: refused, naming them
     renamed = str(tmp_path / "renamed.meta")
     _small_graph(renamed, var_list=lambda w, b: {"model/w": w, "b": b})
