@@ -478,8 +478,9 @@ def rebuild(
 ) -> Report:
     """Turn an archive (or any source) back into a TensorFlow checkpoint.
 
-    With ``graph`` (a :class:`Graph`: a tf-slim net name or ``package.module:function``)
-    the slim graph is built and its variables are matched by name, shape and dtype;
+    With ``graph`` (a :class:`Graph`: a tf-slim net name or ``package.module:function``,
+    or ``meta=``, a MetaGraphDef file such as a training job's ``.meta``, imported as it is)
+    the graph is built or imported and its variables are matched by name, shape and dtype;
     the native writer streams the checkpoint beside the graph's ``.meta``, or with
     ``engine="tf"`` the variables are fed through placeholders (in slices of
     ``graph.chunk_bytes`` for large ones) and a ``Saver`` writes it.  Without a graph,
@@ -509,7 +510,7 @@ def rebuild(
             with ``read``) or as an open :class:`Reader`.
         output_prefix: the checkpoint prefix to write (``dir/model.ckpt``).
         naming: the names written (:class:`Naming`), or a port map (:class:`Port`).
-        graph: the tf-slim graph to import through (:class:`Graph`, TensorFlow needed).
+        graph: the graph to import through (:class:`Graph`: a tf-slim net or a ``.meta``; TensorFlow needed).
         read: how a path is read (:class:`ReadOptions`; by default :func:`read`'s).
         engine: the engine that writes the checkpoint (``"auto"``, ``"native"``, ``"tf"``).
         max_shard_bytes: split the checkpoint into ``.data`` shards of at most this many bytes.
@@ -520,6 +521,7 @@ def rebuild(
     Example::
 
         ckptbridge.rebuild("vgg_16.npz", "out/model.ckpt", graph=ckptbridge.Graph("vgg_16"))
+        ckptbridge.rebuild("model.npz", "out/model.ckpt", graph=ckptbridge.Graph(meta="train/model.ckpt-1000.meta"))
         ckptbridge.rebuild("vgg16.safetensors", "out/model.ckpt", ckptbridge.Port("torchvision:vgg16"),
                            graph=ckptbridge.Graph("vgg_16"))
     """
@@ -561,17 +563,19 @@ def rebuild(
             from .tf.slim import plan_graph_import
 
             g = plan_graph_import(
-                prep.source, output_prefix, model=graph.model, plan=prep.plan, num_classes=classes, allow_missing=graph.allow_missing,
-                strict=graph.strict, chunk_bytes=graph.chunk_bytes, max_shard_bytes=max_shard_bytes, engine=engine, force=force,
-                image_size=graph.image_size,
+                prep.source, output_prefix, model=graph.model, meta=None if graph.meta is None else os.fspath(graph.meta), plan=prep.plan,
+                num_classes=classes, allow_missing=graph.allow_missing, strict=graph.strict, chunk_bytes=graph.chunk_bytes,
+                max_shard_bytes=max_shard_bytes, engine=engine, force=force, image_size=graph.image_size,
             )
             # The graph's checkpoint is name-based: a TF2 object graph of the archive has nothing to describe there.
             report = transfer(g.source, g.sink, g.plan, progress=progress, desc="import", carry_extras=False, chunk_bytes=g.chunk_bytes)
             report.written = [n for n in report.written if n not in g.missing]
             report.dropped, report.ema_swaps, report.missing = {**prep.plan.dropped, **g.dropped}, g.ema_swaps, g.missing
-        else:
-            sink = open_checkpoint_sink(output_prefix, engine=engine, force=force, max_shard_bytes=max_shard_bytes)
-            report = transfer(prep.source, sink, prep.plan, progress=progress, desc="import")
+            _annotate(report, prep, naming, src)
+            report.notes += g.notes
+            return report
+        sink = open_checkpoint_sink(output_prefix, engine=engine, force=force, max_shard_bytes=max_shard_bytes)
+        report = transfer(prep.source, sink, prep.plan, progress=progress, desc="import")
         _annotate(report, prep, naming, src)
         return report
 

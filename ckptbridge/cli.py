@@ -287,14 +287,14 @@ def cmd_import(args: argparse.Namespace) -> int:
     max_shard_bytes = _bytes(args.max_shard_mb, 1 << 20, "--max-shard-mb")
     read = _read(args, args.member)
     port = _port(args)
-    if args.model is None:
+    if args.model is None and args.graph is None:
         # With a port map, --num-classes also says whether the checkpoint gets TensorFlow's background class back.
         given = [option(opt) for opt, value in (("chunk_bytes", chunk_bytes), ("num_classes", args.num_classes if port is None else None),
                                                 ("image_size", args.image_size), ("allow_missing", args.allow_missing),
                                                 ("strict", args.strict)) if value]
         if given:
             raise CkptBridgeError(f"{', '.join(given)} {'apply' if len(given) > 1 else 'applies'} to a rebuild through a graph; "
-                                  f"add {option('model')}, or leave them out")
+                                  f"add {option('model')} or {option('meta')}, or leave them out")
     naming: _api.Naming | _api.Port
     if port is not None:
         _refuse_with_port(rename=args.rename, rename_map=exact, original_names=args.original_names, include=args.include,
@@ -302,8 +302,12 @@ def cmd_import(args: argparse.Namespace) -> int:
         naming = _api.Port(port, num_classes=args.num_classes)
     else:
         naming = _api.Naming(_select(args), _rename(args, exact))
-    graph = None if args.model is None else _api.Graph(args.model, num_classes=args.num_classes, image_size=args.image_size,
-                                                        allow_missing=args.allow_missing, strict=args.strict, chunk_bytes=chunk_bytes)
+    graph = None
+    if args.model is not None or args.graph is not None:
+        # With --graph and --from, --num-classes is the port's alone: the graph in a .meta is built already.
+        classes = None if args.graph is not None and port is not None else args.num_classes
+        graph = _api.Graph(args.model, num_classes=classes, image_size=args.image_size, allow_missing=args.allow_missing,
+                           strict=args.strict, chunk_bytes=chunk_bytes, meta=args.graph)
     report = _api.rebuild(
         args.archive, args.output_prefix, naming, graph=graph, read=read, engine=args.engine, max_shard_bytes=max_shard_bytes,
         force=args.force, progress=_progress(args), dry_run=args.dry_run, fsync=args.fsync,
@@ -460,6 +464,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("archive", help=f"input archive: {listed}")
     s.add_argument("output_prefix", help="checkpoint prefix to write, e.g. out/model.ckpt")
     s.add_argument("--model", help="tf-slim net (vgg_16, resnet_v1_50, inception_v3, ...) or package.module:function")
+    s.add_argument("--graph", metavar="GRAPH.meta", default=None,
+                   help="instead of --model: a MetaGraphDef you have (a training job's .meta), imported as it is; the checkpoint "
+                        "holds what its Saver saves, and OUTPUT_PREFIX.meta is that graph")
     s.add_argument("--num-classes", type=int, default=None,
                    help="classes of the net's logits (default: the archive's logits width, else the net's own); with --from, "
                         "the destination's count leaves out TensorFlow's background class, one more puts it back as zeros (the map's default)")
@@ -471,7 +478,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="restore every tensor name recorded at export, undoing its --rename too (without it, only "
                         "the readable names --names gave go back to their checkpoint keys)")
     s.add_argument("--chunk-mb", type=float, default=None,
-                   help="with --model --engine tf: feed variables larger than this to the Saver in row slices (default 64)")
+                   help="with --model or --graph, and --engine tf: feed variables larger than this to the Saver in row slices (default 64)")
     s.add_argument("--max-shard-mb", type=float, default=None, help="split the checkpoint into .data shards of at most this size")
     _add_max_tensor_gb(s)
     s.add_argument("--from", dest="port", metavar="MAP", default=None,
@@ -666,7 +673,7 @@ def _report_stale(args: argparse.Namespace, notes: Sequence[Any]) -> None:
 # The flag for each option the library's messages name (errors.option), where it is not
 # the keyword with dashes; sizes are given in other units on the command line.
 _FLAGS = {"max_tensor_bytes": "--max-tensor-gb", "chunk_bytes": "--chunk-mb", "max_shard_bytes": "--max-shard-mb",
-          "rename_map": "--rename-file"}
+          "rename_map": "--rename-file", "meta": "--graph"}
 
 
 def _flag(key: str, value: str | None, args: argparse.Namespace | None = None) -> str:

@@ -34,6 +34,8 @@ class SaverSink(Sink):
     """Feeds each variable of ``graph`` through a placeholder; ``saver`` writes the result.
 
     ``variables`` maps every name that will be written to its graph variable;
+    ``parts`` maps a partitioned variable's name to its parts, each (graph variable,
+    offset in the full tensor), fed the slice of the full tensor it holds;
     ``missing`` are the graph's other variables, left at their initializers.
     Variables over ``chunk_bytes`` are fed in row slices into an uninitialised
     buffer; smaller ones are fed together, a few ``session.run`` calls for the
@@ -44,10 +46,15 @@ class SaverSink(Sink):
     _out: AtomicCheckpoint
 
     def __init__(self, tf: Any, graph: Any, saver: Any, variables: dict[str, Any], missing: list[Any], prefix: str, *,
-                 force: bool = False, chunk_bytes: int = 64 << 20) -> None:
+                 force: bool = False, chunk_bytes: int = 64 << 20, parts: Mapping[str, list[Part]] | None = None) -> None:
         super().__init__(prefix)
         self._tf, self._graph, self._saver = tf, graph, saver
-        self._vars = variables
+        self._vars = dict(variables)
+        # A part is fed like a variable of its own, under a key no tensor name has.
+        self._parts = {name: [(f"{name}\x00part{i}", off, tuple(int(x) for x in v.shape)) for i, (v, off) in enumerate(ps)]
+                       for name, ps in (parts or {}).items()}
+        for name, ps in (parts or {}).items():
+            self._vars.update({key: v for (key, _, _), (v, _) in zip(self._parts[name], ps)})
         self._missing = missing
         self._chunk = chunk_bytes
         self._sess: Any = None
@@ -61,7 +68,8 @@ class SaverSink(Sink):
         tf = self._tf
         with self._graph.as_default():
             self._saver.export_meta_graph(meta_path(self._out.tmp_prefix))  # before the feed ops: the .meta is the model alone
-            self._feeds = {s.name: _assign_ops(tf, self._vars[s.name], self._chunk) for s in specs}
+            keys = [k for s in specs for k in ([p[0] for p in self._parts[s.name]] if s.name in self._parts else [s.name])]
+            self._feeds = {k: _assign_ops(tf, self._vars[k], self._chunk) for k in keys}
             init_missing = tf.compat.v1.variables_initializer(self._missing) if self._missing else None
             chunked = [self._vars[n] for n, f in self._feeds.items() if f[2] is not None]
             # A large variable gets an uninitialised buffer of its shape (every row is then fed):
@@ -72,14 +80,21 @@ class SaverSink(Sink):
             # copies the whole variable (measured: +390 MB for fc6); the buffer is ours alone.
             self._no_copy = [tf.raw_ops.DisableCopyOnRead(resource=v.handle) for v in chunked if _is_resource(v)]
         self._graph.finalize()
-        self._sess = tf.compat.v1.Session(graph=self._graph)
+        self._sess = tf.compat.v1.Session(graph=self._graph, config=session_config(tf))
         if init_missing is not None:
             self._sess.run(init_missing)
         if fill:
             self._sess.run(fill)
 
     def put(self, tensor: Encoded) -> None:
-        self._feed(tensor.name, tensor.array)
+        self._put_array(tensor.name, tensor.array)
+
+    def _put_array(self, name: str, array: np.ndarray) -> None:
+        if name in self._parts:
+            for key, offset, shape in self._parts[name]:
+                self._feed(key, array[tuple(slice(o, o + n) for o, n in zip(offset, shape))])
+            return
+        self._feed(name, array)
 
     def _feed(self, name: str, array: np.ndarray) -> None:
         ph, op, start, rows = self._feeds[name]
@@ -95,16 +110,13 @@ class SaverSink(Sink):
 
     def put_blocks(self, name: str, stream: BlockStream) -> None:
         """Whole rows go straight to the variable; a row split across blocks is gathered first."""
+        if name in self._parts:  # each part takes a slice of the whole: gathered first
+            self._put_array(name, _gather(stream))
+            return
         ph, op, start, _ = self._feeds[name]
         shape = stream.spec.shape
         if start is None:
-            whole = np.empty(shape, dtype=numpy_dtype(stream.spec.dtype))
-            flat = whole.reshape(-1)
-            pos = 0
-            for _, block in stream:  # a block is valid until the next: copied into the tensor's own buffer
-                flat[pos:pos + block.size] = block.reshape(-1)
-                pos += block.size
-            self._feed(name, whole)
+            self._feed(name, _gather(stream))
             return
         row: np.ndarray | None = None
         row_elems = math.prod(shape[1:])
@@ -145,7 +157,7 @@ class SaverSink(Sink):
     def open_readback(self) -> Source:
         # What the Saver wrote is read back natively, streamed (TensorFlow would copy every tensor whole);
         # the variables left at their initializers were not sent, so they are not compared.
-        return _Without(BundleReader(self._out.tmp_prefix, verify=True), {v.op.name for v in self._missing})
+        return _Without(BundleReader(self._out.tmp_prefix, verify=True), {saved_name(v) for v in self._missing})
 
     def abort(self) -> None:
         self._group.clear()
@@ -158,6 +170,33 @@ class SaverSink(Sink):
         if self._sess is not None:
             sess, self._sess = self._sess, None
             sess.close()
+
+
+#: a part of a partitioned variable: (its graph variable, its offset in the full tensor)
+Part = tuple[Any, tuple[int, ...]]
+
+
+def saved_name(var: Any) -> str:
+    """The name a Saver stores ``var`` under by default: its op's, or a partitioned variable's full name."""
+    info = getattr(var, "_save_slice_info", None)
+    return str(info.full_name) if info is not None else str(var.op.name)
+
+
+def session_config(tf: Any) -> Any:
+    """A session's options: an imported training graph may pin ops to devices this machine lacks
+    (``/job:worker``, a GPU); they run where they can, and the graph keeps its placements."""
+    return tf.compat.v1.ConfigProto(allow_soft_placement=True)
+
+
+def _gather(stream: BlockStream) -> np.ndarray:
+    """A whole tensor from its blocks (a block is valid until the next: copied into the tensor's own buffer)."""
+    whole = np.empty(stream.spec.shape, dtype=numpy_dtype(stream.spec.dtype))
+    flat = whole.reshape(-1)
+    pos = 0
+    for _, block in stream:
+        flat[pos:pos + block.size] = block.reshape(-1)
+        pos += block.size
+    return whole
 
 
 class _Without(SourceView):
