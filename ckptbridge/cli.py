@@ -283,9 +283,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_archive(args: argparse.Namespace) -> int:
     if len(args.paths) < 2:
-        raise CkptBridgeError("archive takes SOURCE... DEST: at least one source, then the destination")
+        raise CkptBridgeError("archive takes SOURCE... DEST: at least one source, then the destination; add the destination")
     if args.jobs is not None and args.jobs < 1:
-        raise CkptBridgeError(f"--jobs must be at least 1, got {args.jobs}")
+        raise CkptBridgeError(f"--jobs must be at least 1, got {args.jobs}; give a number of processes")
     from . import _archive
     from ._options import Workers
 

@@ -1,0 +1,255 @@
+"""``ckptbridge archive``: every checkpoint under a source, one export each, a manifest, re-runs that skip what is done.
+
+The TensorFlow-free part uses checkpoints of the native writer to test what archive
+decides (discovery, the manifest, re-runs, failures, signals).  The ``tf`` part holds
+the bit-exact claim: TensorFlow's own files, at moto's S3 server, archived on a Dask
+cluster of real ``dask scheduler`` and ``dask worker`` processes, compared with
+``tf.train.load_checkpoint``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+
+import ckptbridge
+from ckptbridge.io.manifest import MANIFEST
+
+from helpers import CLI_ENV, cli, error_line, flip, in_process, leftovers, popen, same, write_checkpoint
+
+
+def _tensors(step: int, n: int = 4) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(step)
+    return {f"net/layer{i}/weights": rng.standard_normal((8, 8)).astype(np.float32) for i in range(n)} | {
+        "global_step": np.int64(step), "net/bn/moving_mean": rng.standard_normal(8)}
+
+
+def _runs(root: str, steps: dict[str, list[int]]) -> dict[str, dict[str, np.ndarray]]:
+    """Training directories ``root/runs/<run>/model.ckpt-<step>``; rel -> tensors written."""
+    written = {}
+    for run, ss in steps.items():
+        for s in ss:
+            tensors = _tensors(s)
+            write_checkpoint(os.path.join(root, "runs", run, f"model.ckpt-{s}"), tensors)
+            written[f"runs/{run}/model.ckpt-{s}"] = tensors
+    return written
+
+
+def _manifest(dest: str) -> dict[str, dict[str, Any]]:
+    with open(os.path.join(dest, MANIFEST), encoding="utf-8") as f:
+        return {e["rel"]: e for e in map(json.loads, f)}
+
+
+def _mtimes(dest: str) -> dict[str, int]:
+    return {os.path.relpath(os.path.join(d, n), dest): os.stat(os.path.join(d, n)).st_mtime_ns
+            for d, _, files in os.walk(dest) for n in files if n != MANIFEST}
+
+
+def _assert_same(path: str, tensors: dict[str, np.ndarray]) -> None:
+    got = ckptbridge.load(path)
+    assert set(got) == set(tensors)
+    for k, v in tensors.items():
+        assert same(got[k], np.asarray(v)), k
+
+
+# --------------------------------------------------------------------------- local, without TensorFlow
+
+
+def test_archive_mirrors_paths_and_records_each_checkpoint(tmp_path: Any) -> None:
+    written = _runs(str(tmp_path), {"a": [100, 200], "b": [300]})
+    os.makedirs(tmp_path / "runs" / "b" / "events")  # a directory holding no checkpoint, and files that are none
+    (tmp_path / "runs" / "b" / "events" / "events.out.tfevents.1").write_bytes(b"\x00" * 64)
+    (tmp_path / "runs" / "a" / "checkpoint").write_text('model_checkpoint_path: "model.ckpt-200"\n')
+    dest = str(tmp_path / "out")
+    rc, _, err = in_process("archive", str(tmp_path / "runs"), dest, "--jobs", "1")
+    assert rc == 0, err
+    assert "archived 3, skipped 0 up to date, 0 incomplete, 0 failed" in err
+    entries = _manifest(dest)
+    assert set(entries) == {rel + ".h5" for rel in written}
+    for rel, tensors in written.items():
+        out = os.path.join(dest, rel + ".h5")
+        _assert_same(out, tensors)
+        e = entries[rel + ".h5"]
+        assert e["status"] == "done" and e["error"] is None and e["tensors"] == len(tensors)
+        assert e["bytes"] == sum(np.asarray(v).nbytes for v in tensors.values())
+        st = os.stat(out)
+        assert e["output_identity"] == [st.st_size, str(st.st_mtime_ns)]
+        prefix = os.path.join(str(tmp_path), rel)
+        assert e["source_files"] == {os.path.basename(p): [os.path.getsize(p), str(os.stat(p).st_mtime_ns)]
+                                     for p in (prefix + ".index", prefix + ".data-00000-of-00001")}
+        assert e["checksum"].startswith("sha256-crc32c:") and len(e["checksum"]) == len("sha256-crc32c:") + 64
+    # the checksum is of the tensors: the same tensors under the same names give the same one, others another
+    assert len({e["checksum"] for e in entries.values()}) == 3
+    assert leftovers(dest) == []
+
+
+def test_the_checksum_is_what_the_read_back_found(tmp_path: Any) -> None:
+    from ckptbridge._archive import content_checksum
+    from ckptbridge.pipe.transfer import exchange_checksum
+
+    tensors = _tensors(7)
+    write_checkpoint(str(tmp_path / "c" / "model.ckpt-7"), tensors)
+    report = ckptbridge.archive(str(tmp_path / "c"), str(tmp_path / "out"), workers=ckptbridge.Workers(jobs=1))
+    assert [e.status for e in report.entries] == ["done"]
+    got = ckptbridge.load(str(tmp_path / "out" / "c" / "model.ckpt-7.h5"))
+    want = content_checksum({k: exchange_checksum(np.asarray(v)) for k, v in got.items()})
+    assert _manifest(str(tmp_path / "out"))["c/model.ckpt-7.h5"]["checksum"] == want
+
+
+def test_a_rerun_skips_what_is_done_and_redoes_what_changed(tmp_path: Any) -> None:
+    written = _runs(str(tmp_path), {"a": [1, 2], "b": [3]})
+    dest = str(tmp_path / "out")
+    src = str(tmp_path / "runs")
+    assert in_process("archive", src, dest, "-j", "1")[0] == 0
+    before = _mtimes(dest)
+    rc, _, err = in_process("archive", src, dest, "-j", "1")
+    assert rc == 0 and "archived 0, skipped 3 up to date" in err, err
+    assert _mtimes(dest) == before
+    # a checkpoint saved again, an output removed, an output replaced by something else: those three are redone
+    time.sleep(0.01)
+    write_checkpoint(str(tmp_path / "runs" / "a" / "model.ckpt-1"), _tensors(11))
+    os.remove(os.path.join(dest, "runs", "a", "model.ckpt-2.h5"))
+    rc, _, err = in_process("archive", src, dest, "-j", "1")
+    assert rc == 0 and "archived 2, skipped 1 up to date" in err, err
+    _assert_same(os.path.join(dest, "runs", "a", "model.ckpt-1.h5"), _tensors(11))
+    _assert_same(os.path.join(dest, "runs", "a", "model.ckpt-2.h5"), written["runs/a/model.ckpt-2"])
+    assert _mtimes(dest)["runs/b/model.ckpt-3.h5"] == before["runs/b/model.ckpt-3.h5"]
+    shutil.copy(os.path.join(dest, "runs", "a", "model.ckpt-1.h5"), os.path.join(dest, "runs", "b", "model.ckpt-3.h5"))
+    rc, _, err = in_process("archive", src, dest, "-j", "1")
+    assert rc == 0 and "archived 1, skipped 2 up to date" in err, err
+    _assert_same(os.path.join(dest, "runs", "b", "model.ckpt-3.h5"), written["runs/b/model.ckpt-3"])
+    # other export options make other outputs: all redone, and the filter applied
+    rc, _, err = in_process("archive", src, dest, "-j", "1", "--exclude", "global_step")
+    assert rc == 0 and "archived 3, skipped 0" in err, err
+    assert "global_step" not in ckptbridge.load(os.path.join(dest, "runs", "b", "model.ckpt-3.h5"))
+    rc, _, err = in_process("archive", src, dest, "-j", "1", "--exclude", "global_step", "--force")
+    assert rc == 0 and "archived 3, skipped 0" in err, err
+
+
+def test_a_corrupt_checkpoint_is_one_line_and_the_others_go_on(tmp_path: Any) -> None:
+    written = _runs(str(tmp_path), {"a": [1, 2], "b": [3]})
+    bad = str(tmp_path / "runs" / "a" / "model.ckpt-2")
+    flip(bad + ".data-00000-of-00001", 40)
+    dest = str(tmp_path / "out")
+    rc, _, err = in_process("archive", str(tmp_path / "runs"), dest, "-j", "1", "-q")
+    assert rc == 1, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 2 and "Traceback" not in err, err
+    assert lines[0].startswith("ckptbridge: failed: ") and bad in lines[0] and "checksum" in lines[0], lines[0]
+    assert "archived 2, skipped 0 up to date, 0 incomplete, 1 failed" in lines[1]
+    assert not os.path.exists(os.path.join(dest, "runs", "a", "model.ckpt-2.h5")) and leftovers(dest) == []
+    entries = _manifest(dest)
+    assert entries["runs/a/model.ckpt-2.h5"]["status"] == "failed" and "checksum" in entries["runs/a/model.ckpt-2.h5"]["error"]
+    for rel in ("runs/a/model.ckpt-1", "runs/b/model.ckpt-3"):
+        _assert_same(os.path.join(dest, rel + ".h5"), written[rel])
+    # the failed one is tried again, the rest skipped; repaired, it is archived
+    rc, _, err = in_process("archive", str(tmp_path / "runs"), dest, "-j", "1", "-q")
+    assert rc == 1 and "archived 0, skipped 2 up to date, 0 incomplete, 1 failed" in err, err
+    flip(bad + ".data-00000-of-00001", 40)
+    rc, _, err = in_process("archive", str(tmp_path / "runs"), dest, "-j", "1")
+    assert rc == 0 and "archived 1, skipped 2" in err, err
+    _assert_same(os.path.join(dest, "runs", "a", "model.ckpt-2.h5"), written["runs/a/model.ckpt-2"])
+
+
+def test_checkpoints_still_being_written_are_skipped_and_listed(tmp_path: Any) -> None:
+    _runs(str(tmp_path), {"a": [1, 2, 3]})
+    run = tmp_path / "runs" / "a"
+    data2 = (run / "model.ckpt-2.data-00000-of-00001").read_bytes()
+    os.remove(run / "model.ckpt-2.data-00000-of-00001")  # the index is there, its data not yet
+    os.remove(run / "model.ckpt-3.index")  # the data is there, the index not yet
+    os.makedirs(run / "model.ckpt-4_temp")  # TensorFlow's sharded save under way: its parts, merged when all are written
+    (run / "model.ckpt-4_temp" / "part-00000-of-00001.data-00000-of-00001").write_bytes(b"x" * 10)
+    dest = str(tmp_path / "out")
+    rc, _, err = in_process("archive", str(tmp_path / "runs"), dest, "-j", "1")
+    assert rc == 0, err
+    assert "archived 1, skipped 0 up to date, 3 incomplete, 0 failed" in err, err
+    listed = [ln for ln in err.splitlines() if ln.startswith("incomplete, skipped: ")]
+    assert len(listed) == 3 and any("model.ckpt-2" in ln and "data shards" in ln for ln in listed), listed
+    assert any("model.ckpt-3" in ln and ".index" in ln for ln in listed) and any("_temp" in ln for ln in listed), listed
+    entries = _manifest(dest)
+    assert entries["runs/a/model.ckpt-2.h5"]["status"] == "incomplete"
+    assert sorted(os.listdir(os.path.join(dest, "runs", "a"))) == ["model.ckpt-1.h5"]
+    (run / "model.ckpt-2.data-00000-of-00001").write_bytes(data2)  # the save finished
+    rc, _, err = in_process("archive", str(tmp_path / "runs"), dest, "-j", "1")
+    assert rc == 0 and "archived 1, skipped 1 up to date, 2 incomplete" in err, err
+    _assert_same(os.path.join(dest, "runs", "a", "model.ckpt-2.h5"), _tensors(2))
+
+
+def test_globs_single_checkpoints_and_formats(tmp_path: Any) -> None:
+    _runs(str(tmp_path), {"a": [1, 2], "b": [3]})
+    dest = str(tmp_path / "out")
+    rc, _, err = in_process("archive", str(tmp_path / "runs" / "*" / "model.ckpt-[12].index"), dest, "-j", "1", "--format", "npz")
+    assert rc == 0 and "archived 2" in err, err
+    assert sorted(_manifest(dest)) == ["a/model.ckpt-1.npz", "a/model.ckpt-2.npz"]
+    rc, _, err = in_process("archive", str(tmp_path / "runs" / "b" / "model.ckpt-3"), dest, "-j", "1", "--format", "safetensors")
+    assert rc == 0, err
+    _assert_same(os.path.join(dest, "model.ckpt-3.safetensors"), _tensors(3))
+
+
+def test_bad_arguments_exit_2(tmp_path: Any) -> None:
+    _runs(str(tmp_path), {"a": [1]})
+    dest = str(tmp_path / "out")
+    error_line(in_process("archive", dest)[::2], "SOURCE... DEST")
+    error_line(in_process("archive", str(tmp_path / "nothing"), dest)[::2], "no checkpoint at")
+    error_line(in_process("archive", str(tmp_path / "runs"), dest, "--jobs", "0")[::2], "--jobs")
+    (tmp_path / "file").write_text("x")
+    error_line(in_process("archive", str(tmp_path / "runs"), str(tmp_path / "file"))[::2], "is a file")
+    assert not os.path.exists(dest)
+    with pytest.raises(ckptbridge.FormatError, match="jobs"):
+        ckptbridge.Workers(jobs=0)
+    with pytest.raises(ckptbridge.FormatError, match="format"):
+        ckptbridge.archive(str(tmp_path / "runs"), dest, format="zip")
+
+
+def test_dask_without_the_extra_names_it(tmp_path: Any) -> None:
+    try:
+        import distributed  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("distributed is installed here")
+    _runs(str(tmp_path), {"a": [1]})
+    error_line(in_process("archive", str(tmp_path / "runs"), str(tmp_path / "out"), "--scheduler", "tcp://127.0.0.1:9")[::2],
+               "ckptbridge[dask]")
+
+
+def _wait_for(cond: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def test_sigterm_with_two_jobs_leaves_no_temporaries_and_a_rerun_completes(tmp_path: Any) -> None:
+    big = {f"w{i}": np.full((1024, 1024), i, np.float32) for i in range(6)}  # 24 MiB a checkpoint: a few are under way when it stops
+    for s in range(8):
+        write_checkpoint(str(tmp_path / "runs" / "a" / f"model.ckpt-{s}"), big)
+    dest = str(tmp_path / "out")
+    proc = popen("archive", str(tmp_path / "runs"), dest, "--jobs", "2", env=CLI_ENV)
+    try:
+        _wait_for(lambda: os.path.exists(os.path.join(dest, MANIFEST)) and any(
+            e.get("status") == "done" for e in _manifest(dest).values()), 120, "a first checkpoint")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err and "terminated by SIGTERM" in err.strip().splitlines()[-1], err
+    assert leftovers(dest) == []
+    done = {rel for rel, e in _manifest(dest).items() if e["status"] == "done"}
+    assert 0 < len(done) < 8, done
+    for rel in done:  # every output the manifest calls done is whole
+        got = ckptbridge.load(os.path.join(dest, rel))
+        assert sorted(got) == sorted(big) and all(same(got[k], big[k]) for k in big)
+    r = cli("archive", str(tmp_path / "runs"), dest, "--jobs", "2", timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert f"skipped {len(done)} up to date" in r.stderr, r.stderr
+    assert {rel for rel, e in _manifest(dest).items() if e["status"] == "done"} == {f"runs/a/model.ckpt-{s}.h5" for s in range(8)}
+    assert leftovers(dest) == []
