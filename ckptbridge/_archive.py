@@ -329,7 +329,7 @@ def _on_dask(tasks: list[Task], address: str) -> Iterator[tuple[str, dict[str, A
         raise MissingDependencyError("archive --scheduler needs Dask's distributed scheduler; install it with: "
                                      "pip install 'ckptbridge[dask]'") from None
     try:
-        client = Client(address, timeout="30s", set_as_default=False)
+        client = Client(address, timeout="30s")
     except OSError as e:
         raise CkptBridgeError(f"cannot reach the Dask scheduler at {address} ({e}); check the address and that it runs") from None
     futures = {}

@@ -13,16 +13,22 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
+import test_remote
 
 import ckptbridge
 from ckptbridge.io.manifest import MANIFEST
 
 from helpers import CLI_ENV, cli, error_line, flip, in_process, leftovers, popen, same, write_checkpoint
+
+moto_s3 = test_remote.moto_s3  # the S3 server fixture, kept once
 
 
 def _tensors(step: int, n: int = 4) -> dict[str, np.ndarray]:
@@ -252,4 +258,83 @@ def test_sigterm_with_two_jobs_leaves_no_temporaries_and_a_rerun_completes(tmp_p
     assert r.returncode == 0, r.stderr
     assert f"skipped {len(done)} up to date" in r.stderr, r.stderr
     assert {rel for rel, e in _manifest(dest).items() if e["status"] == "done"} == {f"runs/a/model.ckpt-{s}.h5" for s in range(8)}
+    assert leftovers(dest) == []
+
+
+# --------------------------------------------------------------------------- TensorFlow's files at S3, on a Dask cluster
+
+
+def _dask(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
+    exe = os.path.join(os.path.dirname(sys.executable), "dask")
+    return subprocess.Popen([exe, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+
+
+@pytest.fixture()
+def dask_cluster(moto_s3: Any, tmp_path: Any) -> Iterator[str]:
+    """``dask scheduler`` and one ``dask worker`` (one thread) on 127.0.0.1, seeing the S3 server through the AWS variables."""
+    pytest.importorskip("distributed")
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]), TF_CPP_MIN_LOG_LEVEL="3",
+               PYTHONWARNINGS="ignore")
+    info = str(tmp_path / "scheduler.json")
+    scheduler = _dask("scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard", "--scheduler-file", info, env=env)
+    worker = None
+    try:
+        _wait_for(lambda: os.path.exists(info) and os.path.getsize(info) > 0, 60, "the scheduler")
+        with open(info, encoding="utf-8") as f:
+            address = json.load(f)["address"]
+        worker = _dask("worker", address, "--host", "127.0.0.1", "--nthreads", "1", "--nworkers", "1", "--no-dashboard",
+                       "--memory-limit", "0", env=env)
+        from distributed import Client
+
+        with Client(address, timeout="30s") as c:
+            c.wait_for_workers(1, timeout=60)
+        yield address
+    finally:
+        for p in (worker, scheduler):
+            if p is not None:
+                p.send_signal(signal.SIGINT)
+        for p in (worker, scheduler):
+            if p is not None:
+                try:
+                    p.communicate(timeout=30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.communicate()
+
+
+@pytest.mark.tf
+def test_s3_runs_on_a_dask_cluster_are_bit_exact_with_tensorflow(moto_s3: Any, dask_cluster: str, ckpts: Any, assert_same_as_tf: Any,
+                                                                  tmp_path: Any) -> None:
+    _tf_checkpoint, _upload = test_remote._tf_checkpoint, test_remote._upload
+    _, fs = moto_s3
+    local = tmp_path / "runs"
+    good = {
+        "runs/a/model.ckpt-1": _tf_checkpoint(str(local / "a" / "model.ckpt-1"), "v2"),
+        "runs/a/model.ckpt-2": _tf_checkpoint(str(local / "a" / "model.ckpt-2"), "v2"),
+        "runs/b/model.ckpt-1": _tf_checkpoint(str(local / "b" / "model.ckpt-1"), "v1"),  # the model zoo's one table file
+    }
+    os.makedirs(local / "d")
+    good["runs/d/sharded.ckpt"] = ckpts.build_sharded(str(local / "d"))  # three data shards
+    bad = _tf_checkpoint(str(local / "c" / "model.ckpt-7"), "v2")
+    flip(bad + ".data-00000-of-00001", 20)
+    for run in ("a", "b", "c", "d"):
+        _upload(fs, str(local / run), f"ckpts/runs/{run}")
+    dest = str(tmp_path / "archive")
+    rc, _, err = in_process("archive", "s3://ckpts/runs/", dest, "--scheduler", dask_cluster, "-q")
+    assert rc == 1, err
+    failed = [ln for ln in err.splitlines() if ln.startswith("ckptbridge: failed: ")]
+    assert len(failed) == 1 and "s3://ckpts/runs/c/model.ckpt-7" in failed[0], err
+    assert "archived 4, skipped 0 up to date, 0 incomplete, 1 failed" in err, err
+    for rel, prefix in good.items():
+        with ckptbridge.read(os.path.join(dest, rel + ".h5")) as r:
+            assert assert_same_as_tf(r, prefix) > 0
+    entries = _manifest(dest)
+    assert entries["runs/c/model.ckpt-7.h5"]["status"] == "failed"
+    assert all(len(entries[rel + ".h5"]["source_files"][os.path.basename(rel) + ".index"][1]) == 32
+               for rel in good if "/b/" not in rel)  # the S3 ETag (an MD5) is the source's identity
+    before = _mtimes(dest)
+    rc, _, err = in_process("archive", "s3://ckpts/runs/", dest, "--scheduler", dask_cluster, "-q")
+    assert rc == 1 and "archived 0, skipped 4 up to date, 0 incomplete, 1 failed" in err, err
+    assert _mtimes(dest) == before
     assert leftovers(dest) == []
