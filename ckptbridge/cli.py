@@ -271,13 +271,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     naming = _export_naming(args)
     report = _api.export(
         args.checkpoint, args.output, naming, read=_read(args, args.member), compress=args.compress, force=args.force,
-        progress=_progress(args), dry_run=args.dry_run, fsync=args.fsync,
+        progress=_progress(args), dry_run=args.dry_run, fsync=args.fsync, scratch_dir=args.scratch_dir,
     )
     if report.dry_run:
         _print_dry_run(report, report.output)
         return 0
     _report_plan(args, report)
-    _say(args, f"wrote {len(report.written)} tensors ({_human(report.nbytes)}) to {report.output}")
+    uploaded = f" ({_human(report.size or 0)} uploaded and checked, {report.checksum})" if report.checksum else ""
+    _say(args, f"wrote {len(report.written)} tensors ({_human(report.nbytes)}) to {report.output}{uploaded}")
     return 0
 
 
@@ -501,6 +502,9 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("export", parents=[common, filt, member, exporting], help=f"checkpoint -> {shown}")
     s.add_argument("checkpoint", help="prefix, .index/.data file, directory, V1 .ckpt file, a .tar/.tar.gz/.tgz/.zip of one, or a URL")
     s.add_argument("output", help=f"output archive, its format chosen by suffix: {listed}")
+    s.add_argument("--scratch-dir", metavar="DIR", default=None,
+                   help="local temporary space: where an output at a URL is written and read back before its upload "
+                        "(default: the system temp, TMPDIR)")
     s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("archive", parents=[common, filt, exporting],
@@ -619,6 +623,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(argv: Sequence[str] | None, published_before: int, notes_before: int) -> int:
     from .io.atomic import published_outputs, stale_notes, state_notes
+    from .io.remote import is_url, redact
     from .io.signals import interruptible
 
     stale_before = len(stale_notes())
@@ -640,6 +645,8 @@ def _run(argv: Sequence[str] | None, published_before: int, notes_before: int) -
                 # An explicit TF_USE_LEGACY_KERAS in the environment wins.
                 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
             dest = getattr(args, "output", None) or getattr(args, "output_prefix", None)
+            if dest is not None and is_url(dest):
+                dest = redact(dest)  # what messages may show of it
             rc = int(args.func(args))
             _report_state(args, state_notes()[notes_before:])
             _report_stale(args, stale_notes()[stale_before:])

@@ -39,7 +39,13 @@ class Report:
     notes: list[str] = dataclasses.field(default_factory=list)
     #: output name -> the crc32c of its bytes as written, which the read-back found in the output (empty without one)
     checksums: dict[str, int] = dataclasses.field(default_factory=dict)
-
+    #: ``"crc32c:<8 hex digits>"`` of the output file's bytes, whole, where it came without an extra pass over
+    #: them (an output at a URL: computed as it was read for the upload); None for a local output
+    checksum: str | None = None
+    #: bytes of the output file at a URL; None for a local output
+    size: int | None = None
+    #: the ETag the store gave the object at a URL, where it gives one
+    etag: str | None = None
 
 
 @dataclasses.dataclass

@@ -84,6 +84,11 @@ def published_outputs() -> list[str]:
     return list(_published)
 
 
+def note_published(dest: str) -> None:
+    """Record an output published by other means than a rename here (an object uploaded to a URL)."""
+    _published.append(dest)
+
+
 @dataclasses.dataclass(frozen=True)
 class StateNote:
     """What a checkpoint commit did with its directory's ``checkpoint`` state file.

@@ -211,8 +211,11 @@ def _authority(name: str) -> str | None:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _retrying(what: str, name: str, http: bool, call: Any) -> Any:
-    """``call()``, retried with backoff while its failures may pass; then one clear error naming ``name``."""
+def _retrying(what: str, name: str, http: bool, call: Any, final: Any = None) -> Any:
+    """``call()``, retried with backoff while its failures may pass; then one clear error naming ``name``.
+
+    ``final(e, name, http)`` sorts the failures that are final at once (by default :func:`_final`, a read's)."""
+    final_of = _final if final is None else final
     last: BaseException | None = None
     for attempt in range(ATTEMPTS):
         if attempt:
@@ -224,9 +227,9 @@ def _retrying(what: str, name: str, http: bool, call: Any) -> Any:
         except (KeyboardInterrupt, SystemExit, MemoryError):
             raise
         except Exception as e:  # noqa: BLE001 - every library's exceptions differ; sorted by _final
-            final = _final(e, name, http)
-            if final is not None:
-                raise final from None  # from None: the cause's text may hold the URL's credentials
+            stop = final_of(e, name, http)
+            if stop is not None:
+                raise stop from None  # from None: the cause's text may hold the URL's credentials
             last = e
     assert last is not None
     failed = _connect_failure(last)
