@@ -63,7 +63,8 @@ def run_task(task: Task) -> dict[str, Any]:
     except Exception as e:  # noqa: BLE001 - one checkpoint's bug must not stop the others; its line says what it was
         return {"status": FAILED, "error": f"internal error: {type(e).__name__}: {' '.join(str(e).split())}"}
     return {"status": DONE, "error": None, "tensors": len(report.written), "bytes": report.nbytes,
-            "checksum": content_checksum(report.checksums), "output_identity": identity_of(task.output)}
+            "checksum": content_checksum(report.checksums), "file_checksum": getattr(report, "checksum", None),
+            "output_identity": identity_of(task.output)}
 
 
 def content_checksum(crcs: dict[str, int]) -> str:
@@ -139,7 +140,8 @@ def _entry_doc(f: Found, rel: str, dest: Destination, key: str, outcome: dict[st
     return {"rel": rel, "source": redact(f.source), "source_files": {n: list(i) for n, i in f.files.items()},
             "source_bytes": f.nbytes, "output": dest.shown_output(rel), "options": key, "status": outcome["status"],
             "error": outcome.get("error"), "tensors": outcome.get("tensors", 0), "bytes": outcome.get("bytes", 0),
-            "checksum": outcome.get("checksum"), "output_identity": outcome.get("output_identity")}
+            "checksum": outcome.get("checksum"), "file_checksum": outcome.get("file_checksum"),
+            "output_identity": outcome.get("output_identity")}
 
 
 # --------------------------------------------------------------------------- the verb

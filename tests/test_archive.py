@@ -283,7 +283,7 @@ def dask_cluster(moto_s3: Any, tmp_path: Any) -> Iterator[str]:
         _wait_for(lambda: os.path.exists(info) and os.path.getsize(info) > 0, 60, "the scheduler")
         with open(info, encoding="utf-8") as f:
             address = json.load(f)["address"]
-        worker = _dask("worker", address, "--host", "127.0.0.1", "--nthreads", "1", "--nworkers", "1", "--no-dashboard",
+        worker = _dask("worker", address, "--host", "127.0.0.1", "--nthreads", "1", "--no-nanny", "--no-dashboard",
                        "--memory-limit", "0", env=env)
         from distributed import Client
 
@@ -293,7 +293,7 @@ def dask_cluster(moto_s3: Any, tmp_path: Any) -> Iterator[str]:
     finally:
         for p in (worker, scheduler):
             if p is not None:
-                p.send_signal(signal.SIGINT)
+                p.send_signal(signal.SIGTERM)
         for p in (worker, scheduler):
             if p is not None:
                 try:
@@ -320,21 +320,31 @@ def test_s3_runs_on_a_dask_cluster_are_bit_exact_with_tensorflow(moto_s3: Any, d
     flip(bad + ".data-00000-of-00001", 20)
     for run in ("a", "b", "c", "d"):
         _upload(fs, str(local / run), f"ckpts/runs/{run}")
-    dest = str(tmp_path / "archive")
-    rc, _, err = in_process("archive", "s3://ckpts/runs/", dest, "--scheduler", dask_cluster, "-q")
+    dest = "s3://ckpts/archive"
+    rc, _, err = in_process("archive", "s3://ckpts/runs/", dest + "/", "--scheduler", dask_cluster, "-q")
     assert rc == 1, err
     failed = [ln for ln in err.splitlines() if ln.startswith("ckptbridge: failed: ")]
     assert len(failed) == 1 and "s3://ckpts/runs/c/model.ckpt-7" in failed[0], err
     assert "archived 4, skipped 0 up to date, 0 incomplete, 1 failed" in err, err
+    fs.invalidate_cache()
+    objects = {k: (v["ETag"], v["LastModified"]) for k, v in fs.find("ckpts/archive", detail=True).items()
+               if not k.endswith(MANIFEST)}
+    assert sorted(objects) == sorted(f"ckpts/archive/{rel}.h5" for rel in good)  # the corrupt one has none, nor any temporary
     for rel, prefix in good.items():
-        with ckptbridge.read(os.path.join(dest, rel + ".h5")) as r:
+        local_copy = str(tmp_path / "got" / (rel.replace("/", "-") + ".h5"))
+        os.makedirs(os.path.dirname(local_copy), exist_ok=True)
+        fs.get_file(f"ckpts/archive/{rel}.h5", local_copy)
+        with ckptbridge.read(local_copy) as r:
             assert assert_same_as_tf(r, prefix) > 0
-    entries = _manifest(dest)
-    assert entries["runs/c/model.ckpt-7.h5"]["status"] == "failed"
-    assert all(len(entries[rel + ".h5"]["source_files"][os.path.basename(rel) + ".index"][1]) == 32
-               for rel in good if "/b/" not in rel)  # the S3 ETag (an MD5) is the source's identity
-    before = _mtimes(dest)
+    entries = {e["rel"]: e for e in map(json.loads, fs.cat_file(f"ckpts/archive/{MANIFEST}").decode().splitlines())}
+    assert entries["runs/c/model.ckpt-7.h5"]["status"] == "failed" and "model.ckpt-7" in entries["runs/c/model.ckpt-7.h5"]["error"]
+    for rel in good:
+        e = entries[rel + ".h5"]
+        assert e["status"] == "done" and e["output_identity"][1] == objects[f"ckpts/archive/{rel}.h5"][0].strip('"')
+        etags = [ident[1] for ident in e["source_files"].values()]
+        assert all(len(t) == 32 for t in etags), etags  # each source file's S3 ETag (an MD5) is its identity
     rc, _, err = in_process("archive", "s3://ckpts/runs/", dest, "--scheduler", dask_cluster, "-q")
     assert rc == 1 and "archived 0, skipped 4 up to date, 0 incomplete, 1 failed" in err, err
-    assert _mtimes(dest) == before
-    assert leftovers(dest) == []
+    fs.invalidate_cache()
+    again = {k: (v["ETag"], v["LastModified"]) for k, v in fs.find("ckpts/archive", detail=True).items() if not k.endswith(MANIFEST)}
+    assert again == objects  # the same objects: nothing that was done was done again
