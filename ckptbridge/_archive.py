@@ -309,8 +309,12 @@ def _in_pool(tasks: list[Task], jobs: int) -> Iterator[tuple[str, dict[str, Any]
     """The tasks in ``jobs`` local processes.  On the way out (a signal, an error of the caller) every
     worker is sent SIGTERM and waited for: each export under way removes its temporary first."""
     import multiprocessing
+    import threading
 
-    ctx = multiprocessing.get_context("forkserver")
+    # Forked from this process, a worker starts with ckptbridge imported (a second or more saved per worker); with
+    # another thread alive (fsspec's event loop after a listing at a URL) a fork could copy a lock that thread holds,
+    # so the workers then start from the fork server's clean process instead.
+    ctx = multiprocessing.get_context("fork" if threading.active_count() == 1 else "forkserver")
     pool = ctx.Pool(jobs, initializer=_worker_init)
     try:
         yield from pool.imap_unordered(_pool_task, tasks, chunksize=1)

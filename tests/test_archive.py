@@ -240,8 +240,9 @@ def test_sigterm_with_two_jobs_leaves_no_temporaries_and_a_rerun_completes(tmp_p
     dest = str(tmp_path / "out")
     proc = popen("archive", str(tmp_path / "runs"), dest, "--jobs", "2", env=CLI_ENV)
     try:
+        # midway: one checkpoint done, and an export under way (its temporary beside its output)
         _wait_for(lambda: os.path.exists(os.path.join(dest, MANIFEST)) and any(
-            e.get("status") == "done" for e in _manifest(dest).values()), 120, "a first checkpoint")
+            e.get("status") == "done" for e in _manifest(dest).values()) and leftovers(dest) != [], 120, "a checkpoint done, one under way")
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
     finally:
