@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import signal
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -311,10 +312,12 @@ def _in_pool(tasks: list[Task], jobs: int) -> Iterator[tuple[str, dict[str, Any]
     import multiprocessing
     import threading
 
-    # Forked from this process, a worker starts with ckptbridge imported (a second or more saved per worker); with
-    # another thread alive (fsspec's event loop after a listing at a URL) a fork could copy a lock that thread holds,
-    # so the workers then start from the fork server's clean process instead.
-    ctx = multiprocessing.get_context("fork" if threading.active_count() == 1 else "forkserver")
+    # Forked from this process, a worker starts with ckptbridge imported (a second or more saved per worker).  With
+    # another thread alive (fsspec's event loop after a listing at a URL, TensorFlow's own pools in a program that
+    # imported it) a fork could copy a lock that thread holds, so the workers then start from the fork server's
+    # clean process instead.
+    alone = threading.active_count() == 1 and "tensorflow" not in sys.modules
+    ctx = multiprocessing.get_context("fork" if alone else "forkserver")
     pool = ctx.Pool(jobs, initializer=_worker_init)
     try:
         yield from pool.imap_unordered(_pool_task, tasks, chunksize=1)

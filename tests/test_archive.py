@@ -349,3 +349,27 @@ def test_s3_runs_on_a_dask_cluster_are_bit_exact_with_tensorflow(moto_s3: Any, d
     fs.invalidate_cache()
     again = {k: (v["ETag"], v["LastModified"]) for k, v in fs.find("ckpts/archive", detail=True).items() if not k.endswith(MANIFEST)}
     assert again == objects  # the same objects: nothing that was done was done again
+
+
+@pytest.mark.tf
+def test_a_directory_of_every_kind_with_two_jobs_is_bit_exact_with_tensorflow(ckpts: Any, assert_same_as_tf: Any, tmp_path: Any) -> None:
+    import test_savedmodel
+
+    root = tmp_path / "runs"
+    prefixes = {
+        "runs/slim/model.ckpt-1": test_remote._tf_checkpoint(str(root / "slim" / "model.ckpt-1"), "v2"),
+        "runs/slim/model.ckpt-2": test_remote._tf_checkpoint(str(root / "slim" / "model.ckpt-2"), "v2"),
+        "runs/zoo/vgg_16.ckpt": test_remote._tf_checkpoint(str(root / "zoo" / "vgg_16.ckpt"), "v1"),
+    }
+    tf2 = ckpts.build_tf2(str(root / "keras"))
+    prefixes["runs/keras/tf2/" + os.path.basename(tf2)] = tf2
+    test_savedmodel.build_module_savedmodel(str(root / "models" / "affine"), seed=3)
+    prefixes["runs/models/affine"] = str(root / "models" / "affine" / "variables" / "variables")
+    dest = str(tmp_path / "out")
+    r = cli("archive", str(root), dest, "--jobs", "2", "--names", "keys", env=dict(os.environ, PYTHONUNBUFFERED="1"), timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert f"archived {len(prefixes)}, skipped 0 up to date, 0 incomplete, 0 failed" in r.stderr, r.stderr
+    assert sorted(_manifest(dest)) == sorted(rel + ".h5" for rel in prefixes)  # the SavedModel once, as its directory
+    for rel, prefix in prefixes.items():
+        with ckptbridge.read(os.path.join(dest, rel + ".h5")) as got:
+            assert assert_same_as_tf(got, prefix) > 0, rel
