@@ -31,6 +31,10 @@ from .reports import ArchiveEntry, ArchiveReport
 from .sources.discover import Found, discover
 
 DONE, SKIPPED, FAILED, INCOMPLETE = "done", "skipped", "failed", "incomplete"
+#: a manifest up to this size is rewritten after every checkpoint (about 1,500 entries)
+SMALL_MANIFEST = 1 << 20
+#: a larger one at most this often, in seconds: 10,000 rewrites of a 6 MB manifest would be 30 GB of writes
+MANIFEST_EVERY = 10.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,13 +237,14 @@ def _run(plan: _Plan, dest: Destination, manifest: dict[str, dict[str, Any]], ke
     total = len(plan.todo)
     pbar = bar(sum(f.nbytes for f, _ in plan.todo), "archive", progress)
     pbar.set_postfix_str(f"0/{total} checkpoints")
+    writer = _ManifestWriter(dest, manifest)
     try:
         if plan.entries or plan.todo:
-            dest.write_manifest(manifest)
+            writer.write()
         for n, (rel, outcome) in enumerate(_outcomes([t for _, t in plan.todo], workers), 1):
-            f, t = by_rel[rel]
+            f, _ = by_rel[rel]
             manifest[rel] = _entry_doc(f, rel, dest, key, outcome)
-            dest.write_manifest(manifest)
+            writer.changed()
             entry = ArchiveEntry(manifest[rel]["source"], manifest[rel]["output"], outcome["status"], error=outcome.get("error"),
                                  tensors=outcome.get("tensors", 0), nbytes=outcome.get("bytes", 0), rel=rel)
             report.entries.append(entry)
@@ -247,8 +252,39 @@ def _run(plan: _Plan, dest: Destination, manifest: dict[str, dict[str, Any]], ke
                 on_entry(entry)
             pbar.update(f.nbytes)
             pbar.set_postfix_str(f"{n}/{total} checkpoints")
+        writer.flush()
     finally:
         pbar.close()
+
+
+class _ManifestWriter:
+    """Rewrites the manifest after each checkpoint, until rewriting it whole each time would cost more than the
+    checkpoints: past :data:`SMALL_MANIFEST` bytes, at most every :data:`MANIFEST_EVERY` seconds (and at the end).
+    What a stop in between leaves out is only not recorded: the next run redoes it."""
+
+    def __init__(self, dest: Destination, entries: dict[str, dict[str, Any]]) -> None:
+        self._dest, self._entries = dest, entries
+        self._last = 0.0
+        self._size = 0
+        self._dirty = False
+
+    def write(self) -> None:
+        import time
+
+        self._size = self._dest.write_manifest(self._entries)
+        self._last = time.monotonic()
+        self._dirty = False
+
+    def changed(self) -> None:
+        import time
+
+        self._dirty = True
+        if self._size < SMALL_MANIFEST or time.monotonic() - self._last >= MANIFEST_EVERY:
+            self.write()
+
+    def flush(self) -> None:
+        if self._dirty:
+            self.write()
 
 
 def _outcomes(tasks: list[Task], workers: Workers) -> Iterator[tuple[str, dict[str, Any]]]:

@@ -122,6 +122,12 @@ def test_a_rerun_skips_what_is_done_and_redoes_what_changed(tmp_path: Any) -> No
     time.sleep(0.01)
     write_checkpoint(str(tmp_path / "runs" / "a" / "model.ckpt-1"), _tensors(11))
     os.remove(os.path.join(dest, "runs", "a", "model.ckpt-2.h5"))
+    manifest_before = _manifest(dest)
+    rc, out, _ = in_process("archive", src, dest, "-j", "1", "--dry-run")
+    assert rc == 0 and out.splitlines()[-1].startswith("dry run: would archive 2, 1 up to date, 0 incomplete"), out
+    assert sorted(ln.split(" -> ")[1] for ln in out.splitlines()[:-1]) == [
+        os.path.join(dest, "runs", "a", f"model.ckpt-{s}.h5") for s in (1, 2)]
+    assert _manifest(dest) == manifest_before and _mtimes(dest) == {k: v for k, v in before.items() if "ckpt-2" not in k}
     rc, _, err = in_process("archive", src, dest, "-j", "1")
     assert rc == 0 and "archived 2, skipped 1 up to date" in err, err
     _assert_same(os.path.join(dest, "runs", "a", "model.ckpt-1.h5"), _tensors(11))
@@ -137,6 +143,31 @@ def test_a_rerun_skips_what_is_done_and_redoes_what_changed(tmp_path: Any) -> No
     assert "global_step" not in ckptbridge.load(os.path.join(dest, "runs", "b", "model.ckpt-3.h5"))
     rc, _, err = in_process("archive", src, dest, "-j", "1", "--exclude", "global_step", "--force")
     assert rc == 0 and "archived 3, skipped 0" in err, err
+
+
+def test_a_large_manifest_is_rewritten_at_most_every_interval_and_at_the_end(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ckptbridge import _archive
+    from ckptbridge.io.manifest import Destination
+
+    _runs(str(tmp_path), {"a": [1, 2, 3]})
+    writes: list[int] = []
+    real = Destination.write_manifest
+
+    def counted(self: Destination, entries: dict[str, Any]) -> int:
+        writes.append(sum(e.get("status") == "done" for e in entries.values()))
+        return real(self, entries)
+
+    monkeypatch.setattr(Destination, "write_manifest", counted)
+    monkeypatch.setattr(_archive, "SMALL_MANIFEST", 0)  # every manifest is "large"
+    monkeypatch.setattr(_archive, "MANIFEST_EVERY", 3600.0)
+    report = ckptbridge.archive(str(tmp_path / "runs"), str(tmp_path / "out"), workers=ckptbridge.Workers(jobs=1))
+    assert len(report.done) == 3
+    assert writes == [0, 3]  # before the first checkpoint, then once at the end
+    assert {e["status"] for e in _manifest(str(tmp_path / "out")).values()} == {"done"}
+    writes.clear()
+    monkeypatch.setattr(_archive, "SMALL_MANIFEST", 1 << 20)
+    ckptbridge.archive(str(tmp_path / "runs"), str(tmp_path / "out"), workers=ckptbridge.Workers(jobs=1), force=True)
+    assert writes == [3, 3, 3, 3]  # small: after each checkpoint (the first holds the earlier run's entries)
 
 
 def test_a_corrupt_checkpoint_is_one_line_and_the_others_go_on(tmp_path: Any) -> None:

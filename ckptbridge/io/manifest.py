@@ -1,7 +1,7 @@
 """Where ``archive`` puts its outputs and its manifest: a local directory or a URL prefix.
 
 The manifest (``manifest.jsonl``, one JSON object a line, one line per checkpoint)
-is rewritten whole after each checkpoint: locally through :class:`~ckptbridge.io.atomic.AtomicFile`
+is rewritten whole (after each checkpoint while it is small, see ``_archive``): locally through :class:`~ckptbridge.io.atomic.AtomicFile`
 (a temporary renamed over it), at a URL as one object put (an object store shows
 an object whole or not at all).  A reader therefore sees the manifest before or
 after a checkpoint, never a half-written line.
@@ -99,23 +99,24 @@ class Destination:
                 entries[doc["rel"]] = doc
         return entries
 
-    def write_manifest(self, entries: dict[str, dict[str, Any]]) -> None:
-        """Replace the manifest by ``entries``, whole (sorted by ``rel``)."""
-        text = "".join(json.dumps(entries[k], sort_keys=True) + "\n" for k in sorted(entries))
+    def write_manifest(self, entries: dict[str, dict[str, Any]]) -> int:
+        """Replace the manifest by ``entries``, whole (sorted by ``rel``); the bytes written."""
+        data = "".join(json.dumps(entries[k], sort_keys=True) + "\n" for k in sorted(entries)).encode("utf-8")
         if self.remote:
-            self._fs.pipe_file(f"{self._path}/{MANIFEST}", text.encode("utf-8"))
-            return
+            self._fs.pipe_file(f"{self._path}/{MANIFEST}", data)
+            return len(data)
         from . import atomic
 
         os.makedirs(self.root, exist_ok=True)
         out = atomic.AtomicFile(self.manifest, force=True)
         try:
-            with open(out.tmp, "w", encoding="utf-8") as f:
-                f.write(text)
+            with open(out.tmp, "wb") as f:
+                f.write(data)
             out.commit()
         except BaseException:
             out.abort()
             raise
+        return len(data)
 
 
 def identity_of(path: str) -> list[Any] | None:
