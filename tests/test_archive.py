@@ -296,9 +296,11 @@ def test_sigterm_with_two_jobs_leaves_no_temporaries_and_a_rerun_completes(tmp_p
 # --------------------------------------------------------------------------- TensorFlow's files at S3, on a Dask cluster
 
 
-def _dask(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
+def _dask(*args: str, env: dict[str, str], log: str) -> subprocess.Popen[bytes]:
+    """``dask ARGS``, its log in a file: a pipe nobody reads would fill and stop it."""
     exe = os.path.join(os.path.dirname(sys.executable), "dask")
-    return subprocess.Popen([exe, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    with open(log, "wb") as f:
+        return subprocess.Popen([exe, *args], stdout=subprocess.DEVNULL, stderr=f, env=env)
 
 
 @pytest.fixture()
@@ -309,14 +311,15 @@ def dask_cluster(moto_s3: Any, tmp_path: Any) -> Iterator[str]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]), TF_CPP_MIN_LOG_LEVEL="3",
                PYTHONWARNINGS="ignore")
     info = str(tmp_path / "scheduler.json")
-    scheduler = _dask("scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard", "--scheduler-file", info, env=env)
+    scheduler = _dask("scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard", "--scheduler-file", info, env=env,
+                      log=str(tmp_path / "scheduler.log"))
     worker = None
     try:
         _wait_for(lambda: os.path.exists(info) and os.path.getsize(info) > 0, 60, "the scheduler")
         with open(info, encoding="utf-8") as f:
             address = json.load(f)["address"]
         worker = _dask("worker", address, "--host", "127.0.0.1", "--nthreads", "1", "--no-nanny", "--no-dashboard",
-                       "--memory-limit", "0", env=env)
+                       "--memory-limit", "0", env=env, log=str(tmp_path / "worker.log"))
         from distributed import Client
 
         with Client(address, timeout="30s") as c:
@@ -329,10 +332,10 @@ def dask_cluster(moto_s3: Any, tmp_path: Any) -> Iterator[str]:
         for p in (worker, scheduler):
             if p is not None:
                 try:
-                    p.communicate(timeout=30)
+                    p.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     p.kill()
-                    p.communicate()
+                    p.wait()
 
 
 @pytest.mark.tf
@@ -352,12 +355,14 @@ def test_s3_runs_on_a_dask_cluster_are_bit_exact_with_tensorflow(moto_s3: Any, d
     flip(bad + ".data-00000-of-00001", 20)
     for run in ("a", "b", "c", "d"):
         _upload(fs, str(local / run), f"ckpts/runs/{run}")
+    fs.put_file(good["runs/a/model.ckpt-2"] + ".index", "ckpts/runs/e/model.ckpt-9.index")  # its data still uploading
+    fs.invalidate_cache()
     dest = "s3://ckpts/archive"
     rc, _, err = in_process("archive", "s3://ckpts/runs/", dest + "/", "--scheduler", dask_cluster, "-q")
     assert rc == 1, err
     failed = [ln for ln in err.splitlines() if ln.startswith("ckptbridge: failed: ")]
     assert len(failed) == 1 and "s3://ckpts/runs/c/model.ckpt-7" in failed[0], err
-    assert "archived 4, skipped 0 up to date, 0 incomplete, 1 failed" in err, err
+    assert "archived 4, skipped 0 up to date, 1 incomplete, 1 failed" in err, err
     fs.invalidate_cache()
     objects = {k: (v["ETag"], v["LastModified"]) for k, v in fs.find("ckpts/archive", detail=True).items()
                if not k.endswith(MANIFEST)}
@@ -370,13 +375,15 @@ def test_s3_runs_on_a_dask_cluster_are_bit_exact_with_tensorflow(moto_s3: Any, d
             assert assert_same_as_tf(r, prefix) > 0
     entries = {e["rel"]: e for e in map(json.loads, fs.cat_file(f"ckpts/archive/{MANIFEST}").decode().splitlines())}
     assert entries["runs/c/model.ckpt-7.h5"]["status"] == "failed" and "model.ckpt-7" in entries["runs/c/model.ckpt-7.h5"]["error"]
+    assert entries["runs/e/model.ckpt-9.h5"]["status"] == "incomplete" and entries["runs/e/model.ckpt-9.h5"]["source"] == (
+        "s3://ckpts/runs/e/model.ckpt-9")
     for rel in good:
         e = entries[rel + ".h5"]
         assert e["status"] == "done" and e["output_identity"][1] == objects[f"ckpts/archive/{rel}.h5"][0].strip('"')
         etags = [ident[1] for ident in e["source_files"].values()]
         assert all(len(t) == 32 for t in etags), etags  # each source file's S3 ETag (an MD5) is its identity
     rc, _, err = in_process("archive", "s3://ckpts/runs/", dest, "--scheduler", dask_cluster, "-q")
-    assert rc == 1 and "archived 0, skipped 4 up to date, 0 incomplete, 1 failed" in err, err
+    assert rc == 1 and "archived 0, skipped 4 up to date, 1 incomplete, 1 failed" in err, err
     fs.invalidate_cache()
     again = {k: (v["ETag"], v["LastModified"]) for k, v in fs.find("ckpts/archive", detail=True).items() if not k.endswith(MANIFEST)}
     assert again == objects  # the same objects: nothing that was done was done again

@@ -29,6 +29,7 @@ class Destination:
 
         self.remote = is_url(root)
         self._fs: Any = None
+        self._listing: dict[str, list[Any]] | None = None
         if self.remote:
             from .remote import _filesystem
 
@@ -68,8 +69,21 @@ class Destination:
             os.makedirs(os.path.dirname(self.output(rel)) or os.curdir, exist_ok=True)
 
     def identity(self, rel: str) -> list[Any] | None:
-        """The output's [size, mtime_ns or ETag], or None where there is none."""
-        return identity_of(self.output(rel))
+        """The output's [size, mtime_ns or ETag], or None where there is none.
+
+        At a URL the destination is listed once, recursively, on the first question (a
+        thousand objects a request), rather than asked once per output."""
+        if not self.remote:
+            return identity_of(self.output(rel))
+        if self._listing is None:
+            try:
+                self._fs.invalidate_cache(self._path)
+                found = self._fs.find(self._path, detail=True)
+            except FileNotFoundError:
+                found = {}
+            self._listing = {str(p).rstrip("/")[len(self._path) + 1:]: [int(i.get("size") or 0), object_tag(i)]
+                             for p, i in found.items() if str(p).startswith(self._path + "/") and i.get("type", "file") == "file"}
+        return self._listing.get(rel)
 
     # --- the manifest -------------------------------------------------------------
 
