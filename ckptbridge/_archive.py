@@ -371,7 +371,7 @@ def _on_dask(tasks: list[Task], address: str) -> Iterator[tuple[str, dict[str, A
     try:
         from distributed import Client, as_completed
     except ImportError:
-        raise MissingDependencyError("archive --scheduler needs Dask's distributed scheduler; install it with: "
+        raise MissingDependencyError("archiving on a Dask cluster needs Dask's distributed scheduler; install it with: "
                                      "pip install 'ckptbridge[dask]'") from None
     try:
         client = Client(address, timeout="30s")
