@@ -29,6 +29,7 @@ from ckptbridge.io.manifest import MANIFEST
 from helpers import CLI_ENV, cli, error_line, flip, in_process, leftovers, popen, same, write_checkpoint
 
 moto_s3 = test_remote.moto_s3  # the S3 server fixture, kept once
+_upload = test_remote._upload
 
 
 def _tensors(step: int, n: int = 4) -> dict[str, np.ndarray]:
@@ -341,7 +342,7 @@ def dask_cluster(moto_s3: Any, tmp_path: Any) -> Iterator[str]:
 @pytest.mark.tf
 def test_s3_runs_on_a_dask_cluster_are_bit_exact_with_tensorflow(moto_s3: Any, dask_cluster: str, ckpts: Any, assert_same_as_tf: Any,
                                                                   tmp_path: Any) -> None:
-    _tf_checkpoint, _upload = test_remote._tf_checkpoint, test_remote._upload
+    _tf_checkpoint = test_remote._tf_checkpoint
     _, fs = moto_s3
     local = tmp_path / "runs"
     good = {
@@ -411,3 +412,19 @@ def test_a_directory_of_every_kind_with_two_jobs_is_bit_exact_with_tensorflow(ck
     for rel, prefix in prefixes.items():
         with ckptbridge.read(os.path.join(dest, rel + ".h5")) as got:
             assert assert_same_as_tf(got, prefix) > 0, rel
+
+
+@pytest.mark.tf  # moto and s3fs live in the TensorFlow venv only
+def test_a_glob_at_s3_archives_what_it_matches(moto_s3: Any, tmp_path: Any) -> None:
+    _, fs = moto_s3
+    written = _runs(str(tmp_path), {"a": [1000, 1500, 2000], "b": [1000]})
+    for run in ("a", "b"):
+        _upload(fs, str(tmp_path / "runs" / run), f"ckpts/globbed/runs/{run}")
+    dest = str(tmp_path / "out")
+    rc, _, err = in_process("archive", "s3://ckpts/globbed/runs/*/model.ckpt-*000.index", dest, "-j", "1")
+    assert rc == 0 and "archived 3, skipped 0 up to date" in err, err
+    entries = _manifest(dest)
+    assert sorted(entries) == ["a/model.ckpt-1000.h5", "a/model.ckpt-2000.h5", "b/model.ckpt-1000.h5"]
+    assert entries["a/model.ckpt-2000.h5"]["source"] == "s3://ckpts/globbed/runs/a/model.ckpt-2000"
+    for rel in entries:
+        _assert_same(os.path.join(dest, rel), written["runs/" + rel[: -len(".h5")]])

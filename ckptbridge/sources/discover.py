@@ -262,6 +262,8 @@ def _remote(url: str) -> list[Found]:
     if http:
         raise FormatError(f"{shown}: plain HTTP cannot list; archive takes s3://, gs:// or another listable URL prefix")
     root = path.rstrip("/")
+    if is_pattern(root):
+        return _remote_glob(fs, root, shown)
     single = _remote_checkpoint(fs, root, shown)
     if single is not None:
         return [single]
@@ -326,3 +328,30 @@ def _remote_checkpoint(fs: Any, path: str, shown: str) -> Found | None:
         if f.rel == base:
             return f
     return None
+
+
+def _remote_glob(fs: Any, pattern: str, shown: str) -> list[Found]:
+    """Every checkpoint whose files a URL's glob matches (``s3://b/runs/*/model.ckpt-*000.index``), mirrored
+    below the pattern's last directory without a wildcard; each matched directory is listed once."""
+    from ..io.remote import RemotePlace
+
+    static = pattern.split("/")
+    keep = next(i for i, part in enumerate(static) if is_pattern(part))
+    base = "/".join(static[:keep])
+    shown_base = "/".join(shown.rstrip("/").split("/")[: len(shown.rstrip("/").split("/")) - (len(static) - keep)])
+    wanted: dict[str, set[str]] = {}
+    for m in fs.glob(pattern):
+        d, _, n = str(m).rstrip("/").rpartition("/")
+        wanted.setdefault(d, set()).add(_ckptfiles.strip_file_suffix(n))
+    found: list[Found] = []
+    for d, prefixes in sorted(wanted.items()):
+        entries = fs.ls(d, detail=True)
+        names = {str(e["name"]).rsplit("/", 1)[-1]: (int(e.get("size") or 0), object_tag(e)) for e in entries if e.get("type") == "file"}
+        rel_dir = d[len(base) + 1:] if d.startswith(base + "/") else ""
+        src_dir = f"{shown_base}/{rel_dir}" if rel_dir else shown_base
+        place = RemotePlace(fs, d, src_dir, http=False, progress=False)
+        found += [f for f in _founds(names, functools.partial(_is_table, place), functools.partial(_join_url, src_dir), rel_dir)
+                  if f.rel.rsplit("/", 1)[-1] in prefixes]
+    if not found:
+        raise NotFoundError(f"{shown} matches no checkpoint; check the pattern (quote it, so the shell leaves it to ckptbridge)")
+    return found
