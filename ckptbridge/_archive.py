@@ -342,25 +342,65 @@ def _pool_task(task: Task) -> tuple[str, dict[str, Any]]:
     return task.rel, outcome
 
 
-def _in_pool(tasks: list[Task], jobs: int) -> Iterator[tuple[str, dict[str, Any]]]:
-    """The tasks in ``jobs`` local processes.  On the way out (a signal, an error of the caller) every
-    worker is sent SIGTERM and waited for: each export under way removes its temporary first."""
-    import multiprocessing
+def _start_method() -> str:
+    """How pool workers start.  Forked from this process, a worker starts with ckptbridge imported (a second
+    or more saved per worker).  With another thread alive (fsspec's event loop after a listing at a URL,
+    TensorFlow's own pools in a program that imported it) a fork could copy a lock that thread holds, so the
+    workers then start from the fork server's clean process instead."""
     import threading
 
-    # Forked from this process, a worker starts with ckptbridge imported (a second or more saved per worker).  With
-    # another thread alive (fsspec's event loop after a listing at a URL, TensorFlow's own pools in a program that
-    # imported it) a fork could copy a lock that thread holds, so the workers then start from the fork server's
-    # clean process instead.
-    alone = threading.active_count() == 1 and "tensorflow" not in sys.modules
-    ctx = multiprocessing.get_context("fork" if alone else "forkserver")
-    pool = ctx.Pool(jobs, initializer=_worker_init)
-    try:
-        yield from pool.imap_unordered(_pool_task, tasks, chunksize=1)
-        pool.close()
-    finally:
-        pool.terminate()
-        pool.join()
+    return "fork" if threading.active_count() == 1 and "tensorflow" not in sys.modules else "forkserver"
+
+
+def _in_pool(tasks: list[Task], jobs: int) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The tasks in ``jobs`` local processes, at most ``jobs`` in flight.
+
+    A worker that dies (the kernel's OOM killer, a crash in a native library) breaks the pool, and
+    every export then in flight with it: those are tried again in a new pool, one at a time, and the
+    one whose worker dies while it runs alone is a failure of its own; the others go on.  On the way
+    out (a signal, an error of the caller) every worker is sent SIGTERM and waited for: each export
+    under way removes its temporary first."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
+
+    ctx = multiprocessing.get_context(_start_method())
+    queue = list(reversed(tasks))
+    suspects: list[Task] = []  # in flight when a pool broke: run alone, to tell which one broke it
+    while queue or suspects:
+        pool = ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init)
+        running: dict[Any, Task] = {}
+        try:
+            while queue or suspects or running:
+                while len(running) < (1 if suspects else jobs) and (suspects or queue):
+                    t = suspects.pop() if suspects else queue.pop()
+                    running[pool.submit(_pool_task, t)] = t
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                if not any(isinstance(f.exception(), BrokenProcessPool) for f in done):
+                    for f in done:
+                        running.pop(f)
+                        yield f.result()
+                    continue
+                alone = len(running) == 1
+                for f, t in running.items():
+                    if f.done() and f.exception() is None:
+                        yield f.result()
+                    elif alone:
+                        yield t.rel, {"status": FAILED, "error": "the worker process exporting it died (killed: out of memory?)"}
+                    else:
+                        suspects.append(t)
+                break
+        finally:
+            _stop(pool)
+
+
+def _stop(pool: Any) -> None:
+    """Stop a pool's workers: SIGTERM unwinds an export under way (its temporary removed), then wait for them."""
+    procs = getattr(pool, "_processes", None) or {}  # the executor's worker processes: it has no public handle on them
+    for p in list(procs.values()):
+        if p.is_alive():
+            p.terminate()
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
 # --------------------------------------------------------------------------- a Dask cluster

@@ -258,6 +258,32 @@ def test_dask_without_the_extra_names_it(tmp_path: Any) -> None:
                "ckptbridge[dask]")
 
 
+def _dies_on_step_2(task: Any) -> dict[str, Any]:
+    """run_task, except that the worker exporting step 2 dies as the OOM killer's victim does (SIGKILL)."""
+    from ckptbridge import _archive
+
+    if task.rel.endswith("model.ckpt-2.h5"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _archive._real_run_task(task)  # type: ignore[attr-defined, no-any-return]
+
+
+def test_a_worker_that_dies_fails_its_checkpoint_and_the_others_go_on(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ckptbridge import _archive
+
+    written = _runs(str(tmp_path), {"a": [1, 2, 3, 4, 5]})
+    monkeypatch.setattr(_archive, "_start_method", lambda: "fork")  # the workers inherit the patched task
+    monkeypatch.setattr(_archive, "_real_run_task", _archive.run_task, raising=False)
+    monkeypatch.setattr(_archive, "run_task", _dies_on_step_2)
+    dest = str(tmp_path / "out")
+    report = ckptbridge.archive(str(tmp_path / "runs"), dest, workers=ckptbridge.Workers(jobs=2))
+    assert [e.source for e in report.failed] == [str(tmp_path / "runs" / "a" / "model.ckpt-2")]
+    assert "worker process exporting it died" in (report.failed[0].error or "")
+    assert sorted(e.rel for e in report.done) == [f"runs/a/model.ckpt-{s}.h5" for s in (1, 3, 4, 5)]
+    for s in (1, 3, 4, 5):
+        _assert_same(os.path.join(dest, "runs", "a", f"model.ckpt-{s}.h5"), written[f"runs/a/model.ckpt-{s}"])
+    assert _manifest(dest)["runs/a/model.ckpt-2.h5"]["status"] == "failed" and leftovers(dest) == []
+
+
 def _wait_for(cond: Any, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
