@@ -177,8 +177,8 @@ def archive(
     ``naming``, ``read``, ``compress`` and ``fsync`` are :func:`export`'s.
 
     ``dest/manifest.jsonl`` records each checkpoint (its files' sizes and mtimes or ETags,
-    the output, its tensors, bytes and checksum, the status and error), rewritten after
-    each one.  A checkpoint whose entry, files and output still agree is skipped;
+    the output, its tensors, bytes and checksum, the status and error), rewritten whole
+    after each one (past 1 MiB, at most every 10 s and at the end).  A checkpoint whose entry, files and output still agree is skipped;
     ``force`` redoes it.  One that fails is recorded and the others go on; one still being
     written is listed as incomplete and left for the next run.  ``workers`` says where
     the exports run (:class:`Workers`: local processes, or a Dask cluster).
@@ -218,7 +218,9 @@ def archive(
         if on_entry is not None:
             on_entry(e)
     if dry_run:
-        report.entries.extend(ArchiveEntry(t.source, destination.shown_output(t.rel), "todo", rel=t.rel) for _, t in plan.todo)
+        from .io.remote import redact
+
+        report.entries.extend(ArchiveEntry(redact(t.source), destination.shown_output(t.rel), "todo", rel=t.rel) for _, t in plan.todo)
         return report
     for e in plan.entries:  # listed for whoever reads the manifest; a done entry is not forgotten while its source is rewritten
         if e.status == INCOMPLETE and manifest.get(e.rel, {}).get("status") != DONE:
