@@ -305,9 +305,9 @@ def export(
     The output's suffix picks the format.  It is written beside ``output`` under
     a temporary name, read back and compared, then renamed into place.  An
     ``output`` at a URL (``s3://bucket/run/model.h5``, ``gs://...``, any fsspec
-    protocol that writes; the ``[remote]`` extra) is written so into
-    ``scratch_dir`` (by default the system temp), uploaded, checked against what
-    the store holds, and only then published there: see the README's "Writing to URLs".
+    protocol that writes; the ``[remote]`` extra) is written and read back so in
+    ``scratch_dir`` (by default the system temp), then uploaded, checked against
+    what the store holds, and only then published there: see the README's "Writing to URLs".
 
     ``naming`` is a :class:`Naming`: a :class:`Select`\\ion (include, exclude,
     weights_only, use_ema), :class:`Rename`\\s after it (exact names, then
@@ -383,7 +383,7 @@ def export(
             return _dry_report(output, prep, naming, src)
         metadata = {"engine": source_label(src), **prep.metadata}
         sink = open_archive_sink(output, fmt=fmt, compress=compress, force=force, source=src.path,  # transfer aborts it on any failure
-                                 scratch_dir=scratch)
+                                 scratch_dir=scratch, progress=progress)
         report = transfer(prep.source, sink, prep.plan, progress=progress, desc="export", metadata=metadata,
                           carry_extras=not isinstance(naming, Port))
         _output_facts(report, sink)

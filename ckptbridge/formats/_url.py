@@ -18,9 +18,11 @@ from typing import Any
 
 from .._source import ArchiveSink, Encoded, Source
 from ..errors import CkptBridgeError, option
+from ..io import atomic as _atomic
 from ..io.chunks import BlockStream
 from ..io.containers import RESERVE_BYTES, Scratch
 from ..io.durability import durability
+from ..io.signals import signals_deferred
 from ..io.upload import Destination, Uploaded
 from ..spec import TensorSpec
 from . import Format
@@ -35,7 +37,7 @@ class UrlSink(ArchiveSink):
     """A format's sink writing into scratch space; :meth:`publish` uploads the verified file to the URL."""
 
     def __init__(self, url: str, fmt: Format, *, compress: bool = False, force: bool = False, source: str | None = None,
-                 scratch_dir: str | None = None) -> None:
+                 scratch_dir: str | None = None, progress: bool | None = False) -> None:
         dest = Destination(url, force=force)  # refuses what it can before anything is made
         try:
             self._scratch = Scratch(scratch_dir, kind="upload")
@@ -57,7 +59,7 @@ class UrlSink(ArchiveSink):
             raise CkptBridgeError(f"internal error: the {fmt.name} sink writes no single file, so it cannot be uploaded to {url}")
         super().__init__(dest.url, inner._out)
         inner.path = dest.url  # what its messages name
-        self._inner, self._dest, self._local = inner, dest, local
+        self._inner, self._dest, self._local, self._progress = inner, dest, local, progress
         self.streams = inner.streams
         self.source_class = inner.source_class
         self._records = inner._records
@@ -112,9 +114,11 @@ class UrlSink(ArchiveSink):
 
     def publish(self) -> None:
         """Put the read-back file at its local name, then upload it: the URL has it, checked, or nothing."""
-        self._inner.publish()
+        with signals_deferred():  # the local copy is no output of the command's: never reported as written
+            self._inner.publish()
+            _atomic.forget_published(self._local)
         try:
-            self.uploaded = self._dest.upload(self._local)
+            self.uploaded = self._dest.upload(self._local, progress=self._progress)
         finally:
             self._dest.abort()  # nothing, once it is published
             self._scratch.remove()

@@ -89,6 +89,14 @@ def note_published(dest: str) -> None:
     _published.append(dest)
 
 
+def forget_published(dest: str) -> None:
+    """Take back the record of ``dest``'s publishing: a local copy that is only a step to another output."""
+    for i in range(len(_published) - 1, -1, -1):
+        if _published[i] == dest:
+            del _published[i]
+            return
+
+
 @dataclasses.dataclass(frozen=True)
 class StateNote:
     """What a checkpoint commit did with its directory's ``checkpoint`` state file.
