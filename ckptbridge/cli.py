@@ -283,14 +283,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_archive(args: argparse.Namespace) -> int:
-    if len(args.paths) < 2:
-        raise CkptBridgeError("archive takes SOURCE... DEST: at least one source, then the destination; add the destination")
     if args.jobs is not None and args.jobs < 1:
         raise CkptBridgeError(f"--jobs must be at least 1, got {args.jobs}; give a number of processes")
     from . import _archive
     from ._options import Workers
 
-    *sources, dest = args.paths
+    sources, dest = args.sources, args.dest
     counts = {"done": 0}
 
     def said(entry: Any) -> None:
@@ -513,9 +511,10 @@ def _parser() -> argparse.ArgumentParser:
                                    "(runs/a/model.ckpt-1000 -> DEST/runs/a/model.ckpt-1000.h5). DEST/manifest.jsonl records each one; "
                                    "a re-run skips what is up to date and redoes what failed or changed. Exit 0: all archived "
                                    "or up to date; 1: some failed (each named); 2: bad arguments.")
-    s.add_argument("paths", nargs="+", metavar="SOURCE... DEST",
+    s.add_argument("sources", nargs="+", metavar="SOURCE",
                    help="checkpoints, directories (walked: every model.ckpt-N, V1 file, SavedModel), globs or URL prefixes "
-                        "(s3://bucket/runs/); then DEST, a local directory or a URL prefix")
+                        "(s3://bucket/runs/)")
+    s.add_argument("dest", metavar="DEST", help="a local directory (created if missing) or a URL prefix")
     s.add_argument("--format", choices=[x[1:] for x in sufs], default="h5", help="the archives' format (default h5)")
     where = s.add_mutually_exclusive_group()
     where.add_argument("-j", "--jobs", type=int, default=None, metavar="N", help="local processes (default: one per core)")

@@ -234,7 +234,8 @@ def test_globs_single_checkpoints_and_formats(tmp_path: Any) -> None:
 def test_bad_arguments_exit_2(tmp_path: Any) -> None:
     _runs(str(tmp_path), {"a": [1]})
     dest = str(tmp_path / "out")
-    error_line(in_process("archive", dest)[::2], "SOURCE... DEST")
+    r = cli("archive", dest)
+    assert r.returncode == 2 and r.stderr.strip().endswith("error: the following arguments are required: DEST"), r.stderr
     error_line(in_process("archive", str(tmp_path / "nothing"), dest)[::2], "no checkpoint at")
     error_line(in_process("archive", str(tmp_path / "runs"), dest, "--jobs", "0")[::2], "--jobs")
     (tmp_path / "file").write_text("x")
