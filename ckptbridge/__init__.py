@@ -2,9 +2,9 @@
 
 The public API: :func:`read` (lazy) and :func:`load` (eager) for any checkpoint or
 archive, :func:`save` for a dict of arrays, :func:`export` and :func:`rebuild`
-between checkpoints and archives, :func:`diff`, :func:`verify`, their options as
+between checkpoints and archives, :func:`diff`, :func:`verify`, :func:`archive` (many checkpoints), their options as
 small values (:class:`ReadOptions`, :class:`Select`, :class:`Rename`,
-:class:`Layout`, :class:`Naming`, :class:`Port`, :class:`Graph`), and the error
+:class:`Layout`, :class:`Naming`, :class:`Port`, :class:`Graph`, :class:`Workers`), and the error
 types.  Importing ckptbridge does not import TensorFlow; the verbs import it only
 when a path needs it.
 """
@@ -44,15 +44,17 @@ _LAZY = {
     "read": "._api", "export": "._api", "rebuild": "._api", "diff": "._api", "verify": "._api", "Reader": "._api",
     "save": "._api", "load": "._api", "port_maps": "._api", "port_map": "._api", "PortMap": ".ports",
     "ReadOptions": "._options", "Select": "._options", "Rename": "._options", "Layout": "._options", "Naming": "._options",
-    "Port": "._options", "Graph": "._options",
+    "Port": "._options", "Graph": "._options", "Workers": "._options", "archive": "._archive",
+    "ArchiveReport": ".reports", "ArchiveEntry": ".reports",
     "TensorSpec": ".spec", "Report": ".reports", "DiffReport": ".reports", "VerifyReport": ".reports",
 }
 
 if TYPE_CHECKING:
     from ._api import Reader, diff, export, load, port_map, port_maps, read, rebuild, save, verify
-    from ._options import Graph, Layout, Naming, Port, ReadOptions, Rename, Select
+    from ._archive import archive
+    from ._options import Graph, Layout, Naming, Port, ReadOptions, Rename, Select, Workers
     from .ports import PortMap
-    from .reports import DiffReport, Report, VerifyReport
+    from .reports import ArchiveEntry, ArchiveReport, DiffReport, Report, VerifyReport
     from .spec import TensorSpec
 
 
@@ -77,6 +79,7 @@ __all__ = [
     "rebuild",
     "diff",
     "verify",
+    "archive",
     "port_maps",
     "port_map",
     "PortMap",
@@ -88,10 +91,13 @@ __all__ = [
     "Naming",
     "Port",
     "Graph",
+    "Workers",
     "TensorSpec",
     "Report",
     "DiffReport",
     "VerifyReport",
+    "ArchiveReport",
+    "ArchiveEntry",
     "CkptBridgeError",
     "CorruptError",
     "FormatError",

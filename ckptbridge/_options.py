@@ -3,9 +3,10 @@
 Reading (:class:`ReadOptions`, what :func:`ckptbridge.read` takes), choosing
 (:class:`Select`), renaming (:class:`Rename`), a layout change on export
 (:class:`Layout`), all three together (:class:`Naming`), a port map
-(:class:`Port`, in the place of a :class:`Naming`) and a graph to import
-through (:class:`Graph`: a tf-slim net, or a MetaGraphDef).  An option that does not apply to a verb has no
-place to be passed there.  The standard library only: importing these is cheap.
+(:class:`Port`, in the place of a :class:`Naming`), a graph to import
+through (:class:`Graph`: a tf-slim net, or a MetaGraphDef) and where
+``archive`` runs (:class:`Workers`).  An option that does not apply to a verb
+has no place to be passed there.  The standard library only: importing these is cheap.
 """
 
 from __future__ import annotations
@@ -155,3 +156,19 @@ class Graph:
             if given:
                 raise FormatError(f"{' and '.join(given)} size a net that is built; the graph in {self.meta} is built already: "
                                   "leave them out")
+
+
+@dataclasses.dataclass(frozen=True)
+class Workers:
+    """Where ``archive`` runs its exports: ``jobs`` local processes (None: one per core; 1: in this
+    process), or with ``scheduler`` (``"tcp://host:8786"``) on that Dask cluster, one task per checkpoint.
+    Tasks on a cluster read and write by their paths there: give URLs, unless every worker sees the same disk."""
+
+    jobs: int | None = None
+    scheduler: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.jobs is not None and (not isinstance(self.jobs, int) or self.jobs < 1):
+            raise FormatError(f"Workers.jobs is a positive number of processes, got {self.jobs!r}")
+        if self.jobs is not None and self.scheduler is not None:
+            raise FormatError("Workers takes jobs (local processes) or scheduler (a Dask cluster), not both")
