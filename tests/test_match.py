@@ -67,6 +67,15 @@ _PROBE = textwrap.dedent(r"""
         ckptbridge.match_tensorflow(torchvision.models.resnet50(weights=None), sys.argv[1])
     except ckptbridge.CkptBridgeError as e:
         out["own_map"] = str(e)
+    # A whole matched model pickles (torch.save) and comes back computing the same.
+    import io
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    back = torch.load(buf, weights_only=False).eval()
+    x = torch.from_numpy(np.random.default_rng(3).standard_normal((1, 3, 65, 65)).astype(np.float32))
+    with torch.no_grad():
+        out["pickled"] = [type(back.maxpool).__name__, bool(torch.equal(back(x), model(x)))]
     vgg = torchvision.models.vgg11(weights=None)
     out["no_caveats"] = ckptbridge.match_tensorflow(vgg, "torchvision:vgg11") is vgg
     print(json.dumps(out))
@@ -95,6 +104,7 @@ def test_match_tensorflow_on_torch_models(tmp_path: Any) -> None:
     assert "matched to port map torchvision:resnet50 already, not torchvision:resnet101" in out["other_map"]
     assert "port map my:resnet50 declares caveats (other, padding)" in out["own_map"] and "built-in maps only" in out["own_map"]
     assert out["no_caveats"]
+    assert out["pickled"] == ["SameMaxPool2d", True]
 
 
 def ckptbridge_map_text(name: str) -> str:

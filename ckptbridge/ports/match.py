@@ -100,8 +100,8 @@ def _pad_same(x: Any, k: tuple[int, int], s: tuple[int, int], d: tuple[int, int]
 _SAME_MAX_POOL: Any = None
 
 
-def same_max_pool(kernel_size: int, stride: int) -> Any:
-    """A ``torch.nn.Module``: a max pool padded as TensorFlow's ``'SAME'`` (with -inf) at each input's size."""
+def _same_max_pool_class() -> Any:
+    """The ``SameMaxPool2d`` class, made on first use (it subclasses ``torch.nn.Module``)."""
     global _SAME_MAX_POOL
     if _SAME_MAX_POOL is None:
         _, nn, F = _torch()
@@ -119,8 +119,21 @@ def same_max_pool(kernel_size: int, stride: int) -> Any:
 
         # Made with type(): torch has no types here, and a class statement on it would subclass Any.
         _SAME_MAX_POOL = type("SameMaxPool2d", (nn.Module,), {"__init__": __init__, "forward": forward, "extra_repr": extra_repr,
-                                                               "__module__": __name__})
-    return _SAME_MAX_POOL(kernel_size, stride)
+                                                               "__module__": __name__, "__qualname__": "SameMaxPool2d"})
+    return _SAME_MAX_POOL
+
+
+def __getattr__(name: str) -> Any:
+    """``SameMaxPool2d`` by name, so that pickle (``torch.save`` of a whole matched model) finds the class."""
+    if name == "SameMaxPool2d":
+        return _same_max_pool_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def same_max_pool(kernel_size: int, stride: int) -> Any:
+    """A ``torch.nn.Module`` (``SameMaxPool2d``, no state): a max pool padded as TensorFlow's ``'SAME'``,
+    with -inf, at each input's size."""
+    return _same_max_pool_class()(kernel_size, stride)
 
 
 def _tf_same(module: Any) -> None:
