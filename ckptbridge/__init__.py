@@ -43,6 +43,7 @@ from .errors import (
 _LAZY = {
     "read": "._api", "export": "._api", "rebuild": "._api", "diff": "._api", "verify": "._api", "Reader": "._api",
     "save": "._api", "load": "._api", "port_maps": "._api", "port_map": "._api", "PortMap": ".ports",
+    "match_tensorflow": ".ports.match",
     "ReadOptions": "._options", "Select": "._options", "Rename": "._options", "Layout": "._options", "Naming": "._options",
     "Port": "._options", "Graph": "._options", "Workers": "._options", "archive": "._archive",
     "ArchiveReport": ".reports", "ArchiveEntry": ".reports",
@@ -54,6 +55,7 @@ if TYPE_CHECKING:
     from ._archive import archive
     from ._options import Graph, Layout, Naming, Port, ReadOptions, Rename, Select, Workers
     from .ports import PortMap
+    from .ports.match import match_tensorflow
     from .reports import ArchiveEntry, ArchiveReport, DiffReport, Report, VerifyReport
     from .spec import TensorSpec
 
@@ -83,6 +85,7 @@ __all__ = [
     "port_maps",
     "port_map",
     "PortMap",
+    "match_tensorflow",
     "Reader",
     "ReadOptions",
     "Select",

@@ -123,3 +123,15 @@ def test_tensorflow_written_bfloat16_reads_as_tensorflow_reads_it_in_a_clean_pro
     for name in ("dtypes/bfloat16", "scalar/bfloat16", "dtypes/float32"):
         want = np.asarray(reader.get_tensor(name))
         assert got["arrays"][name] == [str(want.dtype), want.tobytes().hex()], name
+
+
+def test_match_tensorflow_is_public_and_imports_no_framework_until_called() -> None:
+    """``ckptbridge.match_tensorflow`` and the maps are reached without torch, Keras or TensorFlow in the process."""
+    code = ("import sys, ckptbridge; f = ckptbridge.match_tensorflow; ckptbridge.port_maps(); "
+            "print(f.__module__, sorted(m for m in ('torch', 'torchvision', 'timm', 'keras', 'tf_keras', 'tensorflow') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=CLI_ENV, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["ckptbridge.ports.match", "[]"]
+    import ckptbridge
+
+    assert "match_tensorflow" in ckptbridge.__all__

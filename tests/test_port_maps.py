@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any
 
 import numpy as np
@@ -261,8 +262,15 @@ def test_maps_lists_the_builtin_maps() -> None:
     doc = {m["name"]: m for m in json.loads(r.stdout)}
     assert doc["torchvision:inception_v3"]["classes"] == {"source": 1001, "destination": 1000}
     assert [c["kind"] for c in doc["torchvision:inception_v3"]["caveats"]] == ["pooling"]
+    # 8 maps before issue 25, and torchvision's resnet50/101/152 and vgg11 (the Keras ResNetV2 maps come apart)
+    torch_and_older = {n for n in doc if not n.startswith("keras:ResNet")}
+    assert len(torch_and_older) == 12, sorted(doc)
+    assert {"torchvision:resnet50", "torchvision:resnet101", "torchvision:resnet152", "torchvision:vgg11"} <= set(doc)
+    assert doc["torchvision:resnet152"]["net"] == "resnet_v1_152" and doc["torchvision:vgg11"]["net"] == "vgg_a"
+    assert [c["kind"] for c in doc["torchvision:resnet50"]["caveats"]] == ["other", "padding"]
     text = cli("maps").stdout
     assert "torchvision:vgg16\n  net:         vgg_16 (tf-slim)" in text and "caveat (pooling)" in text
+    assert "torchvision:resnet101\n  net:         resnet_v1_101 (tf-slim)" in text
 
 
 @pytest.mark.parametrize("edit, needles", [
@@ -292,6 +300,39 @@ def test_a_bad_map_gets_every_problem_at_once(tmp_path: Any, edit: Any, needles:
     for n in needles:
         assert n in str(e.value)
     assert str(e.value).count("\n") == 0
+
+
+def test_a_repeated_scope_expands_once_per_count(tmp_path: Any) -> None:
+    """``repeat = [first, last]`` applies the template for every i from first to last, ``{i+K}`` counting from i."""
+    text = TINY_MAP.replace('from = "tiny/conv1"\nto = "0"', 'from = "tiny/block/unit_{i+1}/conv1"\nto = "layer.{i}"\nrepeat = [0, 2]')
+    path = tmp_path / "m.toml"
+    path.write_text(text)
+    m = ckptbridge.port_map(str(path))
+    conv = [(r.source, r.dest) for r in m.rules if r.dest.endswith("conv.weight")]
+    assert conv == [(f"tiny/block/unit_{i + 1}/conv1/weights", f"layer.{i}.conv.weight") for i in range(3)]
+    assert [a.dest for a in m.added if a.dest.endswith("bn.weight")] == [f"layer.{i}.bn.weight" for i in range(3)]
+    assert [a.like for a in m.added if a.dest.endswith("bn.weight")] == [f"layer.{i}.bn.running_mean" for i in range(3)]
+    assert len(m.rules) == 3 * 4 + 4
+    # The built-in resnets use it: resnet_v1_152's 50 units come from 8 scopes.
+    r152 = ckptbridge.port_map("torchvision:resnet152")
+    assert sum(1 for r in r152.rules if r.dest.endswith(".conv2.weight")) == 3 + 8 + 36 + 3
+    assert "resnet_v1_152/block3/unit_36/bottleneck_v1/conv3/BatchNorm/gamma" in {r.source for r in r152.rules}
+
+
+@pytest.mark.parametrize("scope, needle", [
+    ('from = "tiny/u{i}/conv1"\nto = "0"', "needs 'repeat = [first, last]'"),
+    ('from = "tiny/conv1"\nto = "0"\nrepeat = [0, 2]', "'repeat' needs '{i}'"),
+    ('from = "tiny/u{i}/conv1"\nto = "0"\nrepeat = [3, 2]', "'repeat' must be [first, last]"),
+    ('from = "tiny/u{i}/conv1"\nto = "0"\nrepeat = [0, true]', "'repeat' must be [first, last]"),
+    ('from = "tiny/u{i-1}/conv1"\nto = "{i}"\nrepeat = [0, 2]', "would count below 0 from i = 0"),
+    ('from = "tiny/u{i*2}/conv1"\nto = "{i}"\nrepeat = [0, 2]', "a placeholder other than {i}"),
+    ('from = "tiny/u{i}/conv1"\nto = "0"\nrepeat = [0, 1]', "destination tensor 0.conv.weight is produced 2 times"),
+])
+def test_a_bad_repeat_is_refused(tmp_path: Any, scope: str, needle: str) -> None:
+    path = tmp_path / "m.toml"
+    path.write_text(TINY_MAP.replace('from = "tiny/conv1"\nto = "0"', scope))
+    with pytest.raises(FormatError, match=re.escape(needle)):
+        ckptbridge.port_map(str(path))
 
 
 def test_unknown_map_names_the_builtins() -> None:

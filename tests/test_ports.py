@@ -10,13 +10,16 @@ are proven in tests/test_keras_ports.py):
 3. PyTorch (in a process of its own: tests/torch_side.py, never beside TensorFlow) builds the
    destination with its own constructor, loads it with ``strict=True`` and runs the batch:
    without caveats the logits agree within 1e-5 (relative to the largest); with caveats they
-   differ as shipped (the caveat is real) and agree once patched to TensorFlow's semantics;
+   differ as shipped (the caveat is real) and agree once matched to TensorFlow's semantics
+   (``ckptbridge.match_tensorflow``); the resnets also at 321 px (their SAME pool pads by the
+   input's size) and on their last feature map (global pooling hides a misplaced tensor);
 4. the other way: a random ``state_dict`` imported with ``--from MAP --model NET`` and restored
-   by TensorFlow's Saver in a fresh slim graph computes the patched destination's logits;
+   by TensorFlow's Saver in a fresh slim graph computes the matched destination's logits;
 5. export then import gives the checkpoint back bit for bit, but for TensorFlow's background
    class, which a 1000-class destination cannot carry: it comes back as zeros, and nothing else
    changes;
-6. what cannot be ported is refused with one line and nothing written.
+6. what cannot be ported is refused with one line and nothing written;
+7. the maps whose logits only --slow proves (resnet101/152, vgg11) load strict in every run.
 
 One torch subprocess computes every destination-side result (``torch_side.py batch``), started
 once the exports are written; the tests that need none of its results (export, round trip,
@@ -66,8 +69,11 @@ MAP_NAMES = sorted(MAPS)
 #: same layer kinds), vgg16's 528 MB round trip and reverse import (the inception nets prove both), and
 #: timm:inception_v3 whole (about a minute): its rules are torchvision:inception_v3's, line for line;
 #: only the destination model differs.
-SLOW_MAPS = {"torchvision:vgg19", "timm:inception_v3"}
-SLOW_BOTH_WAYS = {"torchvision:vgg16", "torchvision:vgg19", "timm:inception_v3"}
+#: vgg11 (vgg_a) whole: vgg16 proves its layer kinds; resnet101/152 whole: their templates are resnet50's, only the
+#: repeat counts differ (all three load strict in the fast suite: test_new_maps_load_strict).
+SLOW_MAPS = {"torchvision:vgg19", "timm:inception_v3", "torchvision:vgg11", "torchvision:resnet101", "torchvision:resnet152"}
+SLOW_BOTH_WAYS = {"torchvision:vgg16", "torchvision:vgg19", "timm:inception_v3", "torchvision:vgg11", "torchvision:resnet101",
+                  "torchvision:resnet152"}
 
 
 def _params(slow: set[str]) -> list[Any]:
@@ -79,12 +85,21 @@ FORMATS_MAP = "torchvision:googlenet"  # the map whose .npz and .h5 exports are 
 
 #: tf-slim net -> (module, function, arg scope), and a seed of its own
 SLIM = {
+    "vgg_a": ("tf_slim.nets.vgg", "vgg_a", "vgg_arg_scope"),
     "vgg_16": ("tf_slim.nets.vgg", "vgg_16", "vgg_arg_scope"),
     "vgg_19": ("tf_slim.nets.vgg", "vgg_19", "vgg_arg_scope"),
     "inception_v1": ("tf_slim.nets.inception", "inception_v1", "inception_v1_arg_scope"),
     "inception_v3": ("tf_slim.nets.inception", "inception_v3", "inception_v3_arg_scope"),
+    **{f"resnet_v1_{d}": ("tf_slim.nets.resnet_v1", f"resnet_v1_{d}", "resnet_arg_scope") for d in (50, 101, 152)},
 }
-SEEDS = {"vgg_16": 16, "vgg_19": 19, "inception_v1": 1, "inception_v3": 3}
+SEEDS = {"vgg_a": 11, "vgg_16": 16, "vgg_19": 19, "inception_v1": 1, "inception_v3": 3, "resnet_v1_50": 50, "resnet_v1_101": 101,
+         "resnet_v1_152": 152}
+#: nets whose SAME pools pad by the input's size: also run at an odd size, outputs keyed "logits@321"
+ODD_SIZE = 321
+ANY_SIZE = {"resnet_v1_50", "resnet_v1_101", "resnet_v1_152"}
+#: the last feature map, compared too (global average pooling hides a misplaced tensor in the logits):
+#: slim end point -> the destination module whose output it is
+FEATURES = {f"resnet_v1_{d}": (f"resnet_v1_{d}/block4", "layer4") for d in (50, 101, 152)}
 
 
 def rel(a: np.ndarray, b: np.ndarray) -> float:
@@ -123,7 +138,9 @@ def _session_config() -> Any:
 
 
 def _random_value(name: str, shape: list[int], rng: np.random.Generator) -> np.ndarray:
-    """He-scaled kernels, small biases and betas, moving statistics away from 0 and 1."""
+    """He-scaled kernels, small biases and betas, moving statistics and gammas away from 0 and 1."""
+    if name.endswith("gamma"):
+        return rng.uniform(0.5, 1.5, shape).astype(np.float32)
     if name.endswith("moving_mean"):
         return rng.uniform(-0.3, 0.3, shape).astype(np.float32)
     if name.endswith("moving_variance"):
@@ -155,12 +172,17 @@ class SlimGraph:
         mod = importlib.import_module(module)
         graph = tf.Graph()
         with graph.as_default():
-            images = tf.compat.v1.placeholder(tf.float32, [None, image_size, image_size, 3], name="images")
+            side = None if net in ANY_SIZE else image_size
+            images = tf.compat.v1.placeholder(tf.float32, [None, side, side, 3], name="images")
             with slim.arg_scope(getattr(mod, arg_scope)()):
                 logits, end_points = getattr(mod, function)(images, num_classes=num_classes, is_training=False)
+            if len(logits.shape) == 4:  # spatial_squeeze cannot squeeze the unknown spatial axes of an any-size input
+                logits = tf.squeeze(logits, [1, 2])
             outputs = {"logits": logits}
             if "AuxLogits" in end_points:
                 outputs["aux"] = end_points["AuxLogits"]
+            if net in FEATURES:
+                outputs["features"] = end_points[FEATURES[net][0]]
             saver = tf.compat.v1.train.Saver()
             session = tf.compat.v1.Session(graph=graph, config=_session_config())
         return cls(net, graph, session, images, outputs, saver)
@@ -186,6 +208,10 @@ class SlimGraph:
     def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
         return self.session.run(self.outputs, {self.images: x})
 
+    def run_all(self, xs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The outputs on each batch of ``xs`` (suffix -> batch), keyed ``what + suffix``."""
+        return {what + suffix: y for suffix, x in xs.items() for what, y in self.run(x).items()}
+
     def close(self) -> None:
         self.session.close()
 
@@ -198,7 +224,12 @@ class SlimNet:
     prefix: str
     x: np.ndarray
     x_path: str
-    out: dict[str, np.ndarray]  # "logits", "aux"
+    out: dict[str, np.ndarray]  # "logits", "aux", "features", and "logits@321" and the like for the other batches
+    others: dict[str, tuple[np.ndarray, str]] = dataclasses.field(default_factory=dict)  # suffix ("@321") -> (batch, its .npy)
+
+    @property
+    def batches(self) -> dict[str, np.ndarray]:
+        return {"": self.x, **{suffix: x for suffix, (x, _) in self.others.items()}}
 
 
 class SlimNets:
@@ -220,16 +251,21 @@ class SlimNets:
             d = os.path.join(self.root, net)
             os.makedirs(d)
             g = SlimGraph.build(net, size, classes)
+            rng = np.random.default_rng(100 + SEEDS[net])
+            xs = {"": rng.uniform(-1, 1, (BATCH, size, size, 3)).astype(np.float32)}
+            if net in ANY_SIZE:
+                xs[f"@{ODD_SIZE}"] = rng.uniform(-1, 1, (BATCH, ODD_SIZE, ODD_SIZE, 3)).astype(np.float32)
             try:
                 g.randomize(SEEDS[net])
-                x = np.random.default_rng(100 + SEEDS[net]).uniform(-1, 1, (BATCH, size, size, 3)).astype(np.float32)
-                out = g.run(x)
+                out = g.run_all(xs)
                 prefix = g.save(os.path.join(d, "model.ckpt"))
             finally:
                 g.close()
-            x_path = os.path.join(d, "x.npy")
-            np.save(x_path, x)
-            self._nets[net] = SlimNet(net, prefix, x, x_path, out)
+            paths = {suffix: os.path.join(d, f"x{suffix}.npy") for suffix in xs}
+            for suffix, x in xs.items():
+                np.save(paths[suffix], x)
+            others = {suffix: (x, paths[suffix]) for suffix, x in xs.items() if suffix}
+            self._nets[net] = SlimNet(net, prefix, xs[""], paths[""], out, others)
         return self._nets[net]
 
     def logits_of(self, net: str, prefix: str) -> dict[str, np.ndarray]:
@@ -239,7 +275,7 @@ class SlimNets:
             self._restore[net] = SlimGraph.build(net, size, classes)
         g = self._restore[net]
         g.restore(prefix)
-        return g.run(self.get(net).x)
+        return g.run_all(self.get(net).batches)
 
     def close(self) -> None:
         for g in self._restore.values():
@@ -271,11 +307,19 @@ class Port:
     owner: Any = None
 
     def _outputs(self, tag: str) -> dict[str, np.ndarray]:
+        """What the torch jobs of ``tag`` computed, keyed as ``SlimNet.out``: ``tag`` on the default batch,
+        ``tag@321`` on the odd-sized one."""
         self.owner.wait()
-        job = self.jobs[tag]
-        got = {"logits": np.load(job["out"])}
-        if "aux_out" in job:
-            got["aux"] = np.load(job["aux_out"])
+        got = {}
+        for job_tag, job in self.jobs.items():
+            if job_tag.split("@")[0] != tag:
+                continue
+            suffix = job_tag[len(tag):]
+            got["logits" + suffix] = np.load(job["out"])
+            if "aux_out" in job:
+                got["aux" + suffix] = np.load(job["aux_out"])
+            if "feature_out" in job:
+                got["features" + suffix] = np.load(job["feature_out"])
         return got
 
     @property
@@ -339,21 +383,35 @@ class Ports:
             r = cli("export", s.prefix, out, "--to", name, "--no-fsync")
             assert r.returncode == 0, f"export --to {name} failed: {r.stderr[-2000:]}"
 
-            def logits_job(weights: str, tag: str, tf_semantics: bool, name: str = name, s: SlimNet = s) -> dict[str, Any]:
-                base = os.path.join(self.root, f"{key(name)}.{tag}")
-                job = {"cmd": "logits", "map": name, "weights": weights, "input": s.x_path, "out": base + ".logits.npy",
-                       "tf_semantics": tf_semantics}
-                if "aux" in s.out:
-                    job["aux_out"] = base + ".aux.npy"
-                jobs.append(job)
-                return job
+            mine: dict[str, dict[str, Any]] = {}
+
+            def logits_job(weights: str, tag: str, tf_semantics: bool, name: str = name, s: SlimNet = s,
+                           mine: dict[str, dict[str, Any]] = mine) -> dict[str, Any]:
+                """The logits job on the default batch (returned), and one on each other batch (tagged ``tag@321``)."""
+                first = None
+                for suffix, x_path in (("", s.x_path), *((sfx, p) for sfx, (_, p) in s.others.items())):
+                    base = os.path.join(self.root, f"{key(name)}.{tag}{suffix}")
+                    job = {"cmd": "logits", "map": name, "weights": weights, "input": x_path, "out": base + ".logits.npy",
+                           "tf_semantics": tf_semantics}
+                    if "aux" in s.out:
+                        job["aux_out"] = base + ".aux.npy"
+                    if s.net in FEATURES:
+                        job["feature"], job["feature_out"] = FEATURES[s.net][1], base + ".features.npy"
+                    jobs.append(job)
+                    if suffix:
+                        mine[tag + suffix] = job
+                    first = first or job
+                assert first is not None
+                return first
 
             caveats = bool(pmap.caveats)
             random_weights = os.path.join(self.root, key(name) + ".random.safetensors")
-            mine: dict[str, dict[str, Any]] = {}
             # Order matters to torch_side: a map's model is patched by the first job that asks for it.
             mine["shipped"] = logits_job(out, "shipped", False)
-            mine["patched"] = logits_job(out, "patched", True) if caveats else mine["shipped"]
+            if caveats:
+                mine["patched"] = logits_job(out, "patched", True)
+            else:
+                mine.update({"patched" + k[len("shipped"):]: job for k, job in list(mine.items()) if k.startswith("shipped")})
             jobs.append({"cmd": "random", "map": name, "out": random_weights, "seed": 1000 + MAP_NAMES.index(name)})
             mine["random"] = logits_job(random_weights, "random", caveats)
             extra = {}
@@ -438,6 +496,50 @@ def test_every_builtin_map_is_proven() -> None:
     assert len(MAPS) >= 5, sorted(MAPS)
     unproven = [n for n, m in ckptbridge.port_maps().items() if n not in MAPS and not m.destination.startswith("keras.")]
     assert unproven == [], f"no test computes these maps' destinations: {unproven}"
+
+
+#: maps whose logits are proven in --slow only; their output must load strict in every run
+STRICT_ONLY = ["torchvision:resnet101", "torchvision:resnet152", "torchvision:vgg11"]
+
+
+def test_slow_maps_load_strict(tmp_path: Any) -> None:
+    """What export writes for the slim net's own variables loads into the destination with strict=True.
+
+    The slim graph is built (its variables' names, shapes and dtypes, no weights), the map is planned on
+    arrays of zeros of those specs, and torch (its own process) loads zeros of the planned specs strictly.
+    """
+    import tensorflow as tf
+
+    from ckptbridge._source import ArraySource
+    from ckptbridge.ports import plan_export
+
+    specs: dict[str, dict[str, Any]] = {}
+    for name in STRICT_ONLY:
+        pmap = MAPS[name]
+        g = SlimGraph.build(pmap.net, pmap.image_size, pmap.source_classes)
+        with g.graph.as_default():
+            tf.compat.v1.train.get_or_create_global_step()  # a trained checkpoint has it; the map skips it
+            variables = {v.op.name: np.zeros(v.shape.as_list(), v.dtype.base_dtype.as_numpy_dtype) for v in tf.compat.v1.global_variables()}
+        g.close()
+        ported = plan_export(ArraySource(variables), pmap)
+        assert ported.plan.dropped == {"global_step": f"skipped by port map {name}"}
+        specs[name] = {n: [sp.dtype, list(sp.shape)] for n, sp in ported.source.specs().items()}
+        assert len(specs[name]) == len(pmap.rules) + len(pmap.added)
+    jobs = []
+    for name in STRICT_ONLY:
+        spec_path = tmp_path / f"{key(name)}.specs.json"
+        spec_path.write_text(json.dumps(specs[name]))
+        jobs.append({"cmd": "strict", "map": name, "specs": str(spec_path), "out": str(tmp_path / f"{key(name)}.loaded.json")})
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    r = subprocess.run([sys.executable, TORCH_SIDE, "batch", "--jobs", str(tmp_path / "jobs.json")], capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONWARNINGS="ignore"), timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    for job in jobs:
+        assert json.loads(open(job["out"]).read()) == sorted(specs[job["map"]]), job["map"]
+    units = {"torchvision:resnet101": 3 + 4 + 23 + 3, "torchvision:resnet152": 3 + 8 + 36 + 3}
+    for name, n in units.items():
+        assert sum(1 for k in specs[name] if k.endswith(".conv3.weight")) == n
+        assert specs[name]["layer1.0.bn1.num_batches_tracked"] == ["int64", []]
 
 
 @pytest.mark.parametrize("name", _params(SLOW_MAPS))

@@ -4,32 +4,32 @@
                                       [--tf-semantics] [--aux-out Z.npy]
     python tests/torch_side.py random --map NAME --out FILE.safetensors [--seed N]
     python tests/torch_side.py keys   --map NAME
+    python tests/torch_side.py strict --map NAME --specs SPECS.json --out NAMES.json
     python tests/torch_side.py batch  --jobs JOBS.json
 
-This module never imports TensorFlow nor ckptbridge: with torch 2.14.1, importing TensorFlow
-first and torch second in one process segfaults, so the tests keep the two in separate
-processes and run this file as a subprocess.
+This module never imports TensorFlow: with torch 2.14.1, importing TensorFlow first and torch
+second in one process segfaults, so the tests keep the two in separate processes and run this
+file as a subprocess.  It imports ckptbridge (which imports neither) only for
+``ckptbridge.match_tensorflow``, the public fix of the maps' caveats.
 
 - ``build(map_name)``: the destination model, from the map's ``destination`` expression, in eval mode.
-- ``patch_tf_semantics(model, map_name)``: applies the fixes of the map's caveats, so that the
-  destination computes what the tf-slim net computes (the proof that a map is right):
-    * ``padding``: every strided Conv2d / MaxPool2d / AvgPool2d that pads (or uses ceil_mode) is
-      taken to mean TensorFlow's ``'SAME'``: its own padding is set to 0 and a forward pre-hook pads
-      the input as TensorFlow does (``pad_total // 2`` before, the rest after; -inf for max pools);
-    * ``pooling``: average pools exclude the padding (``count_include_pad=False``), for
-      ``nn.AvgPool2d`` modules and for the ``F.avg_pool2d`` calls in the model's own Python modules
-      (torchvision's, timm's: not torch's), while that model runs: other models are untouched.
-  Apply it once per model.
-  State-dict keys are unchanged, so weights load before or after patching.
+- ``patch_tf_semantics(model, map_name)``: ``ckptbridge.match_tensorflow(model, map_name)``, so that
+  the destination computes what the tf-slim net computes (the proof that a map is right).
+  State-dict keys are unchanged, so weights load before or after.
 - ``logits``: input is NHWC float32 as TensorFlow takes it (transposed here to NCHW); the output
   is the destination's logits (1000 classes).  ``--aux-out``: inception_v3's auxiliary logits
   (``AuxLogits`` applied to ``Mixed_6e``'s output, as in training).
+- ``strict``: ``load_state_dict(strict=True)`` of tensors with the names, dtypes and shapes of a JSON
+  file (name -> [dtype, shape]), model and tensors on the meta device: a map's output accepted
+  (names and shapes) without making its weights.
 - ``random``: a state_dict with random weights and non-trivial batch-norm running statistics; BN
-  weights stay 1 because a tf-slim batch norm without ``scale`` cannot carry gamma.
+  weights stay 1 where the slim net's batch norm has no ``scale`` (it cannot carry gamma), and are
+  random where it has (resnet).
 - ``batch``: several of the above in one process (importing torch and building a model cost
   seconds each): JOBS.json is a list of objects ``{"cmd": "logits" | "random" | "keys", ...}`` with
   the options' names as keys (``map``, ``weights``, ``input``, ``out``, ``tf_semantics``,
-  ``aux_out``, ``seed``; ``keys`` writes its JSON to ``out``).  Jobs run in order; a model is
+  ``aux_out``, ``feature`` (a module whose output is saved, NHWC, to ``feature_out``), ``seed``,
+  ``specs``; ``keys`` writes its JSON to ``out``).  Jobs run in order; a model is
   built once per map and patched when a job first asks for TensorFlow semantics (a later job
   without them gets a fresh one).
 """
@@ -40,15 +40,12 @@ import argparse
 import importlib
 import json
 import math
-import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 try:
@@ -81,110 +78,11 @@ def build(map_name: str) -> nn.Module:
 # ---------------------------------------------------------------- TensorFlow semantics
 
 
-def _same_pads(size: int, k: int, s: int, d: int) -> tuple[int, int]:
-    """TensorFlow's 'SAME' padding of one spatial axis: (before, after)."""
-    out = math.ceil(size / s)
-    total = max((out - 1) * s + (k - 1) * d + 1 - size, 0)
-    return total // 2, total - total // 2
-
-
-def _pair(v: Any) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
-
-
-def _tf_same(module: nn.Module) -> None:
-    """Make a strided conv or pool pad like TensorFlow's 'SAME' (asymmetric: the extra pixel after)."""
-    k, s = _pair(module.kernel_size), _pair(module.stride)
-    d = _pair(getattr(module, "dilation", 1))
-    value = -math.inf if isinstance(module, nn.MaxPool2d) else 0.0
-    if isinstance(module, nn.AvgPool2d):
-        module.count_include_pad = False  # TensorFlow's average pools never count the padding
-    module.padding = 0 if isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)) else (0, 0)
-    if hasattr(module, "ceil_mode"):
-        module.ceil_mode = False
-
-    def pre_hook(_: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        x = args[0]
-        top, bottom = _same_pads(x.shape[-2], k[0], s[0], d[0])
-        left, right = _same_pads(x.shape[-1], k[1], s[1], d[1])
-        return (F.pad(x, (left, right, top, bottom), value=value), *args[1:])
-
-    module.register_forward_pre_hook(pre_hook)
-
-
-def _patch_padding(model: nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
-            strided = _pair(m.stride) != (1, 1)
-            pads = _pair(m.padding) != (0, 0) if not isinstance(m.padding, str) else True
-            if strided and (pads or getattr(m, "ceil_mode", False)):
-                _tf_same(m)
-
-
-class _Functional:
-    """Stands in for ``torch.nn.functional`` in a model's Python module: ``avg_pool2d`` excludes
-    the padding while a patched model runs (``active`` > 0 on this thread), and is torch's otherwise."""
-
-    def __init__(self, functional: Any) -> None:
-        self._functional = functional
-        self._state = threading.local()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._functional, name)
-
-    @property
-    def active(self) -> int:
-        return getattr(self._state, "active", 0)
-
-    @active.setter
-    def active(self, value: int) -> None:
-        self._state.active = value
-
-    def avg_pool2d(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.active:
-            kwargs["count_include_pad"] = False
-        return self._functional.avg_pool2d(*args, **kwargs)
-
-
-def _patch_pooling(model: nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, nn.AvgPool2d):
-            m.count_include_pad = False
-    proxies: list[_Functional] = []
-    for name in sorted({type(m).__module__ for m in model.modules()}):
-        if name == "torch" or name.startswith("torch."):
-            continue  # torch's own modules (nn.AvgPool2d is patched above), never replaced
-        pymod = sys.modules[name]
-        current = getattr(pymod, "F", None)
-        if current is F:
-            current = _Functional(F)
-            pymod.F = current  # type: ignore[attr-defined]
-        if isinstance(current, _Functional) and current not in proxies:
-            proxies.append(current)
-
-    def enter(*_: Any) -> None:
-        for p in proxies:
-            p.active += 1
-
-    def leave(*_: Any) -> None:
-        for p in proxies:
-            p.active -= 1
-
-    model.register_forward_pre_hook(enter)
-    model.register_forward_hook(leave, always_call=True)
-
-
-_PATCHES = {"padding": _patch_padding, "pooling": _patch_pooling}
-
-
 def patch_tf_semantics(model: nn.Module, map_name: str) -> nn.Module:
-    """Apply the fixes of the map's caveats to ``model`` (in place; also returned)."""
-    for caveat in load_map(map_name).get("caveats", []):
-        kind = caveat["kind"]
-        if kind not in _PATCHES:
-            raise ValueError(f"{map_name}: no patch for a caveat of kind {kind!r}: {caveat['text']}")
-        _PATCHES[kind](model)
-    return model
+    """The map's caveats fixed, as a user does it: ``ckptbridge.match_tensorflow`` (the model it returns)."""
+    import ckptbridge
+
+    return ckptbridge.match_tensorflow(model, map_name)
 
 
 # ---------------------------------------------------------------- weights
@@ -200,13 +98,20 @@ def load_weights(path: str) -> dict[str, torch.Tensor]:
         return {k: torch.from_numpy(np.array(z[k], order="C")) for k in z.files if not k.startswith("__ckptbridge")}  # keeps 0-d arrays 0-d
 
 
-def random_state_dict(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
-    """Random weights (He-scaled kernels), non-trivial BN statistics and beta, BN gamma left at 1."""
+def carries_gamma(map_name: str) -> bool:
+    """Whether the map's slim net has batch-norm gamma (resnet: ``scale=True``), so a random gamma can be carried."""
+    return any(key.endswith("BatchNorm/gamma") for tpl in load_map(map_name).get("templates", {}).values() for key in tpl)
+
+
+def random_state_dict(model: nn.Module, seed: int, gamma: bool = False) -> dict[str, torch.Tensor]:
+    """Random weights (He-scaled kernels), non-trivial BN statistics and beta; BN gamma left at 1 unless ``gamma``."""
     g = torch.Generator().manual_seed(seed)
     bn_weights = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
     out: dict[str, torch.Tensor] = {}
     for name, t in model.state_dict().items():
-        if name in bn_weights or not t.is_floating_point():
+        if name in bn_weights and gamma:
+            out[name] = torch.rand(t.shape, generator=g) * 1.0 + 0.5
+        elif name in bn_weights or not t.is_floating_point():
             out[name] = t.clone()
         elif name.endswith("running_mean"):
             out[name] = torch.rand(t.shape, generator=g) * 0.6 - 0.3
@@ -231,19 +136,33 @@ def _split(output: Any) -> Iterator[torch.Tensor]:
         yield from (t for t in output if t is not None)
 
 
-def logits(model: nn.Module, x_nhwc: np.ndarray, aux: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-    """(logits, auxiliary logits or None) for an NHWC batch."""
+def logits(model: nn.Module, x_nhwc: np.ndarray, aux: bool = False,
+           feature: str | None = None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """(logits, auxiliary logits or None, the output of module ``feature`` as NHWC or None) for an NHWC batch."""
     x = torch.from_numpy(np.ascontiguousarray(x_nhwc, dtype=np.float32)).permute(0, 3, 1, 2).contiguous()
     captured: dict[str, torch.Tensor] = {}
-    handle = None
+    handles = []
     if aux:
-        handle = model.Mixed_6e.register_forward_hook(lambda _m, _i, o: captured.__setitem__("mixed_6e", o))
+        handles.append(model.Mixed_6e.register_forward_hook(lambda _m, _i, o: captured.__setitem__("mixed_6e", o)))
+    if feature:
+        handles.append(model.get_submodule(feature).register_forward_hook(lambda _m, _i, o: captured.__setitem__("feature", o)))
     with torch.no_grad():
         outs = list(_split(model(x)))
         aux_out = model.AuxLogits(captured["mixed_6e"]).numpy() if aux else None
-    if handle is not None:
+    for handle in handles:
         handle.remove()
-    return outs[0].numpy(), aux_out
+    features = captured["feature"].permute(0, 2, 3, 1).contiguous().numpy() if feature else None
+    return outs[0].numpy(), aux_out, features
+
+
+def strict_load(model: nn.Module, specs_path: str) -> list[str]:
+    """Load a state_dict (meta tensors) with the names, dtypes and shapes of ``specs_path`` (JSON: name -> [dtype, shape]),
+    ``strict=True``: what torch accepts of an archive with exactly those tensors.  Returns the names loaded."""
+    with open(specs_path) as f:
+        specs = json.load(f)
+    state = {n: torch.zeros(shape, dtype=getattr(torch, dtype), device="meta") for n, (dtype, shape) in specs.items()}
+    model.load_state_dict(state, strict=True)
+    return sorted(state)
 
 
 def _keys_json(model: nn.Module) -> str:
@@ -254,6 +173,11 @@ def _keys_json(model: nn.Module) -> str:
 def run_job(job: dict[str, Any], models: dict[str, tuple[nn.Module, bool]]) -> None:
     """One job of ``batch`` (or of the single commands); ``models``: map -> (model, patched), reused."""
     cmd, map_name = job["cmd"], job["map"]
+    if cmd == "strict":  # on the meta device: the names and shapes are checked, no weight is made or copied
+        with torch.device("meta"):
+            loaded = strict_load(build(map_name), job["specs"])
+        Path(job["out"]).write_text(json.dumps(loaded) + "\n")
+        return
     want_tf = bool(job.get("tf_semantics", False))
     cached = models.get(map_name)
     if cached is None or (cmd == "logits" and cached[1] and not want_tf):
@@ -268,16 +192,18 @@ def run_job(job: dict[str, Any], models: dict[str, tuple[nn.Module, bool]]) -> N
     elif cmd == "random":
         from safetensors.torch import save_file
 
-        save_file(random_state_dict(model, int(job.get("seed", 0))), job["out"])
+        save_file(random_state_dict(model, int(job.get("seed", 0)), gamma=carries_gamma(map_name)), job["out"])
     elif cmd == "logits":
         model.load_state_dict(load_weights(job["weights"]), strict=True)
         if want_tf and not patched:
             patch_tf_semantics(model, map_name)
             models[map_name] = (model, True)
-        y, aux = logits(model, np.load(job["input"]), aux=bool(job.get("aux_out")))
+        y, aux, features = logits(model, np.load(job["input"]), aux=bool(job.get("aux_out")), feature=job.get("feature"))
         np.save(job["out"], y)
         if job.get("aux_out"):
             np.save(job["aux_out"], aux)
+        if job.get("feature"):
+            np.save(job["feature_out"], features)
     else:
         raise ValueError(f"unknown job {cmd!r}")
 
@@ -298,6 +224,10 @@ def main(argv: list[str] | None = None) -> None:
     rd.add_argument("--seed", type=int, default=0)
     ks = sub.add_parser("keys", help="print the destination's state_dict keys, shapes and dtypes as JSON")
     ks.add_argument("--map", required=True)
+    st = sub.add_parser("strict", help="load zeros of the given names, dtypes and shapes with strict=True")
+    st.add_argument("--map", required=True)
+    st.add_argument("--specs", required=True, help="JSON: name -> [dtype, shape]")
+    st.add_argument("--out", required=True)
     bt = sub.add_parser("batch", help="run a JSON list of jobs in this one process (see the module's doc)")
     bt.add_argument("--jobs", required=True, help="a JSON file: a list of {\"cmd\": ..., option: value, ...}")
     args = p.parse_args(argv)
