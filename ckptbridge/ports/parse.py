@@ -274,7 +274,7 @@ def _scopes(p: _Problems, doc: Mapping[str, Any], parsed: dict[str, _Template]) 
         if not isinstance(s, dict):
             p.add(f"{w} must be a table")
             continue
-        _keys(p, s, {"from", "to", "template", "kernel"}, w)
+        _keys(p, s, {"from", "to", "template", "kernel", "repeat"}, w)
         src, dst, tname = _str(p, s, "from", w), s.get("to"), _str(p, s, "template", w)
         if not isinstance(dst, str):
             p.add(f"{w}: 'to' must be a string (empty for the top level)")
@@ -283,18 +283,65 @@ def _scopes(p: _Problems, doc: Mapping[str, Any], parsed: dict[str, _Template]) 
         if not (isinstance(kernel, list) and len(kernel) == 2 and all(_is_count(k, 1) for k in kernel)):
             p.add(f"{w}: 'kernel' must be [H, W], two positive integers")
             kernel = [1, 1]
-        if src is None or tname is None:
+        counts = _repeat(p, s, w, [x for x in (src, dst) if x is not None])
+        if src is None or tname is None or counts is None:
             continue
         if tname not in parsed:
             p.add(f"{w}: no template named {tname!r}")
             continue
+        for n in counts:
+            r, a = _expand(parsed[tname], _counted(src, n), _counted(dst, n), (kernel[0], kernel[1]))
+            rules += r
+            added += a
+    return rules, added
 
-        def join(leaf: str, dst: str = dst) -> str:
-            return f"{dst}.{leaf}" if dst else leaf
 
-        tpl_rules, tpl_adds = parsed[tname]
-        rules += [Rule(f"{src}/{key}", join(to), transform, classes, (kernel[0], kernel[1])) for key, to, transform, classes in tpl_rules]
-        added += [dataclasses.replace(a, dest=join(a.dest), like=join(a.like) if a.like is not None else None) for a in tpl_adds]
+#: ``{i}``, ``{i+K}``, ``{i-K}`` in a repeated scope's ``from`` and ``to``
+_COUNTER = re.compile(r"\{i(?:([+-])(\d+))?\}")
+
+
+def _counted(text: str, n: int | None) -> str:
+    """``text`` with each ``{i}`` (``{i+K}``, ``{i-K}``) replaced by ``n`` (plus or minus K); as it is for a scope that does not repeat."""
+    if n is None:
+        return text
+    return _COUNTER.sub(lambda m: str(n + (int(m.group(2)) if m.group(1) == "+" else -int(m.group(2)) if m.group(1) else 0)), text)
+
+
+def _repeat(p: _Problems, s: Mapping[str, Any], w: str, texts: list[str]) -> list[int | None] | None:
+    """The counts a scope is expanded for: ``repeat = [first, last]`` (both included), or one pass
+    (``[None]``) for a scope without it; None after saying what is wrong."""
+    placeholders = any(_COUNTER.search(t) for t in texts)
+    if "repeat" not in s:
+        if placeholders:
+            p.add(f"{w}: '{{i}}' in 'from' or 'to' needs 'repeat = [first, last]'")
+            return None
+        return [None]
+    rep = s["repeat"]
+    if not (isinstance(rep, list) and len(rep) == 2 and all(_is_count(k, 0) for k in rep) and rep[0] <= rep[1]):
+        p.add(f"{w}: 'repeat' must be [first, last], two non-negative integers, first <= last")
+        return None
+    if not placeholders:
+        p.add(f"{w}: 'repeat' needs '{{i}}' in 'from' or 'to' (else every pass gives the same names)")
+        return None
+    for t in texts:
+        if "{i" in _COUNTER.sub("", t):
+            p.add(f"{w}: {t!r} has a placeholder other than {{i}}, {{i+K}}, {{i-K}}")
+            return None
+        if any(m.group(1) == "-" and rep[0] < int(m.group(2)) for m in _COUNTER.finditer(t)):
+            p.add(f"{w}: {t!r} would count below 0 from i = {rep[0]}")
+            return None
+    return list(range(rep[0], rep[1] + 1))
+
+
+def _expand(tpl: _Template, src: str, dst: str, kernel: tuple[int, int]) -> tuple[list[Rule], list[Added]]:
+    """One template applied to one slim scope ``src`` and destination prefix ``dst``."""
+
+    def join(leaf: str) -> str:
+        return f"{dst}.{leaf}" if dst else leaf
+
+    tpl_rules, tpl_adds = tpl
+    rules = [Rule(f"{src}/{key}", join(to), transform, classes, kernel) for key, to, transform, classes in tpl_rules]
+    added = [dataclasses.replace(a, dest=join(a.dest), like=join(a.like) if a.like is not None else None) for a in tpl_adds]
     return rules, added
 
 
