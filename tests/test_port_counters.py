@@ -3,7 +3,8 @@
 Keras numbers its layers per class in model order (``layers/conv2d_15/vars/0``), so a unit that
 repeats across a stage needs numbers that grow by the unit's layer count, from where the stage
 starts.  ``counters = { conv = [first, step] }`` on a scope gives ``{conv}`` (``{conv+K}``,
-``{conv-K}``) in its template's ``to`` names.
+``{conv-K}``) in its template's ``to`` names; the built-in ``keras:ResNet*V2`` maps use them, and
+tests/test_keras_resnet.py proves those maps by logits.
 """
 
 from __future__ import annotations
@@ -89,6 +90,19 @@ def test_the_repeat_count_numbers_template_names_too(tmp_path: Any) -> None:
                              '"bn/gamma" = { to = "layers/batch_normalization_{i+10}/vars/0" }').replace(", bn = [1, 1]", "")
     got = {r.source: r.dest for r in _parse(tmp_path, text).rules}
     assert got["net/block1/unit_2/bn/gamma"] == "layers/batch_normalization_12/vars/0"
+
+
+def test_the_builtin_resnet_v2_maps_number_every_keras_layer_once() -> None:
+    """Each ResNetV2 map's names are Keras' own: conv2d, conv2d_1 ... with no gap and no repeat (the
+    Keras file's own keys are compared in tests/test_keras_resnet.py)."""
+    for cls, units in (("ResNet50V2", 16), ("ResNet101V2", 33), ("ResNet152V2", 50)):
+        m = ckptbridge.port_map(f"keras:{cls}")
+        layers = {r.dest.rsplit("/vars/", 1)[0] for r in m.rules}
+        convs = 1 + 3 * units + 4 + 1  # the root conv, 3 per unit, 4 shortcut convs; the Dense
+        bns = 3 * units + 1
+        assert layers == ({"layers/conv2d"} | {f"layers/conv2d_{n}" for n in range(1, convs - 1)} | {"layers/dense"}
+                          | {"layers/batch_normalization"} | {f"layers/batch_normalization_{n}" for n in range(1, bns)})
+        assert len(m.rules) == 4 * bns + (2 + 4 * units + 2 * 4) + 2  # 4 per batch norm; root conv, units (conv3 has a bias), shortcuts; Dense
 
 
 @pytest.mark.parametrize("edit, needles", [
