@@ -274,7 +274,7 @@ def _scopes(p: _Problems, doc: Mapping[str, Any], parsed: dict[str, _Template]) 
         if not isinstance(s, dict):
             p.add(f"{w} must be a table")
             continue
-        _keys(p, s, {"from", "to", "template", "kernel", "repeat"}, w)
+        _keys(p, s, {"from", "to", "template", "kernel", "repeat", "counters"}, w)
         src, dst, tname = _str(p, s, "from", w), s.get("to"), _str(p, s, "template", w)
         if not isinstance(dst, str):
             p.add(f"{w}: 'to' must be a string (empty for the top level)")
@@ -284,16 +284,74 @@ def _scopes(p: _Problems, doc: Mapping[str, Any], parsed: dict[str, _Template]) 
             p.add(f"{w}: 'kernel' must be [H, W], two positive integers")
             kernel = [1, 1]
         counts = _repeat(p, s, w, [x for x in (src, dst) if x is not None])
-        if src is None or tname is None or counts is None:
+        counters = _counters(p, s, w)
+        if src is None or tname is None or counts is None or counters is None:
             continue
         if tname not in parsed:
             p.add(f"{w}: no template named {tname!r}")
             continue
+        _unused_counters(p, w, tname, parsed[tname], counters)
         for n in counts:
             r, a = _expand(parsed[tname], _counted(src, n), _counted(dst, n), (kernel[0], kernel[1]))
-            rules += r
-            added += a
+            values = {name: start + step * (n - counts[0] if n is not None and counts[0] is not None else 0)
+                      for name, (start, step) in counters.items()}
+            if n is not None:
+                values["i"] = n
+            rules += [dataclasses.replace(x, dest=_numbered(p, w, tname, x.dest, values)) for x in r]
+            added += [dataclasses.replace(x, dest=_numbered(p, w, tname, x.dest, values),
+                                          like=_numbered(p, w, tname, x.like, values) if x.like is not None else None) for x in a]
     return rules, added
+
+
+#: ``{name}``, ``{name+K}``, ``{name-K}`` in a template's destination names: a scope's counter (or ``i``)
+_NUMBERED = re.compile(r"\{([a-z][a-z0-9_]*)(?:([+-])(\d+))?\}")
+
+
+def _counters(p: _Problems, s: Mapping[str, Any], w: str) -> dict[str, tuple[int, int]] | None:
+    """A scope's ``counters = { name = [first, step] }`` (or ``name = N``: the same on every pass), which
+    number its template's destination names: ``{name}`` is ``first`` on the first pass and grows by ``step``
+    on each further one.  Keras numbers its layers per class in model order (``conv2d_15``), so a unit
+    repeated across a stage needs numbers that grow by the unit's layer count, from where the stage starts."""
+    raw = s.get("counters", {})
+    if not isinstance(raw, dict):
+        p.add(f"{w}: 'counters' must be a table {{ name = [first, step] }}")
+        return None
+    out: dict[str, tuple[int, int]] = {}
+    for name, v in raw.items():
+        if name == "i" or not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+            p.add(f"{w}: counter {name!r} must be a lower-case name other than 'i' (the repeat's own count)")
+        elif _is_count(v, 0):
+            out[name] = (v, 0)
+        elif isinstance(v, list) and len(v) == 2 and all(_is_count(k, 0) for k in v):
+            out[name] = (v[0], v[1])
+        else:
+            p.add(f"{w}: counter {name!r} must be [first, step], two non-negative integers, or one")
+    return out if len(out) == len(raw) else None
+
+
+def _unused_counters(p: _Problems, w: str, tname: str, tpl: _Template, counters: Mapping[str, tuple[int, int]]) -> None:
+    """A counter the template never names is a typo or a stale line: say so."""
+    used = {m.group(1) for _, to, _, _ in tpl[0] for m in _NUMBERED.finditer(to)}
+    used |= {m.group(1) for a in tpl[1] for t in (a.dest, a.like or "") for m in _NUMBERED.finditer(t)}
+    for name in sorted(set(counters) - used):
+        p.add(f"{w}: counter {name!r} is not named by template {tname!r}")
+
+
+def _numbered(p: _Problems, w: str, tname: str, text: str, values: Mapping[str, int]) -> str:
+    """``text`` with each ``{name}`` (``{name+K}``, ``{name-K}``) replaced by the counter's value this pass."""
+
+    def one(m: re.Match[str]) -> str:
+        name, sign, k = m.group(1), m.group(2), int(m.group(3) or 0)
+        if name not in values:
+            p.add(f"{w}: template {tname!r} names {{{name}}}, which this scope does not count "
+                  f"(give counters = {{ {name} = [first, step] }}{', or repeat' if name == 'i' else ''})")
+            return m.group(0)
+        n = values[name] - k if sign == "-" else values[name] + k
+        if n < 0:
+            p.add(f"{w}: {text!r} counts below 0 ({name} = {values[name]})")
+        return str(n)
+
+    return _NUMBERED.sub(one, text)
 
 
 #: ``{i}``, ``{i+K}``, ``{i-K}`` in a repeated scope's ``from`` and ``to``
