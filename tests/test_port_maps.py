@@ -262,9 +262,9 @@ def test_maps_lists_the_builtin_maps() -> None:
     doc = {m["name"]: m for m in json.loads(r.stdout)}
     assert doc["torchvision:inception_v3"]["classes"] == {"source": 1001, "destination": 1000}
     assert [c["kind"] for c in doc["torchvision:inception_v3"]["caveats"]] == ["pooling"]
-    # 8 maps before issue 25, and torchvision's resnet50/101/152 and vgg11 (the Keras ResNetV2 maps come apart)
-    torch_and_older = {n for n in doc if not n.startswith("keras:ResNet")}
-    assert len(torch_and_older) == 12, sorted(doc)
+    # 8 maps before issue 25, then torchvision's resnet50/101/152 and vgg11, and Keras' ResNet50V2/101V2/152V2
+    assert len(doc) == 15, sorted(doc)
+    assert {"keras:ResNet50V2", "keras:ResNet101V2", "keras:ResNet152V2"} <= set(doc)
     assert {"torchvision:resnet50", "torchvision:resnet101", "torchvision:resnet152", "torchvision:vgg11"} <= set(doc)
     assert doc["torchvision:resnet152"]["net"] == "resnet_v1_152" and doc["torchvision:vgg11"]["net"] == "vgg_a"
     assert [c["kind"] for c in doc["torchvision:resnet50"]["caveats"]] == ["other", "padding"]
