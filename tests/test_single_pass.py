@@ -14,7 +14,6 @@ import errno
 import glob
 import os
 
-import crc32c
 import numpy as np
 import pytest
 
@@ -22,7 +21,7 @@ import ckptbridge
 from ckptbridge.bundle import BundleReader
 from ckptbridge.bundle.writer import BundleWriter
 from ckptbridge.errors import CorruptError
-from ckptbridge.io import chunks
+from ckptbridge.io import checksum, chunks
 from ckptbridge.io.atomic import TMP_SUFFIX
 
 from helpers import flip
@@ -54,13 +53,13 @@ def _leftovers(directory: str) -> list[str]:
 def crc_bytes(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """How many bytes crc32c (every caller's: the streams', the records', the bundle's) reads."""
     counted = {"n": 0}
-    real = crc32c.crc32c
+    real = checksum.crc32c
 
-    def counting(data, value=0, gil_release_mode=-1):  # type: ignore[no-untyped-def]
+    def counting(data, value=0):  # type: ignore[no-untyped-def]
         counted["n"] += memoryview(data).nbytes
-        return real(data, value=value, gil_release_mode=gil_release_mode)
+        return real(data, value=value)
 
-    monkeypatch.setattr(crc32c, "crc32c", counting)
+    monkeypatch.setattr(checksum, "crc32c", counting)
     return counted
 
 
@@ -84,18 +83,18 @@ def test_npz_export_checks_each_piece_once_for_both_checksums(tmp_path, monkeypa
     from ckptbridge.formats import _zip
 
     calls: list[tuple[str, int]] = []
-    real_c, real_z = crc32c.crc32c, _zip.crc32
+    real_c, real_z = checksum.crc32c, _zip.crc32
 
-    def c(data, value=0, gil_release_mode=-1):  # type: ignore[no-untyped-def]
+    def c(data, value=0):  # type: ignore[no-untyped-def]
         calls.append(("crc32c", memoryview(data).nbytes))
-        return real_c(data, value=value, gil_release_mode=gil_release_mode)
+        return real_c(data, value=value)
 
     def z(data, value=0):  # type: ignore[no-untyped-def]
         calls.append(("crc32", memoryview(data).nbytes))
         return real_z(data, value)
 
     prefix = _ckpt(str(tmp_path))
-    monkeypatch.setattr(crc32c, "crc32c", c)
+    monkeypatch.setattr(checksum, "crc32c", c)
     monkeypatch.setattr(_zip, "crc32", z)
     ckptbridge.export(prefix, str(tmp_path / "out.npz"))
     zipped = [i for i, (kind, n) in enumerate(calls) if kind == "crc32" and n > 1024]
