@@ -180,7 +180,7 @@ def compile_bytecode(env: dict[str, str]) -> None:
                    stdout=subprocess.DEVNULL)
 
 
-def measure(cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
+def measure(cmd: list[str], env: dict[str, str], cwd: str = ROOT) -> dict[str, Any]:
     """Run ``cmd`` in a fresh process: wall seconds, CPU seconds (user + system, from the child's own
     rusage: on a shared machine the wall time is noisy, the CPU time much less so), peak RSS (MB), exit status."""
     # Start every operation with no dirty pages left by the previous one: otherwise
@@ -188,7 +188,7 @@ def measure(cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
     os.sync()
     with tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
-        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=ROOT)
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=cwd)
         timer = threading.Timer(TIMEOUT_S, p.kill)
         timer.start()
         try:
