@@ -171,7 +171,7 @@ class Scratch:
     """
 
     def __init__(self, directory: str | None, kind: str = "unpack") -> None:
-        from . import atomic as _atomic  # here, not at the top: a command that unpacks nothing writes nothing
+        from . import atomic as _atomic  # here, not at the top: ls and verify of a checkpoint never make one
 
         self.path = tempfile.mkdtemp(prefix=f".ckptbridge-{kind}.", suffix=_atomic.TMP_SUFFIX, dir=directory)
         self.used = 0
