@@ -178,6 +178,8 @@ def _commands(prefix: str, archive: str, out: str) -> dict[str, tuple[list[str],
         "export .safetensors": (["export", "-q", "--exclude", "^names$", prefix, st], ("ckptbridge.formats.safetensors",),
                                 tuple(m for m in LEAN if m != "safetensors")),
         "import": (["import", "-q", archive, back], ("ckptbridge.bundle.writer", "ckptbridge.io.atomic"), LEAN),
+        "archive --format npz": (["archive", "-q", "--format", "npz", os.path.dirname(prefix), os.path.join(out, "mirror")],
+                                 ("ckptbridge.formats.npz",), LEAN),
     }
 
 
