@@ -6,9 +6,10 @@
 
 Checkpoints are built once into benchmarks/work/ (gitignored) and reused.
 Every measured operation runs in a fresh process; its wall time includes
-starting Python (and importing TensorFlow, where it needs it), and its peak
-RSS is that process's ``ru_maxrss`` (from ``wait4``; no operation spawns
-children).  Operations alternate ckptbridge / baseline within each run, and
+starting Python (and importing TensorFlow, where it needs it), from compiled
+bytecode as an installed package has it (``NO_BYTECODE_VARS``); its CPU time
+(user + system) and peak RSS are that process's ``ru_utime + ru_stime`` and
+``ru_maxrss`` (from ``wait4``; no operation spawns children).  Operations alternate ckptbridge / baseline within each run, and
 the headline numbers are ratios of medians taken in the same session, so the
 noise of a shared machine hits both sides alike.  The full run writes
 benchmarks/results.json, the tables in benchmarks/README.md (between the
@@ -68,9 +69,12 @@ LABELS = {
     "index_40k": "an index of 40,000 entries (small tensors, native writer)",
 }
 TARGET_MODEL = "vgg_16_train"
-#: for start-up-bound operations: compiled bytecode on both sides, as an installed package has it (NumPy's is
-#: compiled at install; under PYTHONDONTWRITEBYTECODE a source checkout would recompile ckptbridge in every run)
-PYC_ENV = {"PYTHONPYCACHEPREFIX": os.path.join(WORK, "pycache"), "PYTHONDONTWRITEBYTECODE": ""}
+#: Every operation runs on compiled bytecode, as an installed package does (pip compiles it at install):
+#: PYTHONDONTWRITEBYTECODE is dropped from the runs' environment, and ckptbridge's and the baselines' own
+#: modules are compiled once before anything is measured (:func:`compile_bytecode`), so no run compiles; the
+#: installed packages use the bytecode pip wrote.  Without this a source checkout under
+#: PYTHONDONTWRITEBYTECODE (as on the benchmark VM) recompiles ckptbridge in every run: about 0.12 s of each.
+NO_BYTECODE_VARS = ("PYTHONDONTWRITEBYTECODE", "PYTHONPYCACHEPREFIX")
 TIMEOUT_S = 3600
 
 
@@ -99,8 +103,8 @@ def ops_for(model: str, prefix: str, archive: str, big: bool, http: str | None =
     URL of a local Range server of the checkpoint's directory, for the export over HTTP)."""
     out = os.path.join(WORK, "out", model)
     if model in INDEX_MODELS:
-        return [Op("ls", "ls", "ckptbridge", _cb("ls", prefix), out, env=PYC_ENV),
-                Op("import_numpy", 'python -c "import numpy"', "floor", [PY, "-c", "import numpy"], out, env=PYC_ENV)]
+        return [Op("ls", "ls", "ckptbridge", _cb("ls", prefix), out),
+                Op("import_numpy", 'python -c "import numpy"', "floor", [PY, "-c", "import numpy"], out)]
     files = checkpoint_files(model, prefix)
     huge = model == "synthetic" and not big
     over = "not run: would hold the whole 6 GB model in memory, over this shared machine's 6 GB budget (--big runs it)"
@@ -169,14 +173,22 @@ def _show(cmd: list[str]) -> str:
     return " ".join("python" if c == PY else os.path.relpath(c, ROOT) + ("/" if c.endswith("/") else "") if c.startswith(ROOT) else c for c in cmd)
 
 
-def measure(cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
-    """Run ``cmd`` in a fresh process: wall seconds, peak RSS (MB) and exit status."""
+def compile_bytecode(env: dict[str, str]) -> None:
+    """Compile ckptbridge's and the benchmarks' modules once, outside every measured run (see NO_BYTECODE_VARS),
+    in the runs' environment, so the bytecode lands where they look for it."""
+    subprocess.run([PY, "-m", "compileall", "-q", os.path.join(ROOT, "ckptbridge"), HERE], check=True, env=env, cwd=ROOT,
+                   stdout=subprocess.DEVNULL)
+
+
+def measure(cmd: list[str], env: dict[str, str], cwd: str = ROOT) -> dict[str, Any]:
+    """Run ``cmd`` in a fresh process: wall seconds, CPU seconds (user + system, from the child's own
+    rusage: on a shared machine the wall time is noisy, the CPU time much less so), peak RSS (MB), exit status."""
     # Start every operation with no dirty pages left by the previous one: otherwise
     # whoever runs next pays for the last one's writeback.
     os.sync()
     with tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
-        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=ROOT)
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=cwd)
         timer = threading.Timer(TIMEOUT_S, p.kill)
         timer.start()
         try:
@@ -188,7 +200,7 @@ def measure(cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
         err.seek(0)
         tail = [ln for ln in err.read().decode("utf-8", "replace").splitlines() if ln.strip()]
     rc = p.returncode
-    return {"wall_s": round(wall, 3), "rss_mb": round(ru.ru_maxrss / 1024, 1), "rc": rc,
+    return {"wall_s": round(wall, 3), "cpu_s": round(ru.ru_utime + ru.ru_stime, 3), "rss_mb": round(ru.ru_maxrss / 1024, 1), "rc": rc,
             "error": (tail[-1][:300] if tail else f"exit status {rc}") if rc else None}
 
 
@@ -201,8 +213,6 @@ def prepare(model: str, env: dict[str, str]) -> tuple[str, str]:
         shutil.rmtree(d, ignore_errors=True)
         subprocess.run([PY, os.path.join(HERE, "_make.py"), model, d], check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
     archive = os.path.join(WORK, "archives", f"{model}.npz")
-    if model in INDEX_MODELS:  # compile the bytecode once, outside the measured runs
-        subprocess.run(_cb("ls", prefix), check=True, env={**env, **PYC_ENV}, cwd=ROOT, stdout=subprocess.DEVNULL)
     if model in V1_MODELS or model in INDEX_MODELS:
         return prefix, ""  # no import operations, so no import input
     if not os.path.exists(archive):
@@ -251,6 +261,9 @@ def run(models: list[str], runs: int, big: bool, out_json: str, append: bool = F
     # live in tf-keras), and a user running tf-slim on TensorFlow 2.16+ sets it too; so importing
     # TensorFlow costs both sides the same and no ratio is won by skipping Keras 3's import.
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1", TF_USE_LEGACY_KERAS="1")
+    for var in NO_BYTECODE_VARS:
+        env.pop(var, None)
+    compile_bytecode(env)
     command = "python benchmarks/run.py " + " ".join(sys.argv[1:])
     if append and os.path.exists(out_json):
         with open(out_json) as f:
@@ -284,7 +297,8 @@ def run(models: list[str], runs: int, big: bool, out_json: str, append: bool = F
                 shutil.rmtree(op.out, ignore_errors=True)
                 rec["runs"].append(res)
                 status = "ok" if not res["rc"] else f"FAILED ({res['error']})"
-                print(f"[{model} run {r + 1}/{runs}] {op.label:<42} {res['wall_s']:8.2f} s {res['rss_mb']:8.0f} MB  {status}", flush=True)
+                print(f"[{model} run {r + 1}/{runs}] {op.label:<42} {res['wall_s']:8.2f} s {res['cpu_s']:8.2f} s CPU "
+                      f"{res['rss_mb']:8.0f} MB  {status}", flush=True)
         if server is not None:
             server.stop()
         summarize(doc)
@@ -329,10 +343,13 @@ def summarize(doc: dict[str, Any]) -> None:
             if ok:
                 rec["wall_s"] = round(statistics.median(x["wall_s"] for x in ok), 3)
                 rec["rss_mb"] = round(statistics.median(x["rss_mb"] for x in ok), 1)
+                if all("cpu_s" in x for x in ok):  # results from before CPU time was recorded have none
+                    rec["cpu_s"] = round(statistics.median(x["cpu_s"] for x in ok), 3)
                 rec["mb_s"] = round(entry["bytes"] / 1e6 / rec["wall_s"], 1)
             else:
                 rec.pop("wall_s", None)
                 rec.pop("rss_mb", None)
+                rec.pop("cpu_s", None)
                 rec.pop("mb_s", None)
         ops = entry["ops"]
         ratios = {}
@@ -345,6 +362,8 @@ def summarize(doc: dict[str, Any]) -> None:
                      ("ls", "import_numpy"), ("export_http", "curl_http")]:
             if a in ops and b in ops and "wall_s" in ops[a] and "wall_s" in ops[b]:
                 ratios[f"{a}/{b}"] = {"wall": _paired(ops[a], ops[b], "wall_s"), "rss": _paired(ops[a], ops[b], "rss_mb")}
+                if "cpu_s" in ops[a] and "cpu_s" in ops[b] and ops[b]["cpu_s"] > 0:
+                    ratios[f"{a}/{b}"]["cpu"] = round(ops[a]["cpu_s"] / ops[b]["cpu_s"], 3)
         entry["ratios"] = ratios
     doc["targets"] = targets(doc)
 

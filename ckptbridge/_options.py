@@ -23,6 +23,9 @@ if TYPE_CHECKING:
 
 #: what one archive tensor may claim before it is refused as a likely memory bomb (64 GiB)
 DEFAULT_MAX_TENSOR_BYTES = 64 << 30
+#: what ``names=`` / ``--names`` takes, the default first (``sources._readable`` says what each means); here,
+#: so the command line's parser names them without importing the readers
+NAMES = ("auto", "readable", "keys")
 
 
 def _patterns(value: Sequence[str], what: str) -> tuple[str, ...]:

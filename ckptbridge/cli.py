@@ -376,7 +376,9 @@ def _port(args: argparse.Namespace) -> str | None:
 
 
 def cmd_maps(args: argparse.Namespace) -> int:
-    maps = _api.port_maps()
+    from . import ports  # what _api.port_maps() returns, without _api's import of NumPy and the readers
+
+    maps = {name: ports.load(name) for name in ports.builtin()}
     if args.json:
         print(json.dumps([{"name": m.name, "net": m.net, "destination": m.destination, "description": m.description,
                            "image_size": m.image_size, "classes": {"source": m.source_classes, "destination": m.dest_classes},
@@ -436,13 +438,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def _add_max_tensor_gb(s: argparse.ArgumentParser) -> None:
     """The guard against memory bombs, the same option on every command that reads an archive."""
-    s.add_argument("--max-tensor-gb", type=float, default=_api.DEFAULT_MAX_TENSOR_BYTES / (1 << 30),
+    from ._options import DEFAULT_MAX_TENSOR_BYTES
+
+    s.add_argument("--max-tensor-gb", type=float, default=DEFAULT_MAX_TENSOR_BYTES / (1 << 30),
                    help="refuse archive tensors claiming more than this (default 64)")
 
 
 def _parser() -> argparse.ArgumentParser:
+    # The standard library and the registries only: --help and a mistyped option import no reader.
     from . import __version__, _engines, formats
-    from .sources import _readable
+    from ._options import NAMES
 
     # Every format, suffix and engine named below comes from the two registries.
     sufs = formats.suffixes()
@@ -455,7 +460,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--engine", choices=_engines.choices(), default=_engines.AUTO, help=_engines.help_text())
-    common.add_argument("--names", choices=_readable.CHOICES, default=_readable.AUTO,
+    common.add_argument("--names", choices=NAMES, default=NAMES[0],
                         help="a checkpoint's tensor names: auto (default): readable names for a SavedModel or TF-Hub directory, "
                              "the checkpoint's keys otherwise; readable: also a TF2 checkpoint's, from its object graph "
                              "(dense/kernel for model/layer_with_weights-0/kernel/.ATTRIBUTES/VARIABLE_VALUE); keys: always the keys. "
@@ -594,10 +599,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         # A signal from here to the command's body is recorded and raised as the body starts;
         # one after the body is reported below (see _signals.interruptible).
-        from .io import atomic as _atomic
-
-        published_before = len(_atomic.published_outputs())
-        rc = _run(argv, published_before, len(_atomic.state_notes()))
+        published_before = len(_atomic_log("published_outputs"))
+        rc = _run(argv, published_before, len(_atomic_log("state_notes")))
     except BrokenPipeError:
         # The reader of our stdout (or stderr) has gone: stop quietly, as Unix tools do.
         # Outputs are whole or discarded as on any other exit (the sinks have unwound).
@@ -611,9 +614,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # after our one line (see _signals.release).
         _signals.release()
         try:
-            from .io import atomic as _atomic
-
-            _atomic.discard_pending()  # temporaries of a sink whose constructor was interrupted
+            atomic = sys.modules.get(_ATOMIC)  # not imported: no output was started
+            if atomic is not None:
+                atomic.discard_pending()  # temporaries of a sink whose constructor was interrupted
         except BaseException:  # noqa: BLE001 - a signal recorded during the sweep: we are leaving anyway
             pass
         # This command's signal was its own: the next command of this process starts clean.
@@ -628,22 +631,26 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(argv: Sequence[str] | None, published_before: int, notes_before: int) -> int:
-    from .io.atomic import published_outputs, stale_notes, state_notes
-    from .io.remote import is_url, redact
+    from .io.remote import is_url, redact  # the standard library only
     from .io.signals import interruptible
 
-    stale_before = len(stale_notes())
+    stale_before = len(_atomic_log("stale_notes"))
 
     args: argparse.Namespace | None = None
     dest: str | None = None
 
     def written() -> str:
-        done = published_outputs()[published_before:]
+        done = _atomic_log("published_outputs")[published_before:]
         return f"{done[-1]} was written and is complete" if done else "nothing was written"
 
     try:
         with interruptible():  # a signal raises only in here; an error it caused is reported as the signal
-            args = _parser().parse_args(argv)  # the first use of _api: a Ctrl-C in its import waits for it to end
+            if "numpy" not in sys.modules:
+                # No command multiplies matrices, but loading NumPy starts OpenBLAS's thread pool, one
+                # thread per CPU that spins at start: 25 ms of wall and 85 ms of CPU time on the 2-CPU
+                # benchmark VM, half of `python -c "import numpy"`.  An explicit value in the environment wins.
+                os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+            args = _parser().parse_args(argv)
             if "tensorflow" not in sys.modules:
                 # This process's TensorFlow serves tf-slim's graph-mode layers, which come from tf-keras:
                 # with tf.keras pointing there, importing TensorFlow skips loading Keras 3 (and the
@@ -654,8 +661,8 @@ def _run(argv: Sequence[str] | None, published_before: int, notes_before: int) -
             if dest is not None and is_url(dest):
                 dest = redact(dest)  # what messages may show of it
             rc = int(args.func(args))
-            _report_state(args, state_notes()[notes_before:])
-            _report_stale(args, stale_notes()[stale_before:])
+            _report_state(args, _atomic_log("state_notes")[notes_before:])
+            _report_stale(args, _atomic_log("stale_notes")[stale_before:])
         return rc
     except BrokenPipeError:
         raise
@@ -685,6 +692,18 @@ def _run(argv: Sequence[str] | None, published_before: int, notes_before: int) -
         _debug(args)
         _err(f"internal error: {type(e).__name__}: {e}; {written()}, please report this with the output of --debug")
         return 2
+
+
+#: where the outputs of this process are recorded; a command that writes nothing (ls, verify, diff, maps)
+#: never imports it (it brings in hashlib, shutil and tempfile), and then nothing was published
+_ATOMIC = f"{__package__}.io.atomic"
+
+
+def _atomic_log(record: str) -> list[Any]:
+    """``io.atomic``'s record of this process (``published_outputs``, ``state_notes`` or ``stale_notes``),
+    in order; empty while that module is not imported, as nothing was written then."""
+    atomic = sys.modules.get(_ATOMIC)
+    return [] if atomic is None else list(getattr(atomic, record)())
 
 
 def _quiet_closed_pipes() -> None:
@@ -776,9 +795,7 @@ def _debug(args: argparse.Namespace | None) -> None:
 
 
 def _stopped(what: str, dest: str | None, published_before: int = 0) -> str:
-    from .io.atomic import published_outputs
-
-    done = published_outputs()[published_before:]
+    done = _atomic_log("published_outputs")[published_before:]
     if done:
         # The signal came during or after the final rename: the output is whole.
         return f"{what} after {done[-1]} was written; it is complete"

@@ -9,6 +9,7 @@ process has imported all of them already), and looks at ``sys.modules`` there.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from typing import Any
@@ -47,12 +48,32 @@ def probe(prefix: str, *names: str) -> dict[str, Any]:
     return json.loads(proc.stdout)  # type: ignore[no-any-return]
 
 
+# `python -m ckptbridge ARGS`, then sys.modules written to the file $CKPTBRIDGE_TEST_MODULES as the process exits.
+# (-X importtime would miss what importlib.import_module loads: the registries' "module:Name" entries.)
+_RUN_AND_LIST = r"""
+import atexit, json, os, runpy, sys
+atexit.register(lambda: open(os.environ["CKPTBRIDGE_TEST_MODULES"], "w").write(json.dumps(sorted(sys.modules))))
+sys.argv[0] = "ckptbridge"
+runpy.run_module("ckptbridge", run_name="__main__", alter_sys=True)
+"""
+
+
+def imported_modules(*args: str) -> tuple[subprocess.CompletedProcess[str], set[str]]:
+    """``python -m ckptbridge ARGS``: the process, and every module it imported (full names)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        listing = os.path.join(d, "modules.json")
+        proc = subprocess.run([sys.executable, "-c", _RUN_AND_LIST, *args], capture_output=True, text=True,
+                              env={**CLI_ENV, "CKPTBRIDGE_TEST_MODULES": listing}, timeout=120)
+        with open(listing) as f:
+            return proc, set(json.load(f))
+
+
 def imported_by(*args: str) -> tuple[subprocess.CompletedProcess[str], set[str]]:
-    """``python -X importtime -m ckptbridge ARGS``: the process, and every top-level package it imported."""
-    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "ckptbridge", *args], capture_output=True, text=True,
-                          env=CLI_ENV, timeout=120)
-    mods = {ln.split("|")[-1].strip().split(".")[0] for ln in proc.stderr.splitlines() if ln.startswith("import time:")}
-    return proc, mods
+    """``python -m ckptbridge ARGS``: the process, and every top-level package it imported."""
+    proc, mods = imported_modules(*args)
+    return proc, {m.split(".")[0] for m in mods}
 
 
 @pytest.fixture()
@@ -135,3 +156,72 @@ def test_match_tensorflow_is_public_and_imports_no_framework_until_called() -> N
     import ckptbridge
 
     assert "match_tensorflow" in ckptbridge.__all__
+
+
+# --------------------------------------------------------------------------- every command's import set
+
+#: what no command on a float32 checkpoint or its .npz needs: the heavy packages, the crc32c package's
+#: __init__ (importlib.metadata, for a version string: ckptbridge loads the checksum from its extension),
+#: the V1 reader (the checkpoint is V2), and the port maps' planner
+LEAN = (*HEAVY, "importlib.metadata", "ckptbridge.bundle.v1", "ckptbridge.ports.plan")
+#: what a command that writes nothing to a checkpoint does not import (the outputs' atomic publication;
+#: an archive's format module holds its sink too, and imports it)
+READ_ONLY = ("ckptbridge.io.atomic",)
+#: neither --help nor maps reads a checkpoint: no NumPy, no readers
+NO_READERS = ("numpy", "ckptbridge._api", "ckptbridge.sources", "ckptbridge.bundle", *READ_ONLY)
+
+
+def _commands(prefix: str, archive: str, out: str) -> dict[str, tuple[list[str], tuple[str, ...], tuple[str, ...]]]:
+    """command -> (arguments, modules it must import, modules it must not)."""
+    npz, h5, st = (os.path.join(out, "m" + s) for s in (".npz", ".h5", ".safetensors"))
+    back = os.path.join(out, "back", "model.ckpt")
+    reads = ("numpy", "ckptbridge.bundle.reader")
+    return {
+        "help": (["--help"], ("argparse",), (*LEAN, *NO_READERS)),
+        "maps": (["maps"], ("ckptbridge.ports.parse",), (*LEAN, *NO_READERS[1:])),
+        "ls": (["ls", prefix], reads, (*LEAN, *READ_ONLY)),
+        "ls --json": (["ls", "--json", prefix], reads, (*LEAN, *READ_ONLY)),
+        "verify": (["verify", prefix], reads, (*LEAN, *READ_ONLY)),
+        "verify .npz": (["verify", archive], ("numpy", "ckptbridge.formats.npz"), LEAN),
+        "diff": (["diff", prefix, archive], reads, LEAN),
+        "export .npz": (["export", "-q", prefix, npz], (*reads, "ckptbridge.io.atomic"), LEAN),
+        "export .npz --compress": (["export", "-q", "--compress", prefix, npz + "c.npz"], reads, LEAN),
+        "export .h5": (["export", "-q", prefix, h5], ("h5py",), tuple(m for m in LEAN if m != "h5py")),
+        "export .safetensors": (["export", "-q", "--exclude", "^names$", prefix, st], ("ckptbridge.formats.safetensors",),
+                                tuple(m for m in LEAN if m != "safetensors")),
+        "import": (["import", "-q", archive, back], ("ckptbridge.bundle.writer", "ckptbridge.io.atomic"), LEAN),
+        "archive --format npz": (["archive", "-q", "--format", "npz", os.path.dirname(prefix), os.path.join(out, "mirror")],
+                                 ("ckptbridge.formats.npz",), LEAN),
+    }
+
+
+_COMMANDS = list(_commands("P", "A", "O"))
+
+
+@pytest.mark.parametrize("command", _COMMANDS)
+def test_each_command_imports_only_what_it_uses(float32_ckpt: tuple[str, dict[str, np.ndarray]], tmp_path: Any, command: str) -> None:
+    prefix, _ = float32_ckpt
+    archive = str(tmp_path / "a.npz")
+    proc = subprocess.run([sys.executable, "-m", "ckptbridge", "export", "-q", prefix, archive], capture_output=True, text=True,
+                          env=CLI_ENV, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    args, needs, never = _commands(prefix, archive, str(tmp_path))[command]
+    proc, mods = imported_modules(*args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "ckptbridge.cli" in mods and set(needs) <= mods, sorted(set(needs) - mods)  # the probe sees this command's imports
+    assert sorted(m for m in mods if m in never or m.split(".")[0] in never) == []
+
+
+def test_the_checksum_is_the_crc32c_packages_and_leaves_the_package_unimported() -> None:
+    code = r"""
+import json, sys
+from ckptbridge.io import checksum
+got = [checksum.crc32c(b"123456789"), checksum.crc32c(b"6789", value=checksum.crc32c(b"12345"))]
+before = sorted(m for m in ("crc32c", "importlib.metadata") if m in sys.modules)
+import crc32c
+print(json.dumps([got, before, crc32c.crc32c(b"123456789")]))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=CLI_ENV, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    # 0xE3069283: crc32c's check value (RFC 3720, "123456789")
+    assert json.loads(proc.stdout) == [[0xE3069283, 0xE3069283], [], 0xE3069283]

@@ -173,6 +173,40 @@ def test_foreign_file_reads_and_unknown_dtypes_are_named(tmp_path: Any) -> None:
         ckptbridge.read(e8m0)
 
 
+def test_foreign_file_imports_graph_free_bit_exact_from_its_mapped_bytes(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file the safetensors package wrote (no records): each tensor streams from the mapped file, its crc32c from
+    those bytes while the kernel copies them into the checkpoint; float8 and bfloat16 keep their bits."""
+    from ckptbridge.bundle import BundleReader
+    from ckptbridge.io import chunks
+
+    rng = np.random.default_rng(5)
+    want = {"w": rng.standard_normal((64, 33)).astype(np.float32), "bf16": FLOATS.astype(ml_dtypes.bfloat16),
+            "fp8": np.array([0.5, -1.5, 448.0, -0.0], dtype=ml_dtypes.float8_e4m3fn), "mask": np.array([True, False, True]),
+            "step": np.array(9, dtype=np.int64), "empty": np.zeros((0, 3), np.float32)}
+    path = str(tmp_path / "f.safetensors")
+    save_file(want, path)
+    copied: list[int] = []
+    real = chunks.kernel_copy
+
+    def counting(*args: Any) -> int:
+        n = real(*args)
+        copied.append(n)
+        return n
+
+    monkeypatch.setattr(chunks, "kernel_copy", counting)
+    with SafetensorsSource(path) as src:
+        stream = src.read_blocks("w", 1 << 20)
+        assert stream is not None and stream.span is not None and stream.stored is None  # no record: read, not moved unread
+        assert src.read_blocks("empty", 1 << 20) is None  # nothing to stream: read() gives it
+    back = str(tmp_path / "back" / "model.ckpt")
+    ckptbridge.rebuild(path, back)
+    assert sum(copied) == sum(a.nbytes for a in want.values())
+    with BundleReader(back) as r:
+        for name, value in want.items():
+            got = r.read(name)
+            assert got.dtype == value.dtype and got.shape == value.shape and got.tobytes() == value.tobytes(), name
+
+
 def test_flipped_byte_is_caught_by_crc(tmp_path: Any) -> None:
     path = str(tmp_path / "m.safetensors")
     arrays = {"w": np.arange(64, dtype=np.float32)}

@@ -14,7 +14,6 @@ import errno
 import glob
 import os
 
-import crc32c
 import numpy as np
 import pytest
 
@@ -22,7 +21,7 @@ import ckptbridge
 from ckptbridge.bundle import BundleReader
 from ckptbridge.bundle.writer import BundleWriter
 from ckptbridge.errors import CorruptError
-from ckptbridge.io import chunks
+from ckptbridge.io import checksum, chunks
 from ckptbridge.io.atomic import TMP_SUFFIX
 
 from helpers import flip
@@ -54,13 +53,13 @@ def _leftovers(directory: str) -> list[str]:
 def crc_bytes(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """How many bytes crc32c (every caller's: the streams', the records', the bundle's) reads."""
     counted = {"n": 0}
-    real = crc32c.crc32c
+    real = checksum.crc32c
 
-    def counting(data, value=0, gil_release_mode=-1):  # type: ignore[no-untyped-def]
+    def counting(data, value=0):  # type: ignore[no-untyped-def]
         counted["n"] += memoryview(data).nbytes
-        return real(data, value=value, gil_release_mode=gil_release_mode)
+        return real(data, value=value)
 
-    monkeypatch.setattr(crc32c, "crc32c", counting)
+    monkeypatch.setattr(checksum, "crc32c", counting)
     return counted
 
 
@@ -84,18 +83,18 @@ def test_npz_export_checks_each_piece_once_for_both_checksums(tmp_path, monkeypa
     from ckptbridge.formats import _zip
 
     calls: list[tuple[str, int]] = []
-    real_c, real_z = crc32c.crc32c, _zip.crc32
+    real_c, real_z = checksum.crc32c, _zip.crc32
 
-    def c(data, value=0, gil_release_mode=-1):  # type: ignore[no-untyped-def]
+    def c(data, value=0):  # type: ignore[no-untyped-def]
         calls.append(("crc32c", memoryview(data).nbytes))
-        return real_c(data, value=value, gil_release_mode=gil_release_mode)
+        return real_c(data, value=value)
 
     def z(data, value=0):  # type: ignore[no-untyped-def]
         calls.append(("crc32", memoryview(data).nbytes))
         return real_z(data, value)
 
     prefix = _ckpt(str(tmp_path))
-    monkeypatch.setattr(crc32c, "crc32c", c)
+    monkeypatch.setattr(checksum, "crc32c", c)
     monkeypatch.setattr(_zip, "crc32", z)
     ckptbridge.export(prefix, str(tmp_path / "out.npz"))
     zipped = [i for i, (kind, n) in enumerate(calls) if kind == "crc32" and n > 1024]
@@ -105,14 +104,33 @@ def test_npz_export_checks_each_piece_once_for_both_checksums(tmp_path, monkeypa
     assert sum(n for kind, n in calls if kind == "crc32c") < 2.1 * NBYTES  # the source once, the read-back once
 
 
-def test_import_reads_each_byte_once(tmp_path, crc_bytes: dict[str, int]) -> None:
+@pytest.fixture
+def copied_bytes(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """How many bytes the kernel copied (``io.chunks.kernel_copy``, both system calls behind it)."""
+    counted = {"n": 0}
+    real = chunks.kernel_copy
+
+    def counting(*args):  # type: ignore[no-untyped-def]
+        n = real(*args)
+        counted["n"] += n
+        return n
+
+    monkeypatch.setattr(chunks, "kernel_copy", counting)
+    return counted
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".h5", ".safetensors"])
+def test_import_reads_each_byte_once(tmp_path, crc_bytes: dict[str, int], copied_bytes: dict[str, int], suffix: str) -> None:
+    # .safetensors used to be read whole through safe_open, checksummed there, again by the sink and by
+    # the read-back: three reads, and the whole tensor in memory.
     prefix = _ckpt(str(tmp_path))
-    archive = str(tmp_path / "a.npz")
+    archive = str(tmp_path / f"a{suffix}")
     ckptbridge.export(prefix, archive)
     back = str(tmp_path / "back" / "model.ckpt")
-    crc_bytes["n"] = 0
+    crc_bytes["n"] = copied_bytes["n"] = 0
     ckptbridge.rebuild(archive, back)
-    assert NBYTES <= crc_bytes["n"] < 1.1 * NBYTES
+    assert NBYTES <= crc_bytes["n"] < 1.1 * NBYTES  # the read-back's read of the output
+    assert copied_bytes["n"] == sum(v.nbytes for v in _values().values())  # every tensor moved by the kernel, unread
     with BundleReader(back) as r:
         for name, value in _values().items():
             got = r.read(name)
@@ -133,16 +151,19 @@ def test_flipped_source_byte_is_named_and_nothing_is_left(tmp_path, suffix: str)
     assert not _leftovers(str(tmp_path))
 
 
-def test_flipped_archive_byte_is_named_on_import(tmp_path) -> None:
+@pytest.mark.parametrize("suffix", [".npz", ".h5", ".safetensors"])
+def test_flipped_archive_byte_is_named_on_import(tmp_path, suffix: str) -> None:
     prefix = _ckpt(str(tmp_path))
-    archive = str(tmp_path / "a.npz")
+    archive = str(tmp_path / f"a{suffix}")
     ckptbridge.export(prefix, archive)
     with open(archive, "rb") as f:
         at = f.read().find(_values()["big"][256].tobytes())
     assert at > 0
     flip(archive, at)
     back = str(tmp_path / "back" / "model.ckpt")
-    with pytest.raises(CorruptError, match=r"a\.npz: tensor 'big': checksum mismatch"):
+    # The archive's own error: its bytes were moved unread, the read-back found them changed, and the
+    # archive read again says which side is at fault.
+    with pytest.raises(CorruptError, match=rf"a\{suffix}: tensor 'big': checksum mismatch"):
         ckptbridge.rebuild(archive, back)
     assert not os.path.exists(os.path.dirname(back))
     assert not _leftovers(str(tmp_path))

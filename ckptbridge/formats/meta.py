@@ -19,12 +19,12 @@ import re
 import sys
 from typing import Any
 
-import crc32c
 import numpy as np
 
 from .. import _dtypes
 from .._version import __version__
 from ..errors import CorruptError, FormatError, UnsafeArchiveError, option
+from ..io import checksum as _checksum
 from ..spec import BFLOAT16, STRING
 
 FORMAT_NAME = "ckptbridge"
@@ -102,7 +102,7 @@ def checksum(stored: np.ndarray) -> int:
     arr = np.require(stored, requirements="C")
     if arr.nbytes == 0:
         return 0
-    return crc32c.crc32c(arr.reshape(-1).view(np.uint8).data)
+    return _checksum.crc32c(arr.reshape(-1).view(np.uint8).data)
 
 
 def tensor_record(dtype: str, shape: tuple[int, ...], encoding: str, crc: int, **extra: Any) -> dict[str, Any]:

@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import base64
 import json
+import mmap
 import os
 import sys
 from json.encoder import encode_basestring_ascii
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -34,7 +35,7 @@ from .. import _dtypes
 from .._source import OBJECT_GRAPH, ArchiveSink, ArchiveSource, Encoded
 from ..errors import CkptBridgeError, CorruptError, FormatError, MismatchError, UnsafeArchiveError, option
 from ..io.atomic import AtomicFile
-from ..io.chunks import write_stream
+from ..io.chunks import BlockStream, mmap_blocks, write_stream
 from ..spec import BFLOAT16, STRING, TensorSpec, as_exchange_array, numpy_dtype
 from . import meta
 
@@ -288,7 +289,9 @@ class SafetensorsSource(ArchiveSource):
         self._verify = verify
         self._meta: dict[str, Any] = {}
         self._extras: dict[str, bytes] = {}
-        self._raw_ranges: dict[str, tuple[int, int, int]] | None = None
+        self._ranges: dict[str, tuple[int, int]] | None = None
+        self._file: BinaryIO | None = None  # the file mapped for read_blocks, and the span the kernel copies from
+        self._map: mmap.mmap | None = None
         if os.path.isdir(path):
             raise FormatError(f"{path} is a directory, not a .safetensors file")
         try:
@@ -368,38 +371,89 @@ class SafetensorsSource(ArchiveSource):
             raise CorruptError(f"{where}: checksum mismatch (crc32c), the stored bytes are damaged; restore the archive from a good copy")
         return arr
 
+    def read_blocks(self, name: str, chunk_bytes: int) -> BlockStream | None:
+        """Stream a tensor as views of the mapped file, released block by block (``io.chunks.mmap_blocks``).
+
+        The format stores every tensor as little-endian C-order bytes at the offsets its header gives, so
+        where the archive records the tensor's crc32c the stream may be moved unread (its ``span``: the
+        kernel copies it, and the read-back is its check).  Before this, every tensor was read whole
+        through ``safe_open`` and checksummed there, again by the sink and by the read-back: three reads
+        and the whole tensor in memory.  None where :meth:`read` must do it (a big-endian machine, an
+        empty tensor, a range the header does not give as exactly the tensor's bytes)."""
+        spec = self._specs.get(name)
+        if spec is None or sys.byteorder != "little" or spec.nbytes == 0:
+            return None
+        found = self._byte_ranges().get(name)
+        mapped = self._mapped()
+        if found is None or mapped is None or self._file is None or found[1] > len(mapped):
+            return None
+        begin = found[0]
+        blocks = mmap_blocks(mapped, begin, spec, numpy_dtype(spec.dtype), chunk_bytes)
+        rec = self._meta.get("tensors", {}).get(name)
+        if rec is None or not self._verify:
+            return BlockStream(spec, blocks, span=(self._file.fileno(), begin))
+        stored_crc = int(rec["crc32c"])  # the record of the stored bytes (bfloat16: its bits), which these are
+        where = f"{self.path}: tensor {name!r}"
+
+        def check(c: int) -> None:
+            if c != stored_crc:
+                raise CorruptError(f"{where}: checksum mismatch (crc32c), the stored bytes are damaged; restore the archive from a good copy")
+
+        return BlockStream(spec, blocks, check, span=(self._file.fileno(), begin), stored=stored_crc)
+
+    def _mapped(self) -> mmap.mmap | None:
+        if self._map is None:
+            try:
+                self._file = open(self.path, "rb")
+                self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+            except (OSError, ValueError):  # ValueError: an empty file cannot be mapped (nor is it a .safetensors)
+                return None
+        return self._map
+
     def _read_raw(self, name: str, spec: TensorSpec) -> np.ndarray:
         """A tensor of a dtype the safetensors package cannot hand to NumPy (float8), read from its byte range."""
         where = f"{self.path}: tensor {name!r}"
-        if self._raw_ranges is None:
-            self._raw_ranges = self._read_raw_ranges()
-        start, end, data_start = self._raw_ranges.get(name, (0, -1, 0))
-        if end - start != spec.nbytes or start < 0:
+        begin, end = self._byte_ranges().get(name, (0, -1))
+        if end - begin != spec.nbytes or begin < 0:
             raise CorruptError(f"{where}: its byte range does not match its {spec.describe()}; the archive is damaged")
         with open(self.path, "rb") as f:
-            f.seek(data_start + start)
-            raw = f.read(end - start)
+            f.seek(begin)
+            raw = f.read(end - begin)
         if len(raw) != spec.nbytes:
             raise CorruptError(f"{where}: the file ends inside its bytes; the archive is truncated")
         return np.frombuffer(raw, dtype=numpy_dtype(spec.dtype)).reshape(spec.shape)
 
-    def _read_raw_ranges(self) -> dict[str, tuple[int, int, int]]:
-        """(start, end, where the data begins) of every tensor read from its byte range: the
-        header parsed once (it may hold 100 MB of entries), not once per tensor."""
+    def _byte_ranges(self) -> dict[str, tuple[int, int]]:
+        """(first byte, end) in the file of every tensor whose header entry gives exactly its spec's bytes: the
+        header parsed once (it may hold 100 MB of entries), not once per tensor.  ``safe_open`` checked it already;
+        a tensor left out here is read by :meth:`read`, whose errors name the damage."""
+        if self._ranges is not None:
+            return self._ranges
         import struct
 
-        with open(self.path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n)) if n <= _MAX_HEADER else {}
-        out: dict[str, tuple[int, int, int]] = {}
+        self._ranges = {}
+        try:
+            with open(self.path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n)) if n <= _MAX_HEADER else {}
+        except (OSError, ValueError, struct.error):
+            return self._ranges
+        if not isinstance(header, dict):
+            return self._ranges
         for name, spec in self._specs.items():
-            entry = header.get(name) if spec.dtype in _RAW_READ and isinstance(header, dict) else None
+            entry = header.get(name)
             offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-            if isinstance(offsets, list) and len(offsets) == 2 and all(type(x) is int for x in offsets):
-                out[name] = (offsets[0], offsets[1], 8 + n)
-        return out
+            if (isinstance(offsets, list) and len(offsets) == 2 and all(type(x) is int for x in offsets) and 0 <= offsets[0]
+                    and offsets[1] - offsets[0] == spec.nbytes):
+                self._ranges[name] = (8 + n + offsets[0], 8 + n + offsets[1])
+        return self._ranges
 
     def close(self) -> None:
+        self._map = None  # views handed out keep the map alive; we drop our reference
+        mapped_file = getattr(self, "_file", None)
+        if mapped_file is not None:
+            self._file = None
+            mapped_file.close()
         f = getattr(self, "_f", None)
         if f is not None:
             self._f = None

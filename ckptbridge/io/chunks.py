@@ -26,10 +26,10 @@ import mmap
 import os
 from collections.abc import Callable, Iterator
 
-import crc32c
 import numpy as np
 
 from ..spec import TensorSpec
+from . import checksum
 from .threads import Job
 
 #: Default block size: large enough that per-call overhead vanishes, small enough for any RSS budget.
@@ -114,11 +114,11 @@ class BlockStream:
             if arr.nbytes:
                 view = arr.reshape(-1).view(np.uint8).data
                 if also is None:
-                    c = crc32c.crc32c(view, value=c)
+                    c = checksum.crc32c(view, value=c)
                 else:  # both checks over one piece while it is in cache
                     for i in range(0, view.nbytes, SLICE_BYTES):
                         piece = view[i:i + SLICE_BYTES]
-                        c = crc32c.crc32c(piece, value=c)
+                        c = checksum.crc32c(piece, value=c)
                         also(piece)
             yield sel, arr
         if self._check is not None:

@@ -46,7 +46,6 @@ from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import IO, TYPE_CHECKING
 
 from ..errors import CkptBridgeError, CorruptError, FormatError, NotFoundError, UnsafeArchiveError
-from . import atomic as _atomic
 from .ranged import LocalFile, Place, RangedFile
 from .signals import raise_if_signalled, signals_deferred
 
@@ -172,6 +171,8 @@ class Scratch:
     """
 
     def __init__(self, directory: str | None, kind: str = "unpack") -> None:
+        from . import atomic as _atomic  # here, not at the top: ls and verify of a checkpoint never make one
+
         self.path = tempfile.mkdtemp(prefix=f".ckptbridge-{kind}.", suffix=_atomic.TMP_SUFFIX, dir=directory)
         self.used = 0
         self._tree: dict[str, object] = {}  # what was unpacked: directory name -> its tree, file name -> _FILE
@@ -224,6 +225,8 @@ class Scratch:
         self.used += nbytes
 
     def remove(self) -> None:
+        from . import atomic as _atomic
+
         with signals_deferred():
             _atomic.untrack_pending(self.path)
             shutil.rmtree(self.path, ignore_errors=True)

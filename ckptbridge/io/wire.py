@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-import crc32c as _crc32c
+from . import checksum as _checksum
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer
@@ -31,7 +31,7 @@ class _Bad(Exception):
 
 def crc(data: ReadableBuffer, value: int = 0) -> int:
     """crc32c of a buffer, continuing from ``value``."""
-    return _crc32c.crc32c(data, value=value)
+    return _checksum.crc32c(data, value=value)
 
 
 def mask(c: int) -> int:

@@ -42,15 +42,16 @@ from typing import Any
 
 import numpy as np
 
+from .._options import NAMES
 from .._source import OBJECT_GRAPH, Source, SourceView
 from ..errors import CorruptError, FormatError, option
 from ..formats import meta
 from ..spec import TensorSpec
 from . import _objgraph, _savedmodel
 
-AUTO, READABLE, KEYS = "auto", "readable", "keys"
 #: what ``names=`` / ``--names`` takes
-CHOICES = (AUTO, READABLE, KEYS)
+CHOICES = NAMES
+AUTO, READABLE, KEYS = CHOICES
 ORIGINAL_NAMES = "original_names"
 #: the metadata entry of the names this layer gave (readable name -> checkpoint key), which import writes back
 READABLE_NAMES = "readable_names"
