@@ -2,7 +2,8 @@
 
 The public API: :func:`read` (lazy) and :func:`load` (eager) for any checkpoint or
 archive, :func:`save` for a dict of arrays, :func:`export` and :func:`rebuild`
-between checkpoints and archives, :func:`diff`, :func:`verify`, their options as
+between checkpoints and archives, :func:`assign` and :func:`init_fn` into the
+variables of a model you already have, :func:`diff`, :func:`verify`, their options as
 small values (:class:`ReadOptions`, :class:`Select`, :class:`Rename`,
 :class:`Layout`, :class:`Naming`, :class:`Port`, :class:`Graph`), and the error
 types.  Importing ckptbridge does not import TensorFlow; the verbs import it only
@@ -42,7 +43,7 @@ from .errors import (
 # (a Ctrl-C during start-up then ends with one line, not a traceback).
 _LAZY = {
     "read": "._api", "export": "._api", "rebuild": "._api", "diff": "._api", "verify": "._api", "Reader": "._api",
-    "save": "._api", "load": "._api", "port_maps": "._api", "port_map": "._api", "PortMap": ".ports",
+    "save": "._api", "load": "._api", "assign": "._assign", "init_fn": "._assign", "port_maps": "._api", "port_map": "._api", "PortMap": ".ports",
     "ReadOptions": "._options", "Select": "._options", "Rename": "._options", "Layout": "._options", "Naming": "._options",
     "Port": "._options", "Graph": "._options",
     "TensorSpec": ".spec", "Report": ".reports", "DiffReport": ".reports", "VerifyReport": ".reports",
@@ -50,6 +51,7 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from ._api import Reader, diff, export, load, port_map, port_maps, read, rebuild, save, verify
+    from ._assign import assign, init_fn
     from ._options import Graph, Layout, Naming, Port, ReadOptions, Rename, Select
     from .ports import PortMap
     from .reports import DiffReport, Report, VerifyReport
@@ -77,6 +79,8 @@ __all__ = [
     "rebuild",
     "diff",
     "verify",
+    "assign",
+    "init_fn",
     "port_maps",
     "port_map",
     "PortMap",

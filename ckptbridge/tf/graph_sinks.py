@@ -115,7 +115,7 @@ class _Unbuilt(Feeds):
     def settle(self) -> None:
         self._none()
 
-    def read(self, name: str) -> np.ndarray:
+    def read(self, names: list[str]) -> list[np.ndarray]:
         self._none()
 
     def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
