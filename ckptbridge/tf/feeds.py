@@ -233,12 +233,13 @@ class EagerFeeds(Feeds):
                 self._tf.raw_ops.DisableCopyOnRead(resource=self._vars[name].handle)
 
     def read(self, names: list[str]) -> list[np.ndarray]:
-        return [np.asarray(self._vars[n].read_value()) for n in names]
+        return [self._vars[n].read_value().numpy() for n in names]
 
     def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
         tf = self._tf
         var = self._vars[name]
-        return np.asarray(tf.raw_ops.ResourceGather(resource=var.handle, indices=tf.range(start, stop, dtype=tf.int64), dtype=var.dtype))
+        rows = tf.raw_ops.ResourceGather(resource=var.handle, indices=tf.range(start, stop, dtype=tf.int64), dtype=var.dtype)
+        return np.asarray(rows.numpy())
 
 
 class VariableSink(Sink):
