@@ -12,7 +12,9 @@ vgg_16 in a graph, open a session and run its initializer (as ``slim.learning.tr
 * ``floor``: the same process with no load at all (TensorFlow, the graph, the initialized variables).
 
 The wall time is the child's whole life (``time.monotonic`` around ``wait4``), the load its own
-(measured inside the child); the peak RSS is the child's ``ru_maxrss``.  The cases alternate, run
+(measured inside the child); the peak RSS is the child's ``ru_maxrss`` (this process stays small:
+the archives are written by a process of their own, since a child's ``ru_maxrss`` starts from its
+parent's at the fork).  The cases alternate, run
 after run, and the medians are reported, with the ratios against tf-slim's from the same runs.
 ``--big`` adds one float32 variable of 2.2 GB (``[540000, 1024]``) assigned by ckptbridge in
 64 MiB row slices; its constant recipe is tried too (TensorFlow refuses a constant over 2 GB).
@@ -126,6 +128,9 @@ def make_archive(path: str, model: str) -> None:
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         return child(sys.argv[2], sys.argv[3], sys.argv[4])
+    if len(sys.argv) > 1 and sys.argv[1] == "--make":
+        make_archive(sys.argv[2], sys.argv[3])
+        return 0
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--work", default=os.path.join(HERE, "work", "assign"))
@@ -136,7 +141,9 @@ def main() -> int:
     results: dict[str, Any] = {}
     for model, cases in plans:
         archive = os.path.join(args.work, f"{model}.npz")
-        make_archive(archive, model)
+        # In a process of its own: a child's ru_maxrss starts from what this process held when it forked.
+        subprocess.run([sys.executable, __file__, "--make", archive, model], check=True, cwd=ROOT,
+                       env=dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3"))
         runs: dict[str, list[dict[str, Any]]] = {c: [] for c in cases}
         for r in range(args.runs):
             for case in cases:  # alternating: each run takes every case once

@@ -188,6 +188,9 @@ def test_missing_and_unexpected_entries(ckpt: dict[str, Any], net: Any) -> None:
         assert np.all(sess.run(biases) == 0) and not np.all(gone == 0)  # left at its initializer
         with pytest.raises(MismatchError, match=r"^1 entries of the arrays are not variables of the session: extra/thing \(strict=True\)$"):
             ckptbridge.assign(sess, arrays, allow_missing=True, strict=True)
+        # nothing matched is an error, not a quiet no-op (assign_from_checkpoint_fn returns None)
+        with pytest.raises(MismatchError, match=r"^no entry of the arrays is a variable of the session \(nothing was assigned\)"):
+            ckptbridge.assign(sess, {"vgg_16/fc8/biases": np.zeros(3, np.float32)}, allow_missing=True)
     with pytest.raises(FormatError, match="^a target is a tf.compat.v1.Session, a tf.Module, a Keras model or an iterable"):
         ckptbridge.assign("model.ckpt", arrays)
     with pytest.raises(FormatError, match="exclude is a sequence of variable scopes"):

@@ -96,7 +96,7 @@ def find_target(target: Any, var_list: Iterable[Any] | None) -> Target:
     if var_list is not None:
         raise CkptBridgeError(f"{option('var_list')} chooses among a session's graph variables; for a {type(target).__name__}, "
                               "pass the variables themselves as the target")
-    if tf.executing_eagerly() is False:
+    if not tf.executing_eagerly():
         raise CkptBridgeError(f"a {type(target).__name__} is assigned eagerly, and TensorFlow is in graph mode here; "
                               "pass the session (its graph's variables) instead")
     keras3 = _keras3_model(target)
@@ -231,6 +231,10 @@ def match(target: Target, plan: Plan, specs: Mapping[str, TensorSpec], where: st
     if bad:
         raise MismatchError(f"{len(bad)} variables of the {target.label} do not match {where} (nothing was assigned; "
                             "values are never reshaped or cast): " + "; ".join(bad))
+    if not fed:
+        raise MismatchError(f"no entry of {where} is a variable of the {target.label} (nothing was assigned): its names are like "
+                            f"{_shown(sorted(plan.mapping), 3)}, the variables' like {_shown(sorted(target.specs), 3)}; "
+                            f"check the names, or give {option('naming')} a Rename or a Port")
     for out in unexpected:
         dropped[out] = f"not a variable of the {target.label}"
     mapping = {out: plan.mapping[out] for out in sorted(fed.values())}
@@ -254,14 +258,12 @@ def feeds_for(target: Target, m: Match, chunk_bytes: int) -> Feeds:
 
 def session_of(args: tuple[Any, ...], graph: Any) -> Any:
     """The session of ``fn(session)`` or ``fn(scaffold, session)``, checked to run ``graph``."""
-    tf = import_tensorflow()
     if len(args) not in (1, 2):
         raise CkptBridgeError(f"an init_fn is called as fn(session) or fn(scaffold, session), got {len(args)} arguments")
     session = args[-1]
-    raw = getattr(session, "_sess", None)  # a MonitoredSession's wrappers run the same graph
-    if not isinstance(session, tf.compat.v1.Session) and not hasattr(session, "run"):
+    if not callable(getattr(session, "run", None)):
         raise FormatError(f"an init_fn is given a session, got {type(session).__name__}")
-    if getattr(session, "graph", getattr(raw, "graph", None)) is not graph:
+    if getattr(session, "graph", None) is not graph:
         raise CkptBridgeError("this init_fn was made in another graph than the session's; make it in the graph the session runs")
     return session
 
