@@ -79,7 +79,8 @@ def child(case: str, archive: str, model: str) -> int:
                 print(json.dumps({"failed": str(e).splitlines()[0][:160]}))
                 return 3
         load = time.monotonic() - t0
-        if case != "floor":  # a check that the load happened, outside the timed part
+        if case != "floor" and model != "big":  # a check that the load happened, outside the timed part (the
+            # big variable's would hold two more copies of it; ckptbridge's own read-back compared every byte)
             v = variables[-1]
             got = sess.run(v)
             want = np.load(archive)[v.op.name]

@@ -78,12 +78,13 @@ class Feeds(abc.ABC):
 
     @abc.abstractmethod
     def fresh_buffers(self) -> None:
-        """Give each variable fed in slices that has no value yet a buffer of its own, uninitialised
-        (every row is then fed); one that has a value is overwritten in place.
+        """Give each variable fed in slices a buffer of its own, uninitialised (every row is then fed).
 
-        A zero fill would cost a pass over it, and a buffer shared with its initial value made
-        the first in-place update copy the whole variable (measured: +411 MB for vgg_16's fc6);
-        a new buffer for a variable that has one would hold both for a moment.
+        A zero fill would cost a pass over it, and a buffer shared with its initial value (a
+        constant's, a zeros initializer's) made the first in-place update copy the whole variable
+        (measured: +411 MB for vgg_16's fc6, +614 MB for a zero-initialised 614 MB variable).  The
+        new buffer's pages are touched only as rows arrive, and the old one is freed as it is
+        replaced, so the resident memory never holds both.
         """
 
     @abc.abstractmethod
@@ -119,7 +120,7 @@ class GraphFeeds(Feeds):
                     if rows:
                         self.rows[name] = rows
                         self._sliced[name] = _slice_ops(tf, var)
-                        fill.append((_is_initialized(tf, var), _give_buffer(tf, var)))
+                        fill.append(_give_buffer(tf, var))
                         if is_resource(var):
                             no_copy.append(tf.raw_ops.DisableCopyOnRead(resource=var.handle))
                         continue
@@ -144,12 +145,8 @@ class GraphFeeds(Feeds):
         self._run(op, {ph: block, st: start})
 
     def fresh_buffers(self) -> None:
-        if not self._fill:
-            return
-        have = self._run([known for known, _ in self._fill])
-        fill = [give for (_, give), has in zip(self._fill, have) if not has]
-        if fill:
-            self._run(fill)
+        if self._fill:
+            self._run(self._fill)
 
     def settle(self) -> None:
         if self._no_copy:
@@ -202,12 +199,6 @@ def _slice_ops(tf: Any, var: Any) -> tuple[Any, Any, Any, Any, Any]:
     return ph, start, op, stop, rows
 
 
-def _is_initialized(tf: Any, var: Any) -> Any:
-    if is_resource(var):
-        return tf.raw_ops.VarIsInitializedOp(resource=var.handle)
-    return tf.compat.v1.is_variable_initialized(var)
-
-
 def _give_buffer(tf: Any, var: Any) -> Any:
     """An op giving ``var`` an uninitialised buffer of its shape (to be overwritten row by row)."""
     empty = tf.raw_ops.Empty(shape=[int(x) for x in var.shape], dtype=var.dtype.base_dtype, init=False)
@@ -233,7 +224,11 @@ class EagerFeeds(Feeds):
         tf.raw_ops.ResourceScatterUpdate(resource=var.handle, indices=rows, updates=tf.constant(block, dtype=var.dtype))
 
     def fresh_buffers(self) -> None:
-        """An eager variable always has a value: its rows are overwritten in place."""
+        tf = self._tf
+        for name, rows in self.rows.items():
+            if rows:
+                var = self._vars[name]
+                var.assign(tf.raw_ops.Empty(shape=[int(x) for x in var.shape], dtype=var.dtype, init=False), read_value=False)
 
     def settle(self) -> None:
         for name, rows in self.rows.items():
