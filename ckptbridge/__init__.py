@@ -3,9 +3,10 @@
 The public API: :func:`read` (lazy) and :func:`load` (eager) for any checkpoint or
 archive, :func:`save` for a dict of arrays, :func:`export` and :func:`rebuild`
 between checkpoints and archives, :func:`assign` and :func:`init_fn` into the
-variables of a model you already have, :func:`diff`, :func:`verify`, their options as
+variables of a model you already have, :func:`diff`, :func:`verify`, :func:`archive`
+(many checkpoints), their options as
 small values (:class:`ReadOptions`, :class:`Select`, :class:`Rename`,
-:class:`Layout`, :class:`Naming`, :class:`Port`, :class:`Graph`), and the error
+:class:`Layout`, :class:`Naming`, :class:`Port`, :class:`Graph`, :class:`Workers`), and the error
 types.  Importing ckptbridge does not import TensorFlow; the verbs import it only
 when a path needs it.
 """
@@ -45,16 +46,18 @@ _LAZY = {
     "read": "._api", "export": "._api", "rebuild": "._api", "diff": "._api", "verify": "._api", "Reader": "._api",
     "save": "._api", "load": "._api", "assign": "._assign", "init_fn": "._assign", "port_maps": "._api", "port_map": "._api", "PortMap": ".ports",
     "ReadOptions": "._options", "Select": "._options", "Rename": "._options", "Layout": "._options", "Naming": "._options",
-    "Port": "._options", "Graph": "._options",
+    "Port": "._options", "Graph": "._options", "Workers": "._options", "archive": "._archive",
+    "ArchiveReport": ".reports", "ArchiveEntry": ".reports",
     "TensorSpec": ".spec", "Report": ".reports", "DiffReport": ".reports", "VerifyReport": ".reports",
 }
 
 if TYPE_CHECKING:
     from ._api import Reader, diff, export, load, port_map, port_maps, read, rebuild, save, verify
+    from ._archive import archive
     from ._assign import assign, init_fn
-    from ._options import Graph, Layout, Naming, Port, ReadOptions, Rename, Select
+    from ._options import Graph, Layout, Naming, Port, ReadOptions, Rename, Select, Workers
     from .ports import PortMap
-    from .reports import DiffReport, Report, VerifyReport
+    from .reports import ArchiveEntry, ArchiveReport, DiffReport, Report, VerifyReport
     from .spec import TensorSpec
 
 
@@ -81,6 +84,7 @@ __all__ = [
     "verify",
     "assign",
     "init_fn",
+    "archive",
     "port_maps",
     "port_map",
     "PortMap",
@@ -92,10 +96,13 @@ __all__ = [
     "Naming",
     "Port",
     "Graph",
+    "Workers",
     "TensorSpec",
     "Report",
     "DiffReport",
     "VerifyReport",
+    "ArchiveReport",
+    "ArchiveEntry",
     "CkptBridgeError",
     "CorruptError",
     "FormatError",

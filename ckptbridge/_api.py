@@ -12,8 +12,9 @@ import numpy as np
 from ._options import DEFAULT_MAX_TENSOR_BYTES, Graph, Layout, Naming, Port, ReadOptions, Rename, Select
 from ._resolve import archive_kind, open_archive_sink, open_checkpoint_sink, open_source, require_archive_format, source_label
 from ._source import Source
-from .errors import CkptBridgeError, FormatError, option
+from .errors import CkptBridgeError, FormatError, NotFoundError, option
 from .io.durability import durability
+from .io.remote import is_url, redact
 from .pipe.compare import diff_sources, verify_source
 from .pipe.names import make_plan
 from .pipe.transfer import require_some, transfer
@@ -225,6 +226,7 @@ def save(
     force: bool = False,
     compress: bool = False,
     fsync: bool = True,
+    scratch_dir: str | os.PathLike[str] | None = None,
 ) -> Report:
     """Write ``{name: array}`` exactly, to an archive or a TensorFlow checkpoint, without TensorFlow.
 
@@ -233,6 +235,7 @@ def save(
     written by the native engine.  ``metadata`` (strings to strings) is kept in an
     archive's metadata under ``"user"``; a checkpoint has no place for it.  The output
     is read back and compared before it is renamed into place, as every write is.
+    An archive may go to a URL (``s3://bucket/w.safetensors``), as for :func:`export`.
 
     Args:
         tensors: name -> array (bfloat16 and float8 as ``ml_dtypes``, strings as
@@ -242,9 +245,12 @@ def save(
         force: overwrite an existing output.
         compress: deflate (``.npz``) or gzip (HDF5) the archive.
         fsync: make the output durable before it is renamed into place.
+        scratch_dir: where the local copy of an archive bound for a URL is written
+            (None: the system temp, ``TMPDIR``).
 
     Returns:
-        A :class:`Report` of what was written.
+        A :class:`Report` of what was written (``checksum`` and ``size`` of an
+        archive at a URL).
 
     Example::
 
@@ -262,11 +268,16 @@ def save(
     plan = make_plan(list(src.specs()))
     with durability(fsync):
         if archive_kind(path) is not None:
-            sink = open_archive_sink(path, compress=compress, force=force, source=None)
+            sink = open_archive_sink(path, compress=compress, force=force, source=None, scratch_dir=_dir_or_none(scratch_dir))
             doc: dict[str, Any] = {"engine": "arrays"}
             if metadata:
                 doc["user"] = dict(metadata)
-            return transfer(src, sink, plan, metadata=doc, desc="save")
+            report = transfer(src, sink, plan, metadata=doc, desc="save")
+            _output_facts(report, sink)
+            return report
+        if is_url(path):
+            raise FormatError(f"{redact(path)}: save writes a checkpoint to a local prefix; a URL takes an archive "
+                              "(.npz, .h5, .safetensors)")
         if metadata:
             raise FormatError(f"{path} is a checkpoint prefix, and a TensorFlow checkpoint has no place for metadata; "
                               "save to .npz, .h5 or .safetensors to keep it")
@@ -287,11 +298,16 @@ def export(
     progress: bool | None = False,
     dry_run: bool = False,
     fsync: bool = True,
+    scratch_dir: str | os.PathLike[str] | None = None,
 ) -> Report:
     """Write every (selected) tensor of a checkpoint to ``.npz``, HDF5 or ``.safetensors``, exactly.
 
     The output's suffix picks the format.  It is written beside ``output`` under
-    a temporary name, read back and compared, then renamed into place.
+    a temporary name, read back and compared, then renamed into place.  An
+    ``output`` at a URL (``s3://bucket/run/model.h5``, ``gs://...``, any fsspec
+    protocol that writes; the ``[remote]`` extra) is written and read back so in
+    ``scratch_dir`` (by default the system temp), then uploaded, checked against
+    what the store holds, and only then published there: see the README's "Writing to URLs".
 
     ``naming`` is a :class:`Naming`: a :class:`Select`\\ion (include, exclude,
     weights_only, use_ema), :class:`Rename`\\s after it (exact names, then
@@ -321,9 +337,14 @@ def export(
         naming: the names written (:class:`Naming`, by default every tensor as it is
             named), or a port map (:class:`Port`).
         read: how a path is read (:class:`ReadOptions`; by default :func:`read`'s).
+        scratch_dir: local temporary space: where an output bound for a URL is
+            written and read back before its upload, and a compressed archive of
+            checkpoints is unpacked (None: beside a local output, else the system temp).
 
     Returns:
-        A :class:`Report` of every tensor written, dropped, swapped or renamed.
+        A :class:`Report` of every tensor written, dropped, swapped or renamed; for an
+        output at a URL also its ``checksum`` (``"crc32c:<8 hex digits>"`` of the
+        object's bytes), ``size`` and ``etag``.
 
     Example::
 
@@ -341,7 +362,8 @@ def export(
     if isinstance(naming, Naming) and naming.rename.original_names:
         raise CkptBridgeError("Rename.original_names restores the names an archive recorded at export; it applies to an import "
                               "(rebuild): leave it out on export")
-    with durability(fsync), _opened(source, read, scratch_dir=_scratch_beside(output), progress=progress) as reader:
+    scratch = _dir_or_none(scratch_dir)
+    with durability(fsync), _opened(source, read, scratch_dir=scratch or _scratch_beside(output), progress=progress) as reader:
         src = reader._source
         prep: Any
         if isinstance(naming, Port):
@@ -360,11 +382,31 @@ def export(
             _check_dry_run_output(output, force, fmt.name, prep.source)
             return _dry_report(output, prep, naming, src)
         metadata = {"engine": source_label(src), **prep.metadata}
-        sink = open_archive_sink(output, fmt=fmt, compress=compress, force=force, source=src.path)  # transfer aborts it on any failure
+        sink = open_archive_sink(output, fmt=fmt, compress=compress, force=force, source=src.path,  # transfer aborts it on any failure
+                                 scratch_dir=scratch, progress=progress)
         report = transfer(prep.source, sink, prep.plan, progress=progress, desc="export", metadata=metadata,
                           carry_extras=not isinstance(naming, Port))
+        _output_facts(report, sink)
         _annotate(report, prep, naming, src)
         return report
+
+
+def _dir_or_none(scratch_dir: str | os.PathLike[str] | None) -> str | None:
+    """``scratch_dir`` as a path, refused unless it is a directory (None stays None)."""
+    if scratch_dir is None:
+        return None
+    path = _path(scratch_dir)
+    if not os.path.isdir(path):
+        raise NotFoundError(f"scratch directory {path} does not exist; create it, or leave {option('scratch_dir')} out "
+                            "to use the system temp")
+    return path
+
+
+def _output_facts(report: Report, sink: Any) -> None:
+    """What the sink knows of the file it published: a URL's upload (checksum, size, ETag)."""
+    uploaded = getattr(sink, "uploaded", None)
+    if uploaded is not None:
+        report.output, report.checksum, report.size, report.etag = uploaded.url, uploaded.checksum, uploaded.size, uploaded.etag
 
 
 def _naming(naming: Naming | Port | None) -> Naming | Port:
@@ -385,7 +427,10 @@ def _rules(rename: Rename) -> list[Any]:
 
 def _scratch_beside(output: str) -> str | None:
     """Where a compressed archive of checkpoints is unpacked for a command writing ``output``: its
-    directory (the space the user chose for the result), or the system temp if it does not exist yet."""
+    directory (the space the user chose for the result), or the system temp if it does not exist yet
+    or ``output`` is a URL."""
+    if is_url(output):
+        return None
     directory = os.path.dirname(os.path.abspath(output))
     return directory if os.path.isdir(directory) else None
 
@@ -402,7 +447,7 @@ def _check_dry_run_output(output: str, force: bool, kind: str, source: Source) -
     """What opening the sink would refuse, checked without creating anything."""
     from .errors import OutputExistsError
 
-    if os.path.lexists(output) and not force:
+    if not is_url(output) and os.path.lexists(output) and not force:
         raise OutputExistsError(f"output {output} already exists; pass {option('force', True)} to overwrite it")
     from .formats import FORMATS
 
@@ -433,8 +478,9 @@ def rebuild(
 ) -> Report:
     """Turn an archive (or any source) back into a TensorFlow checkpoint.
 
-    With ``graph`` (a :class:`Graph`: a tf-slim net name or ``package.module:function``)
-    the slim graph is built and its variables are matched by name, shape and dtype;
+    With ``graph`` (a :class:`Graph`: a tf-slim net name or ``package.module:function``,
+    or ``meta=``, a MetaGraphDef file such as a training job's ``.meta``, imported as it is)
+    the graph is built or imported and its variables are matched by name, shape and dtype;
     the native writer streams the checkpoint beside the graph's ``.meta``, or with
     ``engine="tf"`` the variables are fed through placeholders (in slices of
     ``graph.chunk_bytes`` for large ones) and a ``Saver`` writes it.  Without a graph,
@@ -464,7 +510,7 @@ def rebuild(
             with ``read``) or as an open :class:`Reader`.
         output_prefix: the checkpoint prefix to write (``dir/model.ckpt``).
         naming: the names written (:class:`Naming`), or a port map (:class:`Port`).
-        graph: the tf-slim graph to import through (:class:`Graph`, TensorFlow needed).
+        graph: the graph to import through (:class:`Graph`: a tf-slim net or a ``.meta``; TensorFlow needed).
         read: how a path is read (:class:`ReadOptions`; by default :func:`read`'s).
         engine: the engine that writes the checkpoint (``"auto"``, ``"native"``, ``"tf"``).
         max_shard_bytes: split the checkpoint into ``.data`` shards of at most this many bytes.
@@ -475,6 +521,7 @@ def rebuild(
     Example::
 
         ckptbridge.rebuild("vgg_16.npz", "out/model.ckpt", graph=ckptbridge.Graph("vgg_16"))
+        ckptbridge.rebuild("model.npz", "out/model.ckpt", graph=ckptbridge.Graph(meta="train/model.ckpt-1000.meta"))
         ckptbridge.rebuild("vgg16.safetensors", "out/model.ckpt", ckptbridge.Port("torchvision:vgg16"),
                            graph=ckptbridge.Graph("vgg_16"))
     """
@@ -516,17 +563,19 @@ def rebuild(
             from .tf.slim import plan_graph_import
 
             g = plan_graph_import(
-                prep.source, output_prefix, model=graph.model, plan=prep.plan, num_classes=classes, allow_missing=graph.allow_missing,
-                strict=graph.strict, chunk_bytes=graph.chunk_bytes, max_shard_bytes=max_shard_bytes, engine=engine, force=force,
-                image_size=graph.image_size,
+                prep.source, output_prefix, model=graph.model, meta=None if graph.meta is None else os.fspath(graph.meta), plan=prep.plan,
+                num_classes=classes, allow_missing=graph.allow_missing, strict=graph.strict, chunk_bytes=graph.chunk_bytes,
+                max_shard_bytes=max_shard_bytes, engine=engine, force=force, image_size=graph.image_size,
             )
             # The graph's checkpoint is name-based: a TF2 object graph of the archive has nothing to describe there.
             report = transfer(g.source, g.sink, g.plan, progress=progress, desc="import", carry_extras=False, chunk_bytes=g.chunk_bytes)
             report.written = [n for n in report.written if n not in g.missing]
             report.dropped, report.ema_swaps, report.missing = {**prep.plan.dropped, **g.dropped}, g.ema_swaps, g.missing
-        else:
-            sink = open_checkpoint_sink(output_prefix, engine=engine, force=force, max_shard_bytes=max_shard_bytes)
-            report = transfer(prep.source, sink, prep.plan, progress=progress, desc="import")
+            _annotate(report, prep, naming, src)
+            report.notes += g.notes
+            return report
+        sink = open_checkpoint_sink(output_prefix, engine=engine, force=force, max_shard_bytes=max_shard_bytes)
+        report = transfer(prep.source, sink, prep.plan, progress=progress, desc="import")
         _annotate(report, prep, naming, src)
         return report
 

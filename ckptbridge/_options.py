@@ -3,18 +3,20 @@
 Reading (:class:`ReadOptions`, what :func:`ckptbridge.read` takes), choosing
 (:class:`Select`), renaming (:class:`Rename`), a layout change on export
 (:class:`Layout`), all three together (:class:`Naming`), a port map
-(:class:`Port`, in the place of a :class:`Naming`) and a tf-slim graph to
-import through (:class:`Graph`).  An option that does not apply to a verb has no
-place to be passed there.  The standard library only: importing these is cheap.
+(:class:`Port`, in the place of a :class:`Naming`), a graph to import
+through (:class:`Graph`: a tf-slim net, or a MetaGraphDef) and where
+``archive`` runs (:class:`Workers`).  An option that does not apply to a verb
+has no place to be passed there.  The standard library only: importing these is cheap.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
-from .errors import FormatError
+from .errors import FormatError, option
 
 if TYPE_CHECKING:
     from .ports.model import PortMap
@@ -122,20 +124,51 @@ class Port:
 
 @dataclasses.dataclass(frozen=True)
 class Graph:
-    """A tf-slim graph to import through (TensorFlow needed): its variables are matched by name,
-    shape and dtype, and the checkpoint is written beside the graph's ``.meta``.
+    """A graph to import through (TensorFlow needed): a tf-slim net built afresh, or a
+    MetaGraphDef you already have.  Its variables are matched by name, shape and dtype,
+    and the checkpoint is written beside the graph's ``.meta``.
 
     ``model``: a tf-slim net name (``vgg_16``) or ``package.module:function``; ``num_classes``:
     its logits' classes (default: the archive's logits width, else the net's own);
-    ``image_size``: the input size it is built for; ``allow_missing``: leave variables the
-    source lacks at their initializers (listed in the report); ``strict``: source tensors the
-    graph lacks are an error; ``chunk_bytes``: with ``engine="tf"``, feed variables larger
-    than this in row slices (default 64 MiB).
+    ``image_size``: the input size it is built for.  Or ``meta``: a ``.meta`` file (a training
+    job's, or what ``export_meta_graph`` wrote), imported as it is: the checkpoint holds what
+    its own Saver saves, and the written ``.meta`` is that graph.  ``allow_missing``: leave
+    variables the source lacks at their initializers (listed in the report); ``strict``: source
+    tensors the graph lacks are an error; ``chunk_bytes``: with ``engine="tf"``, feed variables
+    larger than this in row slices (default 64 MiB).
     """
 
-    model: str
+    model: str | None = None
     num_classes: int | None = None
     image_size: int | None = None
     allow_missing: bool = False
     strict: bool = False
     chunk_bytes: int | None = None
+    meta: str | os.PathLike[str] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.model is None) == (self.meta is None):
+            raise FormatError(f"a Graph is built from {option('model')} or imported from {option('meta')}; give one of them"
+                              + (", not both" if self.model is not None else ""))
+        if self.meta is not None:
+            object.__setattr__(self, "meta", os.fspath(self.meta))
+            given = [option(k) for k, v in (("num_classes", self.num_classes), ("image_size", self.image_size)) if v is not None]
+            if given:
+                raise FormatError(f"{' and '.join(given)} size a net that is built; the graph in {self.meta} is built already: "
+                                  "leave them out")
+
+
+@dataclasses.dataclass(frozen=True)
+class Workers:
+    """Where ``archive`` runs its exports: ``jobs`` local processes (None: one per core; 1: in this
+    process), or with ``scheduler`` (``"tcp://host:8786"``) on that Dask cluster, one task per checkpoint.
+    Tasks on a cluster read and write by their paths there: give URLs, unless every worker sees the same disk."""
+
+    jobs: int | None = None
+    scheduler: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.jobs is not None and (not isinstance(self.jobs, int) or self.jobs < 1):
+            raise FormatError(f"Workers.jobs is a positive number of processes, got {self.jobs!r}")
+        if self.jobs is not None and self.scheduler is not None:
+            raise FormatError("Workers takes jobs (local processes) or scheduler (a Dask cluster), not both")

@@ -310,10 +310,16 @@ def source_label(source: Source) -> str:
 
 
 def open_archive_sink(path: str, *, fmt: formats.Format | None = None, compress: bool = False, force: bool = False,
-                      source: str | None = None) -> Sink:
+                      source: str | None = None, scratch_dir: str | None = None, progress: bool | None = False) -> Sink:
     """A sink for ``fmt``, the archive format the caller resolved ``path`` to already (by default the
-    registry's format for its suffix)."""
-    return (fmt or formats.require_for_path(path)).open_sink(path, compress=compress, force=force, source=source)
+    registry's format for its suffix).  At a URL, the format's sink writes into ``scratch_dir`` (None: the
+    system temp) and the verified file is uploaded (``formats._url``; ``progress``: a bar of the upload)."""
+    fmt = fmt or formats.require_for_path(path)
+    if is_url(path):
+        from .formats._url import UrlSink
+
+        return UrlSink(path, fmt, compress=compress, force=force, source=source, scratch_dir=scratch_dir, progress=progress)
+    return fmt.open_sink(path, compress=compress, force=force, source=source)
 
 
 def open_checkpoint_sink(prefix: str, *, engine: str = "auto", force: bool = False, max_shard_bytes: int | None = None, **kw: Any) -> Sink:

@@ -250,31 +250,77 @@ def _refuse_with_port(**options: Any) -> None:
                               "layout and class; leave them out, or write your own map")
 
 
-def cmd_export(args: argparse.Namespace) -> int:
+def _export_naming(args: argparse.Namespace) -> _api.Naming | _api.Port:
+    """The names an export writes, from its options (``export``'s and ``archive``'s, which are the same)."""
     from .errors import option
 
     exact = _load_rename_file(args.rename_file) if args.rename_file else None
     port = _port(args)
-    naming: _api.Naming | _api.Port
     if port is not None:
         _refuse_with_port(rename=args.rename, rename_map=exact, layout=args.layout, model=args.model, num_classes=args.num_classes,
                           include=args.include, exclude=args.exclude, weights_only=args.weights_only, use_ema=args.use_ema)
-        naming = _api.Port(port)
-    else:
-        if args.model is not None and args.layout is None:
-            raise FormatError(f"{option('model')} on export only tells {option('layout')} which tensors are conv, depthwise or dense; "
-                              f"add {option('layout', 'torch')}")
-        layout = None if args.layout is None else _api.Layout(args.layout, model=args.model, num_classes=args.num_classes)
-        naming = _api.Naming(_select(args), _rename(args, exact), layout)
+        return _api.Port(port)
+    if args.model is not None and args.layout is None:
+        raise FormatError(f"{option('model')} on export only tells {option('layout')} which tensors are conv, depthwise or dense; "
+                          f"add {option('layout', 'torch')}")
+    layout = None if args.layout is None else _api.Layout(args.layout, model=args.model, num_classes=args.num_classes)
+    return _api.Naming(_select(args), _rename(args, exact), layout)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    naming = _export_naming(args)
     report = _api.export(
         args.checkpoint, args.output, naming, read=_read(args, args.member), compress=args.compress, force=args.force,
-        progress=_progress(args), dry_run=args.dry_run, fsync=args.fsync,
+        progress=_progress(args), dry_run=args.dry_run, fsync=args.fsync, scratch_dir=args.scratch_dir,
     )
     if report.dry_run:
         _print_dry_run(report, report.output)
         return 0
     _report_plan(args, report)
-    _say(args, f"wrote {len(report.written)} tensors ({_human(report.nbytes)}) to {report.output}")
+    uploaded = f" ({_human(report.size or 0)} uploaded and checked, {report.checksum})" if report.checksum else ""
+    _say(args, f"wrote {len(report.written)} tensors ({_human(report.nbytes)}) to {report.output}{uploaded}")
+    return 0
+
+
+def cmd_archive(args: argparse.Namespace) -> int:
+    if args.jobs is not None and args.jobs < 1:
+        raise CkptBridgeError(f"--jobs must be at least 1, got {args.jobs}; give a number of processes")
+    from . import _archive
+    from ._options import Workers
+
+    sources, dest = args.sources, args.dest
+    counts = {"done": 0}
+
+    def said(entry: Any) -> None:
+        if entry.status == "failed":
+            print(f"{PROG}: failed: {_shown(entry.source)}: {_shown(entry.error or '')}", file=sys.stderr)
+        elif entry.status == "incomplete":
+            _say(args, f"incomplete, skipped: {_shown(entry.source)}: {_shown(entry.error or '')}")
+        elif entry.status == "done":
+            counts["done"] += 1
+            _say(args, f"wrote {_shown(entry.output)} ({entry.tensors} tensors, {_human(entry.nbytes)})")
+
+    try:
+        report = _archive.archive(sources, dest, _export_naming(args), format=args.format, read=_read(args, None), compress=args.compress,
+                              force=args.force, workers=Workers(jobs=args.jobs, scheduler=args.scheduler), progress=_progress(args),
+                              fsync=args.fsync, dry_run=args.dry_run, on_entry=said)
+    except (KeyboardInterrupt, _Terminated) as e:
+        what = "interrupted" if isinstance(e, KeyboardInterrupt) else "terminated by SIGTERM"
+        _err(f"{what} after {counts['done']} checkpoint(s) archived; every output at {dest} is whole and the manifest "
+             "lists those done: run the command again to finish")
+        return 130 if isinstance(e, KeyboardInterrupt) else 143
+    if args.dry_run:
+        for entry in report.todo:
+            print(f"{entry.source} -> {entry.output}")
+        print(f"dry run: would archive {len(report.todo)}, {len(report.skipped)} up to date, {len(report.incomplete)} incomplete; "
+              "nothing was written")
+        return 0
+    line = (f"archived {len(report.done)}, skipped {len(report.skipped)} up to date, {len(report.incomplete)} incomplete, "
+            f"{len(report.failed)} failed; manifest {report.manifest}")
+    if report.failed:
+        print(f"{PROG}: {line}", file=sys.stderr)
+        return 1
+    _say(args, line)
     return 0
 
 
@@ -286,14 +332,14 @@ def cmd_import(args: argparse.Namespace) -> int:
     max_shard_bytes = _bytes(args.max_shard_mb, 1 << 20, "--max-shard-mb")
     read = _read(args, args.member)
     port = _port(args)
-    if args.model is None:
+    if args.model is None and args.graph is None:
         # With a port map, --num-classes also says whether the checkpoint gets TensorFlow's background class back.
         given = [option(opt) for opt, value in (("chunk_bytes", chunk_bytes), ("num_classes", args.num_classes if port is None else None),
                                                 ("image_size", args.image_size), ("allow_missing", args.allow_missing),
                                                 ("strict", args.strict)) if value]
         if given:
             raise CkptBridgeError(f"{', '.join(given)} {'apply' if len(given) > 1 else 'applies'} to a rebuild through a graph; "
-                                  f"add {option('model')}, or leave them out")
+                                  f"add {option('model')} or {option('meta')}, or leave them out")
     naming: _api.Naming | _api.Port
     if port is not None:
         _refuse_with_port(rename=args.rename, rename_map=exact, original_names=args.original_names, include=args.include,
@@ -301,8 +347,12 @@ def cmd_import(args: argparse.Namespace) -> int:
         naming = _api.Port(port, num_classes=args.num_classes)
     else:
         naming = _api.Naming(_select(args), _rename(args, exact))
-    graph = None if args.model is None else _api.Graph(args.model, num_classes=args.num_classes, image_size=args.image_size,
-                                                        allow_missing=args.allow_missing, strict=args.strict, chunk_bytes=chunk_bytes)
+    graph = None
+    if args.model is not None or args.graph is not None:
+        # With --graph and --from, --num-classes is the port's alone: the graph in a .meta is built already.
+        classes = None if args.graph is not None and port is not None else args.num_classes
+        graph = _api.Graph(args.model, num_classes=classes, image_size=args.image_size, allow_missing=args.allow_missing,
+                           strict=args.strict, chunk_bytes=chunk_bytes, meta=args.graph)
     report = _api.rebuild(
         args.archive, args.output_prefix, naming, graph=graph, read=read, engine=args.engine, max_shard_bytes=max_shard_bytes,
         force=args.force, progress=_progress(args), dry_run=args.dry_run, fsync=args.fsync,
@@ -317,7 +367,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 def _port(args: argparse.Namespace) -> str | None:
     if args.port is not None and args.map_file is not None:
-        flag = "--to" if args.command == "export" else "--from"
+        flag = "--to" if args.command in ("export", "archive") else "--from"
         raise CkptBridgeError(f"give either {flag} or --map, not both (--map FILE is {flag} with your own map)")
     if args.map_file is not None and not os.path.isfile(args.map_file):
         raise NotFoundError(f"port map {args.map_file}: no such file")
@@ -437,25 +487,53 @@ def _parser() -> argparse.ArgumentParser:
                       help="skip the fsync before the output is renamed into place: as fast as the page cache, but a power "
                            "loss in the next half minute can leave it incomplete (the source is untouched)")
 
-    s = sub.add_parser("export", parents=[common, filt, member], help=f"checkpoint -> {shown}")
+    exporting = argparse.ArgumentParser(add_help=False)  # export's own options; archive runs one export per checkpoint with them
+    exporting.add_argument("--weights-only", action="store_true",
+                           help="model weights only: drop optimizer slots, metric state, global_step and save_counter")
+    exporting.add_argument("--compress", action="store_true", help=compressing)
+    exporting.add_argument("--layout", choices=("torch",), default=None,
+                           help="store conv/depthwise/dense kernels in PyTorch's layout (undone on import)")
+    exporting.add_argument("--model", default=None, help="with --layout: the tf-slim net whose graph tells conv, depthwise and dense kernels apart")
+    exporting.add_argument("--num-classes", type=int, default=None, help="with --model: classes of the net's logits")
+    exporting.add_argument("--to", dest="port", metavar="MAP", default=None,
+                           help="write the state_dict of another framework's model through a port map: a built-in map "
+                                "(torchvision:vgg16, ...; see `ckptbridge maps`) or a map file")
+    exporting.add_argument("--map", dest="map_file", metavar="FILE", default=None, help="your own port map file (instead of --to)")
+    _add_max_tensor_gb(exporting)
+
+    s = sub.add_parser("export", parents=[common, filt, member, exporting], help=f"checkpoint -> {shown}")
     s.add_argument("checkpoint", help="prefix, .index/.data file, directory, V1 .ckpt file, a .tar/.tar.gz/.tgz/.zip of one, or a URL")
     s.add_argument("output", help=f"output archive, its format chosen by suffix: {listed}")
-    s.add_argument("--weights-only", action="store_true", help="model weights only: drop optimizer slots, metric state, global_step and save_counter")
-    s.add_argument("--compress", action="store_true", help=compressing)
-    s.add_argument("--layout", choices=("torch",), default=None, help="store conv/depthwise/dense kernels in PyTorch's layout (undone on import)")
-    s.add_argument("--model", default=None, help="with --layout: the tf-slim net whose graph tells conv, depthwise and dense kernels apart")
-    s.add_argument("--num-classes", type=int, default=None, help="with --model: classes of the net's logits")
-    s.add_argument("--to", dest="port", metavar="MAP", default=None,
-                   help="write the state_dict of another framework's model through a port map: a built-in map "
-                        "(torchvision:vgg16, ...; see `ckptbridge maps`) or a map file")
-    s.add_argument("--map", dest="map_file", metavar="FILE", default=None, help="your own port map file (instead of --to)")
-    _add_max_tensor_gb(s)
+    s.add_argument("--scratch-dir", metavar="DIR", default=None,
+                   help="local temporary space: where an output at a URL is written and read back before its upload "
+                        "(default: the system temp, TMPDIR)")
     s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("archive", parents=[common, filt, exporting],
+                       help="many checkpoints -> archives below DEST, resumable (a manifest at DEST says what is done)",
+                       description="Export every checkpoint under each SOURCE to DEST, mirroring their paths "
+                                   "(runs/a/model.ckpt-1000 -> DEST/runs/a/model.ckpt-1000.h5). DEST/manifest.jsonl records each one; "
+                                   "a re-run skips what is up to date and redoes what failed or changed. Exit 0: all archived "
+                                   "or up to date; 1: some failed (each named); 2: bad arguments.")
+    s.add_argument("sources", nargs="+", metavar="SOURCE",
+                   help="checkpoints, directories (walked: every model.ckpt-N, V1 file, SavedModel), globs or URL prefixes "
+                        "(s3://bucket/runs/)")
+    s.add_argument("dest", metavar="DEST", help="a local directory (created if missing) or a URL prefix")
+    s.add_argument("--format", choices=[x[1:] for x in sufs], default="h5", help="the archives' format (default h5)")
+    where = s.add_mutually_exclusive_group()
+    where.add_argument("-j", "--jobs", type=int, default=None, metavar="N", help="local processes (default: one per core)")
+    where.add_argument("--scheduler", metavar="ADDRESS", default=None,
+                       help="run one task per checkpoint on the Dask cluster at ADDRESS (tcp://host:8786; needs ckptbridge[dask]); "
+                            "give URLs for SOURCE and DEST unless every worker sees the same disk")
+    s.set_defaults(func=cmd_archive)
 
     s = sub.add_parser("import", parents=[common, filt, member], help=f"archive ({shown}) -> checkpoint (through a tf-slim graph, or graph-free)")
     s.add_argument("archive", help=f"input archive: {listed}")
     s.add_argument("output_prefix", help="checkpoint prefix to write, e.g. out/model.ckpt")
     s.add_argument("--model", help="tf-slim net (vgg_16, resnet_v1_50, inception_v3, ...) or package.module:function")
+    s.add_argument("--graph", metavar="GRAPH.meta", default=None,
+                   help="instead of --model: a MetaGraphDef you have (a training job's .meta), imported as it is; the checkpoint "
+                        "holds what its Saver saves, and OUTPUT_PREFIX.meta is that graph")
     s.add_argument("--num-classes", type=int, default=None,
                    help="classes of the net's logits (default: the archive's logits width, else the net's own); with --from, "
                         "the destination's count leaves out TensorFlow's background class, one more puts it back as zeros (the map's default)")
@@ -467,7 +545,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="restore every tensor name recorded at export, undoing its --rename too (without it, only "
                         "the readable names --names gave go back to their checkpoint keys)")
     s.add_argument("--chunk-mb", type=float, default=None,
-                   help="with --model --engine tf: feed variables larger than this to the Saver in row slices (default 64)")
+                   help="with --model or --graph, and --engine tf: feed variables larger than this to the Saver in row slices (default 64)")
     s.add_argument("--max-shard-mb", type=float, default=None, help="split the checkpoint into .data shards of at most this size")
     _add_max_tensor_gb(s)
     s.add_argument("--from", dest="port", metavar="MAP", default=None,
@@ -551,6 +629,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(argv: Sequence[str] | None, published_before: int, notes_before: int) -> int:
     from .io.atomic import published_outputs, stale_notes, state_notes
+    from .io.remote import is_url, redact
     from .io.signals import interruptible
 
     stale_before = len(stale_notes())
@@ -572,6 +651,8 @@ def _run(argv: Sequence[str] | None, published_before: int, notes_before: int) -
                 # An explicit TF_USE_LEGACY_KERAS in the environment wins.
                 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
             dest = getattr(args, "output", None) or getattr(args, "output_prefix", None)
+            if dest is not None and is_url(dest):
+                dest = redact(dest)  # what messages may show of it
             rc = int(args.func(args))
             _report_state(args, state_notes()[notes_before:])
             _report_stale(args, stale_notes()[stale_before:])
@@ -659,7 +740,7 @@ def _report_stale(args: argparse.Namespace, notes: Sequence[Any]) -> None:
 # The flag for each option the library's messages name (errors.option), where it is not
 # the keyword with dashes; sizes are given in other units on the command line.
 _FLAGS = {"max_tensor_bytes": "--max-tensor-gb", "chunk_bytes": "--chunk-mb", "max_shard_bytes": "--max-shard-mb",
-          "rename_map": "--rename-file"}
+          "rename_map": "--rename-file", "meta": "--graph"}
 
 
 def _flag(key: str, value: str | None, args: argparse.Namespace | None = None) -> str:
@@ -667,7 +748,7 @@ def _flag(key: str, value: str | None, args: argparse.Namespace | None = None) -
     if key == "port":
         if getattr(args, "map_file", None) is not None:
             return "--map"
-        return {"export": "--to", "import": "--from"}.get(getattr(args, "command", None) or "", "--to/--from")
+        return {"export": "--to", "archive": "--to", "import": "--from"}.get(getattr(args, "command", None) or "", "--to/--from")
     flag = _FLAGS.get(key, "--" + key.replace("_", "-"))
     return flag if value in (None, "True") else f"{flag} {value}"
 

@@ -7,7 +7,7 @@ import dataclasses
 
 from .spec import TensorSpec
 
-__all__ = ["Report", "DiffReport", "VerifyReport"]
+__all__ = ["Report", "DiffReport", "VerifyReport", "ArchiveEntry", "ArchiveReport"]
 
 
 @dataclasses.dataclass
@@ -37,7 +37,15 @@ class Report:
     caveats: list[str] = dataclasses.field(default_factory=list)
     #: what finding the source decided that the user should know (a state file's path not followed)
     notes: list[str] = dataclasses.field(default_factory=list)
-
+    #: output name -> the crc32c of its bytes as written, which the read-back found in the output (empty without one)
+    checksums: dict[str, int] = dataclasses.field(default_factory=dict)
+    #: ``"crc32c:<8 hex digits>"`` of the output file's bytes, whole, where it came without an extra pass over
+    #: them (an output at a URL: computed as it was read for the upload); None for a local output
+    checksum: str | None = None
+    #: bytes of the output file at a URL; None for a local output
+    size: int | None = None
+    #: the ETag the store gave the object at a URL, where it gives one
+    etag: str | None = None
 
 
 @dataclasses.dataclass
@@ -80,3 +88,55 @@ class VerifyReport:
     checked_raw: int = 0
 
 
+
+
+@dataclasses.dataclass
+class ArchiveEntry:
+    """One checkpoint of an ``archive`` run: what became of it."""
+
+    #: the checkpoint (its path or URL, without credentials)
+    source: str
+    #: its output
+    output: str
+    #: "done" (archived now), "skipped" (its output is up to date), "failed", "incomplete" (still being written),
+    #: or "todo" (a dry run)
+    status: str
+    #: why it failed or is incomplete
+    error: str | None = None
+    tensors: int = 0
+    nbytes: int = 0
+    #: its path below the destination (the manifest's key)
+    rel: str = ""
+
+
+@dataclasses.dataclass
+class ArchiveReport:
+    """What an ``archive`` run did, checkpoint by checkpoint."""
+
+    #: where the manifest is
+    manifest: str
+    entries: list[ArchiveEntry] = dataclasses.field(default_factory=list)
+
+    def _with(self, status: str) -> list[ArchiveEntry]:
+        return [e for e in self.entries if e.status == status]
+
+    @property
+    def done(self) -> list[ArchiveEntry]:
+        return self._with("done")
+
+    @property
+    def skipped(self) -> list[ArchiveEntry]:
+        return self._with("skipped")
+
+    @property
+    def failed(self) -> list[ArchiveEntry]:
+        return self._with("failed")
+
+    @property
+    def incomplete(self) -> list[ArchiveEntry]:
+        return self._with("incomplete")
+
+    @property
+    def todo(self) -> list[ArchiveEntry]:
+        """What a dry run would archive."""
+        return self._with("todo")

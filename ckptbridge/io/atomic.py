@@ -84,6 +84,19 @@ def published_outputs() -> list[str]:
     return list(_published)
 
 
+def note_published(dest: str) -> None:
+    """Record an output published by other means than a rename here (an object uploaded to a URL)."""
+    _published.append(dest)
+
+
+def forget_published(dest: str) -> None:
+    """Take back the record of ``dest``'s publishing: a local copy that is only a step to another output."""
+    for i in range(len(_published) - 1, -1, -1):
+        if _published[i] == dest:
+            del _published[i]
+            return
+
+
 @dataclasses.dataclass(frozen=True)
 class StateNote:
     """What a checkpoint commit did with its directory's ``checkpoint`` state file.

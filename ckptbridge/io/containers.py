@@ -163,15 +163,16 @@ class ArchivePlace(Place):
 
 
 class Scratch:
-    """A temporary directory for unpacked members, removed on close, errors and signals.
+    """A temporary directory for unpacked members (or, by ``kind``, another local copy: an upload's), removed on
+    close, errors and signals.
 
     It is named like every temporary of ckptbridge (``_atomic.TMP_SUFFIX``) and
     sits in the process's ledger of pending temporaries, which the CLI sweeps
     when a command stops and the interpreter sweeps at exit.
     """
 
-    def __init__(self, directory: str | None) -> None:
-        self.path = tempfile.mkdtemp(prefix=".ckptbridge-unpack.", suffix=_atomic.TMP_SUFFIX, dir=directory)
+    def __init__(self, directory: str | None, kind: str = "unpack") -> None:
+        self.path = tempfile.mkdtemp(prefix=f".ckptbridge-{kind}.", suffix=_atomic.TMP_SUFFIX, dir=directory)
         self.used = 0
         self._tree: dict[str, object] = {}  # what was unpacked: directory name -> its tree, file name -> _FILE
         _atomic.track_pending(self.path, self.remove)  # the ledger _atomic.discard_pending sweeps

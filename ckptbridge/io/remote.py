@@ -211,10 +211,16 @@ def _authority(name: str) -> str | None:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _retrying(what: str, name: str, http: bool, call: Any) -> Any:
-    """``call()``, retried with backoff while its failures may pass; then one clear error naming ``name``."""
+def _retrying(what: str, name: str, http: bool, call: Any, final: Any = None, attempts: int | None = None) -> Any:
+    """``call()``, retried with backoff while its failures may pass; then one clear error naming ``name``.
+
+    ``final(e, name, http)`` sorts the failures that are final at once (by default :func:`_final`, a read's);
+    ``attempts`` (default :data:`ATTEMPTS`) is 1 where the library retries on its own (s3fs, botocore)."""
+    final_of = _final if final is None else final
+    tries = ATTEMPTS if attempts is None else attempts
+    said = f"{tries} attempts" if tries > 1 else "after the library's own retries"
     last: BaseException | None = None
-    for attempt in range(ATTEMPTS):
+    for attempt in range(tries):
         if attempt:
             time.sleep(BACKOFF * (2 ** (attempt - 1)))
         try:
@@ -224,9 +230,9 @@ def _retrying(what: str, name: str, http: bool, call: Any) -> Any:
         except (KeyboardInterrupt, SystemExit, MemoryError):
             raise
         except Exception as e:  # noqa: BLE001 - every library's exceptions differ; sorted by _final
-            final = _final(e, name, http)
-            if final is not None:
-                raise final from None  # from None: the cause's text may hold the URL's credentials
+            stop = final_of(e, name, http)
+            if stop is not None:
+                raise stop from None  # from None: the cause's text may hold the URL's credentials
             last = e
     assert last is not None
     failed = _connect_failure(last)
@@ -236,8 +242,9 @@ def _retrying(what: str, name: str, http: bool, call: Any) -> Any:
         target = where if where is not None else f"the server of {name}"
         hint = ("check the host and port in the URL and that the server is running" if why == _REFUSED
                 else "check the host name in the URL and the network" if why != _UNREACHABLE else "check the network")
-        raise RemoteError(f"cannot connect to {target}: {why} ({what} {name}, {ATTEMPTS} attempts); {hint}, then run again") from None
-    raise RemoteError(f"{what} {name} failed {ATTEMPTS} times ({_describe(last)}); "
+        raise RemoteError(f"cannot connect to {target}: {why} ({what} {name}, {said}); {hint}, then run again") from None
+    times = f"{tries} times (" if tries > 1 else f"({said}: "
+    raise RemoteError(f"{what} {name} failed {times}{_describe(last)}); "
                       "check the network and the server, then run again") from None
 
 

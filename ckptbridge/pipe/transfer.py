@@ -73,7 +73,8 @@ def transfer(
     finally:
         if pbar is not None:
             pbar.close()
-    return Report(sink.path, list(plan.mapping), dict(plan.dropped), dict(plan.ema_swaps), nbytes, object_graph=graph_note)
+    return Report(sink.path, list(plan.mapping), dict(plan.dropped), dict(plan.ema_swaps), nbytes, object_graph=graph_note,
+                  checksums=crcs if verify else {})
 
 
 def _write_tensors(source: Source, specs: Mapping[str, TensorSpec], sink: Sink, plan: Plan, pbar: Any,

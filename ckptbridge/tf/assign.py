@@ -25,7 +25,7 @@ from ..pipe.names import Plan
 from ..spec import TensorSpec
 from .compat import import_tensorflow
 from .engine import tf_dtype_name
-from .feeds import EagerFeeds, Feeds, GraphFeeds, Part
+from .feeds import EagerFeeds, Feeds, GraphFeeds, VarPart
 
 
 @dataclasses.dataclass
@@ -35,8 +35,8 @@ class Target:
     label: str
     #: name -> (dtype name, full shape)
     specs: dict[str, tuple[str, tuple[int, ...]]]
-    #: graph mode: name -> parts; eager: name -> [Part(variable)]
-    parts: dict[str, list[Part]]
+    #: graph mode: name -> parts; eager: name -> [VarPart(variable)]
+    parts: dict[str, list[VarPart]]
     #: another name a variable answers to -> its name (Keras 3's save_weights paths)
     aliases: dict[str, str]
     graph: Any = None
@@ -61,7 +61,7 @@ def graph_target(graph: Any, var_list: Iterable[Any] | None, label: str, session
     """The global variables of ``graph`` (or ``var_list``), by op name; partitioned ones by their full name."""
     tf = import_tensorflow()
     variables = list(var_list) if var_list is not None else graph.get_collection(tf.compat.v1.GraphKeys.GLOBAL_VARIABLES)
-    parts: dict[str, list[Part]] = {}
+    parts: dict[str, list[VarPart]] = {}
     specs: dict[str, tuple[str, tuple[int, ...]]] = {}
     for v in variables:
         if not hasattr(v, "op") or v.graph is not graph:
@@ -71,13 +71,13 @@ def graph_target(graph: Any, var_list: Iterable[Any] | None, label: str, session
         info = getattr(v, "_save_slice_info", None)
         if info is not None:  # one part of a partitioned variable: the checkpoint holds the whole under its full name
             name = info.full_name
-            parts.setdefault(name, []).append(Part(v, tuple(int(x) for x in info.var_offset), shape))
+            parts.setdefault(name, []).append(VarPart(v, tuple(int(x) for x in info.var_offset), shape))
             specs[name] = (dtype, tuple(int(x) for x in info.full_shape))
             continue
         name = v.op.name
         if name in parts:
             raise FormatError(f"var_list names the variable {name!r} twice")
-        parts[name] = [Part(v, (0,) * len(shape), shape)]
+        parts[name] = [VarPart(v, (0,) * len(shape), shape)]
         specs[name] = (dtype, shape)
     for p in parts.values():
         p.sort(key=lambda part: part.offset)
@@ -111,7 +111,7 @@ def find_target(target: Any, var_list: Iterable[Any] | None) -> Target:
 
 
 def _eager_target(tf: Any, variables: list[Any], label: str) -> Target:
-    parts: dict[str, list[Part]] = {}
+    parts: dict[str, list[VarPart]] = {}
     specs: dict[str, tuple[str, tuple[int, ...]]] = {}
     for v in variables:
         if not isinstance(v, tf.Variable):
@@ -123,13 +123,13 @@ def _eager_target(tf: Any, variables: list[Any], label: str) -> Target:
     return Target(label, specs, parts, {})
 
 
-def _add_eager(parts: dict[str, list[Part]], specs: dict[str, tuple[str, tuple[int, ...]]], name: str, var: Any, label: str) -> None:
+def _add_eager(parts: dict[str, list[VarPart]], specs: dict[str, tuple[str, tuple[int, ...]]], name: str, var: Any, label: str) -> None:
     if name in parts:
         raise FormatError(f"two variables of the {label} are named {name!r}; give them distinct names to assign them by name")
     if not hasattr(var, "handle"):
         raise FormatError(f"variable {name!r} is not resource-backed; ckptbridge assigns TF2 (resource) variables eagerly")
     shape = tuple(int(x) for x in var.shape)
-    parts[name] = [Part(var, (0,) * len(shape), shape)]
+    parts[name] = [VarPart(var, (0,) * len(shape), shape)]
     specs[name] = (tf_dtype_name(var.dtype), shape)
 
 
@@ -152,7 +152,7 @@ def _to_snake_case(name: str) -> str:
 def _keras3_target(tf: Any, model: Any, layer_class: Any) -> Target:
     """A Keras 3 model's variables by path, answering to their ``save_weights`` paths too."""
     label = f"Keras model {model.name!r}"
-    parts: dict[str, list[Part]] = {}
+    parts: dict[str, list[VarPart]] = {}
     specs: dict[str, tuple[str, tuple[int, ...]]] = {}
     for w in model.weights:
         value = getattr(w, "value", None)
@@ -187,7 +187,7 @@ class Match:
 
     plan: Plan
     #: output name -> the target's parts it fills
-    parts: dict[str, list[Part]]
+    parts: dict[str, list[VarPart]]
     dropped: dict[str, str]
     missing: list[str]
     excluded: list[str]

@@ -34,7 +34,7 @@ from ..spec import TensorSpec, array_nbytes, numpy_dtype
 
 
 @dataclasses.dataclass
-class Part:
+class VarPart:
     """One variable behind a name: all of it, or one part of a partitioned variable (its ``offset``)."""
 
     var: Any
@@ -58,7 +58,7 @@ def is_resource(var: Any) -> bool:
     return "Resource" in type(var).__name__ or hasattr(var, "handle")
 
 
-def _part_slices(part: Part) -> tuple[slice, ...]:
+def _part_slices(part: VarPart) -> tuple[slice, ...]:
     return tuple(slice(o, o + n) for o, n in zip(part.offset, part.shape))
 
 
@@ -105,11 +105,11 @@ class Feeds(abc.ABC):
 class GraphFeeds(Feeds):
     """Placeholders and assign ops for ``targets`` (name -> parts), built in ``graph`` now; run in ``session``."""
 
-    def __init__(self, tf: Any, graph: Any, targets: Mapping[str, list[Part]], chunk_bytes: int) -> None:
+    def __init__(self, tf: Any, graph: Any, targets: Mapping[str, list[VarPart]], chunk_bytes: int) -> None:
         self._tf = tf
         self.session: Any = None
         self.rows = {}
-        self._whole: dict[str, list[tuple[Part, Any, Any, Any]]] = {}  # name -> (part, placeholder, assign op, read tensor)
+        self._whole: dict[str, list[tuple[VarPart, Any, Any, Any]]] = {}  # name -> (part, placeholder, assign op, read tensor)
         self._sliced: dict[str, tuple[Any, Any, Any, Any, Any]] = {}  # name -> (placeholder, start, assign op, stop, rows read)
         fill, no_copy = [], []
         with graph.as_default(), tf.name_scope("ckptbridge_assign"):
@@ -157,7 +157,7 @@ class GraphFeeds(Feeds):
         return [self._joined(self._whole[n], v) for n, v in zip(names, values)]
 
     @staticmethod
-    def _joined(parts: list[tuple[Part, Any, Any, Any]], values: list[Any]) -> np.ndarray:
+    def _joined(parts: list[tuple[VarPart, Any, Any, Any]], values: list[Any]) -> np.ndarray:
         if len(parts) == 1:
             return np.asarray(values[0])
         full = tuple(max(p.offset[k] + p.shape[k] for p, _, _, _ in parts) for k in range(len(parts[0][0].shape)))
@@ -171,7 +171,7 @@ class GraphFeeds(Feeds):
         return np.asarray(self._run(rows, {st: start, sp: stop}))
 
 
-def _whole_ops(tf: Any, part: Part) -> tuple[Part, Any, Any, Any]:
+def _whole_ops(tf: Any, part: VarPart) -> tuple[VarPart, Any, Any, Any]:
     var = part.var
     ph = tf.compat.v1.placeholder(var.dtype.base_dtype, list(part.shape), name="feed")
     if is_resource(var):

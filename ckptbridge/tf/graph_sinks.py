@@ -28,7 +28,7 @@ from ..io.chunks import BlockStream
 from ..io.ckptfiles import meta_path
 from ..spec import TensorSpec
 from .engine import tf_dtype_name
-from .feeds import Feeds, GraphFeeds, Part, VariableSink
+from .feeds import Feeds, GraphFeeds, VariableSink, VarPart
 
 
 class SaverSink(VariableSink):
@@ -36,15 +36,18 @@ class SaverSink(VariableSink):
     :class:`GraphFeeds`); ``saver`` then writes the result.
 
     ``variables`` maps every name that will be written to its graph variable;
+    ``parts`` maps a partitioned variable's name to its parts, each (graph variable,
+    offset in the full tensor), fed the slice of the full tensor it holds;
     ``missing`` are the graph's other variables, left at their initializers.
     """
 
     _out: AtomicCheckpoint
 
     def __init__(self, tf: Any, graph: Any, saver: Any, variables: dict[str, Any], missing: list[Any], prefix: str, *,
-                 force: bool = False, chunk_bytes: int = 64 << 20) -> None:
+                 force: bool = False, chunk_bytes: int = 64 << 20, parts: Mapping[str, list[Part]] | None = None) -> None:
         self._tf, self._graph, self._saver = tf, graph, saver
-        self._vars = variables
+        self._targets = {n: [_whole(v)] for n, v in variables.items()}
+        self._targets.update({n: [VarPart(v, tuple(off), tuple(int(x) for x in v.shape)) for v, off in ps] for n, ps in (parts or {}).items()})
         self._missing = missing
         self._sess: Any = None
         self._out = AtomicCheckpoint(prefix, force=force)
@@ -54,10 +57,10 @@ class SaverSink(VariableSink):
         tf = self._tf
         with self._graph.as_default():
             self._saver.export_meta_graph(meta_path(self._out.tmp_prefix))  # before the feed ops: the .meta is the model alone
-            feeds = GraphFeeds(tf, self._graph, {s.name: [_whole(self._vars[s.name])] for s in specs}, self._chunk)
+            feeds = GraphFeeds(tf, self._graph, {s.name: self._targets[s.name] for s in specs}, self._chunk)
             init_missing = tf.compat.v1.variables_initializer(self._missing) if self._missing else None
         self._graph.finalize()
-        self._sess = feeds.session = tf.compat.v1.Session(graph=self._graph)
+        self._sess = feeds.session = tf.compat.v1.Session(graph=self._graph, config=session_config(tf))
         self.feeds = feeds
         if init_missing is not None:
             self._sess.run(init_missing)
@@ -76,7 +79,7 @@ class SaverSink(VariableSink):
     def open_readback(self) -> Source:
         # What the Saver wrote is read back natively, streamed (TensorFlow would copy every tensor whole);
         # the variables left at their initializers were not sent, so they are not compared.
-        return _Without(BundleReader(self._out.tmp_prefix, verify=True), {v.op.name for v in self._missing})
+        return _Without(BundleReader(self._out.tmp_prefix, verify=True), {saved_name(v) for v in self._missing})
 
     def abort(self) -> None:
         super().abort()
@@ -91,8 +94,24 @@ class SaverSink(VariableSink):
             sess.close()
 
 
-def _whole(var: Any) -> Part:
-    return Part(var, (0,) * len(var.shape), tuple(int(x) for x in var.shape))
+#: a part of a partitioned variable: (its graph variable, its offset in the full tensor)
+Part = tuple[Any, tuple[int, ...]]
+
+
+def saved_name(var: Any) -> str:
+    """The name a Saver stores ``var`` under by default: its op's, or a partitioned variable's full name."""
+    info = getattr(var, "_save_slice_info", None)
+    return str(info.full_name) if info is not None else str(var.op.name)
+
+
+def session_config(tf: Any) -> Any:
+    """A session's options: an imported training graph may pin ops to devices this machine lacks
+    (``/job:worker``, a GPU); they run where they can, and the graph keeps its placements."""
+    return tf.compat.v1.ConfigProto(allow_soft_placement=True)
+
+
+def _whole(var: Any) -> VarPart:
+    return VarPart(var, (0,) * len(var.shape), tuple(int(x) for x in var.shape))
 
 
 class _Unbuilt(Feeds):

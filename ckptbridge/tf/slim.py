@@ -22,16 +22,19 @@ import importlib
 import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .._source import Sink, Source, SourceView
 from ..errors import CkptBridgeError, FormatError, MismatchError, option
 from ..pipe.names import Plan
-from ..spec import TensorSpec, dtype_name
+from ..spec import TensorSpec, dtype_name, numpy_dtype
 from .compat import import_slim, import_tensorflow
 from .engine import tf_dtype_name
+
+if TYPE_CHECKING:
+    from .graph_sinks import Part
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +130,7 @@ def _describe(dtype: str, shape: Sequence[int]) -> str:
 @dataclasses.dataclass
 class GraphImport:
     """A graph rebuild, planned: what ``_pipe.transfer`` moves (``source`` through ``plan`` into
-    ``sink``), and what the report adds (``dropped``, ``ema_swaps``, ``missing``)."""
+    ``sink``), and what the report adds (``dropped``, ``ema_swaps``, ``missing``, ``notes``)."""
 
     source: Source
     sink: Sink
@@ -137,13 +140,30 @@ class GraphImport:
     missing: list[str]
     #: the block size the sink wants (rows for the Saver's placeholders), None for the default
     chunk_bytes: int | None
+    #: what building or importing the graph had to do that the user should know
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class _Target:
+    """The graph to write a checkpoint for: what its Saver saves, and how to name it in messages."""
+
+    graph: Any
+    saver: Any
+    whole: dict[str, Any]  # checkpoint name -> variable
+    parts: dict[str, list[Part]]  # checkpoint name -> the parts of a partitioned variable
+    expected: dict[str, tuple[str, tuple[int, ...]]]  # checkpoint name -> (dtype, full shape)
+    label: str  # "vgg_16", "the graph in train.meta"
+    hint: str  # what to check when its variables and the archive's differ
+    notes: list[str]
 
 
 def plan_graph_import(
     src: Source,
     output_prefix: str,
     *,
-    model: str,
+    model: str | None = None,
+    meta: str | None = None,
     plan: Plan,
     num_classes: int | None = None,
     allow_missing: bool = False,
@@ -154,15 +174,14 @@ def plan_graph_import(
     force: bool = False,
     image_size: int | None = None,
 ) -> GraphImport:
-    """Build the graph, match it to ``src`` through ``plan`` and choose its sink (see module docstring).
+    """Build the graph (``model``) or import it (``meta``, a MetaGraphDef file), match it to ``src``
+    through ``plan`` and choose its sink (see module docstring).
 
     ``plan`` says which of ``src``'s tensors feed which variable names (the filters,
     EMA and renames already applied).  ``engine`` "auto"/"native": the native writer
     beside the graph's ``.meta``; "tf": a session fed through placeholders and the
     Saver (``chunk_bytes`` applies to it alone; ``max_shard_bytes`` to the native writer alone).
     """
-    from .graph_sinks import NativeGraphSink, SaverSink
-
     tf = import_tensorflow()
     saver_path = engine == "tf"
     if chunk_bytes is not None and not saver_path:
@@ -175,57 +194,105 @@ def plan_graph_import(
     if chunk <= 0:
         raise CkptBridgeError(f"{option('chunk_bytes')} must be positive, got {chunk} bytes")
     specs = dict(src.specs())
-    graph, _, _ = build_net(model, num_classes, {dst: specs[s] for dst, s in plan.mapping.items()}, image_size=image_size)
+    if meta is not None:
+        target = _imported_target(tf, meta)
+    elif model is not None:
+        target = _built_target(tf, model, num_classes, {dst: specs[s] for dst, s in plan.mapping.items()}, image_size)
+    else:
+        raise CkptBridgeError(f"a rebuild through a graph needs {option('model')} or {option('meta')}")
+    return _plan_sink(tf, target, src, specs, output_prefix, plan=plan, allow_missing=allow_missing, strict=strict, chunk=chunk,
+                      saver_path=saver_path, max_shard_bytes=max_shard_bytes, force=force)
+
+
+def _built_target(tf: Any, model: str, num_classes: int | None, specs: dict[str, TensorSpec], image_size: int | None) -> _Target:
+    graph, _, _ = build_net(model, num_classes, specs, image_size=image_size)
     with graph.as_default():
         variables = tf.compat.v1.global_variables()
         if not variables:
             raise CkptBridgeError(f"model {model} created no variables; a model function must build its variables in the default graph")
-        by_name = {v.op.name: v for v in variables}
-        missing = sorted(n for n in by_name if n not in plan.mapping)
-        unexpected = sorted(n for n in plan.mapping if n not in by_name)
-        if missing and not allow_missing:
-            shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
-            raise MismatchError(
-                f"{len(missing)} variables of {model} are not in {src.path}: {shown}; "
-                f"check {option('model')}/{option('num_classes')}, or pass {option('allow_missing', True)} to leave them at their initializer"
-            )
-        if unexpected and strict:
-            shown = ", ".join(unexpected[:10]) + (f" and {len(unexpected) - 10} more" if len(unexpected) > 10 else "")
-            raise MismatchError(f"{len(unexpected)} entries of {src.path} are not variables of {model}: {shown} ({option('strict', True)})")
-        bad = []
-        expected: dict[str, tuple[str, tuple[int, ...]]] = {}
-        for name, var in by_name.items():
-            expected[name] = (tf_dtype_name(var.dtype.base_dtype), tuple(int(x) for x in var.shape))
-            if name not in plan.mapping:
-                continue
-            spec = specs[plan.mapping[name]]
-            if (spec.dtype, spec.shape) != expected[name]:
-                bad.append(f"{name}: graph {_describe(*expected[name])} vs archive {_describe(spec.dtype, spec.shape)}")
-        if bad:
-            more = "" if len(bad) <= 10 else f"; and {len(bad) - 10} more"
-            raise MismatchError(f"{len(bad)} variables do not match {src.path}: " + "; ".join(bad[:10]) + more)
-        dropped = dict(plan.dropped)
-        for n in unexpected:
-            dropped[n] = f"not a variable of {model}"
-        mapping = {n: plan.mapping[n] for n in sorted(by_name) if n in plan.mapping}
-        swaps = {n: s for n, s in plan.ema_swaps.items() if n in mapping}
         saver = tf.compat.v1.train.Saver(var_list=variables, write_version=tf.compat.v1.train.SaverDef.V2)
-        source = src
-        sink: Sink
-        if saver_path:
-            sink = SaverSink(tf, graph, saver, {n: by_name[n] for n in mapping}, [by_name[n] for n in missing], output_prefix,
-                             force=force, chunk_bytes=chunk)
-        else:
-            if missing:
-                # Variables the archive lacks keep their initial values: computed once, written like the rest.
-                with tf.compat.v1.Session(graph=graph) as sess:
-                    mv = [by_name[n] for n in missing]
-                    sess.run(tf.compat.v1.variables_initializer(mv))
-                    initial = dict(zip(missing, sess.run(mv)))
-                source = _WithInitial(src, initial)
-                mapping = dict(sorted({**mapping, **{n: _INITIAL + n for n in missing}}.items()))
-            sink = NativeGraphSink(tf, graph, saver, expected, output_prefix, force=force, max_shard_bytes=max_shard_bytes)
-    return GraphImport(source, sink, Plan(mapping, {}, {}), dropped, swaps, missing, chunk if saver_path else None)
+    whole = {v.op.name: v for v in variables}
+    expected = {n: (tf_dtype_name(v.dtype.base_dtype), tuple(int(x) for x in v.shape)) for n, v in whole.items()}
+    return _Target(graph, saver, whole, {}, expected, model,
+                   f"check {option('model')}/{option('num_classes')}", [])
+
+
+def _imported_target(tf: Any, meta: str) -> _Target:
+    from .metagraph import import_meta
+
+    g = import_meta(tf, meta)
+    return _Target(g.graph, g.saver, g.whole, g.parts, g.expected, f"the graph in {meta}",
+                   "check that the archive holds a checkpoint of that graph", g.notes)
+
+
+def _plan_sink(tf: Any, target: _Target, src: Source, specs: dict[str, TensorSpec], output_prefix: str, *, plan: Plan,
+               allow_missing: bool, strict: bool, chunk: int, saver_path: bool, max_shard_bytes: int | None,
+               force: bool) -> GraphImport:
+    """Match ``target``'s variables to ``plan`` (strictly, every difference named) and choose its sink."""
+    from .graph_sinks import NativeGraphSink, SaverSink
+
+    expected, label = target.expected, target.label
+    missing = sorted(n for n in expected if n not in plan.mapping)
+    unexpected = sorted(n for n in plan.mapping if n not in expected)
+    if missing and not allow_missing:
+        raise MismatchError(
+            f"{len(missing)} variables of {label} are not in {src.path}: {_shown(missing)}; "
+            f"{target.hint}, or pass {option('allow_missing', True)} to leave them at their initializer"
+        )
+    if unexpected and strict:
+        raise MismatchError(f"{len(unexpected)} entries of {src.path} are not variables of {label}: {_shown(unexpected)} ({option('strict', True)})")
+    bad = []
+    for name in sorted(expected):
+        if name not in plan.mapping:
+            continue
+        spec = specs[plan.mapping[name]]
+        if (spec.dtype, spec.shape) != expected[name]:
+            bad.append(f"{name}: graph {_describe(*expected[name])} vs archive {_describe(spec.dtype, spec.shape)}")
+    if bad:
+        more = "" if len(bad) <= 10 else f"; and {len(bad) - 10} more"
+        raise MismatchError(f"{len(bad)} variables do not match {src.path}: " + "; ".join(bad[:10]) + more)
+    dropped = dict(plan.dropped)
+    for n in unexpected:
+        dropped[n] = f"not a variable of {label}"
+    mapping = {n: plan.mapping[n] for n in sorted(expected) if n in plan.mapping}
+    swaps = {n: s for n, s in plan.ema_swaps.items() if n in mapping}
+    missing_vars = [v for n in missing for v in ([target.whole[n]] if n in target.whole else [p[0] for p in target.parts[n]])]
+    source = src
+    sink: Sink
+    if saver_path:
+        sink = SaverSink(tf, target.graph, target.saver, {n: target.whole[n] for n in mapping if n in target.whole}, missing_vars,
+                         output_prefix, force=force, chunk_bytes=chunk, parts={n: target.parts[n] for n in mapping if n in target.parts})
+    else:
+        if missing:
+            # Variables the archive lacks keep their initial values: computed once, written like the rest.
+            source = _WithInitial(src, _initial_values(tf, target, missing, missing_vars))
+            mapping = dict(sorted({**mapping, **{n: _INITIAL + n for n in missing}}.items()))
+        sink = NativeGraphSink(tf, target.graph, target.saver, expected, output_prefix, force=force, max_shard_bytes=max_shard_bytes)
+    return GraphImport(source, sink, Plan(mapping, {}, {}), dropped, swaps, missing, chunk if saver_path else None, list(target.notes))
+
+
+def _shown(names: list[str]) -> str:
+    return ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+
+
+def _initial_values(tf: Any, target: _Target, missing: list[str], variables: list[Any]) -> dict[str, np.ndarray]:
+    """The initial values of the variables ``missing`` names (a partitioned one assembled from its parts)."""
+    from .graph_sinks import session_config
+
+    with target.graph.as_default(), tf.compat.v1.Session(graph=target.graph, config=session_config(tf)) as sess:
+        sess.run(tf.compat.v1.variables_initializer(variables))
+        initial: dict[str, np.ndarray] = {}
+        for n in missing:
+            if n in target.whole:
+                initial[n] = np.asarray(sess.run(target.whole[n]))
+                continue
+            dtype, shape = target.expected[n]
+            full = np.empty(shape, dtype=numpy_dtype(dtype))
+            for var, offset in target.parts[n]:
+                value = np.asarray(sess.run(var))
+                full[tuple(slice(o, o + k) for o, k in zip(offset, value.shape))] = value
+            initial[n] = full
+    return initial
 
 
 #: where :class:`_WithInitial` keeps the initial values of variables the archive lacks (no archive name starts with NUL)
