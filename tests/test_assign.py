@@ -349,3 +349,45 @@ def test_torchvision_state_dict_into_a_slim_session(map_name: str, tmp_path: Any
     scale = np.abs(want).max()
     assert np.abs(want[0] - want[1]).max() > 1e-3 * scale  # logits that depend on the image
     assert np.abs(got.astype(np.float64) - want).max() / scale < 1e-5
+
+
+def test_init_fn_fits_slim_learning_train(tmp_path: Any) -> None:
+    """slim.learning.train(init_fn=...) through its Supervisor: with a zero learning rate, the checkpoint it saves
+    after one step holds exactly the source's values, and the excluded head its initializer's."""
+    from ckptbridge.tf.compat import import_slim
+
+    tf, slim = _tf(), import_slim()
+    rng = np.random.default_rng(4)
+    g = tf.Graph()
+    with g.as_default():
+        tf.compat.v1.set_random_seed(2)
+        images = tf.random.uniform([2, 8, 8, 3], seed=1)
+        labels = tf.one_hot([1, 3], 4)
+        net = slim.conv2d(images, 6, [3, 3], scope="conv1")
+        net = slim.flatten(net)
+        logits = slim.fully_connected(net, 4, activation_fn=None, scope="head")
+        loss = tf.compat.v1.losses.softmax_cross_entropy(labels, logits)
+        train_op = slim.learning.create_train_op(loss, tf.compat.v1.train.GradientDescentOptimizer(0.0))
+        body = {v.op.name: rng.standard_normal(v.shape.as_list()).astype(np.float32)
+                for v in tf.compat.v1.global_variables() if v.op.name.startswith("conv1/")}
+        fn = ckptbridge.init_fn({**body, "head/weights": np.zeros((8, 8), np.float32)}, exclude=["head"], allow_missing=True)
+        slim.learning.train(train_op, str(tmp_path / "train"), number_of_steps=1, init_fn=fn, save_summaries_secs=0,
+                            save_interval_secs=0, log_every_n_steps=1000, session_config=config())
+    reader = tf.train.load_checkpoint(str(tmp_path / "train"))
+    for name, value in body.items():
+        assert same(reader.get_tensor(name), value), name
+    assert not np.all(reader.get_tensor("head/weights") == 0)  # excluded: the initializer's, not the source's zeros
+
+
+def test_tf_keras_model_and_ema(tmp_path: Any) -> None:
+    """A tf_keras model is a tf.Module: its variables by name; Select(use_ema=True) gives each its moving average."""
+    tf_keras = pytest.importorskip("tf_keras")
+    model = tf_keras.Sequential([tf_keras.layers.Dense(5, name="fc", input_shape=(3,))])
+    rng = np.random.default_rng(6)
+    kernel, ema = rng.standard_normal((3, 5)).astype(np.float32), rng.standard_normal((3, 5)).astype(np.float32)
+    bias = rng.standard_normal(5).astype(np.float32)
+    arrays = {"fc/kernel": kernel, "fc/kernel/ExponentialMovingAverage": ema, "fc/bias": bias}
+    report = ckptbridge.assign(model, arrays, ckptbridge.Naming(select=ckptbridge.Select(use_ema=True)), strict=True)
+    assert report.ema_swaps == {"fc/kernel": "fc/kernel/ExponentialMovingAverage"}
+    got = {w.name[:-2]: w.numpy() for w in model.weights}
+    assert same(got["fc/kernel"], ema) and same(got["fc/bias"], bias)
