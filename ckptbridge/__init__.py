@@ -2,7 +2,9 @@
 
 The public API: :func:`read` (lazy) and :func:`load` (eager) for any checkpoint or
 archive, :func:`save` for a dict of arrays, :func:`export` and :func:`rebuild`
-between checkpoints and archives, :func:`diff`, :func:`verify`, :func:`archive` (many checkpoints), their options as
+between checkpoints and archives, :func:`assign` and :func:`init_fn` into the
+variables of a model you already have, :func:`diff`, :func:`verify`, :func:`archive`
+(many checkpoints), their options as
 small values (:class:`ReadOptions`, :class:`Select`, :class:`Rename`,
 :class:`Layout`, :class:`Naming`, :class:`Port`, :class:`Graph`, :class:`Workers`), and the error
 types.  Importing ckptbridge does not import TensorFlow; the verbs import it only
@@ -42,8 +44,8 @@ from .errors import (
 # (a Ctrl-C during start-up then ends with one line, not a traceback).
 _LAZY = {
     "read": "._api", "export": "._api", "rebuild": "._api", "diff": "._api", "verify": "._api", "Reader": "._api",
-    "save": "._api", "load": "._api", "port_maps": "._api", "port_map": "._api", "PortMap": ".ports",
-    "match_tensorflow": ".ports.match",
+    "save": "._api", "load": "._api", "assign": "._assign", "init_fn": "._assign", "port_maps": "._api", "port_map": "._api",
+    "PortMap": ".ports", "match_tensorflow": ".ports.match",
     "ReadOptions": "._options", "Select": "._options", "Rename": "._options", "Layout": "._options", "Naming": "._options",
     "Port": "._options", "Graph": "._options", "Workers": "._options", "archive": "._archive",
     "ArchiveReport": ".reports", "ArchiveEntry": ".reports",
@@ -53,6 +55,7 @@ _LAZY = {
 if TYPE_CHECKING:
     from ._api import Reader, diff, export, load, port_map, port_maps, read, rebuild, save, verify
     from ._archive import archive
+    from ._assign import assign, init_fn
     from ._options import Graph, Layout, Naming, Port, ReadOptions, Rename, Select, Workers
     from .ports import PortMap
     from .ports.match import match_tensorflow
@@ -81,6 +84,8 @@ __all__ = [
     "rebuild",
     "diff",
     "verify",
+    "assign",
+    "init_fn",
     "archive",
     "port_maps",
     "port_map",

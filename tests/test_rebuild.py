@@ -192,18 +192,16 @@ def inception_random(module_tmp: Any) -> str:
 @pytest.fixture
 def slice_spy(monkeypatch: Any) -> list[str]:
     """The names of the variables the Saver path feeds in row slices."""
-    from ckptbridge.tf import graph_sinks
+    from ckptbridge.tf import feeds
 
     sliced: list[str] = []
-    real = graph_sinks._assign_ops
+    real = feeds._slice_ops
 
-    def spy(tf_: Any, var: Any, chunk_bytes: int) -> Any:
-        out = real(tf_, var, chunk_bytes)
-        if out[2] is not None:
-            sliced.append(var.op.name)
-        return out
+    def spy(tf_: Any, var: Any) -> Any:
+        sliced.append(var.op.name)
+        return real(tf_, var)
 
-    monkeypatch.setattr(graph_sinks, "_assign_ops", spy)
+    monkeypatch.setattr(feeds, "_slice_ops", spy)
     return sliced
 
 
