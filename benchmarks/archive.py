@@ -90,7 +90,8 @@ def main() -> None:
     runs = os.path.join(src, "runs")
     from distributed import Client, LocalCluster
 
-    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, env=ENV)
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, env=ENV,
+                           local_directory=os.path.join(WORK, "dask"))  # the workers' scratch beside the rest, not in /tmp
     client = Client(cluster)
     try:
         cases = {

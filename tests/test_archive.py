@@ -347,7 +347,8 @@ def dask_cluster(moto_s3: Any, tmp_path: Any) -> Iterator[str]:
         with open(info, encoding="utf-8") as f:
             address = json.load(f)["address"]
         worker = _dask("worker", address, "--host", "127.0.0.1", "--nthreads", "1", "--no-nanny", "--no-dashboard",
-                       "--memory-limit", "0", env=env, log=str(tmp_path / "worker.log"))
+                       "--memory-limit", "0", "--local-directory", str(tmp_path / "worker"), env=env,
+                       log=str(tmp_path / "worker.log"))  # its scratch space goes with tmp_path, not into /tmp
         from distributed import Client
 
         with Client(address, timeout="30s") as c:
