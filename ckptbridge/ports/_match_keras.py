@@ -44,7 +44,7 @@ def match_keras(model: Any, pmap: str | PortMap) -> Any:
     if fix is None:
         kinds = ", ".join(sorted({c.kind for c in m.caveats}))
         raise CkptBridgeError(f"port map {m.name} has caveats ({kinds}) for tf-slim net {m.net}, and ckptbridge knows no fix "
-                              f"for them in a Keras model; apply each caveat's fix by hand (ckptbridge maps --json shows them)")
+                              f"for them in a Keras model; apply each caveat's fix by hand (port_map({m.name!r}).caveats lists them)")
     return fix(model, m)
 
 
