@@ -258,6 +258,12 @@ class MotoS3:
         assert server is not None
         self._counter = _CountingApp(server.app)
         server.app = self._counter  # werkzeug's handler looks the app up per request
+        # moto keeps its buckets in the process, not in the server: without a reset, a bucket made by an
+        # earlier test module's server is found by this one (and "mkdir" of it fails with FileExistsError).
+        import urllib.request
+
+        urllib.request.urlopen(urllib.request.Request(self.endpoint + "/moto-api/reset", method="POST"), timeout=30).close()
+        self._counter.sent = 0
         return self
 
     @property

@@ -255,9 +255,10 @@ def moto_s3() -> Iterator[Any]:
         mp.delenv("AWS_PROFILE", raising=False)
         import fsspec
 
+        fsspec.filesystem("s3").clear_instance_cache()  # an instance cached for another module's server is not ours
         fs = fsspec.filesystem("s3")  # the instance open_place gets too (fsspec caches them): one listing cache
-        fs.mkdir("ckpts")
         try:
+            fs.mkdir("ckpts")
             yield server, fs
         finally:
             fsspec.filesystem("s3").clear_instance_cache()

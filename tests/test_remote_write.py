@@ -332,9 +332,10 @@ def moto_s3() -> Iterator[Any]:
                      "AWS_ENDPOINT_URL": server.endpoint}.items():
             mp.setenv(k, v)
         mp.delenv("AWS_PROFILE", raising=False)
+        fsspec.filesystem("s3").clear_instance_cache()  # an instance cached for another module's server is not ours
         fs = fsspec.filesystem("s3")
-        fs.mkdir("out")
         try:
+            fs.mkdir("out")
             yield server, fs, faults
         finally:
             fsspec.filesystem("s3").clear_instance_cache()
